@@ -1,0 +1,393 @@
+"""Recipe dataclasses, YAML loading and ``key=value`` overrides.
+
+A recipe is YAML with one section per dataclass below (``model``, ``parallel``, ``data``,
+``train``). Every field keeps Megatron's name. Overrides use dotted keys
+(``train.lr=3e-4``) and are parsed as YAML scalars. User errors raise ``ConfigError``, a
+``ValueError`` whose message names the field and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a recipe or override: the message names the field and the rule."""
+
+
+T = TypeVar("T")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Shape of a Llama-style Megatron-core GPT model."""
+
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 256
+    """Width of the residual stream (embedding channels)."""
+    ffn_hidden_size: int = 768
+    """MLP intermediate size (per gate for SwiGLU)."""
+    num_attention_heads: int = 8
+    """Number of query heads."""
+    num_query_groups: int | None = None
+    """Number of key/value groups (GQA); None means one per head (MHA)."""
+    kv_channels: int | None = None
+    """Per-head dimension; None means hidden_size // num_attention_heads."""
+    vocab_size: int | None = None
+    """Padded vocabulary size of the embedding; None takes the tokenizer's, padded."""
+    make_vocab_size_divisible_by: int = 128
+    """The tokenizer's vocabulary is padded up to a multiple of this."""
+    seq_length: int = 256
+    """Maximum sequence length (training sequence length)."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Normalization layer type."""
+    layernorm_epsilon: float = 1e-5
+    """Epsilon of the normalization layers."""
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    """MLP activation: gated SiLU (SwiGLU, two fc1 halves) or plain GeLU."""
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    """Rotary or learned absolute position embeddings."""
+    rotary_base: int = 10000
+    """RoPE base frequency."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the output layer to the word embeddings."""
+    add_bias_linear: bool = False
+    """Biases on every linear layer."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection only (Qwen2 style)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the weight initialisation."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "seq_length", "make_vocab_size_divisible_by"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.num_query_groups is not None:
+            _positive("model.num_query_groups", self.num_query_groups)
+            if self.num_attention_heads % self.num_query_groups:
+                raise ConfigError(
+                    f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                    f"model.num_query_groups={self.num_query_groups}"
+                )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels"
+            )
+        if self.vocab_size is not None:
+            _positive("model.vocab_size", self.vocab_size)
+
+    @property
+    def query_groups(self) -> int:
+        """Effective number of query groups."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Effective per-head dimension (``kv_channels``)."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tokenizer_vocab_size: int) -> int:
+        """Round a tokenizer vocabulary up to ``make_vocab_size_divisible_by``."""
+        m = self.make_vocab_size_divisible_by
+        return -(-tokenizer_vocab_size // m) * m
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Model-parallel layout; the data-parallel size is world_size / (TP * PP)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (TP)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (PP)."""
+
+    def __post_init__(self) -> None:
+        _positive("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size)
+        _positive("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size)
+
+    @property
+    def model_parallel_size(self) -> int:
+        """TP * PP."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training tokens come from."""
+
+    path: str | None = None
+    """Indexed-dataset prefix (without .bin/.idx); None builds the embedded corpus."""
+    tokenizer: str | None = None
+    """Tokenizer: a sentencepiece .model file or a Hugging Face tokenizer directory; None
+    trains a sentencepiece BPE model on the embedded corpus."""
+    cache_dir: str = "~/.cache/nemo_minitron"
+    """Where the embedded corpus, its tokenizer and its indexed dataset are built once."""
+    tokenizer_vocab_size: int = 4000
+    """Vocabulary of the sentencepiece model trained on the embedded corpus."""
+    corpus_max_bytes: int = 8_000_000
+    """Upper bound on the embedded corpus size (standard-library source, sorted by path)."""
+    split: str = "95,5,0"
+    """Train/valid/test split weights of the documents (Megatron's ``split``)."""
+    seed: int = 1234
+    """Seed of Megatron's dataset shuffling."""
+
+    def __post_init__(self) -> None:
+        _positive("data.tokenizer_vocab_size", self.tokenizer_vocab_size)
+        _positive("data.corpus_max_bytes", self.corpus_max_bytes)
+        parts = self.split.split(",")
+        if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
+            raise ConfigError(f"data.split={self.split!r} must be three numbers 'train,valid,test'")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training loop (pretraining, fine-tuning and, later, distillation)."""
+
+    micro_batch_size: int = 8
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks."""
+    train_iters: int = 100
+    """Optimizer steps."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Final learning rate of the cosine decay."""
+    lr_warmup_iters: int = 10
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    bf16: bool | None = None
+    """bf16 mixed precision; None means on with a GPU, off (fp32) on CPU."""
+    seed: int = 1234
+    """Seed of weight initialisation and of every RNG."""
+    log_interval: int = 10
+    """Steps between log lines (loss, tokens/s, ETA)."""
+    eval_interval: int = 50
+    """Steps between validation runs (0 disables periodic validation)."""
+    eval_iters: int = 4
+    """Validation batches (of global_batch_size sequences) per validation run."""
+    save_interval: int = 0
+    """Steps between checkpoints (0: only the final checkpoint and on SIGTERM/SIGUSR1)."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under <out>/tensorboard."""
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval",
+                     "eval_iters"):
+            _positive(f"train.{name}", getattr(self, name))
+        for name in ("lr_warmup_iters", "eval_interval", "save_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"train.lr={self.lr}, train.min_lr={self.min_lr}: need "
+                              "0 <= min_lr <= lr and lr > 0")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A whole recipe: one section per stage concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape (used when a stage builds a model from scratch)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+
+    def validate_parallel(self, world_size: int) -> int:
+        """Check the layout against the world size and the model; return the DP size."""
+        p, m = self.parallel, self.model
+        mp = p.model_parallel_size
+        if world_size % mp:
+            raise ConfigError(
+                f"parallel: tensor_model_parallel_size * pipeline_model_parallel_size = {mp} "
+                f"does not divide the world size {world_size}"
+            )
+        tp = p.tensor_model_parallel_size
+        for name, value in (("num_attention_heads", m.num_attention_heads),
+                            ("num_query_groups", m.query_groups),
+                            ("ffn_hidden_size", m.ffn_hidden_size)):
+            if value % tp:
+                raise ConfigError(f"model.{name}={value} is not divisible by "
+                                  f"parallel.tensor_model_parallel_size={tp}")
+        if m.vocab_size is not None and m.vocab_size % tp:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by "
+                              f"parallel.tensor_model_parallel_size={tp}")
+        pp = p.pipeline_model_parallel_size
+        if m.num_layers % pp:
+            raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by "
+                              f"parallel.pipeline_model_parallel_size={pp}")
+        dp = world_size // mp
+        t = self.train
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size * data-parallel size = {t.micro_batch_size * dp}"
+            )
+        return dp
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive number")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown key '{prefix}{key}' (known: {', '.join(sorted(fields))})"
+            )
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{name}.")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}={value!r} has the wrong type")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} must be one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name}={value!r} must be a list")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r} must be a string")
+        return value
+    return value
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Dataclass -> plain nested dict (YAML/JSON safe)."""
+    return dataclasses.asdict(obj)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=3e-4", "model.num_layers=2"]`` -> nested dict with YAML-typed values."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        # YAML reads "3e-4" as a string; accept it as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else value
+            except ValueError:
+                pass
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[leaf] = value
+    return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``over`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping of sections")
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
+                cls: type[T] = Recipe) -> T:  # type: ignore[assignment]
+    """Load a recipe file (or defaults when ``path`` is None) and apply overrides."""
+    data = load_yaml(path) if path is not None else {}
+    data = merge(data, parse_overrides(overrides or []))
+    return from_dict(cls, data)

@@ -1,0 +1,103 @@
+"""Write Megatron indexed datasets (``.bin``/``.idx``) from documents, and prepare inputs.
+
+Documents are tokenized, an end-of-document token appended, and written with
+``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder``. Both files are written to
+temporary names and renamed at the end (``.idx`` last), so an interrupted build leaves nothing
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nemo_minitron.config import ConfigError
+from nemo_minitron.data.tokenizer import Tokenizer
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("data.indexed")
+
+
+def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer,
+                          out_prefix: str | os.PathLike[str], *, total: int | None = None,
+                          append_eod: bool = True, progress: bool = True) -> dict[str, int]:
+    """Tokenize ``documents`` into ``<out_prefix>.bin/.idx``; return document/token counts."""
+    from megatron.core.datasets.indexed_dataset import (
+        IndexedDatasetBuilder,
+        get_bin_path,
+        get_idx_path,
+    )
+    from tqdm import tqdm
+
+    prefix = str(out_prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
+    tmp = f"{prefix}.tmp-{os.getpid()}"
+    builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=dtype)
+    n_docs = n_tokens = 0
+    try:
+        for doc in tqdm(documents, total=total, desc="tokenize", unit="doc",
+                        disable=not progress, mininterval=2.0):
+            ids = tokenizer.encode(doc)
+            if append_eod:
+                ids.append(tokenizer.eod)
+            if not ids:
+                continue
+            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+            n_docs += 1
+            n_tokens += len(ids)
+        builder.finalize(get_idx_path(tmp))
+        if n_docs == 0:
+            raise ConfigError("data: the inputs hold no non-empty document")
+        os.replace(get_bin_path(tmp), get_bin_path(prefix))
+        os.replace(get_idx_path(tmp), get_idx_path(prefix))
+    finally:
+        for path in (get_bin_path(tmp), get_idx_path(tmp)):
+            if os.path.exists(path):
+                os.unlink(path)
+    log.info("wrote %s.{bin,idx}: %d documents, %d tokens", prefix, n_docs, n_tokens)
+    return {"documents": n_docs, "tokens": n_tokens}
+
+
+def read_indexed_documents(prefix: str | os.PathLike[str]) -> Iterator[np.ndarray]:
+    """Token arrays of every document of an indexed dataset."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(prefix))
+    for i in range(len(ds)):
+        yield ds[i]
+
+
+def check_indexed_prefix(prefix: str, field: str = "data.path") -> None:
+    """Raise a one-line error unless ``<prefix>.bin`` and ``<prefix>.idx`` exist."""
+    for ext in (".bin", ".idx"):
+        if not Path(prefix + ext).is_file():
+            raise ConfigError(f"{field}={prefix!r}: {prefix}{ext} does not exist")
+
+
+def iter_input_documents(paths: list[str], json_key: str = "text") -> Iterator[str]:
+    """Documents from ``.jsonl`` files (one per line, field ``json_key``) and text files (one
+    document per file)."""
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"input {path!r} does not exist")
+        if p.suffix in (".jsonl", ".json"):
+            with open(p, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise ConfigError(f"{path}:{lineno} is not valid JSON") from None
+                    if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+                        raise ConfigError(f"{path}:{lineno} has no string field {json_key!r}")
+                    yield record[json_key]
+        else:
+            yield p.read_text(encoding="utf-8", errors="replace")

@@ -1,0 +1,146 @@
+"""Tokenizers: sentencepiece models (trained here on the embedded corpus, or the user's) and
+Hugging Face tokenizers, behind one small interface that Megatron's datasets accept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from nemo_minitron.config import ConfigError
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("data.tokenizer")
+
+
+class Tokenizer:
+    """Common interface: ``encode``, ``decode``, ``vocab_size``, ``eod``."""
+
+    kind: str = ""
+    vocab_size: int
+    eod: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Copy the tokenizer files into ``directory`` (part of every checkpoint)."""
+        raise NotImplementedError
+
+    @property
+    def unique_identifiers(self) -> dict[str, object]:
+        """What Megatron's dataset cache key records about the tokenizer (not its path, so a
+        tokenizer copied into a checkpoint keeps the same cache)."""
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eod": self.eod}
+
+    # Megatron's dataset classes call `tokenize`/`detokenize`.
+    def tokenize(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.decode(ids)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece ``.model`` file; ``eod`` is the model's ``</s>``."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_file: str | os.PathLike[str]):
+        import sentencepiece as spm
+
+        self.path = Path(model_file)
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.vocab_size = self.sp.get_piece_size()
+        self.eod = self.sp.eos_id()
+        if self.eod < 0:
+            raise ConfigError(f"data.tokenizer={str(model_file)!r} has no end-of-sequence piece")
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.path, Path(directory) / "tokenizer.model")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer directory (``tokenizer.json`` and friends), loaded offline."""
+
+    kind = "huggingface"
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        from transformers import AutoTokenizer
+
+        self.path = Path(directory)
+        self.tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        self.vocab_size = len(self.tok)
+        eod = self.tok.eos_token_id
+        if eod is None:
+            raise ConfigError(f"data.tokenizer={str(directory)!r} has no eos token")
+        self.eod = int(eod)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        self.tok.save_pretrained(str(directory))
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """A ``.model`` file or a directory holding ``tokenizer.model`` -> sentencepiece; a
+    directory with ``tokenizer.json``/``tokenizer_config.json`` -> Hugging Face."""
+    p = Path(path)
+    if p.is_file():
+        return SentencePieceTokenizer(p)
+    if p.is_dir():
+        if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
+            return HFTokenizer(p)
+        if (p / "tokenizer.model").exists():
+            return SentencePieceTokenizer(p / "tokenizer.model")
+        raise ConfigError(f"data.tokenizer={str(path)!r} holds no tokenizer.model or tokenizer.json")
+    raise ConfigError(f"data.tokenizer={str(path)!r} does not exist")
+
+
+def train_sentencepiece(documents: Iterable[str], vocab_size: int,
+                        out_file: str | os.PathLike[str]) -> SentencePieceTokenizer:
+    """Train a byte-fallback BPE model that round-trips text exactly (no normalisation).
+
+    Training reads lines; code indentation survives as whitespace-only pieces.
+    """
+    import sentencepiece as spm
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_file.parent) as tmp:
+        text_path = Path(tmp) / "corpus.txt"
+        with open(text_path, "w", encoding="utf-8") as f:
+            for doc in documents:
+                f.write(doc)
+                if not doc.endswith("\n"):
+                    f.write("\n")
+        prefix = Path(tmp) / "spm"
+        spm.SentencePieceTrainer.train(
+            input=str(text_path), model_prefix=str(prefix), vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, split_digits=True, character_coverage=1.0,
+            max_sentence_length=16384, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+            pad_id=-1, unk_id=0, bos_id=1, eos_id=2, user_defined_symbols=["\n", "    "],
+            num_threads=os.cpu_count() or 1, minloglevel=2,
+        )
+        os.replace(prefix.with_suffix(".model"), out_file)
+    log.info("trained sentencepiece BPE tokenizer (vocab %d) -> %s", vocab_size, out_file)
+    return SentencePieceTokenizer(out_file)

@@ -1,0 +1,126 @@
+"""Build a Llama-style Megatron-core ``GPTModel`` from a ``ModelConfig``.
+
+The Transformer Engine layer spec is used when TE imports and a GPU is present (needed for
+FP8), Megatron's local spec otherwise. The model is built for the calling rank's pipeline
+stage of the current parallel state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("model")
+
+
+def te_available() -> bool:
+    """Transformer Engine is importable and a GPU is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None):
+    """Megatron ``TransformerConfig`` for ``cfg`` under the current parallel state."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    swiglu = cfg.activation == "swiglu"
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.query_groups,
+        kv_channels=cfg.head_dim,
+        normalization=cfg.normalization,
+        layernorm_epsilon=cfg.layernorm_epsilon,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias,
+        init_method_std=cfg.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        # CPU initialisation draws the full master weight then slices it: identical weights
+        # for every TP layout, which is what the layout-equivalence tests rely on.
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        fp8=fp8,
+    )
+
+
+def layer_spec(cfg: ModelConfig, use_te: bool | None = None):
+    """The TE spec when TE and a GPU are present, else the local spec."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    use_te = te_available() if use_te is None else use_te
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    return specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+
+
+def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None):
+    """Build this rank's ``GPTModel`` stage (on the rank's device, fp32 or bf16 params)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    if cfg.vocab_size is None:
+        raise ConfigError("model.vocab_size is not set (it comes from the tokenizer)")
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    for name, value in (("num_attention_heads", cfg.num_attention_heads),
+                        ("num_query_groups", cfg.query_groups),
+                        ("ffn_hidden_size", cfg.ffn_hidden_size),
+                        ("vocab_size", cfg.vocab_size)):
+        if value % tp:
+            raise ConfigError(f"model.{name}={value} is not divisible by "
+                              f"parallel.tensor_model_parallel_size={tp}")
+    if cfg.num_layers % pp:
+        raise ConfigError(f"model.num_layers={cfg.num_layers} is not divisible by "
+                          f"parallel.pipeline_model_parallel_size={pp}")
+    if fp8 is not None and not te_available():
+        raise ConfigError("train.fp8 needs Transformer Engine and a GPU")
+    config = transformer_config(cfg, bf16=bf16, fp8=fp8)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        position_embedding_type=cfg.position_embedding_type,
+        rotary_base=cfg.rotary_base,
+        parallel_output=True,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if bf16:
+        model.bfloat16()
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module wrappers down to the ``GPTModel``."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model

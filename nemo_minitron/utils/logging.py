@@ -1,0 +1,46 @@
+"""Rank-0 logging: every module logs through ``get_logger``; only global rank 0 prints INFO."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_ROOT = "nemo_minitron"
+
+
+class _RankZeroFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return _rank() == 0
+
+
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:  # pragma: no cover
+        pass
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure the package logger once: timestamped lines on stderr, rank 0 only."""
+    root = logging.getLogger(_ROOT)
+    if getattr(root, "_nm_configured", False):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+    handler.addFilter(_RankZeroFilter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    root._nm_configured = True  # type: ignore[attr-defined]
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A child of the package logger (``nemo_minitron.<name>``)."""
+    return logging.getLogger(name if name.startswith(_ROOT) else f"{_ROOT}.{name}")
