@@ -184,6 +184,8 @@ class TrainConfig:
     """Validation batches (of global_batch_size sequences) per validation run."""
     save_interval: int = 0
     """Steps between checkpoints (0: only the final checkpoint and on SIGTERM/SIGUSR1)."""
+    exit_interval: int = 0
+    """Save and stop when the step is a multiple of this (time-sliced jobs); 0 disables."""
     tensorboard: bool = True
     """Write TensorBoard scalars under <out>/tensorboard."""
 
@@ -191,7 +193,7 @@ class TrainConfig:
         for name in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval",
                      "eval_iters"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("lr_warmup_iters", "eval_interval", "save_interval"):
+        for name in ("lr_warmup_iters", "eval_interval", "save_interval", "exit_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

@@ -63,7 +63,7 @@ def _tensor_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     # Megatron's optimizer checks `param.type() == 'torch.cuda.FloatTensor'`.
     if not args and not kwargs and self.device.type == "cpu":
         name = _orig_type(self)
-        return name.replace("torch.", "torch.cuda.", 1)
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
     return _orig_type(self, *args, **kwargs)
 
 

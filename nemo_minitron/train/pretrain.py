@@ -1,0 +1,117 @@
+"""Stage entry points built on the training loop: ``pretrain`` (from scratch) and
+``finetune`` (from a checkpoint, plain LM loss)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from nemo_minitron.config import ConfigError, ModelConfig, Recipe
+from nemo_minitron.data.datasets import GPTSplits, build_gpt_datasets
+from nemo_minitron.data.embedded import prepare_embedded
+from nemo_minitron.data.tokenizer import Tokenizer, load_tokenizer
+from nemo_minitron.model.build import build_model
+from nemo_minitron.parallel.runtime import Runtime, init_distributed, use_gpu
+from nemo_minitron.train.loop import Trainer
+from nemo_minitron.train.objectives import LMObjective, Objective
+from nemo_minitron.train.optim import build_optimizer, wrap_ddp
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("train")
+
+
+def resolve_data(recipe: Recipe, tokenizer: Tokenizer | None = None) -> tuple[str, Tokenizer]:
+    """The dataset prefix and the tokenizer: the recipe's, or the embedded corpus'."""
+    d = recipe.data
+    if d.path is None:
+        prefix, tok_file = prepare_embedded(d)
+        tok = tokenizer or load_tokenizer(d.tokenizer or tok_file)
+        return prefix, tok
+    if tokenizer is None and d.tokenizer is None:
+        raise ConfigError("data.tokenizer must be set when data.path is set")
+    return d.path, tokenizer or load_tokenizer(d.tokenizer)  # type: ignore[arg-type]
+
+
+def resolve_model_config(cfg: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """Fill ``vocab_size`` from the tokenizer (padded) and check they agree."""
+    if cfg.vocab_size is None:
+        return dataclasses.replace(cfg, vocab_size=cfg.padded_vocab_size(tokenizer.vocab_size))
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer.vocab_size})")
+    return cfg
+
+
+def build_splits(recipe: Recipe, prefix: str, tokenizer: Tokenizer, seq_length: int) -> GPTSplits:
+    """Train/valid datasets sized for the run."""
+    t = recipe.train
+    splits = build_gpt_datasets(
+        prefix, tokenizer, seq_length=seq_length, split=recipe.data.split, seed=recipe.data.seed,
+        num_samples=(t.train_iters * t.global_batch_size, t.eval_iters * t.global_batch_size, 0),
+    )
+    if splits.train is None:
+        raise ConfigError(f"data.split={recipe.data.split!r} leaves no training split")
+    if splits.valid is None and t.eval_interval:
+        raise ConfigError(f"data.split={recipe.data.split!r} leaves no validation split; "
+                          "give it one or set train.eval_interval=0")
+    return splits
+
+
+def bf16_enabled(recipe: Recipe) -> bool:
+    """``train.bf16`` or, when unset, whether a GPU is used."""
+    if recipe.train.bf16 is None:
+        return use_gpu()
+    if recipe.train.bf16 and not use_gpu():
+        log.warning("train.bf16 on CPU is slow; fp32 is the CPU default")
+    return recipe.train.bf16
+
+
+def make_trainer(recipe: Recipe, rt: Runtime, model_cfg: ModelConfig, tokenizer: Tokenizer,
+                 prefix: str, out_dir: str | Path, *, init_checkpoint: str | None = None,
+                 objective: Objective | None = None) -> Trainer:
+    """Build model (optionally loading ``init_checkpoint``), DDP, optimizer, data, trainer."""
+    from nemo_minitron.checkpoint.io import load_weights
+
+    recipe.validate_parallel(rt.world_size)
+    bf16 = bf16_enabled(recipe)
+    model = build_model(model_cfg, bf16=bf16)
+    if init_checkpoint is not None:
+        load_weights(init_checkpoint, model)
+    model = wrap_ddp(model, distributed_optimizer=rt.is_gpu and rt.dp > 1)
+    optimizer, scheduler = build_optimizer([model], recipe.train, bf16=bf16,
+                                           distributed_optimizer=rt.is_gpu and rt.dp > 1)
+    splits = build_splits(recipe, prefix, tokenizer, model_cfg.seq_length)
+    return Trainer(recipe=recipe, runtime=rt, model=model, model_cfg=model_cfg,
+                   tokenizer=tokenizer, objective=objective or LMObjective(rt.device),
+                   optimizer=optimizer, scheduler=scheduler, train_ds=splits.train,
+                   valid_ds=splits.valid, out_dir=out_dir)
+
+
+def pretrain(recipe: Recipe, out_dir: str | Path) -> dict[str, Any]:
+    """Pretrain ``recipe.model`` from scratch on ``recipe.data``; resumes if ``out_dir`` holds
+    checkpoints. Returns the loop's summary (``final`` is the last checkpoint)."""
+    rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
+    prefix, tokenizer = resolve_data(recipe)
+    model_cfg = resolve_model_config(recipe.model, tokenizer)
+    recipe = dataclasses.replace(recipe, model=model_cfg)
+    trainer = make_trainer(recipe, rt, model_cfg, tokenizer, prefix, out_dir)
+    summary = trainer.run()
+    summary["final"] = str(Path(out_dir) / "checkpoints" / f"step_{trainer.state.step:07d}")
+    return summary
+
+
+def finetune(recipe: Recipe, checkpoint: str, out_dir: str | Path) -> dict[str, Any]:
+    """Continue training a checkpoint with the LM loss (teacher correction)."""
+    from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model_config
+
+    rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
+    model_cfg = load_model_config(checkpoint)
+    tokenizer = load_checkpoint_tokenizer(checkpoint)
+    prefix, tokenizer = resolve_data(recipe, tokenizer)
+    recipe = dataclasses.replace(recipe, model=model_cfg)
+    trainer = make_trainer(recipe, rt, model_cfg, tokenizer, prefix, out_dir,
+                           init_checkpoint=checkpoint)
+    summary = trainer.run()
+    summary["final"] = str(Path(out_dir) / "checkpoints" / f"step_{trainer.state.step:07d}")
+    return summary
