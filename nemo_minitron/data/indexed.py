@@ -70,7 +70,7 @@ def read_indexed_documents(prefix: str | os.PathLike[str]) -> Iterator[np.ndarra
 
     ds = IndexedDataset(str(prefix))
     for i in range(len(ds)):
-        yield ds[i]
+        yield np.array(ds[i])  # a copy: ds[i] is a view of an mmap closed with ds
 
 
 def check_indexed_prefix(prefix: str, field: str = "data.path") -> None:

@@ -1,0 +1,162 @@
+"""``nemo-minitron`` command line: one verb per stage.
+
+Every verb that trains takes a YAML recipe and ``section.key=value`` overrides. User errors
+print one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from nemo_minitron.config import ConfigError
+from nemo_minitron.utils.logging import get_logger, setup_logging
+
+log = get_logger("cli")
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _recipe_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("recipe", nargs="?", default=default,
+                   help="YAML recipe (default: %(default)s)")
+    p.set_defaults(default_recipe=default)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides such as train.lr=3e-4 model.num_layers=4")
+
+
+def _split_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """argparse cannot tell an optional recipe from a first override: an argument holding
+    '=' is an override, and the verb's default recipe applies."""
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        overrides.insert(0, recipe)
+        recipe = args.default_recipe
+    return recipe, overrides
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from nemo_minitron.data.corpus import read_documents, stdlib_files
+    from nemo_minitron.data.indexed import iter_input_documents, write_indexed_dataset
+    from nemo_minitron.data.tokenizer import load_tokenizer, train_sentencepiece
+
+    if args.inputs:
+        docs: Callable[[], object] = lambda: iter_input_documents(args.inputs, args.json_key)
+        total = None
+    else:
+        files = stdlib_files(args.corpus_max_bytes)
+        docs, total = (lambda: read_documents(files)), len(files)
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+    elif args.train_tokenizer:
+        tok = train_sentencepiece(docs(), args.train_tokenizer,  # type: ignore[arg-type]
+                                  Path(args.output_prefix).parent / "tokenizer.model")
+    else:
+        raise ConfigError("give --tokenizer (a .model file or HF directory) or "
+                          "--train-tokenizer VOCAB_SIZE")
+    stats = write_indexed_dataset(docs(), tok, args.output_prefix, total=total)  # type: ignore[arg-type]
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.pretrain import pretrain
+
+    recipe, overrides = _split_overrides(args)
+    summary = pretrain(load_recipe(recipe, overrides), args.out)
+    log.info("final checkpoint: %s", summary["final"])
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.pretrain import finetune
+
+    recipe, overrides = _split_overrides(args)
+    summary = finetune(load_recipe(recipe, overrides), args.checkpoint, args.out)
+    log.info("final checkpoint: %s", summary["final"])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nemo_minitron.demo import run_demo
+
+    recipe, overrides = _split_overrides(args)
+    run_demo(recipe, overrides, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nemo-minitron",
+        description="Minitron structured pruning and knowledge distillation on Megatron-core. "
+                    "Multi-process runs: torchrun --nproc-per-node N -m nemo_minitron <verb> ...",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="verb")
+
+    p = sub.add_parser("demo", help="end-to-end demo on the embedded corpus (stdlib source)",
+                       description="Build the embedded corpus and tokenizer, pretrain the tiny "
+                                   "teacher, and print its validation loss and tokens/s.")
+    _recipe_args(p, default=str(RECIPES / "tiny_cpu.yaml"))
+    p.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("data", help="tokenize JSONL/text files into a Megatron indexed dataset",
+                       description="Tokenize documents into <output-prefix>.bin/.idx. Inputs: "
+                                   ".jsonl (one document per line) or text files (one document "
+                                   "per file); none: the embedded stdlib corpus.")
+    p.add_argument("inputs", nargs="*", help=".jsonl or text files")
+    p.add_argument("--output-prefix", required=True, help="output path without .bin/.idx")
+    p.add_argument("--tokenizer", help="sentencepiece .model file or Hugging Face directory")
+    p.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+                   help="train a sentencepiece BPE model on the inputs instead")
+    p.add_argument("--json-key", default="text", help="JSONL field holding the text")
+    p.add_argument("--corpus-max-bytes", type=int, default=8_000_000,
+                   help="size of the embedded corpus when no inputs are given")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("pretrain", help="pretrain a model from scratch (a teacher)",
+                       description="Pretrain recipe.model on recipe.data; resumes from the "
+                                   "latest checkpoint under --out.")
+    _recipe_args(p)
+    p.add_argument("--out", default="runs/pretrain", help="output directory")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="continue training a checkpoint with the LM loss",
+                       description="Teacher correction: fine-tune a checkpoint on recipe.data.")
+    p.add_argument("checkpoint", help="checkpoint directory to start from")
+    _recipe_args(p)
+    p.add_argument("--out", default="runs/finetune", help="output directory")
+    p.set_defaults(func=cmd_finetune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileExistsError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # training errors carry their own one-line cause
+        from nemo_minitron.train.loop import TrainingError
+
+        if isinstance(e, TrainingError):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise
+    finally:
+        from nemo_minitron.parallel.runtime import shutdown
+
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

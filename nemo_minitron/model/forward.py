@@ -1,0 +1,43 @@
+"""Forward passes through Megatron's pipeline schedule (so PP>1 works) without training."""
+
+from __future__ import annotations
+
+import torch
+
+
+def forward_logits(model: torch.nn.Module, tokens: torch.Tensor,
+                   micro_batch_size: int | None = None) -> torch.Tensor | None:
+    """Full-vocabulary logits ``[b, s, vocab]`` (fp32) on the last pipeline stage, None on
+    other stages. Vocab shards are gathered across tensor-parallel ranks."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    b, s = tokens.shape
+    mbs = micro_batch_size or b
+    if b % mbs:
+        raise ValueError(f"batch {b} is not divisible by micro_batch_size={mbs}")
+    device = next(model.parameters()).device
+    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(mbs, s)
+    chunks = iter(tokens.to(device).split(mbs))
+
+    def step(data_iterator, m):
+        out = m(next(data_iterator), position_ids, None)
+
+        def collect(output, non_loss_data=False):
+            return gather_from_tensor_model_parallel_region(output).float()
+
+        return out, collect
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outs = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=chunks, model=[model],
+            num_microbatches=b // mbs, seq_length=s, micro_batch_size=mbs, forward_only=True,
+            collect_non_loss_data=True,
+        )
+    model.train(was_training)
+    if not ps.is_pipeline_last_stage():
+        return None
+    return torch.cat(list(outs), dim=0)

@@ -1,0 +1,36 @@
+"""Shared fixtures: a small embedded corpus built once per session, recipe overrides for a
+tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from nemo_minitron.config import DataConfig
+from nemo_minitron.data.embedded import prepare_embedded
+
+SMALL_DATA = {"tokenizer_vocab_size": 1000, "corpus_max_bytes": 1_500_000}
+
+TINY_MODEL = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+    "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=64",
+]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """Cache dir holding the small embedded corpus (tokenizer + indexed dataset)."""
+    cache = str(tmp_path_factory.mktemp("nm-cache"))
+    prepare_embedded(DataConfig(cache_dir=cache, **SMALL_DATA))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(data_cache) -> list[str]:
+    """Overrides for a tiny model on the small corpus, fast enough for unit tests."""
+    return TINY_MODEL + [
+        f"data.cache_dir={data_cache}",
+        f"data.tokenizer_vocab_size={SMALL_DATA['tokenizer_vocab_size']}",
+        f"data.corpus_max_bytes={SMALL_DATA['corpus_max_bytes']}",
+        "train.micro_batch_size=4", "train.global_batch_size=8", "train.log_interval=1",
+        "train.eval_iters=2", "train.tensorboard=false",
+    ]
