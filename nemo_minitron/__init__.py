@@ -6,5 +6,7 @@ __version__ = "0.1.0"
 
 # megatron-core warns on import when Transformer Engine / apex are absent; their absence is the
 # expected CPU configuration and the fallbacks are what we use, so keep the console clean.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+warnings.filterwarnings(
+    "ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*"
+)
 warnings.filterwarnings("ignore", message="full scope is deprecated.*")

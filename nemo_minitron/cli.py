@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 from nemo_minitron.config import ConfigError
@@ -45,20 +45,26 @@ def cmd_data(args: argparse.Namespace) -> int:
     from nemo_minitron.data.tokenizer import load_tokenizer, train_sentencepiece
 
     if args.inputs:
-        docs: Callable[[], object] = lambda: iter_input_documents(args.inputs, args.json_key)
+        def docs() -> Iterator[str]:
+            return iter_input_documents(args.inputs, args.json_key)
+
         total = None
     else:
         files = stdlib_files(args.corpus_max_bytes)
-        docs, total = (lambda: read_documents(files)), len(files)
+
+        def docs() -> Iterator[str]:
+            return read_documents(files)
+
+        total = len(files)
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
     elif args.train_tokenizer:
-        tok = train_sentencepiece(docs(), args.train_tokenizer,  # type: ignore[arg-type]
+        tok = train_sentencepiece(docs(), args.train_tokenizer,
                                   Path(args.output_prefix).parent / "tokenizer.model")
     else:
         raise ConfigError("give --tokenizer (a .model file or HF directory) or "
                           "--train-tokenizer VOCAB_SIZE")
-    stats = write_indexed_dataset(docs(), tok, args.output_prefix, total=total)  # type: ignore[arg-type]
+    stats = write_indexed_dataset(docs(), tok, args.output_prefix, total=total)
     print(json.dumps(stats))
     return 0
 

@@ -24,7 +24,8 @@ log = get_logger("data.embedded")
 def embedded_dir(cfg: DataConfig) -> Path:
     """Cache directory of the embedded corpus for this interpreter and these sizes."""
     v = sys.version_info
-    key = f"stdlib-py{v.major}.{v.minor}.{v.micro}-{cfg.corpus_max_bytes}-v{cfg.tokenizer_vocab_size}"
+    py = f"{v.major}.{v.minor}.{v.micro}"
+    key = f"stdlib-py{py}-{cfg.corpus_max_bytes}-v{cfg.tokenizer_vocab_size}"
     return Path(cfg.cache_dir).expanduser() / key
 
 

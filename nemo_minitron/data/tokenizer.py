@@ -110,7 +110,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
             return HFTokenizer(p)
         if (p / "tokenizer.model").exists():
             return SentencePieceTokenizer(p / "tokenizer.model")
-        raise ConfigError(f"data.tokenizer={str(path)!r} holds no tokenizer.model or tokenizer.json")
+        raise ConfigError(
+            f"data.tokenizer={str(path)!r} holds no tokenizer.model or tokenizer.json"
+        )
     raise ConfigError(f"data.tokenizer={str(path)!r} does not exist")
 
 

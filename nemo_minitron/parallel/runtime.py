@@ -72,7 +72,6 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     The data-parallel size is the world size divided by TP * PP.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
 
     gpu = use_gpu()
     if not gpu:
@@ -101,10 +100,11 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
             backend="nccl" if gpu else "gloo", rank=rank, world_size=world,
             device_id=device if gpu else None,
         )
-    if ps.model_parallel_is_initialized():
-        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) \
-                != (tp, pp):
-            ps.destroy_model_parallel()
+    if ps.model_parallel_is_initialized() and (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+    ) != (tp, pp):
+        ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

@@ -98,7 +98,8 @@ class Trainer:
         config.no_sync_func = model.no_sync
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = optimizer.scale_loss
-        self.num_microbatches = self.cfg.global_batch_size // (self.cfg.micro_batch_size * runtime.dp)
+        self.num_microbatches = self.cfg.global_batch_size // (
+            self.cfg.micro_batch_size * runtime.dp)
         self._tb = None
         self._metrics_file = self.out_dir / "metrics.jsonl"
 
@@ -228,7 +229,8 @@ class Trainer:
                     log.info("step %d/%d %s lr=%.3g grad_norm=%.3f %.0f tokens/s eta %s", step,
                              cfg.train_iters, loss_str, metrics["lr"], metrics["grad_norm"],
                              tokens_per_step / dt, _fmt_time(eta))
-                    self._emit({"kind": "speed", "step": step, "tokens_per_s": tokens_per_step / dt})
+                    self._emit({"kind": "speed", "step": step,
+                                "tokens_per_s": tokens_per_step / dt})
                     window_t, window_steps = now, 0
                 if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.train_iters):
                     self._validate()

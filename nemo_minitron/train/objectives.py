@@ -64,4 +64,5 @@ class LMObjective:
 
     def _loss(self, loss_mask: torch.Tensor, per_token: torch.Tensor):
         loss = masked_mean(per_token, loss_mask)
-        return loss, {self.name: loss.detach()}
+        # clone: the schedule divides the returned loss in place by the micro-batch count
+        return loss, {self.name: loss.detach().clone()}
