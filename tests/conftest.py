@@ -25,6 +25,12 @@ def data_cache(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def embedded_paths(data_cache) -> tuple[str, str]:
+    """``(indexed-dataset prefix, tokenizer file)`` of the small embedded corpus."""
+    return prepare_embedded(DataConfig(cache_dir=data_cache, **SMALL_DATA))
+
+
+@pytest.fixture(scope="session")
 def tiny_overrides(data_cache) -> list[str]:
     """Overrides for a tiny model on the small corpus, fast enough for unit tests."""
     return TINY_MODEL + [

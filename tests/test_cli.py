@@ -72,10 +72,10 @@ def test_model_dims_must_divide_tp_under_torchrun(tmp_path, tiny_overrides):
     assert not out.exists()
 
 
-def test_missing_dataset_path(tmp_path, tiny_overrides, data_cache):
+def test_missing_dataset_path(tmp_path, tiny_overrides, embedded_paths):
     out = tmp_path / "out"
     res = run_cli("pretrain", *tiny_overrides, f"data.path={tmp_path}/nope",
-                  f"data.tokenizer={data_cache}", "--out", str(out))
+                  f"data.tokenizer={embedded_paths[1]}", "--out", str(out))
     _one_line_error(res, "data.path=", "nope.bin does not exist")
     assert not out.exists()
 

@@ -10,6 +10,7 @@ from typing import Any
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe
 from nemo_minitron.data.datasets import GPTSplits, build_gpt_datasets
 from nemo_minitron.data.embedded import prepare_embedded
+from nemo_minitron.data.indexed import check_indexed_prefix
 from nemo_minitron.data.tokenizer import Tokenizer, load_tokenizer
 from nemo_minitron.model.build import build_model
 from nemo_minitron.parallel.runtime import Runtime, init_distributed, use_gpu
@@ -28,6 +29,7 @@ def resolve_data(recipe: Recipe, tokenizer: Tokenizer | None = None) -> tuple[st
         prefix, tok_file = prepare_embedded(d)
         tok = tokenizer or load_tokenizer(d.tokenizer or tok_file)
         return prefix, tok
+    check_indexed_prefix(d.path)
     if tokenizer is None and d.tokenizer is None:
         raise ConfigError("data.tokenizer must be set when data.path is set")
     return d.path, tokenizer or load_tokenizer(d.tokenizer)  # type: ignore[arg-type]

@@ -110,3 +110,17 @@ def test_interrupted_run_resumes_step_for_step(tmp_path, tiny_overrides):
     assert full.keys() == cut.keys() == set(range(1, 7))
     assert [cut[s] for s in range(1, 7)] == [full[s] for s in range(1, 7)]  # bit-exact on CPU
     assert _valid_losses(tmp_path / "cut") == _valid_losses(tmp_path / "full")
+
+
+def test_pretrain_on_a_user_dataset_path(tmp_path, tiny_overrides, embedded_paths):
+    """data.path + data.tokenizer (a user's indexed dataset) instead of the embedded default;
+    the checkpoint carries the tokenizer and the padded vocabulary."""
+    prefix, tok = embedded_paths
+    spawn(pretrain_job, 1, str(tmp_path / "run"), tiny_overrides + [
+        f"data.path={prefix}", f"data.tokenizer={tok}", "train.train_iters=2",
+        "train.eval_interval=0"])
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000002"
+    from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model_config
+
+    assert load_model_config(ckpt).vocab_size == 1024  # 1000 padded to a multiple of 128
+    assert load_checkpoint_tokenizer(ckpt).vocab_size == 1000
