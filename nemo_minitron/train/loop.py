@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.checkpoint import io as ckpt
-from nemo_minitron.config import ModelConfig, Recipe
+from nemo_minitron.config import ModelConfig, Recipe, to_dict
 from nemo_minitron.data.datasets import micro_batches
 from nemo_minitron.data.tokenizer import Tokenizer
 from nemo_minitron.parallel.runtime import Runtime
@@ -178,7 +178,7 @@ class Trainer:
         """Checkpoint to ``<out>/checkpoints/step_<N>``."""
         path = self.out_dir / "checkpoints" / f"step_{self.state.step:07d}"
         state = {"step": self.state.step, "consumed_samples": self.state.consumed_samples,
-                 "history": self.state.history, "recipe": _recipe_dict(self.recipe)}
+                 "history": self.state.history, "recipe": to_dict(self.recipe)}
         return ckpt.save_checkpoint(path, self.model, model_cfg=self.model_cfg,
                                     tokenizer=self.tokenizer, optimizer=self.optimizer,
                                     scheduler=self.scheduler, train_state=state, overwrite=True)
@@ -267,12 +267,6 @@ class Trainer:
         t = torch.tensor([1.0 if flag else 0.0], device=self.rt.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
-
-
-def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
-    from nemo_minitron.config import to_dict
-
-    return to_dict(recipe)
 
 
 def _fmt_time(seconds: float) -> str:

@@ -97,10 +97,7 @@ def pretrain(recipe: Recipe, out_dir: str | Path) -> dict[str, Any]:
     prefix, tokenizer = resolve_data(recipe)
     model_cfg = resolve_model_config(recipe.model, tokenizer)
     recipe = dataclasses.replace(recipe, model=model_cfg)
-    trainer = make_trainer(recipe, rt, model_cfg, tokenizer, prefix, out_dir)
-    summary = trainer.run()
-    summary["final"] = str(Path(out_dir) / "checkpoints" / f"step_{trainer.state.step:07d}")
-    return summary
+    return _run(make_trainer(recipe, rt, model_cfg, tokenizer, prefix, out_dir), out_dir)
 
 
 def finetune(recipe: Recipe, checkpoint: str, out_dir: str | Path) -> dict[str, Any]:
@@ -114,6 +111,11 @@ def finetune(recipe: Recipe, checkpoint: str, out_dir: str | Path) -> dict[str, 
     recipe = dataclasses.replace(recipe, model=model_cfg)
     trainer = make_trainer(recipe, rt, model_cfg, tokenizer, prefix, out_dir,
                            init_checkpoint=checkpoint)
+    return _run(trainer, out_dir)
+
+
+def _run(trainer: Trainer, out_dir: str | Path) -> dict[str, Any]:
+    """Run the loop; the summary names the last checkpoint as ``final``."""
     summary = trainer.run()
     summary["final"] = str(Path(out_dir) / "checkpoints" / f"step_{trainer.state.step:07d}")
     return summary
