@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
-def forward_logits(model: torch.nn.Module, tokens: torch.Tensor,
-                   micro_batch_size: int | None = None) -> torch.Tensor | None:
-    """Full-vocabulary logits ``[b, s, vocab]`` (fp32) on the last pipeline stage, None on
-    other stages. Vocab shards are gathered across tensor-parallel ranks."""
-    from megatron.core import parallel_state as ps
+def forward_pass(model: torch.nn.Module, tokens: torch.Tensor, *,
+                 micro_batch_size: int | None = None,
+                 collect: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list:
+    """Run ``tokens [b, s]`` forward in micro-batches; on the last pipeline stage return
+    ``collect(output)`` of every micro-batch (an empty list elsewhere or without ``collect``)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     b, s = tokens.shape
     mbs = micro_batch_size or b
@@ -24,10 +25,10 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor,
     def step(data_iterator, m):
         out = m(next(data_iterator), position_ids, None)
 
-        def collect(output, non_loss_data=False):
-            return gather_from_tensor_model_parallel_region(output).float()
+        def on_output(output, non_loss_data=False):
+            return collect(output) if collect is not None else output.new_zeros(())
 
-        return out, collect
+        return out, on_output
 
     was_training = model.training
     model.eval()
@@ -38,6 +39,18 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor,
             collect_non_loss_data=True,
         )
     model.train(was_training)
+    return list(outs) if collect is not None else []
+
+
+def forward_logits(model: torch.nn.Module, tokens: torch.Tensor,
+                   micro_batch_size: int | None = None) -> torch.Tensor | None:
+    """Full-vocabulary logits ``[b, s, vocab]`` (fp32) on the last pipeline stage, None on
+    other stages. Vocab shards are gathered across tensor-parallel ranks."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    outs = forward_pass(model, tokens, micro_batch_size=micro_batch_size,
+                        collect=lambda o: gather_from_tensor_model_parallel_region(o).float())
     if not ps.is_pipeline_last_stage():
         return None
-    return torch.cat(list(outs), dim=0)
+    return torch.cat(outs, dim=0)

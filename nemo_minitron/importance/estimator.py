@@ -1,0 +1,140 @@
+"""Activation-based importance with forward hooks on a Megatron-core ``GPTModel``.
+
+Where each axis reads its activation (``../method.md``):
+- ``ffn_hidden_size``: input of ``mlp.linear_fc2`` (after the activation / SwiGLU gating);
+- ``num_attention_heads``: input of ``self_attention.linear_proj`` viewed as
+  ``[heads, kv_channels]``, norm over ``kv_channels``; a query group scores the sum of its heads;
+- ``hidden_size``: outputs of ``input_layernorm`` and ``pre_mlp_layernorm`` of every layer,
+  each aggregated on its own, then summed over layers;
+- ``num_layers``: Block Importance, 1 - cos(layer input, layer output) averaged over tokens.
+
+Every rank scores its own shard. Collectives live in ``finalize``: data-parallel ranks sum
+their running statistics; tensor-parallel shards (contiguous blocks of neurons / heads in rank
+order, Megatron's layout) are concatenated; pipeline stages are concatenated by layer, and
+``hidden_size`` scores summed over stages. Every rank ends with the full-model ``Scores``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nemo_minitron.importance.aggregate import Agg, Aggregator
+from nemo_minitron.importance.scores import Scores
+from nemo_minitron.model.build import unwrap
+
+
+class ImportanceEstimator:
+    """Context manager: hooks in while open; call ``finalize()`` after the forward passes."""
+
+    def __init__(self, model: torch.nn.Module, batch_agg: Agg = "l2", seq_agg: Agg = "mean"):
+        self.model = unwrap(model)
+        self.cfg = self.model.config
+        self.layers = list(self.model.decoder.layers)
+        self.batch_agg, self.seq_agg = batch_agg, seq_agg
+        self.head_dim = self.cfg.kv_channels
+        agg = lambda units: Aggregator(units, batch_agg, seq_agg)  # noqa: E731
+        self.ffn = [agg(layer.mlp.linear_fc2.weight.shape[1]) for layer in self.layers]
+        heads_local = [layer.self_attention.linear_proj.weight.shape[1] // self.head_dim
+                       for layer in self.layers]
+        self.heads = [agg(h) for h in heads_local]
+        h = self.cfg.hidden_size
+        self.hidden = [[agg(h), agg(h)] for _ in self.layers]
+        self.block = torch.zeros(len(self.layers), 2, dtype=torch.float64)  # [sum, count]
+        self._handles: list[Any] = []
+        self.num_sequences = 0
+
+    # -------------------------------------------------------------- hooks
+    def __enter__(self) -> ImportanceEstimator:
+        for i, layer in enumerate(self.layers):
+            self._handles += [
+                layer.mlp.linear_fc2.register_forward_pre_hook(self._ffn_hook(i)),
+                layer.self_attention.linear_proj.register_forward_pre_hook(self._head_hook(i)),
+                layer.input_layernorm.register_forward_hook(self._norm_hook(i, 0)),
+                layer.pre_mlp_layernorm.register_forward_hook(self._norm_hook(i, 1)),
+                layer.register_forward_hook(self._block_hook(i), with_kwargs=True),
+            ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _ffn_hook(self, i: int):
+        def hook(_mod, args):
+            self.ffn[i].update(args[0].abs())  # [s, b, ffn/tp]
+        return hook
+
+    def _head_hook(self, i: int):
+        def hook(_mod, args):
+            x = args[0]  # [s, b, heads/tp * kv_channels]
+            s, b, _ = x.shape
+            self.heads[i].update(x.float().view(s, b, -1, self.head_dim).norm(dim=-1))
+        return hook
+
+    def _norm_hook(self, i: int, which: int):
+        def hook(_mod, _args, out):
+            self.hidden[i][which].update(out.abs())  # [s, b, hidden], replicated over TP
+        return hook
+
+    def _block_hook(self, i: int):
+        def hook(_mod, args, kwargs, out):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            y = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
+            self.block[i, 0] += (1.0 - cos).sum().cpu()
+            self.block[i, 1] += cos.numel()
+            if i == 0:
+                self.num_sequences += x.shape[1]
+        return hook
+
+    # -------------------------------------------------------------- collectives
+    def finalize(self, meta: dict[str, Any] | None = None) -> Scores:
+        """Combine over DP, TP and PP; every rank returns the full-model scores."""
+        from megatron.core import parallel_state as ps
+
+        dp = ps.get_data_parallel_group()
+        for a in [*self.ffn, *self.heads, *(x for pair in self.hidden for x in pair)]:
+            a.all_reduce(dp)
+        if dist.get_world_size(dp) > 1:
+            dist.all_reduce(self.block, group=dp)
+        tp, pp = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+        ffn = _gather_cat(torch.stack([a.result() for a in self.ffn]), tp, dim=1)
+        heads = _gather_cat(torch.stack([a.result() for a in self.heads]), tp, dim=1)
+        ffn, heads = _gather_cat(ffn, pp, dim=0), _gather_cat(heads, pp, dim=0)
+        hidden = torch.stack([a.result() + b.result() for a, b in self.hidden]).sum(0).double()
+        if dist.get_world_size(pp) > 1:
+            dist.all_reduce(hidden, group=pp)
+        block = _gather_cat((self.block[:, 0] / self.block[:, 1].clamp(min=1)).float(), pp, 0)
+        groups = self.cfg.num_query_groups or self.cfg.num_attention_heads
+        per_group = heads.shape[1] // groups
+        query_groups = heads.view(heads.shape[0], groups, per_group).sum(-1)
+        info = {"batch_agg": self.batch_agg, "seq_agg": self.seq_agg,
+                "num_sequences": self.num_sequences * dist.get_world_size(dp), **(meta or {})}
+        return Scores(ffn_hidden_size=ffn, num_attention_heads=heads,
+                      num_query_groups=query_groups, hidden_size=hidden.float(),
+                      num_layers=block, meta=info)
+
+
+def _gather_cat(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    """All-gather ``x`` over ``group`` and concatenate in rank order along ``dim``."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def estimate_importance(model: torch.nn.Module, tokens: torch.Tensor, *,
+                        micro_batch_size: int, batch_agg: Agg = "l2", seq_agg: Agg = "mean",
+                        meta: dict[str, Any] | None = None) -> Scores:
+    """Score every unit with forward passes over this rank's calibration ``tokens [n, s]``."""
+    from nemo_minitron.model.forward import forward_pass
+
+    with ImportanceEstimator(model, batch_agg, seq_agg) as est:
+        forward_pass(model, tokens, micro_batch_size=micro_batch_size)
+    return est.finalize(meta)

@@ -1,0 +1,53 @@
+"""Importance scores of every prunable unit, saved once and reused for any pruning target."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_minitron.config import ConfigError
+
+
+@dataclass
+class Scores:
+    """Per-axis scores (higher = more important), for the whole (unsharded) model."""
+
+    ffn_hidden_size: torch.Tensor
+    """``[num_layers, ffn_hidden_size]``: MLP neurons, per layer."""
+    num_attention_heads: torch.Tensor
+    """``[num_layers, num_attention_heads]``: attention heads, per layer."""
+    num_query_groups: torch.Tensor
+    """``[num_layers, num_query_groups]``: KV groups (sum of their heads), per layer."""
+    hidden_size: torch.Tensor
+    """``[hidden_size]``: embedding channels, summed over every layer's norms."""
+    num_layers: torch.Tensor
+    """``[num_layers]``: Block Importance, 1 - cos(layer input, layer output), token mean."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """How the scores were made: model config, aggregation, calibration size."""
+
+    AXES = ("ffn_hidden_size", "num_attention_heads", "num_query_groups", "hidden_size",
+            "num_layers")
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a ``.pt`` file of tensors and plain metadata (loadable with weights_only)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({**{a: getattr(self, a) for a in self.AXES}, "meta": self.meta}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Scores:
+        """Inverse of ``save``."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"scores={str(path)!r} does not exist")
+        data = torch.load(p, weights_only=True)
+        missing = [a for a in cls.AXES if a not in data]
+        if missing:
+            raise ConfigError(f"scores={str(path)!r} is not a scores file (no {missing[0]})")
+        return cls(**{a: data[a] for a in cls.AXES}, meta=data.get("meta", {}))
