@@ -1,0 +1,31 @@
+"""Analytic parameter counts of a ``ModelConfig`` (must equal the built model's count)."""
+
+from __future__ import annotations
+
+from nemo_minitron.config import ModelConfig
+
+
+def layer_params(cfg: ModelConfig) -> int:
+    """Parameters of one transformer layer."""
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
+    a, g = cfg.num_attention_heads, cfg.query_groups
+    norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
+    bias = cfg.add_bias_linear
+    qkv = (a + 2 * g) * d * h + ((a + 2 * g) * d if (bias or cfg.add_qkv_bias) else 0)
+    proj = h * a * d + (h if bias else 0)
+    fc1_out = f * (2 if cfg.activation == "swiglu" else 1)
+    fc1 = fc1_out * h + (fc1_out if bias else 0)
+    fc2 = h * f + (h if bias else 0)
+    return 2 * norm + qkv + proj + fc1 + fc2
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters of the whole (unsharded) model; ``vocab_size`` must be set."""
+    if cfg.vocab_size is None:
+        raise ValueError("model.vocab_size must be set to count parameters")
+    h = cfg.hidden_size
+    emb = cfg.vocab_size * h
+    pos = cfg.seq_length * h if cfg.position_embedding_type == "learned_absolute" else 0
+    final_norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
+    out = 0 if cfg.share_embeddings_and_output_weights else cfg.vocab_size * h
+    return emb + pos + cfg.num_layers * layer_params(cfg) + final_norm + out

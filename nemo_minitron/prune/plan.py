@@ -1,0 +1,165 @@
+"""From a pruning target and importance scores to a ``PrunePlan``: the kept indices of every
+axis and the smaller model's config. Pure tensor logic; no model, no collectives.
+
+Pruning is homogeneous (every layer keeps the same counts) but each layer keeps its own best
+units. With GQA, kept query groups are the best groups of the layer and, inside each kept
+group, the best heads (heads are ranked inside their group). Kept indices are sorted so the
+surviving units keep their original order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.importance.scores import Scores
+
+
+@dataclass(kw_only=True)
+class Target:
+    """The pruned shape; None keeps an axis as it is."""
+
+    num_layers: int | None = None
+    """Layers to keep (the best contiguous-or-not set by Block Importance, see drop_layers)."""
+    hidden_size: int | None = None
+    """Embedding channels to keep."""
+    ffn_hidden_size: int | None = None
+    """MLP neurons to keep per layer."""
+    num_attention_heads: int | None = None
+    """Query heads to keep per layer."""
+    num_query_groups: int | None = None
+    """KV groups to keep per layer."""
+    drop_layers: list[int] | None = None
+    """Explicit 0-based layer indices to remove (overrides the score-based choice)."""
+    hardware_multiple: int = 64
+    """Width targets that are not multiples of this are accepted with a warning."""
+
+
+@dataclass
+class PrunePlan:
+    """Kept indices per axis (into the source model) and the pruned config."""
+
+    source: ModelConfig
+    """Config of the source model."""
+    config: ModelConfig
+    """Config of the pruned model (``kv_channels`` always explicit)."""
+    layers: list[int]
+    """Kept source layers, 0-based, in order."""
+    hidden: torch.Tensor
+    """Kept embedding channels ``[hidden']``."""
+    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per kept source layer: kept neurons ``[ffn']``."""
+    groups: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per kept source layer: kept query groups ``[groups']``."""
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per kept source layer: kept heads ``[groups', heads'/groups']`` (global head ids)."""
+    rescale_norms: bool = True
+    """Compensate RMSNorm for the removed channels (see ``prune.apply``)."""
+
+
+def _keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best scores, in ascending index order (ties: lower index wins)."""
+    order = torch.sort(-scores.double(), stable=True).indices[:k]
+    return order.sort().values
+
+
+def target_heads(src: ModelConfig, t: Target) -> tuple[int, int]:
+    """Pruned ``(num_attention_heads, num_query_groups)``. Pruning groups alone removes whole
+    groups with their heads; pruning heads of an MHA model removes their groups too."""
+    a, g = src.num_attention_heads, src.query_groups
+    if t.num_attention_heads is None:
+        new_g = t.num_query_groups or g
+        return new_g * (a // g), new_g
+    if t.num_query_groups is None:
+        return t.num_attention_heads, t.num_attention_heads if g == a else g
+    return t.num_attention_heads, t.num_query_groups
+
+
+def validate_target(src: ModelConfig, t: Target, tp: int = 1) -> None:
+    """One-line errors for impossible targets; warnings for unfriendly sizes."""
+    a, g = src.num_attention_heads, src.query_groups
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                 "num_query_groups"):
+        value = getattr(t, name)
+        if value is None:
+            continue
+        have = src.query_groups if name == "num_query_groups" else getattr(src, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"target.{name}={value!r} must be a positive integer")
+        if value > have:
+            raise ConfigError(f"target.{name}={value} is larger than the source's {have}")
+    new_a, new_g = target_heads(src, t)
+    if new_a % new_g:
+        raise ConfigError(f"target.num_attention_heads={new_a} is not divisible by "
+                          f"target.num_query_groups={new_g}")
+    if new_a // new_g > a // g:
+        raise ConfigError(f"target keeps {new_a // new_g} heads per query group; the source "
+                          f"has only {a // g}")
+    for name, value in (("num_attention_heads", new_a), ("num_query_groups", new_g),
+                        ("ffn_hidden_size", t.ffn_hidden_size)):
+        if value is not None and value % tp:
+            raise ConfigError(f"target.{name}={value} is not divisible by "
+                              f"parallel.tensor_model_parallel_size={tp}")
+    if t.drop_layers is not None:
+        bad = [i for i in t.drop_layers if not 0 <= i < src.num_layers]
+        if bad:
+            raise ConfigError(f"target.drop_layers names layer {bad[0]}, but the source has "
+                              f"layers 0..{src.num_layers - 1}")
+        if len(set(t.drop_layers)) >= src.num_layers:
+            raise ConfigError("target.drop_layers removes every layer")
+    for name in ("hidden_size", "ffn_hidden_size"):
+        value = getattr(t, name)
+        if value is not None and value % t.hardware_multiple:
+            warnings.warn(f"target.{name}={value} is not a multiple of {t.hardware_multiple}",
+                          stacklevel=2)
+
+
+def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1,
+              rescale_norms: bool = True) -> PrunePlan:
+    """Choose the kept units of every axis."""
+    validate_target(src, t, tp)
+    _check_scores(src, scores)
+    L, A, G = src.num_layers, src.num_attention_heads, src.query_groups
+    if t.drop_layers is not None:
+        layers = [i for i in range(L) if i not in set(t.drop_layers)]
+    elif t.num_layers is not None:
+        layers = _keep(scores.num_layers, t.num_layers).tolist()
+    else:
+        layers = list(range(L))
+    H = t.hidden_size or src.hidden_size
+    hidden = _keep(scores.hidden_size, H)
+    F = t.ffn_hidden_size or src.ffn_hidden_size
+    new_a, new_g = target_heads(src, t)
+    per_group, new_per_group = A // G, new_a // new_g
+    plan = PrunePlan(source=src, config=src, layers=layers, hidden=hidden,
+                     rescale_norms=rescale_norms and src.normalization == "RMSNorm")
+    for i in layers:
+        plan.ffn[i] = _keep(scores.ffn_hidden_size[i], F)
+        head_scores = scores.num_attention_heads[i].view(G, per_group)
+        groups = _keep(scores.num_query_groups[i], new_g)
+        plan.groups[i] = groups
+        plan.heads[i] = torch.stack([
+            g * per_group + _keep(head_scores[g], new_per_group) for g in groups.tolist()])
+    # RMSNorm rescaling multiplies the weights by sqrt(H/H'); scaling epsilon by H/H' makes
+    # the compensation exact: sqrt(S/H' + eps*H/H') = sqrt(H/H') * sqrt(S/H + eps).
+    eps = src.layernorm_epsilon * (src.hidden_size / H if plan.rescale_norms else 1.0)
+    plan.config = dataclasses.replace(
+        src, num_layers=len(layers), hidden_size=H, ffn_hidden_size=F,
+        num_attention_heads=new_a, num_query_groups=new_g, kv_channels=src.head_dim,
+        layernorm_epsilon=eps)
+    return plan
+
+
+def _check_scores(src: ModelConfig, s: Scores) -> None:
+    want = {"ffn_hidden_size": (src.num_layers, src.ffn_hidden_size),
+            "num_attention_heads": (src.num_layers, src.num_attention_heads),
+            "num_query_groups": (src.num_layers, src.query_groups),
+            "hidden_size": (src.hidden_size,), "num_layers": (src.num_layers,)}
+    for axis, shape in want.items():
+        if tuple(getattr(s, axis).shape) != shape:
+            raise ConfigError(f"scores were computed on a different model: {axis} scores have "
+                              f"shape {tuple(getattr(s, axis).shape)}, the model needs {shape}")
