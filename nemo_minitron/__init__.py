@@ -10,3 +10,6 @@ warnings.filterwarnings(
     "ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*"
 )
 warnings.filterwarnings("ignore", message="full scope is deprecated.*")
+# torch.distributed.checkpoint deprecations triggered inside megatron's dist_checkpointing.
+warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*")
+warnings.filterwarnings("ignore", message="Please use DTensor instead.*")

@@ -89,6 +89,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.prune.stage import PruneRecipe, prune
+
+    recipe, overrides = _split_overrides(args)
+    prune(args.checkpoint, args.out, load_recipe(recipe, overrides, cls=PruneRecipe))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nemo_minitron.demo import run_demo
 
@@ -139,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--out", default="runs/finetune", help="output directory")
     p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("prune", help="importance estimation + structured pruning",
+                       description="Score every unit of CHECKPOINT on calibration data (or "
+                                   "reuse scores=FILE), prune to the target shape, write the "
+                                   "pruned checkpoint to OUT with OUT/pruning/{scores.pt,"
+                                   "report.md,*.png}. Keys: target.{num_layers,hidden_size,"
+                                   "ffn_hidden_size,num_attention_heads,num_query_groups,"
+                                   "drop_layers}, calib.{num_samples,micro_batch_size,"
+                                   "batch_agg,seq_agg,eval_samples}, data.*, scores, "
+                                   "rescale_norms.")
+    p.add_argument("checkpoint", help="source checkpoint")
+    p.add_argument("out", help="pruned checkpoint directory (must not exist)")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_prune)
     return parser
 
 

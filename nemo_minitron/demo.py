@@ -1,7 +1,8 @@
 """The README's first command: the end-to-end demo on the embedded default.
 
-For now: build the embedded corpus and tokenizer, pretrain the tiny teacher, print its
-validation loss and throughput. Pruning and distillation join as those stages land.
+Build the embedded corpus and tokenizer, pretrain the tiny teacher, prune it to about half its
+parameters (``recipes/tiny_cpu_prune.yaml``), and print the teacher's and the pruned model's
+validation losses and the teacher's throughput. Distillation joins when that stage lands.
 """
 
 from __future__ import annotations
@@ -18,13 +19,28 @@ from nemo_minitron.utils.logging import get_logger
 log = get_logger("demo")
 
 
-def run_demo(recipe_path: str | None, overrides: list[str], out: str) -> dict:
-    """Run the demo stages under ``out``; returns the summary it prints."""
+PRUNE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_cpu_prune.yaml"
+
+
+def run_demo(recipe_path: str | None, overrides: list[str], out: str,
+             prune_recipe: str | None = None, prune_overrides: list[str] | None = None) -> dict:
+    """Run the demo stages under ``out``; returns the summary it prints. ``data.*``
+    overrides apply to both stages."""
+    from nemo_minitron.prune.stage import PruneRecipe, prune
     from nemo_minitron.train.pretrain import pretrain
 
     recipe = load_recipe(recipe_path, overrides)
     out_dir = Path(out)
     teacher = pretrain(recipe, out_dir / "teacher")
+    data_overrides = [o for o in overrides if o.startswith("data.")]
+    p_recipe = load_recipe(prune_recipe or PRUNE_RECIPE,
+                           data_overrides + list(prune_overrides or []), cls=PruneRecipe)
+    pruned_dir = out_dir / "pruned"
+    if (pruned_dir / "pruning" / "report.md").is_file():
+        log.info("reusing %s (delete it to prune again)", pruned_dir)
+        pruned = json.loads((pruned_dir / "pruning" / "summary.json").read_text())
+    else:
+        pruned = prune(teacher["final"], str(pruned_dir), p_recipe)
     speeds = [json.loads(line)["tokens_per_s"]
               for line in (out_dir / "teacher" / "metrics.jsonl").read_text().splitlines()
               if '"speed"' in line]
@@ -34,10 +50,17 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str) -> dict:
         "teacher_valid_loss_init": history[0]["lm loss"] if history else math.nan,
         "teacher_valid_loss": teacher["valid"].get("lm loss", math.nan),
         "teacher_tokens_per_s": sum(speeds) / len(speeds) if speeds else math.nan,
+        "teacher_params": pruned["source_params"],
+        "pruned_checkpoint": str(pruned_dir),
+        "pruned_params": pruned["pruned_params"],
+        "pruned_valid_loss_one_shot": pruned["pruned_valid_loss"],
     }
     log.info("teacher: validation loss %.4f (at init %.4f), %.0f tokens/s, checkpoint %s",
              summary["teacher_valid_loss"], summary["teacher_valid_loss_init"],
              summary["teacher_tokens_per_s"], summary["teacher_checkpoint"])
+    log.info("pruned: %d -> %d parameters, one-shot validation loss %.4f",
+             summary["teacher_params"], summary["pruned_params"],
+             summary["pruned_valid_loss_one_shot"])
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(summary, indent=2))
     return summary

@@ -1,0 +1,140 @@
+"""The ``prune`` stage: checkpoint -> importance (or saved scores) -> plan -> pruned checkpoint
+with its scores and report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_minitron.config import ConfigError, DataConfig, ParallelConfig
+from nemo_minitron.importance.aggregate import Agg
+from nemo_minitron.prune.plan import Target
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("prune")
+
+
+@dataclass(kw_only=True)
+class CalibConfig:
+    """The calibration forward passes."""
+
+    num_samples: int = 64
+    """Calibration sequences (from the training split of ``data``)."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass."""
+    batch_agg: Agg = "l2"
+    """Aggregation over sequences: mean, l2 or var."""
+    seq_agg: Agg = "mean"
+    """Aggregation over tokens of a sequence: mean, l2 or var."""
+    eval_samples: int = 64
+    """Validation sequences for the one-shot loss of the source and the pruned model."""
+
+
+@dataclass(kw_only=True)
+class PruneRecipe:
+    """Everything the prune verb reads."""
+
+    target: Target = field(default_factory=Target)
+    """The pruned shape."""
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    """Calibration."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Calibration/validation data (the checkpoint's tokenizer is used)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Layout of the importance pass."""
+    scores: str | None = None
+    """A saved scores file: skip the forward passes."""
+    rescale_norms: bool = True
+    """Compensate RMSNorm weights (and epsilon) for removed channels."""
+
+
+def _samples(dataset: Any, n: int, what: str) -> torch.Tensor:
+    if dataset is None or len(dataset) < n:
+        have = 0 if dataset is None else len(dataset)
+        raise ConfigError(f"calib.{what}={n}: the data holds only {have} sequences")
+    return torch.stack([torch.cat([dataset[i]["tokens"], dataset[i]["labels"][-1:]])
+                        for i in range(n)])
+
+
+def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
+    """Prune ``checkpoint`` to ``recipe.target``; write the pruned checkpoint to ``out`` and
+    ``out/pruning/{scores.pt,report.md,*.png}``. Returns the summary."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_minitron.checkpoint.io import (
+        check_checkpoint,
+        load_checkpoint_tokenizer,
+        load_model_config,
+        load_weights,
+        save_checkpoint,
+    )
+    from nemo_minitron.data.datasets import build_gpt_datasets
+    from nemo_minitron.importance.estimator import estimate_importance
+    from nemo_minitron.importance.scores import Scores
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.model.forward import lm_loss
+    from nemo_minitron.model.params import count_params
+    from nemo_minitron.parallel.runtime import init_distributed
+    from nemo_minitron.prune.apply import prune_model
+    from nemo_minitron.prune.plan import make_plan, validate_target
+    from nemo_minitron.prune.report import write_report
+    from nemo_minitron.train.pretrain import resolve_data
+    from nemo_minitron.utils.fs import atomic_dir, atomic_write_json
+
+    check_checkpoint(checkpoint)
+    if Path(out).exists():
+        raise ConfigError(f"output {out!r} already exists")
+    c = recipe.calib
+    if c.num_samples < 1 or c.num_samples % c.micro_batch_size:
+        raise ConfigError(f"calib.num_samples={c.num_samples} must be a positive multiple of "
+                          f"calib.micro_batch_size={c.micro_batch_size}")
+    if c.eval_samples % c.micro_batch_size:
+        raise ConfigError(f"calib.eval_samples={c.eval_samples} must be a multiple of "
+                          f"calib.micro_batch_size={c.micro_batch_size}")
+    src = load_model_config(checkpoint)
+    validate_target(src, recipe.target, recipe.parallel.tensor_model_parallel_size)
+    rt = init_distributed(recipe.parallel)
+    tokenizer = load_checkpoint_tokenizer(checkpoint)
+    prefix, tokenizer = resolve_data(_as_recipe(recipe), tokenizer)
+    splits = build_gpt_datasets(prefix, tokenizer, seq_length=src.seq_length,
+                                split=recipe.data.split, seed=recipe.data.seed,
+                                num_samples=(c.num_samples, c.eval_samples, 0))
+    calib_tokens = _samples(splits.train, c.num_samples, "num_samples")
+    eval_tokens = _samples(splits.valid, c.eval_samples, "eval_samples")
+    model = build_model(src)
+    load_weights(checkpoint, model)
+    if recipe.scores:
+        scores = Scores.load(recipe.scores)
+    else:
+        dp, rank = rt.dp, ps.get_data_parallel_rank()
+        mine = calib_tokens[:, :-1].chunk(dp)[rank]
+        scores = estimate_importance(model, mine, micro_batch_size=c.micro_batch_size,
+                                     batch_agg=c.batch_agg, seq_agg=c.seq_agg,
+                                     meta={"source": str(checkpoint)})
+    plan = make_plan(src, scores, recipe.target, rt.tp, rescale_norms=recipe.rescale_norms)
+    source_loss = lm_loss(model, eval_tokens, c.micro_batch_size)
+    pruned = prune_model(model, plan)
+    pruned_loss = lm_loss(pruned, eval_tokens, c.micro_batch_size)
+    summary = {"source_params": count_params(src), "pruned_params": count_params(plan.config),
+               "param_ratio": count_params(plan.config) / count_params(src),
+               "source_valid_loss": source_loss, "pruned_valid_loss": pruned_loss,
+               "kept_layers": plan.layers}
+    save_checkpoint(out, pruned, model_cfg=plan.config, tokenizer=tokenizer)
+    if rt.rank == 0:
+        with atomic_dir(Path(out) / "pruning") as tmp:
+            scores.save(tmp / "scores.pt")
+            atomic_write_json(tmp / "summary.json", summary)
+            write_report(tmp, scores, plan, summary)
+    log.info("pruned %d -> %d parameters (%.1f%%); validation loss %.4f -> %.4f (one-shot)",
+             summary["source_params"], summary["pruned_params"], 100 * summary["param_ratio"],
+             source_loss, pruned_loss)
+    return summary
+
+
+def _as_recipe(recipe: PruneRecipe):
+    from nemo_minitron.config import Recipe
+
+    return Recipe(data=recipe.data, parallel=recipe.parallel)
