@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -35,6 +36,9 @@ class Target:
     """KV groups to keep per layer."""
     drop_layers: list[int] | None = None
     """Explicit 0-based layer indices to remove (overrides the score-based choice)."""
+    layer_metric: Literal["block_importance", "lm_loss"] = "block_importance"
+    """How num_layers picks the layers to remove: lowest Block Importance layers, or the
+    contiguous block whose removal raises the validation LM loss least."""
     hardware_multiple: int = 64
     """Width targets that are not multiples of this are accepted with a warning."""
 

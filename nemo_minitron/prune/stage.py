@@ -3,6 +3,7 @@ with its scores and report."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     )
     from nemo_minitron.data.datasets import build_gpt_datasets
     from nemo_minitron.importance.estimator import estimate_importance
+    from nemo_minitron.importance.layers import block_loss_increase
     from nemo_minitron.importance.scores import Scores
     from nemo_minitron.model.build import build_model
     from nemo_minitron.model.forward import lm_loss
@@ -114,14 +116,26 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
         scores = estimate_importance(model, mine, micro_batch_size=c.micro_batch_size,
                                      batch_agg=c.batch_agg, seq_agg=c.seq_agg,
                                      meta={"source": str(checkpoint)})
-    plan = make_plan(src, scores, recipe.target, rt.tp, rescale_norms=recipe.rescale_norms)
+    target = recipe.target
+    block_losses = None
+    if target.layer_metric == "lm_loss" and target.num_layers is not None \
+            and target.drop_layers is None and target.num_layers < src.num_layers:
+        block = src.num_layers - target.num_layers
+        block_losses = block_loss_increase(model, eval_tokens, c.micro_batch_size, block,
+                                           src.num_layers)
+        start = int(torch.argmin(block_losses))
+        target = dataclasses.replace(target, drop_layers=list(range(start, start + block)))
+        log.info("LM-loss increase per removed block of %d layers: %s; dropping %s", block,
+                 [round(x, 4) for x in block_losses.tolist()], target.drop_layers)
+    plan = make_plan(src, scores, target, rt.tp, rescale_norms=recipe.rescale_norms)
     source_loss = lm_loss(model, eval_tokens, c.micro_batch_size)
     pruned = prune_model(model, plan)
     pruned_loss = lm_loss(pruned, eval_tokens, c.micro_batch_size)
     summary = {"source_params": count_params(src), "pruned_params": count_params(plan.config),
                "param_ratio": count_params(plan.config) / count_params(src),
                "source_valid_loss": source_loss, "pruned_valid_loss": pruned_loss,
-               "kept_layers": plan.layers}
+               "kept_layers": plan.layers,
+               "block_loss_increase": None if block_losses is None else block_losses.tolist()}
     save_checkpoint(out, pruned, model_cfg=plan.config, tokenizer=tokenizer)
     if rt.rank == 0:
         with atomic_dir(Path(out) / "pruning") as tmp:

@@ -91,3 +91,17 @@ def test_bad_prune_input(tmp_path, teacher, tiny_overrides, args, needles):
     res = run_cli("prune", teacher, str(out), *args, *_data_overrides(tiny_overrides))
     _one_line_error(res, *needles)
     assert not out.exists()
+
+
+def test_depth_by_lm_loss_drops_the_cheapest_block(tmp_path, teacher, tiny_overrides):
+    out = tmp_path / "depth"
+    res = run_cli("prune", teacher, str(out), "target.num_layers=1",
+                  "target.layer_metric=lm_loss", "calib.num_samples=8",
+                  "calib.micro_batch_size=4", "calib.eval_samples=8",
+                  *_data_overrides(tiny_overrides))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "pruning" / "summary.json").read_text())
+    increase = summary["block_loss_increase"]
+    assert len(increase) == 2  # two layers, a block of one
+    dropped = min(range(2), key=lambda i: increase[i])
+    assert summary["kept_layers"] == [1 - dropped]

@@ -1,0 +1,47 @@
+"""Depth importance by LM loss: how much the validation loss rises when a layer, or a
+contiguous block of ``k`` layers, is skipped (the residual stream passes through unchanged).
+
+Skipping happens in place on the loaded model (each stage skips the layers it holds), so it
+works under any TP/PP layout and needs no copies of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from nemo_minitron.model.build import unwrap
+from nemo_minitron.model.forward import lm_loss
+
+
+@contextlib.contextmanager
+def skip_layers(model: torch.nn.Module, layers: Iterable[int]) -> Iterator[None]:
+    """Make the given 0-based global layers identities while the context is open."""
+    wanted = set(layers)
+    patched = []
+    for layer in unwrap(model).decoder.layers:
+        if layer.layer_number - 1 in wanted:  # layer_number is global and 1-based
+            def identity(*args, **kwargs):
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                return hidden, kwargs.get("context")
+            layer.forward = identity
+            patched.append(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward  # back to the class method
+
+
+def block_loss_increase(model: torch.nn.Module, tokens: torch.Tensor, micro_batch_size: int,
+                        block: int, num_layers: int) -> torch.Tensor:
+    """``[num_layers - block + 1]``: LM-loss increase when layers ``[i, i + block)`` are
+    skipped, for every start ``i``."""
+    base = lm_loss(model, tokens, micro_batch_size)
+    out = []
+    for start in range(num_layers - block + 1):
+        with skip_layers(model, range(start, start + block)):
+            out.append(lm_loss(model, tokens, micro_batch_size) - base)
+    return torch.tensor(out)
