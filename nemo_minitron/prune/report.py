@@ -22,6 +22,7 @@ def write_report(out_dir: Path, scores: Scores, plan: PrunePlan, summary: dict[s
     bi = scores.num_layers.tolist()
     ax.bar(range(len(bi)), bi, color=["tab:blue" if i in plan.layers else "tab:red"
                                       for i in range(len(bi))])
+    ax.set_xticks(range(len(bi)))
     ax.set_xlabel("layer (red: removed)")
     ax.set_ylabel("Block Importance (1 - cos)")
     fig.tight_layout()
