@@ -1,0 +1,106 @@
+"""Benchmark (not a test): one-shot validation loss of the same pruned shape under activation
+importance vs random vs weight-magnitude scores, RMSNorm rescaling on vs off, and the time of
+importance estimation as a ratio to a plain forward pass over the same calibration samples.
+
+    .venv/bin/python benchmarks/prune_methods.py runs/demo/teacher/checkpoints/step_0000600 \
+        [recipes/tiny_cpu_prune.yaml] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model_config, load_weights
+from nemo_minitron.config import load_recipe
+from nemo_minitron.data.datasets import build_gpt_datasets
+from nemo_minitron.demo import PRUNE_RECIPE
+from nemo_minitron.importance.estimator import estimate_importance
+from nemo_minitron.importance.scores import Scores
+from nemo_minitron.model.build import build_model
+from nemo_minitron.model.forward import forward_pass, lm_loss
+from nemo_minitron.parallel.runtime import init_distributed
+from nemo_minitron.prune.apply import prune_model
+from nemo_minitron.prune.plan import make_plan
+from nemo_minitron.prune.stage import PruneRecipe, _as_recipe, _samples
+from nemo_minitron.train.pretrain import resolve_data
+from nemo_minitron.utils.logging import get_logger, setup_logging
+
+log = get_logger("bench")
+
+
+def magnitude_scores(model: torch.nn.Module, like: Scores) -> Scores:
+    """Weight-magnitude baseline: L2 norms of the weights that read/write each unit."""
+    cfg = model.config
+    d, f = cfg.kv_channels, cfg.ffn_hidden_size
+    groups = cfg.num_query_groups
+    per_group = cfg.num_attention_heads // groups
+    ffn, heads = [], []
+    for layer in model.decoder.layers:
+        fc1 = layer.mlp.linear_fc1.weight.detach()
+        fc2 = layer.mlp.linear_fc2.weight.detach()
+        ffn.append(fc1[:f].norm(dim=1) * fc1[f:].norm(dim=1) * fc2.norm(dim=0))
+        proj = layer.self_attention.linear_proj.weight.detach()
+        heads.append(proj.view(proj.shape[0], -1, d).norm(dim=(0, 2)))
+    heads_t = torch.stack(heads)
+    hidden = model.embedding.word_embeddings.weight.detach().norm(dim=0)
+    return Scores(ffn_hidden_size=torch.stack(ffn), num_attention_heads=heads_t,
+                  num_query_groups=heads_t.view(len(heads), groups, per_group).sum(-1),
+                  hidden_size=hidden, num_layers=like.num_layers.clone())
+
+
+def random_scores(like: Scores, seed: int) -> Scores:
+    g = torch.Generator().manual_seed(seed)
+    rnd = {a: torch.rand(getattr(like, a).shape, generator=g) for a in Scores.AXES}
+    rnd["num_layers"] = like.num_layers.clone()  # same depth choice: compare width criteria
+    return Scores(**rnd)
+
+
+def main(argv: list[str]) -> None:
+    setup_logging()
+    ckpt, rest = argv[0], argv[1:]
+    recipe_path = rest[0] if rest and rest[0].endswith((".yaml", ".yml")) else str(PRUNE_RECIPE)
+    recipe = load_recipe(recipe_path, [a for a in rest if "=" in a], cls=PruneRecipe)
+    init_distributed(recipe.parallel)
+    cfg = load_model_config(ckpt)
+    tok = load_checkpoint_tokenizer(ckpt)
+    prefix, tok = resolve_data(_as_recipe(recipe), tok)
+    c = recipe.calib
+    splits = build_gpt_datasets(prefix, tok, seq_length=cfg.seq_length, split=recipe.data.split,
+                                seed=recipe.data.seed, num_samples=(c.num_samples,
+                                                                     c.eval_samples, 0))
+    calib = _samples(splits.train, c.num_samples, "num_samples")[:, :-1]
+    evals = _samples(splits.valid, c.eval_samples, "eval_samples")
+    model = build_model(cfg)
+    load_weights(ckpt, model)
+
+    forward_pass(model, calib[: c.micro_batch_size], micro_batch_size=c.micro_batch_size)
+    t_fwd, t_imp = [], []
+    for _ in range(3):  # interleaved, so machine noise hits both alike
+        t0 = time.perf_counter()
+        forward_pass(model, calib, micro_batch_size=c.micro_batch_size)
+        t_fwd.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        scores = estimate_importance(model, calib, micro_batch_size=c.micro_batch_size)
+        t_imp.append(time.perf_counter() - t0)
+    base = lm_loss(model, evals, c.micro_batch_size)
+    rows = []
+    variants = [("activation", scores, True), ("activation, no RMSNorm rescale", scores, False),
+                ("weight magnitude", magnitude_scores(model, scores), True)]
+    variants += [(f"random (seed {s})", random_scores(scores, s), True) for s in (0, 1)]
+    for name, sc, rescale in variants:
+        plan = make_plan(cfg, sc, recipe.target, rescale_norms=rescale)
+        rows.append((name, lm_loss(prune_model(model, plan), evals, c.micro_batch_size)))
+    print(f"teacher validation loss: {base:.4f} ({c.eval_samples} sequences)")
+    print("| scores | one-shot validation loss | vs teacher |\n| --- | --- | --- |")
+    for name, loss in rows:
+        print(f"| {name} | {loss:.4f} | {loss - base:+.4f} |")
+    ratio = min(t_imp) / min(t_fwd)
+    print(f"importance estimation / plain forward over {c.num_samples} sequences: "
+          f"{ratio:.3f} (best of 3 each: {min(t_imp):.2f}s vs {min(t_fwd):.2f}s; goal <= 1.15)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
