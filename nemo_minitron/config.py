@@ -85,6 +85,19 @@ class ModelConfig:
         if self.vocab_size is not None:
             _positive("model.vocab_size", self.vocab_size)
 
+    def check_layout(self, tp: int, pp: int) -> None:
+        """One-line error unless every sharded dim divides by TP and the layers by PP."""
+        for name, value in (("num_attention_heads", self.num_attention_heads),
+                            ("num_query_groups", self.query_groups),
+                            ("ffn_hidden_size", self.ffn_hidden_size),
+                            ("vocab_size", self.vocab_size)):
+            if value is not None and value % tp:
+                raise ConfigError(f"model.{name}={value} is not divisible by "
+                                  f"parallel.tensor_model_parallel_size={tp}")
+        if self.num_layers % pp:
+            raise ConfigError(f"model.num_layers={self.num_layers} is not divisible by "
+                              f"parallel.pipeline_model_parallel_size={pp}")
+
     @property
     def query_groups(self) -> int:
         """Effective number of query groups."""
@@ -228,20 +241,7 @@ class Recipe:
                 f"parallel: tensor_model_parallel_size * pipeline_model_parallel_size = {mp} "
                 f"does not divide the world size {world_size}"
             )
-        tp = p.tensor_model_parallel_size
-        for name, value in (("num_attention_heads", m.num_attention_heads),
-                            ("num_query_groups", m.query_groups),
-                            ("ffn_hidden_size", m.ffn_hidden_size)):
-            if value % tp:
-                raise ConfigError(f"model.{name}={value} is not divisible by "
-                                  f"parallel.tensor_model_parallel_size={tp}")
-        if m.vocab_size is not None and m.vocab_size % tp:
-            raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by "
-                              f"parallel.tensor_model_parallel_size={tp}")
-        pp = p.pipeline_model_parallel_size
-        if m.num_layers % pp:
-            raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by "
-                              f"parallel.pipeline_model_parallel_size={pp}")
+        m.check_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
         dp = world_size // mp
         t = self.train
         if t.global_batch_size % (t.micro_batch_size * dp):

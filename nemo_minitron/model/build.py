@@ -85,18 +85,8 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None)
 
     if cfg.vocab_size is None:
         raise ConfigError("model.vocab_size is not set (it comes from the tokenizer)")
-    tp = ps.get_tensor_model_parallel_world_size()
-    pp = ps.get_pipeline_model_parallel_world_size()
-    for name, value in (("num_attention_heads", cfg.num_attention_heads),
-                        ("num_query_groups", cfg.query_groups),
-                        ("ffn_hidden_size", cfg.ffn_hidden_size),
-                        ("vocab_size", cfg.vocab_size)):
-        if value % tp:
-            raise ConfigError(f"model.{name}={value} is not divisible by "
-                              f"parallel.tensor_model_parallel_size={tp}")
-    if cfg.num_layers % pp:
-        raise ConfigError(f"model.num_layers={cfg.num_layers} is not divisible by "
-                          f"parallel.pipeline_model_parallel_size={pp}")
+    cfg.check_layout(ps.get_tensor_model_parallel_world_size(),
+                     ps.get_pipeline_model_parallel_world_size())
     if fp8 is not None and not te_available():
         raise ConfigError("train.fp8 needs Transformer Engine and a GPU")
     config = transformer_config(cfg, bf16=bf16, fp8=fp8)

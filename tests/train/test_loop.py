@@ -78,10 +78,10 @@ def test_train_step_matches_single_process(tmp_path, base_checkpoint, tiny_overr
         spawn(state_dict_job, 1, str(tmp_path / name / "checkpoints" / "step_0000002"),
               str(tmp_path / f"{name}.pt"))
     a, b = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "par.pt")
-    base = torch.load(tmp_path / "ref.pt")  # sanity: the step changed the weights
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+    # Sanity: the steps changed the weights.
     spawn(state_dict_job, 1, base_checkpoint, str(tmp_path / "base.pt"))
     base = torch.load(tmp_path / "base.pt")
     assert any((base[k] - a[k]).abs().max() > 1e-4 for k in a)
