@@ -18,6 +18,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           text=True, timeout=300, env=env)
 
 
+def run_torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+         "--master-port", str(_free_port()), "-m", "nemo_minitron", *args],
+        capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("verb", VERBS)
 def test_help(verb):
     res = run_cli(verb, "--help")
@@ -60,11 +67,8 @@ def test_bad_recipe_is_a_one_line_error(tmp_path, recipe_text, override, needles
 @pytest.mark.dist
 def test_model_dims_must_divide_tp_under_torchrun(tmp_path, tiny_overrides):
     out = tmp_path / "out"
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(_free_port()), "-m", "nemo_minitron", "pretrain", *tiny_overrides,
-         "parallel.tensor_model_parallel_size=2", "model.ffn_hidden_size=129", "--out", str(out)],
-        capture_output=True, text=True, timeout=300)
+    res = run_torchrun(2, "pretrain", *tiny_overrides, "parallel.tensor_model_parallel_size=2",
+                       "model.ffn_hidden_size=129", "--out", str(out))
     assert res.returncode != 0
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: model.ffn_hidden_size=129 is not divisible by "

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.config import ConfigError
 from nemo_minitron.importance.aggregate import Agg, Aggregator
 from nemo_minitron.importance.scores import Scores
 from nemo_minitron.model.build import unwrap
@@ -134,7 +135,21 @@ def estimate_importance(model: torch.nn.Module, tokens: torch.Tensor, *,
                         meta: dict[str, Any] | None = None) -> Scores:
     """Score every unit with forward passes over this rank's calibration ``tokens [n, s]``."""
     from nemo_minitron.model.forward import forward_pass
+    from nemo_minitron.model.params import weights_fingerprint
 
     with ImportanceEstimator(model, batch_agg, seq_agg) as est:
         forward_pass(model, tokens, micro_batch_size=micro_batch_size)
-    return est.finalize(meta)
+    return est.finalize({"fingerprint": weights_fingerprint(unwrap(model)), **(meta or {})})
+
+
+def check_scores_match(scores: Scores, model: torch.nn.Module) -> None:
+    """One-line error unless ``scores`` were computed on this model's weights."""
+    from nemo_minitron.model.params import weights_fingerprint
+
+    want = scores.meta.get("fingerprint")
+    if want is None:
+        return  # scores from an older version or a foreign tool: shapes are checked in the plan
+    have = weights_fingerprint(unwrap(model))
+    if any(abs(a - b) > 1e-6 * max(abs(b), 1.0) for a, b in zip(have, want)):
+        raise ConfigError(f"scores were computed on different weights (fingerprint {want} "
+                          f"!= this model's {have}); recompute them without scores=")

@@ -29,3 +29,26 @@ def count_params(cfg: ModelConfig) -> int:
     final_norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
     out = 0 if cfg.share_embeddings_and_output_weights else cfg.vocab_size * h
     return emb + pos + cfg.num_layers * layer_params(cfg) + final_norm + out
+
+
+def weights_fingerprint(model) -> list[float]:
+    """``[sum |w|, sum w^2]`` over the whole model, the same under every TP/PP/DP layout (a
+    TP-replicated tensor counts once; a tied output layer is the embedding). Tells whether saved
+    importance scores were computed on these weights."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
+    acc = torch.zeros(2, dtype=torch.float64)
+    for key, p in model.state_dict(keep_vars=True).items():
+        if key.endswith("_extra_state") or (tied and key == "output_layer.weight"):
+            continue
+        if tp_rank and not getattr(p, "tensor_model_parallel", False):
+            continue
+        w = p.detach().double().cpu()
+        acc += torch.stack([w.abs().sum(), w.pow(2).sum()])
+    if dist.is_initialized() and dist.get_world_size(ps.get_model_parallel_group()) > 1:
+        dist.all_reduce(acc, group=ps.get_model_parallel_group())
+    return acc.tolist()

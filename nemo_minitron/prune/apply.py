@@ -25,6 +25,7 @@ import torch
 
 from nemo_minitron.config import ConfigError
 from nemo_minitron.model.build import build_model, unwrap
+from nemo_minitron.model.full_state import gather_full_state_dict, load_full_state_dict
 from nemo_minitron.model.params import count_params
 from nemo_minitron.prune.plan import PrunePlan
 
@@ -57,7 +58,8 @@ def _proj_cols(plan: PrunePlan, layer: int) -> torch.Tensor:
 
 
 def prune_state_dict(sd: dict[str, torch.Tensor], plan: PrunePlan) -> dict[str, torch.Tensor]:
-    """Full (TP=1, PP=1) state dict of the source -> that of the pruned model."""
+    """Full (TP=1, PP=1; ``model.full_state``) state dict of the source -> that of the pruned
+    model."""
     src, hid = plan.source, plan.hidden
     scale = math.sqrt(src.hidden_size / plan.config.hidden_size) if plan.rescale_norms else 1.0
     ffn = src.ffn_hidden_size
@@ -104,20 +106,19 @@ def prune_state_dict(sd: dict[str, torch.Tensor], plan: PrunePlan) -> dict[str, 
 
 
 def prune_model(model: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:
-    """Build the pruned ``GPTModel`` (TP=1, PP=1) and load the sliced weights; check that its
-    parameter count equals the count predicted from its config."""
-    from megatron.core import parallel_state as ps
+    """Build the pruned ``GPTModel`` under the current TP/PP layout and load the sliced weights;
+    check that its parameter count equals the count predicted from its config.
 
-    if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() > 1:
-        raise ConfigError("in-memory pruning runs with TP=1 and PP=1 for now; the pruned "
-                          "checkpoint loads under any TP/PP")
+    Under TP/PP the source is gathered to its full TP=1 state dict, sliced, and re-split evenly
+    (``model.full_state``): every rank holds a balanced shard of the kept units, and the kept
+    layers are spread evenly over the pipeline stages."""
     src = unwrap(model)
-    new_sd = prune_state_dict(src.state_dict(), plan)
-    pruned = build_model(plan.config, bf16=next(src.parameters()).dtype == torch.bfloat16)
-    missing, unexpected = pruned.load_state_dict(new_sd, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    assert not missing and not unexpected, (missing, unexpected)
-    built = sum(p.numel() for p in pruned.parameters())
+    new_sd = prune_state_dict(gather_full_state_dict(src), plan)
     predicted = count_params(plan.config)
-    assert built == predicted, f"pruned model has {built} parameters, config predicts {predicted}"
+    sliced = sum(v.numel() for v in new_sd.values())
+    if sliced != predicted:
+        raise AssertionError(f"pruned weights hold {sliced} parameters, config predicts "
+                             f"{predicted}")
+    pruned = build_model(plan.config, bf16=next(src.parameters()).dtype == torch.bfloat16)
+    load_full_state_dict(pruned, new_sd)
     return pruned

@@ -83,8 +83,9 @@ def target_heads(src: ModelConfig, t: Target) -> tuple[int, int]:
     return t.num_attention_heads, t.num_query_groups
 
 
-def validate_target(src: ModelConfig, t: Target, tp: int = 1) -> None:
-    """One-line errors for impossible targets; warnings for unfriendly sizes."""
+def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1) -> None:
+    """One-line errors for impossible targets (``tp``/``pp``: the layout the pruned model is
+    built under); warnings for unfriendly sizes."""
     a, g = src.num_attention_heads, src.query_groups
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "num_query_groups"):
@@ -115,6 +116,11 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1) -> None:
                               f"layers 0..{src.num_layers - 1}")
         if len(set(t.drop_layers)) >= src.num_layers:
             raise ConfigError("target.drop_layers removes every layer")
+    kept = src.num_layers - len(set(t.drop_layers)) if t.drop_layers is not None \
+        else t.num_layers or src.num_layers
+    if kept % pp:
+        raise ConfigError(f"the pruned model keeps {kept} layers, not divisible by "
+                          f"parallel.pipeline_model_parallel_size={pp}")
     for name in ("hidden_size", "ffn_hidden_size"):
         value = getattr(t, name)
         if value is not None and value % t.hardware_multiple:
@@ -122,10 +128,10 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1) -> None:
                           stacklevel=2)
 
 
-def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1,
+def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int = 1,
               rescale_norms: bool = True) -> PrunePlan:
     """Choose the kept units of every axis."""
-    validate_target(src, t, tp)
+    validate_target(src, t, tp, pp)
     _check_scores(src, scores)
     L, A, G = src.num_layers, src.num_attention_heads, src.query_groups
     if t.drop_layers is not None:

@@ -73,7 +73,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
         save_checkpoint,
     )
     from nemo_minitron.data.datasets import build_gpt_datasets
-    from nemo_minitron.importance.estimator import estimate_importance
+    from nemo_minitron.importance.estimator import check_scores_match, estimate_importance
     from nemo_minitron.importance.layers import block_loss_increase
     from nemo_minitron.importance.scores import Scores
     from nemo_minitron.model.build import build_model
@@ -97,7 +97,8 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
         raise ConfigError(f"calib.eval_samples={c.eval_samples} must be a multiple of "
                           f"calib.micro_batch_size={c.micro_batch_size}")
     src = load_model_config(checkpoint)
-    validate_target(src, recipe.target, recipe.parallel.tensor_model_parallel_size)
+    validate_target(src, recipe.target, recipe.parallel.tensor_model_parallel_size,
+                    recipe.parallel.pipeline_model_parallel_size)
     rt = init_distributed(recipe.parallel)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     prefix, tokenizer = resolve_data(_as_recipe(recipe), tokenizer)
@@ -110,6 +111,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     load_weights(checkpoint, model)
     if recipe.scores:
         scores = Scores.load(recipe.scores)
+        check_scores_match(scores, model)
     else:
         dp, rank = rt.dp, ps.get_data_parallel_rank()
         mine = calib_tokens[:, :-1].chunk(dp)[rank]
@@ -127,7 +129,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
         target = dataclasses.replace(target, drop_layers=list(range(start, start + block)))
         log.info("LM-loss increase per removed block of %d layers: %s; dropping %s", block,
                  [round(x, 4) for x in block_losses.tolist()], target.drop_layers)
-    plan = make_plan(src, scores, target, rt.tp, rescale_norms=recipe.rescale_norms)
+    plan = make_plan(src, scores, target, rt.tp, rt.pp, rescale_norms=recipe.rescale_norms)
     source_loss = lm_loss(model, eval_tokens, c.micro_batch_size)
     pruned = prune_model(model, plan)
     pruned_loss = lm_loss(pruned, eval_tokens, c.micro_batch_size)

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from tests.dist import spawn
-from tests.test_cli import _one_line_error, run_cli
+from tests.test_cli import _one_line_error, run_cli, run_torchrun
 from tests.train.test_loop import pretrain_job
 
 
@@ -67,14 +67,24 @@ def test_prune_verb_end_to_end(tmp_path, teacher, tiny_overrides):
     spawn(logits_of, 2, str(out), str(tmp_path / "tp2.pt"), 2)
     torch.testing.assert_close(torch.load(tmp_path / "tp2.pt"), torch.load(tmp_path / "tp1.pt"),
                                atol=1e-5, rtol=0)
-    # Re-pruning to another target reuses the saved scores.
+    # Re-pruning to another target reuses the saved scores (TP=1) under TP=2.
     again = tmp_path / "again"
-    res = run_cli("prune", teacher, str(again), "target.ffn_hidden_size=96",
-                  f"scores={out / 'pruning' / 'scores.pt'}", "calib.num_samples=16",
-                  "calib.micro_batch_size=4", "calib.eval_samples=8",
-                  *_data_overrides(tiny_overrides))
+    res = run_torchrun(2, "prune", teacher, str(again), "target.ffn_hidden_size=96",
+                       "parallel.tensor_model_parallel_size=2",
+                       f"scores={out / 'pruning' / 'scores.pt'}", "calib.num_samples=16",
+                       "calib.micro_batch_size=4", "calib.eval_samples=8",
+                       *_data_overrides(tiny_overrides))
     assert res.returncode == 0, res.stderr
     assert yaml.safe_load((again / "model_config.yaml").read_text())["ffn_hidden_size"] == 96
+    # Scores of the same shape but other weights are refused.
+    data = torch.load(out / "pruning" / "scores.pt", weights_only=True)
+    data["meta"]["fingerprint"] = [x * 1.001 for x in data["meta"]["fingerprint"]]
+    torch.save(data, tmp_path / "other.pt")
+    res = run_cli("prune", teacher, str(tmp_path / "refused"), "target.ffn_hidden_size=96",
+                  f"scores={tmp_path / 'other.pt'}", "calib.micro_batch_size=4",
+                  "calib.num_samples=16", "calib.eval_samples=8", *_data_overrides(tiny_overrides))
+    _one_line_error(res, "scores were computed on different weights")
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.parametrize("args, needles", [

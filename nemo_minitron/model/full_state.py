@@ -1,0 +1,105 @@
+"""Between a TP/PP-sharded ``GPTModel`` and its full, unsharded state dict.
+
+The full state dict has the keys and layouts of the same model built with TP=1 and PP=1:
+global layer numbers, ``linear_qkv`` rows interleaved per query group, SwiGLU ``linear_fc1`` rows
+``[gate; up]``, the whole (padded) vocabulary, and no ``output_layer.weight`` when it is tied to
+the word embeddings. Pruning slices that layout (``prune.apply``) and the result is scattered
+into a model built under any TP/PP, which is how kept units end up balanced over the ranks: the
+pruned tensor is simply re-split evenly.
+
+Megatron marks every tensor-parallel parameter with ``tensor_model_parallel`` and
+``partition_dim``; everything else is replicated over TP. Concatenating TP shards along
+``partition_dim`` gives the TP=1 tensor for every weight but SwiGLU ``linear_fc1``, whose shard
+on rank r is ``[gate_r; up_r]``.
+
+Memory: every rank holds the full model on the CPU while gathering (fine up to a few billion
+parameters per node; the pruned checkpoint itself is written sharded).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This stage's parameters (with their Megatron attributes) by state-dict key."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()
+            if not k.endswith("_extra_state")}
+
+
+def _layer_offset(model: torch.nn.Module) -> int:
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0  # layer_number is global, 1-based
+
+
+def _global_key(key: str, offset: int) -> str:
+    m = _LAYER.match(key)
+    return key if m is None else f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}"
+
+
+def _is_glu_fc1(key: str, model: torch.nn.Module) -> bool:
+    return model.config.gated_linear_unit and ".mlp.linear_fc1." in key \
+        and not key.endswith("layer_norm_weight") and not key.endswith("layer_norm_bias")
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "share_embeddings_and_output_weights", False))
+
+
+def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank gets the full TP=1/PP=1 state dict of ``model`` (CPU tensors)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    offset = _layer_offset(model)
+    local: dict[str, torch.Tensor] = {}
+    for key, p in _tensors(model).items():
+        if key == "output_layer.weight" and _tied(model):
+            continue  # the word embeddings, held by the first stage
+        t = p.detach()
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+            if _is_glu_fc1(key, model):
+                halves = [x.chunk(2, dim=0) for x in parts]
+                t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+            else:
+                t = torch.cat(parts, dim=p.partition_dim)
+        local[_global_key(key, offset)] = t.cpu().clone()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        return local
+    stages: list[dict[str, torch.Tensor] | None] = [None] * pp
+    dist.all_gather_object(stages, local, group=ps.get_pipeline_model_parallel_group())
+    return {k: v for stage in stages for k, v in (stage or {}).items()}
+
+
+def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Copy this rank's shard of every parameter of ``model`` out of the full state dict."""
+    from megatron.core import parallel_state as ps
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    offset = _layer_offset(model)
+    for key, p in _tensors(model).items():
+        name = _global_key(key, offset)
+        if name == "output_layer.weight" and _tied(model):
+            name = "embedding.word_embeddings.weight"
+        if name not in full:
+            raise KeyError(f"the full state dict has no {name!r}")
+        t = full[name]
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            if _is_glu_fc1(key, model):
+                gate, up = t.chunk(2, dim=0)
+                t = torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+            else:
+                t = t.chunk(tp, dim=p.partition_dim)[rank]
+        if t.shape != p.shape:
+            raise ValueError(f"{name}: shard shape {tuple(t.shape)} != parameter shape "
+                             f"{tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(t)

@@ -1,0 +1,133 @@
+"""Pruning under TP=2 and PP=2 gives the TP=1 pruned model (scores and logits), the pruned
+checkpoint loads under another layout, and the Python API works from a user's own forward loop."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.dist import spawn
+
+CFG = dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
+           num_query_groups=4, seq_length=32, vocab_size=256)
+# Every axis at once; 2 layers and 2 groups stay divisible by PP=2 and TP=2.
+TARGET = dict(num_layers=2, hidden_size=48, ffn_hidden_size=64, num_query_groups=2,
+              hardware_multiple=1)
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(11))
+
+
+def prune_job(out: str, tp: int, pp: int, tied: bool, ckpt_in: str | None,
+              ckpt_out: str | None, pruned_out: str | None) -> None:
+    from nemo_minitron.checkpoint.io import load_weights, save_checkpoint
+    from nemo_minitron.config import ModelConfig, ParallelConfig
+    from nemo_minitron.importance.estimator import estimate_importance
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.model.forward import forward_logits
+    from nemo_minitron.parallel.runtime import init_distributed
+    from nemo_minitron.prune.apply import prune_model
+    from nemo_minitron.prune.plan import Target, make_plan
+
+    init_distributed(ParallelConfig(tensor_model_parallel_size=tp,
+                                    pipeline_model_parallel_size=pp), seed=4)
+    cfg = ModelConfig(**CFG, share_embeddings_and_output_weights=tied)
+    model = build_model(cfg)
+    if ckpt_in:
+        load_weights(ckpt_in, model)
+    if ckpt_out:
+        save_checkpoint(ckpt_out, model, model_cfg=cfg, tokenizer=None)
+    scores = estimate_importance(model, _tokens(), micro_batch_size=4)
+    plan = make_plan(cfg, scores, Target(**TARGET), tp, pp)
+    pruned = prune_model(model, plan)
+    logits = forward_logits(pruned, _tokens(), micro_batch_size=4)
+    if pruned_out:
+        save_checkpoint(pruned_out, pruned, model_cfg=plan.config, tokenizer=None)
+    if logits is not None and int(os.environ["RANK"]) == torch.distributed.get_world_size() - 1:
+        torch.save({"logits": logits, "ffn": scores.ffn_hidden_size, "layers": plan.layers,
+                    "fingerprint": scores.meta["fingerprint"],
+                    "local_params": sum(p.numel() for p in pruned.parameters())}, out)
+
+
+def load_pruned_job(out: str, tp: int, ckpt: str) -> None:
+    from nemo_minitron.checkpoint.io import load_model_config, load_weights
+    from nemo_minitron.config import ParallelConfig
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.model.forward import forward_logits
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    init_distributed(ParallelConfig(tensor_model_parallel_size=tp), seed=4)
+    model = build_model(load_model_config(ckpt))
+    load_weights(ckpt, model)
+    logits = forward_logits(model, _tokens(), micro_batch_size=4)
+    if torch.distributed.get_rank() == 0:
+        torch.save({"logits": logits}, out)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_pruning_under_tp2_and_pp2_equals_tp1(tmp_path, tied):
+    t = tmp_path
+    spawn(prune_job, 1, str(t / "ref.pt"), 1, 1, tied, None, str(t / "ck"), None)
+    spawn(prune_job, 2, str(t / "tp2.pt"), 2, 1, tied, str(t / "ck"), None, str(t / "pruned"))
+    spawn(prune_job, 2, str(t / "pp2.pt"), 1, 2, tied, str(t / "ck"), None, None)
+    ref = torch.load(t / "ref.pt")
+    assert ref["logits"].shape == (8, 32, 256)
+    for name in ("tp2", "pp2"):
+        got = torch.load(t / f"{name}.pt")
+        assert got["layers"] == ref["layers"], name
+        assert got["fingerprint"] == pytest.approx(ref["fingerprint"], rel=1e-9), name
+        torch.testing.assert_close(got["ffn"], ref["ffn"], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got["logits"], ref["logits"], atol=1e-5, rtol=0, msg=name)
+    # Balanced shards: under TP=2 the sharded weights split evenly, so a rank holds less than
+    # the whole pruned model.
+    assert torch.load(t / "tp2.pt")["local_params"] < ref["local_params"]
+    if not tied:  # the TP=2 pruned checkpoint loads under TP=1 with the same logits
+        spawn(load_pruned_job, 1, str(t / "reload.pt"), 1, str(t / "pruned"))
+        torch.testing.assert_close(torch.load(t / "reload.pt")["logits"], ref["logits"],
+                                   atol=1e-5, rtol=0)
+
+
+def user_loop_job(out: str) -> None:
+    """What a user's own Megatron script does: its own forward loop inside the estimator."""
+    from nemo_minitron.config import ModelConfig, ParallelConfig
+    from nemo_minitron.importance.estimator import ImportanceEstimator, estimate_importance
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.parallel.runtime import init_distributed
+    from nemo_minitron.prune.apply import prune_model
+    from nemo_minitron.prune.plan import Target, make_plan
+
+    init_distributed(ParallelConfig(), seed=4)
+    cfg = ModelConfig(**CFG)
+    model = build_model(cfg)
+    tokens = _tokens()
+    model.eval()
+    with ImportanceEstimator(model) as est, torch.no_grad():
+        for chunk in tokens.split(2):  # the user's own batching and forward call
+            pos = torch.arange(chunk.shape[1]).unsqueeze(0).expand_as(chunk)
+            model(chunk, pos, None)
+    mine = est.finalize()
+    ours = estimate_importance(model, tokens, micro_batch_size=4)
+    pruned = prune_model(model, make_plan(cfg, mine, Target(**TARGET)))
+    torch.save({"mine": mine, "ours": ours,
+                "params": sum(p.numel() for p in pruned.parameters())}, out)
+
+
+def test_python_api_with_a_users_own_forward_loop(tmp_path):
+    spawn(user_loop_job, 1, str(tmp_path / "r.pt"))
+    r = torch.load(tmp_path / "r.pt", weights_only=False)
+    from nemo_minitron.importance.scores import Scores
+
+    for axis in Scores.AXES:
+        torch.testing.assert_close(getattr(r["mine"], axis), getattr(r["ours"], axis),
+                                   rtol=1e-5, atol=1e-6, msg=axis)
+    assert r["mine"].meta["num_sequences"] == 8
+    from nemo_minitron.config import ModelConfig
+    from nemo_minitron.model.params import count_params
+
+    expected = ModelConfig(**{**CFG, "num_layers": 2, "hidden_size": 48, "ffn_hidden_size": 64,
+                              "num_attention_heads": 4, "num_query_groups": 2, "kv_channels": 8})
+    assert r["params"] == count_params(expected)
