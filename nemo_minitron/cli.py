@@ -98,6 +98,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.distill.stage import DistillRecipe, distill
+
+    recipe, overrides = _split_overrides(args)
+    summary = distill(load_recipe(recipe, overrides, cls=DistillRecipe), args.teacher,
+                      args.student, args.out)
+    log.info("final checkpoint: %s", summary["final"])
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nemo_minitron.demo import run_demo
 
@@ -161,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="pruned checkpoint directory (must not exist)")
     _recipe_args(p)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("distill", help="knowledge distillation of a teacher into a student",
+                       description="Train --student to imitate --teacher (frozen) on recipe.data "
+                                   "with the pretraining loop: logit KL (kd.divergence, "
+                                   "kd.temperature, kd.top_k), optional ground-truth CE "
+                                   "(kd.lm_loss_weight), intermediate hidden-state and "
+                                   "embedding losses (kd.hidden_weight, kd.layer_map, "
+                                   "kd.embedding_weight). Resumes from the latest checkpoint "
+                                   "under --out.")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (frozen)")
+    p.add_argument("--student", required=True, help="student checkpoint, e.g. a pruned model")
+    _recipe_args(p)
+    p.add_argument("--out", default="runs/distill", help="output directory")
+    p.set_defaults(func=cmd_distill)
     return parser
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.dist import _free_port
 
-VERBS = ["demo", "data", "pretrain", "finetune"]
+VERBS = ["demo", "data", "pretrain", "finetune", "prune", "distill"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

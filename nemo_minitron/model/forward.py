@@ -69,7 +69,8 @@ def lm_loss(model: torch.nn.Module, tokens: torch.Tensor, micro_batch_size: int)
 
     losses = forward_pass(model, tokens[:, :-1], labels=tokens[:, 1:],
                           micro_batch_size=micro_batch_size, collect=lambda o: o.float().mean())
-    total = torch.tensor([float(sum(losses)), float(len(losses))], dtype=torch.float64)
+    total = torch.tensor([float(sum(losses)), float(len(losses))], dtype=torch.float64,
+                         device=next(model.parameters()).device)  # NCCL reduces device tensors
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     return float(total[0] / total[1].clamp(min=1))

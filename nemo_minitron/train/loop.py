@@ -1,4 +1,4 @@
-"""The one training loop (pretraining, fine-tuning and, later, distillation).
+"""The one training loop (pretraining, fine-tuning and distillation).
 
 Per step: Megatron's pipeline schedule (``get_forward_backward_func``) runs the objective's
 forward/backward over the step's micro-batches; Megatron's DDP reduces gradients across data
@@ -94,6 +94,7 @@ class Trainer:
         self.dp_group = ps.get_data_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.is_last_stage = ps.is_pipeline_last_stage()
+        self.pp = ps.get_pipeline_model_parallel_world_size()
         config = model.config
         config.no_sync_func = model.no_sync
         config.finalize_model_grads_func = finalize_model_grads
@@ -111,7 +112,11 @@ class Trainer:
         if self.is_last_stage and results:
             for i, name in enumerate(names):
                 vec[i] = torch.stack([r[name].double() for r in results]).mean()
-        dist.all_reduce(vec, group=self.pp_group)  # only the last stage contributes
+        # Losses an objective computes on earlier stages (e.g. distillation of their layers).
+        pop = getattr(self.objective, "pop_stage_metrics", None)
+        for name, value in (pop() if pop is not None else {}).items():
+            vec[names.index(name)] += value
+        dist.all_reduce(vec, group=self.pp_group)
         dist.all_reduce(vec, group=self.dp_group)
         vec /= self.rt.dp
         return {n: float(v) for n, v in zip(names, vec.tolist())}
@@ -132,10 +137,14 @@ class Trainer:
                            global_batch_size=self.cfg.global_batch_size,
                            micro_batch_size=self.cfg.micro_batch_size, dp_rank=self.dp_rank,
                            dp_size=self.rt.dp)
+        # An objective whose stages exchange more than the model's hidden state (distillation
+        # sends the teacher's too) resizes the pipeline's tensors.
+        adjust = getattr(self.objective, "adjust_tensor_shapes", None) if self.pp > 1 else None
+        extra = {"adjust_tensor_shapes_fn": adjust} if adjust is not None else {}
         return self.fwd_bwd(
             forward_step_func=self.objective.forward_step, data_iterator=it, model=[self.model],
             num_microbatches=self.num_microbatches, seq_length=self.model_cfg.seq_length,
-            micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only,
+            micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only, **extra,
         )
 
     def train_step(self) -> dict[str, float]:

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe
 from nemo_minitron.data.datasets import GPTSplits, build_gpt_datasets
@@ -71,8 +74,10 @@ def bf16_enabled(recipe: Recipe) -> bool:
 
 def make_trainer(recipe: Recipe, rt: Runtime, model_cfg: ModelConfig, tokenizer: Tokenizer,
                  prefix: str, out_dir: str | Path, *, init_checkpoint: str | None = None,
-                 objective: Objective | None = None) -> Trainer:
-    """Build model (optionally loading ``init_checkpoint``), DDP, optimizer, data, trainer."""
+                 objective: Callable[[torch.nn.Module], Objective] | None = None) -> Trainer:
+    """Build model (optionally loading ``init_checkpoint``), DDP, optimizer, data, trainer.
+    ``objective(model)`` is called on the built model before DDP wraps it (it may attach
+    trainable modules) and returns the objective; default: the LM loss."""
     from nemo_minitron.checkpoint.io import load_weights
 
     recipe.validate_parallel(rt.world_size)
@@ -80,12 +85,13 @@ def make_trainer(recipe: Recipe, rt: Runtime, model_cfg: ModelConfig, tokenizer:
     model = build_model(model_cfg, bf16=bf16)
     if init_checkpoint is not None:
         load_weights(init_checkpoint, model)
+    obj = objective(model) if objective is not None else LMObjective(rt.device)
     model = wrap_ddp(model, distributed_optimizer=rt.is_gpu and rt.dp > 1)
     optimizer, scheduler = build_optimizer([model], recipe.train, bf16=bf16,
                                            distributed_optimizer=rt.is_gpu and rt.dp > 1)
     splits = build_splits(recipe, prefix, tokenizer, model_cfg.seq_length)
     return Trainer(recipe=recipe, runtime=rt, model=model, model_cfg=model_cfg,
-                   tokenizer=tokenizer, objective=objective or LMObjective(rt.device),
+                   tokenizer=tokenizer, objective=obj,
                    optimizer=optimizer, scheduler=scheduler, train_ds=splits.train,
                    valid_ds=splits.valid, out_dir=out_dir)
 

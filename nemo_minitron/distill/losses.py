@@ -1,0 +1,141 @@
+"""Distillation losses, each with its shapes documented.
+
+Logit divergence, vocab-parallel: under tensor parallelism every rank holds a ``[tokens, V/TP]``
+slice of the student's and the teacher's logits. Softmax statistics (max, sum of exponentials)
+and per-token sums are all-reduced over the TP group; the full vocabulary is never gathered.
+The gradient is written by hand (``_VocabParallelDivergence``) because an all-reduce inside
+autograd would need a matching all-reduce in backward for every statistic. Tokens are processed
+in chunks, and backward recomputes the chunk's softmaxes, so beyond the logits and their gradient
+memory stays at a few ``[chunk, V/TP]`` buffers.
+
+Temperature: both logits are divided by ``T`` and the divergence is multiplied by ``T^2``
+(Hinton et al.), so gradient magnitudes do not shrink as ``T`` grows; at ``T=1`` nothing changes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+Divergence = Literal["forward", "reverse", "js"]
+
+
+def _allreduce(x: torch.Tensor, group: dist.ProcessGroup | None,
+               op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for bf16/fp16/fp32 logits; fp64 stays fp64 (exact reference checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _log_softmax(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Vocab-parallel log-softmax of ``z [n, V/TP]`` (fp32)."""
+    m = _allreduce(z.max(dim=-1, keepdim=True).values, group, dist.ReduceOp.MAX)
+    s = _allreduce((z - m).exp().sum(dim=-1, keepdim=True), group)
+    return z - m - s.log()
+
+
+def _teacher_log_probs(t: torch.Tensor, top_k: int | None,
+                       group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Teacher log-probabilities; with ``top_k`` renormalised over its k best tokens (the rest
+    get -inf). The k-th largest logit is found from each rank's local top-k."""
+    if top_k is not None:
+        k = min(top_k, t.shape[-1])
+        local = t.topk(k, dim=-1).values  # [n, k]
+        if group is not None and dist.get_world_size(group) > 1:
+            parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, local.contiguous(), group=group)
+            local = torch.cat(parts, dim=-1)
+        kth = local.topk(top_k, dim=-1).values[:, -1:]
+        t = t.masked_fill(t < kth, float("-inf"))
+    return _log_softmax(t, group)
+
+
+def _divergence(ls: torch.Tensor, lt: torch.Tensor, kind: Divergence,
+                group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token divergence ``[n]`` and ``dL/dz_student [n, V/TP]`` (per unit of loss) from
+    student/teacher log-probs. ``a`` is dL/dlog p_s; the softmax chain rule turns it into
+    ``p_s * (a - sum_v p_s a)`` (the sum all-reduced)."""
+    ps, pt = ls.exp(), lt.exp()
+    if kind == "forward":  # KL(p_t || p_s)
+        per = torch.special.xlogy(pt, pt) - torch.where(pt > 0, pt * ls, 0.0)
+        return _allreduce(per.sum(-1), group), ps - pt
+    if kind == "reverse":  # KL(p_s || p_t)
+        a = ls - lt
+        per = _allreduce((ps * a).sum(-1), group)
+        return per, ps * (a - per.unsqueeze(-1))
+    lm = torch.logaddexp(ls, lt) - math.log(2.0)  # log of the mixture m = (p_s + p_t) / 2
+    kl_sm = _allreduce((ps * (ls - lm)).sum(-1), group)
+    kl_tm = _allreduce((torch.special.xlogy(pt, pt) - torch.where(pt > 0, pt * lm, 0.0)).sum(-1),
+                       group)
+    a = 0.5 * (ls - lm)
+    return 0.5 * (kl_sm + kl_tm), ps * (a - 0.5 * kl_sm.unsqueeze(-1))
+
+
+class _VocabParallelDivergence(torch.autograd.Function):
+    """Per-token ``T^2 * D(teacher, student)`` for one chunk; backward recomputes softmaxes."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, kind, temperature, top_k, group):  # type: ignore[override]
+        with torch.no_grad():
+            ls = _log_softmax(_compute_dtype(student) / temperature, group)
+            lt = _teacher_log_probs(_compute_dtype(teacher) / temperature, top_k, group)
+            per, _ = _divergence(ls, lt, kind, group)
+        ctx.save_for_backward(student, teacher)
+        ctx.args = (kind, temperature, top_k, group)
+        return per * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        student, teacher = ctx.saved_tensors
+        kind, temperature, top_k, group = ctx.args
+        ls = _log_softmax(_compute_dtype(student) / temperature, group)
+        lt = _teacher_log_probs(_compute_dtype(teacher) / temperature, top_k, group)
+        _, dz = _divergence(ls, lt, kind, group)
+        # d(T^2 D)/d logits = T^2 * dD/dz / T
+        dz.mul_(grad.unsqueeze(-1) * temperature)
+        return dz.to(student.dtype), None, None, None, None, None
+
+
+def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
+                     kind: Divergence = "forward", temperature: float = 1.0,
+                     top_k: int | None = None, chunk_tokens: int | None = 1024,
+                     group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Per-token divergence between teacher and student logits.
+
+    ``student``, ``teacher``: ``[..., V/TP]`` logits (this rank's vocabulary slice under TP;
+    ``group`` is the TP group, None for one process). Returns ``[...]`` (fp32): forward
+    ``KL(p_t || p_s)``, reverse ``KL(p_s || p_t)`` or Jensen-Shannon, times ``T^2``. ``top_k``
+    (forward only) keeps the teacher's k most likely tokens, renormalised. ``chunk_tokens``
+    bounds the temporary memory (None: one chunk)."""
+    if top_k is not None and kind != "forward":
+        raise ValueError("kd.top_k works with kd.divergence=forward only (the teacher's "
+                         "truncated distribution has zeros)")
+    if student.shape != teacher.shape:
+        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits "
+                         f"{tuple(teacher.shape)} differ")
+    lead = student.shape[:-1]
+    s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    n = s2.shape[0]
+    step = chunk_tokens or n
+    out = [_VocabParallelDivergence.apply(s2[i:i + step], t2[i:i + step].detach(), kind,
+                                          temperature, top_k, group)
+           for i in range(0, n, step)]
+    return torch.cat(out).reshape(lead)
+
+
+def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor,
+                      kind: Literal["cosine", "mse"] = "cosine") -> torch.Tensor:
+    """Per-token loss ``[s, b]`` between hidden states ``[s, b, h]`` (student already projected
+    to the teacher's width): ``1 - cos`` or the mean squared error over channels."""
+    s, t = student.float(), teacher.float().detach()
+    if kind == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1)
+    return (s - t).pow(2).mean(-1)

@@ -1,0 +1,265 @@
+"""The distillation objective: a frozen teacher and the student in one pipeline schedule.
+
+It plugs into the ordinary training loop (``train.loop.Trainer``) as an ``Objective``. Per
+micro-batch the teacher runs without gradients, then the student; on the last stage the loss
+combines the logit divergence, optional ground-truth cross-entropy and intermediate losses.
+
+Pipeline parallelism: teacher and student are split into the same number of stages. Between
+stages one tensor travels: ``[s, b, h_student + h_teacher]``, the two hidden states side by
+side (``adjust_tensor_shapes`` tells Megatron's schedule its size). A stage splits it, feeds
+each model its half and sends the concatenation on; gradients only flow through the student's
+half. Intermediate losses of layer pairs that live on an earlier stage are added to that stage's
+backward pass (``_AddLoss``) and reported through ``pop_stage_metrics``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+
+from nemo_minitron.config import ConfigError
+from nemo_minitron.distill.losses import Divergence, hidden_state_loss, logit_divergence
+from nemo_minitron.model.build import unwrap
+from nemo_minitron.train.objectives import masked_mean, to_device
+
+
+@dataclass(kw_only=True)
+class KDConfig:
+    """Distillation losses and their weights."""
+
+    divergence: Divergence = "forward"
+    """Logit divergence: forward KL(teacher || student), reverse KL, or js (Jensen-Shannon)."""
+    temperature: float = 1.0
+    """Softmax temperature T of both models; the loss is multiplied by T^2."""
+    top_k: int | None = None
+    """Keep only the teacher's k most likely tokens (renormalised); forward KL only."""
+    chunk_tokens: int | None = 1024
+    """Tokens per chunk of the logit loss (bounds its memory); null: all at once."""
+    logit_weight: float = 1.0
+    """Weight of the logit divergence."""
+    lm_loss_weight: float = 0.0
+    """Weight of the cross-entropy on the ground truth (the method uses 0: KD alone)."""
+    hidden_weight: float = 0.0
+    """Weight of the intermediate hidden-state loss (0: off), mean over mapped layer pairs."""
+    hidden_loss: Literal["cosine", "mse"] = "cosine"
+    """Intermediate loss: 1 - cosine similarity or mean squared error per token."""
+    layer_map: list[list[int]] | None = None
+    """``[[student_layer, teacher_layer], ...]`` (0-based, layer outputs); null: from the
+    pruning (each student layer maps to the teacher layer it was cut from)."""
+    embedding_weight: float = 0.0
+    """Weight of the embedding-output loss (same form as hidden_loss); 0: off."""
+    balance: Literal["static", "magnitude"] = "static"
+    """static: weights as given. magnitude: intermediate losses rescaled per micro-batch to the
+    logit loss' magnitude, then weighted (needs the mapped layers on the last stage)."""
+    teacher_max_loss_ratio: float = 0.9
+    """Refuse to start if the teacher's validation loss exceeds this fraction of ln(vocab)."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"kd.temperature={self.temperature} must be > 0")
+        if self.top_k is not None and (self.top_k < 1 or self.divergence != "forward"):
+            raise ConfigError(f"kd.top_k={self.top_k} must be >= 1 and needs "
+                              "kd.divergence=forward")
+        for name in ("logit_weight", "lm_loss_weight", "hidden_weight", "embedding_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"kd.{name}={getattr(self, name)} must be >= 0")
+        if self.logit_weight + self.lm_loss_weight + self.hidden_weight \
+                + self.embedding_weight == 0:
+            raise ConfigError("kd: every loss weight is 0")
+
+
+class _AddLoss(torch.autograd.Function):
+    """Identity on ``out``; in backward also sends ``scale`` as the gradient of ``loss``, which
+    adds ``scale * loss`` to the objective of a stage that has no loss function."""
+
+    @staticmethod
+    def forward(ctx, out, loss, scale):  # type: ignore[override]
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, torch.full((), ctx.scale, device=grad.device), None
+
+
+def _capture(module: torch.nn.Module, store: dict[str, torch.Tensor], key: str):
+    def hook(_m, _args, out):
+        store[key] = out[0] if isinstance(out, tuple) else out
+    return module.register_forward_hook(hook)
+
+
+def _global_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    return {layer.layer_number - 1: layer for layer in model.decoder.layers}
+
+
+class KDObjective:
+    """Teacher + student forward, distillation loss on the last stage."""
+
+    def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, cfg: KDConfig,
+                 device: torch.device, *, pairs: list[tuple[int, int]],
+                 shared_vocab: int | None = None, num_microbatches: int = 1):
+        from megatron.core import parallel_state as ps
+
+        self.teacher, self.cfg, self.device = teacher, cfg, device
+        self.student = unwrap(student)
+        self.shared_vocab = shared_vocab
+        self.num_microbatches = num_microbatches
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.is_last = ps.is_pipeline_last_stage()
+        self.h_student = self.student.config.hidden_size
+        self.h_teacher = teacher.config.hidden_size
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self._acts: dict[str, torch.Tensor] = {}
+        s_layers, t_layers = _global_layers(self.student), _global_layers(teacher)
+        self.pairs = [(s, t) for s, t in pairs if s in s_layers and t in t_layers] \
+            if cfg.hidden_weight else []
+        self.n_pairs = len(pairs) if cfg.hidden_weight else 0
+        if cfg.balance == "magnitude" and not self.is_last and self.pairs:
+            raise ConfigError("kd.balance=magnitude needs every mapped layer on the last "
+                              "pipeline stage; use kd.balance=static")
+        self._hooks = []
+        for s, t in self.pairs:
+            self._hooks += [_capture(s_layers[s], self._acts, f"s{s}"),
+                            _capture(t_layers[t], self._acts, f"t{t}")]
+        self.use_embedding = cfg.embedding_weight > 0 and hasattr(self.student, "embedding")
+        if self.use_embedding:
+            self._hooks += [_capture(self.student.embedding, self._acts, "s_emb"),
+                            _capture(teacher.embedding, self._acts, "t_emb")]
+        self.metric_names = ["loss", "kd loss", "lm loss"]
+        if cfg.hidden_weight:
+            self.metric_names.append("hidden loss")
+        if cfg.embedding_weight:
+            self.metric_names.append("embedding loss")
+        self._stage_sums: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        proj = getattr(self.student, "kd_projections", None)
+        return [proj] if proj is not None else []
+
+    def adjust_tensor_shapes(self, recv: list, send: list) -> tuple[list, list]:
+        """Pipeline tensors carry both hidden states: ``[s, b, h_student + h_teacher]``."""
+        grow = lambda shapes: [(*s[:-1], self.h_student + self.h_teacher) for s in shapes]  # noqa: E731
+        return grow(recv), grow(send)
+
+    def pop_stage_metrics(self) -> dict[str, float]:
+        """Metrics of losses computed on this (non-last) stage since the last call, as means
+        over micro-batches; the trainer adds them to the last stage's."""
+        out = {k: v / self.num_microbatches for k, v in self._stage_sums.items()}
+        self._stage_sums = {}
+        return out
+
+    def _project(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        proj = getattr(self.student, "kd_projections", None)
+        return proj[key](x) if proj is not None and key in proj else x
+
+    # ------------------------------------------------------------------ one micro-batch
+    def forward_step(self, data_iterator, model):
+        batch = to_device(next(data_iterator), self.device)
+        tokens, pos = batch["tokens"], batch["position_ids"]
+        received = self.student.decoder.input_tensor
+        if received is not None:  # a later stage: split the pair of hidden states
+            self.student.decoder.set_input_tensor(received[..., :self.h_student])
+            self.teacher.set_input_tensor(received[..., self.h_student:])
+        self._acts.clear()
+        with torch.no_grad():
+            t_out = self.teacher(tokens, pos, None)
+        s_out = model(tokens, pos, None)
+        aux = self._intermediate_losses(batch["loss_mask"])
+        if not self.is_last:
+            out = torch.cat([s_out, t_out.detach()], dim=-1)
+            weights = {"hidden loss": self.cfg.hidden_weight / max(self.n_pairs, 1),
+                       "embedding loss": self.cfg.embedding_weight}
+            for name, value in aux:
+                w = weights[name]
+                out = _AddLoss.apply(out, value, w / self.num_microbatches)
+                v = float(value.detach())
+                self._stage_sums[name] = self._stage_sums.get(name, 0.0) + v * (
+                    1.0 if name == "embedding loss" else 1.0 / self.n_pairs)
+                self._stage_sums["loss"] = self._stage_sums.get("loss", 0.0) + w * v
+            return out, _no_loss
+        return s_out, partial(self._loss, batch, t_out, aux)
+
+    def _intermediate_losses(self, loss_mask: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        mask = loss_mask.t()  # hidden states are [s, b, h]
+        out = []
+        for s, t in self.pairs:
+            x = self._project(f"layer{s}", self._acts[f"s{s}"])
+            per = hidden_state_loss(x, self._acts[f"t{t}"], self.cfg.hidden_loss)
+            out.append(("hidden loss", masked_mean(per, mask)))
+        if self.use_embedding:
+            x = self._project("embedding", self._acts["s_emb"])
+            per = hidden_state_loss(x, self._acts["t_emb"], self.cfg.hidden_loss)
+            out.append(("embedding loss", masked_mean(per, mask)))
+        self._acts.clear()
+        return out
+
+    def _loss(self, batch, t_logits, aux, s_logits):
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        cfg = self.cfg
+        if self.shared_vocab is not None:  # TP=1 only: reconcile padded vocabularies
+            s_logits = s_logits[..., :self.shared_vocab]
+            t_logits = t_logits[..., :self.shared_vocab]
+        group = self.tp_group if torch.distributed.get_world_size(self.tp_group) > 1 else None
+        kd = masked_mean(logit_divergence(s_logits, t_logits, kind=cfg.divergence,
+                                          temperature=cfg.temperature, top_k=cfg.top_k,
+                                          chunk_tokens=cfg.chunk_tokens, group=group),
+                         batch["loss_mask"])
+        ce = masked_mean(vocab_parallel_cross_entropy(s_logits.float(), batch["labels"]),
+                         batch["loss_mask"])
+        loss = cfg.logit_weight * kd + cfg.lm_loss_weight * ce
+        metrics = {"kd loss": kd.detach().clone(), "lm loss": ce.detach().clone()}
+        hidden = [v for n, v in aux if n == "hidden loss"]
+        if hidden:
+            h = torch.stack(hidden).sum() / self.n_pairs
+            scale = (kd.detach() / h.detach().clamp(min=1e-12)) \
+                if cfg.balance == "magnitude" else 1.0
+            loss = loss + cfg.hidden_weight * scale * h
+            metrics["hidden loss"] = h.detach().clone()
+        elif cfg.hidden_weight:
+            metrics["hidden loss"] = torch.zeros((), device=kd.device)
+        emb = [v for n, v in aux if n == "embedding loss"]
+        if emb:
+            loss = loss + cfg.embedding_weight * emb[0]
+            metrics["embedding loss"] = emb[0].detach().clone()
+        elif cfg.embedding_weight:
+            metrics["embedding loss"] = torch.zeros((), device=kd.device)
+        # clone: the schedule divides the returned loss in place by the micro-batch count
+        metrics["loss"] = loss.detach().clone()
+        return loss, metrics
+
+
+def _no_loss(output: torch.Tensor):
+    raise RuntimeError("loss_func runs on the last pipeline stage only")
+
+
+def add_projections(student: torch.nn.Module, teacher_hidden: int,
+                    pairs: list[tuple[int, int]], embedding: bool, seed: int) -> None:
+    """Learned ``Linear(h_student -> h_teacher)`` per mapped pair on this stage (and for the
+    embedding output), attached to the student so DDP, the optimizer and checkpoints see them.
+    Initialised from ``seed`` and the pair's name: identical on every rank and layout."""
+    student = unwrap(student)
+    h = student.config.hidden_size
+    if h == teacher_hidden:
+        return
+    mine = {layer.layer_number - 1 for layer in student.decoder.layers}
+    keys = [f"layer{s}" for s, _ in pairs if s in mine]
+    if embedding and hasattr(student, "embedding"):
+        keys.append("embedding")
+    if not keys:
+        return
+    param = next(student.parameters())
+    mods = torch.nn.ModuleDict()
+    for k in keys:
+        lin = torch.nn.Linear(h, teacher_hidden, bias=False)
+        g = torch.Generator().manual_seed(seed * 1000 + sum(map(ord, k)))
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(teacher_hidden, h, generator=g) / h**0.5)
+        mods[k] = lin.to(device=param.device, dtype=param.dtype)
+    student.kd_projections = mods

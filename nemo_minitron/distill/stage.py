@@ -1,0 +1,145 @@
+"""The ``distill`` stage: teacher checkpoint + student checkpoint -> trained student.
+
+The training loop is the pretraining loop (``train.loop.Trainer``) with ``KDObjective``
+plugged in; checkpoints hold the student (and its distillation projections) only, and a re-run
+of the same command resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_minitron.config import ConfigError, ModelConfig, Recipe, TrainConfig
+from nemo_minitron.distill.objective import KDConfig, KDObjective, add_projections
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("distill")
+
+
+def _distill_train() -> TrainConfig:
+    # The method's retraining schedule: 1e-4 -> 1e-5 cosine after 40 warm-up steps.
+    return TrainConfig(lr=1e-4, min_lr=1e-5, lr_warmup_iters=40)
+
+
+@dataclass(kw_only=True)
+class DistillRecipe(Recipe):
+    """A training recipe plus the distillation losses; ``model`` comes from the student."""
+
+    train: TrainConfig = field(default_factory=_distill_train)
+    """Training loop (defaults: lr 1e-4 -> 1e-5, 40 warm-up steps)."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Distillation losses."""
+
+
+def layer_pairs(student_ckpt: str, s_cfg: ModelConfig, t_cfg: ModelConfig,
+                layer_map: list[list[int]] | None) -> list[tuple[int, int]]:
+    """``[(student_layer, teacher_layer)]``: the user's map, else the teacher layer each student
+    layer was cut from (``<student>/pruning/summary.json``), else evenly spaced layers."""
+    if layer_map is not None:
+        for i, pair in enumerate(layer_map):
+            if len(pair) != 2:
+                raise ConfigError(f"kd.layer_map[{i}]={pair} must be [student_layer, "
+                                  "teacher_layer]")
+            s, t = pair
+            if not 0 <= s < s_cfg.num_layers:
+                raise ConfigError(f"kd.layer_map[{i}] names student layer {s}; the student "
+                                  f"has layers 0..{s_cfg.num_layers - 1}")
+            if not 0 <= t < t_cfg.num_layers:
+                raise ConfigError(f"kd.layer_map[{i}] names teacher layer {t}; the teacher "
+                                  f"has layers 0..{t_cfg.num_layers - 1}")
+        return [(s, t) for s, t in layer_map]
+    summary = Path(student_ckpt) / "pruning" / "summary.json"
+    if summary.is_file():
+        kept = json.loads(summary.read_text()).get("kept_layers")
+        if kept and len(kept) == s_cfg.num_layers:
+            return list(enumerate(kept))
+    ls, lt = s_cfg.num_layers, t_cfg.num_layers
+    return [(i, (i + 1) * lt // ls - 1) for i in range(ls)]
+
+
+def _check_pair(teacher_ckpt: str, student_ckpt: str, t_cfg: ModelConfig,
+                s_cfg: ModelConfig, tp: int) -> int | None:
+    """One-line errors for teacher/student that cannot be distilled together; returns the
+    shared vocabulary when the padded vocabularies differ."""
+    from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer
+
+    t_tok, s_tok = load_checkpoint_tokenizer(teacher_ckpt), load_checkpoint_tokenizer(student_ckpt)
+    probe = "def distill(teacher, student):\n    return 'Minitron' * 3  # ünïcode\n"
+    if t_tok.vocab_size != s_tok.vocab_size or t_tok.tokenize(probe) != s_tok.tokenize(probe):
+        raise ConfigError(f"teacher {teacher_ckpt!r} and student {student_ckpt!r} use different "
+                          f"tokenizers ({t_tok.vocab_size} vs {s_tok.vocab_size} tokens)")
+    if t_cfg.seq_length != s_cfg.seq_length:
+        raise ConfigError(f"teacher model.seq_length={t_cfg.seq_length} differs from the "
+                          f"student's {s_cfg.seq_length}")
+    if t_cfg.vocab_size == s_cfg.vocab_size:
+        return None
+    if tp > 1:
+        raise ConfigError(f"teacher and student padded vocabularies differ ({t_cfg.vocab_size} "
+                          f"vs {s_cfg.vocab_size}); under tensor parallelism they must match")
+    log.warning("teacher and student padded vocabularies differ (%d vs %d): distilling over "
+                "the shared %d tokens", t_cfg.vocab_size, s_cfg.vocab_size, s_tok.vocab_size)
+    return s_tok.vocab_size
+
+
+def _eval_tokens(dataset: Any, n: int) -> torch.Tensor:
+    return torch.stack([torch.cat([dataset[i]["tokens"], dataset[i]["labels"][-1:]])
+                        for i in range(min(n, len(dataset)))])
+
+
+def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
+            out_dir: str | Path) -> dict[str, Any]:
+    """Distill ``teacher_ckpt`` into ``student_ckpt``; checkpoints under ``out_dir``."""
+    from nemo_minitron.checkpoint.io import (
+        check_checkpoint,
+        load_checkpoint_tokenizer,
+        load_model_config,
+        load_weights,
+    )
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.model.forward import lm_loss
+    from nemo_minitron.parallel.runtime import init_distributed
+    from nemo_minitron.train.pretrain import _run, bf16_enabled, make_trainer, resolve_data
+
+    check_checkpoint(teacher_ckpt, "--teacher")
+    check_checkpoint(student_ckpt, "--student")
+    t_cfg, s_cfg = load_model_config(teacher_ckpt), load_model_config(student_ckpt)
+    p = recipe.parallel
+    t_cfg.check_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    shared_vocab = _check_pair(teacher_ckpt, student_ckpt, t_cfg, s_cfg,
+                               p.tensor_model_parallel_size)
+    pairs = layer_pairs(student_ckpt, s_cfg, t_cfg, recipe.kd.layer_map)
+    rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
+    prefix, tokenizer = resolve_data(recipe, load_checkpoint_tokenizer(student_ckpt))
+    recipe = dataclasses.replace(recipe, model=s_cfg)
+    teacher = build_model(t_cfg, bf16=bf16_enabled(recipe))
+    load_weights(teacher_ckpt, teacher)
+
+    def objective(student: torch.nn.Module) -> KDObjective:
+        add_projections(student, t_cfg.hidden_size, pairs if recipe.kd.hidden_weight else [],
+                        recipe.kd.embedding_weight > 0, recipe.train.seed)
+        t = recipe.train
+        return KDObjective(teacher, student, recipe.kd, rt.device, pairs=pairs,
+                           shared_vocab=shared_vocab,
+                           num_microbatches=t.global_batch_size // (t.micro_batch_size * rt.dp))
+
+    trainer = make_trainer(recipe, rt, s_cfg, tokenizer, prefix, out_dir,
+                           init_checkpoint=student_ckpt, objective=objective)
+    data = trainer.valid_ds if trainer.valid_ds is not None else trainer.train_ds
+    teacher_loss = lm_loss(teacher, _eval_tokens(data, recipe.train.global_batch_size),
+                           recipe.train.micro_batch_size)
+    ceiling = math.log(tokenizer.vocab_size)
+    log.info("teacher validation loss %.4f (ln(vocab) = %.4f)", teacher_loss, ceiling)
+    if teacher_loss > recipe.kd.teacher_max_loss_ratio * ceiling:
+        raise ConfigError(f"the teacher looks untrained: validation loss {teacher_loss:.3f} > "
+                          f"kd.teacher_max_loss_ratio={recipe.kd.teacher_max_loss_ratio} x "
+                          f"ln(vocab)={ceiling:.3f}")
+    summary = _run(trainer, out_dir)
+    summary["teacher_valid_loss"] = teacher_loss
+    return summary
