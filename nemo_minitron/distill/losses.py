@@ -42,6 +42,12 @@ def _log_softmax(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tens
     return z - m - s.log()
 
 
+def _lse(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Vocab-parallel log-sum-exp over the last dim ``[n]``."""
+    m = _allreduce(z.max(dim=-1, keepdim=True).values, group, dist.ReduceOp.MAX)
+    return (m + _allreduce((z - m).exp().sum(dim=-1, keepdim=True), group).log()).squeeze(-1)
+
+
 def _teacher_log_probs(t: torch.Tensor, top_k: int | None,
                        group: dist.ProcessGroup | None) -> torch.Tensor:
     """Teacher log-probabilities; with ``top_k`` renormalised over its k best tokens (the rest
@@ -129,6 +135,28 @@ def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
                                           temperature, top_k, group)
            for i in range(0, n, step)]
     return torch.cat(out).reshape(lead)
+
+
+@torch.no_grad()
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
+                        chunk_tokens: int | None = 1024,
+                        group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Per-token cross-entropy ``[...]`` of vocab-parallel ``logits [..., V/TP]`` against
+    ``labels [...]``, without gradient and without touching ``logits`` (Megatron's
+    ``vocab_parallel_cross_entropy`` overwrites its input, which the divergence still needs):
+    the student's LM loss, reported beside the distillation loss."""
+    v_local = logits.shape[-1]
+    start = v_local * (dist.get_rank(group) if group is not None else 0)
+    z2, y2 = logits.reshape(-1, v_local), labels.reshape(-1)
+    step = chunk_tokens or z2.shape[0]
+    out = []
+    for i in range(0, z2.shape[0], step):
+        z, y = _compute_dtype(z2[i:i + step]), y2[i:i + step]
+        mine = (y >= start) & (y < start + v_local)
+        picked = z.gather(-1, (y - start).clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
+        picked = _allreduce(torch.where(mine, picked, torch.zeros_like(picked)), group)
+        out.append(_lse(z, group) - picked)
+    return torch.cat(out).reshape(labels.shape)
 
 
 def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor,

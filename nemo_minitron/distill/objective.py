@@ -21,7 +21,12 @@ from typing import Literal
 import torch
 
 from nemo_minitron.config import ConfigError
-from nemo_minitron.distill.losses import Divergence, hidden_state_loss, logit_divergence
+from nemo_minitron.distill.losses import (
+    Divergence,
+    hidden_state_loss,
+    logit_divergence,
+    token_cross_entropy,
+)
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.train.objectives import masked_mean, to_device
 
@@ -211,8 +216,13 @@ class KDObjective:
                                           temperature=cfg.temperature, top_k=cfg.top_k,
                                           chunk_tokens=cfg.chunk_tokens, group=group),
                          batch["loss_mask"])
-        ce = masked_mean(vocab_parallel_cross_entropy(s_logits.float(), batch["labels"]),
-                         batch["loss_mask"])
+        if cfg.lm_loss_weight:  # Megatron's CE overwrites its input: give it a copy
+            ce = masked_mean(vocab_parallel_cross_entropy(s_logits.float().clone(),
+                                                          batch["labels"]), batch["loss_mask"])
+        else:
+            ce = masked_mean(token_cross_entropy(s_logits, batch["labels"],
+                                                 chunk_tokens=cfg.chunk_tokens, group=group),
+                             batch["loss_mask"])
         loss = cfg.logit_weight * kd + cfg.lm_loss_weight * ce
         metrics = {"kd loss": kd.detach().clone(), "lm loss": ce.detach().clone()}
         hidden = [v for n, v in aux if n == "hidden loss"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_minitron.distill.losses import hidden_state_loss, logit_divergence
+from nemo_minitron.distill.losses import hidden_state_loss, logit_divergence, token_cross_entropy
 from tests.dist import spawn
 
 KINDS = ["forward", "reverse", "js"]
@@ -72,6 +72,15 @@ def test_top_k_teacher_and_zero_for_identical_models():
         logit_divergence(s, t, kind="reverse", top_k=5)
 
 
+def test_token_cross_entropy_equals_torch_and_leaves_logits_alone():
+    s, _, _ = _inputs()
+    labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
+    before = s.clone()
+    got = token_cross_entropy(s, labels, chunk_tokens=5)
+    torch.testing.assert_close(got, F.cross_entropy(s, labels, reduction="none"))
+    assert torch.equal(s, before)
+
+
 def test_hidden_state_losses():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(3, 2, 8, generator=g), torch.randn(3, 2, 8, generator=g)
@@ -93,6 +102,9 @@ def tp_job(out: str) -> None:
     results = [_value_and_grad(lambda a, b, k=kind, top=top_k: logit_divergence(
         a, b, kind=k, temperature=1.5, top_k=top, chunk_tokens=7, group=dist.group.WORLD),
         s[:, half], t[:, half], w) for kind, top_k in TP_CASES]
+    labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
+    results.append(token_cross_entropy(s[:, half], labels, chunk_tokens=7,
+                                       group=dist.group.WORLD))
     torch.save(results, f"{out}.{rank}")
 
 
@@ -108,3 +120,7 @@ def test_tp2_equals_full_vocabulary(tmp_path):
             torch.testing.assert_close(got_value, value, atol=1e-6, rtol=0, msg=kind)
             torch.testing.assert_close(got_grad, grad[:, rank * V // 2:(rank + 1) * V // 2],
                                        atol=1e-6, rtol=0, msg=kind)
+    labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"r.{rank}")[-1],
+                                   F.cross_entropy(s, labels, reduction="none"))

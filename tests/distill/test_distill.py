@@ -1,0 +1,123 @@
+"""Distillation on the real Megatron schedule: PP=2 and TP=2 reproduce one process' losses
+(logit KL + intermediate losses through learned projections on both pipeline stages), an
+interrupted run resumes step for step, the default layer map, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nemo_minitron.config import ModelConfig
+from nemo_minitron.distill.stage import layer_pairs
+from tests.dist import spawn
+from tests.test_cli import _one_line_error, run_cli
+from tests.train.test_loop import pretrain_job
+
+
+def distill_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.distill.stage import DistillRecipe, distill
+
+    distill(load_recipe(None, overrides, cls=DistillRecipe), teacher, student, out)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_overrides) -> tuple[str, str]:
+    """A briefly trained 4-layer teacher (hidden 64) and a 2-layer student (hidden 32)."""
+    root = tmp_path_factory.mktemp("kd")
+    spawn(pretrain_job, 1, str(root / "t"), tiny_overrides + [
+        "model.num_layers=4", "train.train_iters=20", "train.eval_interval=0", "train.lr=3e-3"])
+    spawn(pretrain_job, 1, str(root / "s"), tiny_overrides + [
+        "model.hidden_size=32", "train.train_iters=1", "train.eval_interval=0"])
+    return (str(root / "t" / "checkpoints" / "step_0000020"),
+            str(root / "s" / "checkpoints" / "step_0000001"))
+
+
+def _kd_overrides(tiny_overrides: list[str], iters: int) -> list[str]:
+    data = [o for o in tiny_overrides if o.startswith("data.")]
+    return data + [
+        f"train.train_iters={iters}", "train.micro_batch_size=2", "train.global_batch_size=4",
+        "train.eval_interval=0", "train.log_interval=1", "train.tensorboard=false",
+        "train.lr=1e-3", "train.lr_warmup_iters=0", "kd.hidden_weight=1.0",
+        "kd.embedding_weight=0.5", "kd.temperature=2.0", "kd.chunk_tokens=50",
+    ]
+
+
+def _metrics(run: Path) -> dict[int, dict[str, float]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["kind"] == "train"}
+
+
+NAMES = ["loss", "kd loss", "lm loss", "hidden loss", "embedding loss"]
+
+
+@pytest.mark.dist
+def test_pp2_tp2_and_resume_reproduce_one_process(tmp_path, pair, tiny_overrides):
+    teacher, student = pair
+    kd = _kd_overrides(tiny_overrides, 3)
+    spawn(distill_job, 1, str(tmp_path / "ref"), teacher, student, kd)
+    ref = _metrics(tmp_path / "ref")
+    assert sorted(ref) == [1, 2, 3]
+    assert all(ref[1][n] > 0 for n in NAMES)
+    assert ref[3]["kd loss"] < ref[1]["kd loss"]
+    for name, layout in (("pp2", ["parallel.pipeline_model_parallel_size=2"]),
+                         ("tp2", ["parallel.tensor_model_parallel_size=2"])):
+        spawn(distill_job, 2, str(tmp_path / name), teacher, student, kd + layout)
+        got = _metrics(tmp_path / name)
+        for step in ref:
+            for n in NAMES:
+                assert got[step][n] == pytest.approx(ref[step][n], abs=1e-5), (name, step, n)
+    # Interrupted after step 1, resumed: the same losses step for step.
+    spawn(distill_job, 1, str(tmp_path / "cut"), teacher, student, kd + ["train.exit_interval=1"])
+    assert sorted(_metrics(tmp_path / "cut")) == [1]
+    spawn(distill_job, 1, str(tmp_path / "cut"), teacher, student, kd)
+    got = _metrics(tmp_path / "cut")
+    for step in ref:
+        for n in NAMES:
+            assert got[step][n] == ref[step][n], (step, n)
+    # The checkpoint holds the student and its projections, not the teacher.
+    ckpt = tmp_path / "ref" / "checkpoints" / "step_0000003"
+    assert yaml.safe_load((ckpt / "model_config.yaml").read_text())["hidden_size"] == 32
+
+
+def test_default_layer_map(tmp_path):
+    t = ModelConfig(num_layers=8)
+    s = ModelConfig(num_layers=4)
+    assert layer_pairs(str(tmp_path), s, t, None) == [(0, 1), (1, 3), (2, 5), (3, 7)]
+    (tmp_path / "pruning").mkdir()
+    (tmp_path / "pruning" / "summary.json").write_text(json.dumps({"kept_layers": [0, 1, 2, 7]}))
+    assert layer_pairs(str(tmp_path), s, t, None) == [(0, 0), (1, 1), (2, 2), (3, 7)]
+    assert layer_pairs(str(tmp_path), s, t, [[3, 6]]) == [(3, 6)]
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["kd.layer_map=[[0,9]]"], ["kd.layer_map[0] names teacher layer 9", "0..3"]),
+    (["kd.top_k=5", "kd.divergence=js"], ["kd.top_k=5", "kd.divergence=forward"]),
+    (["kd.teacher_max_loss_ratio=0.01"], ["the teacher looks untrained"]),
+])
+def test_bad_distill_input(tmp_path, pair, tiny_overrides, extra, needles):
+    teacher, student = pair
+    out = tmp_path / "out"
+    res = run_cli("distill", "--teacher", teacher, "--student", student, "--out", str(out),
+                  *_kd_overrides(tiny_overrides, 2), *extra)
+    _one_line_error(res, *needles)
+    assert not out.exists()
+
+
+def test_different_tokenizers_refused(tmp_path, pair, tiny_overrides, embedded_paths):
+    from nemo_minitron.data.tokenizer import train_sentencepiece
+
+    teacher, student = pair
+    docs = [Path(json.__file__).read_text()] * 3
+    train_sentencepiece(iter(docs), 300, tmp_path / "other.model")
+    other = tmp_path / "other_student"
+    spawn(pretrain_job, 1, str(other), [o for o in tiny_overrides if "tokenizer_vocab" not in o]
+          + [f"data.tokenizer={tmp_path / 'other.model'}", f"data.path={embedded_paths[0]}",
+             "train.train_iters=1", "train.eval_interval=0"])
+    res = run_cli("distill", "--teacher", teacher, "--student",
+                  str(other / "checkpoints" / "step_0000001"), "--out", str(tmp_path / "o"),
+                  *_kd_overrides(tiny_overrides, 2))
+    _one_line_error(res, "use different tokenizers")
