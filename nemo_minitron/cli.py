@@ -253,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         raise
     finally:
-        from nemo_minitron.parallel.runtime import shutdown
+        if "megatron.core" in sys.modules:  # launch/validate never start torch.distributed
+            from nemo_minitron.parallel.runtime import shutdown
 
-        shutdown()
+            shutdown()
 
 
 if __name__ == "__main__":

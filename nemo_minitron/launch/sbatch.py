@@ -18,6 +18,7 @@ from pathlib import Path
 from nemo_minitron.config import ConfigError
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.:,+=@/%-]+$")
+_IMAGE = re.compile(r"^[A-Za-z0-9_.:,+=@/%#-]+$")  # pyxis: registry#image:tag (srun args only)
 
 
 @dataclass(kw_only=True)
@@ -60,10 +61,10 @@ class ClusterConfig:
                 raise ConfigError(f"cluster.{name}={v!r} must be a positive integer")
         for name in ("partition", "account", "time", "job_name", "container_image",
                      "container_mounts"):
-            v = getattr(self, name)
-            if v is not None and not _SAFE.match(str(v)):
+            v, rule = getattr(self, name), _IMAGE if name.startswith("container") else _SAFE
+            if v is not None and not rule.match(str(v)):
                 raise ConfigError(f"cluster.{name}={v!r} may hold only letters, digits and "
-                                  "_.:,+=@/%-")
+                                  f"{rule.pattern[11:-3]}")
 
     @property
     def ntasks_per_node(self) -> int:

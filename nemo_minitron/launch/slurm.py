@@ -33,10 +33,10 @@ def preflight(clusters: list[ClusterConfig]) -> None:
         if c.partition and c.partition not in partitions:
             raise ConfigError(f"--partition={c.partition} is not a partition of this cluster "
                               f"(sinfo: {', '.join(sorted(partitions))})")
-    if any(c.container_image for c in clusters):
-        if "--container-image" not in _run(["srun", "--help"]):
-            raise ConfigError("--container-image needs the pyxis SPANK plugin, and this "
-                              "cluster's srun has no --container-image option")
+    if any(c.container_image for c in clusters) \
+            and "--container-image" not in _run(["srun", "--help"]):
+        raise ConfigError("--container-image needs the pyxis SPANK plugin, and this "
+                          "cluster's srun has no --container-image option")
 
 
 def submit(script: str, path: Path, after: list[str]) -> str:
