@@ -54,12 +54,12 @@ def test_dry_run_prints_an_inert_script_and_writes_nothing(tmp_path):
 
 def test_container_flags_reach_srun(tmp_path):
     r = _cli("launch", TINY, "--dry-run", "--nodes", "2", "--gpus-per-node", "4",
-             "--container-image", "nvcr.io#nvidia/nemo:25.04", "--container-mounts",
+             "--container-image", "nvcr.io#nvidia/nemo:25.11", "--container-mounts",
              "/lustre:/lustre", "--partition", "batch", "--time", "01:00:00",
              "--out", str(tmp_path / "r"), "train.global_batch_size=64")
     assert r.returncode == 0, r.stderr
     srun = next(x for x in r.stdout.splitlines() if x.startswith("srun_args=("))
-    assert "--container-image=nvcr.io#nvidia/nemo:25.04" in srun
+    assert "--container-image=nvcr.io#nvidia/nemo:25.11" in srun
     assert "--container-mounts=/lustre:/lustre" in srun
     assert "#SBATCH --gpus-per-node=4" in r.stdout and "#SBATCH --partition=batch" in r.stdout
     assert _words(r.stdout)[0] == "python"  # the container's interpreter
@@ -127,7 +127,7 @@ def test_pipeline_stages_are_chained_by_afterok(slurm_cluster, tmp_path):
 @pytest.mark.slurm
 @pytest.mark.parametrize("args,needle", [
     (["--partition", "nope"], "--partition=nope is not a partition of this cluster"),
-    (["--container-image", "nvcr.io#nvidia/nemo:25.04"], "needs the pyxis SPANK plugin"),
+    (["--container-image", "nvcr.io#nvidia/nemo:25.11"], "needs the pyxis SPANK plugin"),
 ])
 def test_cluster_checks_before_submission(slurm_cluster, tmp_path, args, needle):
     def queued() -> set[str]:
