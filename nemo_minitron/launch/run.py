@@ -1,0 +1,140 @@
+"""The ``launch`` and ``validate`` verbs: a recipe (one verb) or a pipeline (``stages:``) as
+SLURM jobs chained by ``afterok`` dependencies, or run here with torchrun."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nemo_minitron.config import ConfigError, from_dict, load_yaml
+from nemo_minitron.launch.pipeline import Pipeline, Stage, load_pipeline, single_stage
+from nemo_minitron.launch.sbatch import ClusterConfig, job_command, render_sbatch
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("launch")
+
+CLUSTER_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "partition",
+                 "account", "time", "container_image", "container_mounts", "job_name",
+                 "signal_seconds")
+
+
+def load(recipe: str, overrides: list[str], out: str | None = None) -> Pipeline:
+    """A pipeline file, or a plain recipe as a one-stage pipeline (``prune`` when it has a
+    ``target:`` section, else ``pretrain``)."""
+    data = load_yaml(recipe)
+    if "stages" in data:
+        return load_pipeline(recipe, overrides)
+    verb = "prune" if "target" in data else "pretrain"
+    return single_stage(recipe, verb, overrides, out or f"runs/{Path(recipe).stem}")
+
+
+def cluster_resolver(pipe: Pipeline, flags: dict[str, Any]) -> Callable[[Stage], ClusterConfig]:
+    """Resources of a stage: CLI flags > the stage's ``cluster:`` > the pipeline's."""
+    given = {k: v for k, v in flags.items() if v is not None}
+
+    def resolve(stage: Stage) -> ClusterConfig:
+        merged = {**pipe.cluster, **stage.cluster, **given}
+        merged.setdefault("job_name", stage.name)
+        return from_dict(ClusterConfig, merged, "cluster.")
+    return resolve
+
+
+def complete(stage: Stage) -> bool:
+    """Whether the stage's output checkpoint exists and is complete."""
+    from nemo_minitron.checkpoint.io import is_checkpoint
+
+    return is_checkpoint(stage.output)
+
+
+def launch_slurm(pipe: Pipeline, cluster_for: Callable[[Stage], ClusterConfig],
+                 dry_run: bool) -> list[dict[str, Any]]:
+    """Submit every stage whose output is missing, each after the stages it reads."""
+    from nemo_minitron.launch import slurm
+
+    todo = [s for s in pipe.stages if not complete(s)]
+    for s in pipe.stages:
+        if s not in todo:
+            log.info("stage %s: %s is complete; not submitted", s.name, s.output)
+    if not dry_run:
+        slurm.preflight([cluster_for(s) for s in todo])
+    jobs: dict[str, str] = {}
+    result = []
+    for stage in todo:
+        c = cluster_for(stage)
+        cmd = job_command(stage.verb, stage.argv, container=bool(c.container_image))
+        script = render_sbatch(c, cmd, stage.out / "logs")
+        after = [jobs[n] for n in stage.needs if n in jobs]
+        if dry_run:
+            dep = f" --dependency=afterok:<job of {', '.join(stage.needs)}>" if after else ""
+            print(f"# ---- stage {stage.name}: sbatch{dep} {stage.out / 'logs'}/"
+                  f"{c.job_name}.sbatch")
+            print(script)
+            jobs[stage.name] = f"<{stage.name}>"
+            continue
+        jobs[stage.name] = slurm.submit(script, stage.out / "logs" / f"{c.job_name}.sbatch",
+                                        after)
+        log.info("stage %s: submitted job %s%s", stage.name, jobs[stage.name],
+                 f" after {', '.join(after)}" if after else "")
+        result.append({"stage": stage.name, "job_id": jobs[stage.name],
+                       "log": str(stage.out / "logs" / f"{c.job_name}-{jobs[stage.name]}.out"),
+                       "output": str(stage.output)})
+    return result
+
+
+def launch_local(pipe: Pipeline, cluster_for: Callable[[Stage], ClusterConfig]) -> int:
+    """Run the missing stages here, one after another (torchrun for more than one process)."""
+    for stage in pipe.stages:
+        if complete(stage):
+            log.info("stage %s: %s is complete; skipped", stage.name, stage.output)
+            continue
+        c = cluster_for(stage)
+        if c.nodes != 1:
+            raise ConfigError(f"--cluster local runs on one node, not --nodes {c.nodes}")
+        n = c.ntasks_per_node
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={n}"] if n > 1 else [sys.executable]
+        argv = [*head, "-m", "nemo_minitron", stage.verb, *stage.argv]
+        log.info("stage %s: %s", stage.name, " ".join(argv))
+        rc = subprocess.run(argv).returncode
+        if rc:
+            log.error("stage %s failed with status %d", stage.name, rc)
+            return rc
+    return 0
+
+
+def run_launch(recipe: str, overrides: list[str], *, cluster: str, out: str | None,
+               flags: dict[str, Any], dry_run: bool) -> int:
+    """The ``launch`` verb: validate every stage, then submit (or print, or run here)."""
+    from nemo_minitron.launch.validate import validate_pipeline
+
+    pipe = load(recipe, overrides, out)
+    if pipe.stages[0].verb == "prune" and not pipe.stages[0].reads:
+        raise ConfigError(f"{recipe}: a prune recipe needs its source checkpoint; launch it as "
+                          "a stage of a pipeline recipe (stages:)")
+    if cluster == "local" and flags.get("gpus_per_node") is None:
+        import torch
+
+        flags = {**flags, "gpus_per_node": torch.cuda.device_count()}
+    cluster_for = cluster_resolver(pipe, flags)
+    validate_pipeline(pipe, cluster_for)
+    if cluster == "local":
+        return launch_local(pipe, cluster_for)
+    jobs = launch_slurm(pipe, cluster_for, dry_run)
+    if not dry_run:
+        import json
+
+        print(json.dumps(jobs))
+    return 0
+
+
+def run_validate(recipe: str, overrides: list[str], *, flags: dict[str, Any],
+                 gpu_memory_gb: float) -> list[dict[str, Any]]:
+    """The ``validate`` verb: every stage's layout and memory estimate, or a ConfigError."""
+    from nemo_minitron.launch.validate import describe, validate_pipeline
+
+    pipe = load(recipe, overrides)
+    return describe(validate_pipeline(pipe, cluster_resolver(pipe, flags), gpu_memory_gb))
+

@@ -1,0 +1,188 @@
+"""Check that every stage of a pipeline fits its job before anything is submitted, without a
+GPU: the divisibility rules of the parallel layout and an estimate of GPU memory.
+
+Memory per GPU, for the pipeline stage holding the most parameters (bytes; s = seq_length,
+b = micro_batch_size, h = hidden, a/g/d = heads/query groups/head dim, f = ffn, k = 2 for
+SwiGLU else 1, V = padded vocab, L = layers, TP/PP/DP as usual):
+
+- trained parameters P_gpu = (L/PP * layer_params + V*h [embedding or output layer; both when
+  PP = 1]) / TP, at 2 (bf16 weights) + 4 (fp32 main grads) + 12/DP (fp32 master weights and the
+  two Adam moments, sharded by Megatron's distributed optimizer) bytes each;
+- frozen models the stage also reads (a distillation teacher): 2 bytes per parameter / (TP*PP);
+- forward-only stages (``prune``: fp32 model, importance hooks): 4 bytes per parameter;
+- activations of one micro-batch and layer, every bf16 tensor kept for backward:
+  2*s*b*(4h + ((a+2g)*d + a*d + k*f + f)/TP) (two norms' inputs and outputs, QKV, attention
+  output with flash attention, i.e. no s x s scores, fc1 and activation outputs; Korthikanti
+  et al. 2022 without sequence parallelism), times L (1F1B keeps PP micro-batches of L/PP
+  layers on the first stage); forward-only stages keep one layer's worth;
+- logits: 2 x 4*s*b*V/TP (fp32 logits and their gradient; one more for a teacher's logits);
+- a 5 GiB reserve for the CUDA context, NCCL buffers and fragmentation.
+
+The sum must stay under ``gpu_memory_gb`` (80 by default). CPU jobs (no GPUs) skip it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from nemo_minitron.config import ConfigError, ModelConfig, Recipe, from_dict
+from nemo_minitron.launch.pipeline import Pipeline, Stage
+from nemo_minitron.launch.sbatch import ClusterConfig
+from nemo_minitron.model.params import count_params, layer_params
+
+GiB = 1024**3
+RESERVE_GIB = 5.0
+_TRAIN_SECTIONS = ("model", "parallel", "data", "train")
+
+
+@dataclass
+class StageReport:
+    """What ``validate`` found for one stage."""
+
+    name: str
+    """Stage name."""
+    world_size: int
+    """Processes of its job."""
+    tp: int
+    """Tensor-parallel size."""
+    pp: int
+    """Pipeline-parallel size."""
+    dp: int
+    """Data-parallel size."""
+    params: int
+    """Parameters of the model it trains (or prunes)."""
+    memory_gib: float | None
+    """Estimated peak memory per GPU (None for CPU jobs)."""
+
+
+def _verb_recipe(stage: Stage) -> Any:
+    """The stage's recipe as its verb reads it; verbs unknown here (``distill``) are checked
+    on the sections they share with pretraining."""
+    if stage.verb == "prune":
+        from nemo_minitron.prune.stage import PruneRecipe
+
+        return from_dict(PruneRecipe, stage.config)
+    if stage.verb in ("pretrain", "finetune"):
+        return from_dict(Recipe, stage.config)
+    return from_dict(Recipe, {k: v for k, v in stage.config.items() if k in _TRAIN_SECTIONS})
+
+
+def _shape(stage: Stage, pipe: Pipeline, shapes: dict[str, ModelConfig]
+           ) -> ModelConfig | None:
+    """The model a stage trains: the last checkpoint it reads (its declared shape, an earlier
+    stage's result, or the checkpoint on disk), else its recipe's ``model``; None for a plain
+    prune recipe (its source is given at run time)."""
+    if not stage.reads:
+        if stage.verb == "prune":
+            return None
+        return from_dict(ModelConfig, stage.config.get("model"), "model.")
+    src = stage.reads[-1]
+    if src in shapes:
+        return shapes[src]
+    if pipe.input_models.get(src):
+        return from_dict(ModelConfig, pipe.input_models[src], "model.")
+    from nemo_minitron.checkpoint.io import is_checkpoint, load_model_config
+
+    if is_checkpoint(src):
+        return load_model_config(src)
+    raise ConfigError(f"stage {stage.name}: the shape of {src!r} is unknown; declare it as "
+                      "inputs.<name>.model in the pipeline")
+
+
+def _pruned(src: ModelConfig, target: Any) -> ModelConfig:
+    from nemo_minitron.prune.plan import target_heads
+
+    a, g = target_heads(src, target)
+    layers = target.num_layers or src.num_layers - len(target.drop_layers or [])
+    return dataclasses.replace(src, num_layers=layers, hidden_size=target.hidden_size or
+                               src.hidden_size, ffn_hidden_size=target.ffn_hidden_size or
+                               src.ffn_hidden_size, num_attention_heads=a, num_query_groups=g,
+                               kv_channels=src.head_dim)
+
+
+def _vocab(m: ModelConfig, recipe: Any) -> int:
+    if m.vocab_size:
+        return m.vocab_size
+    return m.padded_vocab_size(recipe.data.tokenizer_vocab_size)
+
+
+def memory_gib(m: ModelConfig, tp: int, pp: int, dp: int, micro_batch: int, *,
+               forward_only: bool = False, frozen: list[ModelConfig] = ()) -> float:  # type: ignore[assignment]
+    """The estimate documented above, in GiB."""
+    v, h, s, b = m.vocab_size or 0, m.hidden_size, m.seq_length, micro_batch
+    ends = v * h * (1 if m.share_embeddings_and_output_weights or pp > 1 else 2)
+    p_gpu = (m.num_layers / pp * layer_params(m) + ends) / tp
+    k = 2 if m.activation == "swiglu" else 1
+    a, g, d, f = m.num_attention_heads, m.query_groups, m.head_dim, m.ffn_hidden_size
+    act_layer = 2 * s * b * (4 * h + ((a + 2 * g) * d + a * d + k * f + f) / tp)
+    logits = 2 * 4 * s * b * v / tp
+    if forward_only:
+        total = 4 * p_gpu + act_layer + logits / 2
+    else:
+        total = (6 + 12 / dp) * p_gpu + act_layer * m.num_layers + logits
+    for t in frozen:
+        total += 2 * count_params(t) / (tp * pp) + 4 * s * b * (t.vocab_size or 0) / tp
+    return total / GiB + RESERVE_GIB
+
+
+def validate_pipeline(pipe: Pipeline, cluster_for: Any, gpu_memory_gb: float = 80.0
+                      ) -> list[StageReport]:
+    """Check every stage; ``cluster_for(stage) -> ClusterConfig``. Raises ConfigError."""
+    shapes: dict[str, ModelConfig] = {}
+    reports = []
+    for stage in pipe.stages:
+        try:
+            reports.append(_check(stage, pipe, cluster_for(stage), shapes, gpu_memory_gb))
+        except ConfigError as e:
+            raise ConfigError(f"stage {stage.name}: {e}") from None
+    return reports
+
+
+def _check(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,
+           shapes: dict[str, ModelConfig], gpu_memory_gb: float) -> StageReport:
+    recipe = _verb_recipe(stage)
+    model = _shape(stage, pipe, shapes)
+    world = cluster.world_size
+    tp = recipe.parallel.tensor_model_parallel_size
+    pp = recipe.parallel.pipeline_model_parallel_size
+    where = f"--nodes {cluster.nodes} x {cluster.ntasks_per_node} processes"
+    if world % (tp * pp):
+        raise ConfigError(f"{where} = world size {world} is not divisible by "
+                          f"tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp}")
+    if model is None:  # a plain prune recipe: only its keys and layout can be checked
+        return StageReport(name=stage.name, world_size=world, tp=tp, pp=pp,
+                           dp=world // (tp * pp), params=0, memory_gib=None)
+    if stage.verb == "prune":
+        from nemo_minitron.prune.plan import validate_target
+
+        validate_target(model, recipe.target, tp)
+        model.check_layout(tp, pp)
+        result = _pruned(model, recipe.target)
+        dp, mb, forward_only = world // (tp * pp), recipe.calib.micro_batch_size, True
+    else:
+        dp = dataclasses.replace(recipe, model=model).validate_parallel(world)
+        result, mb, forward_only = model, recipe.train.micro_batch_size, False
+    shapes[str(stage.output)] = result
+    sized = dataclasses.replace(model, vocab_size=_vocab(model, recipe))
+    frozen = [dataclasses.replace(shapes[r], vocab_size=_vocab(shapes[r], recipe))
+              for r in stage.reads[:-1] if r in shapes]
+    frozen += [from_dict(ModelConfig, pipe.input_models[r], "model.")
+               for r in stage.reads[:-1] if r not in shapes and pipe.input_models.get(r)]
+    mem = None
+    if cluster.gpus_per_node:
+        mem = memory_gib(sized, tp, pp, dp, mb, forward_only=forward_only, frozen=frozen)
+        if mem > gpu_memory_gb:
+            raise ConfigError(f"needs about {mem:.1f} GiB per GPU (estimate, see "
+                              f"nemo_minitron/launch/validate.py) > {gpu_memory_gb:g} GiB with "
+                              f"TP={tp} PP={pp} DP={dp} micro batch {mb}: raise TP or PP")
+    return StageReport(name=stage.name, world_size=world, tp=tp, pp=pp, dp=dp,
+                       params=count_params(sized), memory_gib=mem)
+
+
+def describe(reports: list[StageReport]) -> list[dict[str, Any]]:
+    """Reports as plain dicts (the verb's JSON output)."""
+    return [dataclasses.asdict(r) | {"memory_gib": None if r.memory_gib is None
+                                      else round(r.memory_gib, 1)} for r in reports]
+

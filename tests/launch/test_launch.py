@@ -1,0 +1,156 @@
+"""The launch verb: dry-run output, injection safety, pipelines and bad input (one-line
+errors, nothing written, nothing submitted). Tests marked ``slurm`` use the local cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EVIL = "x; touch {}"
+TINY = str(ROOT / "recipes" / "tiny_cpu.yaml")
+CPU2 = ["--gpus-per-node", "0", "--tasks-per-node", "2"]
+
+
+def _cli(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
+                          text=True, env=env)
+
+
+def _words(script: str) -> list[str]:
+    """The words of the script's cmd=(...) array as bash itself reads them."""
+    line = next(x for x in script.splitlines() if x.startswith("cmd=("))
+    done = subprocess.run(["bash", "-c", f'{line}\nprintf "%s\\0" "${{cmd[@]}}"'],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.split("\0")[:-1]
+
+
+def test_dry_run_prints_an_inert_script_and_writes_nothing(tmp_path):
+    pwned, out = tmp_path / "pwned", tmp_path / "run"
+    evil = f"data.path={EVIL.format(pwned)}"
+    r = _cli("launch", TINY, "--dry-run", *CPU2, "--out", str(out), evil,
+             "train.global_batch_size=16", path="/usr/bin:/bin")  # no SLURM needed
+    assert r.returncode == 0, r.stderr
+    script = r.stdout
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    assert "'data.path=x; touch " in script  # shlex.quote's form
+    assert _words(script) == [sys.executable, "-m", "nemo_minitron", "pretrain", TINY, evil,
+                              "train.global_batch_size=16", "--out", str(out)]
+    for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@300", f"#SBATCH --output={out}/logs/%x-%j.out"):
+        assert line in script.splitlines()
+    assert "--gpus-per-node" not in script and "scontrol requeue" in script
+    assert not pwned.exists() and not out.exists()
+
+
+def test_container_flags_reach_srun(tmp_path):
+    r = _cli("launch", TINY, "--dry-run", "--nodes", "2", "--gpus-per-node", "4",
+             "--container-image", "nvcr.io#nvidia/nemo:25.11", "--container-mounts",
+             "/lustre:/lustre", "--partition", "batch", "--time", "01:00:00",
+             "--out", str(tmp_path / "r"), "train.global_batch_size=64")
+    assert r.returncode == 0, r.stderr
+    srun = next(x for x in r.stdout.splitlines() if x.startswith("srun_args=("))
+    assert "--container-image=nvcr.io#nvidia/nemo:25.11" in srun
+    assert "--container-mounts=/lustre:/lustre" in srun
+    assert "#SBATCH --gpus-per-node=4" in r.stdout and "#SBATCH --partition=batch" in r.stdout
+    assert _words(r.stdout)[0] == "python"  # the container's interpreter
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--job-name", "a;b"], "cluster.job_name='a;b' may hold only"),
+    (["--gpus-per-node", "0", "--tasks-per-node", "3", "parallel.tensor_model_parallel_size=2"],
+     "world size 3 is not divisible by tensor_model_parallel_size"),
+    (["--gpus-per-node", "0", "--tasks-per-node", "2"],
+     "global_batch_size=8 is not divisible by train.micro_batch_size * data-parallel size = 16"),
+    (["--cluster", "local", "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
+      "train.global_batch_size=16"],
+     "runs on one node"),
+    (["--gpus-per-node", "1"], "'sbatch' is not on PATH"),
+])
+def test_bad_input_is_one_line_before_anything_runs(tmp_path, args, needle):
+    out = tmp_path / "run"
+    r = _cli("launch", TINY, "--out", str(out), *args, path=os.path.dirname(sys.executable))
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not out.exists()
+
+
+def _fake_checkpoint(path: Path) -> None:
+    (path / "weights").mkdir(parents=True)
+    (path / "model_config.yaml").write_text("num_layers: 4\n")
+
+
+def test_pipeline_dry_run_skips_complete_stages(tmp_path):
+    pipe = str(ROOT / "recipes" / "tiny_cpu_pipeline.yaml")
+    r = _cli("launch", pipe, "--dry-run", f"workdir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    heads = [x for x in r.stdout.splitlines() if x.startswith("# ---- stage")]
+    assert [h.split()[3].rstrip(":") for h in heads] == ["teacher", "pruned", "healed"]
+    assert "afterok" not in heads[0] and "<job of teacher>" in heads[1]
+    words = _words(r.stdout.split("# ---- stage pruned")[1])
+    assert words[3:6] == ["prune", f"{tmp_path}/teacher/checkpoints/step_0000600",
+                          f"{tmp_path}/pruned"]
+    _fake_checkpoint(tmp_path / "teacher" / "checkpoints" / "step_0000600")
+    r = _cli("launch", pipe, "--dry-run", f"workdir={tmp_path}")
+    heads = [x for x in r.stdout.splitlines() if x.startswith("# ---- stage")]
+    assert len(heads) == 2 and "afterok" not in heads[0] and "afterok" in heads[1]
+
+
+def _state(job: str) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True,
+                          text=True).stdout
+    return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
+
+
+@pytest.mark.slurm
+def test_pipeline_stages_are_chained_by_afterok(slurm_cluster, tmp_path):
+    pipe = str(ROOT / "recipes" / "tiny_cpu_pipeline.yaml")
+    r = _cli("launch", pipe, f"workdir={tmp_path}", "teacher.train.train_iters=1")
+    assert r.returncode == 0, r.stderr
+    jobs = [j["job_id"] for j in json.loads(r.stdout)]
+    try:
+        assert len(jobs) == 3
+        assert _state(jobs[1])["Dependency"].startswith(f"afterok:{jobs[0]}")
+        assert _state(jobs[2])["Dependency"].startswith(f"afterok:{jobs[1]}")
+    finally:
+        subprocess.run(["scancel", *jobs])
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("args,needle", [
+    (["--partition", "nope"], "--partition=nope is not a partition of this cluster"),
+    (["--container-image", "nvcr.io#nvidia/nemo:25.11"], "needs the pyxis SPANK plugin"),
+])
+def test_cluster_checks_before_submission(slurm_cluster, tmp_path, args, needle):
+    def queued() -> set[str]:
+        return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True,
+                                  text=True).stdout.split())
+    before = queued()
+    r = _cli("launch", TINY, "--out", str(tmp_path / "r"), "--gpus-per-node", "0", *args)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert queued() <= before and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slurm
+def test_injected_value_stays_inert_in_a_real_job(slurm_cluster, tmp_path, tiny_overrides):
+    pwned = tmp_path / "pwned"
+    r = _cli("launch", TINY, "--out", str(tmp_path / "r"), "--gpus-per-node", "0",
+             *tiny_overrides, f"data.path={EVIL.format(pwned)}")
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)[0]["job_id"]
+    end = time.time() + 120
+    while _state(job).get("JobState") in ("PENDING", "RUNNING", "COMPLETING"):
+        assert time.time() < end
+        time.sleep(0.5)
+    log = next((tmp_path / "r" / "logs").glob("*.out")).read_text()
+    assert _state(job)["JobState"] == "FAILED"
+    assert f"data.path='x; touch {pwned}'" in log  # the program got the value as one word
+    assert not pwned.exists()

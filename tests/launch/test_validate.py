@@ -1,0 +1,66 @@
+"""Every shipped recipe validates; the layout and memory rules reject what cannot run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.launch.run import run_validate
+from nemo_minitron.launch.validate import memory_gib
+from nemo_minitron.model.params import count_params
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+NO_FLAGS = dict.fromkeys(("nodes", "gpus_per_node", "tasks_per_node"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(recipe):
+    text = recipe.read_text()
+    flags = NO_FLAGS if "stages:" in text else {"nodes": 1, "gpus_per_node": 1}
+    reports = run_validate(str(recipe), [], flags=flags, gpu_memory_gb=80)
+    for r in reports:
+        assert r["memory_gib"] is None or r["memory_gib"] < 80
+
+
+def test_published_shapes_have_the_published_sizes():
+    by_stage = {r["name"]: r for r in run_validate(
+        str(RECIPES[0].parent / "nemotron4_15b_to_8b_to_4b.yaml"), [], flags=NO_FLAGS,
+        gpu_memory_gb=80)}
+    # Stage params are those of the model the stage trains (prune: its source).
+    assert round(by_stage["correct15"]["params"] / 1e9, 1) == 15.6
+    assert round(by_stage["distill8"]["params"] / 1e9, 1) == 8.3
+    assert round(by_stage["distill4"]["params"] / 1e9, 1) == 4.2
+    width = run_validate(str(RECIPES[0].parent / "llama31_8b_to_4b_width.yaml"), [],
+                         flags=NO_FLAGS, gpu_memory_gb=80)
+    assert [round(r["params"] / 1e9, 2) for r in width] == [8.03, 8.03, 4.51]
+
+
+@pytest.mark.parametrize("flags,overrides,needle", [
+    ({"nodes": 1, "gpus_per_node": 6}, [], "world size 6 is not divisible by"),
+    ({}, ["correct.parallel.tensor_model_parallel_size=16"],
+     "num_query_groups=8 is not divisible by parallel.tensor_model_parallel_size=16"),
+    ({"nodes": 3}, ["correct.parallel.pipeline_model_parallel_size=3"],
+     "num_layers=32 is not divisible by parallel.pipeline_model_parallel_size=3"),
+    ({}, ["correct.train.global_batch_size=1150"], "global_batch_size=1150 is not divisible"),
+    ({}, ["prune.target.ffn_hidden_size=20000"], "larger than the source"),
+    ({}, ["correct.parallel.tensor_model_parallel_size=1"], "GiB per GPU"),
+])
+def test_layouts_that_cannot_run_are_one_line_errors(flags, overrides, needle):
+    recipe = str(RECIPES[0].parent / "llama31_8b_to_4b_width.yaml")
+    with pytest.raises(ConfigError, match="^stage [a-z0-9]+: ") as e:
+        run_validate(recipe, overrides, flags={**NO_FLAGS, **flags}, gpu_memory_gb=80)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_memory_estimate_by_hand():
+    # One 2-layer MHA GeLU model, TP=PP=DP=1: every term of the documented formula by hand.
+    m = ModelConfig(num_layers=2, hidden_size=1024, ffn_hidden_size=4096, num_attention_heads=8,
+                    vocab_size=32000, seq_length=2048, activation="gelu")
+    s, b, h, f, v = 2048, 1, 1024, 4096, 32000
+    states = 18 * (count_params(m) - h)  # the final norm is left out of the estimate
+    acts = 2 * (2 * s * b * (4 * h + 3 * h + h + f + f))
+    logits = 2 * 4 * s * b * v
+    want = (states + acts + logits) / 1024**3 + 5
+    assert memory_gib(m, tp=1, pp=1, dp=1, micro_batch=1) == pytest.approx(want)
