@@ -58,12 +58,16 @@ class StageReport:
 
 
 def _verb_recipe(stage: Stage) -> Any:
-    """The stage's recipe as its verb reads it; verbs unknown here (``distill``) are checked
-    on the sections they share with pretraining."""
+    """The stage's recipe as its verb reads it; verbs unknown here are checked on the sections
+    they share with pretraining."""
     if stage.verb == "prune":
         from nemo_minitron.prune.stage import PruneRecipe
 
         return from_dict(PruneRecipe, stage.config)
+    if stage.verb == "distill":
+        from nemo_minitron.distill.stage import DistillRecipe
+
+        return from_dict(DistillRecipe, stage.config)
     if stage.verb in ("pretrain", "finetune"):
         return from_dict(Recipe, stage.config)
     return from_dict(Recipe, {k: v for k, v in stage.config.items() if k in _TRAIN_SECTIONS})
