@@ -112,7 +112,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
 
 def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
                      kind: Divergence = "forward", temperature: float = 1.0,
-                     top_k: int | None = None, chunk_tokens: int | None = 1024,
+                     top_k: int | None = None, chunk_tokens: int | None = 256,
                      group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Per-token divergence between teacher and student logits.
 
@@ -139,7 +139,7 @@ def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
 
 @torch.no_grad()
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
-                        chunk_tokens: int | None = 1024,
+                        chunk_tokens: int | None = 256,
                         group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Per-token cross-entropy ``[...]`` of vocab-parallel ``logits [..., V/TP]`` against
     ``labels [...]``, without gradient and without touching ``logits`` (Megatron's

@@ -41,7 +41,7 @@ class KDConfig:
     """Softmax temperature T of both models; the loss is multiplied by T^2."""
     top_k: int | None = None
     """Keep only the teacher's k most likely tokens (renormalised); forward KL only."""
-    chunk_tokens: int | None = 1024
+    chunk_tokens: int | None = 256
     """Tokens per chunk of the logit loss (bounds its memory); null: all at once."""
     logit_weight: float = 1.0
     """Weight of the logit divergence."""

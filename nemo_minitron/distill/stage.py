@@ -103,9 +103,8 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
         load_weights,
     )
     from nemo_minitron.model.build import build_model
-    from nemo_minitron.model.forward import lm_loss
     from nemo_minitron.parallel.runtime import init_distributed
-    from nemo_minitron.train.pretrain import _run, bf16_enabled, make_trainer, resolve_data
+    from nemo_minitron.train.pretrain import bf16_enabled
 
     check_checkpoint(teacher_ckpt, "--teacher")
     check_checkpoint(student_ckpt, "--student")
@@ -115,22 +114,46 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     shared_vocab = _check_pair(teacher_ckpt, student_ckpt, t_cfg, s_cfg,
                                p.tensor_model_parallel_size)
     pairs = layer_pairs(student_ckpt, s_cfg, t_cfg, recipe.kd.layer_map)
-    rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
-    prefix, tokenizer = resolve_data(recipe, load_checkpoint_tokenizer(student_ckpt))
-    recipe = dataclasses.replace(recipe, model=s_cfg)
-    teacher = build_model(t_cfg, bf16=bf16_enabled(recipe))
+    init_distributed(recipe.parallel, seed=recipe.train.seed)
+    bf16 = bf16_enabled(recipe)
+    teacher, student = build_model(t_cfg, bf16=bf16), build_model(s_cfg, bf16=bf16)
     load_weights(teacher_ckpt, teacher)
+    load_weights(student_ckpt, student)
+    return distill_models(recipe, teacher, student, s_cfg, load_checkpoint_tokenizer(student_ckpt),
+                          out_dir, pairs=pairs, shared_vocab=shared_vocab)
 
-    def objective(student: torch.nn.Module) -> KDObjective:
-        add_projections(student, t_cfg.hidden_size, pairs if recipe.kd.hidden_weight else [],
+
+def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module, student: torch.nn.Module,
+                   student_cfg: ModelConfig, tokenizer: Any, out_dir: str | Path, *,
+                   pairs: list[tuple[int, int]] | None = None,
+                   shared_vocab: int | None = None) -> dict[str, Any]:
+    """The Python API: distill in-memory Megatron ``GPTModel`` stages (built under the current
+    parallel state, e.g. by a user's own script) on ``recipe.data``; checkpoints of the student
+    under ``out_dir``. ``pairs``: ``[(student_layer, teacher_layer)]`` for intermediate losses
+    (default: ``recipe.kd.layer_map`` or evenly spaced)."""
+    from nemo_minitron.model.forward import lm_loss
+    from nemo_minitron.parallel.runtime import current_runtime
+    from nemo_minitron.train.pretrain import _run, make_trainer, resolve_data
+
+    rt = current_runtime()
+    t_cfg = teacher.config
+    if pairs is None:
+        ls, lt = student_cfg.num_layers, t_cfg.num_layers
+        pairs = [(s, t) for s, t in recipe.kd.layer_map] if recipe.kd.layer_map is not None \
+            else [(i, (i + 1) * lt // ls - 1) for i in range(ls)]
+    prefix, tokenizer = resolve_data(recipe, tokenizer)
+    recipe = dataclasses.replace(recipe, model=student_cfg)
+
+    def objective(model: torch.nn.Module) -> KDObjective:
+        add_projections(model, t_cfg.hidden_size, pairs if recipe.kd.hidden_weight else [],
                         recipe.kd.embedding_weight > 0, recipe.train.seed)
         t = recipe.train
-        return KDObjective(teacher, student, recipe.kd, rt.device, pairs=pairs,
+        return KDObjective(teacher, model, recipe.kd, rt.device, pairs=pairs,
                            shared_vocab=shared_vocab,
                            num_microbatches=t.global_batch_size // (t.micro_batch_size * rt.dp))
 
-    trainer = make_trainer(recipe, rt, s_cfg, tokenizer, prefix, out_dir,
-                           init_checkpoint=student_ckpt, objective=objective)
+    trainer = make_trainer(recipe, rt, student_cfg, tokenizer, prefix, out_dir, model=student,
+                           objective=objective)
     data = trainer.valid_ds if trainer.valid_ds is not None else trainer.train_ds
     teacher_loss = lm_loss(teacher, _eval_tokens(data, recipe.train.global_batch_size),
                            recipe.train.micro_batch_size)

@@ -117,6 +117,22 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     return Runtime(rank=rank, world_size=world, tp=tp, pp=pp, dp=dp, device=device)
 
 
+def current_runtime() -> Runtime:
+    """The ``Runtime`` of a process whose parallel state is already set up (by
+    ``init_distributed`` or by a user's own Megatron script)."""
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        raise RuntimeError("torch.distributed and Megatron's parallel state must be initialised "
+                           "first (nemo_minitron.parallel.runtime.init_distributed)")
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu() \
+        else torch.device("cpu")
+    return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                   tp=ps.get_tensor_model_parallel_world_size(),
+                   pp=ps.get_pipeline_model_parallel_world_size(),
+                   dp=ps.get_data_parallel_world_size(), device=device)
+
+
 def set_seed(seed: int) -> None:
     """Seed every RNG; the pipeline stage offsets the seed as Megatron does."""
     import random

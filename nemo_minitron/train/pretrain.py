@@ -74,15 +74,17 @@ def bf16_enabled(recipe: Recipe) -> bool:
 
 def make_trainer(recipe: Recipe, rt: Runtime, model_cfg: ModelConfig, tokenizer: Tokenizer,
                  prefix: str, out_dir: str | Path, *, init_checkpoint: str | None = None,
+                 model: torch.nn.Module | None = None,
                  objective: Callable[[torch.nn.Module], Objective] | None = None) -> Trainer:
-    """Build model (optionally loading ``init_checkpoint``), DDP, optimizer, data, trainer.
-    ``objective(model)`` is called on the built model before DDP wraps it (it may attach
-    trainable modules) and returns the objective; default: the LM loss."""
+    """Build the model (or take the in-memory ``model``; optionally load ``init_checkpoint``),
+    DDP, optimizer, data, trainer. ``objective(model)`` is called on the model before DDP wraps
+    it (it may attach trainable modules) and returns the objective; default: the LM loss."""
     from nemo_minitron.checkpoint.io import load_weights
 
     recipe.validate_parallel(rt.world_size)
     bf16 = bf16_enabled(recipe)
-    model = build_model(model_cfg, bf16=bf16)
+    if model is None:
+        model = build_model(model_cfg, bf16=bf16)
     if init_checkpoint is not None:
         load_weights(init_checkpoint, model)
     obj = objective(model) if objective is not None else LMObjective(rt.device)

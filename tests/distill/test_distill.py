@@ -24,6 +24,28 @@ def distill_job(out: str, teacher: str, student: str, overrides: list[str]) -> N
     distill(load_recipe(None, overrides, cls=DistillRecipe), teacher, student, out)
 
 
+def api_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
+    """A user's script: its own models in memory, then the Python API."""
+    from nemo_minitron.checkpoint.io import (
+        load_checkpoint_tokenizer,
+        load_model_config,
+        load_weights,
+    )
+    from nemo_minitron.config import ParallelConfig, load_recipe
+    from nemo_minitron.distill.stage import DistillRecipe, distill_models
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    init_distributed(ParallelConfig())
+    t_model, s_model = build_model(load_model_config(teacher)), build_model(
+        load_model_config(student))
+    load_weights(teacher, t_model)
+    load_weights(student, s_model)
+    distill_models(load_recipe(None, overrides, cls=DistillRecipe), t_model, s_model,
+                   load_model_config(student), load_checkpoint_tokenizer(student), out,
+                   pairs=[(0, 1), (1, 3)])
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, tiny_overrides) -> tuple[str, str]:
     """A briefly trained 4-layer teacher (hidden 64) and a 2-layer student (hidden 32)."""
@@ -78,6 +100,12 @@ def test_pp2_tp2_and_resume_reproduce_one_process(tmp_path, pair, tiny_overrides
     for step in ref:
         for n in NAMES:
             assert got[step][n] == ref[step][n], (step, n)
+    # The Python API on in-memory models (same layer pairs as the default map) agrees.
+    spawn(api_job, 1, str(tmp_path / "api"), teacher, student, kd)
+    got = _metrics(tmp_path / "api")
+    for step in ref:
+        for n in NAMES:
+            assert got[step][n] == pytest.approx(ref[step][n], abs=1e-6), (step, n)
     # The checkpoint holds the student and its projections, not the teacher.
     ckpt = tmp_path / "ref" / "checkpoints" / "step_0000003"
     assert yaml.safe_load((ckpt / "model_config.yaml").read_text())["hidden_size"] == 32
