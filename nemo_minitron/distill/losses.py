@@ -44,6 +44,8 @@ def _log_softmax(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tens
 
 def _lse(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Vocab-parallel log-sum-exp over the last dim ``[n]``."""
+    if group is None or dist.get_world_size(group) == 1:
+        return torch.logsumexp(z, dim=-1)  # one fused kernel
     m = _allreduce(z.max(dim=-1, keepdim=True).values, group, dist.ReduceOp.MAX)
     return (m + _allreduce((z - m).exp().sum(dim=-1, keepdim=True), group).log()).squeeze(-1)
 
@@ -86,28 +88,55 @@ def _divergence(ls: torch.Tensor, lt: torch.Tensor, kind: Divergence,
 
 
 class _VocabParallelDivergence(torch.autograd.Function):
-    """Per-token ``T^2 * D(teacher, student)`` for one chunk; backward recomputes softmaxes."""
+    """Per-token ``T^2 * D(teacher, student)`` of ``[n, V/TP]`` logits, chunk by chunk; backward
+    recomputes each chunk's softmaxes and writes its gradient into one preallocated tensor (so
+    the loss adds one logits-sized buffer, the gradient, plus a few chunk-sized ones)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, kind, temperature, top_k, group):  # type: ignore[override]
+    def forward(ctx, student, teacher, kind, temperature, top_k, group, step):  # type: ignore[override]
+        out = torch.empty(student.shape[0], dtype=torch.float32 if student.dtype != torch.float64
+                          else torch.float64, device=student.device)
+        fast = kind == "forward" and top_k is None
+        lse = torch.empty(2, student.shape[0], dtype=out.dtype, device=out.device)
         with torch.no_grad():
-            ls = _log_softmax(_compute_dtype(student) / temperature, group)
-            lt = _teacher_log_probs(_compute_dtype(teacher) / temperature, top_k, group)
-            per, _ = _divergence(ls, lt, kind, group)
-        ctx.save_for_backward(student, teacher)
-        ctx.args = (kind, temperature, top_k, group)
-        return per * temperature**2
+            for i in range(0, student.shape[0], step):
+                zs = _compute_dtype(student[i:i + step]) / temperature
+                zt = _compute_dtype(teacher[i:i + step]) / temperature
+                if fast:  # KL(p_t || p_s) = sum p_t (z_t - z_s) - lse_t + lse_s
+                    lse[0, i:i + step], lse[1, i:i + step] = _lse(zs, group), _lse(zt, group)
+                    pt = (zt - lse[1, i:i + step, None]).exp_()
+                    cross = _allreduce((pt * zt.sub_(zs)).sum(-1), group)
+                    out[i:i + step] = cross - lse[1, i:i + step] + lse[0, i:i + step]
+                else:
+                    ls = _log_softmax(zs, group)
+                    lt = _teacher_log_probs(zt, top_k, group)
+                    out[i:i + step] = _divergence(ls, lt, kind, group)[0]
+        ctx.save_for_backward(student, teacher, lse)
+        ctx.args = (kind, temperature, top_k, group, step, fast)
+        return out * temperature**2
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        student, teacher = ctx.saved_tensors
-        kind, temperature, top_k, group = ctx.args
-        ls = _log_softmax(_compute_dtype(student) / temperature, group)
-        lt = _teacher_log_probs(_compute_dtype(teacher) / temperature, top_k, group)
-        _, dz = _divergence(ls, lt, kind, group)
-        # d(T^2 D)/d logits = T^2 * dD/dz / T
-        dz.mul_(grad.unsqueeze(-1) * temperature)
-        return dz.to(student.dtype), None, None, None, None, None
+        student, teacher, lse = ctx.saved_tensors
+        kind, temperature, top_k, group, step, fast = ctx.args
+        dstudent = torch.empty_like(student)
+        for i in range(0, student.shape[0], step):
+            g = grad[i:i + step].unsqueeze(-1) * temperature
+            if fast:  # dKL/dz_s = p_s - p_t
+                ps = (_compute_dtype(student[i:i + step]) / temperature).sub_(
+                    lse[0, i:i + step, None]).exp_()
+                pt = (_compute_dtype(teacher[i:i + step]) / temperature).sub_(
+                    lse[1, i:i + step, None]).exp_()
+                dstudent[i:i + step] = ps.sub_(pt).mul_(g)
+                continue
+            ls = _log_softmax(_compute_dtype(student[i:i + step]) / temperature, group)
+            lt = _teacher_log_probs(_compute_dtype(teacher[i:i + step]) / temperature, top_k,
+                                    group)
+            _, dz = _divergence(ls, lt, kind, group)
+            del ls, lt
+            # d(T^2 D)/d logits = T^2 * dD/dz / T
+            dstudent[i:i + step] = dz.mul_(g)
+        return dstudent, None, None, None, None, None, None
 
 
 def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
@@ -129,12 +158,9 @@ def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
                          f"{tuple(teacher.shape)} differ")
     lead = student.shape[:-1]
     s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    n = s2.shape[0]
-    step = chunk_tokens or n
-    out = [_VocabParallelDivergence.apply(s2[i:i + step], t2[i:i + step].detach(), kind,
-                                          temperature, top_k, group)
-           for i in range(0, n, step)]
-    return torch.cat(out).reshape(lead)
+    step = max(chunk_tokens or s2.shape[0], 1)
+    out = _VocabParallelDivergence.apply(s2, t2.detach(), kind, temperature, top_k, group, step)
+    return out.reshape(lead)
 
 
 @torch.no_grad()

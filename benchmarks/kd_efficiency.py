@@ -1,0 +1,128 @@
+"""Distillation overheads, measured side by side in one run (ratios, not absolute times).
+
+1. Step time: a distillation step (teacher forward + student forward/backward + KL) as a ratio
+   to a plain student training step plus a teacher forward on the same micro-batches, through
+   Megatron's schedule (goal: at most 1.10).
+2. Peak memory of the logit loss (forward + backward) on a ``tokens x vocab`` problem as a ratio
+   to the size of the student logits tensor, chunked and unchunked, beside a textbook
+   ``log_softmax`` + ``kl_div`` (goal: at most 1.5 with chunking). The loss' own output, the
+   logits' gradient, counts. Each variant runs in a fresh process; the peak is the growth of the
+   process' maximum resident set size.
+
+    .venv/bin/python benchmarks/kd_efficiency.py [--tokens 4096 --vocab 32000 --repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from functools import partial
+
+import torch
+
+TEACHER = dict(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8,
+               num_query_groups=4, seq_length=256, vocab_size=4096)
+STUDENT = dict(TEACHER, num_layers=3, hidden_size=192, ffn_hidden_size=384, kv_channels=32)
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_child(variant: str, tokens: int, vocab: int) -> None:
+    """Print the loss' peak memory growth over the student logits' size, as JSON."""
+    import torch.nn.functional as F
+
+    from nemo_minitron.distill.losses import logit_divergence
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(tokens, vocab, generator=g).requires_grad_(True)
+    teacher = torch.randn(tokens, vocab, generator=g)
+    base = _maxrss_bytes()  # the logits exist; what the loss adds (gradient included) counts
+    if variant == "textbook":
+        loss = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1),
+                        log_target=True, reduction="none").sum(-1).mean()
+    else:
+        chunk = None if variant == "unchunked" else int(variant.split("=")[1])
+        loss = logit_divergence(student, teacher, chunk_tokens=chunk).mean()
+    loss.backward()
+    peak = _maxrss_bytes() - base
+    print(json.dumps({"variant": variant, "ratio": peak / (student.numel() * 4)}))
+
+
+def step_times(repeats: int) -> dict[str, float]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemo_minitron.config import ModelConfig, ParallelConfig
+    from nemo_minitron.distill.objective import KDConfig, KDObjective
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.model.forward import forward_pass
+    from nemo_minitron.parallel.runtime import init_distributed
+    from nemo_minitron.train.objectives import LMObjective
+
+    rt = init_distributed(ParallelConfig())
+    teacher, student = build_model(ModelConfig(**TEACHER)), build_model(ModelConfig(**STUDENT))
+    mbs, n_micro, s = 4, 2, TEACHER["seq_length"]
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, 4000, (mbs * n_micro, s + 1), generator=g)
+    batches = [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(mbs, s),
+                "position_ids": torch.arange(s).expand(mbs, s)} for t in toks.split(mbs)]
+    fwd_bwd = get_forward_backward_func()
+    kd = KDObjective(teacher, student, KDConfig(), rt.device, pairs=[], num_microbatches=n_micro)
+    lm = LMObjective(rt.device)
+
+    def train(objective) -> None:
+        student.zero_grad()
+        fwd_bwd(forward_step_func=objective.forward_step, data_iterator=iter(batches),
+                model=[student], num_microbatches=n_micro, seq_length=s, micro_batch_size=mbs,
+                forward_only=False)
+
+    runs = {"kd step": partial(train, kd), "student step": partial(train, lm),
+            "teacher forward": partial(forward_pass, teacher, toks[:, :-1], micro_batch_size=mbs)}
+    best = {k: float("inf") for k in runs}
+    for _ in range(repeats + 1):  # interleaved, the first round is a warm-up
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        memory_child(args.child[0], int(args.child[1]), int(args.child[2]))
+        return
+    t = step_times(args.repeats)
+    ratio = t["kd step"] / (t["student step"] + t["teacher forward"])
+    print(f"step time (best of {args.repeats}, teacher {TEACHER['num_layers']}x"
+          f"{TEACHER['hidden_size']}, student {STUDENT['num_layers']}x{STUDENT['hidden_size']}, "
+          f"vocab {TEACHER['vocab_size']}):")
+    for k, v in t.items():
+        print(f"  {k:16s} {v * 1000:8.1f} ms")
+    print(f"  kd step / (student step + teacher forward) = {ratio:.3f}  (goal <= 1.10)")
+    print(f"logit-loss peak memory / student logits ({args.tokens} x {args.vocab} fp32):")
+    for variant in ("chunk=256", "chunk=1024", "unchunked", "textbook"):
+        # A fixed mmap threshold makes glibc return every large free to the OS at once, so the
+        # peak resident size is the peak of live buffers, not of the allocator's caching.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run([sys.executable, __file__, "--child", variant, str(args.tokens),
+                              str(args.vocab)], capture_output=True, text=True, check=True,
+                             env=env)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {variant:12s} {r['ratio']:.2f}" + ("  (goal <= 1.5)" if variant == "chunk=256"
+                                                     else ""))
+
+
+if __name__ == "__main__":
+    main()
