@@ -98,6 +98,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from nemo_minitron.interop.hf_import import import_hf, parse_import_overrides
+
+    parallel, seq_length = parse_import_overrides(args.overrides)
+    import_hf(args.hf_dir, args.out, parallel, seq_length)
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from nemo_minitron.interop.hf_export import export_hf
+
+    export_hf(args.checkpoint, args.hf_dir, dtype=args.dtype)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nemo_minitron.demo import run_demo
 
@@ -161,6 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="pruned checkpoint directory (must not exist)")
     _recipe_args(p)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("import-hf", help="Hugging Face Llama/Mistral/Qwen2 -> checkpoint",
+                       description="Convert a Hugging Face directory (config.json, safetensors, "
+                                   "tokenizer) into a checkpoint. Keys: parallel.* (the layout "
+                                   "of the conversion; the result loads under any layout), "
+                                   "model.seq_length (default: max_position_embeddings).")
+    p.add_argument("hf_dir", help="Hugging Face model directory")
+    p.add_argument("out", help="checkpoint directory (must not exist)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="checkpoint -> Hugging Face directory",
+                       description="Write config.json, model.safetensors and the tokenizer so "
+                                   "that transformers' from_pretrained loads CHECKPOINT "
+                                   "(pruned or not).")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("hf_dir", help="output directory (must not exist)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_export_hf)
     return parser
 
 
