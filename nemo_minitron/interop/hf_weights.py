@@ -164,9 +164,6 @@ def megatron_tensor(name: str, layer: int | None, cfg: ModelConfig,
 def hf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
                ) -> Iterator[tuple[str, torch.Tensor]]:
     """Full (TP=1, PP=1) Megatron state dict -> HF tensors (layers numbered 0..L-1)."""
-    inverse = {}
-    for meg, hf in _LAYER_1TO1.items():
-        inverse[meg] = hf
     for key, w in sd.items():
         if key.endswith("_extra_state"):
             continue
@@ -181,8 +178,8 @@ def hf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
                 raise ConfigError(f"export does not know the weight {key!r}")
             continue
         p, name = f"model.layers.{int(m.group(1))}.", m.group(2)
-        if name in inverse:
-            yield p + inverse[name], w
+        if name in _LAYER_1TO1:
+            yield p + _LAYER_1TO1[name], w
         elif name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
             kind = name.rsplit(".", 1)[1]
             for x, t in zip("qkv", qkv_from_megatron(w, cfg)):
