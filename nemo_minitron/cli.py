@@ -106,6 +106,15 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_nemo2(args: argparse.Namespace) -> int:
+    from nemo_minitron.interop.hf_import import parse_import_overrides
+    from nemo_minitron.interop.nemo2 import import_nemo2
+
+    parallel, _ = parse_import_overrides(args.overrides)
+    import_nemo2(args.nemo_dir, args.out, parallel)
+    return 0
+
+
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from nemo_minitron.interop.hf_export import export_hf
 
@@ -186,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="checkpoint directory (must not exist)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("import-nemo2", help="NeMo 2 checkpoint directory -> checkpoint",
+                       description="Read a NeMo 2 checkpoint (context/model.yaml, "
+                                   "context/nemo_tokenizer, weights/) without NeMo. Keys: "
+                                   "parallel.* (layout of the conversion).")
+    p.add_argument("nemo_dir", help="NeMo 2 checkpoint directory (holding context/ and weights/)")
+    p.add_argument("out", help="checkpoint directory (must not exist)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_import_nemo2)
 
     p = sub.add_parser("export-hf", help="checkpoint -> Hugging Face directory",
                        description="Write config.json, model.safetensors and the tokenizer so "
