@@ -149,6 +149,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from nemo_minitron.eval.lm_eval_adapter import run_lm_eval
+    except ImportError as e:
+        raise ConfigError(f"lm-eval is not installed ({e.name}); pip install '.[eval]'") from None
+    out = run_lm_eval(args.checkpoint, args.tasks.split(","), args.include_path,
+                      batch_size=args.batch_size, limit=args.limit)
+    print(json.dumps(out["results"], default=str))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nemo_minitron.eval.bench import BenchConfig, bench, format_table
 
@@ -267,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint",
+                       description="Run lm-eval tasks (local task YAMLs under --include-path "
+                                   "work offline) with the nemo_minitron model adapter; prints "
+                                   "the results as JSON.")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--include-path", help="directory of local task YAML files")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, help="documents per task")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s of checkpoints side by side",
                        description="Measured throughput of each checkpoint, its ratio to the "

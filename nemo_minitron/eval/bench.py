@@ -3,7 +3,8 @@ first checkpoint and the ratio predicted from forward FLOPs.
 
 Prefill: one forward of ``batch x seq`` prompt tokens filling Megatron's KV cache; decode:
 ``decode_tokens`` single-token steps per sequence attending to that cache (the generator's
-path). Each timing is the best of ``repeats`` runs after one warm-up. FLOPs per token are
+path), timed apart from the prefill. Each timing is the best of ``repeats`` runs after one
+warm-up. FLOPs per token are
 ``2 x (parameters touched per token) + 4 x layers x context x heads x kv_channels`` (the
 attention scores and the weighted sum), taken at the mean context length of each phase.
 """
@@ -43,18 +44,15 @@ def flops_per_token(cfg: ModelConfig, context: float) -> float:
     return 2 * matmul + attn
 
 
-def _time(fn: Any, repeats: int) -> float:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _best(fn: Any, repeats: int) -> float:
+    """Shortest of ``repeats`` timings ``fn()`` returns, after one warm-up call."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(fn() for _ in range(repeats))
 
 
 @torch.no_grad()
@@ -82,19 +80,30 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
         model(prompt, pos, None, inference_context=ctx, runtime_gather_output=True)
         return ctx
 
-    def decode() -> None:
-        ctx = prefill()
+    def decode() -> float:
+        ctx = prefill()  # not timed: decode steps only
         ctx.sequence_len_offset = b.seq_length
         ctx.enable_decode_mode()
         tok = prompt[:, -1:]
+        _sync()
+        t0 = time.perf_counter()
         for i in range(b.decode_tokens):
             p = torch.full_like(tok, b.seq_length + i)
             logits = model(tok, p, None, inference_context=ctx, runtime_gather_output=True)
             tok = logits[:, -1:].argmax(-1)
             ctx.sequence_len_offset += 1
+        _sync()
+        return time.perf_counter() - t0
 
-    t_prefill = _time(prefill, b.repeats)
-    t_decode = max(_time(decode, b.repeats) - t_prefill, 1e-9)
+    def timed_prefill() -> float:
+        _sync()
+        t0 = time.perf_counter()
+        prefill()
+        _sync()
+        return time.perf_counter() - t0
+
+    t_prefill = _best(timed_prefill, b.repeats)
+    t_decode = _best(decode, b.repeats)
     return {
         "checkpoint": checkpoint, "params": count_params(cfg),
         "prefill_tok_s": b.batch_size * b.seq_length / t_prefill,
