@@ -19,16 +19,24 @@ log = get_logger("interop")
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """RoPE base from transformers 5 ``rope_parameters`` or the older ``rope_theta``; only plain
-    (unscaled) RoPE maps onto Megatron's rotary embedding here."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        raise ConfigError(f"config.json rope type {rope_type!r} is not supported (only default "
-                          f"RoPE)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+# Megatron's Llama 3.1 scaling has these constants built in; other values cannot be mapped.
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, float | None]:
+    """(RoPE base, Llama 3.1 scaling factor or None) from transformers 5 ``rope_parameters``
+    or the older ``rope_theta`` / ``rope_scaling``."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3" and all(float(params.get(k, -1)) == v
+                                     for k, v in LLAMA3_ROPE.items()):
+        return theta, float(params["factor"])
+    raise ConfigError(f"config.json rope type {rope_type!r} is not supported (default RoPE, or "
+                      f"llama3 with {LLAMA3_ROPE})")
 
 
 def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> ModelConfig:
@@ -54,7 +62,7 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
         log.warning("sliding_window=%s is ignored: attention is full (exact for sequences up to "
                     "the window)", hf["sliding_window"])
     heads = hf["num_attention_heads"]
-    theta = _rope_theta(hf)
+    theta, rope_factor = _rope(hf)
     if theta != int(theta):
         raise ConfigError(f"config.json rope_theta={theta} must be an integer here")
     max_pos = int(hf.get("max_position_embeddings") or 4096)
@@ -73,6 +81,7 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
         activation="swiglu",
         position_embedding_type="rope",
         rotary_base=int(theta),
+        rope_scaling_factor=rope_factor,
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         add_bias_linear=False,
         add_qkv_bias=arch == "Qwen2ForCausalLM",
@@ -99,6 +108,9 @@ def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
     else:
         arch, model_type = "LlamaForCausalLM", "llama"
     theta = float(cfg.rotary_base)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    if cfg.rope_scaling_factor is not None:
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, **LLAMA3_ROPE)
     out: dict[str, Any] = {
         "architectures": [arch],
         "model_type": model_type,
@@ -113,7 +125,7 @@ def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
         "max_position_embeddings": cfg.seq_length,
         "rms_norm_eps": cfg.layernorm_epsilon,
         "rope_theta": theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "rope_parameters": rope,
         "hidden_act": "silu",
         "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
         "initializer_range": cfg.init_method_std,
@@ -123,6 +135,8 @@ def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
         "dtype": dtype,
         "use_cache": True,
     }
+    if cfg.rope_scaling_factor is not None:
+        out["rope_scaling"] = rope  # what transformers 4.x and vLLM read
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     else:

@@ -76,9 +76,13 @@ def model_config_from_nemo(cfg: dict[str, Any], vocab_size: int) -> ModelConfig:
                           f"is not supported (SwiGLU or GeLU)")
     if float(cfg.get("rotary_percent", 1.0)) != 1.0:
         raise ConfigError("context/model.yaml config.rotary_percent != 1.0 is not supported")
-    if "scale_factor" in cfg or cfg.get("rope_scaling"):
-        raise ConfigError("context/model.yaml uses RoPE scaling (Llama 3.1 style), which is not "
-                          "supported yet")
+    rope_factor = None
+    if "scale_factor" in cfg:  # NeMo's Llama 3.1 configs
+        want = {"low_freq_factor": 1, "high_freq_factor": 4, "old_context_len": 8192}
+        if any(float(cfg.get(k, -1)) != v for k, v in want.items()):
+            raise ConfigError(f"context/model.yaml RoPE scaling must have {want} (Megatron's "
+                              f"built-in Llama 3.1 constants)")
+        rope_factor = float(cfg["scale_factor"])
     for key in ("num_moe_experts", "window_size"):
         if cfg.get(key):
             raise ConfigError(f"context/model.yaml config.{key}={cfg[key]} is not supported")
@@ -95,6 +99,7 @@ def model_config_from_nemo(cfg: dict[str, Any], vocab_size: int) -> ModelConfig:
         activation="swiglu" if gated else "gelu",
         position_embedding_type=cfg.get("position_embedding_type", "learned_absolute"),
         rotary_base=int(cfg.get("rotary_base", 10000)),
+        rope_scaling_factor=rope_factor,
         share_embeddings_and_output_weights=bool(
             cfg.get("share_embeddings_and_output_weights", True)),
         add_bias_linear=bool(cfg.get("add_bias_linear", True)),

@@ -19,7 +19,11 @@ from tests.dist import spawn
 from tests.interop.hfmodels import hf_logits, save_hf_model, tokens
 
 ATOL = 1e-4
-ARCHS = ("llama", "mistral", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2", "llama31")
+# Llama 3.1 RoPE scaling; with head_dim 16 the wavelengths straddle both thresholds.
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
 # Pruned shapes of a 3-layer, hidden 64, 4 heads / 2 groups (head_dim 16) model: every axis
 # shrinks; head_dim stays 16 != hidden / heads. Hidden 47 is not divisible by the heads, which
 # transformers' Llama config rejects, so that one is exported as Mistral.
@@ -85,6 +89,7 @@ def single(tmp_path_factory) -> Path:
     save_hf_model(root / "hf_llama", "llama", max_shard_size="100KB")
     save_hf_model(root / "hf_mistral", "mistral", seed=1)
     save_hf_model(root / "hf_qwen2", "qwen2", seed=2)
+    save_hf_model(root / "hf_llama31", "llama", seed=3, rope_parameters=LLAMA31_ROPE)
     save_hf_model(root / "hf_deep", "llama", seed=4, num_hidden_layers=3)
     spawn(single_job, 1, str(root))
     return root
@@ -97,6 +102,9 @@ def test_import_matches_transformers(single, arch):
     assert ours.shape == ref.shape == (2, 16, 160)
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
     assert (single / f"ck_{arch}" / "tokenizer" / "tokenizer.json").is_file()
+    if arch == "llama31":
+        ref_plain = hf_logits(single / "hf_llama", tokens())
+        assert (ours - ref_plain).abs().max() > 1e-2  # a different model: the check has teeth
 
 
 @pytest.mark.parametrize("arch", ARCHS)
