@@ -60,7 +60,7 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
     init_distributed(ParallelConfig())
     model = build_model(cfg)
     load_weights(ckpt, model)
-    tensors = {name: t.detach().to(DTYPES[dtype]).contiguous()
+    tensors = {name: t.detach().to("cpu", DTYPES[dtype]).contiguous()
                for name, t in hf_tensors(model.state_dict(), cfg)}
     with atomic_dir(hf_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
