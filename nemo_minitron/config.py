@@ -57,6 +57,9 @@ class ModelConfig:
     """Rotary or learned absolute position embeddings."""
     rotary_base: int = 10000
     """RoPE base frequency."""
+    rope_scaling_factor: float | None = None
+    """Llama 3.1 RoPE frequency scaling (Megatron's ``rope_scaling``: low/high frequency
+    factors 1 and 4, original context 8192) with this factor; None: plain RoPE."""
     share_embeddings_and_output_weights: bool = False
     """Tie the output layer to the word embeddings."""
     add_bias_linear: bool = False

@@ -100,6 +100,8 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None)
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
         position_embedding_type=cfg.position_embedding_type,
         rotary_base=cfg.rotary_base,
+        rope_scaling=cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
         parallel_output=True,
     )
     if torch.cuda.is_available():

@@ -12,6 +12,9 @@ Megatron marks every tensor-parallel parameter with ``tensor_model_parallel`` an
 ``partition_dim`` gives the TP=1 tensor for every weight but SwiGLU ``linear_fc1``, whose shard
 on rank r is ``[gate_r; up_r]``.
 
+``fill_model`` fills a stage from any source of full tensors, one at a time (checkpoint import
+streams them from safetensors); ``load_full_state_dict`` from a dict.
+
 Memory: every rank holds the full model on the CPU while gathering (fine up to a few billion
 parameters per node; the pruned checkpoint itself is written sharded).
 """
@@ -19,8 +22,14 @@ parameters per node; the pruned checkpoint itself is written sharded).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
+
+from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.model.build import unwrap
+
+FullTensor = Callable[[str, "int | None"], torch.Tensor]
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -79,27 +88,48 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for stage in stages for k, v in (stage or {}).items()}
 
 
-def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Copy this rank's shard of every parameter of ``model`` out of the full state dict."""
+def tp_slice(full: torch.Tensor, param: torch.nn.Parameter, name: str, cfg: ModelConfig,
+             rank: int, size: int) -> torch.Tensor:
+    """This tensor-parallel rank's part of ``full`` for ``param``."""
+    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if cfg.activation == "swiglu" and name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
+        gate, up = full.chunk(2)
+        return torch.cat([gate.chunk(size, dim)[rank], up.chunk(size, dim)[rank]], dim)
+    return full.chunk(size, dim)[rank]
+
+
+def fill_model(model: torch.nn.Module, cfg: ModelConfig, full_tensor: FullTensor) -> None:
+    """Copy every parameter of this rank's stage from ``full_tensor(name, global_layer)``."""
     from megatron.core import parallel_state as ps
 
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    offset = _layer_offset(model)
-    for key, p in _tensors(model).items():
-        name = _global_key(key, offset)
-        if name == "output_layer.weight" and _tied(model):
-            name = "embedding.word_embeddings.weight"
-        if name not in full:
-            raise KeyError(f"the full state dict has no {name!r}")
-        t = full[name]
-        if tp > 1 and getattr(p, "tensor_model_parallel", False):
-            if _is_glu_fc1(key, model):
-                gate, up = t.chunk(2, dim=0)
-                t = torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
-            else:
-                t = t.chunk(tp, dim=p.partition_dim)[rank]
-        if t.shape != p.shape:
-            raise ValueError(f"{name}: shard shape {tuple(t.shape)} != parameter shape "
-                             f"{tuple(p.shape)}")
+    inner = unwrap(model)
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    for name, param in inner.named_parameters():
+        m = _LAYER.match(name)
+        if m is None:
+            layer, local = None, name
+        else:
+            layer = inner.decoder.layers[int(m.group(1))].layer_number - 1
+            local = m.group(2)
+        part = tp_slice(full_tensor(local, layer), param, name, cfg, rank, size)
+        if tuple(part.shape) != tuple(param.shape):
+            raise ConfigError(f"weight {name!r} (layer {layer}) has shape {list(part.shape)} "
+                              f"here, the model needs {list(param.shape)}")
         with torch.no_grad():
-            p.copy_(t)
+            param.copy_(part.to(param.dtype))
+
+
+def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor],
+                         cfg: ModelConfig) -> None:
+    """Copy this rank's shard of every parameter of ``model`` out of a full state dict."""
+    def tensor(name: str, layer: int | None) -> torch.Tensor:
+        key = name if layer is None else f"decoder.layers.{layer}.{name}"
+        if key == "output_layer.weight" and key not in full and _tied(unwrap(model)):
+            key = "embedding.word_embeddings.weight"
+        if key not in full:
+            raise KeyError(f"the full state dict has no {key!r}")
+        return full[key]
+
+    fill_model(model, cfg, tensor)

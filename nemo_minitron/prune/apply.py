@@ -120,5 +120,5 @@ def prune_model(model: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:
         raise AssertionError(f"pruned weights hold {sliced} parameters, config predicts "
                              f"{predicted}")
     pruned = build_model(plan.config, bf16=next(src.parameters()).dtype == torch.bfloat16)
-    load_full_state_dict(pruned, new_sd)
+    load_full_state_dict(pruned, new_sd, plan.config)
     return pruned

@@ -1,0 +1,144 @@
+"""``bench``: prefill and decode throughput of checkpoints side by side, with the ratio to the
+first checkpoint and the ratio predicted from forward FLOPs.
+
+Prefill: one forward of ``batch x seq`` prompt tokens filling Megatron's KV cache; decode:
+``decode_tokens`` single-token steps per sequence attending to that cache (the generator's
+path), timed apart from the prefill. Each timing is the best of ``repeats`` runs after one
+warm-up. FLOPs per token are
+``2 x (parameters touched per token) + 4 x layers x context x heads x kv_channels`` (the
+attention scores and the weighted sum), taken at the mean context length of each phase.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nemo_minitron.config import ModelConfig, ParallelConfig
+
+
+@dataclass(kw_only=True)
+class BenchConfig:
+    """Sizes of the measurement."""
+
+    batch_size: int = 8
+    """Sequences per batch."""
+    seq_length: int = 128
+    """Prompt tokens per sequence (prefill)."""
+    decode_tokens: int = 32
+    """Generated tokens per sequence (decode)."""
+    repeats: int = 3
+    """Timed runs per phase (best is kept) after one warm-up."""
+
+
+def flops_per_token(cfg: ModelConfig, context: float) -> float:
+    """Forward FLOPs of one token attending to ``context`` tokens (embedding lookup free)."""
+    from nemo_minitron.model.params import layer_params
+
+    assert cfg.vocab_size is not None
+    matmul = cfg.num_layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden_size
+    attn = 4 * cfg.num_layers * context * cfg.num_attention_heads * cfg.head_dim
+    return 2 * matmul + attn
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _best(fn: Any, repeats: int) -> float:
+    """Shortest of ``repeats`` timings ``fn()`` returns, after one warm-up call."""
+    fn()
+    return min(fn() for _ in range(repeats))
+
+
+@torch.no_grad()
+def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
+    """Measured prefill/decode tokens/s and predicted FLOPs/token of one checkpoint."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from nemo_minitron.checkpoint.io import load_model_config, load_weights
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.model.params import count_params
+
+    cfg = load_model_config(checkpoint)
+    model = build_model(cfg, bf16=torch.cuda.is_available())
+    load_weights(checkpoint, model)
+    model.eval()
+    device = next(model.parameters()).device
+    assert cfg.vocab_size is not None
+    prompt = torch.randint(0, cfg.vocab_size, (b.batch_size, b.seq_length),
+                           generator=torch.Generator().manual_seed(0)).to(device)
+    total = b.seq_length + b.decode_tokens
+    pos = torch.arange(b.seq_length, device=device).unsqueeze(0).expand_as(prompt)
+
+    def prefill() -> StaticInferenceContext:
+        ctx = StaticInferenceContext(b.batch_size, total)
+        model(prompt, pos, None, inference_context=ctx, runtime_gather_output=True)
+        return ctx
+
+    def decode() -> float:
+        ctx = prefill()  # not timed: decode steps only
+        ctx.sequence_len_offset = b.seq_length
+        ctx.enable_decode_mode()
+        tok = prompt[:, -1:]
+        _sync()
+        t0 = time.perf_counter()
+        for i in range(b.decode_tokens):
+            p = torch.full_like(tok, b.seq_length + i)
+            logits = model(tok, p, None, inference_context=ctx, runtime_gather_output=True)
+            tok = logits[:, -1:].argmax(-1)
+            ctx.sequence_len_offset += 1
+        _sync()
+        return time.perf_counter() - t0
+
+    def timed_prefill() -> float:
+        _sync()
+        t0 = time.perf_counter()
+        prefill()
+        _sync()
+        return time.perf_counter() - t0
+
+    t_prefill = _best(timed_prefill, b.repeats)
+    t_decode = _best(decode, b.repeats)
+    return {
+        "checkpoint": checkpoint, "params": count_params(cfg),
+        "prefill_tok_s": b.batch_size * b.seq_length / t_prefill,
+        "decode_tok_s": b.batch_size * b.decode_tokens / t_decode,
+        "prefill_flops_tok": flops_per_token(cfg, b.seq_length / 2),
+        "decode_flops_tok": flops_per_token(cfg, b.seq_length + b.decode_tokens / 2),
+    }
+
+
+def bench(checkpoints: list[str], b: BenchConfig) -> list[dict[str, Any]]:
+    """Rows of ``bench_one`` with ratios to the first checkpoint (measured and FLOP-predicted:
+    a model with half the FLOPs per token is predicted to run twice as fast)."""
+    from nemo_minitron.checkpoint.io import check_checkpoint
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    for c in checkpoints:
+        check_checkpoint(c)
+    init_distributed(ParallelConfig())
+    rows = [bench_one(c, b) for c in checkpoints]
+    ref = rows[0]
+    for r in rows:
+        for phase in ("prefill", "decode"):
+            r[f"{phase}_ratio"] = r[f"{phase}_tok_s"] / ref[f"{phase}_tok_s"]
+            r[f"{phase}_flop_ratio"] = ref[f"{phase}_flops_tok"] / r[f"{phase}_flops_tok"]
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the rows (ratios are relative to the first checkpoint)."""
+    head = ("| checkpoint | params | prefill tok/s | ratio | FLOP ratio | decode tok/s | ratio "
+            "| FLOP ratio |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['checkpoint']} | {r['params'] / 1e6:.2f}M | {r['prefill_tok_s']:.0f} | "
+            f"{r['prefill_ratio']:.2f} | {r['prefill_flop_ratio']:.2f} | "
+            f"{r['decode_tok_s']:.0f} | {r['decode_ratio']:.2f} | {r['decode_flop_ratio']:.2f} |")
+    return "\n".join(lines)

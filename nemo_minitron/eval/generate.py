@@ -1,0 +1,140 @@
+"""Batched greedy / sampling generation with a KV cache (Megatron's ``StaticInferenceContext``).
+
+Megatron-core's own static-batching KV cache runs on CPU with our backend: the prompt is
+encoded once (prefill), then every step feeds one token per sequence and attends to the cached
+keys and values. Prompts of different lengths are batched as Megatron does: prefill up to the
+shortest prompt, then step one position at a time, where a row still inside its prompt takes
+its prompt token instead of the sampled one. ``use_cache=False`` recomputes the whole prefix
+every step (the reference the KV-cache path is tested against). TP is supported (the vocabulary
+shards are gathered); PP=1 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nemo_minitron.config import ConfigError
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """How the next token is chosen."""
+
+    max_new_tokens: int = 32
+    """Tokens generated after each prompt."""
+    greedy: bool = True
+    """Argmax decoding; False samples with temperature / top_k / top_p."""
+    temperature: float = 1.0
+    """Softmax temperature of sampling."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Sample among the smallest set of tokens whose probability reaches p (1.0: all)."""
+    seed: int = 0
+    """Seed of the sampling generator."""
+    stop_token: int | None = None
+    """A row stops after emitting this token (typically the tokenizer's eod)."""
+
+
+def _next_token(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
+    if s.greedy:
+        return logits.argmax(-1)
+    logits = logits / max(s.temperature, 1e-6)
+    if s.top_k > 0:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the token that crosses p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
+def _logits(model: torch.nn.Module, tokens: torch.Tensor, start: int, ctx) -> torch.Tensor:
+    """Full-vocabulary logits of the last position of ``tokens`` (positions from ``start``)."""
+    b, s = tokens.shape
+    pos = torch.arange(start, start + s, device=tokens.device).unsqueeze(0).expand(b, s)
+    out = model(tokens, pos, None, inference_context=ctx, runtime_gather_output=True)
+    return out[:, -1, :].float()
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompts: list[list[int]], sampling: SamplingConfig,
+             use_cache: bool = True, vocab_limit: int | None = None) -> list[list[int]]:
+    """Generated continuations (without the prompts) of every prompt, in order.
+    ``vocab_limit`` keeps sampling inside the tokenizer's vocabulary (padding rows excluded)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ConfigError("generation runs with pipeline_model_parallel_size=1")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    total = int(lengths.max()) + sampling.max_new_tokens
+    tokens = torch.zeros(len(prompts), total, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p, device=device)
+    gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    was_training = model.training
+    model.eval()
+    ctx = StaticInferenceContext(len(prompts), total) if use_cache else None
+    start = int(lengths.min())
+    for pos in range(start, total):
+        if ctx is None:
+            logits = _logits(model, tokens[:, :pos], 0, None)
+        elif pos == start:
+            logits = _logits(model, tokens[:, :pos], 0, ctx)
+            ctx.sequence_len_offset = pos
+            ctx.enable_decode_mode()
+        else:
+            logits = _logits(model, tokens[:, pos - 1:pos], pos - 1, ctx)
+            ctx.sequence_len_offset = pos
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
+        nxt = _next_token(logits.cpu(), sampling, gen).to(device)
+        in_prompt = pos < lengths
+        tokens[:, pos] = torch.where(in_prompt, tokens[:, pos], nxt)
+        if sampling.stop_token is not None:
+            done |= ~in_prompt & (nxt == sampling.stop_token)
+            if bool(done.all()):
+                tokens = tokens[:, :pos + 1]
+                break
+    model.train(was_training)
+    out = []
+    for i, n in enumerate(lengths.tolist()):
+        row = tokens[i, n:n + sampling.max_new_tokens].tolist()
+        if sampling.stop_token is not None and sampling.stop_token in row:
+            row = row[:row.index(sampling.stop_token) + 1]
+        out.append(row)
+    return out
+
+
+def generate_text(checkpoint: str, prompts: list[str], sampling: SamplingConfig) -> list[str]:
+    """Load ``checkpoint`` (one process) and continue each text prompt; stops at eod."""
+    import dataclasses
+
+    from nemo_minitron.checkpoint.io import (
+        load_checkpoint_tokenizer,
+        load_model_config,
+        load_weights,
+    )
+    from nemo_minitron.config import ParallelConfig
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    tok = load_checkpoint_tokenizer(checkpoint)
+    cfg = load_model_config(checkpoint)
+    init_distributed(ParallelConfig())
+    model = build_model(cfg)
+    load_weights(checkpoint, model)
+    if sampling.stop_token is None:
+        sampling = dataclasses.replace(sampling, stop_token=tok.eod)
+    ids = generate(model, [tok.encode(p) for p in prompts], sampling,
+                   vocab_limit=tok.vocab_size)
+    return [tok.decode(row) for row in ids]

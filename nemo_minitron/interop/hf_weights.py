@@ -1,0 +1,192 @@
+"""Hugging Face Llama-family tensors <-> Megatron ``GPTModel`` tensors (full, TP=1 layouts).
+
+Megatron's ``linear_qkv`` stacks its rows per query group: ``[q heads of group 0 | k0 | v0 |
+q heads of group 1 | k1 | v1 | ...]`` (``kv_channels`` rows per head); HF keeps separate
+``q_proj``/``k_proj``/``v_proj`` whose heads are in order, so query head ``j`` belongs to group
+``j // (heads / groups)``. Megatron's SwiGLU ``linear_fc1`` is ``[gate ; up]``. RoPE needs no
+permutation: HF and Megatron (``rotary_interleaved=False``) both rotate the two halves of a head.
+
+Reading goes through ``safetensors.safe_open`` one tensor at a time (never ``torch.load``), so
+memory stays near one tensor, and each rank reads only the tensors of its own pipeline stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from nemo_minitron.config import ConfigError, ModelConfig
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# Megatron layer-local name -> HF layer-local name, for one-to-one tensors. The TE spec fuses the
+# norms into the following linear (``layer_norm_weight``); both spellings map to the same tensor.
+_LAYER_1TO1 = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_TOP_1TO1 = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+}
+
+
+def qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cfg: ModelConfig) -> torch.Tensor:
+    """Separate HF q/k/v (weights ``[out, hidden]`` or biases ``[out]``) -> ``linear_qkv``."""
+    g, d = cfg.query_groups, cfg.head_dim
+    rest = q.shape[1:]
+    blocks = [q.reshape(g, -1, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)]
+    return torch.cat(blocks, dim=1).reshape(-1, *rest)
+
+
+def qkv_from_megatron(qkv: torch.Tensor, cfg: ModelConfig
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``qkv_to_megatron``."""
+    g, d = cfg.query_groups, cfg.head_dim
+    per_group = cfg.num_attention_heads // g
+    rest = qkv.shape[1:]
+    blocks = qkv.reshape(g, (per_group + 2) * d, *rest)
+    q, k, v = blocks.split([per_group * d, d, d], dim=1)
+    return tuple(t.reshape(-1, *rest).contiguous() for t in (q, k, v))  # type: ignore[return-value]
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF checkpoint of ``cfg`` holds, with its shape."""
+    h, f, d, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim, cfg.vocab_size
+    a, g = cfg.num_attention_heads, cfg.query_groups
+    assert v is not None
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h),
+                                          "model.norm.weight": (h,)}
+    if not cfg.share_embeddings_and_output_weights:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (a * d, h), p + "self_attn.k_proj.weight": (g * d, h),
+            p + "self_attn.v_proj.weight": (g * d, h), p + "self_attn.o_proj.weight": (h, a * d),
+            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        })
+        if cfg.add_qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (a * d,),
+                           p + "self_attn.k_proj.bias": (g * d,),
+                           p + "self_attn.v_proj.bias": (g * d,)})
+    return shapes
+
+
+class HFTensors:
+    """The tensors of an HF checkpoint directory (``model.safetensors`` or a sharded
+    ``model.safetensors.index.json``), opened lazily, shard by shard."""
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        d = Path(directory)
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConfigError(f"{index} has no weight_map")
+            self.files = {k: d / f for k, f in weight_map.items()}
+        elif (d / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(d / "model.safetensors", "pt") as f:
+                self.files = {k: d / "model.safetensors" for k in f.keys()}  # noqa: SIM118
+        else:
+            found = "pytorch_model.bin" if (d / "pytorch_model.bin").exists() else "nothing"
+            raise ConfigError(f"{str(d)!r} holds no model.safetensors or "
+                              f"model.safetensors.index.json (found {found}; only safetensors "
+                              f"are read, never pickles)")
+        missing = sorted({str(f) for f in self.files.values() if not f.is_file()})
+        if missing:
+            raise ConfigError(f"shard {missing[0]} named in the index is missing")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], "pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_tensor(name)
+
+    def check(self, cfg: ModelConfig) -> None:
+        """Every tensor ``cfg`` needs is there with its shape, and nothing else."""
+        want = expected_hf_shapes(cfg)
+        for name, shape in want.items():
+            if name not in self.files:
+                raise ConfigError(f"checkpoint lacks tensor {name!r}")
+            have = self.shape(name)
+            if have != shape:
+                raise ConfigError(f"tensor {name!r} has shape {list(have)}, config.json implies "
+                                  f"{list(shape)}")
+        extra = [k for k in self.files if k not in want and not k.endswith("rotary_emb.inv_freq")
+                 and not (k == "lm_head.weight" and cfg.share_embeddings_and_output_weights)]
+        if extra:
+            raise ConfigError(f"checkpoint holds tensor {extra[0]!r} that the config does not "
+                              f"explain")
+
+
+def megatron_tensor(name: str, layer: int | None, cfg: ModelConfig,
+                    get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The full (TP=1) Megatron tensor ``name`` (``layer`` is the global layer index of a
+    ``decoder.layers.*`` name) from HF tensors read by ``get``."""
+    if layer is None:
+        if name in _TOP_1TO1:
+            return get(_TOP_1TO1[name])
+        if name == "output_layer.weight":
+            tied = cfg.share_embeddings_and_output_weights
+            return get("model.embed_tokens.weight" if tied else "lm_head.weight")
+        raise ConfigError(f"no Hugging Face tensor maps to {name!r}")
+    p = f"model.layers.{layer}."
+    if name in _LAYER_1TO1:
+        return get(p + _LAYER_1TO1[name])
+    if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = name.rsplit(".", 1)[1]
+        return qkv_to_megatron(*(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"), cfg)
+    if name == "mlp.linear_fc1.weight":
+        return torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+    raise ConfigError(f"no Hugging Face tensor maps to {name!r}")
+
+
+def hf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full (TP=1, PP=1) Megatron state dict -> HF tensors (layers numbered 0..L-1)."""
+    for key, w in sd.items():
+        if key.endswith("_extra_state"):
+            continue
+        m = _LAYER.match(key)
+        if m is None:
+            if key in _TOP_1TO1:
+                yield _TOP_1TO1[key], w
+            elif key == "output_layer.weight":
+                if not cfg.share_embeddings_and_output_weights:
+                    yield "lm_head.weight", w
+            else:
+                raise ConfigError(f"export does not know the weight {key!r}")
+            continue
+        p, name = f"model.layers.{int(m.group(1))}.", m.group(2)
+        if name in _LAYER_1TO1:
+            yield p + _LAYER_1TO1[name], w
+        elif name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+            kind = name.rsplit(".", 1)[1]
+            for x, t in zip("qkv", qkv_from_megatron(w, cfg)):
+                yield f"{p}self_attn.{x}_proj.{kind}", t
+        elif name == "mlp.linear_fc1.weight":
+            gate, up = w.chunk(2)
+            yield p + "mlp.gate_proj.weight", gate.contiguous()
+            yield p + "mlp.up_proj.weight", up.contiguous()
+        else:
+            raise ConfigError(f"export does not know the weight {key!r}")

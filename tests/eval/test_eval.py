@@ -1,0 +1,111 @@
+"""Evaluation against transformers: perplexity on text files equals the HF model's own loss on
+the same windows; KV-cached generation equals uncached generation token for token (greedy and
+sampled) and HF's greedy ``generate``; ``bench`` prints its side-by-side table."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist import spawn
+from tests.interop.hfmodels import WORDS, save_hf_model
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+SEQ = 16
+
+
+def eval_job(root: str) -> None:
+    from nemo_minitron.checkpoint.io import load_model_config, load_weights
+    from nemo_minitron.cli import main
+    from nemo_minitron.eval.generate import SamplingConfig, generate
+    from nemo_minitron.eval.perplexity import PerplexityConfig, perplexity
+    from nemo_minitron.interop.hf_import import import_hf
+    from nemo_minitron.model.build import build_model
+
+    r = Path(root)
+    import_hf(r / "hf", r / "ck")
+    import_hf(r / "hf_small", r / "ck_small")
+    files = sorted(str(p) for p in r.glob("doc*.txt"))
+    ppl = perplexity(str(r / "ck"), PerplexityConfig(seq_length=SEQ, micro_batch_size=2), files)
+    model = build_model(load_model_config(r / "ck"))
+    load_weights(r / "ck", model)
+    greedy = SamplingConfig(max_new_tokens=10)
+    sampled = SamplingConfig(max_new_tokens=10, greedy=False, temperature=0.8, top_k=30,
+                             top_p=0.9, seed=3)
+    out = {"ppl": ppl,
+           "greedy_cache": generate(model, PROMPTS, greedy),
+           "greedy_nocache": generate(model, PROMPTS, greedy, use_cache=False),
+           "sampled_cache": generate(model, PROMPTS, sampled),
+           "sampled_nocache": generate(model, PROMPTS, sampled, use_cache=False)}
+    (r / "out.json").write_text(json.dumps(out))
+    with open(r / "bench.txt", "w") as f, contextlib.redirect_stdout(f):
+        main(["bench", str(r / "ck"), str(r / "ck_small"), "--batch-size", "2",
+              "--seq-length", "16", "--decode-tokens", "4", "--repeats", "1"])
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("eval")
+    save_hf_model(root / "hf", "llama", seed=7)
+    save_hf_model(root / "hf_small", "llama", seed=8, hidden_size=32, intermediate_size=64)
+    rng = random.Random(0)
+    for i in range(2):
+        words = " ".join(f"w{rng.randrange(WORDS - 3)}" for _ in range(150))
+        (root / f"doc{i}.txt").write_text(words)
+    spawn(eval_job, 1, str(root))
+    return root, json.loads((root / "out.json").read_text())
+
+
+def test_perplexity_equals_transformers_loss(result):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, out = result
+    tok = AutoTokenizer.from_pretrained(str(root / "hf"))
+    ids: list[int] = []
+    for p in sorted(root.glob("doc*.txt")):
+        ids += tok.encode(p.read_text(), add_special_tokens=False) + [tok.eos_token_id]
+    n = len(ids) // (SEQ + 1) // 2 * 2  # whole micro-batches of 2
+    windows = torch.tensor(ids[:n * (SEQ + 1)]).view(n, SEQ + 1)
+    model = AutoModelForCausalLM.from_pretrained(str(root / "hf"), attn_implementation="eager")
+    with torch.no_grad():
+        logits = model(windows[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             windows[:, 1:].reshape(-1)).item()
+    assert out["ppl"]["windows"] == n and out["ppl"]["tokens"] == n * SEQ
+    assert out["ppl"]["loss"] == pytest.approx(loss, abs=1e-4)
+    assert out["ppl"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_kv_cache_generation_equals_uncached(result):
+    _, out = result
+    assert out["greedy_cache"] == out["greedy_nocache"]
+    assert out["sampled_cache"] == out["sampled_nocache"]
+    assert out["sampled_cache"] != out["greedy_cache"]
+    assert all(len(row) == 10 for row in out["greedy_cache"])
+
+
+def test_greedy_equals_transformers_generate(result):
+    from transformers import AutoModelForCausalLM
+
+    root, out = result
+    model = AutoModelForCausalLM.from_pretrained(str(root / "hf"), attn_implementation="eager")
+    for prompt, ours in zip(PROMPTS, out["greedy_cache"]):
+        hf = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)
+        hf = hf[0, len(prompt):].tolist()
+        assert hf and ours[:len(hf)] == hf
+
+
+def test_bench_prints_table(result):
+    root, _ = result
+    lines = (root / "bench.txt").read_text().strip().splitlines()
+    assert lines[0].startswith("| checkpoint | params | prefill tok/s | ratio | FLOP ratio")
+    assert len(lines) == 4
+    first, small = (line.split("|") for line in lines[2:])
+    assert float(first[4]) == 1.0 and float(first[5]) == 1.0
+    assert float(small[5]) > 1.0  # the smaller model is predicted faster
