@@ -1,8 +1,10 @@
 """The README's first command: the end-to-end demo on the embedded default.
 
 Build the embedded corpus and tokenizer, pretrain the tiny teacher, prune it to about half its
-parameters (``recipes/tiny_cpu_prune.yaml``), and print the teacher's and the pruned model's
-validation losses and the teacher's throughput. Distillation joins when that stage lands.
+parameters (``recipes/tiny_cpu_prune.yaml``), distill the teacher into the pruned model
+(``recipes/tiny_cpu_distill.yaml``), and print the validation losses of the teacher, the
+one-shot pruned and the distilled model, and the teacher's throughput. Each stage resumes or is
+reused when the command runs again.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ log = get_logger("demo")
 
 
 PRUNE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_cpu_prune.yaml"
+DISTILL_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_cpu_distill.yaml"
 
 
 def run_demo(recipe_path: str | None, overrides: list[str], out: str,
-             prune_recipe: str | None = None, prune_overrides: list[str] | None = None) -> dict:
+             prune_recipe: str | None = None, prune_overrides: list[str] | None = None,
+             distill_overrides: list[str] | None = None) -> dict:
     """Run the demo stages under ``out``; returns the summary it prints. ``data.*``
-    overrides apply to both stages."""
+    overrides apply to every stage."""
+    from nemo_minitron.distill.stage import DistillRecipe, distill
     from nemo_minitron.prune.stage import PruneRecipe, prune
     from nemo_minitron.train.pretrain import pretrain
 
@@ -41,6 +46,9 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
         pruned = json.loads((pruned_dir / "pruning" / "summary.json").read_text())
     else:
         pruned = prune(teacher["final"], str(pruned_dir), p_recipe)
+    d_recipe = load_recipe(DISTILL_RECIPE, data_overrides + list(distill_overrides or []),
+                           cls=DistillRecipe)
+    distilled = distill(d_recipe, teacher["final"], str(pruned_dir), out_dir / "distilled")
     speeds = [json.loads(line)["tokens_per_s"]
               for line in (out_dir / "teacher" / "metrics.jsonl").read_text().splitlines()
               if '"speed"' in line]
@@ -54,6 +62,9 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
         "pruned_checkpoint": str(pruned_dir),
         "pruned_params": pruned["pruned_params"],
         "pruned_valid_loss_one_shot": pruned["pruned_valid_loss"],
+        "distilled_checkpoint": distilled["final"],
+        "distilled_valid_loss": distilled["valid"].get("lm loss", math.nan),
+        "distilled_valid_kd_loss": distilled["valid"].get("kd loss", math.nan),
     }
     log.info("teacher: validation loss %.4f (at init %.4f), %.0f tokens/s, checkpoint %s",
              summary["teacher_valid_loss"], summary["teacher_valid_loss_init"],
@@ -61,6 +72,9 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     log.info("pruned: %d -> %d parameters, one-shot validation loss %.4f",
              summary["teacher_params"], summary["pruned_params"],
              summary["pruned_valid_loss_one_shot"])
+    log.info("distilled: validation loss %.4f (KL to the teacher %.4f), checkpoint %s",
+             summary["distilled_valid_loss"], summary["distilled_valid_kd_loss"],
+             summary["distilled_checkpoint"])
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(summary, indent=2))
     return summary
