@@ -42,6 +42,18 @@ def _log_softmax(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tens
     return z - m - s.log()
 
 
+def _pick(logits: torch.Tensor, labels: torch.Tensor,
+          group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``logits[i, labels[i]]`` of vocab-parallel ``logits [n, V/TP]`` (the owning rank's
+    value, all-reduced)."""
+    v_local = logits.shape[-1]
+    start = v_local * (dist.get_rank(group) if group is not None else 0)
+    mine = (labels >= start) & (labels < start + v_local)
+    picked = _compute_dtype(logits.gather(-1, (labels - start).clamp(0, v_local - 1)
+                                          .unsqueeze(-1)).squeeze(-1))
+    return _allreduce(torch.where(mine, picked, torch.zeros_like(picked)), group)
+
+
 def _lse(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Vocab-parallel log-sum-exp over the last dim ``[n]``."""
     if group is None or dist.get_world_size(group) == 1:
@@ -93,7 +105,8 @@ class _VocabParallelDivergence(torch.autograd.Function):
     the loss adds one logits-sized buffer, the gradient, plus a few chunk-sized ones)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, kind, temperature, top_k, group, step):  # type: ignore[override]
+    def forward(ctx, student, teacher, kind, temperature, top_k, group, step,  # type: ignore[override]
+                labels):
         out = torch.empty(student.shape[0], dtype=torch.float32 if student.dtype != torch.float64
                           else torch.float64, device=student.device)
         fast = kind == "forward" and top_k is None
@@ -113,10 +126,15 @@ class _VocabParallelDivergence(torch.autograd.Function):
                     out[i:i + step] = _divergence(ls, lt, kind, group)[0]
         ctx.save_for_backward(student, teacher, lse)
         ctx.args = (kind, temperature, top_k, group, step, fast)
-        return out * temperature**2
+        if labels is None:
+            return out * temperature**2, None
+        # At T=1 the student's cross-entropy is lse_s - z_s[label]: no second softmax pass.
+        ce = lse[0] - _pick(student, labels, group)
+        ctx.mark_non_differentiable(ce)
+        return out * temperature**2, ce
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad, _grad_ce=None):  # type: ignore[override]
         student, teacher, lse = ctx.saved_tensors
         kind, temperature, top_k, group, step, fast = ctx.args
         dstudent = torch.empty_like(student)
@@ -136,7 +154,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
             del ls, lt
             # d(T^2 D)/d logits = T^2 * dD/dz / T
             dstudent[i:i + step] = dz.mul_(g)
-        return dstudent, None, None, None, None, None, None
+        return dstudent, None, None, None, None, None, None, None
 
 
 def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
@@ -159,8 +177,29 @@ def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
     lead = student.shape[:-1]
     s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     step = max(chunk_tokens or s2.shape[0], 1)
-    out = _VocabParallelDivergence.apply(s2, t2.detach(), kind, temperature, top_k, group, step)
+    out, _ = _VocabParallelDivergence.apply(s2, t2.detach(), kind, temperature, top_k, group,
+                                            step, None)
     return out.reshape(lead)
+
+
+def logit_divergence_and_ce(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                            *, kind: Divergence = "forward", temperature: float = 1.0,
+                            top_k: int | None = None, chunk_tokens: int | None = 256,
+                            group: dist.ProcessGroup | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logit_divergence`` and, without gradient, the student's per-token cross-entropy
+    against ``labels [...]`` (reported beside the distillation loss). On the fused path
+    (forward KL, T=1, no top-k) the cross-entropy reuses the divergence's log-sum-exps."""
+    if kind != "forward" or temperature != 1.0 or top_k is not None:
+        kd = logit_divergence(student, teacher, kind=kind, temperature=temperature,
+                              top_k=top_k, chunk_tokens=chunk_tokens, group=group)
+        return kd, token_cross_entropy(student, labels, chunk_tokens=chunk_tokens, group=group)
+    lead = student.shape[:-1]
+    s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    step = max(chunk_tokens or s2.shape[0], 1)
+    kd, ce = _VocabParallelDivergence.apply(s2, t2.detach(), kind, 1.0, None, group, step,
+                                            labels.reshape(-1))
+    return kd.reshape(lead), ce.reshape(lead)
 
 
 @torch.no_grad()
@@ -171,17 +210,11 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
     ``labels [...]``, without gradient and without touching ``logits`` (Megatron's
     ``vocab_parallel_cross_entropy`` overwrites its input, which the divergence still needs):
     the student's LM loss, reported beside the distillation loss."""
-    v_local = logits.shape[-1]
-    start = v_local * (dist.get_rank(group) if group is not None else 0)
-    z2, y2 = logits.reshape(-1, v_local), labels.reshape(-1)
+    z2, y2 = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     step = chunk_tokens or z2.shape[0]
-    out = []
-    for i in range(0, z2.shape[0], step):
-        z, y = _compute_dtype(z2[i:i + step]), y2[i:i + step]
-        mine = (y >= start) & (y < start + v_local)
-        picked = z.gather(-1, (y - start).clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1)
-        picked = _allreduce(torch.where(mine, picked, torch.zeros_like(picked)), group)
-        out.append(_lse(z, group) - picked)
+    out = [_lse(_compute_dtype(z2[i:i + step]), group) - _pick(z2[i:i + step], y2[i:i + step],
+                                                              group)
+           for i in range(0, z2.shape[0], step)]
     return torch.cat(out).reshape(labels.shape)
 
 

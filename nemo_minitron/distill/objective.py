@@ -24,8 +24,7 @@ from nemo_minitron.config import ConfigError
 from nemo_minitron.distill.losses import (
     Divergence,
     hidden_state_loss,
-    logit_divergence,
-    token_cross_entropy,
+    logit_divergence_and_ce,
 )
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.train.objectives import masked_mean, to_device
@@ -212,17 +211,14 @@ class KDObjective:
             s_logits = s_logits[..., :self.shared_vocab]
             t_logits = t_logits[..., :self.shared_vocab]
         group = self.tp_group if torch.distributed.get_world_size(self.tp_group) > 1 else None
-        kd = masked_mean(logit_divergence(s_logits, t_logits, kind=cfg.divergence,
-                                          temperature=cfg.temperature, top_k=cfg.top_k,
-                                          chunk_tokens=cfg.chunk_tokens, group=group),
-                         batch["loss_mask"])
+        per_kd, per_ce = logit_divergence_and_ce(
+            s_logits, t_logits, batch["labels"], kind=cfg.divergence,
+            temperature=cfg.temperature, top_k=cfg.top_k, chunk_tokens=cfg.chunk_tokens,
+            group=group)
+        kd, ce = masked_mean(per_kd, batch["loss_mask"]), masked_mean(per_ce, batch["loss_mask"])
         if cfg.lm_loss_weight:  # Megatron's CE overwrites its input: give it a copy
             ce = masked_mean(vocab_parallel_cross_entropy(s_logits.float().clone(),
                                                           batch["labels"]), batch["loss_mask"])
-        else:
-            ce = masked_mean(token_cross_entropy(s_logits, batch["labels"],
-                                                 chunk_tokens=cfg.chunk_tokens, group=group),
-                             batch["loss_mask"])
         loss = cfg.logit_weight * kd + cfg.lm_loss_weight * ce
         metrics = {"kd loss": kd.detach().clone(), "lm loss": ce.detach().clone()}
         hidden = [v for n, v in aux if n == "hidden loss"]

@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_minitron.distill.losses import hidden_state_loss, logit_divergence, token_cross_entropy
+from nemo_minitron.distill.losses import (
+    hidden_state_loss,
+    logit_divergence,
+    logit_divergence_and_ce,
+    token_cross_entropy,
+)
 from tests.dist import spawn
 
 KINDS = ["forward", "reverse", "js"]
@@ -79,6 +84,15 @@ def test_token_cross_entropy_equals_torch_and_leaves_logits_alone():
     got = token_cross_entropy(s, labels, chunk_tokens=5)
     torch.testing.assert_close(got, F.cross_entropy(s, labels, reduction="none"))
     assert torch.equal(s, before)
+    # The fused path (forward KL, T=1) gives the same divergence, gradient and cross-entropy.
+    t, w = _inputs()[1:]
+    want = _value_and_grad(lambda a, b: reference(a, b, "forward"), s, t, w)
+    got = _value_and_grad(lambda a, b: logit_divergence_and_ce(a, b, labels, chunk_tokens=5)[0],
+                          s, t, w)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=0)
+    ce = logit_divergence_and_ce(s, t, labels, chunk_tokens=5)[1]
+    torch.testing.assert_close(ce, F.cross_entropy(s, labels, reduction="none"))
 
 
 def test_hidden_state_losses():
