@@ -1,0 +1,210 @@
+"""The ``search`` stage: candidate shapes near a budget -> prune each from one importance pass
+-> one-shot validation loss -> short distillation -> rank -> report and winner checkpoint.
+
+Layout under ``out``: ``search/scores.pt`` (the shared importance pass),
+``search/candidates/<name>/{pruned,distill}``, ``search/candidates.json`` (rewritten after every
+finished candidate), ``search/{report.md,loss_curves.png}`` and ``winner`` (the retrained
+checkpoint of the best candidate). A re-run of the same command skips finished candidates and
+resumes a partly distilled one from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nemo_minitron.config import ConfigError, DataConfig, ParallelConfig, TrainConfig
+from nemo_minitron.distill.objective import KDConfig
+from nemo_minitron.prune.stage import CalibConfig
+from nemo_minitron.search.enumerate import Candidate, SearchConfig, enumerate_candidates
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("search")
+
+
+def _search_train() -> TrainConfig:
+    # The distillation schedule, validated often enough to draw each candidate's curve.
+    return TrainConfig(lr=1e-4, min_lr=1e-5, lr_warmup_iters=10, eval_interval=10)
+
+
+@dataclass(kw_only=True)
+class SearchRecipe:
+    """Everything the search verb reads."""
+
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """Budget, candidate grid, retraining steps, scoring."""
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    """The importance pass and the one-shot validation loss."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Distillation losses of the retraining."""
+    train: TrainConfig = field(default_factory=_search_train)
+    """Retraining loop; train_iters is search.retrain_steps, eval_interval must be > 0."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Calibration, retraining and validation data."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Layout of every stage (the candidates are checked against it)."""
+    rescale_norms: bool = True
+    """Compensate RMSNorm weights for removed channels (see prune)."""
+
+
+def load_score_fn(spec: str) -> Callable[[str], float]:
+    """``module:function`` -> the function, or a one-line error."""
+    mod, sep, name = spec.partition(":")
+    if not sep or not mod or not name:
+        raise ConfigError(f"search.score_fn={spec!r} must look like module:function")
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"search.score_fn={spec!r} cannot be imported: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"search.score_fn={spec!r} is not callable")
+    return fn
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _record(c: Candidate) -> dict[str, Any]:
+    shape = {k: v for k, v in dataclasses.asdict(c).items() if k != "params"}
+    return {"name": c.name, "shape": shape, "params": c.params, "status": "pending"}
+
+
+def _load_state(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Records of an earlier run of the same search, by name."""
+    if not path.is_file():
+        return {}
+    state = json.loads(path.read_text())
+    if [r["name"] for r in state["candidates"]] != names:
+        raise ConfigError(f"{path} holds a search over other candidates "
+                          f"({[r['name'] for r in state['candidates']]}); use a new output "
+                          "directory or the same search settings")
+    return {r["name"]: r for r in state["candidates"]}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # checkpoints are never modified in place: hard links are safe
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
+    """Run (or resume) the search; returns the summary (``finished`` False when stopped
+    early by search.max_candidates_per_run or a signal)."""
+    from nemo_minitron.checkpoint.io import check_checkpoint, is_checkpoint, load_model_config
+    from nemo_minitron.distill.stage import DistillRecipe, distill
+    from nemo_minitron.model.params import count_params
+    from nemo_minitron.parallel.runtime import init_distributed
+    from nemo_minitron.prune.stage import PruneRecipe, prune
+    from nemo_minitron.search.report import plot_curves, rank_records, write_report
+    from nemo_minitron.utils.fs import atomic_dir, atomic_write_json
+
+    s, p = recipe.search, recipe.parallel
+    check_checkpoint(checkpoint)
+    src = load_model_config(checkpoint)
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    src.check_layout(tp, pp)
+    candidates = enumerate_candidates(src, s, tp, pp)
+    score_fn = load_score_fn(s.score_fn) if s.score_fn else None
+    if not recipe.train.eval_interval:
+        raise ConfigError("train.eval_interval=0: the search needs validation during "
+                          "retraining (set it > 0)")
+    root = Path(out) / "search"
+    state_file = root / "candidates.json"
+    done = _load_state(state_file, [c.name for c in candidates])
+    records = [done.get(c.name) or _record(c) for c in candidates]
+    init_distributed(p, seed=recipe.train.seed)
+    log.info("%d candidates within %.0f%% of %d parameters: %s", len(candidates),
+             100 * s.tolerance, s.target_params, ", ".join(c.name for c in candidates))
+    train = dataclasses.replace(recipe.train, train_iters=s.retrain_steps)
+    kd_recipe = DistillRecipe(parallel=p, data=recipe.data, train=train, kd=recipe.kd)
+    scores_file = root / "scores.pt"
+
+    def save_state() -> None:
+        if _rank0():
+            atomic_write_json(state_file, {"source": str(checkpoint),
+                                           "target_params": s.target_params,
+                                           "tolerance": s.tolerance, "candidates": records})
+
+    ran, finished = 0, True
+    for c, rec in zip(candidates, records):
+        cdir = root / "candidates" / c.name
+        pruned, run = cdir / "pruned", cdir / "distill"
+        final = run / "checkpoints" / f"step_{s.retrain_steps:07d}"
+        if rec["status"] == "done" and is_checkpoint(final):
+            log.info("candidate %s: finished earlier, skipped", c.name)
+            continue
+        if s.max_candidates_per_run is not None and ran >= s.max_candidates_per_run:
+            finished = False
+            break
+        summary_file = pruned / "pruning" / "summary.json"
+        if not summary_file.is_file():
+            if pruned.exists() and _rank0():  # cut between the weights and the report
+                shutil.rmtree(pruned)
+            _barrier()
+            prune(checkpoint, str(pruned), PruneRecipe(
+                target=c.target(s.layer_metric), calib=recipe.calib, data=recipe.data,
+                parallel=p, scores=str(scores_file) if scores_file.is_file() else None,
+                rescale_norms=recipe.rescale_norms))
+            _barrier()
+        if not scores_file.is_file() and _rank0():
+            shutil.copy2(pruned / "pruning" / "scores.pt", scores_file.with_suffix(".tmp"))
+            scores_file.with_suffix(".tmp").replace(scores_file)
+        _barrier()
+        rec["one_shot_loss"] = json.loads(summary_file.read_text())["pruned_valid_loss"]
+        result = distill(kd_recipe, checkpoint, str(pruned), run)
+        if result["interrupted"]:
+            log.info("candidate %s: stopped at step %d; re-run the same command to resume",
+                     c.name, result["step"])
+            finished = False
+            break
+        rec["curve"] = [[h["step"], h["lm loss"]] for h in result["history"]]
+        rec["retrained_loss"] = result["history"][-1]["lm loss"]
+        rec["retrain_steps"] = s.retrain_steps
+        rec["checkpoint"] = str(final)
+        rec["score"] = float(score_fn(str(final))) if score_fn else rec["retrained_loss"]
+        rec["status"] = "done"
+        save_state()
+        ran += 1
+        log.info("candidate %s (%d params): one-shot loss %.4f, after %d steps %.4f",
+                 c.name, c.params, rec["one_shot_loss"], s.retrain_steps, rec["retrained_loss"])
+    if not finished:
+        save_state()
+        left = [r["name"] for r in records if r["status"] != "done"]
+        log.info("search stopped with %d candidates left (%s); re-run to continue", len(left),
+                 ", ".join(left))
+        return {"finished": False, "remaining": left}
+    rho = rank_records(records)
+    save_state()
+    best = min(records, key=lambda r: (r["rank_retrained"], r["name"]))
+    if _rank0():
+        score_name = f"score ({s.score_fn})" if s.score_fn else "validation LM loss"
+        write_report(root, records, rho, count_params(src), s.target_params, score_name)
+        plot_curves(records, root / "loss_curves.png")
+        with atomic_dir(Path(out) / "winner", overwrite=True) as tmp:
+            shutil.copytree(best["checkpoint"], tmp, dirs_exist_ok=True,
+                            copy_function=_link_or_copy)
+    _barrier()
+    log.info("winner %s (%d params, loss %.4f); Spearman(one-shot, retrained) = %s",
+             best["name"], best["params"], best["retrained_loss"],
+             "n/a" if rho is None else f"{rho:.3f}")
+    return {"finished": True, "winner": best["name"], "winner_params": best["params"],
+            "winner_checkpoint": str(Path(out) / "winner"), "spearman": rho,
+            "report": str(root / "report.md")}
