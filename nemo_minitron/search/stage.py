@@ -179,7 +179,6 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         rec["retrained_loss"] = result["history"][-1]["lm loss"]
         rec["retrain_steps"] = s.retrain_steps
         rec["checkpoint"] = str(final)
-        rec["score"] = float(score_fn(str(final))) if score_fn else rec["retrained_loss"]
         rec["status"] = "done"
         save_state()
         ran += 1
@@ -191,6 +190,11 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         log.info("search stopped with %d candidates left (%s); re-run to continue", len(left),
                  ", ".join(left))
         return {"finished": False, "remaining": left}
+    for rec in records:  # scored once per score function, so a re-run can re-rank cheaply
+        if "score" not in rec or rec.get("scored_by") != s.score_fn:
+            rec["score"] = float(score_fn(rec["checkpoint"])) if score_fn \
+                else rec["retrained_loss"]
+            rec["scored_by"] = s.score_fn
     rho = rank_records(records)
     save_state()
     best = min(records, key=lambda r: (r["rank_retrained"], r["name"]))
