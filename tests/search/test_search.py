@@ -134,16 +134,29 @@ def test_search_resumes_ranks_and_reports(tmp_path, teacher, tiny_overrides):
                                        "(168256)"]),
     (["search.target_params=200000", "search.max_layers_prune=0", "search.max_ffn_prune=0",
       "search.max_heads_prune=0"], ["the grid produces no candidate"]),
-    (["search.target_params=205200", "search.score_fn=no_such_module:f"],
-     ["search.score_fn='no_such_module:f' cannot be imported"]),
-    (["search.target_params=205200", "train.eval_interval=0"], ["train.eval_interval=0"]),
 ])
-def test_bad_search_input(tmp_path, teacher, tiny_overrides, extra, needles):
+def test_bad_budget_is_a_one_line_error(tmp_path, teacher, tiny_overrides, extra, needles):
     out = tmp_path / "out"
-    args = [a for a in _args(tiny_overrides)
-            if not a.startswith(("search.target_params", "train.eval_interval"))]
+    args = [a for a in _args(tiny_overrides) if not a.startswith("search.target_params")]
     res = run_cli("search", teacher, str(out), *args, *extra)
     _one_line_error(res, *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["search.score_fn=no_such_module:f"], "search.score_fn='no_such_module:f' cannot be"),
+    (["search.score_fn=math"], "search.score_fn='math' must look like module:function"),
+    (["train.eval_interval=0"], "train.eval_interval=0"),
+])
+def test_bad_settings_write_nothing(tmp_path, teacher, tiny_overrides, extra, needle):
+    # Checked before any parallel state or file: safe in the test process.
+    from nemo_minitron.config import ConfigError, load_recipe
+    from nemo_minitron.search.stage import SearchRecipe, search
+
+    out = tmp_path / "out"
+    recipe = load_recipe(None, _args(tiny_overrides) + extra, cls=SearchRecipe)
+    with pytest.raises(ConfigError, match=needle):
+        search(teacher, str(out), recipe)
     assert not out.exists()
 
 
