@@ -54,24 +54,27 @@ def _fmt_rank(x: float) -> str:
 
 
 def write_report(out: Path, records: list[dict[str, Any]], rho: float | None,
-                 source_params: int, target_params: int, score_name: str) -> None:
-    """``out/report.md``: one row per candidate, best (retrained) first."""
+                 source_params: int, target_params: int, score_fn: str | None) -> None:
+    """``out/report.md``: one row per candidate, best (retrained) first; a user score gets
+    its own column."""
     rows = sorted(records, key=lambda r: (r["rank_retrained"], r["name"]))
+    by = f"score ({score_fn})" if score_fn else "validation LM loss"
     lines = [
         "# Architecture search", "",
-        f"Source: {source_params:,} parameters; budget {target_params:,}. "
-        f"Ranked by {score_name} after {rows[0]['retrain_steps']} retraining steps; winner "
-        f"**{rows[0]['name']}**.", "",
+        f"Source: {source_params:,} parameters; budget {target_params:,}. Ranked by {by} "
+        f"after {rows[0]['retrain_steps']} retraining steps; winner **{rows[0]['name']}**.", "",
         "| candidate | layers | hidden | ffn | heads | groups | params | one-shot loss | "
-        f"loss after retraining | {score_name} | rank one-shot | rank retrained |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"loss after retraining | {by + ' | ' if score_fn else ''}rank one-shot | "
+        "rank retrained |",
+        "| --- " * (12 if score_fn else 11) + "|",
     ]
     for r in rows:
         s = r["shape"]
+        score = f"| {r['score']:.6g} " if score_fn else ""
         lines.append(
             f"| {r['name']} | {s['num_layers']} | {s['hidden_size']} | {s['ffn_hidden_size']} "
             f"| {s['num_attention_heads']} | {s['num_query_groups']} | {r['params']:,} "
-            f"| {r['one_shot_loss']:.4f} | {r['retrained_loss']:.4f} | {r['score']:.4f} "
+            f"| {r['one_shot_loss']:.4f} | {r['retrained_loss']:.4f} {score}"
             f"| {_fmt_rank(r['rank_one_shot'])} | {_fmt_rank(r['rank_retrained'])} |")
     corr = "undefined (fewer than 2 candidates or a constant ranking)" if rho is None \
         else f"{rho:.3f}"

@@ -199,8 +199,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     save_state()
     best = min(records, key=lambda r: (r["rank_retrained"], r["name"]))
     if _rank0():
-        score_name = f"score ({s.score_fn})" if s.score_fn else "validation LM loss"
-        write_report(root, records, rho, count_params(src), s.target_params, score_name)
+        write_report(root, records, rho, count_params(src), s.target_params, s.score_fn)
         plot_curves(records, root / "loss_curves.png")
         with atomic_dir(Path(out) / "winner", overwrite=True) as tmp:
             shutil.copytree(best["checkpoint"], tmp, dirs_exist_ok=True,
