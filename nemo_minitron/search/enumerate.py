@@ -50,6 +50,9 @@ class SearchConfig:
     heads per group."""
     max_candidates: int = 8
     """Keep at most this many candidates, those closest to target_params."""
+    candidates: list[str] | None = None
+    """Retrain only these candidates (names as logged, e.g. ``L3-H64-F64-A4-G2``) in this run,
+    e.g. one per job; the run that finds every candidate finished ranks them."""
     max_candidates_per_run: int | None = None
     """Stop after retraining this many candidates in this run (time-sliced jobs); a re-run
     continues with the next."""

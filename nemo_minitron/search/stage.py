@@ -2,10 +2,12 @@
 -> one-shot validation loss -> short distillation -> rank -> report and winner checkpoint.
 
 Layout under ``out``: ``search/scores.pt`` (the shared importance pass),
-``search/candidates/<name>/{pruned,distill}``, ``search/candidates.json`` (rewritten after every
-finished candidate), ``search/{report.md,loss_curves.png}`` and ``winner`` (the retrained
-checkpoint of the best candidate). A re-run of the same command skips finished candidates and
-resumes a partly distilled one from its latest checkpoint.
+``search/candidates/<name>/{pruned,distill,result.json}``, ``search/candidates.json`` (all
+candidates, rewritten after every finished one), ``search/{report.md,loss_curves.png}`` and
+``winner`` (the retrained checkpoint of the best candidate). A re-run of the same command skips
+finished candidates and resumes a partly distilled one from its latest checkpoint. Each
+candidate's own ``result.json`` is the record of truth, so jobs restricted to different
+candidates (``search.candidates``) can share one output directory.
 """
 
 from __future__ import annotations
@@ -126,24 +128,41 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     if not recipe.train.eval_interval:
         raise ConfigError("train.eval_interval=0: the search needs validation during "
                           "retraining (set it > 0)")
+    if s.candidates is not None:
+        unknown = sorted(set(s.candidates) - {c.name for c in candidates})
+        if unknown:
+            raise ConfigError(f"search.candidates names {unknown[0]!r}, not a candidate of this "
+                              f"search ({', '.join(c.name for c in candidates)})")
     root = Path(out) / "search"
     state_file = root / "candidates.json"
-    done = _load_state(state_file, [c.name for c in candidates])
-    records = [done.get(c.name) or _record(c) for c in candidates]
+    _load_state(state_file, [c.name for c in candidates])
+    records = [_record(c) for c in candidates]
+
+    def stored(name: str) -> dict[str, Any] | None:
+        f = root / "candidates" / name / "result.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def refresh() -> None:  # per-candidate results are the truth: other jobs may add some
+        for i, c in enumerate(candidates):
+            records[i] = stored(c.name) or records[i]
+
+    def save_state(rec: dict[str, Any] | None = None) -> None:
+        if _rank0():
+            if rec is not None:
+                atomic_write_json(root / "candidates" / rec["name"] / "result.json", rec)
+            rows = [r if r["status"] == "done" else stored(r["name"]) or r for r in records]
+            atomic_write_json(state_file, {"source": str(checkpoint),
+                                           "target_params": s.target_params,
+                                           "tolerance": s.tolerance, "candidates": rows})
+
+    refresh()
     init_distributed(p, seed=recipe.train.seed)
     log.info("%d candidates within %.0f%% of %d parameters: %s", len(candidates),
              100 * s.tolerance, s.target_params, ", ".join(c.name for c in candidates))
     train = dataclasses.replace(recipe.train, train_iters=s.retrain_steps)
     kd_recipe = DistillRecipe(parallel=p, data=recipe.data, train=train, kd=recipe.kd)
     scores_file = root / "scores.pt"
-
-    def save_state() -> None:
-        if _rank0():
-            atomic_write_json(state_file, {"source": str(checkpoint),
-                                           "target_params": s.target_params,
-                                           "tolerance": s.tolerance, "candidates": records})
-
-    ran, finished = 0, True
+    ran = 0
     for c, rec in zip(candidates, records):
         cdir = root / "candidates" / c.name
         pruned, run = cdir / "pruned", cdir / "distill"
@@ -151,9 +170,9 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         if rec["status"] == "done" and is_checkpoint(final):
             log.info("candidate %s: finished earlier, skipped", c.name)
             continue
-        if s.max_candidates_per_run is not None and ran >= s.max_candidates_per_run:
-            finished = False
-            break
+        if (s.candidates is not None and c.name not in s.candidates) or \
+                (s.max_candidates_per_run is not None and ran >= s.max_candidates_per_run):
+            continue
         summary_file = pruned / "pruning" / "summary.json"
         if not summary_file.is_file():
             if pruned.exists() and _rank0():  # cut between the weights and the report
@@ -164,29 +183,31 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
                 parallel=p, scores=str(scores_file) if scores_file.is_file() else None,
                 rescale_norms=recipe.rescale_norms))
             _barrier()
-        if not scores_file.is_file() and _rank0():
-            shutil.copy2(pruned / "pruning" / "scores.pt", scores_file.with_suffix(".tmp"))
-            scores_file.with_suffix(".tmp").replace(scores_file)
+        if not scores_file.is_file() and _rank0():  # unique temporary: jobs may race here
+            tmp = scores_file.with_name(f".scores.pt.{os.getpid()}")
+            shutil.copy2(pruned / "pruning" / "scores.pt", tmp)
+            tmp.replace(scores_file)
         _barrier()
         rec["one_shot_loss"] = json.loads(summary_file.read_text())["pruned_valid_loss"]
         result = distill(kd_recipe, checkpoint, str(pruned), run)
         if result["interrupted"]:
             log.info("candidate %s: stopped at step %d; re-run the same command to resume",
                      c.name, result["step"])
-            finished = False
             break
         rec["curve"] = [[h["step"], h["lm loss"]] for h in result["history"]]
         rec["retrained_loss"] = result["history"][-1]["lm loss"]
         rec["retrain_steps"] = s.retrain_steps
         rec["checkpoint"] = str(final)
         rec["status"] = "done"
-        save_state()
+        save_state(rec)
         ran += 1
         log.info("candidate %s (%d params): one-shot loss %.4f, after %d steps %.4f",
                  c.name, c.params, rec["one_shot_loss"], s.retrain_steps, rec["retrained_loss"])
-    if not finished:
+    _barrier()
+    refresh()
+    left = [r["name"] for r in records if r["status"] != "done"]
+    if left:
         save_state()
-        left = [r["name"] for r in records if r["status"] != "done"]
         log.info("search stopped with %d candidates left (%s); re-run to continue", len(left),
                  ", ".join(left))
         return {"finished": False, "remaining": left}
@@ -195,6 +216,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
             rec["score"] = float(score_fn(rec["checkpoint"])) if score_fn \
                 else rec["retrained_loss"]
             rec["scored_by"] = s.score_fn
+            save_state(rec)
     rho = rank_records(records)
     save_state()
     best = min(records, key=lambda r: (r["rank_retrained"], r["name"]))

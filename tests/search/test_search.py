@@ -81,10 +81,22 @@ def test_search_resumes_ranks_and_reports(tmp_path, teacher, tiny_overrides):
     pruned_mtime = (cdir / "pruned" / "pruning" / "summary.json").stat().st_mtime_ns
     assert (root / "scores.pt").is_file()
 
+    # A run restricted to one candidate (as one job of several would be) retrains only it.
+    third = "L4-H64-F64-A2-G1"
+    res = run_cli("search", teacher, str(out), *_args(tiny_overrides),
+                  f"search.candidates=[{third}]")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"finished": False, "remaining": ["L2-H64-F128-A4-G2"]}
+    assert json.loads((root / "candidates" / third / "result.json").read_text())["status"] \
+        == "done"
+    third_metrics = (root / "candidates" / third / "distill" / "metrics.jsonl").read_text()
+
     res = run_cli("search", teacher, str(out), *_args(tiny_overrides))
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["finished"] is True
+    assert (root / "candidates" / third / "distill" / "metrics.jsonl").read_text() \
+        == third_metrics
     # The finished candidate was not re-run: neither re-pruned nor re-distilled.
     assert (cdir / "distill" / "metrics.jsonl").read_text() == metrics
     assert (cdir / "pruned" / "pruning" / "summary.json").stat().st_mtime_ns == pruned_mtime
@@ -147,6 +159,7 @@ def test_bad_budget_is_a_one_line_error(tmp_path, teacher, tiny_overrides, extra
     (["search.score_fn=no_such_module:f"], "search.score_fn='no_such_module:f' cannot be"),
     (["search.score_fn=math"], "search.score_fn='math' must look like module:function"),
     (["train.eval_interval=0"], "train.eval_interval=0"),
+    (["search.candidates=[L9-H1-F1-A1-G1]"], "search.candidates names 'L9-H1-F1-A1-G1', not a"),
 ])
 def test_bad_settings_write_nothing(tmp_path, teacher, tiny_overrides, extra, needle):
     # Checked before any parallel state or file: safe in the test process.
