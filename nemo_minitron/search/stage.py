@@ -108,8 +108,8 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
-    """Run (or resume) the search; returns the summary (``finished`` False when stopped
-    early by search.max_candidates_per_run or a signal)."""
+    """Run (or resume) the search; returns the summary (``finished`` False while candidates
+    are left: stopped by search.max_candidates_per_run, search.candidates or a signal)."""
     from nemo_minitron.checkpoint.io import check_checkpoint, is_checkpoint, load_model_config
     from nemo_minitron.distill.stage import DistillRecipe, distill
     from nemo_minitron.model.params import count_params
@@ -139,8 +139,11 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     records = [_record(c) for c in candidates]
 
     def stored(name: str) -> dict[str, Any] | None:
+        # A result of another retrain_steps does not count: that candidate is redone, its
+        # distillation resuming from its last checkpoint.
         f = root / "candidates" / name / "result.json"
-        return json.loads(f.read_text()) if f.is_file() else None
+        r = json.loads(f.read_text()) if f.is_file() else None
+        return r if r is not None and r.get("retrain_steps") == s.retrain_steps else None
 
     def refresh() -> None:  # per-candidate results are the truth: other jobs may add some
         for i, c in enumerate(candidates):
