@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.model.params import count_params
@@ -59,7 +60,7 @@ class SearchConfig:
     score_fn: str | None = None
     """``module:function`` called with a retrained candidate's checkpoint path, returning a float
     (lower is better) that ranks the candidates instead of the validation LM loss."""
-    layer_metric: str = "block_importance"
+    layer_metric: Literal["block_importance", "lm_loss"] = "block_importance"
     """How depth pruning picks layers: block_importance or lm_loss (see target.layer_metric)."""
 
     def __post_init__(self) -> None:
@@ -77,9 +78,6 @@ class SearchConfig:
         if self.max_candidates_per_run is not None and self.max_candidates_per_run < 1:
             raise ConfigError(f"search.max_candidates_per_run={self.max_candidates_per_run} "
                               "must be >= 1")
-        if self.layer_metric not in ("block_importance", "lm_loss"):
-            raise ConfigError(f"search.layer_metric={self.layer_metric!r} must be one of "
-                              "['block_importance', 'lm_loss']")
 
 
 @dataclass(frozen=True)
