@@ -179,6 +179,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.search.stage import SearchRecipe, search
+
+    recipe, overrides = _split_overrides(args)
+    summary = search(args.checkpoint, args.out, load_recipe(recipe, overrides, cls=SearchRecipe))
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nemo_minitron.demo import run_demo
 
@@ -291,6 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--out", default="runs/distill", help="output directory")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("search", help="architecture search under a parameter budget",
+                       description="Enumerate pruned shapes of CHECKPOINT within "
+                                   "search.target_params * (1 +- search.tolerance), prune each "
+                                   "from one shared importance pass, distill each for "
+                                   "search.retrain_steps steps, rank by validation loss (or "
+                                   "search.score_fn) and write OUT/search/{candidates.json,"
+                                   "report.md,loss_curves.png} and OUT/winner. Re-running the "
+                                   "same command skips finished candidates. Grid keys: "
+                                   "search.{layers,hidden,ffn,groups}_step, search.max_{layers,"
+                                   "hidden,ffn,heads}_prune, search.proportional_heads, "
+                                   "search.max_candidates; also calib.*, kd.*, train.*, data.*, "
+                                   "parallel.*.")
+    p.add_argument("checkpoint", help="source checkpoint (also the distillation teacher)")
+    p.add_argument("out", help="output directory (re-use it to resume)")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("launch", help="run a recipe or pipeline as SLURM jobs (or here)",
                        description="Render one sbatch script per stage (srun, one task per "

@@ -85,6 +85,8 @@ def flatten(config: dict[str, Any], prefix: str = "") -> list[str]:
 def _output(verb: str, out: Path, config: dict[str, Any]) -> Path:
     if verb in DIR_OUTPUT_VERBS:
         return out
+    if verb == "search":  # the best candidate's retrained checkpoint
+        return out / "winner"
     iters = config.get("train", {}).get("train_iters", TrainConfig().train_iters)
     return out / "checkpoints" / f"step_{int(iters):07d}"
 

@@ -68,6 +68,10 @@ def _verb_recipe(stage: Stage) -> Any:
         from nemo_minitron.distill.stage import DistillRecipe
 
         return from_dict(DistillRecipe, stage.config)
+    if stage.verb == "search":
+        from nemo_minitron.search.stage import SearchRecipe
+
+        return from_dict(SearchRecipe, stage.config)
     if stage.verb in ("pretrain", "finetune"):
         return from_dict(Recipe, stage.config)
     return from_dict(Recipe, {k: v for k, v in stage.config.items() if k in _TRAIN_SECTIONS})
@@ -158,7 +162,19 @@ def _check(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,
     if model is None:  # a plain prune recipe: only its keys and layout can be checked
         return StageReport(name=stage.name, world_size=world, tp=tp, pp=pp,
                            dp=world // (tp * pp), params=0, memory_gib=None)
-    if stage.verb == "prune":
+    teachers: list[ModelConfig] = []
+    if stage.verb == "search":  # sized (and so are later stages) by its largest candidate
+        from nemo_minitron.search.enumerate import enumerate_candidates, shape_config
+
+        model.check_layout(tp, pp)
+        teachers = [dataclasses.replace(model, vocab_size=_vocab(model, recipe))]
+        big = max(enumerate_candidates(teachers[0], recipe.search, tp, pp),
+                  key=lambda c: c.params)
+        model = shape_config(teachers[0], big)
+        dp = Recipe(model=model, parallel=recipe.parallel, train=recipe.train
+                    ).validate_parallel(world)
+        result, mb, forward_only = model, recipe.train.micro_batch_size, False
+    elif stage.verb == "prune":
         from nemo_minitron.prune.plan import validate_target
 
         validate_target(model, recipe.target, tp)
@@ -174,6 +190,7 @@ def _check(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,
               for r in stage.reads[:-1] if r in shapes]
     frozen += [from_dict(ModelConfig, pipe.input_models[r], "model.")
                for r in stage.reads[:-1] if r not in shapes and pipe.input_models.get(r)]
+    frozen += teachers
     mem = None
     if cluster.gpus_per_node:
         mem = memory_gib(sized, tp, pp, dp, mb, forward_only=forward_only, frozen=frozen)

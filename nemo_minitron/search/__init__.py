@@ -1,0 +1,1 @@
+"""Architecture search: pruned shapes under a parameter budget, ranked after retraining."""

@@ -1,0 +1,171 @@
+"""Candidate pruned shapes near a parameter budget.
+
+Every axis takes the values that are multiples of its step between the source size times
+(1 - max prune ratio) and the source size (the source size itself included). Heads go by query
+groups: each candidate keeps ``g'`` groups and, with ``proportional_heads``, the source's heads per
+group (else every heads-per-group count up to the source's). The exact parameter count of each
+combination (``count_params``, equal to the built model's) decides which lie within the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.model.params import count_params
+from nemo_minitron.prune.plan import Target
+
+
+@dataclass(kw_only=True)
+class SearchConfig:
+    """The budget, the grid of candidate shapes and the retraining of each candidate."""
+
+    target_params: int | None = None
+    """Parameter budget of the pruned model (required)."""
+    tolerance: float = 0.05
+    """Candidates lie within target_params * (1 +- tolerance)."""
+    retrain_steps: int = 100
+    """Distillation steps per candidate before the final ranking."""
+    layers_step: int = 1
+    """Candidate num_layers are multiples of this."""
+    hidden_step: int = 64
+    """Candidate hidden_size values are multiples of this."""
+    ffn_step: int = 64
+    """Candidate ffn_hidden_size values are multiples of this."""
+    groups_step: int = 1
+    """Candidate num_query_groups values are multiples of this."""
+    max_layers_prune: float = 0.5
+    """Largest fraction of the layers a candidate removes."""
+    max_hidden_prune: float = 0.5
+    """Largest fraction of hidden_size a candidate removes."""
+    max_ffn_prune: float = 0.5
+    """Largest fraction of ffn_hidden_size a candidate removes."""
+    max_heads_prune: float = 0.5
+    """Largest fraction of the attention heads (and of the query groups) a candidate removes."""
+    proportional_heads: bool = True
+    """Keep the source's heads per query group (prune whole groups); false also tries fewer
+    heads per group."""
+    max_candidates: int = 8
+    """Keep at most this many candidates, those closest to target_params."""
+    candidates: list[str] | None = None
+    """Retrain only these candidates (names as logged, e.g. ``L3-H64-F64-A4-G2``) in this run,
+    e.g. one per job; the run that finds every candidate finished ranks them."""
+    max_candidates_per_run: int | None = None
+    """Stop after retraining this many candidates in this run (time-sliced jobs); a re-run
+    continues with the next."""
+    score_fn: str | None = None
+    """``module:function`` called with a retrained candidate's checkpoint path, returning a float
+    (lower is better) that ranks the candidates instead of the validation LM loss."""
+    layer_metric: Literal["block_importance", "lm_loss"] = "block_importance"
+    """How depth pruning picks layers: block_importance or lm_loss (see target.layer_metric)."""
+
+    def __post_init__(self) -> None:
+        if self.target_params is not None and self.target_params <= 0:
+            raise ConfigError(f"search.target_params={self.target_params} must be > 0")
+        if not 0 <= self.tolerance < 1:
+            raise ConfigError(f"search.tolerance={self.tolerance} must be in [0, 1)")
+        for name in ("retrain_steps", "layers_step", "hidden_step", "ffn_step", "groups_step",
+                     "max_candidates"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"search.{name}={getattr(self, name)} must be >= 1")
+        for name in ("max_layers_prune", "max_hidden_prune", "max_ffn_prune", "max_heads_prune"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"search.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.max_candidates_per_run is not None and self.max_candidates_per_run < 1:
+            raise ConfigError(f"search.max_candidates_per_run={self.max_candidates_per_run} "
+                              "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One pruned shape and its exact parameter count."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    params: int
+
+    @property
+    def name(self) -> str:
+        """Directory-safe id, e.g. ``L3-H48-F96-A4-G2``."""
+        return (f"L{self.num_layers}-H{self.hidden_size}-F{self.ffn_hidden_size}"
+                f"-A{self.num_attention_heads}-G{self.num_query_groups}")
+
+    def target(self, layer_metric: str = "block_importance") -> Target:
+        """The prune target of this shape."""
+        return Target(num_layers=self.num_layers, hidden_size=self.hidden_size,
+                      ffn_hidden_size=self.ffn_hidden_size,
+                      num_attention_heads=self.num_attention_heads,
+                      num_query_groups=self.num_query_groups, layer_metric=layer_metric,
+                      hardware_multiple=1)
+
+
+def shape_config(src: ModelConfig, c: Candidate) -> ModelConfig:
+    """The pruned model's config (as ``make_plan`` builds it: head dim kept)."""
+    return dataclasses.replace(src, num_layers=c.num_layers, hidden_size=c.hidden_size,
+                               ffn_hidden_size=c.ffn_hidden_size,
+                               num_attention_heads=c.num_attention_heads,
+                               num_query_groups=c.num_query_groups, kv_channels=src.head_dim)
+
+
+def _values(size: int, step: int, max_prune: float, multiple_of: int = 1) -> list[int]:
+    """Multiples of ``step`` (and ``multiple_of``) in [size * (1 - max_prune), size], and size."""
+    lo = max(1, math.ceil(size * (1 - max_prune)))
+    keep = {v for v in range(step, size + 1, step) if v >= lo} | {size}
+    return sorted((v for v in keep if v % multiple_of == 0), reverse=True)
+
+
+def grid(src: ModelConfig, s: SearchConfig, tp: int = 1, pp: int = 1) -> list[Candidate]:
+    """Every pruned shape of the grid (the source shape itself excluded), with its count."""
+    a, g = src.num_attention_heads, src.query_groups
+    per_group = a // g
+    layers = _values(src.num_layers, s.layers_step, s.max_layers_prune, pp)
+    hidden = _values(src.hidden_size, s.hidden_step, s.max_hidden_prune)
+    ffn = _values(src.ffn_hidden_size, s.ffn_step, s.max_ffn_prune, tp)
+    heads = []
+    for new_g in _values(g, s.groups_step, s.max_heads_prune):
+        for hpg in ([per_group] if s.proportional_heads else range(per_group, 0, -1)):
+            new_a = new_g * hpg
+            if new_a >= a * (1 - s.max_heads_prune) and new_a % tp == 0 and new_g % tp == 0:
+                heads.append((new_a, new_g))
+    out = []
+    for n_l, h, f, (n_a, n_g) in itertools.product(layers, hidden, ffn, heads):
+        if (n_l, h, f, n_a, n_g) == (src.num_layers, src.hidden_size, src.ffn_hidden_size, a, g):
+            continue
+        c = Candidate(n_l, h, f, n_a, n_g, 0)
+        out.append(dataclasses.replace(c, params=count_params(shape_config(src, c))))
+    return out
+
+
+def enumerate_candidates(src: ModelConfig, s: SearchConfig, tp: int = 1,
+                         pp: int = 1) -> list[Candidate]:
+    """Grid shapes within the budget, closest first (at most ``max_candidates``); one-line
+    errors for a budget above the source, an empty grid, or a budget no shape meets."""
+    if s.target_params is None:
+        raise ConfigError("search.target_params must be set (the pruned model's parameters)")
+    total = count_params(src)
+    if s.target_params >= total:
+        raise ConfigError(f"search.target_params={s.target_params} is not below the source's "
+                          f"{total} parameters")
+    shapes = grid(src, s, tp, pp)
+    if not shapes:
+        raise ConfigError("the grid produces no candidate: widen search.max_*_prune or use "
+                          "smaller search.*_step values")
+    lo, hi = s.target_params * (1 - s.tolerance), s.target_params * (1 + s.tolerance)
+
+    def distance(c: Candidate) -> tuple[int, str]:
+        return abs(c.params - s.target_params), c.name
+
+    inside = sorted((c for c in shapes if lo <= c.params <= hi), key=distance)
+    if not inside:
+        near = ", ".join(f"{c.name} ({c.params})" for c in sorted(shapes, key=distance)[:3])
+        raise ConfigError(f"search.target_params={s.target_params}: no candidate within "
+                          f"search.tolerance={s.tolerance} ({int(lo)}..{int(hi)}); nearest: "
+                          f"{near}")
+    return inside[:s.max_candidates]

@@ -1,0 +1,238 @@
+"""The ``search`` stage: candidate shapes near a budget -> prune each from one importance pass
+-> one-shot validation loss -> short distillation -> rank -> report and winner checkpoint.
+
+Layout under ``out``: ``search/scores.pt`` (the shared importance pass),
+``search/candidates/<name>/{pruned,distill,result.json}``, ``search/candidates.json`` (all
+candidates, rewritten after every finished one), ``search/{report.md,loss_curves.png}`` and
+``winner`` (the retrained checkpoint of the best candidate). A re-run of the same command skips
+finished candidates and resumes a partly distilled one from its latest checkpoint. Each
+candidate's own ``result.json`` is the record of truth, so jobs restricted to different
+candidates (``search.candidates``) can share one output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nemo_minitron.config import ConfigError, DataConfig, ParallelConfig, TrainConfig
+from nemo_minitron.distill.objective import KDConfig
+from nemo_minitron.prune.stage import CalibConfig
+from nemo_minitron.search.enumerate import Candidate, SearchConfig, enumerate_candidates
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("search")
+
+
+def _search_train() -> TrainConfig:
+    # The distillation schedule, validated often enough to draw each candidate's curve.
+    return TrainConfig(lr=1e-4, min_lr=1e-5, lr_warmup_iters=10, eval_interval=10)
+
+
+@dataclass(kw_only=True)
+class SearchRecipe:
+    """Everything the search verb reads."""
+
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """Budget, candidate grid, retraining steps, scoring."""
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    """The importance pass and the one-shot validation loss."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Distillation losses of the retraining."""
+    train: TrainConfig = field(default_factory=_search_train)
+    """Retraining loop; train_iters is search.retrain_steps, eval_interval must be > 0."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Calibration, retraining and validation data."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Layout of every stage (the candidates are checked against it)."""
+    rescale_norms: bool = True
+    """Compensate RMSNorm weights for removed channels (see prune)."""
+
+
+def load_score_fn(spec: str) -> Callable[[str], float]:
+    """``module:function`` -> the function, or a one-line error."""
+    mod, sep, name = spec.partition(":")
+    if not sep or not mod or not name:
+        raise ConfigError(f"search.score_fn={spec!r} must look like module:function")
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"search.score_fn={spec!r} cannot be imported: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"search.score_fn={spec!r} is not callable")
+    return fn
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _record(c: Candidate) -> dict[str, Any]:
+    shape = {k: v for k, v in dataclasses.asdict(c).items() if k != "params"}
+    return {"name": c.name, "shape": shape, "params": c.params, "status": "pending"}
+
+
+def _load_state(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Records of an earlier run of the same search, by name."""
+    if not path.is_file():
+        return {}
+    state = json.loads(path.read_text())
+    if [r["name"] for r in state["candidates"]] != names:
+        raise ConfigError(f"{path} holds a search over other candidates "
+                          f"({[r['name'] for r in state['candidates']]}); use a new output "
+                          "directory or the same search settings")
+    return {r["name"]: r for r in state["candidates"]}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # checkpoints are never modified in place: hard links are safe
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
+    """Run (or resume) the search; returns the summary (``finished`` False while candidates
+    are left: stopped by search.max_candidates_per_run, search.candidates or a signal)."""
+    from nemo_minitron.checkpoint.io import check_checkpoint, is_checkpoint, load_model_config
+    from nemo_minitron.distill.stage import DistillRecipe, distill
+    from nemo_minitron.model.params import count_params
+    from nemo_minitron.parallel.runtime import init_distributed
+    from nemo_minitron.prune.stage import PruneRecipe, prune
+    from nemo_minitron.search.report import plot_curves, rank_records, write_report
+    from nemo_minitron.utils.fs import atomic_dir, atomic_write_json
+
+    s, p = recipe.search, recipe.parallel
+    check_checkpoint(checkpoint)
+    src = load_model_config(checkpoint)
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    src.check_layout(tp, pp)
+    candidates = enumerate_candidates(src, s, tp, pp)
+    score_fn = load_score_fn(s.score_fn) if s.score_fn else None
+    if not recipe.train.eval_interval:
+        raise ConfigError("train.eval_interval=0: the search needs validation during "
+                          "retraining (set it > 0)")
+    if s.candidates is not None:
+        unknown = sorted(set(s.candidates) - {c.name for c in candidates})
+        if unknown:
+            raise ConfigError(f"search.candidates names {unknown[0]!r}, not a candidate of this "
+                              f"search ({', '.join(c.name for c in candidates)})")
+    root = Path(out) / "search"
+    state_file = root / "candidates.json"
+    _load_state(state_file, [c.name for c in candidates])
+    records = [_record(c) for c in candidates]
+
+    def stored(name: str) -> dict[str, Any] | None:
+        # A result of another retrain_steps does not count: that candidate is redone, its
+        # distillation resuming from its last checkpoint.
+        f = root / "candidates" / name / "result.json"
+        r = json.loads(f.read_text()) if f.is_file() else None
+        return r if r is not None and r.get("retrain_steps") == s.retrain_steps else None
+
+    def refresh() -> None:  # per-candidate results are the truth: other jobs may add some
+        for i, c in enumerate(candidates):
+            records[i] = stored(c.name) or records[i]
+
+    def save_state(rec: dict[str, Any] | None = None) -> None:
+        if _rank0():
+            if rec is not None:
+                atomic_write_json(root / "candidates" / rec["name"] / "result.json", rec)
+            rows = [r if r["status"] == "done" else stored(r["name"]) or r for r in records]
+            atomic_write_json(state_file, {"source": str(checkpoint),
+                                           "target_params": s.target_params,
+                                           "tolerance": s.tolerance, "candidates": rows})
+
+    refresh()
+    init_distributed(p, seed=recipe.train.seed)
+    log.info("%d candidates within %.0f%% of %d parameters: %s", len(candidates),
+             100 * s.tolerance, s.target_params, ", ".join(c.name for c in candidates))
+    train = dataclasses.replace(recipe.train, train_iters=s.retrain_steps)
+    kd_recipe = DistillRecipe(parallel=p, data=recipe.data, train=train, kd=recipe.kd)
+    scores_file = root / "scores.pt"
+    ran = 0
+    for c, rec in zip(candidates, records):
+        cdir = root / "candidates" / c.name
+        pruned, run = cdir / "pruned", cdir / "distill"
+        final = run / "checkpoints" / f"step_{s.retrain_steps:07d}"
+        if rec["status"] == "done" and is_checkpoint(final):
+            log.info("candidate %s: finished earlier, skipped", c.name)
+            continue
+        if (s.candidates is not None and c.name not in s.candidates) or \
+                (s.max_candidates_per_run is not None and ran >= s.max_candidates_per_run):
+            continue
+        summary_file = pruned / "pruning" / "summary.json"
+        if not summary_file.is_file():
+            if pruned.exists() and _rank0():  # cut between the weights and the report
+                shutil.rmtree(pruned)
+            _barrier()
+            prune(checkpoint, str(pruned), PruneRecipe(
+                target=c.target(s.layer_metric), calib=recipe.calib, data=recipe.data,
+                parallel=p, scores=str(scores_file) if scores_file.is_file() else None,
+                rescale_norms=recipe.rescale_norms))
+            _barrier()
+        if not scores_file.is_file() and _rank0():  # unique temporary: jobs may race here
+            tmp = scores_file.with_name(f".scores.pt.{os.getpid()}")
+            shutil.copy2(pruned / "pruning" / "scores.pt", tmp)
+            tmp.replace(scores_file)
+        _barrier()
+        rec["one_shot_loss"] = json.loads(summary_file.read_text())["pruned_valid_loss"]
+        result = distill(kd_recipe, checkpoint, str(pruned), run)
+        if result["interrupted"]:
+            log.info("candidate %s: stopped at step %d; re-run the same command to resume",
+                     c.name, result["step"])
+            break
+        rec["curve"] = [[h["step"], h["lm loss"]] for h in result["history"]]
+        rec["retrained_loss"] = result["history"][-1]["lm loss"]
+        rec["retrain_steps"] = s.retrain_steps
+        rec["checkpoint"] = str(final)
+        rec["status"] = "done"
+        save_state(rec)
+        ran += 1
+        log.info("candidate %s (%d params): one-shot loss %.4f, after %d steps %.4f",
+                 c.name, c.params, rec["one_shot_loss"], s.retrain_steps, rec["retrained_loss"])
+    _barrier()
+    refresh()
+    left = [r["name"] for r in records if r["status"] != "done"]
+    if left:
+        save_state()
+        log.info("search stopped with %d candidates left (%s); re-run to continue", len(left),
+                 ", ".join(left))
+        return {"finished": False, "remaining": left}
+    for rec in records:  # scored once per score function, so a re-run can re-rank cheaply
+        if "score" not in rec or rec.get("scored_by") != s.score_fn:
+            rec["score"] = float(score_fn(rec["checkpoint"])) if score_fn \
+                else rec["retrained_loss"]
+            rec["scored_by"] = s.score_fn
+            save_state(rec)
+    rho = rank_records(records)
+    save_state()
+    best = min(records, key=lambda r: (r["rank_retrained"], r["name"]))
+    if _rank0():
+        write_report(root, records, rho, count_params(src), s.target_params, s.score_fn)
+        plot_curves(records, root / "loss_curves.png")
+        with atomic_dir(Path(out) / "winner", overwrite=True) as tmp:
+            shutil.copytree(best["checkpoint"], tmp, dirs_exist_ok=True,
+                            copy_function=_link_or_copy)
+    _barrier()
+    log.info("winner %s (%d params, loss %.4f); Spearman(one-shot, retrained) = %s",
+             best["name"], best["params"], best["retrained_loss"],
+             "n/a" if rho is None else f"{rho:.3f}")
+    return {"finished": True, "winner": best["name"], "winner_params": best["params"],
+            "winner_checkpoint": str(Path(out) / "winner"), "spearman": rho,
+            "report": str(root / "report.md")}

@@ -1,0 +1,178 @@
+"""The search verb end to end on a briefly trained tiny teacher: cut after the first candidate,
+resumed without redoing it, ranked, reported, the winner loads and evaluates; a user scoring
+function re-ranks; bad budgets are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from tests.dist import spawn
+from tests.test_cli import _one_line_error, run_cli
+from tests.train.test_loop import pretrain_job
+
+# Source: 4 layers, hidden 64, ffn 128, 4 heads in 2 groups, vocab 1024 (279,104 parameters).
+# On hidden/ffn steps of 64 exactly three shapes lie within 1% of 205,200:
+# L2-H64-F128-A4-G2 (205,120), L3-H64-F64-A4-G2 (205,248), L4-H64-F64-A2-G1 (205,376).
+NAMES = {"L2-H64-F128-A4-G2": 205120, "L3-H64-F64-A4-G2": 205248, "L4-H64-F64-A2-G1": 205376}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny_overrides) -> str:
+    out = tmp_path_factory.mktemp("search") / "teacher"
+    spawn(pretrain_job, 1, str(out), tiny_overrides + [
+        "model.num_layers=4", "train.train_iters=20", "train.eval_interval=0", "train.lr=3e-3"])
+    return str(out / "checkpoints" / "step_0000020")
+
+
+def _args(tiny_overrides: list[str]) -> list[str]:
+    data = [o for o in tiny_overrides if o.startswith("data.")]
+    return data + [
+        "search.target_params=205200", "search.tolerance=0.01", "search.retrain_steps=2",
+        "search.hidden_step=64", "search.ffn_step=64", "calib.num_samples=8",
+        "calib.eval_samples=8", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "train.eval_interval=1", "train.eval_iters=2", "train.lr=1e-3", "train.lr_warmup_iters=0",
+        "train.tensorboard=false", "train.log_interval=1"]
+
+
+def params_score(checkpoint: str) -> float:
+    """A user score: the parameter count (fewest wins)."""
+    from nemo_minitron.checkpoint.io import load_model_config
+    from nemo_minitron.model.params import count_params
+
+    return float(count_params(load_model_config(checkpoint)))
+
+
+def _evaluate(ckpt: str, out: str) -> None:
+    import torch
+
+    from nemo_minitron.checkpoint.io import check_checkpoint, load_model_config, load_weights
+    from nemo_minitron.config import ParallelConfig
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.model.forward import lm_loss
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    check_checkpoint(ckpt)
+    init_distributed(ParallelConfig())
+    model = build_model(load_model_config(ckpt))
+    load_weights(ckpt, model)
+    tokens = torch.randint(0, 1000, (4, 65), generator=torch.Generator().manual_seed(0))
+    torch.save(lm_loss(model, tokens, 2), out)
+
+
+def test_search_resumes_ranks_and_reports(tmp_path, teacher, tiny_overrides):
+    stats = pytest.importorskip("scipy.stats")
+    out = tmp_path / "out"
+    root = out / "search"
+    res = run_cli("search", teacher, str(out), *_args(tiny_overrides),
+                  "search.max_candidates_per_run=1")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["finished"] is False
+    state = json.loads((root / "candidates.json").read_text())
+    assert {r["name"]: r["params"] for r in state["candidates"]} == NAMES
+    first, *rest = state["candidates"]
+    assert first["status"] == "done" and all(r["status"] == "pending" for r in rest)
+    assert not (root / "report.md").exists() and not (out / "winner").exists()
+    cdir = root / "candidates" / first["name"]
+    metrics = (cdir / "distill" / "metrics.jsonl").read_text()
+    pruned_mtime = (cdir / "pruned" / "pruning" / "summary.json").stat().st_mtime_ns
+    assert (root / "scores.pt").is_file()
+
+    # A run restricted to one candidate (as one job of several would be) retrains only it.
+    third = "L4-H64-F64-A2-G1"
+    res = run_cli("search", teacher, str(out), *_args(tiny_overrides),
+                  f"search.candidates=[{third}]")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"finished": False, "remaining": ["L2-H64-F128-A4-G2"]}
+    assert json.loads((root / "candidates" / third / "result.json").read_text())["status"] \
+        == "done"
+    third_metrics = (root / "candidates" / third / "distill" / "metrics.jsonl").read_text()
+
+    res = run_cli("search", teacher, str(out), *_args(tiny_overrides))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["finished"] is True
+    assert (root / "candidates" / third / "distill" / "metrics.jsonl").read_text() \
+        == third_metrics
+    # The finished candidate was not re-run: neither re-pruned nor re-distilled.
+    assert (cdir / "distill" / "metrics.jsonl").read_text() == metrics
+    assert (cdir / "pruned" / "pruning" / "summary.json").stat().st_mtime_ns == pruned_mtime
+    assert f"candidate {first['name']}: finished earlier, skipped" in res.stderr
+    records = json.loads((root / "candidates.json").read_text())["candidates"]
+    assert all(r["status"] == "done" for r in records)
+    for r in records:
+        assert [s for s, _ in r["curve"]] == [0, 1, 2]
+        assert r["retrained_loss"] == r["curve"][-1][1] < r["curve"][0][1]
+        assert math.isfinite(r["one_shot_loss"])
+    best = min(records, key=lambda r: r["retrained_loss"])
+    assert summary["winner"] == best["name"]
+    want = stats.spearmanr([r["one_shot_loss"] for r in records],
+                           [r["retrained_loss"] for r in records]).statistic
+    assert summary["spearman"] == pytest.approx(want)
+    report = (root / "report.md").read_text()
+    for name in NAMES:
+        assert f"| {name} |" in report
+    assert "rank one-shot | rank retrained" in report
+    assert f"Spearman correlation between the one-shot and retrained rankings: {want:.3f}" \
+        in report
+    assert (root / "loss_curves.png").stat().st_size > 1000
+    # The winner is the retrained checkpoint of the best shape, and it loads and evaluates.
+    winner = out / "winner"
+    cfg = yaml.safe_load((winner / "model_config.yaml").read_text())
+    assert f"L{cfg['num_layers']}-H{cfg['hidden_size']}-F{cfg['ffn_hidden_size']}" \
+           f"-A{cfg['num_attention_heads']}-G{cfg['num_query_groups']}" == best["name"]
+    spawn(_evaluate, 1, str(winner), str(tmp_path / "loss.pt"))
+    import torch
+
+    assert 0 < torch.load(tmp_path / "loss.pt") < math.log(1000) + 1
+
+    # A user score re-ranks the finished candidates without retraining any.
+    res = run_cli("search", teacher, str(out), *_args(tiny_overrides),
+                  "search.score_fn=tests.search.test_search:params_score")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["winner"] == "L2-H64-F128-A4-G2"  # the fewest parameters
+    assert (cdir / "distill" / "metrics.jsonl").read_text() == metrics
+    assert "score (tests.search.test_search:params_score)" in (root / "report.md").read_text()
+    assert yaml.safe_load((winner / "model_config.yaml").read_text())["num_layers"] == 2
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["search.target_params=10000000"], ["search.target_params=10000000 is not below",
+                                         "279104"]),
+    (["search.target_params=100000"], ["no candidate within", "nearest: L2-H64-F64-A2-G1 "
+                                       "(168256)"]),
+    (["search.target_params=200000", "search.max_layers_prune=0", "search.max_ffn_prune=0",
+      "search.max_heads_prune=0"], ["the grid produces no candidate"]),
+])
+def test_bad_budget_is_a_one_line_error(tmp_path, teacher, tiny_overrides, extra, needles):
+    out = tmp_path / "out"
+    args = [a for a in _args(tiny_overrides) if not a.startswith("search.target_params")]
+    res = run_cli("search", teacher, str(out), *args, *extra)
+    _one_line_error(res, *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["search.score_fn=no_such_module:f"], "search.score_fn='no_such_module:f' cannot be"),
+    (["search.score_fn=math"], "search.score_fn='math' must look like module:function"),
+    (["train.eval_interval=0"], "train.eval_interval=0"),
+    (["search.candidates=[L9-H1-F1-A1-G1]"], "search.candidates names 'L9-H1-F1-A1-G1', not a"),
+])
+def test_bad_settings_write_nothing(tmp_path, teacher, tiny_overrides, extra, needle):
+    # Checked before any parallel state or file: safe in the test process.
+    from nemo_minitron.config import ConfigError, load_recipe
+    from nemo_minitron.search.stage import SearchRecipe, search
+
+    out = tmp_path / "out"
+    recipe = load_recipe(None, _args(tiny_overrides) + extra, cls=SearchRecipe)
+    with pytest.raises(ConfigError, match=needle):
+        search(teacher, str(out), recipe)
+    assert not out.exists()
+
+
+def test_help_names_the_grid_keys():
+    res = run_cli("search", "--help")
+    assert res.returncode == 0 and "search.target_params" in res.stdout
