@@ -23,11 +23,11 @@ CLUSTER_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "p
 
 def load(recipe: str, overrides: list[str], out: str | None = None) -> Pipeline:
     """A pipeline file, or a plain recipe as a one-stage pipeline (``prune`` when it has a
-    ``target:`` section, else ``pretrain``)."""
+    ``target:`` section, ``distill`` with a ``kd:`` section, else ``pretrain``)."""
     data = load_yaml(recipe)
     if "stages" in data:
         return load_pipeline(recipe, overrides)
-    verb = "prune" if "target" in data else "pretrain"
+    verb = "prune" if "target" in data else "distill" if "kd" in data else "pretrain"
     return single_stage(recipe, verb, overrides, out or f"runs/{Path(recipe).stem}")
 
 
@@ -111,9 +111,9 @@ def run_launch(recipe: str, overrides: list[str], *, cluster: str, out: str | No
     from nemo_minitron.launch.validate import validate_pipeline
 
     pipe = load(recipe, overrides, out)
-    if pipe.stages[0].verb == "prune" and not pipe.stages[0].reads:
-        raise ConfigError(f"{recipe}: a prune recipe needs its source checkpoint; launch it as "
-                          "a stage of a pipeline recipe (stages:)")
+    if pipe.stages[0].verb in ("prune", "distill") and not pipe.stages[0].reads:
+        raise ConfigError(f"{recipe}: a {pipe.stages[0].verb} recipe needs its input "
+                          "checkpoints; launch it as a stage of a pipeline recipe (stages:)")
     if cluster == "local" and flags.get("gpus_per_node") is None:
         import torch
 

@@ -81,9 +81,9 @@ def _shape(stage: Stage, pipe: Pipeline, shapes: dict[str, ModelConfig]
            ) -> ModelConfig | None:
     """The model a stage trains: the last checkpoint it reads (its declared shape, an earlier
     stage's result, or the checkpoint on disk), else its recipe's ``model``; None for a plain
-    prune recipe (its source is given at run time)."""
+    prune or distill recipe (its checkpoints are given at run time)."""
     if not stage.reads:
-        if stage.verb == "prune":
+        if stage.verb in ("prune", "distill"):
             return None
         return from_dict(ModelConfig, stage.config.get("model"), "model.")
     src = stage.reads[-1]
