@@ -98,3 +98,10 @@ def micro_batches(dataset: torch.utils.data.Dataset, *, consumed_samples: int,
         samples = [dataset[(start + m + i) % n] for i in range(micro_batch_size)]
         yield {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask",
                                                                "position_ids")}
+
+
+def sequences(dataset: torch.utils.data.Dataset, n: int) -> torch.Tensor:
+    """The first ``n`` samples as ``[n, seq_length + 1]`` token windows (inputs ``[:, :-1]``,
+    labels ``[:, 1:]``), the form ``model.forward.lm_loss`` and importance estimation take."""
+    return torch.stack([torch.cat([dataset[i]["tokens"], dataset[i]["labels"][-1:]])
+                        for i in range(n)])

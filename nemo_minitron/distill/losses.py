@@ -37,9 +37,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
 
 def _log_softmax(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Vocab-parallel log-softmax of ``z [n, V/TP]`` (fp32)."""
-    m = _allreduce(z.max(dim=-1, keepdim=True).values, group, dist.ReduceOp.MAX)
-    s = _allreduce((z - m).exp().sum(dim=-1, keepdim=True), group)
-    return z - m - s.log()
+    return z - _lse(z, group).unsqueeze(-1)
 
 
 def _pick(logits: torch.Tensor, labels: torch.Tensor,

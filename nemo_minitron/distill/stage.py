@@ -38,7 +38,7 @@ class DistillRecipe(Recipe):
     """Distillation losses."""
 
 
-def layer_pairs(student_ckpt: str, s_cfg: ModelConfig, t_cfg: ModelConfig,
+def layer_pairs(student_ckpt: str | None, student_layers: int, teacher_layers: int,
                 layer_map: list[list[int]] | None) -> list[tuple[int, int]]:
     """``[(student_layer, teacher_layer)]``: the user's map, else the teacher layer each student
     layer was cut from (``<student>/pruning/summary.json``), else evenly spaced layers."""
@@ -48,19 +48,19 @@ def layer_pairs(student_ckpt: str, s_cfg: ModelConfig, t_cfg: ModelConfig,
                 raise ConfigError(f"kd.layer_map[{i}]={pair} must be [student_layer, "
                                   "teacher_layer]")
             s, t = pair
-            if not 0 <= s < s_cfg.num_layers:
+            if not 0 <= s < student_layers:
                 raise ConfigError(f"kd.layer_map[{i}] names student layer {s}; the student "
-                                  f"has layers 0..{s_cfg.num_layers - 1}")
-            if not 0 <= t < t_cfg.num_layers:
+                                  f"has layers 0..{student_layers - 1}")
+            if not 0 <= t < teacher_layers:
                 raise ConfigError(f"kd.layer_map[{i}] names teacher layer {t}; the teacher "
-                                  f"has layers 0..{t_cfg.num_layers - 1}")
+                                  f"has layers 0..{teacher_layers - 1}")
         return [(s, t) for s, t in layer_map]
-    summary = Path(student_ckpt) / "pruning" / "summary.json"
-    if summary.is_file():
+    summary = Path(student_ckpt) / "pruning" / "summary.json" if student_ckpt else None
+    if summary is not None and summary.is_file():
         kept = json.loads(summary.read_text()).get("kept_layers")
-        if kept and len(kept) == s_cfg.num_layers:
+        if kept and len(kept) == student_layers:
             return list(enumerate(kept))
-    ls, lt = s_cfg.num_layers, t_cfg.num_layers
+    ls, lt = student_layers, teacher_layers
     return [(i, (i + 1) * lt // ls - 1) for i in range(ls)]
 
 
@@ -88,11 +88,6 @@ def _check_pair(teacher_ckpt: str, student_ckpt: str, t_cfg: ModelConfig,
     return s_tok.vocab_size
 
 
-def _eval_tokens(dataset: Any, n: int) -> torch.Tensor:
-    return torch.stack([torch.cat([dataset[i]["tokens"], dataset[i]["labels"][-1:]])
-                        for i in range(min(n, len(dataset)))])
-
-
 def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
             out_dir: str | Path) -> dict[str, Any]:
     """Distill ``teacher_ckpt`` into ``student_ckpt``; checkpoints under ``out_dir``."""
@@ -113,7 +108,7 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     t_cfg.check_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     shared_vocab = _check_pair(teacher_ckpt, student_ckpt, t_cfg, s_cfg,
                                p.tensor_model_parallel_size)
-    pairs = layer_pairs(student_ckpt, s_cfg, t_cfg, recipe.kd.layer_map)
+    pairs = layer_pairs(student_ckpt, s_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
     init_distributed(recipe.parallel, seed=recipe.train.seed)
     bf16 = bf16_enabled(recipe)
     teacher, student = build_model(t_cfg, bf16=bf16), build_model(s_cfg, bf16=bf16)
@@ -131,6 +126,7 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module, student: tor
     parallel state, e.g. by a user's own script) on ``recipe.data``; checkpoints of the student
     under ``out_dir``. ``pairs``: ``[(student_layer, teacher_layer)]`` for intermediate losses
     (default: ``recipe.kd.layer_map`` or evenly spaced)."""
+    from nemo_minitron.data.datasets import sequences
     from nemo_minitron.model.forward import lm_loss
     from nemo_minitron.parallel.runtime import current_runtime
     from nemo_minitron.train.pretrain import _run, make_trainer, resolve_data
@@ -138,9 +134,7 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module, student: tor
     rt = current_runtime()
     t_cfg = teacher.config
     if pairs is None:
-        ls, lt = student_cfg.num_layers, t_cfg.num_layers
-        pairs = [(s, t) for s, t in recipe.kd.layer_map] if recipe.kd.layer_map is not None \
-            else [(i, (i + 1) * lt // ls - 1) for i in range(ls)]
+        pairs = layer_pairs(None, student_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
     prefix, tokenizer = resolve_data(recipe, tokenizer)
     recipe = dataclasses.replace(recipe, model=student_cfg)
 
@@ -155,7 +149,8 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module, student: tor
     trainer = make_trainer(recipe, rt, student_cfg, tokenizer, prefix, out_dir, model=student,
                            objective=objective)
     data = trainer.valid_ds if trainer.valid_ds is not None else trainer.train_ds
-    teacher_loss = lm_loss(teacher, _eval_tokens(data, recipe.train.global_batch_size),
+    teacher_loss = lm_loss(teacher, sequences(data, min(recipe.train.global_batch_size,
+                                                         len(data))),
                            recipe.train.micro_batch_size)
     ceiling = math.log(tokenizer.vocab_size)
     log.info("teacher validation loss %.4f (ln(vocab) = %.4f)", teacher_loss, ceiling)

@@ -50,9 +50,9 @@ def _global_key(key: str, offset: int) -> str:
     return key if m is None else f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}"
 
 
-def _is_glu_fc1(key: str, model: torch.nn.Module) -> bool:
-    return model.config.gated_linear_unit and ".mlp.linear_fc1." in key \
-        and not key.endswith("layer_norm_weight") and not key.endswith("layer_norm_bias")
+def _is_glu_fc1(name: str, gated: bool) -> bool:
+    """SwiGLU ``linear_fc1`` weight/bias (not a norm fused into it): TP shards ``[gate; up]``."""
+    return gated and name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
 
 
 def _tied(model: torch.nn.Module) -> bool:
@@ -74,7 +74,7 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if tp > 1 and getattr(p, "tensor_model_parallel", False):
             parts = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-            if _is_glu_fc1(key, model):
+            if _is_glu_fc1(key, model.config.gated_linear_unit):
                 halves = [x.chunk(2, dim=0) for x in parts]
                 t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
             else:
@@ -94,7 +94,7 @@ def tp_slice(full: torch.Tensor, param: torch.nn.Parameter, name: str, cfg: Mode
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
     dim = param.partition_dim
-    if cfg.activation == "swiglu" and name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
+    if _is_glu_fc1(name, cfg.activation == "swiglu"):
         gate, up = full.chunk(2)
         return torch.cat([gate.chunk(size, dim)[rank], up.chunk(size, dim)[rank]], dim)
     return full.chunk(size, dim)[rank]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from nemo_minitron.config import ConfigError, DataConfig, ParallelConfig
+from nemo_minitron.data.datasets import sequences
 from nemo_minitron.importance.aggregate import Agg
 from nemo_minitron.prune.plan import Target
 from nemo_minitron.utils.logging import get_logger
@@ -56,8 +57,7 @@ def _samples(dataset: Any, n: int, what: str) -> torch.Tensor:
     if dataset is None or len(dataset) < n:
         have = 0 if dataset is None else len(dataset)
         raise ConfigError(f"calib.{what}={n}: the data holds only {have} sequences")
-    return torch.stack([torch.cat([dataset[i]["tokens"], dataset[i]["labels"][-1:]])
-                        for i in range(n)])
+    return sequences(dataset, n)
 
 
 def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
