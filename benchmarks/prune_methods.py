@@ -8,19 +8,20 @@ importance estimation as a ratio to a plain forward pass over the same calibrati
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-
-import torch
 
 from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model_config, load_weights
 from nemo_minitron.config import load_recipe
 from nemo_minitron.data.datasets import build_gpt_datasets
 from nemo_minitron.demo import PRUNE_RECIPE
+from nemo_minitron.importance.baselines import magnitude_scores, random_scores
 from nemo_minitron.importance.estimator import estimate_importance
 from nemo_minitron.importance.scores import Scores
 from nemo_minitron.model.build import build_model
 from nemo_minitron.model.forward import forward_pass, lm_loss
+from nemo_minitron.model.full_state import gather_full_state_dict
 from nemo_minitron.parallel.runtime import init_distributed
 from nemo_minitron.prune.apply import prune_model
 from nemo_minitron.prune.plan import make_plan
@@ -31,31 +32,9 @@ from nemo_minitron.utils.logging import get_logger, setup_logging
 log = get_logger("bench")
 
 
-def magnitude_scores(model: torch.nn.Module, like: Scores) -> Scores:
-    """Weight-magnitude baseline: L2 norms of the weights that read/write each unit."""
-    cfg = model.config
-    d, f = cfg.kv_channels, cfg.ffn_hidden_size
-    groups = cfg.num_query_groups
-    per_group = cfg.num_attention_heads // groups
-    ffn, heads = [], []
-    for layer in model.decoder.layers:
-        fc1 = layer.mlp.linear_fc1.weight.detach()
-        fc2 = layer.mlp.linear_fc2.weight.detach()
-        ffn.append(fc1[:f].norm(dim=1) * fc1[f:].norm(dim=1) * fc2.norm(dim=0))
-        proj = layer.self_attention.linear_proj.weight.detach()
-        heads.append(proj.view(proj.shape[0], -1, d).norm(dim=(0, 2)))
-    heads_t = torch.stack(heads)
-    hidden = model.embedding.word_embeddings.weight.detach().norm(dim=0)
-    return Scores(ffn_hidden_size=torch.stack(ffn), num_attention_heads=heads_t,
-                  num_query_groups=heads_t.view(len(heads), groups, per_group).sum(-1),
-                  hidden_size=hidden, num_layers=like.num_layers.clone())
-
-
-def random_scores(like: Scores, seed: int) -> Scores:
-    g = torch.Generator().manual_seed(seed)
-    rnd = {a: torch.rand(getattr(like, a).shape, generator=g) for a in Scores.AXES}
-    rnd["num_layers"] = like.num_layers.clone()  # same depth choice: compare width criteria
-    return Scores(**rnd)
+def _same_depth(baseline: Scores, like: Scores) -> Scores:
+    # Same layers removed as the activation scores: compare the width criteria alone.
+    return dataclasses.replace(baseline, num_layers=like.num_layers.clone())
 
 
 def main(argv: list[str]) -> None:
@@ -88,8 +67,10 @@ def main(argv: list[str]) -> None:
     base = lm_loss(model, evals, c.micro_batch_size)
     rows = []
     variants = [("activation", scores, True), ("activation, no RMSNorm rescale", scores, False),
-                ("weight magnitude", magnitude_scores(model, scores), True)]
-    variants += [(f"random (seed {s})", random_scores(scores, s), True) for s in (0, 1)]
+                ("weight magnitude",
+                 _same_depth(magnitude_scores(gather_full_state_dict(model), cfg), scores), True)]
+    variants += [(f"random (seed {s})", _same_depth(random_scores(cfg, s), scores), True)
+                 for s in (0, 1)]
     for name, sc, rescale in variants:
         plan = make_plan(cfg, sc, recipe.target, rescale_norms=rescale)
         rows.append((name, lm_loss(prune_model(model, plan), evals, c.micro_batch_size)))

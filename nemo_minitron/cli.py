@@ -190,6 +190,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_method(args: argparse.Namespace) -> int:
+    from nemo_minitron.method_bench import load_bench_recipe, run_method_bench
+
+    recipe, overrides = _split_overrides(args)
+    command = " ".join(["nemo-minitron", "bench-method", *([recipe] if recipe else []),
+                        *overrides, "--out", args.out, "--report", args.report or
+                        f"{args.out}/report"])
+    print(run_method_bench(load_bench_recipe(recipe, overrides), args.out,
+                           args.report or f"{args.out}/report", command))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nemo_minitron.demo import run_demo
 
@@ -319,6 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (re-use it to resume)")
     _recipe_args(p)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("bench-method", help="reproduce the method's findings in miniature",
+                       description="Pretrain the demo teacher (or study.teacher=CKPT), then "
+                                   "compare aggregations, importance criteria, width vs depth, "
+                                   "KD vs cross-entropy, logit vs logit+intermediate losses, "
+                                   "distilled vs from scratch, single-shot vs iterative "
+                                   "importance and throughput, each through the library's own "
+                                   "stages, and write a Markdown report with PNG plots. "
+                                   "Defaults: recipes/method_bench.yaml (about an hour on 2 CPU "
+                                   "cores). Re-running the same command reuses finished work.")
+    _recipe_args(p)
+    p.add_argument("--out", default="runs/method_bench", help="work directory (re-use it to "
+                   "resume)")
+    p.add_argument("--report", default=None, help="report directory (default OUT/report)")
+    p.set_defaults(func=cmd_bench_method)
 
     p = sub.add_parser("launch", help="run a recipe or pipeline as SLURM jobs (or here)",
                        description="Render one sbatch script per stage (srun, one task per "

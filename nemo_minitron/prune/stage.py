@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -49,6 +49,11 @@ class PruneRecipe:
     """Layout of the importance pass."""
     scores: str | None = None
     """A saved scores file: skip the forward passes."""
+    importance: Literal["activation", "magnitude", "random"] = "activation"
+    """How units are scored: activations on the calibration set (the method), or the
+    baselines it is compared with, weight magnitude and random (``importance.baselines``)."""
+    importance_seed: int = 0
+    """Seed of importance=random."""
     rescale_norms: bool = True
     """Compensate RMSNorm weights (and epsilon) for removed channels."""
 
@@ -112,6 +117,8 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     if recipe.scores:
         scores = Scores.load(recipe.scores)
         check_scores_match(scores, model)
+    elif recipe.importance != "activation":
+        scores = _baseline_scores(model, src, recipe)
     else:
         dp, rank = rt.dp, ps.get_data_parallel_rank()
         mine = calib_tokens[:, :-1].chunk(dp)[rank]
@@ -148,6 +155,19 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
              summary["source_params"], summary["pruned_params"], 100 * summary["param_ratio"],
              source_loss, pruned_loss)
     return summary
+
+
+def _baseline_scores(model: torch.nn.Module, src: Any, recipe: PruneRecipe) -> Any:
+    from nemo_minitron.importance.baselines import magnitude_scores, random_scores
+    from nemo_minitron.model.full_state import gather_full_state_dict
+    from nemo_minitron.model.params import weights_fingerprint
+
+    if recipe.importance == "magnitude":
+        scores = magnitude_scores(gather_full_state_dict(model), src)
+    else:
+        scores = random_scores(src, recipe.importance_seed)
+    scores.meta["fingerprint"] = weights_fingerprint(model)
+    return scores
 
 
 def _as_recipe(recipe: PruneRecipe):

@@ -1,0 +1,62 @@
+"""Baseline importance criteria to compare activation importance with (``prune importance=``).
+
+- ``magnitude``: from the weights alone (no data). An MLP neuron scores
+  ``|gate row| * |up row| * |fc2 column|`` (``|fc1 row| * |fc2 column|`` without gating); a head
+  the L2 norm of its ``linear_proj`` columns; a query group the sum of its heads; an embedding
+  channel the norm of its word-embedding column; a layer the norm of all its weights.
+- ``random``: uniform noise from a seed (the floor any criterion must beat).
+
+Both read the full TP=1 state dict (``model.full_state.gather_full_state_dict``), so they give the
+same scores under every parallel layout.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from nemo_minitron.config import ModelConfig
+from nemo_minitron.importance.scores import Scores
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def magnitude_scores(full: dict[str, torch.Tensor], cfg: ModelConfig) -> Scores:
+    """Weight-magnitude scores of the model whose full state dict is ``full``."""
+    f, d = cfg.ffn_hidden_size, cfg.head_dim
+    groups = cfg.query_groups
+    ffn, heads, layers = [], [], torch.zeros(cfg.num_layers)
+    for i in range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        fc1 = full[p + "mlp.linear_fc1.weight"].double()
+        fc2 = full[p + "mlp.linear_fc2.weight"].double()
+        rows = fc1[:f].norm(dim=1) * fc1[f:].norm(dim=1) if cfg.activation == "swiglu" \
+            else fc1.norm(dim=1)
+        ffn.append(rows * fc2.norm(dim=0))
+        proj = full[p + "self_attention.linear_proj.weight"].double()
+        heads.append(proj.view(proj.shape[0], -1, d).norm(dim=(0, 2)))
+    for key, w in full.items():
+        m = _LAYER.match(key)
+        if m is not None:
+            layers[int(m.group(1))] += w.double().pow(2).sum().item()
+    heads_t = torch.stack(heads).float()
+    return Scores(ffn_hidden_size=torch.stack(ffn).float(), num_attention_heads=heads_t,
+                  num_query_groups=heads_t.view(cfg.num_layers, groups, -1).sum(-1),
+                  hidden_size=full["embedding.word_embeddings.weight"].double().norm(dim=0)
+                  .float(), num_layers=layers.sqrt(), meta={"importance": "magnitude"})
+
+
+def random_scores(cfg: ModelConfig, seed: int) -> Scores:
+    """Uniform random scores of every unit, reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    n, a = cfg.num_layers, cfg.num_attention_heads
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=g)
+
+    heads = rand(n, a)
+    return Scores(ffn_hidden_size=rand(n, cfg.ffn_hidden_size), num_attention_heads=heads,
+                  num_query_groups=heads.view(n, cfg.query_groups, -1).sum(-1),
+                  hidden_size=rand(cfg.hidden_size), num_layers=rand(n),
+                  meta={"importance": "random", "seed": seed})

@@ -1,0 +1,64 @@
+"""Smoke test of ``bench-method`` at a tiny scale: every section runs through the CLI and the
+report is well formed; the fixed validation set is the training loop's own validation set."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import SMALL_DATA
+from tests.test_cli import run_cli
+
+VERDICT = re.compile(r"\*\*(agree|disagree|tie|inconclusive \(the seeds disagree\)|"
+                     r"vs magnitude: .*)\*\*")
+
+
+def smoke_overrides(data_cache: str) -> list[str]:
+    data = [f"teacher.data.cache_dir={data_cache}",
+            f"teacher.data.tokenizer_vocab_size={SMALL_DATA['tokenizer_vocab_size']}",
+            f"teacher.data.corpus_max_bytes={SMALL_DATA['corpus_max_bytes']}"]
+    model = ["teacher.model.num_layers=4", "teacher.model.hidden_size=64",
+             "teacher.model.ffn_hidden_size=128", "teacher.model.num_attention_heads=4",
+             "teacher.model.num_query_groups=2", "teacher.model.seq_length=64"]
+    teacher = ["teacher.train.train_iters=40", "teacher.train.lr_warmup_iters=5",
+               "teacher.train.micro_batch_size=4", "teacher.train.eval_iters=2",
+               "teacher.train.tensorboard=false", "teacher.train.save_interval=0"]
+    return data + model + teacher + [
+        "study.width_hidden_size=48", "study.width_ffn_step=16", "study.eval_samples=16",
+        "calib.num_samples=8", "calib.micro_batch_size=4", "calib.eval_samples=8",
+        "retrain.train_iters=4", "retrain.eval_interval=2", "retrain.eval_iters=2",
+        "retrain.micro_batch_size=4", "retrain.log_interval=2", "retrain.tensorboard=false",
+        "kd.teacher_max_loss_ratio=0.99", "throughput.batch_size=2",
+        "throughput.seq_length=16", "throughput.decode_tokens=4", "throughput.repeats=1"]
+
+
+@pytest.mark.slow
+def test_bench_method_smoke(tmp_path, data_cache):
+    out, report = tmp_path / "work", tmp_path / "report"
+    args = ["bench-method", *smoke_overrides(data_cache), "--out", str(out), "--report",
+            str(report)]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (report / "report.md").read_text()
+    summary = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in summary.splitlines() if re.match(r"^\| \d+ \|", line)]
+    assert len(rows) == 8, summary
+    assert all(VERDICT.search(row) for row in rows), rows
+    assert "bench-method" in text and "--report" in text  # the command that regenerates it
+    for png in ("aggregation", "width_depth", "kd_vs_ce", "intermediate", "scratch", "teacher"):
+        assert f"]({png}.png)" in text
+        assert (report / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    units = {p.stem: json.loads(p.read_text()) for p in (out / "units").glob("*.json")}
+    # The fixed validation set is the training loop's own (first seed): the loop's last
+    # validation and a fresh evaluation of the saved checkpoint agree.
+    for name in ("kd-width-s0", "ce-width-s0", "scratch-width-s0"):
+        assert units[name]["curve"][-1][1] == pytest.approx(units[name]["loss"], abs=1e-4)
+    assert units["width-s0"]["params"] == pytest.approx(units["depth-s0"]["params"], rel=0.05)
+
+    # Same --out, other settings: refused before any work, nothing mixed.
+    res = run_cli(*args, "retrain.train_iters=6")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --out ")
+    assert "retrain.train_iters differs" in res.stderr
