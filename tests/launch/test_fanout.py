@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nemo_minitron.config import parse_overrides
+from nemo_minitron.config import ConfigError, load_recipe, parse_overrides
 from nemo_minitron.launch.fanout import pipeline_jobs
 from nemo_minitron.launch.pipeline import load_pipeline
 from nemo_minitron.launch.run import cluster_resolver
 from nemo_minitron.launch.validate import validate_pipeline
+from nemo_minitron.search.stage import SearchRecipe, search
 from tests.launch.test_launch import _cli, _fake_checkpoint, _words
 from tests.search.test_search import _args, teacher  # noqa: F401 (fixture)
 from tests.test_cli import run_cli
@@ -131,6 +132,13 @@ def test_fanned_out_search_matches_one_process(slurm_cluster, teacher, tiny_over
                                                tmp_path):
     # The two candidates closest to the budget, so that both candidate jobs run at once.
     args = [*_args(tiny_overrides), "search.retrain_steps=3", "search.max_candidates=2"]
+    # Ranking alone before the candidates are retrained is a one-line error; nothing written.
+    recipe = load_recipe(None, args + ["search.candidates=[]"], cls=SearchRecipe)
+    with pytest.raises(ConfigError, match=r"^search.candidates=\[\] only ranks, and 2 "
+                                          f"candidates are not finished .*: {ORDER[0]}, "):
+        search(teacher, str(tmp_path / "early"), recipe)
+    assert not (tmp_path / "early").exists()
+
     path = _pipeline(tmp_path, teacher, _config(args))
     r = _cli("launch", str(path))
     assert r.returncode == 0, r.stderr
