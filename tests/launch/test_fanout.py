@@ -173,3 +173,22 @@ def test_fanned_out_search_matches_one_process(slurm_cluster, teacher, tiny_over
         == yaml.safe_load((ref / "winner" / "model_config.yaml").read_text())
     assert json.loads(res.stdout)["winner"] == got[0][0]
 
+
+
+def test_source_from_an_earlier_stage(tmp_path):
+    # The source does not exist yet: its shape is the earlier stage's model.
+    data = {"workdir": str(tmp_path / "w"), "cluster": {"gpus_per_node": 0},
+            "stages": [{"name": "teacher", "verb": "pretrain",
+                        "config": {"model": SRC, **parse_overrides(FAST[3:])}},
+                       {"name": "search", "verb": "search",
+                        "args": ["{stages.teacher.output}", "{out}"], "config": _config(FAST)}]}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    pipe = load_pipeline(path)
+    cluster_for = cluster_resolver(pipe, {})
+    shapes: dict = {}
+    validate_pipeline(pipe, cluster_for, shapes=shapes)
+    jobs = pipeline_jobs(pipe, pipe.stages, cluster_for, shapes)
+    assert [(j.name, j.needs) for j in jobs] == [("teacher", [])] + [
+        (f"search-{n}", ["teacher"]) for n in ORDER] + [
+        ("search", ["teacher", *(f"search-{n}" for n in ORDER)])]
