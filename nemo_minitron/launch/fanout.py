@@ -83,7 +83,11 @@ def expand_search(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,
     from nemo_minitron.launch.validate import search_candidates
     from nemo_minitron.search.stage import SearchRecipe
 
-    steps = from_dict(SearchRecipe, stage.config).search.retrain_steps
+    s = from_dict(SearchRecipe, stage.config).search
+    if s.candidates is not None:
+        raise ConfigError(f"stage {stage.name}: search.fan_out submits every candidate; drop "
+                          "search.candidates")
+    steps = s.retrain_steps
     _, candidates = search_candidates(stage, pipe, shapes)
     jobs = []
     for c in candidates:

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe, from_dict
 from nemo_minitron.launch.pipeline import Pipeline, Stage
 from nemo_minitron.launch.sbatch import ClusterConfig
 from nemo_minitron.model.params import count_params, layer_params
+
+if TYPE_CHECKING:
+    from nemo_minitron.search.enumerate import Candidate
 
 GiB = 1024**3
 RESERVE_GIB = 5.0
@@ -117,7 +120,7 @@ def _vocab(m: ModelConfig, recipe: Any) -> int:
 
 
 def search_candidates(stage: Stage, pipe: Pipeline, shapes: dict[str, ModelConfig]
-                      ) -> tuple[ModelConfig, list[Any]]:
+                      ) -> tuple[ModelConfig, list[Candidate]]:
     """A search stage's source (vocabulary sized) and the candidates the search verb will
     enumerate from it; ``shapes``: outputs of earlier stages (from ``validate_pipeline``)."""
     from nemo_minitron.search.enumerate import enumerate_candidates

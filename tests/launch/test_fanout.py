@@ -98,6 +98,11 @@ def test_expansion_jobs_dependencies_and_dry_run(tmp_path):
     assert [j.name for j in jobs] == [f"search-{n}" for n in ORDER[1:]] + ["search", "heal"]
     assert jobs[2].needs == [f"search-{n}" for n in ORDER[1:]]
 
+    r = _cli("launch", str(path), "--dry-run", "search.search.candidates=[L3-H64-F64-A4-G2]")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "error: stage search: search.fan_out submits every candidate; " \
+        "drop search.candidates"
+
 
 def _job(job: str) -> dict[str, str]:
     text = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True,
