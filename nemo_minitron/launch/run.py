@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nemo_minitron.config import ConfigError, from_dict, load_yaml
+from nemo_minitron.config import ConfigError, ModelConfig, from_dict, load_yaml
+from nemo_minitron.launch.fanout import fans_out
 from nemo_minitron.launch.pipeline import Pipeline, Stage, load_pipeline, single_stage
 from nemo_minitron.launch.sbatch import ClusterConfig, job_command, render_sbatch
 from nemo_minitron.utils.logging import get_logger
@@ -50,37 +51,41 @@ def complete(stage: Stage) -> bool:
 
 
 def launch_slurm(pipe: Pipeline, cluster_for: Callable[[Stage], ClusterConfig],
-                 dry_run: bool) -> list[dict[str, Any]]:
-    """Submit every stage whose output is missing, each after the stages it reads."""
+                 dry_run: bool, shapes: dict[str, ModelConfig] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Submit every stage whose output is missing, each after the stages it reads (a search
+    with ``search.fan_out`` as several jobs, see ``launch/fanout.py``); ``shapes``: the model
+    each stage produces, by output path, from ``validate_pipeline``."""
     from nemo_minitron.launch import slurm
+    from nemo_minitron.launch.fanout import pipeline_jobs
 
     todo = [s for s in pipe.stages if not complete(s)]
     for s in pipe.stages:
         if s not in todo:
             log.info("stage %s: %s is complete; not submitted", s.name, s.output)
+    planned = pipeline_jobs(pipe, todo, cluster_for, shapes or {})
     if not dry_run:
-        slurm.preflight([cluster_for(s) for s in todo])
+        slurm.preflight([j.cluster for j in planned])
     jobs: dict[str, str] = {}
     result = []
-    for stage in todo:
-        c = cluster_for(stage)
-        cmd = job_command(stage.verb, stage.argv, container=bool(c.container_image))
-        script = render_sbatch(c, cmd, stage.out / "logs")
-        after = [jobs[n] for n in stage.needs if n in jobs]
+    for job in planned:
+        c, logs = job.cluster, job.stage.out / "logs"
+        cmd = job_command(job.stage.verb, job.argv, container=bool(c.container_image))
+        script = render_sbatch(c, cmd, logs)
+        waits = [n for n in job.needs if n in jobs]
         if dry_run:
-            dep = f" --dependency=afterok:<job of {', '.join(stage.needs)}>" if after else ""
-            print(f"# ---- stage {stage.name}: sbatch{dep} {stage.out / 'logs'}/"
-                  f"{c.job_name}.sbatch")
+            dep = f" --dependency=afterok:<job of {', '.join(waits)}>" if waits else ""
+            print(f"# ---- stage {job.name}: sbatch{dep} {logs}/{c.job_name}.sbatch")
             print(script)
-            jobs[stage.name] = f"<{stage.name}>"
+            jobs[job.name] = f"<{job.name}>"
             continue
-        jobs[stage.name] = slurm.submit(script, stage.out / "logs" / f"{c.job_name}.sbatch",
-                                        after)
-        log.info("stage %s: submitted job %s%s", stage.name, jobs[stage.name],
+        after = [jobs[n] for n in waits]
+        jobs[job.name] = slurm.submit(script, logs / f"{c.job_name}.sbatch", after)
+        log.info("stage %s: submitted job %s%s", job.name, jobs[job.name],
                  f" after {', '.join(after)}" if after else "")
-        result.append({"stage": stage.name, "job_id": jobs[stage.name],
-                       "log": str(stage.out / "logs" / f"{c.job_name}-{jobs[stage.name]}.out"),
-                       "output": str(stage.output)})
+        result.append({"stage": job.name, "job_id": jobs[job.name],
+                       "log": str(logs / f"{c.job_name}-{jobs[job.name]}.out"),
+                       "output": str(job.output)})
     return result
 
 
@@ -90,6 +95,9 @@ def launch_local(pipe: Pipeline, cluster_for: Callable[[Stage], ClusterConfig]) 
         if complete(stage):
             log.info("stage %s: %s is complete; skipped", stage.name, stage.output)
             continue
+        if fans_out(stage):
+            log.info("stage %s: search.fan_out is for SLURM; here the search runs as one "
+                     "process, candidate after candidate", stage.name)
         c = cluster_for(stage)
         if c.nodes != 1:
             raise ConfigError(f"--cluster local runs on one node, not --nodes {c.nodes}")
@@ -119,10 +127,11 @@ def run_launch(recipe: str, overrides: list[str], *, cluster: str, out: str | No
 
         flags = {**flags, "gpus_per_node": torch.cuda.device_count()}
     cluster_for = cluster_resolver(pipe, flags)
-    validate_pipeline(pipe, cluster_for)
+    shapes: dict[str, ModelConfig] = {}
+    validate_pipeline(pipe, cluster_for, shapes=shapes)
     if cluster == "local":
         return launch_local(pipe, cluster_for)
-    jobs = launch_slurm(pipe, cluster_for, dry_run)
+    jobs = launch_slurm(pipe, cluster_for, dry_run, shapes)
     if not dry_run:
         import json
 

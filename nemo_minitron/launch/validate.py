@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe, from_dict
 from nemo_minitron.launch.pipeline import Pipeline, Stage
 from nemo_minitron.launch.sbatch import ClusterConfig
 from nemo_minitron.model.params import count_params, layer_params
+
+if TYPE_CHECKING:
+    from nemo_minitron.search.enumerate import Candidate
 
 GiB = 1024**3
 RESERVE_GIB = 5.0
@@ -116,6 +119,23 @@ def _vocab(m: ModelConfig, recipe: Any) -> int:
     return m.padded_vocab_size(recipe.data.tokenizer_vocab_size)
 
 
+def search_candidates(stage: Stage, pipe: Pipeline, shapes: dict[str, ModelConfig]
+                      ) -> tuple[ModelConfig, list[Candidate]]:
+    """A search stage's source (vocabulary sized) and the candidates the search verb will
+    enumerate from it; ``shapes``: outputs of earlier stages (from ``validate_pipeline``)."""
+    from nemo_minitron.search.enumerate import enumerate_candidates
+
+    recipe = _verb_recipe(stage)
+    model = _shape(stage, pipe, shapes)
+    if model is None:
+        raise ConfigError("a search reads its source checkpoint")
+    tp = recipe.parallel.tensor_model_parallel_size
+    pp = recipe.parallel.pipeline_model_parallel_size
+    model.check_layout(tp, pp)
+    src = dataclasses.replace(model, vocab_size=_vocab(model, recipe))
+    return src, enumerate_candidates(src, recipe.search, tp, pp)
+
+
 def memory_gib(m: ModelConfig, tp: int, pp: int, dp: int, micro_batch: int, *,
                forward_only: bool = False, frozen: list[ModelConfig] = ()) -> float:  # type: ignore[assignment]
     """The estimate documented above, in GiB."""
@@ -135,10 +155,11 @@ def memory_gib(m: ModelConfig, tp: int, pp: int, dp: int, micro_batch: int, *,
     return total / GiB + RESERVE_GIB
 
 
-def validate_pipeline(pipe: Pipeline, cluster_for: Any, gpu_memory_gb: float = 80.0
-                      ) -> list[StageReport]:
-    """Check every stage; ``cluster_for(stage) -> ClusterConfig``. Raises ConfigError."""
-    shapes: dict[str, ModelConfig] = {}
+def validate_pipeline(pipe: Pipeline, cluster_for: Any, gpu_memory_gb: float = 80.0,
+                      shapes: dict[str, ModelConfig] | None = None) -> list[StageReport]:
+    """Check every stage; ``cluster_for(stage) -> ClusterConfig``. Raises ConfigError.
+    ``shapes`` (if given) receives the model each stage produces, by output path."""
+    shapes = {} if shapes is None else shapes
     reports = []
     for stage in pipe.stages:
         try:
@@ -164,13 +185,11 @@ def _check(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,
                            dp=world // (tp * pp), params=0, memory_gib=None)
     teachers: list[ModelConfig] = []
     if stage.verb == "search":  # sized (and so are later stages) by its largest candidate
-        from nemo_minitron.search.enumerate import enumerate_candidates, shape_config
+        from nemo_minitron.search.enumerate import shape_config
 
-        model.check_layout(tp, pp)
-        teachers = [dataclasses.replace(model, vocab_size=_vocab(model, recipe))]
-        big = max(enumerate_candidates(teachers[0], recipe.search, tp, pp),
-                  key=lambda c: c.params)
-        model = shape_config(teachers[0], big)
+        src, candidates = search_candidates(stage, pipe, shapes)
+        teachers = [src]
+        model = shape_config(src, max(candidates, key=lambda c: c.params))
         dp = Recipe(model=model, parallel=recipe.parallel, train=recipe.train
                     ).validate_parallel(world)
         result, mb, forward_only = model, recipe.train.micro_batch_size, False

@@ -53,7 +53,12 @@ class SearchConfig:
     """Keep at most this many candidates, those closest to target_params."""
     candidates: list[str] | None = None
     """Retrain only these candidates (names as logged, e.g. ``L3-H64-F64-A4-G2``) in this run,
-    e.g. one per job; the run that finds every candidate finished ranks them."""
+    e.g. one per job; the run that finds every candidate finished ranks them. ``[]`` retrains
+    nothing and only ranks (an error while a candidate is unfinished)."""
+    fan_out: bool = False
+    """For ``launch`` (SLURM): submit one job per candidate (``search.candidates=[NAME]``, all
+    writing into the stage's directory) and a ranking job (``search.candidates=[]``) after them;
+    false runs the whole search as one job. The search verb itself ignores it."""
     max_candidates_per_run: int | None = None
     """Stop after retraining this many candidates in this run (time-sliced jobs); a re-run
     continues with the next."""

@@ -159,6 +159,10 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
                                            "tolerance": s.tolerance, "candidates": rows})
 
     refresh()
+    left = [r["name"] for r in records if r["status"] != "done"]
+    if s.candidates == [] and left:  # a rank-only run (fan-out's last job) must not pass
+        raise ConfigError(f"search.candidates=[] only ranks, and {len(left)} candidates are "
+                          f"not finished in {root}: {', '.join(left)}")
     init_distributed(p, seed=recipe.train.seed)
     log.info("%d candidates within %.0f%% of %d parameters: %s", len(candidates),
              100 * s.tolerance, s.target_params, ", ".join(c.name for c in candidates))
