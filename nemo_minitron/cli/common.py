@@ -1,0 +1,30 @@
+"""Shared pieces of the verbs: recipe + ``key=value`` arguments."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("cli")
+
+RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
+
+
+def recipe_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("recipe", nargs="?", default=default,
+                   help="YAML recipe (default: %(default)s)")
+    p.set_defaults(default_recipe=default)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides such as train.lr=3e-4 model.num_layers=4")
+
+
+def split_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """argparse cannot tell an optional recipe from a first override: an argument holding
+    '=' is an override, and the verb's default recipe applies."""
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        overrides.insert(0, recipe)
+        recipe = args.default_recipe
+    return recipe, overrides

@@ -1,0 +1,117 @@
+"""Data and training verbs: ``data``, ``pretrain``, ``finetune`` (teacher correction),
+``distill``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from nemo_minitron.cli.common import log, recipe_args, split_overrides
+from nemo_minitron.config import ConfigError
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from nemo_minitron.data.corpus import read_documents, stdlib_files
+    from nemo_minitron.data.indexed import iter_input_documents, write_indexed_dataset
+    from nemo_minitron.data.tokenizer import load_tokenizer, train_sentencepiece
+
+    if args.inputs:
+        def docs() -> Iterator[str]:
+            return iter_input_documents(args.inputs, args.json_key)
+
+        total = None
+    else:
+        files = stdlib_files(args.corpus_max_bytes)
+
+        def docs() -> Iterator[str]:
+            return read_documents(files)
+
+        total = len(files)
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+    elif args.train_tokenizer:
+        tok = train_sentencepiece(docs(), args.train_tokenizer,
+                                  Path(args.output_prefix).parent / "tokenizer.model")
+    else:
+        raise ConfigError("give --tokenizer (a .model file or HF directory) or "
+                          "--train-tokenizer VOCAB_SIZE")
+    stats = write_indexed_dataset(docs(), tok, args.output_prefix, total=total)
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.pretrain import pretrain
+
+    recipe, overrides = split_overrides(args)
+    summary = pretrain(load_recipe(recipe, overrides), args.out)
+    log.info("final checkpoint: %s", summary["final"])
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.pretrain import finetune
+
+    recipe, overrides = split_overrides(args)
+    summary = finetune(load_recipe(recipe, overrides), args.checkpoint, args.out)
+    log.info("final checkpoint: %s", summary["final"])
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.distill.stage import DistillRecipe, distill
+
+    recipe, overrides = split_overrides(args)
+    summary = distill(load_recipe(recipe, overrides, cls=DistillRecipe), args.teacher,
+                      args.student, args.out)
+    log.info("final checkpoint: %s", summary["final"])
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add this module's verbs."""
+    p = sub.add_parser("data", help="tokenize JSONL/text files into a Megatron indexed dataset",
+                       description="Tokenize documents into <output-prefix>.bin/.idx. Inputs: "
+                                   ".jsonl (one document per line) or text files (one document "
+                                   "per file); none: the embedded stdlib corpus.")
+    p.add_argument("inputs", nargs="*", help=".jsonl or text files")
+    p.add_argument("--output-prefix", required=True, help="output path without .bin/.idx")
+    p.add_argument("--tokenizer", help="sentencepiece .model file or Hugging Face directory")
+    p.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+                   help="train a sentencepiece BPE model on the inputs instead")
+    p.add_argument("--json-key", default="text", help="JSONL field holding the text")
+    p.add_argument("--corpus-max-bytes", type=int, default=8_000_000,
+                   help="size of the embedded corpus when no inputs are given")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("pretrain", help="pretrain a model from scratch (a teacher)",
+                       description="Pretrain recipe.model on recipe.data; resumes from the "
+                                   "latest checkpoint under --out.")
+    recipe_args(p)
+    p.add_argument("--out", default="runs/pretrain", help="output directory")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="continue training a checkpoint with the LM loss",
+                       description="Teacher correction: fine-tune a checkpoint on recipe.data.")
+    p.add_argument("checkpoint", help="checkpoint directory to start from")
+    recipe_args(p)
+    p.add_argument("--out", default="runs/finetune", help="output directory")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("distill", help="knowledge distillation of a teacher into a student",
+                       description="Train --student to imitate --teacher (frozen) on recipe.data "
+                                   "with the pretraining loop: logit KL (kd.divergence, "
+                                   "kd.temperature, kd.top_k), optional ground-truth CE "
+                                   "(kd.lm_loss_weight), intermediate hidden-state and "
+                                   "embedding losses (kd.hidden_weight, kd.layer_map, "
+                                   "kd.embedding_weight). Resumes from the latest checkpoint "
+                                   "under --out.")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (frozen)")
+    p.add_argument("--student", required=True, help="student checkpoint, e.g. a pruned model")
+    recipe_args(p)
+    p.add_argument("--out", default="runs/distill", help="output directory")
+    p.set_defaults(func=cmd_distill)
