@@ -10,6 +10,7 @@
    process' maximum resident set size.
 
     .venv/bin/python benchmarks/kd_efficiency.py [--tokens 4096 --vocab 32000 --repeats 5]
+        [--shapes demo,wide]
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ from functools import partial
 
 import torch
 
-TEACHER = dict(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8,
-               num_query_groups=4, seq_length=256, vocab_size=4096)
-STUDENT = dict(TEACHER, num_layers=3, hidden_size=192, ffn_hidden_size=384, kv_channels=32)
+DEMO = dict(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8,
+            num_query_groups=4, seq_length=256, vocab_size=4096)
+# Wider layers, same vocabulary: the logit loss' share of a step shrinks as the layers grow (at
+# Llama scale the vocabulary is 32x larger but each layer ~256x).
+WIDE = dict(DEMO, hidden_size=1024, ffn_hidden_size=3072, num_attention_heads=16,
+            num_query_groups=8)
+SHAPES = {
+    "demo": (DEMO, dict(DEMO, num_layers=3, hidden_size=192, ffn_hidden_size=384,
+                        kv_channels=32)),
+    "wide": (WIDE, dict(WIDE, hidden_size=768, ffn_hidden_size=2048, kv_channels=64)),
+}
 
 
 def _maxrss_bytes() -> int:
@@ -55,7 +64,7 @@ def memory_child(variant: str, tokens: int, vocab: int) -> None:
     print(json.dumps({"variant": variant, "ratio": peak / (student.numel() * 4)}))
 
 
-def step_times(repeats: int) -> dict[str, float]:
+def step_times(shape: str, repeats: int) -> dict[str, float]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nemo_minitron.config import ModelConfig, ParallelConfig
@@ -66,8 +75,9 @@ def step_times(repeats: int) -> dict[str, float]:
     from nemo_minitron.train.objectives import LMObjective
 
     rt = init_distributed(ParallelConfig())
-    teacher, student = build_model(ModelConfig(**TEACHER)), build_model(ModelConfig(**STUDENT))
-    mbs, n_micro, s = 4, 2, TEACHER["seq_length"]
+    t_cfg, s_cfg = SHAPES[shape]
+    teacher, student = build_model(ModelConfig(**t_cfg)), build_model(ModelConfig(**s_cfg))
+    mbs, n_micro, s = 4, 2, t_cfg["seq_length"]
     g = torch.Generator().manual_seed(0)
     toks = torch.randint(0, 4000, (mbs * n_micro, s + 1), generator=g)
     batches = [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(mbs, s),
@@ -98,19 +108,22 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--shapes", default="demo,wide", help="step-time models: demo, wide")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         memory_child(args.child[0], int(args.child[1]), int(args.child[2]))
         return
-    t = step_times(args.repeats)
-    ratio = t["kd step"] / (t["student step"] + t["teacher forward"])
-    print(f"step time (best of {args.repeats}, teacher {TEACHER['num_layers']}x"
-          f"{TEACHER['hidden_size']}, student {STUDENT['num_layers']}x{STUDENT['hidden_size']}, "
-          f"vocab {TEACHER['vocab_size']}):")
-    for k, v in t.items():
-        print(f"  {k:16s} {v * 1000:8.1f} ms")
-    print(f"  kd step / (student step + teacher forward) = {ratio:.3f}  (goal <= 1.10)")
+    for shape in args.shapes.split(","):
+        t_cfg, s_cfg = SHAPES[shape]
+        t = step_times(shape, args.repeats)
+        ratio = t["kd step"] / (t["student step"] + t["teacher forward"])
+        print(f"step time, {shape} (best of {args.repeats}, teacher {t_cfg['num_layers']}x"
+              f"{t_cfg['hidden_size']}, student {s_cfg['num_layers']}x{s_cfg['hidden_size']}, "
+              f"vocab {t_cfg['vocab_size']}, 8 x {t_cfg['seq_length']} tokens):")
+        for k, v in t.items():
+            print(f"  {k:16s} {v * 1000:8.1f} ms")
+        print(f"  kd step / (student step + teacher forward) = {ratio:.3f}  (goal <= 1.10)")
     print(f"logit-loss peak memory / student logits ({args.tokens} x {args.vocab} fp32):")
     for variant in ("chunk=256", "chunk=1024", "unchunked", "textbook"):
         # A fixed mmap threshold makes glibc return every large free to the OS at once, so the
