@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
 from tests.conftest import SMALL_DATA
-from tests.test_cli import run_cli
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    # ~40 library stages in one command: minutes, not the usual CLI-test timeout.
+    return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
+                          text=True, timeout=1800)
 
 VERDICT = re.compile(r"\*\*(agree|disagree|tie|inconclusive \(the seeds disagree\)|"
                      r"vs magnitude: .*)\*\*")
