@@ -28,6 +28,9 @@ def load(recipe: str, overrides: list[str], out: str | None = None) -> Pipeline:
     data = load_yaml(recipe)
     if "stages" in data:
         return load_pipeline(recipe, overrides)
+    if "study" in data:
+        raise ConfigError(f"{recipe} is a bench-method recipe: run `nemo-minitron bench-method "
+                          f"{recipe}` (a one-process benchmark, not a cluster job)")
     verb = "prune" if "target" in data else "distill" if "kd" in data else "pretrain"
     return single_stage(recipe, verb, overrides, out or f"runs/{Path(recipe).stem}")
 

@@ -81,14 +81,17 @@ class Experiments:
     def kd_depth(self, s: int) -> dict[str, Any]:
         return self.st.distill(f"kd-depth-s{s}", self.D(s)["checkpoint"], s)
 
+    def teacher_loss(self) -> float:
+        ckpt = self.st.teacher()
+        return self.st.unit("teacher-eval", lambda: {"loss": self.st.evaluate(ckpt)})["loss"]
+
     def losses(self, fn: Any) -> list[float]:
         return [fn(s)["loss"] for s in self.seeds]
 
     # ------------------------------------------------------------------ sections
     def teacher(self) -> Section:
         st, r = self.st, self.st.recipe
-        ckpt = st.teacher()
-        loss = st.unit("teacher-eval", lambda: {"loss": st.evaluate(ckpt)})["loss"]
+        ckpt, loss = st.teacher(), self.teacher_loss()
         t = r.teacher.train
         trained_here = r.study.teacher is None
         tokens = t.train_iters * t.global_batch_size * self.src.seq_length
@@ -179,10 +182,21 @@ class Experiments:
                 "claim": "at equal tokens, distillation (logit KL) retrains better than "
                          "cross-entropy on the ground truth",
                 "header": ["retraining of the width student", "validation loss"],
-                "rows": [["logit KL (KD)", mean_spread(kd)], ["cross-entropy", mean_spread(ce)]],
+                "rows": [["logit KL (KD)", mean_spread(kd)], ["cross-entropy", mean_spread(ce)],
+                         ["(the teacher)", f"{self.teacher_loss():.4f}"]],
                 "verdict": verdict(kd, ce),
+                "detail": self._teacher_cap(kd, ce),
                 "curves": {"KD": self.kd_width(s0)["curve"],
                            "cross-entropy": ce_run(s0)["curve"]}}
+
+    def _teacher_cap(self, kd: list[float], ce: list[float]) -> str:
+        t = self.teacher_loss()
+        text = (f"Against the teacher's own loss {t:.4f}: cross-entropy ends {_below(ce, t)} it, "
+                f"distillation {_below(kd, t)} it.")
+        if all(x < t for x in ce) and not any(x < t for x in kd):
+            text += (" Distillation pulls the student toward the teacher's distribution, so an "
+                     "under-trained teacher caps it, while the ground truth does not.")
+        return text
 
     def intermediate(self) -> Section:
         r = self.st.recipe
@@ -290,6 +304,11 @@ class Experiments:
                           f"{self.st.recipe.throughput.seq_length}, "
                           f"{self.st.recipe.throughput.decode_tokens} decoded tokens, best of "
                           f"{self.st.recipe.throughput.repeats})"}
+
+
+def _below(xs: list[float], ref: float) -> str:
+    n = sum(x < ref for x in xs)
+    return "below" if n == len(xs) else "above" if n == 0 else f"below at {n} of {len(xs)} seeds"
 
 
 def tokens_to_reach(curve: list[list[float]], loss: float) -> float | None:

@@ -47,7 +47,9 @@ def plot_grid(grid: dict[str, list[float]], out: Path) -> None:
     ax.set_yticks(range(3), [f"batch {b}" for b in aggs])
     for i in range(3):
         for j in range(3):
-            ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", color="w", fontsize=9)
+            dark = (m[i, j] - m.min()) > 0.5 * (m.max() - m.min())  # viridis_r: high is dark
+            ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=9,
+                    color="w" if dark else "k")
     fig.colorbar(im, ax=ax, label="one-shot loss")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

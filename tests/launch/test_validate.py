@@ -9,9 +9,11 @@ import pytest
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.launch.run import run_validate
 from nemo_minitron.launch.validate import memory_gib
+from nemo_minitron.method_bench import load_bench_recipe
 from nemo_minitron.model.params import count_params
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml")
+                 if p.name != "method_bench.yaml")  # bench-method's, not a job: see below
 NO_FLAGS = dict.fromkeys(("nodes", "gpus_per_node", "tasks_per_node"))
 
 
@@ -22,6 +24,14 @@ def test_every_shipped_recipe_validates(recipe):
     reports = run_validate(str(recipe), [], flags=flags, gpu_memory_gb=80)
     for r in reports:
         assert r["memory_gib"] is None or r["memory_gib"] < 80
+
+
+def test_the_benchmark_recipe_is_not_a_job():
+    bench = RECIPES[0].parent / "method_bench.yaml"
+    assert load_bench_recipe(bench, []).retrain.train_iters == 200
+    with pytest.raises(ConfigError, match="is a bench-method recipe: run `nemo-minitron "
+                                          "bench-method"):
+        run_validate(str(bench), [], flags=NO_FLAGS, gpu_memory_gb=80)
 
 
 def test_published_shapes_have_the_published_sizes():

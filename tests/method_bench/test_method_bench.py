@@ -18,8 +18,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
                           text=True, timeout=1800)
 
-VERDICT = re.compile(r"\*\*(agree|disagree|tie|inconclusive \(the seeds disagree\)|"
-                     r"vs magnitude: .*)\*\*")
+_V = r"(?:agree|disagree|tie|inconclusive \(the seeds disagree\))"
+# "**agree**", or per part: "**one-shot: agree; after retraining: disagree**"
+VERDICT = re.compile(rf"\*\*(?:[\w -]+: )?{_V}(?:; [\w -]+: {_V})*\*\*")
 
 
 def smoke_overrides(data_cache: str) -> list[str]:
@@ -63,6 +64,14 @@ def test_bench_method_smoke(tmp_path, data_cache):
     for name in ("kd-width-s0", "ce-width-s0", "scratch-width-s0"):
         assert units[name]["curve"][-1][1] == pytest.approx(units[name]["loss"], abs=1e-4)
     assert units["width-s0"]["params"] == pytest.approx(units["depth-s0"]["params"], rel=0.05)
+
+    # The same command again reuses every unit and writes the same findings.
+    again = tmp_path / "again"
+    res = run_cli(*args[:-1], str(again))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in (out / "units").glob("*.json")) == sorted(
+        f"{n}.json" for n in units)
+    assert (again / "report.md").read_text().split("## Summary")[1] == text.split("## Summary")[1]
 
     # Same --out, other settings: refused before any work, nothing mixed.
     res = run_cli(*args, "retrain.train_iters=6")
