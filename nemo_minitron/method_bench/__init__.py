@@ -28,8 +28,9 @@ def _check_same_recipe(recipe: MethodBenchRecipe, out: Path) -> None:
     if f.is_file():
         old = json.loads(f.read_text())
         if old != json.loads(json.dumps(mine)):
-            diff = next(f"{k}.{j}" for k in mine for j in mine[k]
-                        if old.get(k, {}).get(j) != json.loads(json.dumps(mine[k][j])))
+            diff = next((f"{k}.{j}" for k in mine for j in mine[k]
+                         if old.get(k, {}).get(j) != json.loads(json.dumps(mine[k][j]))),
+                        "a setting") if mine.keys() == old.keys() else "the set of sections"
             raise ConfigError(f"--out {out} holds a benchmark run with another recipe ({diff} "
                               "differs); use a new --out or the same settings")
     else:
