@@ -21,7 +21,6 @@ distillation.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,16 +64,9 @@ def _with_override(argv: list[str], override: str) -> list[str]:
 
 def candidate_done(stage: Stage, name: str, retrain_steps: int) -> bool:
     """Whether a candidate of a search stage finished with these retrain_steps."""
-    from nemo_minitron.checkpoint.io import is_checkpoint
+    from nemo_minitron.search.stage import candidate_finished
 
-    cdir = stage.out / "search" / "candidates" / name
-    f = cdir / "result.json"
-    if not f.is_file():
-        return False
-    r = json.loads(f.read_text())
-    final = cdir / "distill" / "checkpoints" / f"step_{retrain_steps:07d}"
-    return r.get("status") == "done" and r.get("retrain_steps") == retrain_steps \
-        and is_checkpoint(final)
+    return candidate_finished(stage.out / "search", name, retrain_steps)
 
 
 def expand_search(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,

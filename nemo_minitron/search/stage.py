@@ -107,10 +107,28 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def stored_result(root: Path, name: str, retrain_steps: int) -> dict[str, Any] | None:
+    """A candidate's ``result.json`` under the search's ``root`` (written once it is done).
+    A result of another retrain_steps does not count: that candidate is redone, its
+    distillation resuming from its last checkpoint."""
+    f = root / "candidates" / name / "result.json"
+    r = json.loads(f.read_text()) if f.is_file() else None
+    return r if r is not None and r.get("retrain_steps") == retrain_steps else None
+
+
+def candidate_finished(root: Path, name: str, retrain_steps: int) -> bool:
+    """Whether a candidate is done for these retrain_steps, its final checkpoint included."""
+    from nemo_minitron.checkpoint.io import is_checkpoint
+
+    r = stored_result(root, name, retrain_steps)
+    final = root / "candidates" / name / "distill" / "checkpoints" / f"step_{retrain_steps:07d}"
+    return r is not None and r.get("status") == "done" and is_checkpoint(final)
+
+
 def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     """Run (or resume) the search; returns the summary (``finished`` False while candidates
     are left: stopped by search.max_candidates_per_run, search.candidates or a signal)."""
-    from nemo_minitron.checkpoint.io import check_checkpoint, is_checkpoint, load_model_config
+    from nemo_minitron.checkpoint.io import check_checkpoint, load_model_config
     from nemo_minitron.distill.stage import DistillRecipe, distill
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
@@ -139,11 +157,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     records = [_record(c) for c in candidates]
 
     def stored(name: str) -> dict[str, Any] | None:
-        # A result of another retrain_steps does not count: that candidate is redone, its
-        # distillation resuming from its last checkpoint.
-        f = root / "candidates" / name / "result.json"
-        r = json.loads(f.read_text()) if f.is_file() else None
-        return r if r is not None and r.get("retrain_steps") == s.retrain_steps else None
+        return stored_result(root, name, s.retrain_steps)
 
     def refresh() -> None:  # per-candidate results are the truth: other jobs may add some
         for i, c in enumerate(candidates):
@@ -174,7 +188,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         cdir = root / "candidates" / c.name
         pruned, run = cdir / "pruned", cdir / "distill"
         final = run / "checkpoints" / f"step_{s.retrain_steps:07d}"
-        if rec["status"] == "done" and is_checkpoint(final):
+        if candidate_finished(root, c.name, s.retrain_steps):
             log.info("candidate %s: finished earlier, skipped", c.name)
             continue
         if (s.candidates is not None and c.name not in s.candidates) or \
