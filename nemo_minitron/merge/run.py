@@ -58,6 +58,15 @@ def check_inputs(paths: dict[str, Path]) -> tuple[Any, dict[str, CheckpointReade
     digest = _tokenizer_digest(base)
     readers = {base_field: CheckpointReader(base / "weights")}
     for field, p in rest:
+        r = readers[field] = CheckpointReader(p / "weights")
+        ref = readers[base_field].tensors
+        for key in list(ref) + [k for k in r.tensors if k not in ref]:
+            x, y = ref.get(key), r.tensors.get(key)
+            if x != y:
+                def desc(i: Any) -> str:
+                    return "absent" if i is None else f"{list(i.shape)} {i.dtype}"
+                raise ConfigError(f"{field}={str(p)!r}: tensor {key!r} is {desc(y)}, in "
+                                  f"{base_field} {desc(x)}: merged models must have one shape")
         have = to_dict(load_model_config(p))
         diff = next((k for k in want if want[k] != have.get(k)), None)
         if diff is not None:
@@ -67,15 +76,6 @@ def check_inputs(paths: dict[str, Path]) -> tuple[Any, dict[str, CheckpointReade
         if _tokenizer_digest(p) != digest:
             raise ConfigError(f"{field}={str(p)!r} has a different tokenizer from "
                               f"{base_field} (tokenizer/ files differ)")
-        r = readers[field] = CheckpointReader(p / "weights")
-        ref = readers[base_field].tensors
-        for key in list(ref) + [k for k in r.tensors if k not in ref]:
-            a, b = ref.get(key), r.tensors.get(key)
-            if a != b:
-                def desc(x: Any) -> str:
-                    return "no such tensor" if x is None else f"{list(x.shape)} {x.dtype}"
-                raise ConfigError(f"{field}={str(p)!r}: tensor {key!r} is {desc(b)}, in "
-                                  f"{base_field} {desc(a)}")
     return cfg, readers
 
 
