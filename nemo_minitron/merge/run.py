@@ -167,7 +167,11 @@ class Merger:
                 self.params(name, depth)
 
     def __call__(self, c: OutChunk) -> torch.Tensor:
-        tensors = [r.read(c.key, c.offsets, c.sizes) for r in self.readers]
+        """The merged item (resizable storage: the writer frees it once written)."""
+        # The first input becomes the result: a fresh (resizable) allocation, read while
+        # nothing else is held; the others are read without a copy.
+        tensors = [r.read(c.key, c.offsets, c.sizes, resizable=i == 0)
+                   for i, r in enumerate(self.readers)]
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors)
         parts = [self._names(c, t) for t in tensors]
         depth = parts[0][1]
@@ -262,7 +266,8 @@ def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLik
         shutil.copyfile(paths["--base"] / MODEL_CONFIG, tmp / MODEL_CONFIG)
         if (paths["--base"] / "tokenizer").is_dir():
             shutil.copytree(paths["--base"] / "tokenizer", tmp / "tokenizer")
-        record = {"merge": to_dict(cfg), "base": str(base), "others": [str(o) for o in others]}
+        record = {"merge": to_dict(cfg), "base": str(base), "others": [str(o) for o in others],
+                  "colinear_fallbacks": summary["colinear_fallbacks"]}
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
         os.rename(tmp, final)
         log.info("merged %d inputs (%s) into %s", len(paths), cfg.method, final)

@@ -7,10 +7,11 @@ shape), split into chunks by whoever saved it (one per TP rank and layer, SwiGLU
 separate gate and up chunks). A region read therefore gives the same tensor whatever TP/PP
 layout the checkpoint was saved under.
 
-Reading: each stored chunk is a ``torch.save`` archive at a byte range of a ``.distcp`` file;
-it is loaded with ``torch.load(weights_only=True)`` through a window onto that range, which
-``readinto``\\ s straight into the new tensor's storage (no intermediate bytes), so reading a
-region costs the region plus at most one chunk.
+Reading: ``.metadata`` (a pickle) is vetted by the restricted unpickler of the NeMo importer
+before torch reads it. Each stored chunk is a ``torch.save`` archive at a byte range of a
+``.distcp`` file; it is loaded with ``torch.load(weights_only=True)`` through a window onto
+that range, which ``readinto``\\ s straight into the new tensor's storage (no intermediate
+bytes), so reading a region costs the region plus at most one chunk.
 
 Writing: a ``torch.distributed.checkpoint`` save whose planner describes the output chunks
 up front (one chunk per layer slice) and computes each one only when the writer asks for it
@@ -76,12 +77,12 @@ class CheckpointReader:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
+        from nemo_minitron.interop.nemo2 import read_metadata
+
         self.dir = Path(weights_dir)
-        try:
-            meta = FileSystemReader(str(self.dir)).read_metadata()
-        except FileNotFoundError:
-            raise ConfigError(f"{str(self.dir)!r} holds no distributed checkpoint "
-                              f"(.metadata)") from None
+        # Untrusted input: torch unpickles .metadata; the restricted unpickler vets it first.
+        read_metadata(self.dir)
+        meta = FileSystemReader(str(self.dir)).read_metadata()
         self.tensors: dict[str, TensorInfo] = {}
         self.byte_items: list[str] = []
         for key, md in meta.state_dict_metadata.items():
@@ -112,8 +113,11 @@ class CheckpointReader:
         with open(self.dir / file, "rb") as f:
             return torch.load(_Window(f, offset, length), map_location="cpu", weights_only=True)
 
-    def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
-        """The region ``[offsets, offsets + sizes)`` of tensor ``key`` (a new tensor)."""
+    def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
+             resizable: bool = False) -> torch.Tensor:
+        """The region ``[offsets, offsets + sizes)`` of tensor ``key`` (a new tensor). A
+        stored chunk that is the region is returned as loaded (no copy) unless ``resizable``:
+        then the region is always a fresh allocation whose storage can be freed early."""
         info = self.tensors[key]
         out: torch.Tensor | None = None
         covered = 0
@@ -123,7 +127,8 @@ class CheckpointReader:
             if any(h <= lo_ for lo_, h in zip(lo, hi)):
                 continue
             chunk = self._load_chunk(file, start, length)
-            if tuple(c_off) == tuple(offsets) and tuple(c_size) == tuple(sizes):
+            if tuple(c_off) == tuple(offsets) and tuple(c_size) == tuple(sizes) \
+                    and not resizable:
                 return chunk.reshape(sizes)  # the stored chunk is the region: no copy
             if out is None:
                 out = torch.empty(sizes, dtype=info.dtype)
@@ -191,6 +196,8 @@ def write_checkpoint(weights_dir: str | os.PathLike[str], chunks: list[OutChunk]
         items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
 
     class LazyPlanner(DefaultSavePlanner):
+        previous: torch.Tensor | None = None
+
         def create_local_plan(self) -> SavePlan:
             self.plan = SavePlan(items, planner_data={})
             return self.plan
@@ -199,11 +206,17 @@ def write_checkpoint(weights_dir: str | os.PathLike[str], chunks: list[OutChunk]
             if write_item.type == WriteItemType.BYTE_IO:
                 return io.BytesIO(byte_items[write_item.index.fqn]())
             c = by_index[MetadataIndex(write_item.index.fqn, write_item.index.offset)]
-            t = compute(c)
+            if self.previous is not None:
+                # The serial writer has written the previous item but still holds it (loop
+                # variables): free its memory before computing the next one (``compute``
+                # returns resizable storage).
+                self.previous.untyped_storage().resize_(0)
+            t = compute(c).contiguous()
+            self.previous = t
             if tuple(t.shape) != c.sizes or t.dtype != c.dtype:
                 raise AssertionError(f"{c.key}: computed {tuple(t.shape)} {t.dtype}, "
                                      f"planned {c.sizes} {c.dtype}")
-            return t.contiguous()
+            return t
 
     # thread_count=1 and no copy-ahead: items are computed, written and freed one at a time.
     writer = FileSystemWriter(str(weights_dir), single_file_per_rank=True, thread_count=1,

@@ -147,6 +147,9 @@ def test_colinear_fallback_interpolates_linearly(single):
     a, ours = _hf(single / "hf_a"), _hf(single / "out_colinear")
     record = json.loads((single / "ck_colinear" / "merge.json").read_text())
     assert record["merge"]["t"] == 0.25
+    assert record["colinear_fallbacks"] == len(a)  # one per logical (HF) tensor
+    plain = json.loads((single / "ck_slerp_scalar" / "merge.json").read_text())
+    assert plain["colinear_fallbacks"] == 0
     for k in a:
         torch.testing.assert_close(ours[k], 0.75 * a[k] + 0.25 * (2 * a[k]), rtol=0, atol=1e-6)
 
@@ -189,6 +192,7 @@ def parallel_job(root: str, single_root: str) -> None:
         torch.save(full, r / "full.pt")
 
 
+@pytest.mark.dist
 def test_tp2_two_process_merge_equals_single_process_tp1_merge(single, tmp_path):
     from nemo_minitron.checkpoint.io import load_model_config
     from nemo_minitron.interop.hf_weights import hf_tensors
