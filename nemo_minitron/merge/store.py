@@ -218,8 +218,12 @@ def write_checkpoint(weights_dir: str | os.PathLike[str], chunks: list[OutChunk]
                                      f"planned {c.sizes} {c.dtype}")
             return t
 
+    class Writer(FileSystemWriter):
+        def storage_meta(self) -> None:
+            return None  # torch's would pickle a PosixPath, which readers rightly refuse
+
     # thread_count=1 and no copy-ahead: items are computed, written and freed one at a time.
-    writer = FileSystemWriter(str(weights_dir), single_file_per_rank=True, thread_count=1,
-                              per_thread_copy_ahead=0)
+    writer = Writer(str(weights_dir), single_file_per_rank=True, thread_count=1,
+                    per_thread_copy_ahead=0)
     save({}, storage_writer=writer, planner=LazyPlanner(flatten_state_dict=False),
          no_dist=not dist.is_initialized())

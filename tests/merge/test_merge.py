@@ -183,6 +183,8 @@ def parallel_job(root: str, single_root: str) -> None:
     for x in "ab":
         import_hf(s / f"hf_{x}", r / f"ck_{x}", tp2)
     merge(r / "ck_a", [str(r / "ck_b")], r / "merged", MergeConfig(method="slerp", t=0.3))
+    # Inputs saved under different layouts: TP=2 base, TP=1 other.
+    merge(r / "ck_a", [str(s / "ck_b")], r / "mixed", MergeConfig(method="slerp", t=0.3))
     # The merged checkpoint loads under TP=2 too.
     init_distributed(tp2)
     model = build_model(load_model_config(r / "merged"))
@@ -207,6 +209,12 @@ def test_tp2_two_process_merge_equals_single_process_tp1_merge(single, tmp_path)
     ours = dict(hf_tensors(full, cfg))
     for k, v in _hf(single / "out_slerp_scalar").items():
         assert torch.equal(ours[k], v), k
+    merged = CheckpointReader(tmp_path / "merged" / "weights")
+    mixed = CheckpointReader(tmp_path / "mixed" / "weights")
+    assert merged.tensors == mixed.tensors
+    for key, info in merged.tensors.items():
+        zeros = (0,) * len(info.shape)
+        assert torch.equal(merged.read(key, zeros, info.shape), mixed.read(key, zeros, info.shape))
 
 
 # --- bad input ----------------------------------------------------------------------------------
