@@ -253,9 +253,15 @@ def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLik
         counts = torch.tensor([merger.colinear, merger.bytes_read], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(counts)
-    except BaseException:
+    except BaseException as e:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        # torch.distributed.checkpoint wraps errors raised while writing; a user error
+        # (e.g. an input that does not cover a tensor) stays one line.
+        for failure in getattr(e, "failures", {}).values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, ConfigError):
+                raise inner from None
         raise
     summary = {"method": cfg.method, "out": str(final), "items": len(chunks),
                "colinear_fallbacks": int(counts[0]), "bytes_read": int(counts[1]),
