@@ -13,7 +13,8 @@ materializes only the last position's logits. Every forward here therefore passe
 bottom-right causal mask (query ``i`` at position ``start + i`` sees slots ``<= start + i``),
 which Megatron's local ``DotProductAttention`` applies, and turns
 ``materialize_only_last_token_logits`` off. Transformer Engine's attention ignores an explicit
-mask under ``no_mask``, so a model built with the TE spec is refused with a one-line error.
+mask under ``no_mask``: the ``specdec`` verb builds both models with the local spec (also on
+GPU), and a model built with the TE spec is refused with a one-line error.
 
 **Batches.** A static context has one offset for the whole batch, so the batch advances from
 ``c = min(committed length) - 1`` over the rows still generating. A row that accepted more

@@ -114,7 +114,7 @@ def load_models(target: str, draft: str, parallel: ParallelConfig) -> tuple[Any,
     init_distributed(parallel)
     models = []
     for path in (target, draft):
-        m = build_model(load_model_config(path))
+        m = build_model(load_model_config(path), use_te=False)  # see check_local_attention
         load_weights(path, m)
         m.eval()
         models.append(m)

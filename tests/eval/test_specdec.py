@@ -73,6 +73,8 @@ def _rollback_error(target, draft) -> float:
 
 
 def specdec_job(root: str) -> None:
+    import dataclasses
+
     from nemo_minitron.checkpoint.io import load_model_config, load_weights
     from nemo_minitron.config import ParallelConfig
     from nemo_minitron.eval.generate import SamplingConfig, generate
@@ -102,6 +104,10 @@ def specdec_job(root: str) -> None:
             st = SpecStats()
             got = speculative_generate(t, models[name], PROMPTS, greedy, k, stats=st)
             out["spec"][f"{name}-{k}"] = {"out": got, **st.figures()}
+    # A stop token the target emits mid-row (it may be accepted inside a run of draft tokens).
+    stop = dataclasses.replace(greedy, stop_token=out["ref"][0][NEW // 2])
+    out["stop"] = {"ref": generate(t, PROMPTS, stop),
+                   "spec": speculative_generate(t, d, PROMPTS, stop, 4)}
     for p in PROMPTS:  # batch 1, as transformers' assisted generation runs
         st = SpecStats()
         got = speculative_generate(t, d, [p], greedy, 4, stats=st)[0]
@@ -151,6 +157,12 @@ def test_greedy_equals_target_generate(result, draft, k):
         assert spec["acceptance_by_position"] == [1.0] * k
     else:  # the pruned draft is neither always right nor always wrong here
         assert 0.0 < spec["acceptance_rate"] < 1.0
+
+
+def test_stop_token_ends_rows_as_generate_does(result):
+    _, out = result
+    assert out["stop"]["spec"] == out["stop"]["ref"]
+    assert len(out["stop"]["ref"][0]) <= NEW // 2 + 1
 
 
 def test_same_tokens_and_acceptance_as_transformers_assisted_generation(result):
