@@ -66,6 +66,8 @@ class SpecStats:
     """Per draft position k = 1..K: drafts that proposed a token at position k."""
     accepted_at: list[int] = field(default_factory=list)
     """Per draft position k: tokens accepted there."""
+    history: list[tuple[int, int, int]] = field(default_factory=list)
+    """``(row, proposed, accepted)`` of every draft, in order."""
 
     def count_position(self, k: int, reached: int, accepted: int) -> None:
         while len(self.reached) <= k:
@@ -260,6 +262,8 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module,
         stats.proposed += int(proposed.sum())
         stats.accepted += int(acc.sum())
         stats.drafts += int(proposed.any(1).sum())
+        for i in proposed.any(1).nonzero().flatten().tolist():
+            stats.history.append((i, int(proposed[i].sum()), int(acc[i].sum())))
         rank = proposed.long().cumsum(1) - 1  # draft position (0-based) of each proposal
         for k in range(n):
             at = proposed & (rank == k)
