@@ -63,7 +63,8 @@ class SpecStats:
     draft_forwards: int = 0
     """Draft forward passes."""
     reached: list[int] = field(default_factory=list)
-    """Per draft position k = 1..K: drafts that proposed a token at position k."""
+    """Per draft position k = 1..K: drafts whose tokens at 1..k-1 were all accepted and that
+    proposed a token at k."""
     accepted_at: list[int] = field(default_factory=list)
     """Per draft position k: tokens accepted there."""
     history: list[tuple[int, int, int]] = field(default_factory=list)
@@ -265,9 +266,10 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module,
         for i in proposed.any(1).nonzero().flatten().tolist():
             stats.history.append((i, int(proposed[i].sum()), int(acc[i].sum())))
         rank = proposed.long().cumsum(1) - 1  # draft position (0-based) of each proposal
+        reached = proposed & (idx[None, :n] <= ok[:, None])  # every earlier one accepted
         for k in range(n):
             at = proposed & (rank == k)
-            stats.count_position(k, int(at.sum()), int((at & acc).sum()))
+            stats.count_position(k, int((at & reached).sum()), int((at & acc).sum()))
         start_len = committed.clone()
         tokens[rows[new], (c + 1 + ok)[new]] = token[new]
         committed = torch.where(new, c + 2 + ok, committed)

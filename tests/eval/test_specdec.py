@@ -108,11 +108,12 @@ def specdec_job(root: str) -> None:
     stop = dataclasses.replace(greedy, stop_token=out["ref"][0][NEW // 2])
     out["stop"] = {"ref": generate(t, PROMPTS, stop),
                    "spec": speculative_generate(t, d, PROMPTS, stop, 4)}
+    st = SpecStats()
     for p in PROMPTS:  # batch 1, as transformers' assisted generation runs
-        st = SpecStats()
+        seen = len(st.history)
         got = speculative_generate(t, d, [p], greedy, 4, stats=st)[0]
-        out["single"].append({"out": got, "steps": [h[1:] for h in st.history],
-                              "proposed": st.proposed})
+        out["single"].append({"out": got, "steps": [h[1:] for h in st.history[seen:]]})
+    out["single_figures"] = st.figures()
     out["rollback_error"] = _rollback_error(t, d)
     # One-step speculative samples (K=1: the first generated token) of TRIALS copies of a
     # prompt, against the target's filtered softmax after that prompt.
@@ -184,6 +185,7 @@ def test_same_tokens_and_acceptance_as_transformers_assisted_generation(result):
         return original(self, input_ids, scores, num_matches)
 
     AssistedCandidateGenerator.update_candidate_strategy = record
+    drafts: list[tuple[int, int]] = []
     try:
         for prompt, ours in zip(PROMPTS, out["single"]):
             steps.clear()
@@ -193,10 +195,20 @@ def test_same_tokens_and_acceptance_as_transformers_assisted_generation(result):
                                      pad_token_id=0)
             assert hf[0, len(prompt):].tolist() == ours["out"]
             # Per verification step with draft tokens: (proposed, accepted), in order.
+            drafts += [s for s in steps if s[0] > 0]
             assert [list(s) for s in steps if s[0] > 0] == ours["steps"]
-            assert sum(p for p, _ in steps) == ours["proposed"] > 0
     finally:
         AssistedCandidateGenerator.update_candidate_strategy = original
+    # The figures, recomputed from transformers' own steps with vLLM's definitions.
+    fig = out["single_figures"]
+    proposed, accepted = sum(p for p, _ in drafts), sum(a for _, a in drafts)
+    assert proposed > 0 and 0 < accepted < proposed
+    assert fig["acceptance_rate"] == pytest.approx(accepted / proposed)
+    assert fig["mean_acceptance_length"] == pytest.approx(1 + accepted / len(drafts))
+    for k, rate in enumerate(fig["acceptance_by_position"]):  # conditional on 1..k accepted
+        reached = [a for p, a in drafts if p > k and a >= k]
+        assert rate == (pytest.approx(sum(a > k for a in reached) / len(reached))
+                        if reached else None)
 
 
 def _chi2(counts: torch.Tensor, p: torch.Tensor) -> tuple[float, int]:
