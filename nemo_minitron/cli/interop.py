@@ -1,5 +1,5 @@
-"""Checkpoint interop and evaluation verbs: ``import-hf``, ``import-nemo2``, ``export-hf``,
-``eval``, ``generate``, ``lm-eval``, ``bench``."""
+"""Checkpoint interop and evaluation verbs: ``import-hf``, ``import-gguf``, ``import-nemo2``,
+``export-hf``, ``eval``, ``generate``, ``lm-eval``, ``bench``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,15 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
     parallel, seq_length = parse_import_overrides(args.overrides)
     import_hf(args.hf_dir, args.out, parallel, seq_length)
+    return 0
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    from nemo_minitron.interop.gguf import import_gguf
+    from nemo_minitron.interop.hf_import import parse_import_overrides
+
+    parallel, seq_length = parse_import_overrides(args.overrides)
+    import_gguf(args.gguf_file, args.out, parallel, seq_length)
     return 0
 
 
@@ -95,6 +104,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="checkpoint directory (must not exist)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("import-gguf", help="llama.cpp GGUF file (Llama/Qwen2) -> checkpoint",
+                       description="Dequantize a GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, "
+                                   "K-quants...: every type the gguf package reads), rebuild its "
+                                   "tokenizer from the metadata and write a checkpoint. Keys: "
+                                   "parallel.*, model.seq_length.")
+    p.add_argument("gguf_file", help="the .gguf file")
+    p.add_argument("out", help="checkpoint directory (must not exist)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_import_gguf)
 
     p = sub.add_parser("import-nemo2", help="NeMo 2 checkpoint directory -> checkpoint",
                        description="Read a NeMo 2 checkpoint (context/model.yaml, "
