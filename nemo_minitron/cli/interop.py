@@ -66,7 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=not args.sample,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        seed=args.seed)
-    for prompt, text in zip(args.prompt, generate_text(args.checkpoint, args.prompt, s)):
+    texts = generate_text(args.checkpoint, args.prompt, s, chat=args.chat)
+    for prompt, text in zip(args.prompt, texts):
         print(json.dumps({"prompt": prompt, "completion": text}))
     return 0
 
@@ -147,7 +148,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="greedy or sampled continuations (KV cache)",
-                       description="Continue each --prompt; prints one JSON line per prompt.")
+                       description="Continue each --prompt until an end-of-sequence token of "
+                                   "the tokenizer (not printed) or --max-new-tokens; prints one "
+                                   "JSON line per prompt.")
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--prompt", action="append", required=True, help="repeatable")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -156,6 +159,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user turn, formatted with the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint",

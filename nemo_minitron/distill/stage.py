@@ -65,7 +65,7 @@ def layer_pairs(student_ckpt: str | None, student_layers: int, teacher_layers: i
 
 
 def _check_pair(teacher_ckpt: str, student_ckpt: str, t_cfg: ModelConfig,
-                s_cfg: ModelConfig, tp: int) -> int | None:
+                s_cfg: ModelConfig, tp: int, seq_length: int | None = None) -> int | None:
     """One-line errors for teacher/student that cannot be distilled together; returns the
     shared vocabulary when the padded vocabularies differ."""
     from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer
@@ -75,9 +75,13 @@ def _check_pair(teacher_ckpt: str, student_ckpt: str, t_cfg: ModelConfig,
     if t_tok.vocab_size != s_tok.vocab_size or t_tok.tokenize(probe) != s_tok.tokenize(probe):
         raise ConfigError(f"teacher {teacher_ckpt!r} and student {student_ckpt!r} use different "
                           f"tokenizers ({t_tok.vocab_size} vs {s_tok.vocab_size} tokens)")
-    if t_cfg.seq_length != s_cfg.seq_length:
+    if seq_length is None and t_cfg.seq_length != s_cfg.seq_length:
         raise ConfigError(f"teacher model.seq_length={t_cfg.seq_length} differs from the "
-                          f"student's {s_cfg.seq_length}")
+                          f"student's {s_cfg.seq_length}; set train.seq_length")
+    for who, cfg in (("teacher", t_cfg), ("student", s_cfg)):
+        if (seq_length or s_cfg.seq_length) > cfg.context_length:
+            raise ConfigError(f"train.seq_length={seq_length or s_cfg.seq_length} exceeds the "
+                              f"{who}'s context length {cfg.context_length}")
     if t_cfg.vocab_size == s_cfg.vocab_size:
         return None
     if tp > 1:
@@ -107,7 +111,7 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     p = recipe.parallel
     t_cfg.check_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     shared_vocab = _check_pair(teacher_ckpt, student_ckpt, t_cfg, s_cfg,
-                               p.tensor_model_parallel_size)
+                               p.tensor_model_parallel_size, recipe.train.seq_length)
     pairs = layer_pairs(student_ckpt, s_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
     init_distributed(recipe.parallel, seed=recipe.train.seed)
     bf16 = bf16_enabled(recipe)
@@ -148,12 +152,17 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module, student: tor
 
     trainer = make_trainer(recipe, rt, student_cfg, tokenizer, prefix, out_dir, model=student,
                            objective=objective)
-    data = trainer.valid_ds if trainer.valid_ds is not None else trainer.train_ds
-    teacher_loss = lm_loss(teacher, sequences(data, min(recipe.train.global_batch_size,
-                                                         len(data))),
-                           recipe.train.micro_batch_size)
+    # The loop's validation set (its first eval_iters global batches), so this figure is the
+    # one the loop would report for the teacher.
+    t = recipe.train
+    split, data = ("validation", trainer.valid_ds) if trainer.valid_ds is not None \
+        else ("training", trainer.train_ds)
+    n = min(t.eval_iters * t.global_batch_size, len(data))
+    n -= n % t.micro_batch_size
+    teacher_loss = lm_loss(teacher, sequences(data, n), t.micro_batch_size)
     ceiling = math.log(tokenizer.vocab_size)
-    log.info("teacher validation loss %.4f (ln(vocab) = %.4f)", teacher_loss, ceiling)
+    log.info("teacher loss on the %s split (%d sequences, the loop's validation set) %.4f "
+             "(ln(vocab) = %.4f)", split, n, teacher_loss, ceiling)
     if teacher_loss > recipe.kd.teacher_max_loss_ratio * ceiling:
         raise ConfigError(f"the teacher looks untrained: validation loss {teacher_loss:.3f} > "
                           f"kd.teacher_max_loss_ratio={recipe.kd.teacher_max_loss_ratio} x "

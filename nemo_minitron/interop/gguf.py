@@ -19,6 +19,7 @@ extent in the file, presence and shape.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -308,7 +309,7 @@ def build_tokenizer(meta: GGUFFile) -> Any | None:
 def gguf_source(path: str | os.PathLike[str], seq_length: int | None = None
                 ) -> Iterator[HFSource]:
     """The checked file as an ``HFSource`` (its tokenizer saved aside while in use)."""
-    from nemo_minitron.data.tokenizer import load_tokenizer
+    from nemo_minitron.data.tokenizer import GENERATION_CONFIG, load_tokenizer
 
     f = GGUFFile(path)
     cfg = model_config_from_hf(f.config, seq_length)
@@ -318,6 +319,10 @@ def gguf_source(path: str | os.PathLike[str], seq_length: int | None = None
         tokenizer = None
         if hf_tok is not None:
             hf_tok.save_pretrained(tmp)
+            eos = [f.value(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+            eos = list(dict.fromkeys(i for i in eos if isinstance(i, int)))
+            if len(eos) > 1:  # llama.cpp ends generation at every one of them
+                (Path(tmp) / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": eos}))
             tokenizer = load_tokenizer(tmp)
             if tokenizer.vocab_size > f.config["vocab_size"]:
                 raise ConfigError(f"{f.path}: the tokenizer has {tokenizer.vocab_size} tokens but "

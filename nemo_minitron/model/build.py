@@ -94,7 +94,7 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None)
         config=config,
         transformer_layer_spec=layer_spec(cfg),
         vocab_size=cfg.vocab_size,
-        max_sequence_length=cfg.seq_length,
+        max_sequence_length=cfg.context_length,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,

@@ -21,8 +21,8 @@ ATOL = 1e-4
 MIXED = ("Hello, world! It's 2026-11-29: 3.14159 x 42 = 131.95 \n\n\tdef f(x):  return x**2  # ok\n"
          "Ünïcödé façade, naïve café; 日本語のテキスト, emoji 🙂👍🏽, Ελληνικά, русский.\n"
          "<|im_start|>user\nWhat's up?<|im_end|>\n   trailing   spaces  ")
-PROMPT = "The three primary colors are"
-NEW_TOKENS = 12
+QUESTION = "What is the capital of France?"
+NEW_TOKENS = 40
 
 
 def _gguf_path() -> Path | None:
@@ -51,6 +51,7 @@ def ours_job(gguf: str, root: str) -> None:
     )
     from nemo_minitron.eval.generate import SamplingConfig, generate_text
     from nemo_minitron.interop.gguf import import_gguf
+    from nemo_minitron.interop.hf_export import export_hf
     from nemo_minitron.model.build import build_model
     from nemo_minitron.model.forward import forward_logits
 
@@ -61,9 +62,10 @@ def ours_job(gguf: str, root: str) -> None:
     torch.save(forward_logits(model, tokens()), r / "logits.pt")
     del model
     tok = load_checkpoint_tokenizer(ckpt)
-    text = generate_text(str(ckpt), [PROMPT], SamplingConfig(max_new_tokens=NEW_TOKENS))[0]
-    (r / "ours.json").write_text(json.dumps({"ids": tok.encode(MIXED), "generated": text,
-                                             "prompt_ids": tok.encode(PROMPT)}))
+    text = generate_text(str(ckpt), [QUESTION], SamplingConfig(max_new_tokens=NEW_TOKENS),
+                         chat=True)[0]
+    (r / "ours.json").write_text(json.dumps({"ids": tok.encode(MIXED), "reply": text}))
+    export_hf(ckpt, r / "exported")
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +96,34 @@ def test_logits_equal_transformers_gguf_load(ours, reference):
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 
-def test_token_ids_and_greedy_text_equal_transformers(ours, reference):
+def test_token_ids_and_greedy_chat_reply_equal_transformers(ours, reference):
     model, tok = reference
     got = json.loads((ours / "ours.json").read_text())
     assert got["ids"] == tok.encode(MIXED, add_special_tokens=False)
     assert tok.convert_ids_to_tokens(got["ids"]).count("<|im_start|>") == 1  # kept whole
-    ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
-    assert ids[0].tolist() == got["prompt_ids"]
+    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                     add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-    ref = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    assert got["generated"] == ref
+    reply = out[0, ids.shape[1]:].tolist()
+    assert tok.eos_token_id in reply  # the reference stopped at <|im_end|>: so must we
+    assert got["reply"] == tok.decode(reply, skip_special_tokens=True)
+    assert "<|im_end|>" not in got["reply"]
+
+
+def test_export_keeps_context_and_special_tokens(ours, reference):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ref_model, ref_tok = reference
+    out = ours / "exported"
+    cfg = AutoConfig.from_pretrained(out)
+    assert cfg.max_position_embeddings == 8192
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.unk_token_id) == (1, 2, 2, 0)
+    tok = AutoTokenizer.from_pretrained(out)
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template"):
+        assert getattr(tok, attr) == getattr(ref_tok, attr), attr
+    assert tok.encode(MIXED) == ref_tok.encode(MIXED)
+    model = AutoModelForCausalLM.from_pretrained(out)  # default arguments
+    assert model.config.tie_word_embeddings
+    assert model.num_parameters() == ref_model.num_parameters()
