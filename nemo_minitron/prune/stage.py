@@ -33,6 +33,13 @@ class CalibConfig:
     """Aggregation over tokens of a sequence: mean, l2 or var."""
     eval_samples: int = 64
     """Validation sequences for the one-shot loss of the source and the pruned model."""
+    seq_length: int | None = None
+    """Tokens per calibration/validation sequence; None: the checkpoint's model.seq_length."""
+
+    def __post_init__(self) -> None:
+        if self.seq_length is not None and (isinstance(self.seq_length, bool)
+                                            or self.seq_length <= 0):
+            raise ConfigError(f"calib.seq_length={self.seq_length!r} must be a positive integer")
 
 
 @dataclass(kw_only=True)
@@ -107,7 +114,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     rt = init_distributed(recipe.parallel)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     prefix, tokenizer = resolve_data(_as_recipe(recipe), tokenizer)
-    splits = build_gpt_datasets(prefix, tokenizer, seq_length=src.seq_length,
+    splits = build_gpt_datasets(prefix, tokenizer, seq_length=c.seq_length or src.seq_length,
                                 split=recipe.data.split, seed=recipe.data.seed,
                                 num_samples=(c.num_samples, c.eval_samples, 0))
     calib_tokens = _samples(splits.train, c.num_samples, "num_samples")
@@ -143,7 +150,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     summary = {"source_params": count_params(src), "pruned_params": count_params(plan.config),
                "param_ratio": count_params(plan.config) / count_params(src),
                "source_valid_loss": source_loss, "pruned_valid_loss": pruned_loss,
-               "kept_layers": plan.layers,
+               "kept_layers": plan.layers, "calib_seq_length": c.seq_length or src.seq_length,
                "block_loss_increase": None if block_losses is None else block_losses.tolist()}
     save_checkpoint(out, pruned, model_cfg=plan.config, tokenizer=tokenizer)
     if rt.rank == 0:

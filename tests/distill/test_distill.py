@@ -23,6 +23,14 @@ def distill_job(out: str, teacher: str, student: str, overrides: list[str]) -> N
     distill(load_recipe(None, overrides, cls=DistillRecipe), teacher, student, out)
 
 
+def summary_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.distill.stage import DistillRecipe, distill
+
+    summary = distill(load_recipe(None, overrides, cls=DistillRecipe), teacher, student, out)
+    (Path(out) / "summary.json").write_text(json.dumps({"teacher": summary["teacher_valid_loss"]}))
+
+
 def api_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
     """A user's script: its own models in memory, then the Python API."""
     from nemo_minitron.checkpoint.io import (
@@ -108,6 +116,23 @@ def test_pp2_tp2_and_resume_reproduce_one_process(tmp_path, pair, tiny_overrides
     # The checkpoint holds the student and its projections, not the teacher.
     ckpt = tmp_path / "ref" / "checkpoints" / "step_0000003"
     assert yaml.safe_load((ckpt / "model_config.yaml").read_text())["hidden_size"] == 32
+
+
+def test_teacher_loss_is_the_loops_validation_and_own_seq_length(tmp_path, pair,
+                                                                  tiny_overrides):
+    """Distilling the teacher into itself on 32-token windows (its seq_length is 64): the
+    reported teacher loss is the loop's own step-0 validation LM loss of that same model."""
+    teacher, _ = pair
+    kd = _kd_overrides(tiny_overrides, 1) + ["train.eval_interval=1", "train.eval_iters=2",
+                                             "train.seq_length=32"]
+    spawn(summary_job, 1, str(tmp_path / "self"), teacher, teacher, kd)
+    rows = [json.loads(x) for x in (tmp_path / "self" / "metrics.jsonl").read_text().splitlines()]
+    step0 = next(r for r in rows if r["kind"] == "valid" and r["step"] == 0)
+    got = json.loads((tmp_path / "self" / "summary.json").read_text())["teacher"]
+    assert got == pytest.approx(step0["lm loss"], abs=1e-5)
+    cfg = yaml.safe_load((tmp_path / "self" / "checkpoints" / "step_0000001" /
+                          "model_config.yaml").read_text())
+    assert (cfg["seq_length"], cfg["max_position_embeddings"]) == (32, 64)
 
 
 def test_default_layer_map(tmp_path):

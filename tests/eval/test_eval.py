@@ -43,6 +43,11 @@ def eval_job(root: str) -> None:
            "greedy_nocache": generate(model, PROMPTS, greedy, use_cache=False),
            "sampled_cache": generate(model, PROMPTS, sampled),
            "sampled_nocache": generate(model, PROMPTS, sampled, use_cache=False)}
+    # Stop tokens: the 4th greedy token of row 0 and the 6th of row 2 (row 1 may not stop).
+    stops = [out["greedy_cache"][0][3], out["greedy_cache"][2][5]]
+    out["stops"] = stops
+    out["greedy_stop"] = generate(model, PROMPTS, SamplingConfig(max_new_tokens=10,
+                                                                 stop_tokens=stops))
     (r / "out.json").write_text(json.dumps(out))
     with open(r / "bench.txt", "w") as f, contextlib.redirect_stdout(f):
         main(["bench", str(r / "ck"), str(r / "ck_small"), "--batch-size", "2",
@@ -88,6 +93,14 @@ def test_kv_cache_generation_equals_uncached(result):
     assert out["sampled_cache"] == out["sampled_nocache"]
     assert out["sampled_cache"] != out["greedy_cache"]
     assert all(len(row) == 10 for row in out["greedy_cache"])
+
+
+def test_generation_stops_before_any_stop_token(result):
+    _, out = result
+    for full, stopped in zip(out["greedy_cache"], out["greedy_stop"]):
+        cut = next((i for i, t in enumerate(full) if t in out["stops"]), len(full))
+        assert stopped == full[:cut]  # the stop token itself is not returned
+    assert len(out["greedy_stop"][0]) <= 3 and len(out["greedy_stop"][2]) <= 5
 
 
 def test_greedy_equals_transformers_generate(result):

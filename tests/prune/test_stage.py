@@ -93,6 +93,8 @@ def test_prune_verb_end_to_end(tmp_path, teacher, tiny_overrides):
      ["target.num_attention_heads=3 is not divisible by target.num_query_groups=2"]),
     (["calib.num_samples=6", "calib.micro_batch_size=4"],
      ["calib.num_samples=6 must be a positive multiple of calib.micro_batch_size=4"]),
+    (["target.ffn_hidden_size=64", "calib.seq_length=0"],
+     ["calib.seq_length=0 must be a positive integer"]),
     (["target.ffn_hidden_size=64", "scores=/nonexistent/scores.pt"],
      ["scores='/nonexistent/scores.pt' does not exist"]),
 ])
@@ -107,10 +109,13 @@ def test_depth_by_lm_loss_drops_the_cheapest_block(tmp_path, teacher, tiny_overr
     out = tmp_path / "depth"
     res = run_cli("prune", teacher, str(out), "target.num_layers=1",
                   "target.layer_metric=lm_loss", "calib.num_samples=8",
-                  "calib.micro_batch_size=4", "calib.eval_samples=8",
+                  "calib.micro_batch_size=4", "calib.eval_samples=8", "calib.seq_length=32",
                   *_data_overrides(tiny_overrides))
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "pruning" / "summary.json").read_text())
+    # Calibration windows of their own length; the model keeps its training seq_length.
+    assert summary["calib_seq_length"] == 32
+    assert yaml.safe_load((out / "model_config.yaml").read_text())["seq_length"] == 64
     increase = summary["block_loss_increase"]
     assert len(increase) == 2  # two layers, a block of one
     dropped = min(range(2), key=lambda i: increase[i])
