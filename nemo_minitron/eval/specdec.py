@@ -274,10 +274,11 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module,
         tokens[rows[new], (c + 1 + ok)[new]] = token[new]
         committed = torch.where(new, c + 2 + ok, committed)
         stats.emitted += int((committed - start_len).clamp_min(0).sum())
-        if sampling.stop_token is not None:
-            span = torch.arange(cap)[None]
+        if sampling.stop_tokens:
+            span = torch.arange(cap, device=tokens.device)[None]
             fresh = (span >= start_len[:, None]) & (span < committed[:, None])
-            active &= ~((tokens == sampling.stop_token) & fresh).any(1)
+            stops = torch.tensor(sampling.stop_tokens, device=tokens.device)
+            active &= ~(torch.isin(tokens, stops) & fresh).any(1)
         active &= committed < final
         if bool(active.any()):
             # Roll back: slots up to the first position some active row changed stay valid.
@@ -287,9 +288,10 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module,
     target.train(modes[0])
     draft.train(modes[1])
     out = []
+    stop_set = set(sampling.stop_tokens or ())
     for i, (n0, n1) in enumerate(zip(lengths.tolist(), committed.tolist())):
         row = tokens[i, n0:min(n1, n0 + sampling.max_new_tokens)].tolist()
-        if sampling.stop_token is not None and sampling.stop_token in row:
-            row = row[:row.index(sampling.stop_token) + 1]
-        out.append(row)
+        # as generate: the row ends before its first stop token, which is not returned
+        end = next((j for j, t in enumerate(row) if t in stop_set), len(row))
+        out.append(row[:end])
     return out

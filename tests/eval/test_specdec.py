@@ -105,7 +105,7 @@ def specdec_job(root: str) -> None:
             got = speculative_generate(t, models[name], PROMPTS, greedy, k, stats=st)
             out["spec"][f"{name}-{k}"] = {"out": got, **st.figures()}
     # A stop token the target emits mid-row (it may be accepted inside a run of draft tokens).
-    stop = dataclasses.replace(greedy, stop_token=out["ref"][0][NEW // 2])
+    stop = dataclasses.replace(greedy, stop_tokens=[out["ref"][0][NEW // 2]])
     out["stop"] = {"ref": generate(t, PROMPTS, stop),
                    "spec": speculative_generate(t, d, PROMPTS, stop, 4)}
     st = SpecStats()
