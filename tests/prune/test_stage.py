@@ -1,4 +1,4 @@
-"""The prune verb end to end on a tiny pretrained checkpoint: outputs, reshardable pruned
+"""The prune verb end to end on the session's tiny teacher (4 layers): outputs, reshardable pruned
 checkpoint, re-pruning from saved scores, bad input."""
 
 from __future__ import annotations
@@ -11,16 +11,6 @@ import yaml
 
 from tests.dist import spawn
 from tests.test_cli import _one_line_error, run_cli, run_torchrun
-from tests.train.test_loop import pretrain_job
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, tiny_overrides) -> str:
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    spawn(pretrain_job, 1, str(out), tiny_overrides + ["train.train_iters=20",
-                                                       "train.eval_interval=0",
-                                                       "train.lr=3e-3"])
-    return str(out / "checkpoints" / "step_0000020")
 
 
 def _data_overrides(tiny_overrides: list[str]) -> list[str]:
@@ -105,13 +95,13 @@ def test_bad_prune_input(tmp_path, teacher, tiny_overrides, args, needles):
 
 def test_depth_by_lm_loss_drops_the_cheapest_block(tmp_path, teacher, tiny_overrides):
     out = tmp_path / "depth"
-    res = run_cli("prune", teacher, str(out), "target.num_layers=1",
+    res = run_cli("prune", teacher, str(out), "target.num_layers=3",
                   "target.layer_metric=lm_loss", "calib.num_samples=8",
                   "calib.micro_batch_size=4", "calib.eval_samples=8",
                   *_data_overrides(tiny_overrides))
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "pruning" / "summary.json").read_text())
     increase = summary["block_loss_increase"]
-    assert len(increase) == 2  # two layers, a block of one
-    dropped = min(range(2), key=lambda i: increase[i])
-    assert summary["kept_layers"] == [1 - dropped]
+    assert len(increase) == 4  # four layers, a block of one
+    dropped = min(range(4), key=lambda i: increase[i])
+    assert summary["kept_layers"] == [i for i in range(4) if i != dropped]

@@ -12,20 +12,11 @@ import yaml
 
 from tests.dist import spawn
 from tests.test_cli import _one_line_error, run_cli
-from tests.train.test_loop import pretrain_job
 
 # Source: 4 layers, hidden 64, ffn 128, 4 heads in 2 groups, vocab 1024 (279,104 parameters).
 # On hidden/ffn steps of 64 exactly three shapes lie within 1% of 205,200:
 # L2-H64-F128-A4-G2 (205,120), L3-H64-F64-A4-G2 (205,248), L4-H64-F64-A2-G1 (205,376).
 NAMES = {"L2-H64-F128-A4-G2": 205120, "L3-H64-F64-A4-G2": 205248, "L4-H64-F64-A2-G1": 205376}
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, tiny_overrides) -> str:
-    out = tmp_path_factory.mktemp("search") / "teacher"
-    spawn(pretrain_job, 1, str(out), tiny_overrides + [
-        "model.num_layers=4", "train.train_iters=20", "train.eval_interval=0", "train.lr=3e-3"])
-    return str(out / "checkpoints" / "step_0000020")
 
 
 def _args(tiny_overrides: list[str]) -> list[str]:
