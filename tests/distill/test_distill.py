@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from nemo_minitron.distill.stage import layer_pairs
+from tests.cli import cli
 from tests.dist import in_order, spawn
 from tests.test_cli import _one_line_error, run_cli
 from tests.train.test_loop import _copy_metrics, pretrain_job
@@ -149,8 +150,8 @@ def test_default_layer_map(tmp_path):
 def test_bad_distill_input(tmp_path, pair, tiny_overrides, extra, needles):
     teacher, student = pair
     out = tmp_path / "out"
-    res = run_cli("distill", "--teacher", teacher, "--student", student, "--out", str(out),
-                  *_kd_overrides(tiny_overrides, 2), *extra)
+    res = cli("distill", "--teacher", teacher, "--student", student, "--out", str(out),
+              *_kd_overrides(tiny_overrides, 2), *extra)
     _one_line_error(res, *needles)
     assert not out.exists()
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from tests.dist import spawn
+from tests.cli import cli
+from tests.dist import in_order, spawn
 from tests.test_cli import _one_line_error, run_cli, run_torchrun
 
 
@@ -53,8 +54,8 @@ def test_prune_verb_end_to_end(tmp_path, teacher, tiny_overrides):
     summary = json.loads((out / "pruning" / "summary.json").read_text())
     assert summary["pruned_params"] < summary["source_params"]
     # The pruned checkpoint is an ordinary checkpoint: TP=2 loads it with the TP=1 logits.
-    spawn(logits_of, 1, str(out), str(tmp_path / "tp1.pt"), 1)
-    spawn(logits_of, 2, str(out), str(tmp_path / "tp2.pt"), 2)
+    spawn(in_order, 2, [(logits_of, (str(out), str(tmp_path / f"tp{tp}.pt"), tp))
+                        for tp in (1, 2)])
     torch.testing.assert_close(torch.load(tmp_path / "tp2.pt"), torch.load(tmp_path / "tp1.pt"),
                                atol=1e-5, rtol=0)
     # Re-pruning to another target reuses the saved scores (TP=1) under TP=2.
@@ -88,7 +89,7 @@ def test_prune_verb_end_to_end(tmp_path, teacher, tiny_overrides):
 ])
 def test_bad_prune_input(tmp_path, teacher, tiny_overrides, args, needles):
     out = tmp_path / "pruned"
-    res = run_cli("prune", teacher, str(out), *args, *_data_overrides(tiny_overrides))
+    res = cli("prune", teacher, str(out), *args, *_data_overrides(tiny_overrides))
     _one_line_error(res, *needles)
     assert not out.exists()
 
