@@ -51,7 +51,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> Result:
     from nemo_minitron.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    saved = {k: os.environ.get(k) for k in env or {}}
+    saved = dict(os.environ)  # restored whole: a runtime start would set MASTER_PORT & co.
     os.environ.update(env or {})
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _logs_to(err):
@@ -60,10 +60,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> Result:
             except SystemExit as e:  # argparse: --help (0) and usage errors (2)
                 rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        os.environ.clear()
+        os.environ.update(saved)
     assert_no_global_state()
     return Result(rc, out.getvalue(), err.getvalue())

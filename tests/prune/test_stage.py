@@ -84,13 +84,21 @@ def test_prune_verb_end_to_end(tmp_path, teacher, tiny_overrides):
      ["target.num_attention_heads=3 is not divisible by target.num_query_groups=2"]),
     (["calib.num_samples=6", "calib.micro_batch_size=4"],
      ["calib.num_samples=6 must be a positive multiple of calib.micro_batch_size=4"]),
-    (["target.ffn_hidden_size=64", "scores=/nonexistent/scores.pt"],
-     ["scores='/nonexistent/scores.pt' does not exist"]),
 ])
 def test_bad_prune_input(tmp_path, teacher, tiny_overrides, args, needles):
+    # Refused before the runtime starts: in this process.
     out = tmp_path / "pruned"
     res = cli("prune", teacher, str(out), *args, *_data_overrides(tiny_overrides))
     _one_line_error(res, *needles)
+    assert not out.exists()
+
+
+def test_missing_scores_file(tmp_path, teacher, tiny_overrides):
+    # Found after the runtime has started: in a child process.
+    out = tmp_path / "pruned"
+    res = run_cli("prune", teacher, str(out), "target.ffn_hidden_size=64",
+                  "scores=/nonexistent/scores.pt", *_data_overrides(tiny_overrides))
+    _one_line_error(res, "scores='/nonexistent/scores.pt' does not exist")
     assert not out.exists()
 
 
