@@ -1,6 +1,6 @@
 """Shared fixtures, built once per session: a small embedded corpus, recipe overrides for a
-tiny model, and one briefly trained tiny teacher checkpoint (read-only: a test that changes it
-copies it first)."""
+tiny model, one briefly trained tiny teacher checkpoint and a student for it (read-only: a test
+that changes one copies it first)."""
 
 from __future__ import annotations
 
@@ -54,3 +54,13 @@ def teacher(tmp_path_factory, tiny_overrides) -> str:
     spawn(pretrain_job, 1, str(out), tiny_overrides + [
         "model.num_layers=4", "train.train_iters=20", "train.eval_interval=0", "train.lr=3e-3"])
     return str(out / "checkpoints" / "step_0000020")
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory, tiny_overrides, teacher) -> tuple[str, str]:
+    """``(teacher, student)``: the session's 4-layer teacher (hidden 64) and a 2-layer student
+    (hidden 32) after one step. Read-only."""
+    root = tmp_path_factory.mktemp("kd")
+    spawn(pretrain_job, 1, str(root / "s"), tiny_overrides + [
+        "model.hidden_size=32", "train.train_iters=1", "train.eval_interval=0"])
+    return teacher, str(root / "s" / "checkpoints" / "step_0000001")

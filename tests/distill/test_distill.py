@@ -14,7 +14,7 @@ from nemo_minitron.distill.stage import layer_pairs
 from tests.cli import cli
 from tests.dist import in_order, spawn
 from tests.test_cli import _one_line_error, run_cli
-from tests.train.test_loop import _copy_metrics, pretrain_job
+from tests.train.test_loop import _copy_metrics
 
 
 def distill_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
@@ -52,15 +52,6 @@ def weight_shapes_job(ckpt: str, out: str) -> None:
 
     meta = dist_checkpointing.load_tensors_metadata(str(Path(ckpt) / "weights"))
     Path(out).write_text(json.dumps({k: list(v.local_shape) for k, v in meta.items()}))
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, tiny_overrides, teacher) -> tuple[str, str]:
-    """The session's 4-layer teacher (hidden 64) and a 2-layer student (hidden 32)."""
-    root = tmp_path_factory.mktemp("kd")
-    spawn(pretrain_job, 1, str(root / "s"), tiny_overrides + [
-        "model.hidden_size=32", "train.train_iters=1", "train.eval_interval=0"])
-    return teacher, str(root / "s" / "checkpoints" / "step_0000001")
 
 
 def _kd_overrides(tiny_overrides: list[str], iters: int) -> list[str]:
