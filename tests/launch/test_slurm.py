@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[2]
 # Enough steps that the preemption signal (sent after 3 logged steps) lands mid-run with
 # steps left to resume, however slow the machine: the test fails loudly if it does not.
-ITERS = 40
+ITERS = 60
 
 
 def _launch(out: Path, overrides: list[str], *flags: str) -> str:
