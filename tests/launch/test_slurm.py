@@ -17,8 +17,8 @@ from nemo_minitron.checkpoint.io import is_checkpoint
 
 pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[2]
-# Enough steps that the preemption signal (sent after 3 logged steps) lands mid-run with
-# steps left to resume, however slow the machine: the test fails loudly if it does not.
+# Enough steps that the preemption signal (sent after 3 logged steps) lands mid-run with steps
+# left to resume, even when steps are fast; the test fails loudly if it comes too late.
 ITERS = 60
 
 
