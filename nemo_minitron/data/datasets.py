@@ -98,9 +98,9 @@ def micro_batches(dataset: torch.utils.data.Dataset, *, consumed_samples: int,
     for m in range(0, per_rank, micro_batch_size):
         index = [(start + m + i) % n for i in range(micro_batch_size)]
         samples = [dataset[i] for i in index]
-        batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask",
-                                                                  "position_ids")}
-        # which samples these are: what a teacher-logit cache is keyed by
+        # Every field the dataset gives (GPT: tokens/labels/loss_mask/position_ids; packed SFT
+        # windows add segment_ids), and which samples these are (a teacher cache's key).
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
         batch["sample_index"] = torch.tensor(index, dtype=torch.long)
         yield batch
 

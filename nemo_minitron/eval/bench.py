@@ -56,6 +56,30 @@ def _best(fn: Any, repeats: int) -> float:
 
 
 @torch.no_grad()
+def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: int) -> float:
+    """Seconds of ``decode_tokens`` single-token greedy steps per sequence attending to the KV
+    cache of ``prompt`` (``batch x seq``; its prefill is not timed)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    b, s = prompt.shape
+    ctx = StaticInferenceContext(b, s + decode_tokens)
+    pos = torch.arange(s, device=prompt.device).unsqueeze(0).expand_as(prompt)
+    model(prompt, pos, None, inference_context=ctx, runtime_gather_output=True)
+    ctx.sequence_len_offset = s
+    ctx.enable_decode_mode()
+    tok = prompt[:, -1:]
+    _sync()
+    t0 = time.perf_counter()
+    for i in range(decode_tokens):
+        p = torch.full_like(tok, s + i)
+        logits = model(tok, p, None, inference_context=ctx, runtime_gather_output=True)
+        tok = logits[:, -1:].argmax(-1)
+        ctx.sequence_len_offset += 1
+    _sync()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
 def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
     """Measured prefill/decode tokens/s and predicted FLOPs/token of one checkpoint."""
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -80,21 +104,6 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
         model(prompt, pos, None, inference_context=ctx, runtime_gather_output=True)
         return ctx
 
-    def decode() -> float:
-        ctx = prefill()  # not timed: decode steps only
-        ctx.sequence_len_offset = b.seq_length
-        ctx.enable_decode_mode()
-        tok = prompt[:, -1:]
-        _sync()
-        t0 = time.perf_counter()
-        for i in range(b.decode_tokens):
-            p = torch.full_like(tok, b.seq_length + i)
-            logits = model(tok, p, None, inference_context=ctx, runtime_gather_output=True)
-            tok = logits[:, -1:].argmax(-1)
-            ctx.sequence_len_offset += 1
-        _sync()
-        return time.perf_counter() - t0
-
     def timed_prefill() -> float:
         _sync()
         t0 = time.perf_counter()
@@ -103,7 +112,7 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     t_prefill = _best(timed_prefill, b.repeats)
-    t_decode = _best(decode, b.repeats)
+    t_decode = _best(lambda: decode_seconds(model, prompt, b.decode_tokens), b.repeats)
     return {
         "checkpoint": checkpoint, "params": count_params(cfg),
         "prefill_tok_s": b.batch_size * b.seq_length / t_prefill,

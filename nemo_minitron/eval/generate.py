@@ -38,19 +38,26 @@ class SamplingConfig:
     """A row stops after emitting this token (typically the tokenizer's eod)."""
 
 
-def _next_token(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
-    if s.greedy:
-        return logits.argmax(-1)
+def filter_logits(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
+    """``logits`` scaled by the temperature, outside ``top_k`` / ``top_p`` set to -inf: the
+    softmax of the result is the distribution sampling draws from."""
     logits = logits / max(s.temperature, 1e-6)
     if s.top_k > 0:
-        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the token that crosses p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+    return logits
+
+
+def _next_token(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
+    if s.greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, s).softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 def _logits(model: torch.nn.Module, tokens: torch.Tensor, start: int, ctx) -> torch.Tensor:

@@ -48,15 +48,23 @@ def qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(blocks, dim=1).reshape(-1, *rest)
 
 
+def qkv_views(qkv: torch.Tensor, cfg: ModelConfig
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k and v rows of ``linear_qkv`` as views (no copy), each ``[groups, rows of the
+    group, *rest]``: ``view.reshape(-1, *rest)`` is the HF tensor."""
+    g, d = cfg.query_groups, cfg.head_dim
+    per_group = cfg.num_attention_heads // g
+    blocks = qkv.reshape(g, (per_group + 2) * d, *qkv.shape[1:])
+    q, k, v = blocks.split([per_group * d, d, d], dim=1)
+    return q, k, v
+
+
 def qkv_from_megatron(qkv: torch.Tensor, cfg: ModelConfig
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of ``qkv_to_megatron``."""
-    g, d = cfg.query_groups, cfg.head_dim
-    per_group = cfg.num_attention_heads // g
     rest = qkv.shape[1:]
-    blocks = qkv.reshape(g, (per_group + 2) * d, *rest)
-    q, k, v = blocks.split([per_group * d, d, d], dim=1)
-    return tuple(t.reshape(-1, *rest).contiguous() for t in (q, k, v))  # type: ignore[return-value]
+    return tuple(t.reshape(-1, *rest).contiguous()  # type: ignore[return-value]
+                 for t in qkv_views(qkv, cfg))
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -161,32 +169,36 @@ def megatron_tensor(name: str, layer: int | None, cfg: ModelConfig,
     raise ConfigError(f"no Hugging Face tensor maps to {name!r}")
 
 
+def hf_views(key: str, w: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """The HF tensors that the full Megatron tensor ``key`` (global layer numbers) holds, by HF
+    name, as views of ``w`` (no copy; a fused tensor's parts blocked as in ``qkv_views``, so
+    ``view.reshape(-1, *w.shape[1:])`` is the HF tensor). Empty for ``_extra_state`` and for
+    an output layer tied to the embeddings."""
+    if key.endswith("_extra_state"):
+        return []
+    m = _LAYER.match(key)
+    if m is None:
+        if key in _TOP_1TO1:
+            return [(_TOP_1TO1[key], w)]
+        if key == "output_layer.weight":
+            return [] if cfg.share_embeddings_and_output_weights else [("lm_head.weight", w)]
+        raise ConfigError(f"no Hugging Face tensor maps to {key!r}")
+    p, name = f"model.layers.{int(m.group(1))}.", m.group(2)
+    if name in _LAYER_1TO1:
+        return [(p + _LAYER_1TO1[name], w)]
+    if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = name.rsplit(".", 1)[1]
+        return [(f"{p}self_attn.{x}_proj.{kind}", t) for x, t in zip("qkv", qkv_views(w, cfg))]
+    if name == "mlp.linear_fc1.weight":
+        gate, up = w.chunk(2)
+        return [(p + "mlp.gate_proj.weight", gate), (p + "mlp.up_proj.weight", up)]
+    raise ConfigError(f"no Hugging Face tensor maps to {key!r}")
+
+
 def hf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
                ) -> Iterator[tuple[str, torch.Tensor]]:
     """Full (TP=1, PP=1) Megatron state dict -> HF tensors (layers numbered 0..L-1)."""
     for key, w in sd.items():
-        if key.endswith("_extra_state"):
-            continue
-        m = _LAYER.match(key)
-        if m is None:
-            if key in _TOP_1TO1:
-                yield _TOP_1TO1[key], w
-            elif key == "output_layer.weight":
-                if not cfg.share_embeddings_and_output_weights:
-                    yield "lm_head.weight", w
-            else:
-                raise ConfigError(f"export does not know the weight {key!r}")
-            continue
-        p, name = f"model.layers.{int(m.group(1))}.", m.group(2)
-        if name in _LAYER_1TO1:
-            yield p + _LAYER_1TO1[name], w
-        elif name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-            kind = name.rsplit(".", 1)[1]
-            for x, t in zip("qkv", qkv_from_megatron(w, cfg)):
-                yield f"{p}self_attn.{x}_proj.{kind}", t
-        elif name == "mlp.linear_fc1.weight":
-            gate, up = w.chunk(2)
-            yield p + "mlp.gate_proj.weight", gate.contiguous()
-            yield p + "mlp.up_proj.weight", up.contiguous()
-        else:
-            raise ConfigError(f"export does not know the weight {key!r}")
+        for name, view in hf_views(key, w, cfg):
+            yield name, (view if view.dim() == w.dim()
+                         else view.reshape(-1, *w.shape[1:]).contiguous())

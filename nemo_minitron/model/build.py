@@ -78,8 +78,10 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None):
     return specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
 
 
-def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None):
-    """Build this rank's ``GPTModel`` stage (on the rank's device, fp32 or bf16 params)."""
+def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
+                use_te: bool | None = None):
+    """Build this rank's ``GPTModel`` stage (on the rank's device, fp32 or bf16 params).
+    ``use_te=False`` forces Megatron's local spec (its checkpoint keys map onto TE's)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -92,7 +94,7 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None)
     config = transformer_config(cfg, bf16=bf16, fp8=fp8)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=layer_spec(cfg, use_te),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,
         pre_process=ps.is_pipeline_first_stage(),

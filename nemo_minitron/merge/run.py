@@ -1,0 +1,282 @@
+"""``merge``: checks, the plan of output items, their division among the ranks, and the
+streamed write of the merged checkpoint.
+
+Unit of work: one layer slice of one stored key (``decoder.layers.*`` keys hold every layer
+along a leading axis), read whole from every input whatever TP/PP layout it was saved under,
+so the dot products and norms of a logical tensor always cover all of it: no rank ever holds a
+TP shard of it, so there is nothing to all-reduce. Within it, each logical tensor (q, k, v of
+``linear_qkv``; gate, up of ``linear_fc1``) is merged on its own, named and split by the
+interop layout (``hf_views``), the same granularity as mergekit on the exported model.
+
+Memory of a rank: the item being merged from every input (the result overwrites the first)
+plus one stored chunk while reading and bounded scratch: about ``n_inputs + 1`` times the
+largest item for slerp and linear, never the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_minitron.checkpoint.io import MODEL_CONFIG, check_checkpoint, load_model_config
+from nemo_minitron.config import ConfigError, to_dict
+from nemo_minitron.interop.hf_weights import hf_views
+from nemo_minitron.merge.config import MergeConfig, evaluate, filters
+from nemo_minitron.merge.methods import linear_, slerp_, task_
+from nemo_minitron.merge.store import CheckpointReader, OutChunk, write_checkpoint
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("merge")
+
+_STACKED = "decoder.layers."
+_MEGATRON_FILES = ("metadata.json", "common.pt")  # copied from --base (layout independent)
+
+
+def _tokenizer_digest(ckpt: Path) -> str:
+    h = hashlib.sha256()
+    d = ckpt / "tokenizer"
+    for f in sorted(d.rglob("*")) if d.is_dir() else []:
+        if f.is_file():
+            h.update(str(f.relative_to(d)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def check_inputs(paths: dict[str, Path]) -> tuple[Any, dict[str, CheckpointReader]]:
+    """Same model config, tokenizer and stored tensors (shapes, dtypes) in every input;
+    returns the config and one reader per input."""
+    (base_field, base), *rest = paths.items()
+    cfg = load_model_config(base)
+    want = to_dict(cfg)
+    digest = _tokenizer_digest(base)
+    readers = {base_field: CheckpointReader(base / "weights")}
+    for field, p in rest:
+        r = readers[field] = CheckpointReader(p / "weights")
+        ref = readers[base_field].tensors
+        for key in list(ref) + [k for k in r.tensors if k not in ref]:
+            x, y = ref.get(key), r.tensors.get(key)
+            if x != y:
+                def desc(i: Any) -> str:
+                    return "absent" if i is None else f"{list(i.shape)} {i.dtype}"
+                raise ConfigError(f"{field}={str(p)!r}: tensor {key!r} is {desc(y)}, in "
+                                  f"{base_field} {desc(x)}: merged models must have one shape")
+        have = to_dict(load_model_config(p))
+        diff = next((k for k in want if want[k] != have.get(k)), None)
+        if diff is not None:
+            raise ConfigError(f"{field}={str(p)!r} has model.{diff}={have.get(diff)!r}, "
+                              f"{base_field} has {want[diff]!r}: merged models must have one "
+                              f"architecture")
+        if _tokenizer_digest(p) != digest:
+            raise ConfigError(f"{field}={str(p)!r} has a different tokenizer from "
+                              f"{base_field} (tokenizer/ files differ)")
+    return cfg, readers
+
+
+def plan_chunks(reader: CheckpointReader, num_layers: int) -> list[OutChunk]:
+    """One output item per layer slice of a stacked key, one per other tensor."""
+    out = []
+    for key, info in reader.tensors.items():
+        zeros = (0,) * len(info.shape)
+        if key.startswith(_STACKED) and info.shape and info.shape[0] == num_layers:
+            for i in range(num_layers):
+                out.append(OutChunk(key, info.shape, info.dtype, (i,) + zeros[1:],
+                                    (1,) + info.shape[1:]))
+        else:
+            out.append(OutChunk(key, info.shape, info.dtype, zeros, info.shape))
+    return out
+
+
+def assign(chunks: list[OutChunk], world: int) -> list[list[OutChunk]]:
+    """Divide the items among ``world`` ranks, largest first to the least loaded rank."""
+    loads = [0] * world
+    per_rank: list[list[OutChunk]] = [[] for _ in range(world)]
+    for c in sorted(chunks, key=lambda c: (-c.dtype.itemsize * _numel(c.sizes), c.key,
+                                           c.offsets)):
+        r = loads.index(min(loads))
+        per_rank[r].append(c)
+        loads[r] += c.dtype.itemsize * _numel(c.sizes)
+    return per_rank
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class Merger:
+    """Computes the merged value of one output item."""
+
+    def __init__(self, cfg: MergeConfig, model_cfg: Any, readers: list[CheckpointReader]):
+        self.cfg, self.model_cfg, self.readers = cfg, model_cfg, readers
+        self.matched: set[str] = set()
+        self.colinear = 0
+        self.bytes_read = 0
+
+    def _names(self, c: OutChunk, w: torch.Tensor) -> tuple[list[tuple[str, torch.Tensor]],
+                                                             float]:
+        """(logical tensors with their HF names as views of ``w``, relative layer depth)."""
+        n = self.model_cfg.num_layers
+        if c.sizes != c.shape:  # a layer slice of a stacked key
+            layer = c.offsets[0]
+            key = f"{_STACKED}{layer}.{c.key[len(_STACKED):]}"
+            depth = layer / (n - 1) if n > 1 else 1.0
+            w = w[0]
+        else:
+            key, depth = c.key, 0.0
+        try:
+            views = hf_views(key, w, self.model_cfg)
+        except ConfigError:
+            views = []
+        return (views or [(key, w)]), depth
+
+    def _param(self, setting: Any, name: str, depth: float, field: str) -> float:
+        for f in filters(setting):
+            if f in name:
+                self.matched.add(f)
+        v = evaluate(setting, name, depth)
+        if v is None:
+            raise ConfigError(f"no rule of {field} matches tensor {name!r} (add a rule with "
+                              f"filter: '*' as the fallback)")
+        return v
+
+    def params(self, name: str, depth: float) -> tuple[float, list[float]]:
+        """(t, weights) of the logical tensor ``name`` at relative layer depth ``depth``."""
+        m = self.cfg
+        t = self._param(m.t, name, depth, "merge.t") if m.method == "slerp" or \
+            m.combine == "slerp" else 0.0
+        n = len(self.readers) - (0 if m.method == "linear" else 1)
+        ws = [self._param(w, name, depth, f"merge.weights[{j}]")
+              for j, w in enumerate(m.weights or [1.0] * n)] if m.method != "slerp" else []
+        return t, ws
+
+    def precheck(self, chunks: list[OutChunk]) -> None:
+        """Evaluate every parameter of every logical tensor before anything is written
+        (shapes only: meta tensors), so a rule error stops the merge up front."""
+        for c in chunks:
+            views, depth = self._names(c, torch.empty(c.sizes, dtype=c.dtype, device="meta"))
+            for name, _ in views:
+                self.params(name, depth)
+
+    def __call__(self, c: OutChunk) -> torch.Tensor:
+        """The merged item (resizable storage: the writer frees it once written)."""
+        # The first input becomes the result: a fresh (resizable) allocation, read while
+        # nothing else is held; the others are read without a copy.
+        tensors = [r.read(c.key, c.offsets, c.sizes, resizable=i == 0)
+                   for i, r in enumerate(self.readers)]
+        self.bytes_read += sum(t.numel() * t.element_size() for t in tensors)
+        parts = [self._names(c, t) for t in tensors]
+        depth = parts[0][1]
+        m = self.cfg
+        for i, (name, _) in enumerate(parts[0][0]):
+            views = [p[0][i][1] for p in parts]
+            if not views[0].is_floating_point():
+                continue  # nothing to interpolate: keep the base
+            t, ws = self.params(name, depth)
+            if m.method == "slerp":
+                self.colinear += slerp_(t, views[0], views[1], dot_threshold=m.dot_threshold,
+                                        eps=m.eps)
+            elif m.method == "linear":
+                linear_(views, ws, True if m.normalize is None else m.normalize)
+            elif m.combine == "slerp":
+                self.colinear += slerp_(t, views[1], views[2], dot_threshold=m.dot_threshold,
+                                        eps=m.eps, origin=views[0])
+                views[0].copy_(views[1])
+            else:
+                task_(views[0], views[1:], ws, bool(m.normalize), m.scale)
+        return tensors[0]
+
+
+def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLike[str],
+          cfg: MergeConfig) -> dict[str, Any]:
+    """Merge ``base`` and ``others`` into the checkpoint ``out`` (collective under torchrun:
+    the items are divided among the ranks). Returns a summary."""
+    import torch.distributed as dist
+
+    cfg.check_inputs(len(others))
+    final = Path(out)
+    if final.exists():
+        raise ConfigError(f"--out {str(out)!r} already exists")
+    paths = {"--base": check_checkpoint(base, "--base")}
+    for i, o in enumerate(others):
+        paths[f"--other[{i}]" if len(others) > 1 else "--other"] = check_checkpoint(o, "--other")
+    model_cfg, readers = check_inputs(paths)
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from nemo_minitron.config import ParallelConfig
+        from nemo_minitron.parallel.runtime import init_distributed
+
+        init_distributed(ParallelConfig())
+        rank = dist.get_rank()
+    base_reader = readers["--base"]
+    chunks = plan_chunks(base_reader, model_cfg.num_layers)
+    mine = assign(chunks, world)[rank]
+    merger = Merger(cfg, model_cfg, list(readers.values()))
+    merger.precheck(chunks)
+    if rank == 0:
+        unused = sorted({f for s in [cfg.t, *(cfg.weights or [])] for f in filters(s)}
+                        - merger.matched)
+        for f in unused:
+            log.warning("merge rule filter %r matches no tensor", f)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "weights").mkdir(parents=True)
+    if world > 1:
+        dist.barrier()
+    total, done, start = len(mine), 0, time.perf_counter()
+
+    def compute(c: OutChunk) -> torch.Tensor:
+        nonlocal done
+        result = merger(c)
+        done += 1
+        if done == total or done % max(1, total // 10) == 0:
+            el = time.perf_counter() - start
+            log.info("merged %d/%d items, %.2f GB/s read, ETA %.0fs", done, total,
+                     merger.bytes_read / max(el, 1e-9) / 1e9, el / done * (total - done))
+        return result
+
+    byte_items = {} if rank else {k: (lambda k=k: base_reader.read_bytes(k))
+                                  for k in base_reader.byte_items}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            write_checkpoint(tmp / "weights", mine, compute, byte_items)
+        counts = torch.tensor([merger.colinear, merger.bytes_read], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(counts)
+    except BaseException as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # torch.distributed.checkpoint wraps errors raised while writing; a user error
+        # (e.g. an input that does not cover a tensor) stays one line.
+        for failure in getattr(e, "failures", {}).values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, ConfigError):
+                raise inner from None
+        raise
+    summary = {"method": cfg.method, "out": str(final), "items": len(chunks),
+               "colinear_fallbacks": int(counts[0]), "bytes_read": int(counts[1]),
+               "seconds": round(time.perf_counter() - start, 3)}
+    if rank == 0:
+        for f in _MEGATRON_FILES:
+            shutil.copyfile(paths["--base"] / "weights" / f, tmp / "weights" / f)
+        shutil.copyfile(paths["--base"] / MODEL_CONFIG, tmp / MODEL_CONFIG)
+        if (paths["--base"] / "tokenizer").is_dir():
+            shutil.copytree(paths["--base"] / "tokenizer", tmp / "tokenizer")
+        record = {"merge": to_dict(cfg), "base": str(base), "others": [str(o) for o in others],
+                  "colinear_fallbacks": summary["colinear_fallbacks"]}
+        (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        os.rename(tmp, final)
+        log.info("merged %d inputs (%s) into %s", len(paths), cfg.method, final)
+    if world > 1:
+        dist.barrier()
+    return summary
