@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from nemo_minitron.config import ConfigError
 from nemo_minitron.utils.logging import get_logger
@@ -185,7 +187,26 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int,
     import sentencepiece as spm
 
     out_file = Path(out_file)
+    made = not out_file.parent.exists()
     out_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _train_sentencepiece(spm, documents, vocab_size, out_file)
+    except RuntimeError as e:
+        # Nothing half-written: the directory made for the model goes with the failed run.
+        if made and not any(out_file.parent.iterdir()):
+            out_file.parent.rmdir()
+        too_high = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value "
+                             r"<= (\d+)", str(e))
+        if too_high is None:
+            raise
+        raise ConfigError(f"tokenizer vocabulary size {vocab_size} is too large for this text: "
+                          f"sentencepiece allows at most {too_high[1]}") from None
+    log.info("trained sentencepiece BPE tokenizer (vocab %d) -> %s", vocab_size, out_file)
+    return SentencePieceTokenizer(out_file)
+
+
+def _train_sentencepiece(spm: Any, documents: Iterable[str], vocab_size: int,
+                         out_file: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out_file.parent) as tmp:
         text_path = Path(tmp) / "corpus.txt"
         with open(text_path, "w", encoding="utf-8") as f:
@@ -204,5 +225,3 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int,
             num_threads=os.cpu_count() or 1, minloglevel=2,
         )
         os.replace(prefix.with_suffix(".model"), out_file)
-    log.info("trained sentencepiece BPE tokenizer (vocab %d) -> %s", vocab_size, out_file)
-    return SentencePieceTokenizer(out_file)

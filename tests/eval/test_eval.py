@@ -114,11 +114,34 @@ def test_greedy_equals_transformers_generate(result):
         assert hf and ours[:len(hf)] == hf
 
 
+def _hf_flops_per_token(directory: Path, context: float) -> tuple[float, int]:
+    """Forward FLOPs per token counted on the transformers model: 2 per weight of every
+    decoder layer and the output layer, plus QK^T and AV over ``context`` tokens; and the
+    parameter count."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory))
+    c = model.config
+    weights = sum(p.numel() for p in model.model.layers.parameters()) \
+        + model.lm_head.weight.numel()
+    attn = 4 * c.num_hidden_layers * context * c.num_attention_heads * (
+        c.hidden_size // c.num_attention_heads)
+    return 2 * weights + attn, sum(p.numel() for p in model.parameters())
+
+
 def test_bench_prints_table(result):
     root, _ = result
     lines = (root / "bench.txt").read_text().strip().splitlines()
-    assert lines[0].startswith("| checkpoint | params | prefill tok/s | ratio | FLOP ratio")
+    assert lines[0] == ("| checkpoint | params | prefill tok/s | ratio | FLOP ratio | "
+                        "decode tok/s | ratio | FLOP ratio |")
     assert len(lines) == 4
-    first, small = (line.split("|") for line in lines[2:])
-    assert float(first[4]) == 1.0 and float(first[5]) == 1.0
-    assert float(small[5]) > 1.0  # the smaller model is predicted faster
+    first, small = ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])
+    # Prompt of 16 tokens (a prefill token attends to 8 on average), 4 decoded after it.
+    for phase, col, context in (("prefill", 4, 16 / 2), ("decode", 7, 16 + 4 / 2)):
+        big, n_big = _hf_flops_per_token(root / "hf", context)
+        little, n_little = _hf_flops_per_token(root / "hf_small", context)
+        assert float(small[col]) == pytest.approx(big / little, abs=0.006), phase
+        assert big / little > 1.2, phase  # a difference the table must show
+    assert (first[1], small[1]) == (f"{n_big / 1e6:.2f}M", f"{n_little / 1e6:.2f}M")
+    for row in (first, small):
+        assert float(row[2]) > 0 and float(row[5]) > 0  # measured tokens per second
