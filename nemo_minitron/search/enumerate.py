@@ -65,8 +65,9 @@ class SearchConfig:
     score_fn: str | None = None
     """``module:function`` called with a retrained candidate's checkpoint path, returning a float
     (lower is better) that ranks the candidates instead of the validation LM loss."""
-    layer_metric: Literal["block_importance", "lm_loss"] = "block_importance"
-    """How depth pruning picks layers: block_importance or lm_loss (see target.layer_metric)."""
+    layer_metric: Literal["block_importance", "lm_loss", "angular_distance"] = "block_importance"
+    """How depth pruning picks layers: block_importance, lm_loss or angular_distance (see
+    target.layer_metric)."""
 
     def __post_init__(self) -> None:
         if self.target_params is not None and self.target_params <= 0:
