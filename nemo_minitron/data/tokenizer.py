@@ -39,6 +39,16 @@ class Tokenizer:
         tokenizer copied into a checkpoint keeps the same cache)."""
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eod": self.eod}
 
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own jinja2 chat template (Hugging Face), None when it has none."""
+        return None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """Special-token strings a chat template may reference (``bos_token``, ...)."""
+        return {}
+
     # Megatron's dataset classes call `tokenize`/`detokenize`.
     def tokenize(self, text: str) -> list[int]:
         return self.encode(text)
@@ -97,6 +107,18 @@ class HFTokenizer(Tokenizer):
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         self.tok.save_pretrained(str(directory))
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.tok, "chat_template", None)
+        if isinstance(template, dict):  # named templates: the default one
+            template = template.get("default")
+        return template if isinstance(template, str) and template else None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        names = ("bos_token", "eos_token", "unk_token", "pad_token")
+        return {n: str(getattr(self.tok, n)) for n in names if getattr(self.tok, n, None)}
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
