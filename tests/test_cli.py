@@ -12,7 +12,7 @@ from tests.dist import _free_port
 
 VERBS = ["demo", "data", "pretrain", "finetune", "prune", "distill", "search", "bench-method",
          "launch", "validate", "import-hf", "import-nemo2", "export-hf", "eval", "generate",
-         "lm-eval", "bench"]
+         "lm-eval", "bench", "self-distill"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
