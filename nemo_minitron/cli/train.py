@@ -1,5 +1,5 @@
-"""Data and training verbs: ``data``, ``pretrain``, ``finetune`` (teacher correction),
-``distill``."""
+"""Data and training verbs: ``data``, ``instruct-data``, ``pretrain``, ``finetune`` (teacher
+correction), ``sft``, ``distill``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from nemo_minitron.cli.common import log, recipe_args, split_overrides
+from nemo_minitron.cli.common import RECIPES, log, recipe_args, split_overrides
 from nemo_minitron.config import ConfigError
 
 
@@ -62,6 +62,36 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_instruct_data(args: argparse.Namespace) -> int:
+    import shutil
+
+    from nemo_minitron.config import DataConfig
+    from nemo_minitron.data.embedded_instruct import prepare_embedded_instruct
+    from nemo_minitron.utils.fs import atomic_dir
+
+    cfg = DataConfig(cache_dir=args.cache_dir, corpus_max_bytes=args.corpus_max_bytes,
+                     seed=args.seed)
+    train, valid = prepare_embedded_instruct(cfg, max_chars=args.max_chars,
+                                             valid_fraction=args.valid_fraction)
+    out = Path(args.out)
+    with atomic_dir(out) as tmp:
+        shutil.copyfile(train, tmp / "train.jsonl")
+        shutil.copyfile(valid, tmp / "valid.jsonl")
+    print(json.dumps({"train": str(out / "train.jsonl"), "valid": str(out / "valid.jsonl")}))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.sft import SFTRecipe, sft
+
+    recipe, overrides = split_overrides(args)
+    summary = sft(load_recipe(recipe, overrides, cls=SFTRecipe), args.checkpoint, args.data,
+                  args.out)
+    log.info("final checkpoint: %s", summary["final"])
+    return 0
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from nemo_minitron.config import load_recipe
     from nemo_minitron.distill.stage import DistillRecipe, distill
@@ -101,6 +131,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     recipe_args(p)
     p.add_argument("--out", default="runs/finetune", help="output directory")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("instruct-data", help="write the embedded instruction set (JSONL)",
+                       description="The standard library's documented functions as Alpaca "
+                                   "examples ('Write the Python function name(signature) that "
+                                   "does: <docstring>', the real source as the answer), split "
+                                   "into train.jsonl and valid.jsonl by whole source files. "
+                                   "Built once in the cache, copied to --out.")
+    p.add_argument("--out", required=True, help="new directory for train.jsonl, valid.jsonl")
+    p.add_argument("--cache-dir", default="~/.cache/nemo_minitron", help="build cache")
+    p.add_argument("--corpus-max-bytes", type=int, default=8_000_000,
+                   help="standard-library source read (sorted by path)")
+    p.add_argument("--max-chars", type=int, default=2000,
+                   help="longest instruction + answer kept, in characters")
+    p.add_argument("--valid-fraction", type=float, default=0.1,
+                   help="share of the examples held out (whole files)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the held-out split")
+    p.set_defaults(func=cmd_instruct_data)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on instruction data",
+                       description="Fine-tune a checkpoint on Alpaca or chat JSONL with the "
+                                   "loss on response tokens only, through the training loop, on "
+                                   "any TP/PP/DP layout (recipe sections as for finetune, plus "
+                                   "sft.valid_data, sft.valid_fraction, sft.pack, "
+                                   "sft.chat_template). Resumes from the latest checkpoint "
+                                   "under --out.")
+    p.add_argument("checkpoint", help="checkpoint directory to start from")
+    p.add_argument("data", help="instruction JSONL (Alpaca or chat)")
+    recipe_args(p, default=str(RECIPES / "sft.yaml"))
+    p.add_argument("--out", default="runs/sft", help="output directory")
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("distill", help="knowledge distillation of a teacher into a student",
                        description="Train --student to imitate --teacher (frozen) on recipe.data "

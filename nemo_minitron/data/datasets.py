@@ -96,8 +96,9 @@ def micro_batches(dataset: torch.utils.data.Dataset, *, consumed_samples: int,
     n = len(dataset)  # type: ignore[arg-type]
     for m in range(0, per_rank, micro_batch_size):
         samples = [dataset[(start + m + i) % n] for i in range(micro_batch_size)]
-        yield {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask",
-                                                               "position_ids")}
+        # Every field the dataset gives (GPT: tokens/labels/loss_mask/position_ids; packed SFT
+        # windows add segment_ids).
+        yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
 def sequences(dataset: torch.utils.data.Dataset, n: int) -> torch.Tensor:

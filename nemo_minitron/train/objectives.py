@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from nemo_minitron.data.instruct import sft_attention_mask
+
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -66,3 +68,19 @@ class LMObjective:
         loss = masked_mean(per_token, loss_mask)
         # clone: the schedule divides the returned loss in place by the micro-batch count
         return loss, {self.name: loss.detach().clone()}
+
+
+class SFTObjective(LMObjective):
+    """Supervised fine-tuning: the LM loss on response tokens only (the instruction data's
+    ``loss_mask``). Packed windows carry ``segment_ids``, from which a block-diagonal causal
+    attention mask keeps every example to itself."""
+
+    name = "sft loss"
+    metric_names = ["sft loss"]
+
+    def forward_step(self, data_iterator, model):
+        batch = to_device(next(data_iterator), self.device)
+        seg = batch.get("segment_ids")
+        mask = sft_attention_mask(seg) if seg is not None else None
+        output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+        return output, partial(self._loss, batch["loss_mask"])

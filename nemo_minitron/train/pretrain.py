@@ -73,12 +73,14 @@ def bf16_enabled(recipe: Recipe) -> bool:
 
 
 def make_trainer(recipe: Recipe, rt: Runtime, model_cfg: ModelConfig, tokenizer: Tokenizer,
-                 prefix: str, out_dir: str | Path, *, init_checkpoint: str | None = None,
+                 prefix: str | None, out_dir: str | Path, *, init_checkpoint: str | None = None,
                  model: torch.nn.Module | None = None,
-                 objective: Callable[[torch.nn.Module], Objective] | None = None) -> Trainer:
+                 objective: Callable[[torch.nn.Module], Objective] | None = None,
+                 splits: GPTSplits | None = None) -> Trainer:
     """Build the model (or take the in-memory ``model``; optionally load ``init_checkpoint``),
     DDP, optimizer, data, trainer. ``objective(model)`` is called on the model before DDP wraps
-    it (it may attach trainable modules) and returns the objective; default: the LM loss."""
+    it (it may attach trainable modules) and returns the objective; default: the LM loss.
+    ``splits`` (e.g. instruction data) replaces the GPT datasets built from ``prefix``."""
     from nemo_minitron.checkpoint.io import load_weights
 
     recipe.validate_parallel(rt.world_size)
@@ -91,7 +93,10 @@ def make_trainer(recipe: Recipe, rt: Runtime, model_cfg: ModelConfig, tokenizer:
     model = wrap_ddp(model, distributed_optimizer=rt.is_gpu and rt.dp > 1)
     optimizer, scheduler = build_optimizer([model], recipe.train, bf16=bf16,
                                            distributed_optimizer=rt.is_gpu and rt.dp > 1)
-    splits = build_splits(recipe, prefix, tokenizer, model_cfg.seq_length)
+    if splits is None:
+        if prefix is None:
+            raise ValueError("make_trainer needs a dataset prefix or splits")
+        splits = build_splits(recipe, prefix, tokenizer, model_cfg.seq_length)
     return Trainer(recipe=recipe, runtime=rt, model=model, model_cfg=model_cfg,
                    tokenizer=tokenizer, objective=obj,
                    optimizer=optimizer, scheduler=scheduler, train_ds=splits.train,

@@ -71,3 +71,18 @@ def test_held_out_split_shares_no_file_and_is_cached(built):
     assert prepare_embedded_instruct(cfg) == (train, valid)
     assert done.stat().st_mtime_ns == stamp  # not rebuilt
     assert json.loads(done.read_text())["train"] == len(tr)
+
+
+def test_instruct_data_verb_copies_the_cached_set(built, tmp_path, capsys):
+    from nemo_minitron.cli import main
+
+    cfg, (train, valid) = built
+    args = ["instruct-data", "--cache-dir", cfg.cache_dir, "--corpus-max-bytes",
+            str(cfg.corpus_max_bytes), "--out", str(tmp_path / "instr")]
+    assert main(args) == 0
+    paths = json.loads(capsys.readouterr().out)
+    assert Path(paths["train"]).read_text() == Path(train).read_text()
+    assert Path(paths["valid"]).read_text() == Path(valid).read_text()
+    assert main(args) == 2  # the output exists: one line, nothing overwritten
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "already exists" in err[0]
