@@ -1,7 +1,8 @@
 """``self-distill`` end to end on a tiny teacher (a transformers model imported with import-hf):
 DP=2 writes the same file as one rank; a run killed mid-way and restarted writes the same file
 as an uninterrupted one and generates no example twice (generation calls counted); greedy
-rewrites equal transformers' greedy generation on the export-hf'd weights, token for token;
+rewrites equal transformers' greedy generation on the export-hf'd weights, token for token,
+and TP=2's;
 bad input is a one-line error with nothing written."""
 
 from __future__ import annotations
@@ -112,7 +113,11 @@ def one_rank_job(root: str) -> None:
 def dp2_job(root: str) -> None:
     from nemo_minitron.cli import main
 
-    assert main(_args(Path(root), "dp2.jsonl", *SAMPLED)) == 0
+    r = Path(root)
+    assert main(_args(r, "dp2.jsonl", *SAMPLED)) == 0
+    assert main(_args(r, "tp2_greedy.jsonl", "--greedy", "--max-new-tokens", str(MAX_NEW),
+                      "--batch-size", str(BATCH), "--prompt-template", str(r / "template.txt"),
+                      "parallel.tensor_model_parallel_size=2")) == 0
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +214,8 @@ def test_greedy_rewrites_equal_transformers(result):
         # Kept exactly when the generation stopped by itself (no other rule applies here).
         assert (e.line not in rejected) == hf_stopped, e.line
     assert 0 < stopped < 10  # both kinds of rewrite occur
+    # TP=2 (one rank writes the shards of its TP group) generates the same greedy rewrites.
+    assert (result / "tp2_greedy.jsonl").read_text() == (result / "greedy.jsonl").read_text()
     assert stats["kept"] + stats["rejected"] == 11 and stats["kept"] > 0
     assert stats["rejected_by_reason"]["truncated"] == 10 - stopped
 
