@@ -142,7 +142,6 @@ def result(tmp_path_factory) -> Path:
     _write_data(root / "data.jsonl")
     (root / "template.txt").write_text(WORD_TEMPLATE)
     spawn(one_rank_job, 1, str(root))
-    spawn(dp2_job, 2, str(root))
     return root
 
 
@@ -150,7 +149,11 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_dp2_writes_the_same_file_as_one_rank(result):
+@pytest.mark.dist
+def test_dp2_and_tp2_write_the_same_files_as_one_rank(result):
+    spawn(dp2_job, 2, str(result))
+    # TP=2 (one rank writes the shards of its TP group) generates the same greedy rewrites.
+    assert (result / "tp2_greedy.jsonl").read_text() == (result / "greedy.jsonl").read_text()
     inputs = _lines(result / "data.jsonl")
     full = _lines(result / "full.jsonl")
     assert (result / "dp2.jsonl").read_text() == (result / "full.jsonl").read_text()
@@ -216,8 +219,6 @@ def test_greedy_rewrites_equal_transformers(result):
         # Kept exactly when the generation stopped by itself (no other rule applies here).
         assert (e.line not in rejected) == hf_stopped, e.line
     assert 0 < stopped < 10  # both kinds of rewrite occur
-    # TP=2 (one rank writes the shards of its TP group) generates the same greedy rewrites.
-    assert (result / "tp2_greedy.jsonl").read_text() == (result / "greedy.jsonl").read_text()
     assert stats["kept"] + stats["rejected"] == 11 and stats["kept"] > 0
     assert stats["rejected_by_reason"]["truncated"] == 10 - stopped
 
