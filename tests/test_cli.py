@@ -15,7 +15,7 @@ from tests.dist import _free_port
 VERBS = ["demo", "data", "pretrain", "finetune", "prune", "distill", "search", "bench-method",
          "launch", "validate", "import-hf", "import-gguf", "import-nemo2", "export-hf", "eval",
          "generate", "lm-eval", "bench", "specdec", "merge", "sft", "instruct-data",
-         "teacher-cache"]
+         "teacher-cache", "self-distill"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -1,5 +1,6 @@
 """Importance on the real Megatron model: a torch-only recomputation of the MLP, norm and block
-scores, and identical scores under TP=2 and PP=2."""
+scores and of the angular distances from hidden states captured with plain hooks, and
+identical scores under TP=2 and PP=2."""
 
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def score_job(out: str, tp: int, pp: int, ckpt_in: str | None, ckpt_out: str | N
                 getattr(layer, name).register_forward_hook(
                     lambda m, a, o, key=f"{name}.{i}": captured.setdefault(key, []).append(o))
             layer.register_forward_hook(_block_capture(captured, i), with_kwargs=True)
+            layer.register_forward_pre_hook(  # the hidden state entering layer i
+                lambda m, a, kw, key=f"enter.{i}": captured.setdefault(key, []).append(
+                    kw["hidden_states"].clone()), with_kwargs=True)
+        model.decoder.final_layernorm.register_forward_pre_hook(  # entering the final norm
+            lambda m, a, key=f"enter.{CFG['num_layers']}": captured.setdefault(key, []).append(
+                a[0].clone()))
     scores = estimate_importance(model, _tokens(), micro_batch_size=4)
     if ckpt_out:
         save_checkpoint(ckpt_out, model, model_cfg=cfg, tokenizer=None)
@@ -98,6 +105,24 @@ def test_scores_match_a_torch_recomputation(runs):
     torch.testing.assert_close(scores.num_query_groups,
                                scores.num_attention_heads.view(4, 4, 2).sum(-1))
     assert scores.meta["num_sequences"] == 8
+    # Angular distance between the hidden states entering layers i and j (j = L: the final
+    # hidden state before the final norm), averaged over every token.
+    L = CFG["num_layers"]
+    enter = [ref["captured"][f"enter.{i}"].double() for i in range(L + 1)]  # [s, b, h]
+    expected = torch.zeros(L + 1, L + 1, dtype=torch.float64)
+    for i in range(L + 1):
+        for j in range(L + 1):
+            if i != j:
+                cos = torch.nn.functional.cosine_similarity(enter[i], enter[j], dim=-1)
+                expected[i, j] = (torch.arccos(cos.clamp(-1, 1)) / torch.pi).mean()
+    torch.testing.assert_close(scores.angular_distance.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (expected[~torch.eye(L + 1, dtype=torch.bool)] > 1e-3).all()  # not trivially zero
+    from nemo_minitron.importance.layers import block_angular_distance
+
+    for n in range(1, L + 1):
+        torch.testing.assert_close(block_angular_distance(scores.angular_distance, n).double(),
+                                   torch.stack([expected[i, i + n] for i in range(L - n + 1)]),
+                                   rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.dist
@@ -107,6 +132,6 @@ def test_scores_identical_under_tp2_and_pp2(runs):
     ref = Scores.load(runs / "ref.pt")
     for name in ("tp2", "pp2"):
         got = Scores.load(runs / f"{name}.pt")
-        for axis in Scores.AXES:
+        for axis in (*Scores.AXES, "angular_distance"):
             torch.testing.assert_close(getattr(got, axis), getattr(ref, axis), rtol=1e-5,
                                        atol=1e-6, msg=f"{name} {axis}")

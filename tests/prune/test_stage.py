@@ -119,3 +119,24 @@ def test_depth_by_lm_loss_drops_the_cheapest_block(tmp_path, teacher, tiny_overr
     assert len(increase) == 4  # four layers, a block of one
     dropped = min(range(4), key=lambda i: increase[i])
     assert summary["kept_layers"] == [i for i in range(4) if i != dropped]
+
+
+def test_depth_by_angular_distance_drops_the_closest_block(tmp_path, teacher, tiny_overrides):
+    out = tmp_path / "angular"
+    res = run_cli("prune", teacher, str(out), "target.num_layers=3",
+                  "target.layer_metric=angular_distance", "calib.num_samples=8",
+                  "calib.micro_batch_size=4", "calib.eval_samples=8",
+                  *_data_overrides(tiny_overrides))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "pruning" / "summary.json").read_text())
+    scores = torch.load(out / "pruning" / "scores.pt", weights_only=True)
+    d = scores["angular_distance"]  # boundaries 0..4 of the 4-layer teacher
+    blocks = [float(d[i, i + 1]) for i in range(4)]
+    assert summary["block_angular_distance"] == pytest.approx(blocks)
+    dropped = min(range(4), key=lambda i: blocks[i])
+    assert summary["kept_layers"] == [i for i in range(4) if i != dropped]
+    assert "angular distance" in (out / "pruning" / "report.md").read_text()
+    res = cli("prune", teacher, str(tmp_path / "refused"), "target.num_layers=3",
+              "target.layer_metric=angular_distance", "importance=magnitude",
+              *_data_overrides(tiny_overrides))
+    _one_line_error(res, "target.layer_metric=angular_distance needs importance=activation")
