@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from nemo_minitron.checkpoint.safety import verify_dist_checkpoint
 from nemo_minitron.config import ConfigError, ModelConfig, from_dict, to_dict
 from nemo_minitron.data.tokenizer import Tokenizer, load_tokenizer
 from nemo_minitron.model.build import unwrap
@@ -126,13 +127,19 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
     return final
 
 
-def load_weights(path: str | os.PathLike[str], model: torch.nn.Module) -> None:
-    """Load a checkpoint's weights into ``model`` (any TP/PP layout: resharded on load)."""
+def _dist_load(sharded_state_dict: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
+    """``dist_checkpointing.load`` after checking that it unpickles plain data only."""
     from megatron.core import dist_checkpointing
 
+    verify_dist_checkpoint(ckpt_dir)
+    return dist_checkpointing.load(sharded_state_dict, str(ckpt_dir))
+
+
+def load_weights(path: str | os.PathLike[str], model: torch.nn.Module) -> None:
+    """Load a checkpoint's weights into ``model`` (any TP/PP layout: resharded on load)."""
     p = check_checkpoint(path)
     inner = unwrap(model)
-    state = dist_checkpointing.load(inner.sharded_state_dict(), str(p / "weights"))
+    state = _dist_load(inner.sharded_state_dict(), p / "weights")
     missing, unexpected = inner.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
     if missing:
@@ -143,14 +150,12 @@ def load_weights(path: str | os.PathLike[str], model: torch.nn.Module) -> None:
 def load_training_state(path: str | os.PathLike[str], model: torch.nn.Module, optimizer: Any,
                         scheduler: Any) -> dict[str, Any]:
     """Restore optimizer, scheduler and this rank's RNG; return the train state."""
-    from megatron.core import dist_checkpointing
-
     p = check_checkpoint(path)
     if optimizer is not None:
         if not (p / "optimizer").is_dir():
             raise ConfigError(f"checkpoint {str(path)!r} holds no optimizer state to resume from")
         opt_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model), is_loading=True)
-        optimizer.load_state_dict(dist_checkpointing.load(opt_sd, str(p / "optimizer")))
+        optimizer.load_state_dict(_dist_load(opt_sd, p / "optimizer"))
     state = json.loads((p / "train_state.json").read_text())
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
