@@ -5,7 +5,8 @@ forward/backward over the step's micro-batches; Megatron's DDP reduces gradients
 parallel ranks (``finalize_model_grads``); the optimizer clips and steps; the scheduler moves
 the LR. The loop logs loss, tokens/s and ETA, writes TensorBoard scalars and ``metrics.jsonl``,
 validates periodically, checkpoints every ``save_interval`` steps, at the end, and on
-SIGTERM/SIGUSR1, and resumes exactly from its latest checkpoint.
+SIGTERM/SIGUSR1/SIGINT (also when sent to the whole process group), and resumes exactly from
+its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ class TrainState:
 
 
 class _Signals:
-    """Turns SIGTERM/SIGUSR1 into a flag that the loop checks once per step."""
+    """Turns SIGTERM/SIGUSR1/SIGINT into a flag that the loop checks once per step."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in ckpt.STOP_SIGNALS:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -193,8 +194,9 @@ class Trainer:
                                     scheduler=self.scheduler, train_state=state, overwrite=True)
 
     def maybe_resume(self) -> bool:
-        """Resume from the latest complete checkpoint under ``<out>/checkpoints``."""
-        latest = ckpt.latest_checkpoint(self.out_dir)
+        """Resume from the latest complete checkpoint under ``<out>/checkpoints`` that matches
+        its checksums."""
+        latest = ckpt.latest_verified_checkpoint(self.out_dir)
         if latest is None:
             return False
         ckpt.load_weights(latest, self.model)
