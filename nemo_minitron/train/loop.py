@@ -28,6 +28,7 @@ from nemo_minitron.data.datasets import micro_batches
 from nemo_minitron.data.tokenizer import Tokenizer
 from nemo_minitron.parallel.runtime import Runtime
 from nemo_minitron.train.objectives import Objective
+from nemo_minitron.utils.fs import repair_jsonl
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("train")
@@ -214,6 +215,9 @@ class Trainer:
         cfg = self.cfg
         if self.rt.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if repair_jsonl(self._metrics_file):
+                log.warning("%s ended in a torn line (a crash mid-write); cut it",
+                            self._metrics_file)
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
