@@ -17,6 +17,7 @@ without ``model_config.yaml`` renamed into place is never a checkpoint we wrote.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -146,11 +147,43 @@ def _model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     return unwrap(model).sharded_state_dict()
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
-                    model_cfg: ModelConfig, tokenizer: Tokenizer | None,
-                    optimizer: Any = None, scheduler: Any = None,
-                    train_state: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Collectively save a checkpoint (every rank calls this)."""
+def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
+                    **kwargs: Any) -> Path:
+    """Collectively save a checkpoint (every rank calls this; keywords: ``_write_checkpoint``).
+    On failure the partial ``<path>.tmp`` is removed (an existing ``path`` is untouched); a
+    full disk is a one-line ``ConfigError`` naming the directory."""
+    try:
+        return _write_checkpoint(path, model, **kwargs)
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        final = Path(path)
+        full = no_space_left(e, final.parent)
+        shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
+        if full:
+            raise ConfigError(f"no space left on the device holding {final.parent} (saving "
+                              f"{final.name}; the partial copy was removed)") from None
+        raise
+
+
+def no_space_left(exc: BaseException, where: str | os.PathLike[str]) -> bool:
+    """Whether ``exc`` (or its cause) comes from a full disk. torch's writers do not always
+    say so (``unexpected pos 704 vs 598``): then a device left with under 1 MiB counts."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT) \
+                or "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _write_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
+                      model_cfg: ModelConfig, tokenizer: Tokenizer | None,
+                      optimizer: Any = None, scheduler: Any = None,
+                      train_state: dict[str, Any] | None = None,
+                      overwrite: bool = False) -> Path:
     from megatron.core import dist_checkpointing
 
     t0 = time.perf_counter()
