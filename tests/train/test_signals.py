@@ -94,7 +94,8 @@ def test_group_signal_under_torchrun_saves_and_resumes(tmp_path, tiny_overrides,
     (``SignalException``). The workers must save and finish cleanly."""
     out = tmp_path / "run"
     res = _interrupted(out, tiny_overrides, 2, signal.SIGTERM)
-    assert "BrokenPipe" not in res.stderr and "Traceback" not in res.stderr.split(
-        "SignalException")[0], res.stderr[-3000:]
-    assert "failed" not in res.stderr.lower() or "SignalException" in res.stderr
+    for sign in ("BrokenPipe", "Worker failure", "CheckpointException", "[rank0]: Traceback",
+                 "[rank1]: Traceback"):
+        assert sign not in res.stderr, res.stderr[-3000:]
+    assert "Received 15 death signal" in res.stderr  # torchrun's own shutdown happened
     _check(out, res, tiny_overrides, 2, reference)
