@@ -126,7 +126,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
      ["nope"]),
     # ---- the data verb
     ("data-empty-file", lambda c: ["data", c.file("e.jsonl", ""), "--tokenizer", c.tokenizer,
-                                   "--output-prefix", "OUT/x"], ["e.jsonl"]),
+                                   "--output-prefix", "OUT/x"], ["no non-empty document"]),
     ("data-non-utf8-jsonl", lambda c: ["data", c.file("b.jsonl", b'{"text": "\xff\xfe"}\n'),
                                        "--tokenizer", c.tokenizer, "--output-prefix", "OUT/x"],
      ["b.jsonl", "UTF-8"]),

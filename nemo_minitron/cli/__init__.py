@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def verb_names() -> set[str]:
+    """Every verb of the command line."""
+    return {name for action in build_parser()._actions
+            if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = build_parser()
