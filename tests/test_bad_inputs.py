@@ -193,7 +193,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
      ["--seq-length"]),
     ("eval-windows-negative", lambda c: ["eval", str(c.good), "--data", c.prefix,
                                          "--max-windows", "-1"], ["--max-windows"]),
-    ("eval-empty-file", lambda c: ["eval", str(c.good), c.file("e.txt", "")], ["e.txt"]),
+    ("eval-empty-file", lambda c: ["eval", str(c.good), c.file("e.txt", "")],
+     ["fewer than one window"]),
     ("eval-non-utf8-file", lambda c: ["eval", str(c.good), c.file("n.txt", b"ab\xff\xfe")],
      ["n.txt", "UTF-8"]),
     ("eval-no-data", lambda c: ["eval", str(c.good)], ["--data"]),
@@ -239,14 +240,14 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
         NORM, lambda t: t.index_fill(0, torch.tensor([1]), float("inf")))), "OUT"],
      [NORM, "Inf"]),
     ("hf-bool-norm", lambda c: ["import-hf", c.hf_dir(_tensor(NORM, lambda t: t > 0)), "OUT"],
-     [NORM, "bool"]),
+     [NORM, "BOOL"]),
     ("hf-int-projection", lambda c: ["import-hf", c.hf_dir(_tensor(
-        PROJ, lambda t: (t * 100).to(torch.int32))), "OUT"], [PROJ, "int32"]),
+        PROJ, lambda t: (t * 100).to(torch.int32))), "OUT"], [PROJ, "I32"]),
     ("hf-tokenizer-garbage", lambda c: ["import-hf", c.hf_dir(
         lambda d: (d / "tokenizer.json").write_text("{nope")), "OUT"], ["tokenizer.json"]),
     # ---- launch
     ("launch-unknown-stage-verb", lambda c: ["launch", c.file("p.yaml", (
-        "stages:\n  - name: a\n    verb: pretrian\n    out: x\n")), "--cluster", "local",
+        "stages:\n  - name: a\n    verb: pretrian\n")), "--cluster", "local",
         "--dry-run"], ["pretrian"]),
     ("launch-newline-in-override", lambda c: ["launch", c.file("p.yaml", "model:\n  x: 1\n"),
                                               "train.lr=1\nrm -rf /", "--dry-run"],

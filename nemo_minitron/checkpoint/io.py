@@ -106,7 +106,13 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     """The ``ModelConfig`` stored in a checkpoint."""
     p = check_checkpoint(path)
     verify_checkpoint(p, (MODEL_CONFIG,))
-    return from_dict(ModelConfig, yaml.safe_load((p / MODEL_CONFIG).read_text()), "model.")
+    try:
+        doc = yaml.safe_load((p / MODEL_CONFIG).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        raise ConfigError(f"{p / MODEL_CONFIG} is not valid UTF-8 YAML") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{p / MODEL_CONFIG} must be a YAML mapping of model fields")
+    return from_dict(ModelConfig, doc, "model.")
 
 
 def load_checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:

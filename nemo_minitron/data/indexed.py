@@ -42,13 +42,12 @@ def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer,
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
     tmp = f"{prefix}.tmp-{os.getpid()}"
     builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=dtype)
-    n_docs = n_tokens = 0
+    n_docs = n_tokens = n_text = 0
     try:
         for doc in tqdm(documents, total=total, desc="tokenize", unit="doc",
                         disable=not progress, mininterval=2.0):
-            if not doc.strip():  # an empty document would be a lone end-of-document token
-                continue
             ids = tokenizer.encode(doc)
+            n_text += bool(ids)
             if append_eod:
                 ids.append(tokenizer.eod)
             if not ids:
@@ -57,7 +56,7 @@ def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer,
             n_docs += 1
             n_tokens += len(ids)
         builder.finalize(get_idx_path(tmp))
-        if n_docs == 0:
+        if n_text == 0:  # empty documents alone would be a data set of end-of-document tokens
             raise ConfigError("data: the inputs hold no non-empty document")
         os.replace(get_bin_path(tmp), get_bin_path(prefix))
         os.replace(get_idx_path(tmp), get_idx_path(prefix))
