@@ -5,6 +5,7 @@ checkpoint creates nothing and fails with one line naming the class."""
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -33,10 +34,18 @@ def good(tmp_path_factory, tiny_overrides) -> Path:
     return out / "checkpoints" / "step_0000001"
 
 
+def _reseal(ckpt: Path) -> None:
+    """Rewrite the manifest as an attacker would, so that only the unpickling guards stand."""
+    from nemo_minitron.checkpoint.manifest import MANIFEST, manifest_entries
+
+    (ckpt / MANIFEST).write_text(json.dumps({"files": manifest_entries(ckpt)}))
+
+
 def craft_metadata(src: Path, dst: Path, sub: str, marker: Path) -> Path:
     """``src`` copied with ``<sub>/.metadata`` replaced by the payload."""
     shutil.copytree(src, dst)
     (dst / sub / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    _reseal(dst)
     return dst
 
 
@@ -56,6 +65,7 @@ def craft_byte_object(src: Path, dst: Path, marker: Path) -> Path:
     info = meta.storage_data[MetadataIndex(key)]
     info.relative_path, info.offset, info.length = "__9_0.distcp", 0, len(buf.getvalue())
     meta_file.write_bytes(pickle.dumps(meta))
+    _reseal(dst)
     return dst
 
 
