@@ -9,6 +9,7 @@ A recipe is YAML with one section per dataclass below (``model``, ``parallel``, 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,6 +186,9 @@ class DataConfig:
         parts = self.split.split(",")
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
             raise ConfigError(f"data.split={self.split!r} must be three numbers 'train,valid,test'")
+        if sum(float(p) for p in parts) <= 0:
+            raise ConfigError(f"data.split={self.split!r} must give some documents a split "
+                              "(the weights sum to 0)")
 
 
 @dataclass(kw_only=True)
@@ -240,6 +244,10 @@ class TrainConfig:
         for name in ("lr_warmup_iters", "eval_interval", "save_interval", "exit_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
+            value = getattr(self, name, 0.0)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"train.{name}={value} must be a finite number")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"train.lr={self.lr}, train.min_lr={self.min_lr}: need "
                               "0 <= min_lr <= lr and lr > 0")
@@ -406,7 +414,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {str(path)!r} is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from nemo_minitron.config import load_recipe
+from nemo_minitron.utils.fs import read_jsonl
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("demo")
@@ -49,9 +50,8 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     d_recipe = load_recipe(DISTILL_RECIPE, data_overrides + list(distill_overrides or []),
                            cls=DistillRecipe)
     distilled = distill(d_recipe, teacher["final"], str(pruned_dir), out_dir / "distilled")
-    speeds = [json.loads(line)["tokens_per_s"]
-              for line in (out_dir / "teacher" / "metrics.jsonl").read_text().splitlines()
-              if '"speed"' in line]
+    speeds = [r["tokens_per_s"] for r in read_jsonl(out_dir / "teacher" / "metrics.jsonl")
+              if r.get("kind") == "speed"]
     history = teacher["history"]
     summary = {
         "teacher_checkpoint": teacher["final"],

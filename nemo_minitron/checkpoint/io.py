@@ -16,10 +16,16 @@ without ``model_config.yaml`` renamed into place is never a checkpoint we wrote.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
 import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from nemo_minitron.checkpoint.manifest import MANIFEST, check_files, write_manifest
+from nemo_minitron.checkpoint.safety import verify_dist_checkpoint
 from nemo_minitron.config import ConfigError, ModelConfig, from_dict, to_dict
 from nemo_minitron.data.tokenizer import Tokenizer, load_tokenizer
 from nemo_minitron.model.build import unwrap
@@ -65,28 +73,126 @@ def check_checkpoint(path: str | os.PathLike[str], field: str = "checkpoint") ->
     return p
 
 
+ALL_PARTS = (MODEL_CONFIG, "tokenizer", "weights", "optimizer", "train_state.json", "rng")
+_warned_unverified: set[str] = set()
+
+
+def verify_checkpoint(path: str | os.PathLike[str], parts: Sequence[str] = ALL_PARTS,
+                      collective: bool = False) -> None:
+    """``ConfigError`` unless the files under ``parts`` match the checkpoint's manifest (a
+    warning, once, for a checkpoint without one). ``collective``: every rank calls this and
+    each hashes a share of the files."""
+    p = Path(path)
+    share = (0, 1)
+    if collective and dist.is_initialized():
+        share = (dist.get_rank(), dist.get_world_size())
+    try:
+        err = check_files(p, parts, share)
+    except FileNotFoundError:
+        if str(p) not in _warned_unverified:
+            _warned_unverified.add(str(p))
+            log.warning("checkpoint %s has no %s (saved before checksums); loading it "
+                        "unverified", p, MANIFEST)
+        return
+    if share[1] > 1:
+        errs: list[str | None] = [None] * share[1]
+        dist.all_gather_object(errs, err)
+        err = next((e for e in errs if e), None)
+    if err:
+        raise ConfigError(f"checkpoint {str(path)!r} is corrupt: {err}")
+
+
 def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     """The ``ModelConfig`` stored in a checkpoint."""
     p = check_checkpoint(path)
-    return from_dict(ModelConfig, yaml.safe_load((p / MODEL_CONFIG).read_text()), "model.")
+    verify_checkpoint(p, (MODEL_CONFIG,))
+    try:
+        doc = yaml.safe_load((p / MODEL_CONFIG).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        raise ConfigError(f"{p / MODEL_CONFIG} is not valid UTF-8 YAML") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{p / MODEL_CONFIG} must be a YAML mapping of model fields")
+    return from_dict(ModelConfig, doc, "model.")
 
 
 def load_checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer stored in a checkpoint."""
-    return load_tokenizer(check_checkpoint(path) / "tokenizer")
+    p = check_checkpoint(path)
+    verify_checkpoint(p, ("tokenizer",))
+    return load_tokenizer(p / "tokenizer")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+"""The signals on which training saves and stops (``train.loop``)."""
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Block the stop signals while Megatron's writer starts its helpers (a queue manager,
+    spawned once, and writer processes forked per save): they inherit the mask and so survive a
+    signal sent to the whole process group (Ctrl-C, ``timeout``, torchrun, SLURM) instead of
+    breaking the save. This process still receives them through its other threads, or when
+    the mask is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        # Starting multiprocessing's resource tracker (a helper too) unblocks SIGINT/SIGTERM
+        # behind our back: start it now, then block again.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     return unwrap(model).sharded_state_dict()
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
-                    model_cfg: ModelConfig, tokenizer: Tokenizer | None,
-                    optimizer: Any = None, scheduler: Any = None,
-                    train_state: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Collectively save a checkpoint (every rank calls this)."""
+def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
+                    **kwargs: Any) -> Path:
+    """Collectively save a checkpoint (every rank calls this; keywords: ``_write_checkpoint``).
+    On failure the partial ``<path>.tmp`` is removed (an existing ``path`` is untouched); a
+    full disk is a one-line ``ConfigError`` naming the directory."""
+    try:
+        return _write_checkpoint(path, model, **kwargs)
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        final = Path(path)
+        full = no_space_left(e, final.parent)
+        shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
+        if full:
+            raise ConfigError(f"no space left on the device holding {final.parent} (saving "
+                              f"{final.name}; the partial copy was removed)") from None
+        raise
+
+
+def no_space_left(exc: BaseException, where: str | os.PathLike[str]) -> bool:
+    """Whether ``exc`` (or its cause) comes from a full disk. torch's writers do not always
+    say so (``unexpected pos 704 vs 598``): then a device left with under 1 MiB counts."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT) \
+                or "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _write_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
+                      model_cfg: ModelConfig, tokenizer: Tokenizer | None,
+                      optimizer: Any = None, scheduler: Any = None,
+                      train_state: dict[str, Any] | None = None,
+                      overwrite: bool = False) -> Path:
     from megatron.core import dist_checkpointing
 
+    t0 = time.perf_counter()
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
@@ -99,10 +205,11 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
         (tmp / "rng").mkdir()
     _barrier()
     model_sd = _model_sharded_state_dict(model)
-    dist_checkpointing.save(model_sd, str(tmp / "weights"))
-    if optimizer is not None:
-        opt_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model))
-        dist_checkpointing.save(opt_sd, str(tmp / "optimizer"))
+    with _stop_signals_blocked():
+        dist_checkpointing.save(model_sd, str(tmp / "weights"))
+        if optimizer is not None:
+            opt_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model))
+            dist_checkpointing.save(opt_sd, str(tmp / "optimizer"))
     torch.save(get_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
@@ -113,6 +220,9 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
         atomic_write_json(tmp / "train_state.json", state)
+        t_sum = time.perf_counter()
+        entries = write_manifest(tmp)
+        t_sum = time.perf_counter() - t_sum
         if final.exists():
             old = final.with_name(final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -121,18 +231,27 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        log.info("saved checkpoint %s", final)
+        log.info("saved checkpoint %s in %.2fs (checksums of %.1f MB: %.2fs)", final,
+                 time.perf_counter() - t0, sum(e["size"] for e in entries.values()) / 1e6,
+                 t_sum)
     _barrier()
     return final
 
 
-def load_weights(path: str | os.PathLike[str], model: torch.nn.Module) -> None:
-    """Load a checkpoint's weights into ``model`` (any TP/PP layout: resharded on load)."""
+def _dist_load(sharded_state_dict: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
+    """``dist_checkpointing.load`` after checking that it unpickles plain data only."""
     from megatron.core import dist_checkpointing
 
+    verify_dist_checkpoint(ckpt_dir)
+    return dist_checkpointing.load(sharded_state_dict, str(ckpt_dir))
+
+
+def load_weights(path: str | os.PathLike[str], model: torch.nn.Module) -> None:
+    """Load a checkpoint's weights into ``model`` (any TP/PP layout: resharded on load)."""
     p = check_checkpoint(path)
+    verify_checkpoint(p, ("weights",), collective=True)
     inner = unwrap(model)
-    state = dist_checkpointing.load(inner.sharded_state_dict(), str(p / "weights"))
+    state = _dist_load(inner.sharded_state_dict(), p / "weights")
     missing, unexpected = inner.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
     if missing:
@@ -143,14 +262,13 @@ def load_weights(path: str | os.PathLike[str], model: torch.nn.Module) -> None:
 def load_training_state(path: str | os.PathLike[str], model: torch.nn.Module, optimizer: Any,
                         scheduler: Any) -> dict[str, Any]:
     """Restore optimizer, scheduler and this rank's RNG; return the train state."""
-    from megatron.core import dist_checkpointing
-
     p = check_checkpoint(path)
+    verify_checkpoint(p, ("optimizer", "train_state.json", "rng"), collective=True)
     if optimizer is not None:
         if not (p / "optimizer").is_dir():
             raise ConfigError(f"checkpoint {str(path)!r} holds no optimizer state to resume from")
         opt_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model), is_loading=True)
-        optimizer.load_state_dict(dist_checkpointing.load(opt_sd, str(p / "optimizer")))
+        optimizer.load_state_dict(_dist_load(opt_sd, p / "optimizer"))
     state = json.loads((p / "train_state.json").read_text())
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
@@ -191,11 +309,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete ``<run_dir>/checkpoints/step_*`` checkpoint, if any."""
+def step_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The complete ``<run_dir>/checkpoints/step_*`` checkpoints, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step_*") if not p.name.endswith((".tmp", ".old"))
+        return []
+    return sorted(p for p in root.glob("step_*") if not p.name.endswith((".tmp", ".old"))
                   and is_checkpoint(p))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete ``<run_dir>/checkpoints/step_*`` checkpoint, if any."""
+    done = step_checkpoints(run_dir)
     return done[-1] if done else None
+
+
+def latest_verified_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest checkpoint under ``<run_dir>/checkpoints`` whose files match its manifest;
+    newer corrupt ones are skipped with a warning. Collective."""
+    for p in reversed(step_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(p, collective=True)
+            return p
+        except ConfigError as e:
+            log.warning("skipping %s: %s", p, e)
+    return None

@@ -9,6 +9,7 @@ print one line (``error: ...``) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -27,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (demo, train, prune, launch, interop, merge, specdec, selfdistill):
         module.register(sub)
     return parser
+
+
+def verb_names() -> set[str]:
+    """Every verb of the command line."""
+    return {name for action in build_parser()._actions
+            if isinstance(action, argparse._SubParsersAction) for name in action.choices}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full, read-only or forbidden output location
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        if rank0:
+            print(f"error: {cause}", file=sys.stderr)
+        return 2
     except Exception as e:  # training errors carry their own one-line cause
         from nemo_minitron.train.loop import TrainingError
 
@@ -61,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
             from nemo_minitron.parallel.runtime import shutdown
 
             shutdown()
+
+
+def _os_error(e: OSError) -> str | None:
+    """The one-line cause of an OS error about where we write, else ``None``."""
+    where = e.filename or "the output"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device holding {where}"
+    if e.errno == errno.EROFS:
+        return f"cannot write {where}: read-only file system"
+    if e.errno in (errno.EACCES, errno.EPERM) and e.filename:
+        return f"cannot write {where}: permission denied"
+    return None
 
 
 if __name__ == "__main__":

@@ -77,6 +77,10 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
         from nemo_minitron.eval.lm_eval_adapter import run_lm_eval
     except ImportError as e:
         raise ConfigError(f"lm-eval is not installed ({e.name}); pip install '.[eval]'") from None
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size} must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit={args.limit} must be >= 1")
     out = run_lm_eval(args.checkpoint, args.tasks.split(","), args.include_path,
                       batch_size=args.batch_size, limit=args.limit)
     print(json.dumps(out["results"], default=str))

@@ -8,6 +8,7 @@ that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -35,15 +36,18 @@ def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer,
     from tqdm import tqdm
 
     prefix = str(out_prefix)
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    parent = Path(prefix).absolute().parent
+    created = [d for d in (parent, *parent.parents) if not d.exists()]
+    parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
     tmp = f"{prefix}.tmp-{os.getpid()}"
     builder = IndexedDatasetBuilder(get_bin_path(tmp), dtype=dtype)
-    n_docs = n_tokens = 0
+    n_docs = n_tokens = n_text = 0
     try:
         for doc in tqdm(documents, total=total, desc="tokenize", unit="doc",
                         disable=not progress, mininterval=2.0):
             ids = tokenizer.encode(doc)
+            n_text += bool(ids)
             if append_eod:
                 ids.append(tokenizer.eod)
             if not ids:
@@ -52,10 +56,18 @@ def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer,
             n_docs += 1
             n_tokens += len(ids)
         builder.finalize(get_idx_path(tmp))
-        if n_docs == 0:
+        if n_text == 0:  # empty documents alone would be a data set of end-of-document tokens
             raise ConfigError("data: the inputs hold no non-empty document")
         os.replace(get_bin_path(tmp), get_bin_path(prefix))
         os.replace(get_idx_path(tmp), get_idx_path(prefix))
+    except BaseException:
+        for path in (get_bin_path(tmp), get_idx_path(tmp)):
+            if os.path.exists(path):
+                os.unlink(path)
+        for d in created:  # innermost first: directories this call made, if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     finally:
         for path in (get_bin_path(tmp), get_idx_path(tmp)):
             if os.path.exists(path):
@@ -88,16 +100,26 @@ def iter_input_documents(paths: list[str], json_key: str = "text") -> Iterator[s
         if not p.is_file():
             raise ConfigError(f"input {path!r} does not exist")
         if p.suffix in (".jsonl", ".json"):
-            with open(p, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise ConfigError(f"{path}:{lineno} is not valid JSON") from None
-                    if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
-                        raise ConfigError(f"{path}:{lineno} has no string field {json_key!r}")
-                    yield record[json_key]
+            for lineno, line in enumerate(_utf8_text(p).split("\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ConfigError(f"{path}:{lineno} is not valid JSON") from None
+                if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+                    raise ConfigError(f"{path}:{lineno} has no string field {json_key!r}")
+                yield record[json_key]
         else:
-            yield p.read_text(encoding="utf-8", errors="replace")
+            yield _utf8_text(p)
+
+
+def _utf8_text(p: Path) -> str:
+    """A text input file's content; one-line errors for binary or non-UTF-8 files."""
+    data = p.read_bytes()
+    if b"\0" in data:
+        raise ConfigError(f"input {str(p)!r} is a binary file (it holds NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"input {str(p)!r} is not UTF-8 text (byte {e.start})") from None

@@ -166,16 +166,27 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     directory with ``tokenizer.json``/``tokenizer_config.json`` -> Hugging Face."""
     p = Path(path)
     if p.is_file():
-        return SentencePieceTokenizer(p)
+        return _parsed(SentencePieceTokenizer, p, p)
     if p.is_dir():
         if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
-            return HFTokenizer(p)
+            return _parsed(HFTokenizer, p, p / "tokenizer.json")
         if (p / "tokenizer.model").exists():
-            return SentencePieceTokenizer(p / "tokenizer.model")
+            return _parsed(SentencePieceTokenizer, p / "tokenizer.model", p / "tokenizer.model")
         raise ConfigError(
             f"data.tokenizer={str(path)!r} holds no tokenizer.model or tokenizer.json"
         )
     raise ConfigError(f"data.tokenizer={str(path)!r} does not exist")
+
+
+def _parsed(cls: type[Tokenizer], arg: Path, shown: Path) -> Tokenizer:
+    """``cls(arg)``, with a one-line error naming the file when it does not parse."""
+    try:
+        return cls(arg)  # type: ignore[call-arg]
+    except ConfigError:
+        raise
+    except Exception as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"tokenizer file {str(shown)!r} does not parse ({cause})") from None
 
 
 def train_sentencepiece(documents: Iterable[str], vocab_size: int,

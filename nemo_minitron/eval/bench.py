@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from nemo_minitron.config import ModelConfig, ParallelConfig
+from nemo_minitron.config import ConfigError, ModelConfig, ParallelConfig
 
 
 @dataclass(kw_only=True)
@@ -32,6 +32,12 @@ class BenchConfig:
     """Generated tokens per sequence (decode)."""
     repeats: int = 3
     """Timed runs per phase (best is kept) after one warm-up."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_length", "decode_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag}={getattr(self, name)} must be >= 1")
 
 
 def flops_per_token(cfg: ModelConfig, context: float) -> float:

@@ -38,6 +38,17 @@ class SamplingConfig:
     """A row stops at the first of these tokens it emits, which is not part of its result
     (typically the tokenizer's end-of-sequence tokens, ``Tokenizer.eos_ids``)."""
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"--max-new-tokens={self.max_new_tokens} must be >= 0")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k={self.top_k} must be >= 0 (0: all tokens)")
+        if not 0.0 < self.top_p <= 1.0:  # also rejects NaN
+            raise ConfigError(f"--top-p={self.top_p} must be in (0, 1]")
+        if not self.temperature > 0.0 or self.temperature == float("inf"):
+            raise ConfigError(f"--temperature={self.temperature} must be a positive number "
+                              "(greedy decoding is the default without --sample)")
+
 
 def filter_logits(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
     """``logits`` scaled by the temperature, outside ``top_k`` / ``top_p`` set to -inf: the

@@ -33,6 +33,14 @@ class PerplexityConfig:
     micro_batch_size: int = 4
     """Windows per forward pass."""
 
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"--micro-batch-size={self.micro_batch_size} must be >= 1")
+        if self.seq_length is not None and self.seq_length < 1:
+            raise ConfigError(f"--seq-length={self.seq_length} must be >= 1")
+        if self.max_windows < 0:
+            raise ConfigError(f"--max-windows={self.max_windows} must be >= 0 (0: all)")
+
 
 def token_windows(docs: Iterator[np.ndarray], seq_length: int, max_windows: int = 0
                   ) -> torch.Tensor:

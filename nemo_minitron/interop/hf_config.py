@@ -9,6 +9,7 @@ pre-norm RMSNorm + RoPE + SwiGLU + GQA; Qwen2 adds a bias on q/k/v only). Export
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from nemo_minitron.config import ConfigError, ModelConfig
@@ -51,8 +52,19 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
                           f"{', '.join(SUPPORTED)}")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "vocab_size"):
-        if not isinstance(hf.get(key), int):
-            raise ConfigError(f"config.json field {key!r} is missing or not an integer")
+        v = hf.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"config.json field {key!r} is missing or not a positive integer "
+                              f"(got {v!r})")
+    for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        v = hf.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"config.json field {key!r}={v!r} must be a positive integer")
+    for key in ("rms_norm_eps", "initializer_range", "rope_theta"):
+        v = hf.get(key)
+        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)
+                              or not math.isfinite(v) or v <= 0):
+            raise ConfigError(f"config.json field {key!r}={v!r} must be a positive number")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json hidden_act={hf['hidden_act']!r} is not supported "
                           f"(only silu)")

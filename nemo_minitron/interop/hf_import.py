@@ -53,9 +53,13 @@ def inspect_hf(hf_dir: str | os.PathLike[str], seq_length: int | None = None) ->
     if not (d / "config.json").is_file():
         raise ConfigError(f"hf_dir={str(hf_dir)!r} has no config.json")
     try:
-        hf: dict[str, Any] = json.loads((d / "config.json").read_text())
+        hf: dict[str, Any] = json.loads((d / "config.json").read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{d / 'config.json'} is not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{d / 'config.json'} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{d / 'config.json'} must be a JSON object")
     cfg = model_config_from_hf(hf, seq_length)
     tensors = HFTensors(d)
     tensors.check(cfg)

@@ -124,11 +124,22 @@ class HFTensors:
         with safe_open(self.files[name], "pt") as f:
             return tuple(f.get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype tag (``F32``, ``BF16``, ``BOOL``, ``I32``, ...)."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], "pt") as f:
+            return str(f.get_slice(name).get_dtype())
+
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
         with safe_open(self.files[name], "pt") as f:
-            return f.get_tensor(name)
+            t = f.get_tensor(name)
+        if not torch.isfinite(t).all():
+            what = "NaN" if torch.isnan(t).any() else "Inf"
+            raise ConfigError(f"tensor {name!r} in {self.files[name]} holds {what} values")
+        return t
 
     def check(self, cfg: ModelConfig) -> None:
         """Every tensor ``cfg`` needs is there with its shape, and nothing else."""
@@ -137,6 +148,10 @@ class HFTensors:
             if name not in self.files:
                 raise ConfigError(f"checkpoint lacks tensor {name!r}")
             have = self.shape(name)
+            dtype = self.dtype(name)
+            if dtype not in _FLOAT_DTYPES:
+                raise ConfigError(f"tensor {name!r} in {self.files[name]} has dtype {dtype}; "
+                                  f"weights must be floating point ({', '.join(_FLOAT_DTYPES)})")
             if have != shape:
                 raise ConfigError(f"tensor {name!r} has shape {list(have)}, config.json implies "
                                   f"{list(shape)}")
@@ -145,6 +160,9 @@ class HFTensors:
         if extra:
             raise ConfigError(f"checkpoint holds tensor {extra[0]!r} that the config does not "
                               f"explain")
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def megatron_tensor(name: str, layer: int | None, cfg: ModelConfig,

@@ -8,54 +8,32 @@ Megatron distributed checkpoint of the ``GPTModel`` whose keys carry NeMo's ``mo
 sides are Megatron-core, the weights load straight into our ``GPTModel`` by asking for the same
 keys with that prefix; only ``model.yaml`` is parsed (``yaml.safe_load``: tags are strings).
 
-Untrusted input: ``common.pt`` and the pickled ``_extra_state`` objects are never loaded; the
-distributed checkpoint's ``.metadata`` (which torch reads with ``pickle``) is first scanned by an
-unpickler that admits only torch's checkpoint-metadata classes.
+Untrusted input: ``common.pt`` is never loaded; the distributed checkpoint's ``.metadata`` and
+byte objects are checked first (``checkpoint.safety``).
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from nemo_minitron.checkpoint.safety import read_dist_metadata, verify_dist_checkpoint
 from nemo_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("interop")
 
 PREFIX = "module."
-_SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes",
-                  "bool", "slice", "complex", "bytearray"}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        ok = (module.startswith("torch.distributed.checkpoint.")
-              or (module == "torch" and (name == "Size" or isinstance(
-                  getattr(torch, name, None), torch.dtype | torch.layout | torch.memory_format)))
-              or (module == "torch.serialization" and name == "_get_layout")
-              or (module == "collections" and name == "OrderedDict")
-              or (module == "builtins" and name in _SAFE_BUILTINS))
-        if not ok:
-            raise ConfigError(f"weights/.metadata references {module}.{name}; refusing to "
-                              f"unpickle it")
-        return super().find_class(module, name)
 
 
 def read_metadata(weights: Path) -> dict[str, tuple[int, ...] | None]:
     """Key -> global shape (None for byte objects) of a distributed checkpoint, read with the
     restricted unpickler."""
-    meta_file = weights / ".metadata"
-    if not meta_file.is_file():
-        raise ConfigError(f"{str(weights)!r} is not a Megatron distributed checkpoint "
-                          f"(no .metadata)")
-    with open(meta_file, "rb") as f:
-        meta = _MetadataUnpickler(f).load()
+    meta = read_dist_metadata(weights)
     return {k: tuple(v.size) if hasattr(v, "size") else None
             for k, v in meta.state_dict_metadata.items()}
 
@@ -164,6 +142,7 @@ def load_nemo2_weights(model: torch.nn.Module, weights: Path) -> None:
     inner = unwrap(model)
     request = {k: v for k, v in inner.sharded_state_dict(prefix=PREFIX).items()
                if not isinstance(v, ShardedObject)}
+    verify_dist_checkpoint(weights, check_common=False)
     state = dist_checkpointing.load(request, str(weights), common_strategy=_skip_common())
     state = {k[len(PREFIX):]: v for k, v in state.items()}
     missing, _ = inner.load_state_dict(state, strict=False)

@@ -91,8 +91,27 @@ def _output(verb: str, out: Path, config: dict[str, Any]) -> Path:
     return out / "checkpoints" / f"step_{int(iters):07d}"
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse control characters in override values: a newline would end a line of the job
+    script or of a ``#SBATCH`` header."""
+    for o in overrides:
+        if any(ch in o for ch in "\n\r\0"):
+            raise ConfigError(f"override {o.split('=', 1)[0]!r} holds a newline or control "
+                              "character, which a job script cannot carry")
+
+
+def _check_verb(verb: str, where: str) -> None:
+    from nemo_minitron.cli import verb_names
+
+    known = verb_names() - {"launch"}
+    if verb not in known:
+        raise ConfigError(f"{where}.verb={verb!r} is not a nemo-minitron verb (known: "
+                          f"{', '.join(sorted(known))})")
+
+
 def single_stage(recipe: str, verb: str, overrides: list[str], out: str) -> Pipeline:
     """A plain verb recipe as a one-stage pipeline (the overrides are passed through)."""
+    check_overrides(overrides)
     config = merge(load_yaml(recipe), parse_overrides(overrides))
     o = Path(out).absolute()
     argv = [str(Path(recipe).absolute()), *overrides, "--out", str(o)]
@@ -104,6 +123,7 @@ def single_stage(recipe: str, verb: str, overrides: list[str], out: str) -> Pipe
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     """Read a pipeline file; overrides: ``workdir=``, ``vars.X=``, ``inputs.X.path=``,
     ``cluster.K=``, or ``<stage>.<recipe key>=`` (into that stage's config)."""
+    check_overrides(overrides or [])
     base = Path(path).absolute().parent
     data = load_yaml(path)
     unknown = set(data) - _TOP
@@ -147,6 +167,7 @@ def _stage(s: Any, i: int, base: Path, workdir: Path, refs: dict[str, str],
         raise ConfigError(f"stages[{i}] must be a mapping with name and verb (keys: "
                           f"{', '.join(sorted(_STAGE))})")
     name, verb = str(s["name"]), str(s["verb"])
+    _check_verb(verb, f"stages[{i}]")
     if not _NAME.match(name) or any(d.name == name for d in done):
         raise ConfigError(f"stages[{i}].name={name!r} must be unique and use only "
                           "letters, digits, _ and -")

@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
-from nemo_minitron.checkpoint.io import MODEL_CONFIG, check_checkpoint, load_model_config
+from nemo_minitron.checkpoint.io import (
+    MODEL_CONFIG,
+    check_checkpoint,
+    load_model_config,
+    verify_checkpoint,
+)
+from nemo_minitron.checkpoint.manifest import write_manifest
 from nemo_minitron.config import ConfigError, to_dict
 from nemo_minitron.interop.hf_weights import hf_views
 from nemo_minitron.merge.config import MergeConfig, evaluate, filters
@@ -53,6 +59,8 @@ def check_inputs(paths: dict[str, Path]) -> tuple[Any, dict[str, CheckpointReade
     """Same model config, tokenizer and stored tensors (shapes, dtypes) in every input;
     returns the config and one reader per input."""
     (base_field, base), *rest = paths.items()
+    for p in paths.values():  # checksums first: a corrupt input is a one-line error
+        verify_checkpoint(p, (MODEL_CONFIG, "tokenizer", "weights"))
     cfg = load_model_config(base)
     want = to_dict(cfg)
     digest = _tokenizer_digest(base)
@@ -275,6 +283,7 @@ def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLik
         record = {"merge": to_dict(cfg), "base": str(base), "others": [str(o) for o in others],
                   "colinear_fallbacks": summary["colinear_fallbacks"]}
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_manifest(tmp)  # checksums, as every checkpoint we write has
         os.rename(tmp, final)
         log.info("merged %d inputs (%s) into %s", len(paths), cfg.method, final)
     if world > 1:

@@ -7,7 +7,7 @@ shape), split into chunks by whoever saved it (one per TP rank and layer, SwiGLU
 separate gate and up chunks). A region read therefore gives the same tensor whatever TP/PP
 layout the checkpoint was saved under.
 
-Reading: ``.metadata`` (a pickle) is vetted by the restricted unpickler of the NeMo importer
+Reading: ``.metadata`` and byte items (pickles) are vetted by ``checkpoint.safety``
 before torch reads it. Each stored chunk is a ``torch.save`` archive at a byte range of a
 ``.distcp`` file; it is loaded with ``torch.load(weights_only=True)`` through a window onto
 that range, which ``readinto``\\ s straight into the new tensor's storage (no intermediate
@@ -77,11 +77,11 @@ class CheckpointReader:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-        from nemo_minitron.interop.nemo2 import read_metadata
+        from nemo_minitron.checkpoint.safety import verify_dist_checkpoint
 
         self.dir = Path(weights_dir)
-        # Untrusted input: torch unpickles .metadata; the restricted unpickler vets it first.
-        read_metadata(self.dir)
+        # Untrusted input: torch unpickles .metadata and byte items; vet both first.
+        verify_dist_checkpoint(self.dir)
         meta = FileSystemReader(str(self.dir)).read_metadata()
         self.tensors: dict[str, TensorInfo] = {}
         self.byte_items: list[str] = []

@@ -4,6 +4,8 @@ with its scores and report."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +84,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
         load_checkpoint_tokenizer,
         load_model_config,
         load_weights,
+        no_space_left,
         save_checkpoint,
     )
     from nemo_minitron.data.datasets import build_gpt_datasets
@@ -96,7 +99,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     from nemo_minitron.prune.plan import angular_block, make_plan, validate_target
     from nemo_minitron.prune.report import write_report
     from nemo_minitron.train.pretrain import resolve_data
-    from nemo_minitron.utils.fs import atomic_dir, atomic_write_json
+    from nemo_minitron.utils.fs import atomic_write_json
 
     check_checkpoint(checkpoint)
     if Path(out).exists():
@@ -164,12 +167,26 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
                "kept_layers": plan.layers, "calib_seq_length": c.seq_length or src.seq_length,
                "block_loss_increase": None if block_losses is None else block_losses.tolist(),
                "block_angular_distance": None if angular is None else angular.tolist()}
-    save_checkpoint(out, pruned, model_cfg=plan.config, tokenizer=tokenizer)
+    # The checkpoint and its pruning/ report appear together: both go into a staging
+    # directory that is renamed to ``out`` last.
+    staging = Path(out).with_name(f".{Path(out).name}.staging")
     if rt.rank == 0:
-        with atomic_dir(Path(out) / "pruning") as tmp:
-            scores.save(tmp / "scores.pt")
-            atomic_write_json(tmp / "summary.json", summary)
-            write_report(tmp, scores, plan, summary)
+        shutil.rmtree(staging, ignore_errors=True)
+    save_checkpoint(staging, pruned, model_cfg=plan.config, tokenizer=tokenizer)
+    if rt.rank == 0:
+        try:
+            (staging / "pruning").mkdir()
+            scores.save(staging / "pruning" / "scores.pt")
+            atomic_write_json(staging / "pruning" / "summary.json", summary)
+            write_report(staging / "pruning", scores, plan, summary)
+            os.rename(staging, out)
+        except BaseException as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError) and no_space_left(e, staging.parent):
+                raise ConfigError(f"no space left on the device holding {staging.parent} "
+                                  f"(writing {out}; the partial copy was removed)") from None
+            raise
+    torch.distributed.barrier()
     log.info("pruned %d -> %d parameters (%.1f%%); validation loss %.4f -> %.4f (one-shot)",
              summary["source_params"], summary["pruned_params"], 100 * summary["param_ratio"],
              source_loss, pruned_loss)

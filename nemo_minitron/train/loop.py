@@ -5,7 +5,8 @@ forward/backward over the step's micro-batches; Megatron's DDP reduces gradients
 parallel ranks (``finalize_model_grads``); the optimizer clips and steps; the scheduler moves
 the LR. The loop logs loss, tokens/s and ETA, writes TensorBoard scalars and ``metrics.jsonl``,
 validates periodically, checkpoints every ``save_interval`` steps, at the end, and on
-SIGTERM/SIGUSR1, and resumes exactly from its latest checkpoint.
+SIGTERM/SIGUSR1/SIGINT (also when sent to the whole process group), and resumes exactly from
+its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from nemo_minitron.data.datasets import micro_batches
 from nemo_minitron.data.tokenizer import Tokenizer
 from nemo_minitron.parallel.runtime import Runtime
 from nemo_minitron.train.objectives import Objective
+from nemo_minitron.utils.fs import repair_jsonl
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("train")
@@ -49,14 +51,14 @@ class TrainState:
 
 
 class _Signals:
-    """Turns SIGTERM/SIGUSR1 into a flag that the loop checks once per step."""
+    """Turns SIGTERM/SIGUSR1/SIGINT into a flag that the loop checks once per step."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in ckpt.STOP_SIGNALS:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -193,8 +195,9 @@ class Trainer:
                                     scheduler=self.scheduler, train_state=state, overwrite=True)
 
     def maybe_resume(self) -> bool:
-        """Resume from the latest complete checkpoint under ``<out>/checkpoints``."""
-        latest = ckpt.latest_checkpoint(self.out_dir)
+        """Resume from the latest complete checkpoint under ``<out>/checkpoints`` that matches
+        its checksums."""
+        latest = ckpt.latest_verified_checkpoint(self.out_dir)
         if latest is None:
             return False
         ckpt.load_weights(latest, self.model)
@@ -212,6 +215,9 @@ class Trainer:
         cfg = self.cfg
         if self.rt.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if repair_jsonl(self._metrics_file):
+                log.warning("%s ended in a torn line (a crash mid-write); cut it",
+                            self._metrics_file)
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 

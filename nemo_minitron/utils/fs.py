@@ -62,3 +62,40 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """``atomic_write_text`` of indented JSON."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def repair_jsonl(path: str | os.PathLike[str]) -> bool:
+    """Cut a torn last line (a crash mid-write leaves it without its newline) from an
+    append-only JSONL file, so that later appends and reads are whole lines; a last line that
+    is complete JSON only gets its newline. Returns whether the file was changed."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return False
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+            f.write(b"\n")
+        except ValueError:
+            f.truncate(start)
+    return True
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a JSONL file written by us (e.g. ``metrics.jsonl``), repairing a torn
+    last line first."""
+    from nemo_minitron.config import ConfigError
+
+    repair_jsonl(path)
+    records = []
+    for i, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise ConfigError(f"{path}:{i} is not a JSON line") from None
+    return records

@@ -16,6 +16,19 @@ class _RankZeroFilter(logging.Filter):
         return _rank() == 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (it may be replaced after setup, e.g. when
+    ``cli.main`` runs in-process under a capturing caller)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def _rank() -> int:
     try:
         import torch.distributed as dist
@@ -32,7 +45,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger(_ROOT)
     if getattr(root, "_nm_configured", False):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
     handler.addFilter(_RankZeroFilter())
     root.addHandler(handler)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from nemo_minitron.utils.fs import read_jsonl
 
 
 def plot_loss_curves(metrics_file: str | Path, out_png: str | Path) -> Path | None:
@@ -16,7 +17,7 @@ def plot_loss_curves(metrics_file: str | Path, out_png: str | Path) -> Path | No
     metrics_file = Path(metrics_file)
     if not metrics_file.is_file():
         return None
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    records = read_jsonl(metrics_file)
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind, style in (("train", "-"), ("valid", "o-")):
         rows = [r for r in records if r["kind"] == kind]

@@ -1,0 +1,313 @@
+"""Bad input across the verbs, table-driven: each case exits 2 with exactly one stderr line
+``error: ...`` naming the cause, no traceback, and leaves no output behind. Fixtures (corrupt,
+truncated, foreign, crafted) are built here; every case runs ``cli.main`` in-process."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist import spawn
+from tests.train.test_loop import pretrain_job
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    good: Path
+    hf: Path
+    tiny: list[str]
+    prefix: str
+    tokenizer: str
+
+    @property
+    def data(self) -> list[str]:
+        return [o for o in self.tiny if o.startswith("data.")]
+
+    def file(self, name: str, content: bytes | str) -> str:
+        p = self.tmp / name
+        p.write_bytes(content.encode() if isinstance(content, str) else content)
+        return str(p)
+
+    def ckpt(self, edit: Callable[[Path], None]) -> str:
+        dst = self.tmp / "ck"
+        shutil.copytree(self.good, dst)
+        (dst / "manifest.json").unlink()  # test the reader, not the checksum
+        edit(dst)
+        return str(dst)
+
+    def hf_dir(self, edit: Callable[[Path], None]) -> str:
+        dst = self.tmp / "hf"
+        shutil.copytree(self.hf, dst)
+        edit(dst)
+        return str(dst)
+
+
+def _cfg(**changes):
+    def edit(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(changes)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _tensor(name: str, fn: Callable[[torch.Tensor], torch.Tensor]):
+    def edit(d: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        f = next(d.glob("*.safetensors"))
+        sd = load_file(str(f))
+        sd[name] = fn(sd[name])
+        save_file(sd, str(f), metadata={"format": "pt"})
+    return edit
+
+
+def _model_yaml(text: str | bytes):
+    def edit(d: Path) -> None:
+        (d / "model_config.yaml").write_bytes(text.encode() if isinstance(text, str) else text)
+    return edit
+
+
+RECIPE_TRAIN = ["train.train_iters=1", "train.eval_interval=0"]
+NORM = "model.layers.0.input_layernorm.weight"
+PROJ = "model.layers.0.mlp.down_proj.weight"
+
+# (id, argv builder, needles); "OUT" in argv is the output path that must not appear.
+CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
+    # ---- recipes and overrides (pretrain)
+    ("recipe-missing", lambda c: ["pretrain", str(c.tmp / "no.yaml"), "--out", "OUT"],
+     ["does not exist"]),
+    ("recipe-non-utf8", lambda c: ["pretrain", c.file("r.yaml", b"model:\n  x: \xff\xfe\n"),
+                                   "--out", "OUT"], ["r.yaml", "UTF-8"]),
+    ("recipe-binary", lambda c: ["pretrain", c.file("r.yaml", bytes(range(256))), "--out",
+                                 "OUT"], ["r.yaml"]),
+    ("recipe-not-yaml", lambda c: ["pretrain", c.file("r.yaml", "model: [1, 2\n"), "--out",
+                                   "OUT"], ["is not valid YAML"]),
+    ("recipe-list", lambda c: ["pretrain", c.file("r.yaml", "- a\n"), "--out", "OUT"],
+     ["must be a YAML mapping"]),
+    ("unknown-key", lambda c: ["pretrain", *c.tiny, "train.lrr=1", "--out", "OUT"],
+     ["train.lrr"]),
+    ("lr-string", lambda c: ["pretrain", *c.tiny, "train.lr=fast", "--out", "OUT"],
+     ["train.lr"]),
+    ("lr-nan", lambda c: ["pretrain", *c.tiny, "train.lr=nan", "--out", "OUT"], ["train.lr"]),
+    ("lr-inf", lambda c: ["pretrain", *c.tiny, "train.lr=inf", "--out", "OUT"], ["train.lr"]),
+    ("lr-negative", lambda c: ["pretrain", *c.tiny, "train.lr=-1", "--out", "OUT"],
+     ["train.lr"]),
+    ("split-zero", lambda c: ["pretrain", *c.tiny, "data.split=0,0,0", "--out", "OUT"],
+     ["data.split"]),
+    ("split-words", lambda c: ["pretrain", *c.tiny, "data.split=a,b,c", "--out", "OUT"],
+     ["data.split"]),
+    ("split-negative", lambda c: ["pretrain", *c.tiny, "data.split=-1,1,1", "--out", "OUT"],
+     ["data.split"]),
+    ("heads-zero", lambda c: ["pretrain", *c.tiny, "model.num_attention_heads=0", "--out",
+                              "OUT"], ["model.num_attention_heads"]),
+    ("layers-zero", lambda c: ["pretrain", *c.tiny, "model.num_layers=0", "--out", "OUT"],
+     ["model.num_layers"]),
+    ("hidden-negative", lambda c: ["pretrain", *c.tiny, "model.hidden_size=-64", "--out",
+                                   "OUT"], ["model.hidden_size"]),
+    ("groups-not-dividing", lambda c: ["pretrain", *c.tiny, "model.num_query_groups=3",
+                                       "--out", "OUT"], ["model.num_query_groups=3"]),
+    ("batch-not-dividing", lambda c: ["pretrain", *c.tiny, "train.global_batch_size=6",
+                                      "--out", "OUT"], ["train.global_batch_size=6"]),
+    ("iters-zero", lambda c: ["pretrain", *c.tiny, "train.train_iters=0", "--out", "OUT"],
+     ["train.train_iters"]),
+    ("pp-not-dividing", lambda c: ["pretrain", *c.tiny,
+                                   "parallel.pipeline_model_parallel_size=2", "--out", "OUT"],
+     ["does not divide the world size 1"]),
+    ("data-path-missing", lambda c: ["pretrain", *c.tiny, f"data.path={c.tmp / 'nope'}",
+                                     f"data.tokenizer={c.tokenizer}", "--out", "OUT"],
+     ["nope"]),
+    # ---- the data verb
+    ("data-empty-file", lambda c: ["data", c.file("e.jsonl", ""), "--tokenizer", c.tokenizer,
+                                   "--output-prefix", "OUT/x"], ["no non-empty document"]),
+    ("data-non-utf8-jsonl", lambda c: ["data", c.file("b.jsonl", b'{"text": "\xff\xfe"}\n'),
+                                       "--tokenizer", c.tokenizer, "--output-prefix", "OUT/x"],
+     ["b.jsonl", "UTF-8"]),
+    ("data-binary-text", lambda c: ["data", c.file("b.txt", bytes(range(256)) * 4),
+                                    "--tokenizer", c.tokenizer, "--output-prefix", "OUT/x"],
+     ["b.txt"]),
+    ("data-bad-json-line", lambda c: ["data", c.file("j.jsonl", '{"text": "a"}\n{"text": \n'),
+                                      "--tokenizer", c.tokenizer, "--output-prefix", "OUT/x"],
+     ["j.jsonl", "2"]),
+    ("data-missing-key", lambda c: ["data", c.file("k.jsonl", '{"body": "a"}\n'),
+                                    "--tokenizer", c.tokenizer, "--output-prefix", "OUT/x"],
+     ["k.jsonl", "text"]),
+    ("data-missing-input", lambda c: ["data", str(c.tmp / "none.jsonl"), "--tokenizer",
+                                      c.tokenizer, "--output-prefix", "OUT/x"],
+     ["none.jsonl"]),
+    ("data-tokenizer-garbage", lambda c: ["data", c.file("t.jsonl", '{"text": "a"}\n'),
+                                          "--tokenizer", c.file("tok.model", b"\x00garbage"),
+                                          "--output-prefix", "OUT/x"], ["tok.model"]),
+    ("data-tokenizer-json-garbage", lambda c: [
+        "data", c.file("t.jsonl", '{"text": "a"}\n'), "--tokenizer",
+        str(_hf_tok_dir(c, b"{not json")), "--output-prefix", "OUT/x"], ["tokenizer.json"]),
+    ("data-no-tokenizer", lambda c: ["data", c.file("t.jsonl", '{"text": "a"}\n'),
+                                     "--output-prefix", "OUT/x"], ["--tokenizer"]),
+    # ---- checkpoints given to the verbs
+    ("eval-missing-ckpt", lambda c: ["eval", str(c.tmp / "none"), "--data", c.prefix],
+     ["does not exist"]),
+    ("generate-not-a-ckpt", lambda c: ["generate", str(c.tmp), "--prompt", "a"],
+     ["is not a nemo_minitron checkpoint"]),
+    ("export-missing-ckpt", lambda c: ["export-hf", str(c.tmp / "none"), "OUT"],
+     ["does not exist"]),
+    ("bench-missing-ckpt", lambda c: ["bench", str(c.tmp / "none")], ["does not exist"]),
+    ("prune-missing-ckpt", lambda c: ["prune", str(c.tmp / "none"), "OUT", *c.data,
+                                      "target.num_layers=1"], ["does not exist"]),
+    ("distill-missing-teacher", lambda c: ["distill", "--teacher", str(c.tmp / "none"),
+                                           "--student", str(c.good), *c.tiny, "--out", "OUT"],
+     ["--teacher", "does not exist"]),
+    ("finetune-missing-ckpt", lambda c: ["finetune", str(c.tmp / "none"), *c.tiny, "--out",
+                                         "OUT"], ["does not exist"]),
+    ("search-missing-ckpt", lambda c: ["search", str(c.tmp / "none"), "OUT", *c.data],
+     ["does not exist"]),
+    ("lm-eval-missing-ckpt", lambda c: ["lm-eval", str(c.tmp / "none"), "--tasks", "x"],
+     ["does not exist"]),
+    ("ckpt-config-non-utf8", lambda c: ["eval", c.ckpt(_model_yaml(b"num_layers: \xff\n")),
+                                        "--data", c.prefix], ["model_config.yaml"]),
+    ("ckpt-config-not-yaml", lambda c: ["generate", c.ckpt(_model_yaml("a: [1\n")),
+                                        "--prompt", "a"], ["model_config.yaml"]),
+    ("ckpt-config-string-layers", lambda c: ["eval", c.ckpt(_model_yaml(
+        "num_layers: two\nhidden_size: 64\n")), "--data", c.prefix], ["num_layers"]),
+    ("ckpt-config-zero-heads", lambda c: ["export-hf", c.ckpt(_model_yaml(
+        "num_layers: 2\nhidden_size: 64\nnum_attention_heads: 0\n")), "OUT"],
+     ["num_attention_heads"]),
+    ("ckpt-metadata-payload", lambda c: ["eval", c.ckpt(lambda d: (d / "weights" / ".metadata")
+                                                         .write_bytes(pickle.dumps(print))),
+                                         "--data", c.prefix], ["refusing to unpickle"]),
+    ("ckpt-metadata-truncated", lambda c: ["generate", c.ckpt(_truncate("weights/.metadata")),
+                                           "--prompt", "a"], [".metadata", "corrupt"]),
+    ("ckpt-tokenizer-garbage", lambda c: ["generate", c.ckpt(
+        lambda d: (d / "tokenizer" / "tokenizer.model").write_bytes(b"\x00junk")),
+        "--prompt", "a"], ["tokenizer.model"]),
+    # ---- flags
+    ("eval-mbs-zero", lambda c: ["eval", str(c.good), "--data", c.prefix,
+                                 "--micro-batch-size", "0"], ["--micro-batch-size"]),
+    ("eval-seq-zero", lambda c: ["eval", str(c.good), "--data", c.prefix, "--seq-length", "0"],
+     ["--seq-length"]),
+    ("eval-windows-negative", lambda c: ["eval", str(c.good), "--data", c.prefix,
+                                         "--max-windows", "-1"], ["--max-windows"]),
+    ("eval-empty-file", lambda c: ["eval", str(c.good), c.file("e.txt", "")],
+     ["fewer than one window"]),
+    ("eval-non-utf8-file", lambda c: ["eval", str(c.good), c.file("n.txt", b"ab\xff\xfe")],
+     ["n.txt", "UTF-8"]),
+    ("eval-no-data", lambda c: ["eval", str(c.good)], ["--data"]),
+    ("generate-top-p-zero", lambda c: ["generate", str(c.good), "--prompt", "a", "--sample",
+                                       "--top-p", "0"], ["--top-p"]),
+    ("generate-top-p-big", lambda c: ["generate", str(c.good), "--prompt", "a", "--sample",
+                                      "--top-p", "1.5"], ["--top-p"]),
+    ("generate-temperature-negative", lambda c: ["generate", str(c.good), "--prompt", "a",
+                                                 "--sample", "--temperature", "-1"],
+     ["--temperature"]),
+    ("generate-temperature-nan", lambda c: ["generate", str(c.good), "--prompt", "a",
+                                            "--sample", "--temperature", "nan"],
+     ["--temperature"]),
+    ("generate-top-k-negative", lambda c: ["generate", str(c.good), "--prompt", "a",
+                                           "--top-k", "-1"], ["--top-k"]),
+    ("generate-tokens-negative", lambda c: ["generate", str(c.good), "--prompt", "a",
+                                            "--max-new-tokens", "-1"], ["--max-new-tokens"]),
+    ("bench-batch-zero", lambda c: ["bench", str(c.good), "--batch-size", "0"],
+     ["--batch-size"]),
+    ("bench-repeats-zero", lambda c: ["bench", str(c.good), "--repeats", "0"], ["--repeats"]),
+    ("lm-eval-batch-zero", lambda c: ["lm-eval", str(c.good), "--tasks", "x", "--batch-size",
+                                      "0"], ["--batch-size"]),
+    ("export-exists", lambda c: ["export-hf", str(c.good), str(c.tmp)], ["already exists"]),
+    # ---- Hugging Face directories (import-hf)
+    ("hf-config-not-json", lambda c: ["import-hf", c.hf_dir(
+        lambda d: (d / "config.json").write_text("{oops")), "OUT"], ["config.json"]),
+    ("hf-config-non-utf8", lambda c: ["import-hf", c.hf_dir(
+        lambda d: (d / "config.json").write_bytes(b'{"a": "\xff"}')), "OUT"], ["config.json"]),
+    ("hf-config-list", lambda c: ["import-hf", c.hf_dir(
+        lambda d: (d / "config.json").write_text("[1, 2]")), "OUT"], ["config.json"]),
+    ("hf-hidden-string", lambda c: ["import-hf", c.hf_dir(_cfg(hidden_size="64")), "OUT"],
+     ["hidden_size"]),
+    ("hf-heads-zero", lambda c: ["import-hf", c.hf_dir(_cfg(num_attention_heads=0)), "OUT"],
+     ["num_attention_heads"]),
+    ("hf-kv-heads-zero", lambda c: ["import-hf", c.hf_dir(_cfg(num_key_value_heads=0)), "OUT"],
+     ["num_key_value_heads"]),
+    ("hf-eps-string", lambda c: ["import-hf", c.hf_dir(_cfg(rms_norm_eps="tiny")), "OUT"],
+     ["rms_norm_eps"]),
+    ("hf-nan-weight", lambda c: ["import-hf", c.hf_dir(_tensor(
+        PROJ, lambda t: t.index_fill(0, torch.tensor([0]), float("nan")))), "OUT"],
+     [PROJ, "NaN"]),
+    ("hf-inf-weight", lambda c: ["import-hf", c.hf_dir(_tensor(
+        NORM, lambda t: t.index_fill(0, torch.tensor([1]), float("inf")))), "OUT"],
+     [NORM, "Inf"]),
+    ("hf-bool-norm", lambda c: ["import-hf", c.hf_dir(_tensor(NORM, lambda t: t > 0)), "OUT"],
+     [NORM, "BOOL"]),
+    ("hf-int-projection", lambda c: ["import-hf", c.hf_dir(_tensor(
+        PROJ, lambda t: (t * 100).to(torch.int32))), "OUT"], [PROJ, "I32"]),
+    ("hf-tokenizer-garbage", lambda c: ["import-hf", c.hf_dir(
+        lambda d: (d / "tokenizer.json").write_text("{nope")), "OUT"], ["tokenizer.json"]),
+    # ---- launch
+    ("launch-unknown-stage-verb", lambda c: ["launch", c.file("p.yaml", (
+        "stages:\n  - name: a\n    verb: pretrian\n")), "--cluster", "local",
+        "--dry-run"], ["pretrian"]),
+    ("launch-newline-in-override", lambda c: ["launch", c.file("p.yaml", "model:\n  x: 1\n"),
+                                              "train.lr=1\nrm -rf /", "--dry-run"],
+     ["newline"]),
+]
+
+
+def _truncate(rel: str):
+    def edit(d: Path) -> None:
+        data = (d / rel).read_bytes()
+        (d / rel).write_bytes(data[: len(data) // 2])
+    return edit
+
+
+def _hf_tok_dir(c: Ctx, content: bytes) -> Path:
+    d = c.tmp / "hftok"
+    d.mkdir(exist_ok=True)
+    (d / "tokenizer.json").write_bytes(content)
+    return d
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, tiny_overrides) -> Path:
+    out = tmp_path_factory.mktemp("good") / "run"
+    spawn(pretrain_job, 1, str(out), tiny_overrides + RECIPE_TRAIN)
+    return out / "checkpoints" / "step_0000001"
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory) -> Path:
+    from tests.interop.hfmodels import save_hf_model
+
+    return save_hf_model(tmp_path_factory.mktemp("hf") / "hf", "llama")
+
+
+def test_at_least_60_cases():
+    assert len(CASES) >= 60
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("build, needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(tmp_path, good, hf, tiny_overrides, embedded_paths, capsys, build, needles):
+    from nemo_minitron.cli import main
+
+    ctx = Ctx(tmp=tmp_path, good=good, hf=hf, tiny=tiny_overrides, prefix=embedded_paths[0],
+              tokenizer=embedded_paths[1])
+    out = tmp_path / "out"
+    argv = [a.replace("OUT", str(out)) for a in build(ctx)]
+    before = sorted(tmp_path.rglob("*"))
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    captured = capsys.readouterr()
+    errors = [x for x in captured.err.splitlines() if x.startswith("error: ")
+              or ": error: " in x]
+    assert rc == 2, captured.err[-2000:]
+    assert len(errors) == 1 and "Traceback" not in captured.err, captured.err[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert not out.exists()
+    assert sorted(tmp_path.rglob("*")) == before, "output left behind"
