@@ -92,7 +92,7 @@ def save_load_job(root: str) -> None:
     assert writes == [(str(ck) + ".tmp/weights", False, False)]  # nothing in place meanwhile
     assert sorted(p.name for p in ck.parent.iterdir()) == ["step_0000003"]
     assert not (ck / "junk").exists()  # the stale directory was not reused
-    assert sorted(p.name for p in ck.iterdir()) == ["model_config.yaml", "rng",
+    assert sorted(p.name for p in ck.iterdir()) == ["manifest.json", "model_config.yaml", "rng",
                                                     "train_state.json", "weights"]
     assert sorted(p.name for p in (ck / "rng").iterdir()) == ["rank_00000.pt"]
     assert json.loads((ck / "train_state.json").read_text()) == {"step": 3,

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_minitron.checkpoint.manifest import write_manifest
 from tests.dist import spawn
 
 LAYERS = 3  # depths 0, 0.5, 1: a gradient list is interpolated between its entries
@@ -226,6 +227,17 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err.strip()
 
 
+def _corrupt(tmp: Path, src: str) -> Path:
+    """A copy of ``src`` with one flipped byte in a weights file."""
+    bad = tmp / "ck_corrupt"
+    shutil.copytree(src, bad)
+    f = next(p for p in sorted((bad / "weights").iterdir()) if p.suffix == ".distcp")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return bad
+
+
 def test_bad_inputs_are_one_line_errors(single, tmp_path, capsys):
     a, b = str(single / "ck_a"), str(single / "ck_b")
     out = tmp_path / "out"
@@ -233,7 +245,9 @@ def test_bad_inputs_are_one_line_errors(single, tmp_path, capsys):
     shutil.copytree(b, other_tok)
     tok_file = next(f for f in sorted((other_tok / "tokenizer").iterdir()) if f.is_file())
     tok_file.write_bytes(tok_file.read_bytes() + b" ")
+    write_manifest(other_tok)  # a consistent checkpoint with another tokenizer, not a corrupt one
     cases = [
+        (["--other", str(_corrupt(tmp_path, b))], "is corrupt"),
         (["--other", str(tmp_path / "nope")], "--other='"),
         (["--other", b, "merge.t=1.5"], "merge.t=1.5 is outside [0.0, 1.0]"),
         (["--other", b, "merge.t=[0.2,-0.1]"], "merge.t[1]=-0.1 is outside"),
@@ -261,6 +275,7 @@ def test_architecture_mismatch_names_the_tensor_or_field(single, tmp_path, capsy
     shutil.copytree(single / "ck_b", same_shapes)
     cfg = same_shapes / "model_config.yaml"
     cfg.write_text(cfg.read_text().replace("rotary_base: 10000", "rotary_base: 500000"))
+    write_manifest(same_shapes)  # another (consistent) checkpoint, not a corrupt one
     rc, err = _run(["merge", "--base", a, "--other", str(same_shapes), "--out",
                     str(tmp_path / "o")], capsys)
     assert rc == 2 and "model.rotary_base=500000" in err, err
