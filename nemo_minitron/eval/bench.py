@@ -3,8 +3,10 @@ first checkpoint and the ratio predicted from forward FLOPs.
 
 Prefill: one forward of ``batch x seq`` prompt tokens filling Megatron's KV cache; decode:
 ``decode_tokens`` single-token steps per sequence attending to that cache (the generator's
-path), timed apart from the prefill. Each timing is the best of ``repeats`` runs after one
-warm-up. FLOPs per token are
+path), timed apart from the prefill. ``attention`` picks the local spec's core attention
+(``sdpa`` reads grouped keys/values of the cache in place; Megatron's local attention copies the
+whole cache per step and layer to repeat them for GQA). Each timing is the best of
+``repeats`` runs after one warm-up. FLOPs per token are
 ``2 x (parameters touched per token) + 4 x layers x context x heads x kv_channels`` (the
 attention scores and the weighted sum), taken at the mean context length of each phase.
 """
@@ -32,6 +34,14 @@ class BenchConfig:
     """Generated tokens per sequence (decode)."""
     repeats: int = 3
     """Timed runs per phase (best is kept) after one warm-up."""
+    attention: str | None = None
+    """Core attention of the local spec (``local`` or ``sdpa``; None: the build default)."""
+
+    def __post_init__(self) -> None:
+        from nemo_minitron.model.build import check_attention
+
+        if self.attention is not None:
+            check_attention(self.attention)
 
 
 def flops_per_token(cfg: ModelConfig, context: float) -> float:
@@ -65,7 +75,7 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
     from nemo_minitron.model.params import count_params
 
     cfg = load_model_config(checkpoint)
-    model = build_model(cfg, bf16=torch.cuda.is_available())
+    model = build_model(cfg, bf16=torch.cuda.is_available(), attention=b.attention)
     load_weights(checkpoint, model)
     model.eval()
     device = next(model.parameters()).device
@@ -73,7 +83,9 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
     prompt = torch.randint(0, cfg.vocab_size, (b.batch_size, b.seq_length),
                            generator=torch.Generator().manual_seed(0)).to(device)
     total = b.seq_length + b.decode_tokens
-    pos = torch.arange(b.seq_length, device=device).unsqueeze(0).expand_as(prompt)
+    # Positions of every step made once: a decode step slices its column.
+    positions = torch.arange(total, device=device).unsqueeze(0).expand(b.batch_size, total)
+    pos = positions[:, :b.seq_length]
 
     def prefill() -> StaticInferenceContext:
         ctx = StaticInferenceContext(b.batch_size, total)
@@ -88,7 +100,7 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
         _sync()
         t0 = time.perf_counter()
         for i in range(b.decode_tokens):
-            p = torch.full_like(tok, b.seq_length + i)
+            p = positions[:, b.seq_length + i:b.seq_length + i + 1]
             logits = model(tok, p, None, inference_context=ctx, runtime_gather_output=True)
             tok = logits[:, -1:].argmax(-1)
             ctx.sequence_len_offset += 1

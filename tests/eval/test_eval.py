@@ -47,6 +47,9 @@ def eval_job(root: str) -> None:
     with open(r / "bench.txt", "w") as f, contextlib.redirect_stdout(f):
         main(["bench", str(r / "ck"), str(r / "ck_small"), "--batch-size", "2",
               "--seq-length", "16", "--decode-tokens", "4", "--repeats", "1"])
+    with open(r / "bench_sdpa.txt", "w") as f, contextlib.redirect_stdout(f):
+        main(["bench", str(r / "ck"), "--batch-size", "2", "--seq-length", "16",
+              "--decode-tokens", "4", "--repeats", "1", "--attention", "sdpa"])
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +112,16 @@ def test_bench_prints_table(result):
     first, small = (line.split("|") for line in lines[2:])
     assert float(first[4]) == 1.0 and float(first[5]) == 1.0
     assert float(small[5]) > 1.0  # the smaller model is predicted faster
+
+
+def test_bench_with_sdpa_attention(result):
+    root, _ = result
+    lines = (root / "bench_sdpa.txt").read_text().strip().splitlines()
+    assert len(lines) == 3 and float(lines[2].split("|")[3]) > 0  # prefill tok/s
+
+
+def test_bench_refuses_unknown_attention(capsys):
+    from nemo_minitron.cli import main
+
+    assert main(["bench", "ck", "--attention", "flash"]) == 2
+    assert "error: attention='flash'" in capsys.readouterr().err
