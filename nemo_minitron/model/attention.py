@@ -18,6 +18,10 @@ masked OUT; SDPA's boolean masks are True where it is kept):
   ``<= sk - sq + i`` (SDPA's ``is_causal`` is top-left aligned; Megatron's local attention
   asserts here instead).
 
+A query whose every key is masked gets a zero output here and the mean of all values from the
+local module (its masked scores are -10000, not -inf); no caller builds such a row (packed
+SFT's and speculative decoding's masks always keep a token's own position).
+
 As in the local module, the ``attn_mask_type`` argument of ``forward`` is ignored (Megatron
 passes ``no_mask`` whenever a KV cache is past its prompt, which is only right for one query).
 Under tensor parallelism every rank attends with its own heads; nothing here assumes TP=1.
