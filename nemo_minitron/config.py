@@ -46,7 +46,10 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """The tokenizer's vocabulary is padded up to a multiple of this."""
     seq_length: int = 256
-    """Maximum sequence length (training sequence length)."""
+    """Training sequence length: the default window of training, calibration and evaluation."""
+    max_position_embeddings: int | None = None
+    """The model's context length (positions it supports; model metadata, exported as
+    Hugging Face ``max_position_embeddings``); None: ``seq_length``."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     """Normalization layer type."""
     layernorm_epsilon: float = 1e-5
@@ -87,6 +90,13 @@ class ModelConfig:
             )
         if self.vocab_size is not None:
             _positive("model.vocab_size", self.vocab_size)
+        if self.max_position_embeddings is not None:
+            _positive("model.max_position_embeddings", self.max_position_embeddings)
+            if (self.position_embedding_type == "learned_absolute"
+                    and self.seq_length > self.max_position_embeddings):
+                raise ConfigError(f"model.seq_length={self.seq_length} exceeds the learned "
+                                  f"position table, model.max_position_embeddings="
+                                  f"{self.max_position_embeddings}")
 
     def check_layout(self, tp: int, pp: int) -> None:
         """One-line error unless every sharded dim divides by TP and the layers by PP."""
@@ -105,6 +115,19 @@ class ModelConfig:
     def query_groups(self) -> int:
         """Effective number of query groups."""
         return self.num_query_groups or self.num_attention_heads
+
+    def with_seq_length(self, seq_length: int | None) -> ModelConfig:
+        """The same model run on ``seq_length``-token windows (None: unchanged); its context
+        length (and so its position table) stays what it was."""
+        if seq_length is None or seq_length == self.seq_length:
+            return self
+        return dataclasses.replace(self, seq_length=seq_length,
+                                   max_position_embeddings=self.context_length)
+
+    @property
+    def context_length(self) -> int:
+        """Effective maximum positions (``max_position_embeddings`` or ``seq_length``)."""
+        return self.max_position_embeddings or self.seq_length
 
     @property
     def head_dim(self) -> int:
@@ -174,6 +197,9 @@ class TrainConfig:
     """Sequences per optimizer step over all data-parallel ranks."""
     train_iters: int = 100
     """Optimizer steps."""
+    seq_length: int | None = None
+    """Training window (tokens per sequence); None: ``model.seq_length``. Lets ``distill`` and
+    fine-tuning of an imported model train on windows shorter than its context."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
@@ -209,6 +235,8 @@ class TrainConfig:
         for name in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval",
                      "eval_iters"):
             _positive(f"train.{name}", getattr(self, name))
+        if self.seq_length is not None:
+            _positive("train.seq_length", self.seq_length)
         for name in ("lr_warmup_iters", "eval_interval", "save_interval", "exit_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")

@@ -1,5 +1,6 @@
-"""Shared fixtures: a small embedded corpus built once per session, recipe overrides for a
-tiny model."""
+"""Shared fixtures, built once per session: a small embedded corpus, recipe overrides for a
+tiny model, one briefly trained tiny teacher checkpoint and a student for it (read-only: a test
+that changes one copies it first)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import pytest
 
 from nemo_minitron.config import DataConfig
 from nemo_minitron.data.embedded import prepare_embedded
+from tests.dist import spawn
+from tests.train.test_loop import pretrain_job
 
 SMALL_DATA = {"tokenizer_vocab_size": 1000, "corpus_max_bytes": 1_500_000}
 
@@ -40,3 +43,24 @@ def tiny_overrides(data_cache) -> list[str]:
         "train.micro_batch_size=4", "train.global_batch_size=8", "train.log_interval=1",
         "train.eval_iters=2", "train.tensorboard=false",
     ]
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory, tiny_overrides) -> str:
+    """A 4-layer tiny teacher (hidden 64, ffn 128, 4 heads in 2 groups, vocab 1024: 279,104
+    parameters) after 20 steps at lr 3e-3: the source of the prune, distill, search, launch
+    tests. Read-only."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    spawn(pretrain_job, 1, str(out), tiny_overrides + [
+        "model.num_layers=4", "train.train_iters=20", "train.eval_interval=0", "train.lr=3e-3"])
+    return str(out / "checkpoints" / "step_0000020")
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory, tiny_overrides, teacher) -> tuple[str, str]:
+    """``(teacher, student)``: the session's 4-layer teacher (hidden 64) and a 2-layer student
+    (hidden 32) after one step. Read-only."""
+    root = tmp_path_factory.mktemp("kd")
+    spawn(pretrain_job, 1, str(root / "s"), tiny_overrides + [
+        "model.hidden_size=32", "train.train_iters=1", "train.eval_interval=0"])
+    return teacher, str(root / "s" / "checkpoints" / "step_0000001")

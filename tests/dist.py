@@ -59,3 +59,11 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
     codes = [p.exitcode for p in procs]
     if any(c != 0 for c in codes):
         raise AssertionError(f"ranks exited with {codes}")
+
+
+def in_order(steps: list[tuple[Callable[..., Any], tuple]]) -> None:
+    """Run ``fn(*args)`` for each step, one after another in this process: several runs of one
+    layout (or of layouts with the same world size) for the cost of one start-up. Each run
+    sets up the parallel state it needs (``init_distributed`` re-lays out and re-seeds)."""
+    for fn, args in steps:
+        fn(*args)

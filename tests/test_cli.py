@@ -1,5 +1,6 @@
 """The command line: --help on every verb, and bad input as a one-line error with a non-zero
-exit and no output directory left behind."""
+exit and no output directory left behind. Most run ``cli.main`` in this process
+(``tests.cli.cli``); the exit status of a real process and torchrun are tested in children."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import sys
 
 import pytest
 
+from tests.cli import Result, cli
 from tests.dist import _free_port
 
 VERBS = ["demo", "data", "pretrain", "finetune", "prune", "distill", "search", "bench-method",
-         "launch", "validate", "import-hf", "import-nemo2", "export-hf", "eval", "generate",
-         "lm-eval", "bench"]
+         "launch", "validate", "import-hf", "import-gguf", "import-nemo2", "export-hf", "eval",
+         "generate", "lm-eval", "bench", "specdec", "merge", "sft", "instruct-data",
+         "teacher-cache", "self-distill"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -29,12 +32,12 @@ def run_torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("verb", VERBS)
 def test_help(verb):
-    res = run_cli(verb, "--help")
+    res = cli(verb, "--help")
     assert res.returncode == 0
     assert "usage: nemo-minitron " + verb in res.stdout
 
 
-def _one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+def _one_line_error(res: subprocess.CompletedProcess | Result, *needles: str) -> None:
     assert res.returncode == 2, res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, res.stderr
@@ -49,8 +52,6 @@ def _one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
     ("- a\n- b\n", [], ["must be a YAML mapping"]),
     ("model:\n  num_layers: 2\n", ["train.lrr=1"], ["unknown key 'train.lrr'"]),
     ("model:\n  num_layers: 2\n", ["train.lr=fast"], ["train.lr='fast' must be a number"]),
-    ("model:\n  num_layers: 2\n", ["parallel.pipeline_model_parallel_size=2"],
-     ["does not divide the world size 1"]),
     ("model:\n  num_attention_heads: 8\n  num_query_groups: 3\n", [],
      ["model.num_attention_heads=8 is not divisible by model.num_query_groups=3"]),
     ("train:\n  global_batch_size: 6\n  micro_batch_size: 4\n", [],
@@ -61,8 +62,19 @@ def test_bad_recipe_is_a_one_line_error(tmp_path, recipe_text, override, needles
     if recipe_text is not None:
         recipe.write_text(recipe_text)
     out = tmp_path / "out"
-    res = run_cli("pretrain", str(recipe), *override, "--out", str(out))
+    res = cli("pretrain", str(recipe), *override, "--out", str(out))
     _one_line_error(res, *needles)
+    assert not out.exists()
+
+
+def test_layout_error_exits_2_from_a_process(tmp_path):
+    # Found while starting the runtime (after the CPU backend is installed): a child process.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  num_layers: 2\n")
+    out = tmp_path / "out"
+    res = run_cli("pretrain", str(recipe), "parallel.pipeline_model_parallel_size=2", "--out",
+                  str(out))
+    _one_line_error(res, "does not divide the world size 1")
     assert not out.exists()
 
 
@@ -93,15 +105,18 @@ def test_finetune_of_a_non_checkpoint(tmp_path, tiny_overrides):
     assert not out.exists()
 
 
-def test_data_command_builds_an_indexed_dataset(tmp_path):
+def test_data_command_refuses_a_vocabulary_too_large_for_the_text(tmp_path):
     (tmp_path / "docs.jsonl").write_text('{"text": "import os\\n"}\n{"text": "x = 2\\n"}\n')
-    res = run_cli("data", str(tmp_path / "docs.jsonl"), "--output-prefix",
-                  str(tmp_path / "ds" / "corpus"), "--train-tokenizer", "300")
-    # 300 is too large a vocabulary for two lines of text: sentencepiece refuses it.
-    if res.returncode != 0:
-        assert "Vocabulary size" in res.stderr or "vocab" in res.stderr.lower()
-    res = run_cli("data", "--output-prefix", str(tmp_path / "ds2" / "corpus"),
-                  "--train-tokenizer", "400", "--corpus-max-bytes", "200000")
+    # Two short lines hold far fewer than 300 distinct pieces: sentencepiece refuses the size.
+    res = cli("data", str(tmp_path / "docs.jsonl"), "--output-prefix",
+              str(tmp_path / "ds" / "corpus"), "--train-tokenizer", "300")
+    _one_line_error(res, "vocabulary size 300 is too large for this text", "at most")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_data_command_builds_an_indexed_dataset(tmp_path):
+    res = cli("data", "--output-prefix", str(tmp_path / "ds2" / "corpus"),
+              "--train-tokenizer", "400", "--corpus-max-bytes", "200000")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "ds2" / "corpus.bin").is_file()
     assert (tmp_path / "ds2" / "corpus.idx").is_file()

@@ -1,5 +1,6 @@
 """``nemo-minitron`` command line: one verb per stage, each registered by the module of its
-package (``demo``, ``train``, ``prune``, ``launch``, ``interop``).
+package (``demo``, ``train``, ``prune``, ``launch``, ``interop``, ``merge``, ``specdec``,
+``selfdistill``).
 
 Every verb that trains takes a YAML recipe and ``section.key=value`` overrides. User errors
 print one line (``error: ...``) and exit with status 2.
@@ -11,7 +12,7 @@ import argparse
 import os
 import sys
 
-from nemo_minitron.cli import demo, interop, launch, merge, prune, train
+from nemo_minitron.cli import demo, interop, launch, merge, prune, selfdistill, specdec, train
 from nemo_minitron.config import ConfigError
 from nemo_minitron.utils.logging import setup_logging
 
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Multi-process runs: torchrun --nproc-per-node N -m nemo_minitron <verb> ...",
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="verb")
-    for module in (demo, train, prune, launch, interop, merge):
+    for module in (demo, train, prune, launch, interop, merge, specdec, selfdistill):
         module.register(sub)
     return parser
 

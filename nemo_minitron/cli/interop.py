@@ -1,5 +1,5 @@
-"""Checkpoint interop and evaluation verbs: ``import-hf``, ``import-nemo2``, ``export-hf``,
-``eval``, ``generate``, ``lm-eval``, ``bench``."""
+"""Checkpoint interop and evaluation verbs: ``import-hf``, ``import-gguf``, ``import-nemo2``,
+``export-hf``, ``eval``, ``generate``, ``lm-eval``, ``bench``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,15 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
     parallel, seq_length = parse_import_overrides(args.overrides)
     import_hf(args.hf_dir, args.out, parallel, seq_length)
+    return 0
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    from nemo_minitron.interop.gguf import import_gguf
+    from nemo_minitron.interop.hf_import import parse_import_overrides
+
+    parallel, seq_length = parse_import_overrides(args.overrides)
+    import_gguf(args.gguf_file, args.out, parallel, seq_length)
     return 0
 
 
@@ -57,7 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=not args.sample,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        seed=args.seed)
-    for prompt, text in zip(args.prompt, generate_text(args.checkpoint, args.prompt, s)):
+    texts = generate_text(args.checkpoint, args.prompt, s, chat=args.chat)
+    for prompt, text in zip(args.prompt, texts):
         print(json.dumps({"prompt": prompt, "completion": text}))
     return 0
 
@@ -97,6 +107,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_import_hf)
 
+    p = sub.add_parser("import-gguf", help="llama.cpp GGUF file (Llama/Qwen2) -> checkpoint",
+                       description="Dequantize a GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, "
+                                   "K-quants...: every type the gguf package reads), rebuild its "
+                                   "tokenizer from the metadata and write a checkpoint. Keys: "
+                                   "parallel.*, model.seq_length.")
+    p.add_argument("gguf_file", help="the .gguf file")
+    p.add_argument("out", help="checkpoint directory (must not exist)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_import_gguf)
+
     p = sub.add_parser("import-nemo2", help="NeMo 2 checkpoint directory -> checkpoint",
                        description="Read a NeMo 2 checkpoint (context/model.yaml, "
                                    "context/nemo_tokenizer, weights/) without NeMo. Keys: "
@@ -129,7 +149,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="greedy or sampled continuations (KV cache)",
-                       description="Continue each --prompt; prints one JSON line per prompt.")
+                       description="Continue each --prompt until an end-of-sequence token of "
+                                   "the tokenizer (not printed) or --max-new-tokens; prints one "
+                                   "JSON line per prompt.")
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--prompt", action="append", required=True, help="repeatable")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -138,6 +160,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user turn, formatted with the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint",

@@ -4,11 +4,14 @@ Hugging Face tokenizers, behind one small interface that Megatron's datasets acc
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from nemo_minitron.config import ConfigError
 from nemo_minitron.utils.logging import get_logger
@@ -38,6 +41,11 @@ class Tokenizer:
         """What Megatron's dataset cache key records about the tokenizer (not its path, so a
         tokenizer copied into a checkpoint keeps the same cache)."""
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eod": self.eod}
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every end-of-sequence token (generation stops at any of them); ``eod`` first."""
+        return [self.eod]
 
     @property
     def chat_template(self) -> str | None:
@@ -83,8 +91,19 @@ class SentencePieceTokenizer(Tokenizer):
         shutil.copyfile(self.path, Path(directory) / "tokenizer.model")
 
 
+# Arguments of ``from_pretrained`` that ``save_pretrained`` copies into tokenizer_config.json;
+# a saved tokenizer must not carry how it was once loaded.
+_LOADER_ARGS = ("local_files_only", "is_local", "trust_remote_code", "cache_dir", "revision",
+                "token", "force_download", "proxies", "subfolder", "_commit_hash")
+GENERATION_CONFIG = "generation_config.json"
+
+
 class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer directory (``tokenizer.json`` and friends), loaded offline."""
+    """A Hugging Face tokenizer directory (``tokenizer.json`` and friends), loaded offline.
+
+    A ``generation_config.json`` beside it (a model directory's, or the one ``save`` writes)
+    adds its ``eos_token_id`` list to ``eos_ids`` (Llama 3 and chat models end turns with
+    several tokens)."""
 
     kind = "huggingface"
 
@@ -98,6 +117,19 @@ class HFTokenizer(Tokenizer):
         if eod is None:
             raise ConfigError(f"data.tokenizer={str(directory)!r} has no eos token")
         self.eod = int(eod)
+        self._eos = [self.eod]
+        gen = self.path / GENERATION_CONFIG
+        if gen.is_file():
+            try:
+                more = json.loads(gen.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError):
+                raise ConfigError(f"{gen} is not a JSON object") from None
+            more = more if isinstance(more, list) else [more]
+            self._eos += [int(i) for i in more if isinstance(i, int) and i not in self._eos]
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return list(self._eos)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -106,7 +138,15 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode([int(i) for i in ids])
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        self.tok.save_pretrained(str(directory))
+        d = Path(directory)
+        self.tok.save_pretrained(str(d))
+        cfg_file = d / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        for key in _LOADER_ARGS:
+            cfg.pop(key, None)
+        cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        if len(self._eos) > 1:
+            (d / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": self._eos}) + "\n")
 
     @property
     def chat_template(self) -> str | None:
@@ -147,7 +187,26 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int,
     import sentencepiece as spm
 
     out_file = Path(out_file)
+    made = not out_file.parent.exists()
     out_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _train_sentencepiece(spm, documents, vocab_size, out_file)
+    except RuntimeError as e:
+        # Nothing half-written: the directory made for the model goes with the failed run.
+        if made and not any(out_file.parent.iterdir()):
+            out_file.parent.rmdir()
+        too_high = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value "
+                             r"<= (\d+)", str(e))
+        if too_high is None:
+            raise
+        raise ConfigError(f"tokenizer vocabulary size {vocab_size} is too large for this text: "
+                          f"sentencepiece allows at most {too_high[1]}") from None
+    log.info("trained sentencepiece BPE tokenizer (vocab %d) -> %s", vocab_size, out_file)
+    return SentencePieceTokenizer(out_file)
+
+
+def _train_sentencepiece(spm: Any, documents: Iterable[str], vocab_size: int,
+                         out_file: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out_file.parent) as tmp:
         text_path = Path(tmp) / "corpus.txt"
         with open(text_path, "w", encoding="utf-8") as f:
@@ -166,5 +225,3 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int,
             num_threads=os.cpu_count() or 1, minloglevel=2,
         )
         os.replace(prefix.with_suffix(".model"), out_file)
-    log.info("trained sentencepiece BPE tokenizer (vocab %d) -> %s", vocab_size, out_file)
-    return SentencePieceTokenizer(out_file)

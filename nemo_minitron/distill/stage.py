@@ -66,7 +66,7 @@ def layer_pairs(student_ckpt: str | None, student_layers: int, teacher_layers: i
 
 
 def _check_pair(teacher_ckpt: str, student_ckpt: str, t_cfg: ModelConfig,
-                s_cfg: ModelConfig, tp: int) -> int | None:
+                s_cfg: ModelConfig, tp: int, seq_length: int | None = None) -> int | None:
     """One-line errors for teacher/student that cannot be distilled together; returns the
     shared vocabulary when the padded vocabularies differ."""
     from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer
@@ -76,9 +76,13 @@ def _check_pair(teacher_ckpt: str, student_ckpt: str, t_cfg: ModelConfig,
     if t_tok.vocab_size != s_tok.vocab_size or t_tok.tokenize(probe) != s_tok.tokenize(probe):
         raise ConfigError(f"teacher {teacher_ckpt!r} and student {student_ckpt!r} use different "
                           f"tokenizers ({t_tok.vocab_size} vs {s_tok.vocab_size} tokens)")
-    if t_cfg.seq_length != s_cfg.seq_length:
+    if seq_length is None and t_cfg.seq_length != s_cfg.seq_length:
         raise ConfigError(f"teacher model.seq_length={t_cfg.seq_length} differs from the "
-                          f"student's {s_cfg.seq_length}")
+                          f"student's {s_cfg.seq_length}; set train.seq_length")
+    for who, cfg in (("teacher", t_cfg), ("student", s_cfg)):
+        if (seq_length or s_cfg.seq_length) > cfg.context_length:
+            raise ConfigError(f"train.seq_length={seq_length or s_cfg.seq_length} exceeds the "
+                              f"{who}'s context length {cfg.context_length}")
     if t_cfg.vocab_size == s_cfg.vocab_size:
         return None
     if tp > 1:
@@ -108,14 +112,15 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     p = recipe.parallel
     t_cfg.check_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     shared_vocab = _check_pair(teacher_ckpt, student_ckpt, t_cfg, s_cfg,
-                               p.tensor_model_parallel_size)
+                               p.tensor_model_parallel_size, recipe.train.seq_length)
     pairs = layer_pairs(student_ckpt, s_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
     cache = None
     if recipe.kd.teacher_cache is not None:
         from nemo_minitron.distill.teacher_cache import check_compatible, open_cache
 
         cache = open_cache(recipe.kd.teacher_cache)
-        check_compatible(cache, recipe, s_cfg.seq_length, s_cfg.vocab_size)
+        check_compatible(cache, recipe, recipe.train.seq_length or s_cfg.seq_length,
+                         s_cfg.vocab_size)
     init_distributed(recipe.parallel, seed=recipe.train.seed)
     bf16 = bf16_enabled(recipe)
     student = build_model(s_cfg, bf16=bf16)
@@ -128,6 +133,20 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
                           out_dir, pairs=pairs, shared_vocab=shared_vocab, cache=cache)
 
 
+def teacher_validation_loss(teacher: torch.nn.Module, valid_ds: Any, train_ds: Any,
+                            t: TrainConfig) -> tuple[float, str, int]:
+    """(LM loss, split, sequences) of ``teacher`` on the training loop's own validation set
+    (its first ``eval_iters`` global batches), so the figure is the one the loop would report
+    for the teacher; the training split when there is no validation split."""
+    from nemo_minitron.data.datasets import sequences
+    from nemo_minitron.model.forward import lm_loss
+
+    split, data = ("validation", valid_ds) if valid_ds is not None else ("training", train_ds)
+    n = min(t.eval_iters * t.global_batch_size, len(data))
+    n = max(n - n % t.micro_batch_size, min(len(data), t.micro_batch_size))
+    return lm_loss(teacher, sequences(data, n), t.micro_batch_size), split, n
+
+
 def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,
                    student: torch.nn.Module, student_cfg: ModelConfig, tokenizer: Any,
                    out_dir: str | Path, *, pairs: list[tuple[int, int]] | None = None,
@@ -138,8 +157,6 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,
     under ``out_dir``. ``pairs``: ``[(student_layer, teacher_layer)]`` for intermediate losses
     (default: ``recipe.kd.layer_map`` or evenly spaced). With ``cache`` (an opened teacher
     cache, ``recipe.kd.teacher_cache``) ``teacher`` may be None: its logits come from there."""
-    from nemo_minitron.data.datasets import sequences
-    from nemo_minitron.model.forward import lm_loss
     from nemo_minitron.parallel.runtime import current_runtime
     from nemo_minitron.train.pretrain import _run, make_trainer, resolve_data
 
@@ -167,16 +184,17 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,
 
     trainer = make_trainer(recipe, rt, student_cfg, tokenizer, prefix, out_dir, model=student,
                            objective=objective)
-    data = trainer.valid_ds if trainer.valid_ds is not None else trainer.train_ds
     if teacher is not None:
-        teacher_loss = lm_loss(teacher, sequences(data, min(recipe.train.global_batch_size,
-                                                             len(data))),
-                               recipe.train.micro_batch_size)
+        teacher_loss, split, n = teacher_validation_loss(teacher, trainer.valid_ds,
+                                                         trainer.train_ds, recipe.train)
     else:  # measured when the cache was built, on the same sequences
         assert cache is not None
         teacher_loss = float(cache.meta["teacher_valid_loss"])
+        split = cache.meta.get("teacher_loss_split", "validation")
+        n = int(cache.meta.get("teacher_loss_sequences", 0))
     ceiling = math.log(tokenizer.vocab_size)
-    log.info("teacher validation loss %.4f (ln(vocab) = %.4f)", teacher_loss, ceiling)
+    log.info("teacher loss on the %s split (%d sequences, the loop's validation set) %.4f "
+             "(ln(vocab) = %.4f)", split, n, teacher_loss, ceiling)
     if teacher_loss > recipe.kd.teacher_max_loss_ratio * ceiling:
         raise ConfigError(f"the teacher looks untrained: validation loss {teacher_loss:.3f} > "
                           f"kd.teacher_max_loss_ratio={recipe.kd.teacher_max_loss_ratio} x "

@@ -265,9 +265,9 @@ def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[s
         load_model_config,
         load_weights,
     )
-    from nemo_minitron.data.datasets import sequences
+    from nemo_minitron.distill.stage import teacher_validation_loss
     from nemo_minitron.model.build import build_model
-    from nemo_minitron.model.forward import forward_pass, lm_loss
+    from nemo_minitron.model.forward import forward_pass
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.train.pretrain import bf16_enabled, build_splits, resolve_data
 
@@ -282,10 +282,10 @@ def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[s
         raise ConfigError(f"--top-k={top_k} exceeds the teacher's vocabulary ({cfg.vocab_size})")
     rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
     prefix, tokenizer = resolve_data(recipe, load_checkpoint_tokenizer(teacher_ckpt))
-    splits = build_splits(recipe, prefix, tokenizer, cfg.seq_length)
+    s = recipe.train.seq_length or cfg.seq_length  # the windows distill will read
+    splits = build_splits(recipe, prefix, tokenizer, s)
     t = recipe.train
     n = min(len(splits.train), t.train_iters * t.global_batch_size)
-    s = cfg.seq_length
     teacher = build_model(cfg, bf16=bf16_enabled(recipe))
     load_weights(teacher_ckpt, teacher)
     group = ps.get_tensor_model_parallel_group()
@@ -335,11 +335,11 @@ def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[s
         log.info("teacher cache: chunk %d/%d, %.1f samples/s, eta %.0f s", j + 1, len(todo),
                  rate, (len(todo) - j - 1) * CHUNK_SAMPLES / rate)
     dist.barrier()
-    valid = splits.valid if splits.valid is not None else splits.train
-    teacher_loss = lm_loss(teacher, sequences(valid, min(t.global_batch_size, len(valid))), mbs)
+    teacher_loss, split, n_loss = teacher_validation_loss(teacher, splits.valid, splits.train, t)
     meta = {"top_k": top_k, "num_samples": n, "seq_length": s, "vocab_size": cfg.vocab_size,
             "dataset_len": len(splits.train), "teacher": str(teacher_ckpt),
-            "teacher_valid_loss": teacher_loss, "tokenizer_vocab_size": tokenizer.vocab_size,
+            "teacher_valid_loss": teacher_loss, "teacher_loss_split": split,
+            "teacher_loss_sequences": n_loss, "tokenizer_vocab_size": tokenizer.vocab_size,
             "data": data_key(recipe)}
     if rt.rank == 0:
         missing = [c for c in range(math.ceil(n / CHUNK_SAMPLES))

@@ -66,6 +66,32 @@ def _best(fn: Any, repeats: int) -> float:
 
 
 @torch.no_grad()
+def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: int) -> float:
+    """Seconds of ``decode_tokens`` single-token greedy steps per sequence attending to the KV
+    cache of ``prompt`` (``batch x seq``; its prefill is not timed)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    b, s = prompt.shape
+    ctx = StaticInferenceContext(b, s + decode_tokens)
+    # Positions of every step made once: a decode step slices its column.
+    positions = torch.arange(s + decode_tokens, device=prompt.device).unsqueeze(0).expand(
+        b, s + decode_tokens)
+    model(prompt, positions[:, :s], None, inference_context=ctx, runtime_gather_output=True)
+    ctx.sequence_len_offset = s
+    ctx.enable_decode_mode()
+    tok = prompt[:, -1:]
+    _sync()
+    t0 = time.perf_counter()
+    for i in range(decode_tokens):
+        p = positions[:, s + i:s + i + 1]
+        logits = model(tok, p, None, inference_context=ctx, runtime_gather_output=True)
+        tok = logits[:, -1:].argmax(-1)
+        ctx.sequence_len_offset += 1
+    _sync()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
 def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
     """Measured prefill/decode tokens/s and predicted FLOPs/token of one checkpoint."""
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -83,29 +109,12 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
     prompt = torch.randint(0, cfg.vocab_size, (b.batch_size, b.seq_length),
                            generator=torch.Generator().manual_seed(0)).to(device)
     total = b.seq_length + b.decode_tokens
-    # Positions of every step made once: a decode step slices its column.
-    positions = torch.arange(total, device=device).unsqueeze(0).expand(b.batch_size, total)
-    pos = positions[:, :b.seq_length]
+    pos = torch.arange(b.seq_length, device=device).unsqueeze(0).expand_as(prompt)
 
     def prefill() -> StaticInferenceContext:
         ctx = StaticInferenceContext(b.batch_size, total)
         model(prompt, pos, None, inference_context=ctx, runtime_gather_output=True)
         return ctx
-
-    def decode() -> float:
-        ctx = prefill()  # not timed: decode steps only
-        ctx.sequence_len_offset = b.seq_length
-        ctx.enable_decode_mode()
-        tok = prompt[:, -1:]
-        _sync()
-        t0 = time.perf_counter()
-        for i in range(b.decode_tokens):
-            p = positions[:, b.seq_length + i:b.seq_length + i + 1]
-            logits = model(tok, p, None, inference_context=ctx, runtime_gather_output=True)
-            tok = logits[:, -1:].argmax(-1)
-            ctx.sequence_len_offset += 1
-        _sync()
-        return time.perf_counter() - t0
 
     def timed_prefill() -> float:
         _sync()
@@ -115,7 +124,7 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     t_prefill = _best(timed_prefill, b.repeats)
-    t_decode = _best(decode, b.repeats)
+    t_decode = _best(lambda: decode_seconds(model, prompt, b.decode_tokens), b.repeats)
     return {
         "checkpoint": checkpoint, "params": count_params(cfg),
         "prefill_tok_s": b.batch_size * b.seq_length / t_prefill,

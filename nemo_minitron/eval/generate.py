@@ -34,23 +34,31 @@ class SamplingConfig:
     """Sample among the smallest set of tokens whose probability reaches p (1.0: all)."""
     seed: int = 0
     """Seed of the sampling generator."""
-    stop_token: int | None = None
-    """A row stops after emitting this token (typically the tokenizer's eod)."""
+    stop_tokens: list[int] | None = None
+    """A row stops at the first of these tokens it emits, which is not part of its result
+    (typically the tokenizer's end-of-sequence tokens, ``Tokenizer.eos_ids``)."""
 
 
-def _next_token(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
-    if s.greedy:
-        return logits.argmax(-1)
+def filter_logits(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
+    """``logits`` scaled by the temperature, outside ``top_k`` / ``top_p`` set to -inf: the
+    softmax of the result is the distribution sampling draws from."""
     logits = logits / max(s.temperature, 1e-6)
     if s.top_k > 0:
-        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the token that crosses p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+    return logits
+
+
+def _next_token(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
+    if s.greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, s).softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 def _logits(model: torch.nn.Module, tokens: torch.Tensor, start: int, ctx) -> torch.Tensor:
@@ -85,6 +93,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], sampling: Samplin
     model.eval()
     ctx = StaticInferenceContext(len(prompts), total) if use_cache else None
     start = int(lengths.min())
+    stops = (torch.tensor(sampling.stop_tokens, device=device) if sampling.stop_tokens
+             else None)
     for pos in range(start, total):
         if ctx is None:
             logits = _logits(model, tokens[:, :pos], 0, None)
@@ -100,23 +110,26 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], sampling: Samplin
         nxt = _next_token(logits.cpu(), sampling, gen).to(device)
         in_prompt = pos < lengths
         tokens[:, pos] = torch.where(in_prompt, tokens[:, pos], nxt)
-        if sampling.stop_token is not None:
-            done |= ~in_prompt & (nxt == sampling.stop_token)
+        if stops is not None:
+            done |= ~in_prompt & torch.isin(nxt, stops)
             if bool(done.all()):
                 tokens = tokens[:, :pos + 1]
                 break
     model.train(was_training)
     out = []
+    stop_set = set(sampling.stop_tokens or ())
     for i, n in enumerate(lengths.tolist()):
         row = tokens[i, n:n + sampling.max_new_tokens].tolist()
-        if sampling.stop_token is not None and sampling.stop_token in row:
-            row = row[:row.index(sampling.stop_token) + 1]
-        out.append(row)
+        end = next((j for j, t in enumerate(row) if t in stop_set), len(row))
+        out.append(row[:end])
     return out
 
 
-def generate_text(checkpoint: str, prompts: list[str], sampling: SamplingConfig) -> list[str]:
-    """Load ``checkpoint`` (one process) and continue each text prompt; stops at eod."""
+def generate_text(checkpoint: str, prompts: list[str], sampling: SamplingConfig,
+                  chat: bool = False) -> list[str]:
+    """Load ``checkpoint`` (one process) and continue each text prompt; stops at any of the
+    tokenizer's end-of-sequence tokens (not returned). ``chat``: each prompt is a user turn
+    rendered with the tokenizer's chat template (sandboxed; a plain default without one)."""
     import dataclasses
 
     from nemo_minitron.checkpoint.io import (
@@ -133,8 +146,12 @@ def generate_text(checkpoint: str, prompts: list[str], sampling: SamplingConfig)
     init_distributed(ParallelConfig())
     model = build_model(cfg)
     load_weights(checkpoint, model)
-    if sampling.stop_token is None:
-        sampling = dataclasses.replace(sampling, stop_token=tok.eod)
+    if sampling.stop_tokens is None:
+        sampling = dataclasses.replace(sampling, stop_tokens=tok.eos_ids)
+    if chat:
+        from nemo_minitron.data.instruct import render_prompt
+
+        prompts = [render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
     ids = generate(model, [tok.encode(p) for p in prompts], sampling,
                    vocab_limit=tok.vocab_size)
     return [tok.decode(row) for row in ids]

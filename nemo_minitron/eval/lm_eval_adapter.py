@@ -117,7 +117,7 @@ class MinitronLM(TemplateLM):
             temp = float(kw.get("temperature", 0.0) or 0.0)
             sampling = SamplingConfig(max_new_tokens=n, greedy=not kw.get("do_sample") or
                                       temp == 0.0, temperature=temp or 1.0,
-                                      stop_token=self.eot_token_id)
+                                      stop_tokens=self.tok.eos_ids)
             ids = generate(self.model, [prompt], sampling, vocab_limit=self.tok.vocab_size)[0]
             text = self.tok_decode(ids)
             for stop in until:

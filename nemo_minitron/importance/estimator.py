@@ -6,12 +6,18 @@ Where each axis reads its activation (``../method.md``):
   ``[heads, kv_channels]``, norm over ``kv_channels``; a query group scores the sum of its heads;
 - ``hidden_size``: outputs of ``input_layernorm`` and ``pre_mlp_layernorm`` of every layer,
   each aggregated on its own, then summed over layers;
-- ``num_layers``: Block Importance, 1 - cos(layer input, layer output) averaged over tokens.
+- ``num_layers``: Block Importance, 1 - cos(layer input, layer output) averaged over tokens;
+- ``angular_distance``: arccos(cos)/pi between the hidden states entering every pair of layers
+  (the last boundary is the final hidden state before the final norm), averaged over tokens:
+  the depth criterion of self-data distillation (arXiv 2410.09982) for any block size.
 
 Every rank scores its own shard. Collectives live in ``finalize``: data-parallel ranks sum
 their running statistics; tensor-parallel shards (contiguous blocks of neurons / heads in rank
 order, Megatron's layout) are concatenated; pipeline stages are concatenated by layer, and
 ``hidden_size`` scores summed over stages. Every rank ends with the full-model ``Scores``.
+Hidden states are replicated over TP; under PP each stage keeps its boundaries of a
+micro-batch until ``flush()`` all-gathers them over the stages (``estimate_importance``
+flushes after every micro-batch so at most one is held).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch.distributed as dist
 
 from nemo_minitron.config import ConfigError
 from nemo_minitron.importance.aggregate import Agg, Aggregator
+from nemo_minitron.importance.layers import angular_distance_sums
 from nemo_minitron.importance.scores import Scores
 from nemo_minitron.model.build import unwrap
 
@@ -44,6 +51,11 @@ class ImportanceEstimator:
         h = self.cfg.hidden_size
         self.hidden = [[agg(h), agg(h)] for _ in self.layers]
         self.block = torch.zeros(len(self.layers), 2, dtype=torch.float64)  # [sum, count]
+        n = self.cfg.num_layers + 1  # layer boundaries of the whole model
+        self.angular = torch.zeros(n, n, dtype=torch.float64)  # sums over tokens
+        self.angular_tokens = torch.zeros(1, dtype=torch.float64)
+        self._bounds: list[torch.Tensor] = []  # this micro-batch's boundaries on this stage
+        self._pending: list[torch.Tensor] = []  # complete stage stacks awaiting the PP gather
         self._handles: list[Any] = []
         self.num_sequences = 0
 
@@ -90,7 +102,38 @@ class ImportanceEstimator:
             self.block[i, 1] += cos.numel()
             if i == 0:
                 self.num_sequences += x.shape[1]
+                self._bounds = []
+            self._bounds.append(x.detach().clone())  # clone: later layers may work in place
+            if i == len(self.layers) - 1:
+                self._bounds.append(y.detach().clone())
+                self._pending.append(torch.stack(self._bounds))
+                self._bounds = []
+                if self._pp_size() == 1:
+                    self.flush()
         return hook
+
+    @staticmethod
+    def _pp_size() -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_pipeline_model_parallel_world_size()
+
+    def flush(self) -> None:
+        """Accumulate the angular distances of the held micro-batches (a collective over the
+        pipeline stages, which all hold the same number)."""
+        from megatron.core import parallel_state as ps
+
+        pp = ps.get_pipeline_model_parallel_group()
+        for stack in self._pending:  # [local layers + 1, s, b, h]
+            parts = [stack]
+            if dist.get_world_size(pp) > 1:
+                parts = [torch.empty_like(stack) for _ in range(dist.get_world_size(pp))]
+                dist.all_gather(parts, stack.contiguous(), group=pp)
+            # A stage's last boundary is the next stage's first: keep it once.
+            bounds = torch.cat([parts[0], *(p[1:] for p in parts[1:])])
+            self.angular += angular_distance_sums(bounds)
+            self.angular_tokens += bounds[0, ..., 0].numel()
+        self._pending = []
 
     # -------------------------------------------------------------- collectives
     def finalize(self, meta: dict[str, Any] | None = None) -> Scores:
@@ -100,8 +143,19 @@ class ImportanceEstimator:
         dp = ps.get_data_parallel_group()
         for a in [*self.ffn, *self.heads, *(x for pair in self.hidden for x in pair)]:
             a.all_reduce(dp)
+        if self._pending or self._bounds:
+            raise RuntimeError("ImportanceEstimator: flush() was not called after a forward pass")
         if dist.get_world_size(dp) > 1:
-            dist.all_reduce(self.block, group=dp)
+            device = next(self.model.parameters()).device  # NCCL reduces device tensors only
+            packed = torch.cat([self.block.flatten(), self.angular.flatten(),
+                                self.angular_tokens]).to(device)
+            dist.all_reduce(packed, group=dp)
+            packed = packed.cpu()
+            nb = self.block.numel()
+            self.block = packed[:nb].view_as(self.block)
+            self.angular = packed[nb:-1].view_as(self.angular)
+            self.angular_tokens = packed[-1:]
+        angular = (self.angular / self.angular_tokens.clamp(min=1)).float()
         tp, pp = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
         ffn = _gather_cat(torch.stack([a.result() for a in self.ffn]), tp, dim=1)
         heads = _gather_cat(torch.stack([a.result() for a in self.heads]), tp, dim=1)
@@ -117,7 +171,7 @@ class ImportanceEstimator:
                 "num_sequences": self.num_sequences * dist.get_world_size(dp), **(meta or {})}
         return Scores(ffn_hidden_size=ffn, num_attention_heads=heads,
                       num_query_groups=query_groups, hidden_size=hidden.float(),
-                      num_layers=block, meta=info)
+                      num_layers=block, angular_distance=angular, meta=info)
 
 
 def _gather_cat(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
@@ -137,8 +191,13 @@ def estimate_importance(model: torch.nn.Module, tokens: torch.Tensor, *,
     from nemo_minitron.model.forward import forward_pass
     from nemo_minitron.model.params import weights_fingerprint
 
+    # Under PP a micro-batch's hidden states meet only after its pass: one micro-batch per
+    # pass bounds what the stages hold (calibration is small; the bubble costs little).
+    step = micro_batch_size if ImportanceEstimator._pp_size() > 1 else len(tokens)
     with ImportanceEstimator(model, batch_agg, seq_agg) as est:
-        forward_pass(model, tokens, micro_batch_size=micro_batch_size)
+        for chunk in tokens.split(step):
+            forward_pass(model, chunk, micro_batch_size=micro_batch_size)
+            est.flush()
     return est.finalize({"fingerprint": weights_fingerprint(unwrap(model)), **(meta or {})})
 
 

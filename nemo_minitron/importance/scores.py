@@ -26,6 +26,10 @@ class Scores:
     """``[hidden_size]``: embedding channels, summed over every layer's norms."""
     num_layers: torch.Tensor
     """``[num_layers]``: Block Importance, 1 - cos(layer input, layer output), token mean."""
+    angular_distance: torch.Tensor | None = None
+    """``[num_layers + 1, num_layers + 1]``: token mean of arccos(cos)/pi between the hidden
+    states entering layers ``i`` and ``j`` (index ``num_layers``: the last layer's output,
+    before the final norm); None where no activations were seen (baselines, older files)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """How the scores were made: model config, aggregation, calibration size."""
 
@@ -37,7 +41,10 @@ class Scores:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({**{a: getattr(self, a) for a in self.AXES}, "meta": self.meta}, tmp)
+        extra = {} if self.angular_distance is None else {
+            "angular_distance": self.angular_distance}
+        torch.save({**{a: getattr(self, a) for a in self.AXES}, **extra, "meta": self.meta},
+                   tmp)
         os.replace(tmp, path)
 
     @classmethod
@@ -50,4 +57,5 @@ class Scores:
         missing = [a for a in cls.AXES if a not in data]
         if missing:
             raise ConfigError(f"scores={str(path)!r} is not a scores file (no {missing[0]})")
-        return cls(**{a: data[a] for a in cls.AXES}, meta=data.get("meta", {}))
+        return cls(**{a: data[a] for a in cls.AXES}, angular_distance=data.get("angular_distance"),
+                   meta=data.get("meta", {}))

@@ -17,6 +17,9 @@ from nemo_minitron.utils.logging import get_logger
 log = get_logger("interop")
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Default training/calibration window of an imported model (``model.seq_length``); the model's
+# own context (``max_position_embeddings``) is kept separately and exported unchanged.
+IMPORT_SEQ_LENGTH = 2048
 
 
 # Megatron's Llama 3.1 scaling has these constants built in; other values cannot be mapped.
@@ -66,6 +69,7 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
     if theta != int(theta):
         raise ConfigError(f"config.json rope_theta={theta} must be an integer here")
     max_pos = int(hf.get("max_position_embeddings") or 4096)
+    train_seq = seq_length or min(max_pos, IMPORT_SEQ_LENGTH)
     return ModelConfig(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -75,7 +79,8 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
         vocab_size=hf["vocab_size"],
         make_vocab_size_divisible_by=1,
-        seq_length=seq_length or max_pos,
+        seq_length=train_seq,
+        max_position_embeddings=max_pos,
         normalization="RMSNorm",
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         activation="swiglu",
@@ -90,6 +95,7 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
 
 
 def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
+                         pad: int | None = None, unk: int | None = None,
                          dtype: str = "float32") -> dict[str, Any]:
     """An HF ``config.json`` for ``cfg``; ConfigError for what HF Llama/Qwen2 cannot hold."""
     for name, value, want in (("normalization", cfg.normalization, "RMSNorm"),
@@ -122,7 +128,7 @@ def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
         # Always explicit: after head pruning it no longer equals hidden / heads.
         "head_dim": cfg.head_dim,
         "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.seq_length,
+        "max_position_embeddings": cfg.context_length,
         "rms_norm_eps": cfg.layernorm_epsilon,
         "rope_theta": theta,
         "rope_parameters": rope,
@@ -132,6 +138,8 @@ def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
         "attention_dropout": 0.0,
         "bos_token_id": bos,
         "eos_token_id": eos,
+        "pad_token_id": pad,
+        "unk_token_id": unk,
         "dtype": dtype,
         "use_cache": True,
     }

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from nemo_minitron.config import ConfigError, ParallelConfig
+from nemo_minitron.data.tokenizer import GENERATION_CONFIG
 from nemo_minitron.interop.hf_config import hf_config_from_model
 from nemo_minitron.interop.hf_weights import hf_tensors
 from nemo_minitron.utils.logging import get_logger
@@ -23,17 +24,25 @@ log = get_logger("interop")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _token_ids(tokenizer_dir: Path) -> tuple[int | None, int | None]:
-    """(bos, eos) of the checkpoint's tokenizer, if it has one."""
+def _token_ids(tokenizer_dir: Path) -> dict[str, int | list[int] | None]:
+    """bos/eos/pad/unk ids of the checkpoint's tokenizer (None without one) and every
+    end-of-sequence id (``eos_ids``)."""
     from nemo_minitron.data.tokenizer import HFTokenizer, load_tokenizer
 
+    ids: dict[str, int | list[int] | None] = dict.fromkeys(("bos", "eos", "pad", "unk"))
     if not tokenizer_dir.is_dir() or not any(tokenizer_dir.iterdir()):
-        return None, None
+        return {**ids, "eos_ids": None}
     tok = load_tokenizer(tokenizer_dir)
     if isinstance(tok, HFTokenizer):
-        return tok.tok.bos_token_id, tok.eod
-    bos = tok.sp.bos_id()  # type: ignore[attr-defined]
-    return (bos if bos >= 0 else None), tok.eod
+        t = tok.tok
+        ids.update(bos=t.bos_token_id, eos=tok.eod, pad=t.pad_token_id, unk=t.unk_token_id)
+    else:
+        sp = tok.sp  # type: ignore[attr-defined]
+        ids.update({k: (i if i >= 0 else None) for k, i in
+                    (("bos", sp.bos_id()), ("pad", sp.pad_id()), ("unk", sp.unk_id()))})
+        ids["eos"] = tok.eod
+    eos_ids = tok.eos_ids
+    return {**ids, "eos_ids": eos_ids if len(eos_ids) > 1 else eos_ids[0]}
 
 
 def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str],
@@ -55,8 +64,9 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("export-hf runs as one process (it loads the full model)")
     cfg = load_model_config(ckpt)
-    bos, eos = _token_ids(ckpt / "tokenizer")
-    hf_config = hf_config_from_model(cfg, bos=bos, eos=eos, dtype=dtype)
+    ids = _token_ids(ckpt / "tokenizer")
+    hf_config = hf_config_from_model(cfg, bos=ids["bos"], eos=ids["eos"], pad=ids["pad"],
+                                     unk=ids["unk"], dtype=dtype)
     init_distributed(ParallelConfig())
     model = build_model(cfg)
     load_weights(ckpt, model)
@@ -65,12 +75,14 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
     with atomic_dir(hf_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        gen = {"bos_token_id": bos, "eos_token_id": eos}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos_ids"],
+               "pad_token_id": ids["pad"]}
+        (tmp / GENERATION_CONFIG).write_text(json.dumps(
+            {k: v for k, v in gen.items() if v is not None}, indent=2) + "\n")
         tok_dir = ckpt / "tokenizer"
         if tok_dir.is_dir():
             for f in tok_dir.iterdir():
-                if f.is_file():
+                if f.is_file() and f.name != GENERATION_CONFIG:  # merged into the one above
                     shutil.copyfile(f, tmp / f.name)
     log.info("exported %s -> %s (%s, %d tensors)", checkpoint, hf_dir,
              hf_config["architectures"][0], len(tensors))

@@ -14,7 +14,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig, ParallelConfig
 from nemo_minitron.data.tokenizer import Tokenizer, load_tokenizer
@@ -27,14 +29,20 @@ log = get_logger("interop")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
+class TensorSource(Protocol):
+    """Full tensors by Hugging Face name (a safetensors directory, a GGUF file)."""
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
 @dataclass
 class HFSource:
-    """A checked Hugging Face checkpoint directory."""
+    """A checked Hugging Face checkpoint (a directory, or a file converted to HF names)."""
 
     config: ModelConfig
     """The model it holds, as our config."""
-    tensors: HFTensors
-    """Lazy access to its tensors."""
+    tensors: TensorSource
+    """Lazy access to its tensors, by Hugging Face name."""
     tokenizer: Tokenizer | None
     """Its tokenizer, when the directory has one."""
 
@@ -66,14 +74,20 @@ def inspect_hf(hf_dir: str | os.PathLike[str], seq_length: int | None = None) ->
 def import_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str],
               parallel: ParallelConfig | None = None, seq_length: int | None = None) -> Path:
     """Convert ``hf_dir`` into the checkpoint ``out`` (every rank calls this)."""
+    if Path(out).exists():
+        raise ConfigError(f"output {str(out)!r} already exists")
+    return write_checkpoint(inspect_hf(hf_dir, seq_length), out, parallel, origin=str(hf_dir))
+
+
+def write_checkpoint(src: HFSource, out: str | os.PathLike[str],
+                     parallel: ParallelConfig | None = None, origin: str = "") -> Path:
+    """Build the model of a checked source under ``parallel``, fill each rank's stage from its
+    HF tensors and save it as an ordinary checkpoint (every rank calls this)."""
     from nemo_minitron.checkpoint.io import save_checkpoint
     from nemo_minitron.model.build import build_model
     from nemo_minitron.model.full_state import fill_model
     from nemo_minitron.parallel.runtime import init_distributed
 
-    if Path(out).exists():
-        raise ConfigError(f"output {str(out)!r} already exists")
-    src = inspect_hf(hf_dir, seq_length)
     parallel = parallel or ParallelConfig()
     src.config.check_layout(parallel.tensor_model_parallel_size,
                             parallel.pipeline_model_parallel_size)
@@ -82,7 +96,7 @@ def import_hf(hf_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     fill_model(model, src.config, lambda name, layer: megatron_tensor(
         name, layer, src.config, src.tensors.get))
     path = save_checkpoint(out, model, model_cfg=src.config, tokenizer=src.tokenizer)
-    log.info("imported %s -> %s (%d layers, hidden %d, vocab %d)", hf_dir, out,
+    log.info("imported %s -> %s (%d layers, hidden %d, vocab %d)", origin, out,
              src.config.num_layers, src.config.hidden_size, src.config.vocab_size)
     return path
 

@@ -101,8 +101,9 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | No
 
 
 def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
-                attention: str | None = None):
+                use_te: bool | None = None, attention: str | None = None):
     """Build this rank's ``GPTModel`` stage (on the rank's device, fp32 or bf16 params).
+    ``use_te=False`` forces Megatron's local spec (its checkpoint keys map onto TE's).
     ``attention`` picks the local spec's core attention (``ATTENTIONS``, default
     ``DEFAULT_ATTENTION``); the TE spec ignores it."""
     from megatron.core import parallel_state as ps
@@ -119,9 +120,9 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
     config = transformer_config(cfg, bf16=bf16, fp8=fp8)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg, attention=attention),
+        transformer_layer_spec=layer_spec(cfg, use_te, attention=attention),
         vocab_size=cfg.vocab_size,
-        max_sequence_length=cfg.seq_length,
+        max_sequence_length=cfg.context_length,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,

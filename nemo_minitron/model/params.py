@@ -25,7 +25,7 @@ def count_params(cfg: ModelConfig) -> int:
         raise ValueError("model.vocab_size must be set to count parameters")
     h = cfg.hidden_size
     emb = cfg.vocab_size * h
-    pos = cfg.seq_length * h if cfg.position_embedding_type == "learned_absolute" else 0
+    pos = cfg.context_length * h if cfg.position_embedding_type == "learned_absolute" else 0
     final_norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
     out = 0 if cfg.share_embeddings_and_output_weights else cfg.vocab_size * h
     return emb + pos + cfg.num_layers * layer_params(cfg) + final_norm + out

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.importance.layers import block_angular_distance
 from nemo_minitron.importance.scores import Scores
 
 
@@ -36,9 +37,10 @@ class Target:
     """KV groups to keep per layer."""
     drop_layers: list[int] | None = None
     """Explicit 0-based layer indices to remove (overrides the score-based choice)."""
-    layer_metric: Literal["block_importance", "lm_loss"] = "block_importance"
-    """How num_layers picks the layers to remove: lowest Block Importance layers, or the
-    contiguous block whose removal raises the validation LM loss least."""
+    layer_metric: Literal["block_importance", "lm_loss", "angular_distance"] = "block_importance"
+    """How num_layers picks the layers to remove: lowest Block Importance layers, the
+    contiguous block whose removal raises the validation LM loss least, or the contiguous block
+    whose input and output hidden states are closest by angular distance (arXiv 2410.09982)."""
     hardware_multiple: int = 64
     """Width targets that are not multiples of this are accepted with a warning."""
 
@@ -136,6 +138,9 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
     L, A, G = src.num_layers, src.num_attention_heads, src.query_groups
     if t.drop_layers is not None:
         layers = [i for i in range(L) if i not in set(t.drop_layers)]
+    elif t.num_layers is not None and t.layer_metric == "angular_distance":
+        start, block = angular_block(scores, L - t.num_layers)
+        layers = [i for i in range(L) if not start <= i < start + block]
     elif t.num_layers is not None:
         layers = _keep(scores.num_layers, t.num_layers).tolist()
     else:
@@ -164,11 +169,24 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
     return plan
 
 
+def angular_block(scores: Scores, block: int) -> tuple[int, int]:
+    """``(start, block)``: the contiguous block of ``block`` layers with the smallest angular
+    distance between the hidden states entering and leaving it (ties: the earliest)."""
+    if scores.angular_distance is None:
+        raise ConfigError("target.layer_metric=angular_distance needs activation scores with "
+                          "angular distances (importance=activation; recompute old scores)")
+    if block == 0:
+        return 0, 0
+    return int(torch.argmin(block_angular_distance(scores.angular_distance, block))), block
+
+
 def _check_scores(src: ModelConfig, s: Scores) -> None:
     want = {"ffn_hidden_size": (src.num_layers, src.ffn_hidden_size),
             "num_attention_heads": (src.num_layers, src.num_attention_heads),
             "num_query_groups": (src.num_layers, src.query_groups),
             "hidden_size": (src.hidden_size,), "num_layers": (src.num_layers,)}
+    if s.angular_distance is not None:
+        want["angular_distance"] = (src.num_layers + 1, src.num_layers + 1)
     for axis, shape in want.items():
         if tuple(getattr(s, axis).shape) != shape:
             raise ConfigError(f"scores were computed on a different model: {axis} scores have "

@@ -49,6 +49,16 @@ def write_report(out_dir: Path, scores: Scores, plan: PrunePlan, summary: dict[s
         lines.append(f"| {axis} | {before} | {after} | {t.min():.4g} | {t.mean():.4g} | "
                      f"{t.max():.4g} |")
     lines += ["", f"Kept layers: {plan.layers}", ""]
+    for key, title in (("block_angular_distance", "angular distance arccos(cos)/pi between "
+                        "the hidden states entering and leaving the block"),
+                       ("block_loss_increase", "validation LM-loss increase without the block")):
+        values = summary.get(key)
+        if values:
+            block = src.num_layers - len(values) + 1
+            lines += [f"Blocks of {block} layers, {title}:", "", "| layers | value |",
+                      "| --- | --- |"]
+            lines += [f"| {i}..{i + block - 1} | {v:.6g} |" for i, v in enumerate(values)]
+            lines.append("")
     for k, v in summary.items():
         lines.append(f"- {k}: {v:.6g}" if isinstance(v, float) else f"- {k}: {v}")
     lines += ["", "![layer importance](layer_importance.png)", "",

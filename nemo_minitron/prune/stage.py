@@ -33,6 +33,13 @@ class CalibConfig:
     """Aggregation over tokens of a sequence: mean, l2 or var."""
     eval_samples: int = 64
     """Validation sequences for the one-shot loss of the source and the pruned model."""
+    seq_length: int | None = None
+    """Tokens per calibration/validation sequence; None: the checkpoint's model.seq_length."""
+
+    def __post_init__(self) -> None:
+        if self.seq_length is not None and (isinstance(self.seq_length, bool)
+                                            or self.seq_length <= 0):
+            raise ConfigError(f"calib.seq_length={self.seq_length!r} must be a positive integer")
 
 
 @dataclass(kw_only=True)
@@ -79,14 +86,14 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     )
     from nemo_minitron.data.datasets import build_gpt_datasets
     from nemo_minitron.importance.estimator import check_scores_match, estimate_importance
-    from nemo_minitron.importance.layers import block_loss_increase
+    from nemo_minitron.importance.layers import block_angular_distance, block_loss_increase
     from nemo_minitron.importance.scores import Scores
     from nemo_minitron.model.build import build_model
     from nemo_minitron.model.forward import lm_loss
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.prune.apply import prune_model
-    from nemo_minitron.prune.plan import make_plan, validate_target
+    from nemo_minitron.prune.plan import angular_block, make_plan, validate_target
     from nemo_minitron.prune.report import write_report
     from nemo_minitron.train.pretrain import resolve_data
     from nemo_minitron.utils.fs import atomic_dir, atomic_write_json
@@ -101,13 +108,16 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     if c.eval_samples % c.micro_batch_size:
         raise ConfigError(f"calib.eval_samples={c.eval_samples} must be a multiple of "
                           f"calib.micro_batch_size={c.micro_batch_size}")
+    if recipe.target.layer_metric == "angular_distance" and recipe.importance != "activation":
+        raise ConfigError(f"target.layer_metric=angular_distance needs importance=activation "
+                          f"(hidden states), not importance={recipe.importance}")
     src = load_model_config(checkpoint)
     validate_target(src, recipe.target, recipe.parallel.tensor_model_parallel_size,
                     recipe.parallel.pipeline_model_parallel_size)
     rt = init_distributed(recipe.parallel)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     prefix, tokenizer = resolve_data(_as_recipe(recipe), tokenizer)
-    splits = build_gpt_datasets(prefix, tokenizer, seq_length=src.seq_length,
+    splits = build_gpt_datasets(prefix, tokenizer, seq_length=c.seq_length or src.seq_length,
                                 split=recipe.data.split, seed=recipe.data.seed,
                                 num_samples=(c.num_samples, c.eval_samples, 0))
     calib_tokens = _samples(splits.train, c.num_samples, "num_samples")
@@ -136,6 +146,14 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
         target = dataclasses.replace(target, drop_layers=list(range(start, start + block)))
         log.info("LM-loss increase per removed block of %d layers: %s; dropping %s", block,
                  [round(x, 4) for x in block_losses.tolist()], target.drop_layers)
+    angular = None
+    if target.layer_metric == "angular_distance" and target.num_layers is not None \
+            and target.drop_layers is None and target.num_layers < src.num_layers:
+        block = src.num_layers - target.num_layers
+        start, _ = angular_block(scores, block)
+        angular = block_angular_distance(scores.angular_distance, block)
+        log.info("angular distance per removed block of %d layers: %s; dropping %s", block,
+                 [round(x, 4) for x in angular.tolist()], list(range(start, start + block)))
     plan = make_plan(src, scores, target, rt.tp, rt.pp, rescale_norms=recipe.rescale_norms)
     source_loss = lm_loss(model, eval_tokens, c.micro_batch_size)
     pruned = prune_model(model, plan)
@@ -143,8 +161,9 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     summary = {"source_params": count_params(src), "pruned_params": count_params(plan.config),
                "param_ratio": count_params(plan.config) / count_params(src),
                "source_valid_loss": source_loss, "pruned_valid_loss": pruned_loss,
-               "kept_layers": plan.layers,
-               "block_loss_increase": None if block_losses is None else block_losses.tolist()}
+               "kept_layers": plan.layers, "calib_seq_length": c.seq_length or src.seq_length,
+               "block_loss_increase": None if block_losses is None else block_losses.tolist(),
+               "block_angular_distance": None if angular is None else angular.tolist()}
     save_checkpoint(out, pruned, model_cfg=plan.config, tokenizer=tokenizer)
     if rt.rank == 0:
         with atomic_dir(Path(out) / "pruning") as tmp:

@@ -65,8 +65,9 @@ class SearchConfig:
     score_fn: str | None = None
     """``module:function`` called with a retrained candidate's checkpoint path, returning a float
     (lower is better) that ranks the candidates instead of the validation LM loss."""
-    layer_metric: Literal["block_importance", "lm_loss"] = "block_importance"
-    """How depth pruning picks layers: block_importance or lm_loss (see target.layer_metric)."""
+    layer_metric: Literal["block_importance", "lm_loss", "angular_distance"] = "block_importance"
+    """How depth pruning picks layers: block_importance, lm_loss or angular_distance (see
+    target.layer_metric)."""
     teacher_cache: bool = False
     """Run the teacher once: store its top-k log-probabilities of the retraining data in
     ``OUT/search/teacher_cache`` and distill every candidate from there (forward KL on the top-k

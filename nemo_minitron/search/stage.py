@@ -13,7 +13,6 @@ candidates (``search.candidates``) can share one output directory.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import shutil
@@ -58,16 +57,9 @@ class SearchRecipe:
 
 def load_score_fn(spec: str) -> Callable[[str], float]:
     """``module:function`` -> the function, or a one-line error."""
-    mod, sep, name = spec.partition(":")
-    if not sep or not mod or not name:
-        raise ConfigError(f"search.score_fn={spec!r} must look like module:function")
-    try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"search.score_fn={spec!r} cannot be imported: {e}") from None
-    if not callable(fn):
-        raise ConfigError(f"search.score_fn={spec!r} is not callable")
-    return fn
+    from nemo_minitron.utils.imports import load_callable
+
+    return load_callable(spec, "search.score_fn")
 
 
 def _rank0() -> bool:

@@ -84,6 +84,7 @@ def make_trainer(recipe: Recipe, rt: Runtime, model_cfg: ModelConfig, tokenizer:
     from nemo_minitron.checkpoint.io import load_weights
 
     recipe.validate_parallel(rt.world_size)
+    model_cfg = model_cfg.with_seq_length(recipe.train.seq_length)
     bf16 = bf16_enabled(recipe)
     if model is None:
         model = build_model(model_cfg, bf16=bf16)

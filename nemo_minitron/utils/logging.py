@@ -44,3 +44,11 @@ def setup_logging(level: int = logging.INFO) -> None:
 def get_logger(name: str) -> logging.Logger:
     """A child of the package logger (``nemo_minitron.<name>``)."""
     return logging.getLogger(name if name.startswith(_ROOT) else f"{_ROOT}.{name}")
+
+
+def fmt_duration(seconds: float) -> str:
+    """``H:MM:SS`` of a duration (an ETA), negatives as zero."""
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"

@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from nemo_minitron.distill.stage import layer_pairs
-from tests.dist import spawn
+from tests.cli import cli
+from tests.dist import in_order, spawn
 from tests.test_cli import _one_line_error, run_cli
-from tests.train.test_loop import pretrain_job
+from tests.train.test_loop import _copy_metrics
 
 
 def distill_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
@@ -21,6 +22,14 @@ def distill_job(out: str, teacher: str, student: str, overrides: list[str]) -> N
     from nemo_minitron.distill.stage import DistillRecipe, distill
 
     distill(load_recipe(None, overrides, cls=DistillRecipe), teacher, student, out)
+
+
+def summary_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.distill.stage import DistillRecipe, distill
+
+    summary = distill(load_recipe(None, overrides, cls=DistillRecipe), teacher, student, out)
+    (Path(out) / "summary.json").write_text(json.dumps({"teacher": summary["teacher_valid_loss"]}))
 
 
 def api_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
@@ -45,16 +54,12 @@ def api_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
                    pairs=[(0, 1), (1, 3)])
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, tiny_overrides) -> tuple[str, str]:
-    """A briefly trained 4-layer teacher (hidden 64) and a 2-layer student (hidden 32)."""
-    root = tmp_path_factory.mktemp("kd")
-    spawn(pretrain_job, 1, str(root / "t"), tiny_overrides + [
-        "model.num_layers=4", "train.train_iters=20", "train.eval_interval=0", "train.lr=3e-3"])
-    spawn(pretrain_job, 1, str(root / "s"), tiny_overrides + [
-        "model.hidden_size=32", "train.train_iters=1", "train.eval_interval=0"])
-    return (str(root / "t" / "checkpoints" / "step_0000020"),
-            str(root / "s" / "checkpoints" / "step_0000001"))
+def weight_shapes_job(ckpt: str, out: str) -> None:
+    """``{name: shape}`` of every tensor in a checkpoint's weights, read from its metadata."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(Path(ckpt) / "weights"))
+    Path(out).write_text(json.dumps({k: list(v.local_shape) for k, v in meta.items()}))
 
 
 def _kd_overrides(tiny_overrides: list[str], iters: int) -> list[str]:
@@ -67,47 +72,85 @@ def _kd_overrides(tiny_overrides: list[str], iters: int) -> list[str]:
     ]
 
 
-def _metrics(run: Path) -> dict[int, dict[str, float]]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+def _metrics(run: Path, name: str = "metrics.jsonl") -> dict[int, dict[str, float]]:
+    rows = [json.loads(x) for x in (run / name).read_text().splitlines()]
     return {r["step"]: r for r in rows if r["kind"] == "train"}
 
 
 NAMES = ["loss", "kd loss", "lm loss", "hidden loss", "embedding loss"]
+LAYOUTS = {"pp2": ["parallel.pipeline_model_parallel_size=2"],
+           "tp2": ["parallel.tensor_model_parallel_size=2"]}
 
 
 @pytest.mark.dist
 def test_pp2_tp2_and_resume_reproduce_one_process(tmp_path, pair, tiny_overrides):
     teacher, student = pair
     kd = _kd_overrides(tiny_overrides, 3)
-    spawn(distill_job, 1, str(tmp_path / "ref"), teacher, student, kd)
+    # Two start-ups: every one-process run, then both 2-process layouts.
+    cut = (distill_job, (str(tmp_path / "cut"), teacher, student, kd + ["train.exit_interval=1"]))
+    spawn(in_order, 1, [
+        (distill_job, (str(tmp_path / "ref"), teacher, student, kd)), cut,
+        (_copy_metrics, (str(tmp_path / "cut"), str(tmp_path / "first.jsonl"))),
+        (distill_job, (str(tmp_path / "cut"), teacher, student, kd)),
+        (api_job, (str(tmp_path / "api"), teacher, student, kd)),
+        (weight_shapes_job, (str(tmp_path / "ref" / "checkpoints" / "step_0000003"),
+                             str(tmp_path / "weights.json")))])
+    spawn(in_order, 2, [(distill_job, (str(tmp_path / name), teacher, student, kd + layout))
+                        for name, layout in LAYOUTS.items()])
     ref = _metrics(tmp_path / "ref")
     assert sorted(ref) == [1, 2, 3]
     assert all(ref[1][n] > 0 for n in NAMES)
     assert ref[3]["kd loss"] < ref[1]["kd loss"]
-    for name, layout in (("pp2", ["parallel.pipeline_model_parallel_size=2"]),
-                         ("tp2", ["parallel.tensor_model_parallel_size=2"])):
-        spawn(distill_job, 2, str(tmp_path / name), teacher, student, kd + layout)
+    for name in LAYOUTS:
         got = _metrics(tmp_path / name)
         for step in ref:
             for n in NAMES:
                 assert got[step][n] == pytest.approx(ref[step][n], abs=1e-5), (name, step, n)
     # Interrupted after step 1, resumed: the same losses step for step.
-    spawn(distill_job, 1, str(tmp_path / "cut"), teacher, student, kd + ["train.exit_interval=1"])
-    assert sorted(_metrics(tmp_path / "cut")) == [1]
-    spawn(distill_job, 1, str(tmp_path / "cut"), teacher, student, kd)
+    assert sorted(_metrics(tmp_path, "first.jsonl")) == [1]
     got = _metrics(tmp_path / "cut")
     for step in ref:
         for n in NAMES:
             assert got[step][n] == ref[step][n], (step, n)
     # The Python API on in-memory models (same layer pairs as the default map) agrees.
-    spawn(api_job, 1, str(tmp_path / "api"), teacher, student, kd)
     got = _metrics(tmp_path / "api")
     for step in ref:
         for n in NAMES:
             assert got[step][n] == pytest.approx(ref[step][n], abs=1e-6), (step, n)
-    # The checkpoint holds the student and its projections, not the teacher.
+    # The checkpoint holds the student and its projections, not the teacher: a 2-layer hidden-32
+    # model, one Linear(32 -> 64) per mapped student layer and for the embedding, no more.
     ckpt = tmp_path / "ref" / "checkpoints" / "step_0000003"
     assert yaml.safe_load((ckpt / "model_config.yaml").read_text())["hidden_size"] == 32
+    shapes = json.loads((tmp_path / "weights.json").read_text())
+    proj = {k: v for k, v in shapes.items() if "kd_projections" in k}
+    assert sorted(proj) == [f"kd_projections.{k}.weight" for k in ("embedding", "layer0",
+                                                                   "layer1")], sorted(shapes)
+    assert all(v == [64, 32] for v in proj.values()), proj
+    assert shapes["embedding.word_embeddings.weight"] == [1024, 32]
+    # Megatron stacks the layers' tensors: a leading axis of the student's 2 layers (not 4).
+    stacked = {k: v for k, v in shapes.items() if k.startswith("decoder.layers.")}
+    assert stacked and {v[0] for v in stacked.values()} == {2}, stacked
+    for k, v in shapes.items():
+        dims = v[1:] if k in stacked else v
+        if k not in proj and len(dims) == 2:
+            assert 32 in dims, (k, v)  # every matrix has the student's width on one side
+
+
+def test_teacher_loss_is_the_loops_validation_and_own_seq_length(tmp_path, pair,
+                                                                  tiny_overrides):
+    """Distilling the teacher into itself on 32-token windows (its seq_length is 64): the
+    reported teacher loss is the loop's own step-0 validation LM loss of that same model."""
+    teacher, _ = pair
+    kd = _kd_overrides(tiny_overrides, 1) + ["train.eval_interval=1", "train.eval_iters=2",
+                                             "train.seq_length=32"]
+    spawn(summary_job, 1, str(tmp_path / "self"), teacher, teacher, kd)
+    rows = [json.loads(x) for x in (tmp_path / "self" / "metrics.jsonl").read_text().splitlines()]
+    step0 = next(r for r in rows if r["kind"] == "valid" and r["step"] == 0)
+    got = json.loads((tmp_path / "self" / "summary.json").read_text())["teacher"]
+    assert got == pytest.approx(step0["lm loss"], abs=1e-5)
+    cfg = yaml.safe_load((tmp_path / "self" / "checkpoints" / "step_0000001" /
+                          "model_config.yaml").read_text())
+    assert (cfg["seq_length"], cfg["max_position_embeddings"]) == (32, 64)
 
 
 def test_default_layer_map(tmp_path):
@@ -122,14 +165,24 @@ def test_default_layer_map(tmp_path):
 @pytest.mark.parametrize("extra, needles", [
     (["kd.layer_map=[[0,9]]"], ["kd.layer_map[0] names teacher layer 9", "0..3"]),
     (["kd.top_k=5", "kd.divergence=js"], ["kd.top_k=5", "kd.divergence=forward"]),
-    (["kd.teacher_max_loss_ratio=0.01"], ["the teacher looks untrained"]),
 ])
 def test_bad_distill_input(tmp_path, pair, tiny_overrides, extra, needles):
+    # Refused before the runtime starts: in this process.
+    teacher, student = pair
+    out = tmp_path / "out"
+    res = cli("distill", "--teacher", teacher, "--student", student, "--out", str(out),
+              *_kd_overrides(tiny_overrides, 2), *extra)
+    _one_line_error(res, *needles)
+    assert not out.exists()
+
+
+def test_untrained_teacher_refused(tmp_path, pair, tiny_overrides):
+    # Found by the teacher's first validation loss, after the runtime started: a child process.
     teacher, student = pair
     out = tmp_path / "out"
     res = run_cli("distill", "--teacher", teacher, "--student", student, "--out", str(out),
-                  *_kd_overrides(tiny_overrides, 2), *extra)
-    _one_line_error(res, *needles)
+                  *_kd_overrides(tiny_overrides, 2), "kd.teacher_max_loss_ratio=0.01")
+    _one_line_error(res, "the teacher looks untrained")
     assert not out.exists()
 
 
@@ -145,7 +198,7 @@ def test_different_tokenizers_refused(tmp_path, pair, tiny_overrides):
     shutil.copytree(student, other)
     shutil.rmtree(other / "tokenizer")
     load_tokenizer(str(tmp_path / "other.model")).save(other / "tokenizer")
-    res = run_cli("distill", "--teacher", teacher, "--student", str(other),
-                  "--out", str(tmp_path / "o"), *_kd_overrides(tiny_overrides, 2))
+    res = cli("distill", "--teacher", teacher, "--student", str(other),
+              "--out", str(tmp_path / "o"), *_kd_overrides(tiny_overrides, 2))
     _one_line_error(res, "use different tokenizers")
     assert not (tmp_path / "o").exists()

@@ -16,8 +16,7 @@ from nemo_minitron.distill.losses import logit_divergence
 from nemo_minitron.distill.objective import KDConfig
 from nemo_minitron.distill.teacher_cache import cached_forward_kl, vocab_parallel_topk
 from tests.dist import spawn
-from tests.distill.test_distill import pair  # noqa: F401  (the trained teacher + student)
-from tests.train.test_loop import state_dict_job
+from tests.train.test_loop import state_dicts_job
 
 
 def _logits(n: int = 37, v: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +145,7 @@ def _train_rows(run: Path) -> dict[int, dict[str, float]]:
     return {r["step"]: r for r in rows if r["kind"] == "train"}
 
 
-def test_distill_from_cache_equals_live_teacher(tmp_path, pair, tiny_overrides):  # noqa: F811
+def test_distill_from_cache_equals_live_teacher(tmp_path, pair, tiny_overrides):
     """k = the padded vocabulary: the same losses and weights as running the teacher; k = 16:
     the first step's loss (same weights) is at most the full KL."""
     from nemo_minitron.checkpoint.io import load_model_config
@@ -164,9 +163,9 @@ def test_distill_from_cache_equals_live_teacher(tmp_path, pair, tiny_overrides):
         for name in ("kd loss", "lm loss", "loss"):
             assert abs(full[step][name] - online[step][name]) < 1e-5, (step, name)
     assert 0 < k16[1]["kd loss"] <= online[1]["kd loss"] + 1e-6  # a lower bound of the KL
-    for name in ("online", "full"):
-        spawn(state_dict_job, 1, str(tmp_path / name / "checkpoints" / "step_0000003"),
-              str(tmp_path / f"{name}.pt"))
+    names = ("online", "full")
+    spawn(state_dicts_job, 1, [str(tmp_path / n / "checkpoints" / "step_0000003") for n in names],
+          [str(tmp_path / f"{n}.pt") for n in names])
     a, b = torch.load(tmp_path / "online.pt"), torch.load(tmp_path / "full.pt")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     losses = json.loads((tmp_path / "teacher_loss.json").read_text())

@@ -43,6 +43,11 @@ def eval_job(root: str) -> None:
            "greedy_nocache": generate(model, PROMPTS, greedy, use_cache=False),
            "sampled_cache": generate(model, PROMPTS, sampled),
            "sampled_nocache": generate(model, PROMPTS, sampled, use_cache=False)}
+    # Stop tokens: the 4th greedy token of row 0 and the 6th of row 2 (row 1 may not stop).
+    stops = [out["greedy_cache"][0][3], out["greedy_cache"][2][5]]
+    out["stops"] = stops
+    out["greedy_stop"] = generate(model, PROMPTS, SamplingConfig(max_new_tokens=10,
+                                                                 stop_tokens=stops))
     (r / "out.json").write_text(json.dumps(out))
     with open(r / "bench.txt", "w") as f, contextlib.redirect_stdout(f):
         main(["bench", str(r / "ck"), str(r / "ck_small"), "--batch-size", "2",
@@ -93,6 +98,14 @@ def test_kv_cache_generation_equals_uncached(result):
     assert all(len(row) == 10 for row in out["greedy_cache"])
 
 
+def test_generation_stops_before_any_stop_token(result):
+    _, out = result
+    for full, stopped in zip(out["greedy_cache"], out["greedy_stop"]):
+        cut = next((i for i, t in enumerate(full) if t in out["stops"]), len(full))
+        assert stopped == full[:cut]  # the stop token itself is not returned
+    assert len(out["greedy_stop"][0]) <= 3 and len(out["greedy_stop"][2]) <= 5
+
+
 def test_greedy_equals_transformers_generate(result):
     from transformers import AutoModelForCausalLM
 
@@ -104,14 +117,37 @@ def test_greedy_equals_transformers_generate(result):
         assert hf and ours[:len(hf)] == hf
 
 
+def _hf_flops_per_token(directory: Path, context: float) -> tuple[float, int]:
+    """Forward FLOPs per token counted on the transformers model: 2 per weight of every
+    decoder layer and the output layer, plus QK^T and AV over ``context`` tokens; and the
+    parameter count."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory))
+    c = model.config
+    weights = sum(p.numel() for p in model.model.layers.parameters()) \
+        + model.lm_head.weight.numel()
+    attn = 4 * c.num_hidden_layers * context * c.num_attention_heads * (
+        c.hidden_size // c.num_attention_heads)
+    return 2 * weights + attn, sum(p.numel() for p in model.parameters())
+
+
 def test_bench_prints_table(result):
     root, _ = result
     lines = (root / "bench.txt").read_text().strip().splitlines()
-    assert lines[0].startswith("| checkpoint | params | prefill tok/s | ratio | FLOP ratio")
+    assert lines[0] == ("| checkpoint | params | prefill tok/s | ratio | FLOP ratio | "
+                        "decode tok/s | ratio | FLOP ratio |")
     assert len(lines) == 4
-    first, small = (line.split("|") for line in lines[2:])
-    assert float(first[4]) == 1.0 and float(first[5]) == 1.0
-    assert float(small[5]) > 1.0  # the smaller model is predicted faster
+    first, small = ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])
+    # Prompt of 16 tokens (a prefill token attends to 8 on average), 4 decoded after it.
+    for phase, col, context in (("prefill", 4, 16 / 2), ("decode", 7, 16 + 4 / 2)):
+        big, n_big = _hf_flops_per_token(root / "hf", context)
+        little, n_little = _hf_flops_per_token(root / "hf_small", context)
+        assert float(small[col]) == pytest.approx(big / little, abs=0.006), phase
+        assert big / little > 1.2, phase  # a difference the table must show
+    assert (first[1], small[1]) == (f"{n_big / 1e6:.2f}M", f"{n_little / 1e6:.2f}M")
+    for row in (first, small):
+        assert float(row[2]) > 0 and float(row[5]) > 0  # measured tokens per second
 
 
 def test_bench_with_sdpa_attention(result):

@@ -62,6 +62,9 @@ def single_job(root: str) -> None:
         import_hf(r / f"hf_{arch}", r / f"ck_{arch}")
         torch.save(_logits(r / f"ck_{arch}"), r / f"ours_{arch}.pt")
         export_hf(r / f"ck_{arch}", r / f"exported_{arch}")
+    # Training windows shorter than the context: the context is kept and exported.
+    import_hf(r / "hf_llama", r / "ck_short", seq_length=32)
+    export_hf(r / "ck_short", r / "exported_short")
     import_hf(r / "hf_deep", r / "ck_deep")
     cfg = load_model_config(r / "ck_deep")
     model = build_model(cfg)
@@ -156,3 +159,27 @@ def test_tp2_and_pp2_imports_equal_transformers(tmp_path):
     for layout in ("tp2_pp1", "tp1_pp2"):
         torch.testing.assert_close(torch.load(tmp_path / f"ours_{layout}.pt"), ref, atol=ATOL,
                                    rtol=0)
+
+
+def test_export_looks_like_what_transformers_saves(single):
+    """Context length, special-token ids, readable modes and a clean tokenizer config."""
+    import os
+    import stat
+
+    import yaml
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = yaml.safe_load((single / "ck_short" / "model_config.yaml").read_text())
+    assert (cfg["seq_length"], cfg["max_position_embeddings"]) == (32, 64)
+    out = single / "exported_short"
+    src, ours = AutoConfig.from_pretrained(single / "hf_llama"), AutoConfig.from_pretrained(out)
+    assert ours.max_position_embeddings == src.max_position_embeddings == 64
+    tok = AutoTokenizer.from_pretrained(out)  # default arguments
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.unk_token_id) == (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id)
+    assert ours.unk_token_id == 0
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert not {"local_files_only", "is_local"} & set(tok_cfg)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

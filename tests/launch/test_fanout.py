@@ -19,8 +19,8 @@ from nemo_minitron.launch.pipeline import load_pipeline
 from nemo_minitron.launch.run import cluster_resolver
 from nemo_minitron.launch.validate import validate_pipeline
 from nemo_minitron.search.stage import SearchRecipe, search
-from tests.launch.test_launch import _cli, _fake_checkpoint, _words
-from tests.search.test_search import _args, teacher  # noqa: F401 (fixture)
+from tests.launch.test_launch import _cli, _dry, _fake_checkpoint, _words
+from tests.search.test_search import _args
 from tests.test_cli import run_cli
 
 SRC = {"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
@@ -72,7 +72,7 @@ def test_expansion_jobs_dependencies_and_dry_run(tmp_path):
     assert jobs[3].output == out / "winner" and jobs[4].needs == ["search"]
 
     # The dry run prints every job's script, each after the jobs it needs.
-    r = _cli("launch", str(path), "--dry-run")
+    r = _dry("launch", str(path), "--dry-run")
     assert r.returncode == 0, r.stderr
     heads = [x for x in r.stdout.splitlines() if x.startswith("# ---- stage")]
     assert [h.split()[3].rstrip(":") for h in heads] == [j.name for j in jobs]
@@ -98,7 +98,7 @@ def test_expansion_jobs_dependencies_and_dry_run(tmp_path):
     assert [j.name for j in jobs] == [f"search-{n}" for n in ORDER[1:]] + ["search", "heal"]
     assert jobs[2].needs == [f"search-{n}" for n in ORDER[1:]]
 
-    r = _cli("launch", str(path), "--dry-run", "search.search.candidates=[L3-H64-F64-A4-G2]")
+    r = _dry("launch", str(path), "--dry-run", "search.search.candidates=[L3-H64-F64-A4-G2]")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "error: stage search: search.fan_out submits every candidate; " \
         "drop search.candidates"
@@ -133,7 +133,7 @@ def _ranked(out: Path) -> list[tuple[str, float, float]]:
 
 
 @pytest.mark.slurm
-def test_fanned_out_search_matches_one_process(slurm_cluster, teacher, tiny_overrides,  # noqa: F811
+def test_fanned_out_search_matches_one_process(slurm_cluster, teacher, tiny_overrides,
                                                tmp_path):
     # The two candidates closest to the budget, so that both candidate jobs run at once.
     args = [*_args(tiny_overrides), "search.retrain_steps=3", "search.max_candidates=2"]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import Result, cli
+
 ROOT = Path(__file__).resolve().parents[2]
 EVIL = "x; touch {}"
 TINY = str(ROOT / "recipes" / "tiny_cpu.yaml")
@@ -19,11 +21,17 @@ CPU2 = ["--gpus-per-node", "0", "--tasks-per-node", "2"]
 
 
 def _cli(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
+    """The verb in a child process (the jobs it submits run the program again)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if path is not None:
         env["PATH"] = path
     return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
                           text=True, env=env)
+
+
+def _dry(*args: str, path: str | None = None) -> Result:
+    """The verb in this process: dry runs and refusals start nothing."""
+    return cli(*args, env=None if path is None else {"PATH": path})
 
 
 def _words(script: str) -> list[str]:
@@ -37,7 +45,7 @@ def _words(script: str) -> list[str]:
 def test_dry_run_prints_an_inert_script_and_writes_nothing(tmp_path):
     pwned, out = tmp_path / "pwned", tmp_path / "run"
     evil = f"data.path={EVIL.format(pwned)}"
-    r = _cli("launch", TINY, "--dry-run", *CPU2, "--out", str(out), evil,
+    r = _dry("launch", TINY, "--dry-run", *CPU2, "--out", str(out), evil,
              "train.global_batch_size=16", path="/usr/bin:/bin")  # no SLURM needed
     assert r.returncode == 0, r.stderr
     script = r.stdout
@@ -53,7 +61,7 @@ def test_dry_run_prints_an_inert_script_and_writes_nothing(tmp_path):
 
 
 def test_container_flags_reach_srun(tmp_path):
-    r = _cli("launch", TINY, "--dry-run", "--nodes", "2", "--gpus-per-node", "4",
+    r = _dry("launch", TINY, "--dry-run", "--nodes", "2", "--gpus-per-node", "4",
              "--container-image", "nvcr.io#nvidia/nemo:25.11", "--container-mounts",
              "/lustre:/lustre", "--partition", "batch", "--time", "01:00:00",
              "--out", str(tmp_path / "r"), "train.global_batch_size=64")
@@ -78,7 +86,7 @@ def test_container_flags_reach_srun(tmp_path):
 ])
 def test_bad_input_is_one_line_before_anything_runs(tmp_path, args, needle):
     out = tmp_path / "run"
-    r = _cli("launch", TINY, "--out", str(out), *args, path=os.path.dirname(sys.executable))
+    r = _dry("launch", TINY, "--out", str(out), *args, path=os.path.dirname(sys.executable))
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and not out.exists()
 
@@ -90,7 +98,7 @@ def _fake_checkpoint(path: Path) -> None:
 
 def test_pipeline_dry_run_skips_complete_stages(tmp_path):
     pipe = str(ROOT / "recipes" / "tiny_cpu_pipeline.yaml")
-    r = _cli("launch", pipe, "--dry-run", f"workdir={tmp_path}")
+    r = _dry("launch", pipe, "--dry-run", f"workdir={tmp_path}")
     assert r.returncode == 0, r.stderr
     heads = [x for x in r.stdout.splitlines() if x.startswith("# ---- stage")]
     assert [h.split()[3].rstrip(":") for h in heads] == ["teacher", "pruned", "healed"]
@@ -99,7 +107,7 @@ def test_pipeline_dry_run_skips_complete_stages(tmp_path):
     assert words[3:6] == ["prune", f"{tmp_path}/teacher/checkpoints/step_0000600",
                           f"{tmp_path}/pruned"]
     _fake_checkpoint(tmp_path / "teacher" / "checkpoints" / "step_0000600")
-    r = _cli("launch", pipe, "--dry-run", f"workdir={tmp_path}")
+    r = _dry("launch", pipe, "--dry-run", f"workdir={tmp_path}")
     heads = [x for x in r.stdout.splitlines() if x.startswith("# ---- stage")]
     assert len(heads) == 2 and "afterok" not in heads[0] and "afterok" in heads[1]
 
@@ -134,7 +142,7 @@ def test_cluster_checks_before_submission(slurm_cluster, tmp_path, args, needle)
         return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True,
                                   text=True).stdout.split())
     before = queued()
-    r = _cli("launch", TINY, "--out", str(tmp_path / "r"), "--gpus-per-node", "0", *args)
+    r = _dry("launch", TINY, "--out", str(tmp_path / "r"), "--gpus-per-node", "0", *args)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert queued() <= before and not (tmp_path / "r").exists()
 

@@ -1,5 +1,6 @@
-"""Smoke test of ``bench-method`` at a tiny scale: every section runs through the CLI and the
-report is well formed; the fixed validation set is the training loop's own validation set."""
+"""Smoke test of ``bench-method`` at a tiny scale and one seed: every section runs through the
+CLI and the report is well formed; the fixed validation set is the training loop's own
+validation set."""
 
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ def smoke_overrides(data_cache: str) -> list[str]:
     teacher = ["teacher.train.train_iters=40", "teacher.train.lr_warmup_iters=5",
                "teacher.train.micro_batch_size=4", "teacher.train.eval_iters=2",
                "teacher.train.tensorboard=false", "teacher.train.save_interval=0"]
+    # One seed: the verdicts over several seeds are unit-tested in test_verdict.py.
     return data + model + teacher + [
-        "study.width_hidden_size=48", "study.width_ffn_step=16", "study.eval_samples=16",
+        "study.seeds=[0]", "study.width_hidden_size=48", "study.width_ffn_step=16",
+        "study.eval_samples=16",
         "calib.num_samples=8", "calib.micro_batch_size=4", "calib.eval_samples=8",
         "retrain.train_iters=4", "retrain.eval_interval=2", "retrain.eval_iters=2",
         "retrain.micro_batch_size=4", "retrain.log_interval=2", "retrain.tensorboard=false",

@@ -4,17 +4,21 @@ checkpoint loads under another layout, and the Python API works from a user's ow
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.dist import spawn
+from tests.dist import in_order, spawn
 
 CFG = dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
            num_query_groups=4, seq_length=32, vocab_size=256)
 # Every axis at once; 2 layers and 2 groups stay divisible by PP=2 and TP=2.
 TARGET = dict(num_layers=2, hidden_size=48, ffn_hidden_size=64, num_query_groups=2,
               hardware_multiple=1)
+
+
+TIED = [False, True]
 
 
 def _tokens() -> torch.Tensor:
@@ -67,27 +71,41 @@ def load_pruned_job(out: str, tp: int, ckpt: str) -> None:
         torch.save({"logits": logits}, out)
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Every layout, tied and untied, three start-ups in all: the one-process reference (and
+    its checkpoint), the 2-process layouts loading it, the TP=2 pruned checkpoint under TP=1."""
+    d = tmp_path_factory.mktemp("prune-layouts")
+
+    def p(name: str) -> str:
+        return str(d / name)
+
+    spawn(in_order, 1, [(prune_job, (p(f"ref-{t}.pt"), 1, 1, t, None, p(f"ck-{t}"), None))
+                        for t in TIED])
+    spawn(in_order, 2, [
+        job for t in TIED for job in (
+            (prune_job, (p(f"tp2-{t}.pt"), 2, 1, t, p(f"ck-{t}"), None, p(f"pruned-{t}"))),
+            (prune_job, (p(f"pp2-{t}.pt"), 1, 2, t, p(f"ck-{t}"), None, None)))])
+    spawn(load_pruned_job, 1, p("reload.pt"), 1, p("pruned-False"))
+    return d
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_pruning_under_tp2_and_pp2_equals_tp1(tmp_path, tied):
-    t = tmp_path
-    spawn(prune_job, 1, str(t / "ref.pt"), 1, 1, tied, None, str(t / "ck"), None)
-    spawn(prune_job, 2, str(t / "tp2.pt"), 2, 1, tied, str(t / "ck"), None, str(t / "pruned"))
-    spawn(prune_job, 2, str(t / "pp2.pt"), 1, 2, tied, str(t / "ck"), None, None)
-    ref = torch.load(t / "ref.pt")
+@pytest.mark.parametrize("tied", TIED, ids=["untied", "tied"])
+def test_pruning_under_tp2_and_pp2_equals_tp1(runs, tied):
+    ref = torch.load(runs / f"ref-{tied}.pt")
     assert ref["logits"].shape == (8, 32, 256)
     for name in ("tp2", "pp2"):
-        got = torch.load(t / f"{name}.pt")
+        got = torch.load(runs / f"{name}-{tied}.pt")
         assert got["layers"] == ref["layers"], name
         assert got["fingerprint"] == pytest.approx(ref["fingerprint"], rel=1e-9), name
         torch.testing.assert_close(got["ffn"], ref["ffn"], rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(got["logits"], ref["logits"], atol=1e-5, rtol=0, msg=name)
     # Balanced shards: under TP=2 the sharded weights split evenly, so a rank holds less than
     # the whole pruned model.
-    assert torch.load(t / "tp2.pt")["local_params"] < ref["local_params"]
+    assert torch.load(runs / f"tp2-{tied}.pt")["local_params"] < ref["local_params"]
     if not tied:  # the TP=2 pruned checkpoint loads under TP=1 with the same logits
-        spawn(load_pruned_job, 1, str(t / "reload.pt"), 1, str(t / "pruned"))
-        torch.testing.assert_close(torch.load(t / "reload.pt")["logits"], ref["logits"],
+        torch.testing.assert_close(torch.load(runs / "reload.pt")["logits"], ref["logits"],
                                    atol=1e-5, rtol=0)
 
 

@@ -51,6 +51,30 @@ def test_heads_are_ranked_inside_their_group():
             assert h == 2 * g + int(pair.argmax())
 
 
+@pytest.mark.parametrize("num_layers, dropped", [(3, [2]), (2, [1, 2]), (1, [0, 1, 2]),
+                                                 (4, [])])
+def test_angular_distance_drops_the_closest_block(num_layers, dropped):
+    # Boundaries 0..4; d[i, j] for i < j: small for (2,3), (1,3), (0,3) and symmetric.
+    d = torch.full((5, 5), 0.5)
+    for (i, j), v in {(2, 3): 0.01, (1, 3): 0.05, (0, 3): 0.2, (1, 2): 0.3,
+                      (3, 4): 0.4, (2, 4): 0.45}.items():
+        d[i, j] = d[j, i] = v
+    d.fill_diagonal_(0)
+    s = _scores()
+    s.angular_distance = d
+    plan = make_plan(CFG, s, Target(num_layers=num_layers, layer_metric="angular_distance"))
+    assert plan.layers == [i for i in range(4) if i not in dropped]
+
+
+def test_angular_distance_needs_the_matrix():
+    with pytest.raises(ConfigError, match="layer_metric=angular_distance needs activation"):
+        make_plan(CFG, _scores(), Target(num_layers=3, layer_metric="angular_distance"))
+    s = _scores()
+    s.angular_distance = torch.zeros(4, 4)
+    with pytest.raises(ConfigError, match=r"angular_distance scores have shape \(4, 4\)"):
+        make_plan(CFG, s, Target(num_layers=3, layer_metric="angular_distance"))
+
+
 def test_explicit_drop_layers():
     plan = make_plan(CFG, _scores(), Target(drop_layers=[1, 2]))
     assert plan.layers == [0, 3] and plan.config.num_layers == 2

@@ -3,10 +3,12 @@ exactly them leaves the logits unchanged; parameter counts equal the config's pr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from tests.dist import spawn
+from tests.dist import in_order, spawn
 
 FFN_DEAD = [3, 17, 40, 77]
 HIDDEN_DEAD = [5, 33, 60]
@@ -59,10 +61,17 @@ def _lowest(x: torch.Tensor, k: int) -> set[int]:
     return set(torch.argsort(x)[:k].tolist())
 
 
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    """Both variants in one start-up."""
+    d = tmp_path_factory.mktemp("planted")
+    spawn(in_order, 1, [(planted_job, (str(d / f"{gqa}.pt"), gqa)) for gqa in (False, True)])
+    return d
+
+
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha_heads", "gqa_groups"])
-def test_planted_units_rank_lowest_and_prune_exactly(tmp_path, gqa):
-    spawn(planted_job, 1, str(tmp_path / "r.pt"), gqa)
-    r = torch.load(tmp_path / "r.pt", weights_only=False)
+def test_planted_units_rank_lowest_and_prune_exactly(planted, gqa):
+    r = torch.load(planted / f"{gqa}.pt", weights_only=False)
     s, plan = r["scores"], r["plan"]
     assert _lowest(s.hidden_size, 3) == set(HIDDEN_DEAD)
     assert (s.hidden_size[HIDDEN_DEAD] == 0).all()

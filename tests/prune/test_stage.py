@@ -1,4 +1,4 @@
-"""The prune verb end to end on a tiny pretrained checkpoint: outputs, reshardable pruned
+"""The prune verb end to end on the session's tiny teacher (4 layers): outputs, reshardable pruned
 checkpoint, re-pruning from saved scores, bad input."""
 
 from __future__ import annotations
@@ -9,18 +9,9 @@ import pytest
 import torch
 import yaml
 
-from tests.dist import spawn
+from tests.cli import cli
+from tests.dist import in_order, spawn
 from tests.test_cli import _one_line_error, run_cli, run_torchrun
-from tests.train.test_loop import pretrain_job
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, tiny_overrides) -> str:
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    spawn(pretrain_job, 1, str(out), tiny_overrides + ["train.train_iters=20",
-                                                       "train.eval_interval=0",
-                                                       "train.lr=3e-3"])
-    return str(out / "checkpoints" / "step_0000020")
 
 
 def _data_overrides(tiny_overrides: list[str]) -> list[str]:
@@ -63,8 +54,8 @@ def test_prune_verb_end_to_end(tmp_path, teacher, tiny_overrides):
     summary = json.loads((out / "pruning" / "summary.json").read_text())
     assert summary["pruned_params"] < summary["source_params"]
     # The pruned checkpoint is an ordinary checkpoint: TP=2 loads it with the TP=1 logits.
-    spawn(logits_of, 1, str(out), str(tmp_path / "tp1.pt"), 1)
-    spawn(logits_of, 2, str(out), str(tmp_path / "tp2.pt"), 2)
+    spawn(in_order, 2, [(logits_of, (str(out), str(tmp_path / f"tp{tp}.pt"), tp))
+                        for tp in (1, 2)])
     torch.testing.assert_close(torch.load(tmp_path / "tp2.pt"), torch.load(tmp_path / "tp1.pt"),
                                atol=1e-5, rtol=0)
     # Re-pruning to another target reuses the saved scores (TP=1) under TP=2.
@@ -93,25 +84,59 @@ def test_prune_verb_end_to_end(tmp_path, teacher, tiny_overrides):
      ["target.num_attention_heads=3 is not divisible by target.num_query_groups=2"]),
     (["calib.num_samples=6", "calib.micro_batch_size=4"],
      ["calib.num_samples=6 must be a positive multiple of calib.micro_batch_size=4"]),
-    (["target.ffn_hidden_size=64", "scores=/nonexistent/scores.pt"],
-     ["scores='/nonexistent/scores.pt' does not exist"]),
+    (["target.ffn_hidden_size=64", "calib.seq_length=0"],
+     ["calib.seq_length=0 must be a positive integer"]),
 ])
 def test_bad_prune_input(tmp_path, teacher, tiny_overrides, args, needles):
+    # Refused before the runtime starts: in this process.
     out = tmp_path / "pruned"
-    res = run_cli("prune", teacher, str(out), *args, *_data_overrides(tiny_overrides))
+    res = cli("prune", teacher, str(out), *args, *_data_overrides(tiny_overrides))
     _one_line_error(res, *needles)
+    assert not out.exists()
+
+
+def test_missing_scores_file(tmp_path, teacher, tiny_overrides):
+    # Found after the runtime has started: in a child process.
+    out = tmp_path / "pruned"
+    res = run_cli("prune", teacher, str(out), "target.ffn_hidden_size=64",
+                  "scores=/nonexistent/scores.pt", *_data_overrides(tiny_overrides))
+    _one_line_error(res, "scores='/nonexistent/scores.pt' does not exist")
     assert not out.exists()
 
 
 def test_depth_by_lm_loss_drops_the_cheapest_block(tmp_path, teacher, tiny_overrides):
     out = tmp_path / "depth"
-    res = run_cli("prune", teacher, str(out), "target.num_layers=1",
+    res = run_cli("prune", teacher, str(out), "target.num_layers=3",
                   "target.layer_metric=lm_loss", "calib.num_samples=8",
+                  "calib.micro_batch_size=4", "calib.eval_samples=8", "calib.seq_length=32",
+                  *_data_overrides(tiny_overrides))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "pruning" / "summary.json").read_text())
+    # Calibration windows of their own length; the model keeps its training seq_length.
+    assert summary["calib_seq_length"] == 32
+    assert yaml.safe_load((out / "model_config.yaml").read_text())["seq_length"] == 64
+    increase = summary["block_loss_increase"]
+    assert len(increase) == 4  # four layers, a block of one
+    dropped = min(range(4), key=lambda i: increase[i])
+    assert summary["kept_layers"] == [i for i in range(4) if i != dropped]
+
+
+def test_depth_by_angular_distance_drops_the_closest_block(tmp_path, teacher, tiny_overrides):
+    out = tmp_path / "angular"
+    res = run_cli("prune", teacher, str(out), "target.num_layers=3",
+                  "target.layer_metric=angular_distance", "calib.num_samples=8",
                   "calib.micro_batch_size=4", "calib.eval_samples=8",
                   *_data_overrides(tiny_overrides))
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "pruning" / "summary.json").read_text())
-    increase = summary["block_loss_increase"]
-    assert len(increase) == 2  # two layers, a block of one
-    dropped = min(range(2), key=lambda i: increase[i])
-    assert summary["kept_layers"] == [1 - dropped]
+    scores = torch.load(out / "pruning" / "scores.pt", weights_only=True)
+    d = scores["angular_distance"]  # boundaries 0..4 of the 4-layer teacher
+    blocks = [float(d[i, i + 1]) for i in range(4)]
+    assert summary["block_angular_distance"] == pytest.approx(blocks)
+    dropped = min(range(4), key=lambda i: blocks[i])
+    assert summary["kept_layers"] == [i for i in range(4) if i != dropped]
+    assert "angular distance" in (out / "pruning" / "report.md").read_text()
+    res = cli("prune", teacher, str(tmp_path / "refused"), "target.num_layers=3",
+              "target.layer_metric=angular_distance", "importance=magnitude",
+              *_data_overrides(tiny_overrides))
+    _one_line_error(res, "target.layer_metric=angular_distance needs importance=activation")

@@ -9,17 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist import spawn
+from tests.dist import in_order, spawn
 
 
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _train_losses(run_dir: Path, name: str = "metrics.jsonl") -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / name).read_text().splitlines()]
     return {r["step"]: r["lm loss"] for r in rows if r["kind"] == "train"}
 
 
 def _valid_losses(run_dir: Path) -> list[float]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["lm loss"] for r in rows if r["kind"] == "valid"]
+
+
+def _copy_metrics(run: str, to: str) -> None:
+    """The metrics of a run so far (for a look at them before it is resumed)."""
+    import shutil
+
+    shutil.copyfile(Path(run) / "metrics.jsonl", to)
 
 
 def pretrain_job(out: str, overrides: list[str]) -> None:
@@ -58,32 +65,49 @@ def base_checkpoint(tmp_path_factory, tiny_overrides) -> str:
     return str(out / "checkpoints" / "step_0000002")
 
 
-@pytest.mark.dist
-@pytest.mark.parametrize("layout", ["pp2", "tp2", "dp2"])
-def test_train_step_matches_single_process(tmp_path, base_checkpoint, tiny_overrides, layout):
-    """Two steps (so Adam's second moment and the LR schedule are exercised) under a 2-process
-    layout reproduce one process: same losses, same updated weights (1e-5)."""
+LAYOUTS = {"pp2": ["parallel.pipeline_model_parallel_size=2"],
+           "tp2": ["parallel.tensor_model_parallel_size=2"],
+           "dp2": []}
+
+
+def state_dicts_job(ckpts: list[str], outs: list[str]) -> None:
+    for ckpt, out in zip(ckpts, outs):
+        state_dict_job(ckpt, out)
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory, base_checkpoint, tiny_overrides) -> Path:
+    """Two steps from the base checkpoint in one process and under every 2-process layout (one
+    start-up for all layouts), then every result's weights as a TP=1 state dict."""
+    root = tmp_path_factory.mktemp("layouts")
     common = tiny_overrides + ["train.train_iters=2", "train.eval_interval=0",
                                "train.lr_warmup_iters=0"]
-    spawn(finetune_job, 1, base_checkpoint, str(tmp_path / "ref"), common)
-    par = {"pp2": ["parallel.pipeline_model_parallel_size=2"],
-           "tp2": ["parallel.tensor_model_parallel_size=2"],
-           "dp2": []}[layout]
-    spawn(finetune_job, 2, base_checkpoint, str(tmp_path / "par"), common + par)
-    ref, got = _train_losses(tmp_path / "ref"), _train_losses(tmp_path / "par")
+    spawn(in_order, 2, [(finetune_job, (base_checkpoint, str(root / name), common + par))
+                        for name, par in LAYOUTS.items()])
+    names = ["ref", *LAYOUTS]
+    spawn(in_order, 1, [
+        (finetune_job, (base_checkpoint, str(root / "ref"), common)),
+        (state_dicts_job, ([base_checkpoint] + [str(root / n / "checkpoints" / "step_0000002")
+                                                for n in names],
+                           [str(root / f"{n}.pt") for n in ["base", *names]]))])
+    return root
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_train_step_matches_single_process(layout_runs, layout):
+    """Two steps (so Adam's second moment and the LR schedule are exercised) under a 2-process
+    layout reproduce one process: same losses, same updated weights (1e-5)."""
+    ref, got = _train_losses(layout_runs / "ref"), _train_losses(layout_runs / layout)
     assert ref.keys() == got.keys() == {1, 2}
     for step in ref:
         assert got[step] == pytest.approx(ref[step], abs=1e-5)
-    for name in ("ref", "par"):
-        spawn(state_dict_job, 1, str(tmp_path / name / "checkpoints" / "step_0000002"),
-              str(tmp_path / f"{name}.pt"))
-    a, b = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "par.pt")
+    a, b = torch.load(layout_runs / "ref.pt"), torch.load(layout_runs / f"{layout}.pt")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
     # Sanity: the steps changed the weights.
-    spawn(state_dict_job, 1, base_checkpoint, str(tmp_path / "base.pt"))
-    base = torch.load(tmp_path / "base.pt")
+    base = torch.load(layout_runs / "base.pt")
     assert any((base[k] - a[k]).abs().max() > 1e-4 for k in a)
 
 
@@ -102,10 +126,11 @@ def test_pretraining_lowers_validation_loss_by_30_percent(tmp_path, tiny_overrid
 def test_interrupted_run_resumes_step_for_step(tmp_path, tiny_overrides):
     common = tiny_overrides + ["train.train_iters=6", "train.eval_interval=3",
                                "train.lr_warmup_iters=2"]
-    spawn(pretrain_job, 1, str(tmp_path / "full"), common)
-    spawn(pretrain_job, 1, str(tmp_path / "cut"), common + ["train.exit_interval=3"])
-    assert _train_losses(tmp_path / "cut").keys() == {1, 2, 3}
-    spawn(pretrain_job, 1, str(tmp_path / "cut"), common + ["train.exit_interval=3"])
+    cut = (pretrain_job, (str(tmp_path / "cut"), common + ["train.exit_interval=3"]))
+    spawn(in_order, 1, [(pretrain_job, (str(tmp_path / "full"), common)), cut,
+                        (_copy_metrics, (str(tmp_path / "cut"), str(tmp_path / "first.jsonl"))),
+                        cut])
+    assert _train_losses(tmp_path, "first.jsonl").keys() == {1, 2, 3}
     full, cut = _train_losses(tmp_path / "full"), _train_losses(tmp_path / "cut")
     assert full.keys() == cut.keys() == set(range(1, 7))
     assert [cut[s] for s in range(1, 7)] == [full[s] for s in range(1, 7)]  # bit-exact on CPU
