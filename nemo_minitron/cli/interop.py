@@ -93,7 +93,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = bench(args.checkpoints, BenchConfig(batch_size=args.batch_size,
                                                seq_length=args.seq_length,
                                                decode_tokens=args.decode_tokens,
-                                               repeats=args.repeats))
+                                               repeats=args.repeats,
+                                               attention=args.attention))
     print(format_table(rows))
     return 0
 
@@ -186,4 +187,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-length", type=int, default=128, help="prompt tokens per sequence")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--attention", help="core attention of the local layer spec: local or sdpa "
+                   "(default: the build default; the TE spec on GPU has its own)")
     p.set_defaults(func=cmd_bench)

@@ -3,8 +3,10 @@ first checkpoint and the ratio predicted from forward FLOPs.
 
 Prefill: one forward of ``batch x seq`` prompt tokens filling Megatron's KV cache; decode:
 ``decode_tokens`` single-token steps per sequence attending to that cache (the generator's
-path), timed apart from the prefill. Each timing is the best of ``repeats`` runs after one
-warm-up. FLOPs per token are
+path), timed apart from the prefill. ``attention`` picks the local spec's core attention
+(``sdpa`` reads grouped keys/values of the cache in place; Megatron's local attention copies the
+whole cache per step and layer to repeat them for GQA). Each timing is the best of
+``repeats`` runs after one warm-up. FLOPs per token are
 ``2 x (parameters touched per token) + 4 x layers x context x heads x kv_channels`` (the
 attention scores and the weighted sum), taken at the mean context length of each phase.
 """
@@ -32,6 +34,14 @@ class BenchConfig:
     """Generated tokens per sequence (decode)."""
     repeats: int = 3
     """Timed runs per phase (best is kept) after one warm-up."""
+    attention: str | None = None
+    """Core attention of the local spec (``local`` or ``sdpa``; None: the build default)."""
+
+    def __post_init__(self) -> None:
+        from nemo_minitron.model.build import check_attention
+
+        if self.attention is not None:
+            check_attention(self.attention)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_length", "decode_tokens", "repeats"):
@@ -69,15 +79,17 @@ def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: 
 
     b, s = prompt.shape
     ctx = StaticInferenceContext(b, s + decode_tokens)
-    pos = torch.arange(s, device=prompt.device).unsqueeze(0).expand_as(prompt)
-    model(prompt, pos, None, inference_context=ctx, runtime_gather_output=True)
+    # Positions of every step made once: a decode step slices its column.
+    positions = torch.arange(s + decode_tokens, device=prompt.device).unsqueeze(0).expand(
+        b, s + decode_tokens)
+    model(prompt, positions[:, :s], None, inference_context=ctx, runtime_gather_output=True)
     ctx.sequence_len_offset = s
     ctx.enable_decode_mode()
     tok = prompt[:, -1:]
     _sync()
     t0 = time.perf_counter()
     for i in range(decode_tokens):
-        p = torch.full_like(tok, s + i)
+        p = positions[:, s + i:s + i + 1]
         logits = model(tok, p, None, inference_context=ctx, runtime_gather_output=True)
         tok = logits[:, -1:].argmax(-1)
         ctx.sequence_len_offset += 1
@@ -95,7 +107,7 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
     from nemo_minitron.model.params import count_params
 
     cfg = load_model_config(checkpoint)
-    model = build_model(cfg, bf16=torch.cuda.is_available())
+    model = build_model(cfg, bf16=torch.cuda.is_available(), attention=b.attention)
     load_weights(checkpoint, model)
     model.eval()
     device = next(model.parameters()).device

@@ -1,8 +1,11 @@
 """Build a Llama-style Megatron-core ``GPTModel`` from a ``ModelConfig``.
 
 The Transformer Engine layer spec is used when TE imports and a GPU is present (needed for
-FP8), Megatron's local spec otherwise. The model is built for the calling rank's pipeline
-stage of the current parallel state.
+FP8), Megatron's local spec otherwise. The local spec's core attention is Megatron's
+``DotProductAttention`` (``attention="local"``) or torch's fused SDPA kernel
+(``attention="sdpa"``, ``nemo_minitron/model/attention.py``); both have no parameters, so
+checkpoints are the same. The model is built for the calling rank's pipeline stage of the
+current parallel state.
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("model")
+
+ATTENTIONS = ("local", "sdpa")
+"""Core attention choices of the local spec (the TE spec has its own fused attention)."""
+DEFAULT_ATTENTION = "local"
+"""Core attention of the local spec when ``build_model`` is not told one."""
 
 
 def te_available() -> bool:
@@ -68,23 +76,41 @@ def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None 
     )
 
 
-def layer_spec(cfg: ModelConfig, use_te: bool | None = None):
-    """The TE spec when TE and a GPU are present, else the local spec."""
+def check_attention(attention: str) -> None:
+    """One-line error unless ``attention`` is one of ``ATTENTIONS``."""
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"attention={attention!r}: must be one of {', '.join(ATTENTIONS)}")
+
+
+def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | None = None):
+    """The TE spec when TE and a GPU are present, else the local spec with ``attention``
+    (default ``DEFAULT_ATTENTION``) as its core attention."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    attention = attention or DEFAULT_ATTENTION
+    check_attention(attention)
     use_te = te_available() if use_te is None else use_te
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+    spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+    if attention == "sdpa":
+        from nemo_minitron.model.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
-                use_te: bool | None = None):
+                use_te: bool | None = None, attention: str | None = None):
     """Build this rank's ``GPTModel`` stage (on the rank's device, fp32 or bf16 params).
-    ``use_te=False`` forces Megatron's local spec (its checkpoint keys map onto TE's)."""
+    ``use_te=False`` forces Megatron's local spec (its checkpoint keys map onto TE's).
+    ``attention`` picks the local spec's core attention (``ATTENTIONS``, default
+    ``DEFAULT_ATTENTION``); the TE spec ignores it."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
+    attention = attention or DEFAULT_ATTENTION
+    check_attention(attention)
     if cfg.vocab_size is None:
         raise ConfigError("model.vocab_size is not set (it comes from the tokenizer)")
     cfg.check_layout(ps.get_tensor_model_parallel_world_size(),
@@ -94,7 +120,7 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
     config = transformer_config(cfg, bf16=bf16, fp8=fp8)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg, use_te),
+        transformer_layer_spec=layer_spec(cfg, use_te, attention=attention),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.context_length,
         pre_process=ps.is_pipeline_first_stage(),

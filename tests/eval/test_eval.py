@@ -52,6 +52,9 @@ def eval_job(root: str) -> None:
     with open(r / "bench.txt", "w") as f, contextlib.redirect_stdout(f):
         main(["bench", str(r / "ck"), str(r / "ck_small"), "--batch-size", "2",
               "--seq-length", "16", "--decode-tokens", "4", "--repeats", "1"])
+    with open(r / "bench_sdpa.txt", "w") as f, contextlib.redirect_stdout(f):
+        main(["bench", str(r / "ck"), "--batch-size", "2", "--seq-length", "16",
+              "--decode-tokens", "4", "--repeats", "1", "--attention", "sdpa"])
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +148,16 @@ def test_bench_prints_table(result):
     assert (first[1], small[1]) == (f"{n_big / 1e6:.2f}M", f"{n_little / 1e6:.2f}M")
     for row in (first, small):
         assert float(row[2]) > 0 and float(row[5]) > 0  # measured tokens per second
+
+
+def test_bench_with_sdpa_attention(result):
+    root, _ = result
+    lines = (root / "bench_sdpa.txt").read_text().strip().splitlines()
+    assert len(lines) == 3 and float(lines[2].split("|")[3]) > 0  # prefill tok/s
+
+
+def test_bench_refuses_unknown_attention(capsys):
+    from nemo_minitron.cli import main
+
+    assert main(["bench", "ck", "--attention", "flash"]) == 2
+    assert "error: attention='flash'" in capsys.readouterr().err
