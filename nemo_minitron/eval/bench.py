@@ -40,14 +40,12 @@ class BenchConfig:
     def __post_init__(self) -> None:
         from nemo_minitron.model.build import check_attention
 
-        if self.attention is not None:
-            check_attention(self.attention)
-
-    def __post_init__(self) -> None:
         for name in ("batch_size", "seq_length", "decode_tokens", "repeats"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag}={getattr(self, name)} must be >= 1")
+        if self.attention is not None:
+            check_attention(self.attention)
 
 
 def flops_per_token(cfg: ModelConfig, context: float) -> float:
