@@ -113,8 +113,9 @@ class ModelConfig:
 
     def padded_vocab_size(self, tokenizer_vocab_size: int) -> int:
         """Round a tokenizer vocabulary up to ``make_vocab_size_divisible_by``."""
-        m = self.make_vocab_size_divisible_by
-        return -(-tokenizer_vocab_size // m) * m
+        from nemo_minitron.model.layouts import padded_vocab_size
+
+        return padded_vocab_size(tokenizer_vocab_size, self.make_vocab_size_divisible_by)
 
 
 @dataclass(kw_only=True)

@@ -27,6 +27,7 @@ from nemo_minitron.distill.losses import (
     logit_divergence_and_ce,
 )
 from nemo_minitron.model.build import unwrap
+from nemo_minitron.model.layouts import drop_vocab_padding, global_layers
 from nemo_minitron.train.objectives import masked_mean, to_device
 
 
@@ -95,10 +96,6 @@ def _capture(module: torch.nn.Module, store: dict[str, torch.Tensor], key: str):
     return module.register_forward_hook(hook)
 
 
-def _global_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    return {layer.layer_number - 1: layer for layer in model.decoder.layers}
-
-
 class KDObjective:
     """Teacher + student forward, distillation loss on the last stage."""
 
@@ -119,7 +116,7 @@ class KDObjective:
         for p in teacher.parameters():
             p.requires_grad_(False)
         self._acts: dict[str, torch.Tensor] = {}
-        s_layers, t_layers = _global_layers(self.student), _global_layers(teacher)
+        s_layers, t_layers = global_layers(self.student), global_layers(teacher)
         self.pairs = [(s, t) for s, t in pairs if s in s_layers and t in t_layers] \
             if cfg.hidden_weight else []
         self.n_pairs = len(pairs) if cfg.hidden_weight else 0
@@ -208,8 +205,8 @@ class KDObjective:
 
         cfg = self.cfg
         if self.shared_vocab is not None:  # TP=1 only: reconcile padded vocabularies
-            s_logits = s_logits[..., :self.shared_vocab]
-            t_logits = t_logits[..., :self.shared_vocab]
+            s_logits = drop_vocab_padding(s_logits, self.shared_vocab)
+            t_logits = drop_vocab_padding(t_logits, self.shared_vocab)
         group = self.tp_group if torch.distributed.get_world_size(self.tp_group) > 1 else None
         per_kd, per_ce = logit_divergence_and_ce(
             s_logits, t_logits, batch["labels"], kind=cfg.divergence,
@@ -254,7 +251,7 @@ def add_projections(student: torch.nn.Module, teacher_hidden: int,
     h = student.config.hidden_size
     if h == teacher_hidden:
         return
-    mine = {layer.layer_number - 1 for layer in student.decoder.layers}
+    mine = set(global_layers(student))
     keys = [f"layer{s}" for s, _ in pairs if s in mine]
     if embedding and hasattr(student, "embedding"):
         keys.append("embedding")

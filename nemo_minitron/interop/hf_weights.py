@@ -1,9 +1,8 @@
 """Hugging Face Llama-family tensors <-> Megatron ``GPTModel`` tensors (full, TP=1 layouts).
 
-Megatron's ``linear_qkv`` stacks its rows per query group: ``[q heads of group 0 | k0 | v0 |
-q heads of group 1 | k1 | v1 | ...]`` (``kv_channels`` rows per head); HF keeps separate
-``q_proj``/``k_proj``/``v_proj`` whose heads are in order, so query head ``j`` belongs to group
-``j // (heads / groups)``. Megatron's SwiGLU ``linear_fc1`` is ``[gate ; up]``. RoPE needs no
+HF keeps separate ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj``, which are
+exactly the parts of Megatron's fused ``linear_qkv`` and SwiGLU ``linear_fc1``
+(``model.layouts.split_qkv`` / ``split_fc1``). RoPE needs no
 permutation: HF and Megatron (``rotary_interleaved=False``) both rotate the two halves of a head.
 
 Reading goes through ``safetensors.safe_open`` one tensor at a time (never ``torch.load``), so
@@ -14,15 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.model.layouts import join_fc1, join_qkv, split_fc1, split_layer_key, split_qkv
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # Megatron layer-local name -> HF layer-local name, for one-to-one tensors. The TE spec fuses the
 # norms into the following linear (``layer_norm_weight``); both spellings map to the same tensor.
 _LAYER_1TO1 = {
@@ -37,26 +35,6 @@ _TOP_1TO1 = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
 }
-
-
-def qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    cfg: ModelConfig) -> torch.Tensor:
-    """Separate HF q/k/v (weights ``[out, hidden]`` or biases ``[out]``) -> ``linear_qkv``."""
-    g, d = cfg.query_groups, cfg.head_dim
-    rest = q.shape[1:]
-    blocks = [q.reshape(g, -1, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)]
-    return torch.cat(blocks, dim=1).reshape(-1, *rest)
-
-
-def qkv_from_megatron(qkv: torch.Tensor, cfg: ModelConfig
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of ``qkv_to_megatron``."""
-    g, d = cfg.query_groups, cfg.head_dim
-    per_group = cfg.num_attention_heads // g
-    rest = qkv.shape[1:]
-    blocks = qkv.reshape(g, (per_group + 2) * d, *rest)
-    q, k, v = blocks.split([per_group * d, d, d], dim=1)
-    return tuple(t.reshape(-1, *rest).contiguous() for t in (q, k, v))  # type: ignore[return-value]
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -155,9 +133,9 @@ def megatron_tensor(name: str, layer: int | None, cfg: ModelConfig,
         return get(p + _LAYER_1TO1[name])
     if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = name.rsplit(".", 1)[1]
-        return qkv_to_megatron(*(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"), cfg)
+        return join_qkv(*(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"), cfg)
     if name == "mlp.linear_fc1.weight":
-        return torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+        return join_fc1(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
     raise ConfigError(f"no Hugging Face tensor maps to {name!r}")
 
 
@@ -167,8 +145,8 @@ def hf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
     for key, w in sd.items():
         if key.endswith("_extra_state"):
             continue
-        m = _LAYER.match(key)
-        if m is None:
+        parsed = split_layer_key(key)
+        if parsed is None:
             if key in _TOP_1TO1:
                 yield _TOP_1TO1[key], w
             elif key == "output_layer.weight":
@@ -177,16 +155,16 @@ def hf_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig
             else:
                 raise ConfigError(f"export does not know the weight {key!r}")
             continue
-        p, name = f"model.layers.{int(m.group(1))}.", m.group(2)
+        p, name = f"model.layers.{parsed[0]}.", parsed[1]
         if name in _LAYER_1TO1:
             yield p + _LAYER_1TO1[name], w
         elif name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
             kind = name.rsplit(".", 1)[1]
-            for x, t in zip("qkv", qkv_from_megatron(w, cfg)):
+            for x, t in zip("qkv", split_qkv(w, cfg)):
                 yield f"{p}self_attn.{x}_proj.{kind}", t
         elif name == "mlp.linear_fc1.weight":
-            gate, up = w.chunk(2)
-            yield p + "mlp.gate_proj.weight", gate.contiguous()
-            yield p + "mlp.up_proj.weight", up.contiguous()
+            gate, up = split_fc1(w)
+            yield p + "mlp.gate_proj.weight", gate
+            yield p + "mlp.up_proj.weight", up
         else:
             raise ConfigError(f"export does not know the weight {key!r}")
