@@ -28,15 +28,22 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from nemo_minitron.config import ConfigError, ModelConfig, from_dict, to_dict
+from nemo_minitron.config import ConfigError, ModelConfig, ParallelConfig, from_dict, to_dict
 from nemo_minitron.data.tokenizer import Tokenizer, load_tokenizer
 from nemo_minitron.model.build import unwrap
-from nemo_minitron.utils.fs import atomic_write_json, atomic_write_text
+from nemo_minitron.utils.fs import atomic_write_json, atomic_write_text, replace_dir
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("checkpoint")
 
 MODEL_CONFIG = "model_config.yaml"
+CHECKPOINTS = "checkpoints"
+"""Training checkpoints of a run live in ``<run_dir>/checkpoints/step_<NNNNNNN>``."""
+
+
+def step_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
+    """The checkpoint directory of training step ``step`` in a run directory."""
+    return Path(run_dir) / CHECKPOINTS / f"step_{int(step):07d}"
 
 
 def _rank() -> int:
@@ -76,6 +83,27 @@ def load_checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     return load_tokenizer(check_checkpoint(path) / "tokenizer")
 
 
+def load_model(path: str | os.PathLike[str], parallel: ParallelConfig | None = None, *,
+               bf16: bool = False, field: str = "checkpoint"
+               ) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
+    """Load a checkpoint into a fresh model: ``(model, its ModelConfig, its tokenizer)``.
+
+    With ``parallel`` the process group and parallel state are started (or kept) for that
+    layout first; without it the model is built under the current parallel state. Either way
+    the weights are resharded to the layout on load."""
+    from nemo_minitron.model.build import build_model
+
+    p = check_checkpoint(path, field)
+    cfg = load_model_config(p)
+    if parallel is not None:
+        from nemo_minitron.parallel.runtime import init_distributed
+
+        init_distributed(parallel)
+    model = build_model(cfg, bf16=bf16)
+    load_weights(p, model)
+    return model, cfg, load_checkpoint_tokenizer(p)
+
+
 def _model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     return unwrap(model).sharded_state_dict()
 
@@ -113,14 +141,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
         atomic_write_json(tmp / "train_state.json", state)
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        replace_dir(tmp, final, overwrite=True)  # existence was refused above unless overwrite
         log.info("saved checkpoint %s", final)
     _barrier()
     return final
@@ -193,7 +214,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     """The newest complete ``<run_dir>/checkpoints/step_*`` checkpoint, if any."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return None
     done = sorted(p for p in root.glob("step_*") if not p.name.endswith((".tmp", ".old"))

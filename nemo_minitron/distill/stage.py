@@ -93,11 +93,9 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     """Distill ``teacher_ckpt`` into ``student_ckpt``; checkpoints under ``out_dir``."""
     from nemo_minitron.checkpoint.io import (
         check_checkpoint,
-        load_checkpoint_tokenizer,
+        load_model,
         load_model_config,
-        load_weights,
     )
-    from nemo_minitron.model.build import build_model
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.train.pretrain import bf16_enabled
 
@@ -111,10 +109,9 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     pairs = layer_pairs(student_ckpt, s_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
     init_distributed(recipe.parallel, seed=recipe.train.seed)
     bf16 = bf16_enabled(recipe)
-    teacher, student = build_model(t_cfg, bf16=bf16), build_model(s_cfg, bf16=bf16)
-    load_weights(teacher_ckpt, teacher)
-    load_weights(student_ckpt, student)
-    return distill_models(recipe, teacher, student, s_cfg, load_checkpoint_tokenizer(student_ckpt),
+    teacher, _, _ = load_model(teacher_ckpt, bf16=bf16, field="--teacher")
+    student, _, tokenizer = load_model(student_ckpt, bf16=bf16, field="--student")
+    return distill_models(recipe, teacher, student, s_cfg, tokenizer,
                           out_dir, pairs=pairs, shared_vocab=shared_vocab)
 
 

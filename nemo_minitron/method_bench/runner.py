@@ -66,17 +66,14 @@ class Study:
 
     def evaluate(self, checkpoint: str) -> float:
         """LM loss of a checkpoint on the fixed validation set (the first seed's)."""
-        from nemo_minitron.checkpoint.io import load_model_config, load_weights
-        from nemo_minitron.model.build import build_model
+        from nemo_minitron.checkpoint.io import load_model, load_model_config
         from nemo_minitron.model.forward import lm_loss
         from nemo_minitron.parallel.runtime import init_distributed
 
         init_distributed(ParallelConfig())
-        cfg = load_model_config(checkpoint)
         if self._eval_tokens is None:
-            self._eval_tokens = self._fixed_eval_set(cfg.seq_length)
-        model = build_model(cfg)
-        load_weights(checkpoint, model)
+            self._eval_tokens = self._fixed_eval_set(load_model_config(checkpoint).seq_length)
+        model, _, _ = load_model(checkpoint)
         return lm_loss(model, self._eval_tokens, self.recipe.retrain.micro_batch_size)
 
     def _fixed_eval_set(self, seq_length: int) -> torch.Tensor:

@@ -73,15 +73,14 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     from nemo_minitron.checkpoint.io import (
         check_checkpoint,
         load_checkpoint_tokenizer,
+        load_model,
         load_model_config,
-        load_weights,
         save_checkpoint,
     )
     from nemo_minitron.data.datasets import build_gpt_datasets
     from nemo_minitron.importance.estimator import check_scores_match, estimate_importance
     from nemo_minitron.importance.layers import block_loss_increase
     from nemo_minitron.importance.scores import Scores
-    from nemo_minitron.model.build import build_model
     from nemo_minitron.model.forward import lm_loss
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
@@ -112,8 +111,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
                                 num_samples=(c.num_samples, c.eval_samples, 0))
     calib_tokens = _samples(splits.train, c.num_samples, "num_samples")
     eval_tokens = _samples(splits.valid, c.eval_samples, "eval_samples")
-    model = build_model(src)
-    load_weights(checkpoint, model)
+    model, _, _ = load_model(checkpoint)
     if recipe.scores:
         scores = Scores.load(recipe.scores)
         check_scores_match(scores, model)

@@ -118,17 +118,17 @@ def stored_result(root: Path, name: str, retrain_steps: int) -> dict[str, Any] |
 
 def candidate_finished(root: Path, name: str, retrain_steps: int) -> bool:
     """Whether a candidate is done for these retrain_steps, its final checkpoint included."""
-    from nemo_minitron.checkpoint.io import is_checkpoint
+    from nemo_minitron.checkpoint.io import is_checkpoint, step_dir
 
     r = stored_result(root, name, retrain_steps)
-    final = root / "candidates" / name / "distill" / "checkpoints" / f"step_{retrain_steps:07d}"
+    final = step_dir(root / "candidates" / name / "distill", retrain_steps)
     return r is not None and r.get("status") == "done" and is_checkpoint(final)
 
 
 def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     """Run (or resume) the search; returns the summary (``finished`` False while candidates
     are left: stopped by search.max_candidates_per_run, search.candidates or a signal)."""
-    from nemo_minitron.checkpoint.io import check_checkpoint, load_model_config
+    from nemo_minitron.checkpoint.io import check_checkpoint, load_model_config, step_dir
     from nemo_minitron.distill.stage import DistillRecipe, distill
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
@@ -187,7 +187,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     for c, rec in zip(candidates, records):
         cdir = root / "candidates" / c.name
         pruned, run = cdir / "pruned", cdir / "distill"
-        final = run / "checkpoints" / f"step_{s.retrain_steps:07d}"
+        final = step_dir(run, s.retrain_steps)
         if candidate_finished(root, c.name, s.retrain_steps):
             log.info("candidate %s: finished earlier, skipped", c.name)
             continue

@@ -185,7 +185,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         """Checkpoint to ``<out>/checkpoints/step_<N>``."""
-        path = self.out_dir / "checkpoints" / f"step_{self.state.step:07d}"
+        path = ckpt.step_dir(self.out_dir, self.state.step)
         state = {"step": self.state.step, "consumed_samples": self.state.consumed_samples,
                  "history": self.state.history, "recipe": to_dict(self.recipe)}
         return ckpt.save_checkpoint(path, self.model, model_cfg=self.model_cfg,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from nemo_minitron.checkpoint.io import step_dir
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe
 from nemo_minitron.data.datasets import GPTSplits, build_gpt_datasets
 from nemo_minitron.data.embedded import prepare_embedded
@@ -125,5 +126,5 @@ def finetune(recipe: Recipe, checkpoint: str, out_dir: str | Path) -> dict[str, 
 def _run(trainer: Trainer, out_dir: str | Path) -> dict[str, Any]:
     """Run the loop; the summary names the last checkpoint as ``final``."""
     summary = trainer.run()
-    summary["final"] = str(Path(out_dir) / "checkpoints" / f"step_{trainer.state.step:07d}")
+    summary["final"] = str(step_dir(out_dir, trainer.state.step))
     return summary
