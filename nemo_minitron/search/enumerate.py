@@ -17,7 +17,7 @@ from typing import Literal
 
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.model.params import count_params
-from nemo_minitron.prune.plan import Target
+from nemo_minitron.prune.plan import Target, pruned_config
 
 
 @dataclass(kw_only=True)
@@ -112,11 +112,8 @@ class Candidate:
 
 
 def shape_config(src: ModelConfig, c: Candidate) -> ModelConfig:
-    """The pruned model's config (as ``make_plan`` builds it: head dim kept)."""
-    return dataclasses.replace(src, num_layers=c.num_layers, hidden_size=c.hidden_size,
-                               ffn_hidden_size=c.ffn_hidden_size,
-                               num_attention_heads=c.num_attention_heads,
-                               num_query_groups=c.num_query_groups, kv_channels=src.head_dim)
+    """The pruned model's config (``prune.plan.pruned_config`` of the candidate's target)."""
+    return pruned_config(src, c.target())
 
 
 def _values(size: int, step: int, max_prune: float, multiple_of: int = 1) -> list[int]:
