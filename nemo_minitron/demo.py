@@ -31,7 +31,7 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     """Run the demo stages under ``out``; returns the summary it prints. ``data.*``
     overrides apply to every stage."""
     from nemo_minitron.distill.stage import DistillRecipe, distill
-    from nemo_minitron.prune.stage import PruneRecipe, prune
+    from nemo_minitron.prune.stage import PruneRecipe, prune, prune_summary, report_dir
     from nemo_minitron.train.pretrain import pretrain
 
     recipe = load_recipe(recipe_path, overrides)
@@ -41,9 +41,10 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     p_recipe = load_recipe(prune_recipe or PRUNE_RECIPE,
                            data_overrides + list(prune_overrides or []), cls=PruneRecipe)
     pruned_dir = out_dir / "pruned"
-    if (pruned_dir / "pruning" / "report.md").is_file():
+    pruned = prune_summary(pruned_dir) if (report_dir(pruned_dir) / "report.md").is_file() \
+        else None
+    if pruned is not None:
         log.info("reusing %s (delete it to prune again)", pruned_dir)
-        pruned = json.loads((pruned_dir / "pruning" / "summary.json").read_text())
     else:
         pruned = prune(teacher["final"], str(pruned_dir), p_recipe)
     d_recipe = load_recipe(DISTILL_RECIPE, data_overrides + list(distill_overrides or []),

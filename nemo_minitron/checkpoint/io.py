@@ -8,6 +8,8 @@ Layout::
       weights/            model weights, Megatron distributed checkpoint (torch_dist)
       optimizer/          optimizer state, distributed checkpoint (training checkpoints only)
       train_state.json    step, consumed samples, LR-scheduler state, the recipe
+      metadata.json       what later stages need from the stage that wrote it (optional;
+                          e.g. ``pruning``: kept layers, source shape, importance method)
       rng/rank_*.pt       per-rank RNG states (tensors only: loaded with weights_only=True)
 
 Saving is atomic: every rank writes into ``<ckpt>.tmp``, then rank 0 renames it. A directory
@@ -37,6 +39,7 @@ from nemo_minitron.utils.logging import get_logger
 log = get_logger("checkpoint")
 
 MODEL_CONFIG = "model_config.yaml"
+METADATA = "metadata.json"
 CHECKPOINTS = "checkpoints"
 """Training checkpoints of a run live in ``<run_dir>/checkpoints/step_<NNNNNNN>``."""
 
@@ -78,6 +81,17 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     return from_dict(ModelConfig, yaml.safe_load((p / MODEL_CONFIG).read_text()), "model.")
 
 
+def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata a checkpoint was saved with (``{}`` when it has none)."""
+    f = check_checkpoint(path) / METADATA
+    if not f.is_file():
+        return {}
+    meta = json.loads(f.read_text())
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{f} does not hold a JSON object")
+    return meta
+
+
 def load_checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer stored in a checkpoint."""
     return load_tokenizer(check_checkpoint(path) / "tokenizer")
@@ -111,8 +125,10 @@ def _model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
 def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
                     model_cfg: ModelConfig, tokenizer: Tokenizer | None,
                     optimizer: Any = None, scheduler: Any = None,
-                    train_state: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Collectively save a checkpoint (every rank calls this)."""
+                    train_state: dict[str, Any] | None = None, overwrite: bool = False,
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Collectively save a checkpoint (every rank calls this); ``metadata`` (JSON) is read
+    back by ``load_metadata``."""
     from megatron.core import dist_checkpointing
 
     final = Path(path)
@@ -141,6 +157,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
         atomic_write_json(tmp / "train_state.json", state)
+        if metadata is not None:
+            atomic_write_json(tmp / METADATA, metadata)
         replace_dir(tmp, final, overwrite=True)  # existence was refused above unless overwrite
         log.info("saved checkpoint %s", final)
     _barrier()

@@ -8,7 +8,6 @@ of the same command resumes exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ class DistillRecipe(Recipe):
 def layer_pairs(student_ckpt: str | None, student_layers: int, teacher_layers: int,
                 layer_map: list[list[int]] | None) -> list[tuple[int, int]]:
     """``[(student_layer, teacher_layer)]``: the user's map, else the teacher layer each student
-    layer was cut from (``<student>/pruning/summary.json``), else evenly spaced layers."""
+    layer was cut from (the student checkpoint's ``prune.origin``), else evenly spaced layers."""
     if layer_map is not None:
         for i, pair in enumerate(layer_map):
             if len(pair) != 2:
@@ -55,11 +54,11 @@ def layer_pairs(student_ckpt: str | None, student_layers: int, teacher_layers: i
                 raise ConfigError(f"kd.layer_map[{i}] names teacher layer {t}; the teacher "
                                   f"has layers 0..{teacher_layers - 1}")
         return [(s, t) for s, t in layer_map]
-    summary = Path(student_ckpt) / "pruning" / "summary.json" if student_ckpt else None
-    if summary is not None and summary.is_file():
-        kept = json.loads(summary.read_text()).get("kept_layers")
-        if kept and len(kept) == student_layers:
-            return list(enumerate(kept))
+    from nemo_minitron.prune.origin import prune_origin
+
+    origin = prune_origin(student_ckpt) if student_ckpt else None
+    if origin is not None and len(origin.kept_layers) == student_layers:
+        return list(enumerate(origin.kept_layers))
     ls, lt = student_layers, teacher_layers
     return [(i, (i + 1) * lt // ls - 1) for i in range(ls)]
 
@@ -124,15 +123,16 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module, student: tor
     under ``out_dir``. ``pairs``: ``[(student_layer, teacher_layer)]`` for intermediate losses
     (default: ``recipe.kd.layer_map`` or evenly spaced)."""
     from nemo_minitron.data.datasets import sequences
+    from nemo_minitron.data.resolve import resolve_data
     from nemo_minitron.model.forward import lm_loss
     from nemo_minitron.parallel.runtime import current_runtime
-    from nemo_minitron.train.pretrain import _run, make_trainer, resolve_data
+    from nemo_minitron.train.pretrain import make_trainer, run_trainer
 
     rt = current_runtime()
     t_cfg = teacher.config
     if pairs is None:
         pairs = layer_pairs(None, student_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
-    prefix, tokenizer = resolve_data(recipe, tokenizer)
+    prefix, tokenizer = resolve_data(recipe.data, tokenizer)
     recipe = dataclasses.replace(recipe, model=student_cfg)
 
     def objective(model: torch.nn.Module) -> KDObjective:
@@ -155,6 +155,6 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module, student: tor
         raise ConfigError(f"the teacher looks untrained: validation loss {teacher_loss:.3f} > "
                           f"kd.teacher_max_loss_ratio={recipe.kd.teacher_max_loss_ratio} x "
                           f"ln(vocab)={ceiling:.3f}")
-    summary = _run(trainer, out_dir)
+    summary = run_trainer(trainer, out_dir)
     summary["teacher_valid_loss"] = teacher_loss
     return summary

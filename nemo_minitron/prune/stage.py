@@ -4,6 +4,7 @@ with its scores and report."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,7 @@ import torch
 from nemo_minitron.config import ConfigError, DataConfig, ParallelConfig
 from nemo_minitron.data.datasets import sequences
 from nemo_minitron.importance.aggregate import Agg
+from nemo_minitron.prune.origin import PruneOrigin
 from nemo_minitron.prune.plan import Target
 from nemo_minitron.utils.logging import get_logger
 
@@ -78,6 +80,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
         save_checkpoint,
     )
     from nemo_minitron.data.datasets import build_gpt_datasets
+    from nemo_minitron.data.resolve import resolve_data
     from nemo_minitron.importance.estimator import check_scores_match, estimate_importance
     from nemo_minitron.importance.layers import block_loss_increase
     from nemo_minitron.importance.scores import Scores
@@ -87,7 +90,6 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     from nemo_minitron.prune.apply import prune_model
     from nemo_minitron.prune.plan import make_plan, validate_target
     from nemo_minitron.prune.report import write_report
-    from nemo_minitron.train.pretrain import resolve_data
     from nemo_minitron.utils.fs import atomic_dir, atomic_write_json
 
     check_checkpoint(checkpoint)
@@ -105,7 +107,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
                     recipe.parallel.pipeline_model_parallel_size)
     rt = init_distributed(recipe.parallel)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
-    prefix, tokenizer = resolve_data(_as_recipe(recipe), tokenizer)
+    prefix, tokenizer = resolve_data(recipe.data, tokenizer)
     splits = build_gpt_datasets(prefix, tokenizer, seq_length=src.seq_length,
                                 split=recipe.data.split, seed=recipe.data.seed,
                                 num_samples=(c.num_samples, c.eval_samples, 0))
@@ -143,9 +145,13 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
                "source_valid_loss": source_loss, "pruned_valid_loss": pruned_loss,
                "kept_layers": plan.layers,
                "block_loss_increase": None if block_losses is None else block_losses.tolist()}
-    save_checkpoint(out, pruned, model_cfg=plan.config, tokenizer=tokenizer)
+    importance = scores.meta.get("importance", "activation") if recipe.scores \
+        else recipe.importance
+    origin = PruneOrigin(kept_layers=plan.layers, source=src, importance=importance)
+    save_checkpoint(out, pruned, model_cfg=plan.config, tokenizer=tokenizer,
+                    metadata=origin.to_metadata())
     if rt.rank == 0:
-        with atomic_dir(Path(out) / "pruning") as tmp:
+        with atomic_dir(report_dir(out)) as tmp:
             scores.save(tmp / "scores.pt")
             atomic_write_json(tmp / "summary.json", summary)
             write_report(tmp, scores, plan, summary)
@@ -153,6 +159,18 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
              summary["source_params"], summary["pruned_params"], 100 * summary["param_ratio"],
              source_loss, pruned_loss)
     return summary
+
+
+def report_dir(out: str | Path) -> Path:
+    """Where ``prune`` writes its report next to the pruned checkpoint ``out``:
+    ``scores.pt``, ``summary.json`` (what ``prune`` returned), ``report.md`` and plots."""
+    return Path(out) / "pruning"
+
+
+def prune_summary(out: str | Path) -> dict[str, Any] | None:
+    """The summary of a finished ``prune`` into ``out`` (None when it did not finish)."""
+    f = report_dir(out) / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def _baseline_scores(model: torch.nn.Module, src: Any, recipe: PruneRecipe) -> Any:
@@ -167,8 +185,3 @@ def _baseline_scores(model: torch.nn.Module, src: Any, recipe: PruneRecipe) -> A
     scores.meta["fingerprint"] = weights_fingerprint(model)
     return scores
 
-
-def _as_recipe(recipe: PruneRecipe):
-    from nemo_minitron.config import Recipe
-
-    return Recipe(data=recipe.data, parallel=recipe.parallel)

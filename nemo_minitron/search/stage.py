@@ -132,7 +132,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     from nemo_minitron.distill.stage import DistillRecipe, distill
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
-    from nemo_minitron.prune.stage import PruneRecipe, prune
+    from nemo_minitron.prune.stage import PruneRecipe, prune, prune_summary, report_dir
     from nemo_minitron.search.report import plot_curves, rank_records, write_report
     from nemo_minitron.utils.fs import atomic_dir, atomic_write_json
 
@@ -194,8 +194,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         if (s.candidates is not None and c.name not in s.candidates) or \
                 (s.max_candidates_per_run is not None and ran >= s.max_candidates_per_run):
             continue
-        summary_file = pruned / "pruning" / "summary.json"
-        if not summary_file.is_file():
+        if prune_summary(pruned) is None:
             if pruned.exists() and _rank0():  # cut between the weights and the report
                 shutil.rmtree(pruned)
             _barrier()
@@ -206,10 +205,10 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
             _barrier()
         if not scores_file.is_file() and _rank0():  # unique temporary: jobs may race here
             tmp = scores_file.with_name(f".scores.pt.{os.getpid()}")
-            shutil.copy2(pruned / "pruning" / "scores.pt", tmp)
+            shutil.copy2(report_dir(pruned) / "scores.pt", tmp)
             tmp.replace(scores_file)
         _barrier()
-        rec["one_shot_loss"] = json.loads(summary_file.read_text())["pruned_valid_loss"]
+        rec["one_shot_loss"] = prune_summary(pruned)["pruned_valid_loss"]  # type: ignore[index]
         result = distill(kd_recipe, checkpoint, str(pruned), run)
         if result["interrupted"]:
             log.info("candidate %s: stopped at step %d; re-run the same command to resume",
