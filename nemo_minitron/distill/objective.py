@@ -28,7 +28,7 @@ from nemo_minitron.distill.losses import (
 )
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.model.layouts import drop_vocab_padding, global_layers
-from nemo_minitron.train.objectives import masked_mean, to_device
+from nemo_minitron.train.objectives import Objective, masked_mean, to_device
 
 
 @dataclass(kw_only=True)
@@ -96,7 +96,7 @@ def _capture(module: torch.nn.Module, store: dict[str, torch.Tensor], key: str):
     return module.register_forward_hook(hook)
 
 
-class KDObjective:
+class KDObjective(Objective):
     """Teacher + student forward, distillation loss on the last stage."""
 
     def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, cfg: KDConfig,
@@ -139,10 +139,6 @@ class KDObjective:
         self._stage_sums: dict[str, float] = {}
 
     # ------------------------------------------------------------------ plumbing
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        proj = getattr(self.student, "kd_projections", None)
-        return [proj] if proj is not None else []
-
     def adjust_tensor_shapes(self, recv: list, send: list) -> tuple[list, list]:
         """Pipeline tensors carry both hidden states: ``[s, b, h_student + h_teacher]``."""
         grow = lambda shapes: [(*s[:-1], self.h_student + self.h_teacher) for s in shapes]  # noqa: E731
