@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -266,12 +267,21 @@ def _positive(name: str, value: Any) -> None:
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types; keys
+    a class renamed (its ``DEPRECATED_KEYS``, old -> new) are read with a warning."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for old, new in getattr(cls, "DEPRECATED_KEYS", {}).items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"'{prefix}{old}' is the deprecated name of '{prefix}{new}'; "
+                                  "give only the new one")
+            warnings.warn(f"'{prefix}{old}' is deprecated; use '{prefix}{new}'", FutureWarning,
+                          stacklevel=2)
+            data = {(new if k == old else k): v for k, v in data.items()}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:

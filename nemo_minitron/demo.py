@@ -13,10 +13,9 @@ import json
 import math
 from pathlib import Path
 
-import torch.distributed as dist
-
 from nemo_minitron.config import load_recipe
 from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.rank import is_rank0
 
 log = get_logger("demo")
 
@@ -76,6 +75,6 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     log.info("distilled: validation loss %.4f (KL to the teacher %.4f), checkpoint %s",
              summary["distilled_valid_loss"], summary["distilled_valid_kd_loss"],
              summary["distilled_checkpoint"])
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         print(json.dumps(summary, indent=2))
     return summary

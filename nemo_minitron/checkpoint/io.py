@@ -35,6 +35,7 @@ from nemo_minitron.data.tokenizer import Tokenizer, load_tokenizer
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.utils.fs import atomic_write_json, atomic_write_text, replace_dir
 from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.rank import global_rank
 
 log = get_logger("checkpoint")
 
@@ -47,10 +48,6 @@ CHECKPOINTS = "checkpoints"
 def step_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
     """The checkpoint directory of training step ``step`` in a run directory."""
     return Path(run_dir) / CHECKPOINTS / f"step_{int(step):07d}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -133,7 +130,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
 
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
+    if global_rank() == 0:
         if final.exists() and not overwrite:
             raise FileExistsError(f"checkpoint {final} already exists")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,9 +144,9 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
     if optimizer is not None:
         opt_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model))
         dist_checkpointing.save(opt_sd, str(tmp / "optimizer"))
-    torch.save(get_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    torch.save(get_rng_state(), tmp / "rng" / f"rank_{global_rank():05d}.pt")
     _barrier()
-    if _rank() == 0:
+    if global_rank() == 0:
         atomic_write_text(tmp / MODEL_CONFIG, yaml.safe_dump(to_dict(model_cfg), sort_keys=False))
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer")
@@ -193,7 +190,7 @@ def load_training_state(path: str | os.PathLike[str], model: torch.nn.Module, op
     state = json.loads((p / "train_state.json").read_text())
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
-    rng_file = p / "rng" / f"rank_{_rank():05d}.pt"
+    rng_file = p / "rng" / f"rank_{global_rank():05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return state

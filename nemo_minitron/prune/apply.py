@@ -35,17 +35,18 @@ _NORMS = ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_layernorm.w
 
 def _qkv_rows(plan: PrunePlan, layer: int) -> torch.Tensor:
     """Row indices of the kept q/k/v blocks in the source ``linear_qkv``."""
-    return layouts.qkv_rows(plan.source, plan.groups[layer].tolist(), plan.heads[layer].tolist())
+    return layouts.qkv_rows(plan.source, plan.num_query_groups[layer].tolist(),
+                            plan.num_attention_heads[layer].tolist())
 
 
 def _proj_cols(plan: PrunePlan, layer: int) -> torch.Tensor:
-    return layouts.proj_head_cols(plan.source, plan.heads[layer].flatten().tolist())
+    return layouts.proj_head_cols(plan.source, plan.num_attention_heads[layer].flatten().tolist())
 
 
 def prune_state_dict(sd: dict[str, torch.Tensor], plan: PrunePlan) -> dict[str, torch.Tensor]:
     """Full (TP=1, PP=1; ``model.full_state``) state dict of the source -> that of the pruned
     model."""
-    src, hid = plan.source, plan.hidden
+    src, hid = plan.source, plan.hidden_size
     scale = math.sqrt(src.hidden_size / plan.config.hidden_size) if plan.rescale_norms else 1.0
     renumber = {old: new for new, old in enumerate(plan.layers)}
     out: dict[str, torch.Tensor] = {}
@@ -79,10 +80,10 @@ def prune_state_dict(sd: dict[str, torch.Tensor], plan: PrunePlan) -> dict[str, 
         elif name in ("self_attention.linear_proj.bias", "mlp.linear_fc2.bias"):
             out[new_key] = w[hid]
         elif name in layouts.FC1:
-            rows = layouts.fc1_rows(src, plan.ffn[layer])
+            rows = layouts.fc1_rows(src, plan.ffn_hidden_size[layer])
             out[new_key] = w[rows][:, hid] if w.dim() == 2 else w[rows]
         elif name == "mlp.linear_fc2.weight":
-            out[new_key] = w[hid][:, plan.ffn[layer]]
+            out[new_key] = w[hid][:, plan.ffn_hidden_size[layer]]
         else:
             raise ConfigError(f"pruning does not know the weight {key!r}")
     return {k: v.contiguous().clone() for k, v in out.items()}

@@ -53,14 +53,15 @@ class PrunePlan:
     """Config of the pruned model (``kv_channels`` always explicit)."""
     layers: list[int]
     """Kept source layers, 0-based, in order."""
-    hidden: torch.Tensor
-    """Kept embedding channels ``[hidden']``."""
-    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per kept source layer: kept neurons ``[ffn']``."""
-    groups: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per kept source layer: kept query groups ``[groups']``."""
-    heads: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per kept source layer: kept heads ``[groups', heads'/groups']`` (global head ids)."""
+    hidden_size: torch.Tensor
+    """Kept embedding channels ``[hidden_size']``."""
+    ffn_hidden_size: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per kept source layer: kept MLP neurons ``[ffn_hidden_size']``."""
+    num_query_groups: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per kept source layer: kept query groups ``[num_query_groups']``."""
+    num_attention_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per kept source layer: kept heads ``[num_query_groups', heads per group']`` (global
+    head ids)."""
     rescale_norms: bool = True
     """Compensate RMSNorm for the removed channels (see ``prune.apply``)."""
 
@@ -171,14 +172,14 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
     new_a, new_g = config.num_attention_heads, config.query_groups
     per_group, new_per_group = A // G, new_a // new_g
     plan = PrunePlan(source=src, config=config, layers=layers,
-                     hidden=_keep(scores.hidden_size, config.hidden_size),
+                     hidden_size=_keep(scores.hidden_size, config.hidden_size),
                      rescale_norms=rescales_norms(src, rescale_norms))
     for i in layers:
-        plan.ffn[i] = _keep(scores.ffn_hidden_size[i], config.ffn_hidden_size)
+        plan.ffn_hidden_size[i] = _keep(scores.ffn_hidden_size[i], config.ffn_hidden_size)
         head_scores = scores.num_attention_heads[i].view(G, per_group)
         groups = _keep(scores.num_query_groups[i], new_g)
-        plan.groups[i] = groups
-        plan.heads[i] = torch.stack([
+        plan.num_query_groups[i] = groups
+        plan.num_attention_heads[i] = torch.stack([
             g * per_group + _keep(head_scores[g], new_per_group) for g in groups.tolist()])
     return plan
 

@@ -27,6 +27,7 @@ from nemo_minitron.distill.objective import KDConfig
 from nemo_minitron.prune.stage import CalibConfig
 from nemo_minitron.search.enumerate import Candidate, SearchConfig, enumerate_candidates
 from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.rank import is_rank0
 
 log = get_logger("search")
 
@@ -68,12 +69,6 @@ def load_score_fn(spec: str) -> Callable[[str], float]:
     if not callable(fn):
         raise ConfigError(f"search.score_fn={spec!r} is not callable")
     return fn
-
-
-def _rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
@@ -164,7 +159,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
             records[i] = stored(c.name) or records[i]
 
     def save_state(rec: dict[str, Any] | None = None) -> None:
-        if _rank0():
+        if is_rank0():
             if rec is not None:
                 atomic_write_json(root / "candidates" / rec["name"] / "result.json", rec)
             rows = [r if r["status"] == "done" else stored(r["name"]) or r for r in records]
@@ -195,7 +190,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
                 (s.max_candidates_per_run is not None and ran >= s.max_candidates_per_run):
             continue
         if prune_summary(pruned) is None:
-            if pruned.exists() and _rank0():  # cut between the weights and the report
+            if pruned.exists() and is_rank0():  # cut between the weights and the report
                 shutil.rmtree(pruned)
             _barrier()
             prune(checkpoint, str(pruned), PruneRecipe(
@@ -203,7 +198,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
                 parallel=p, scores=str(scores_file) if scores_file.is_file() else None,
                 rescale_norms=recipe.rescale_norms))
             _barrier()
-        if not scores_file.is_file() and _rank0():  # unique temporary: jobs may race here
+        if not scores_file.is_file() and is_rank0():  # unique temporary: jobs may race here
             tmp = scores_file.with_name(f".scores.pt.{os.getpid()}")
             shutil.copy2(report_dir(pruned) / "scores.pt", tmp)
             tmp.replace(scores_file)
@@ -240,7 +235,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     rho = rank_records(records)
     save_state()
     best = min(records, key=lambda r: (r["rank_retrained"], r["name"]))
-    if _rank0():
+    if is_rank0():
         write_report(root, records, rho, count_params(src), s.target_params, s.score_fn)
         plot_curves(records, root / "loss_curves.png")
         with atomic_dir(Path(out) / "winner", overwrite=True) as tmp:

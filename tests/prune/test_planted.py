@@ -68,11 +68,11 @@ def test_planted_units_rank_lowest_and_prune_exactly(tmp_path, gqa):
         assert _lowest(s.ffn_hidden_size[i], 4) == set(FFN_DEAD)
         if gqa:
             assert _lowest(s.num_query_groups[i], 1) == {2}
-            assert 2 not in plan.groups[i].tolist()
+            assert 2 not in plan.num_query_groups[i].tolist()
         else:
             assert _lowest(s.num_attention_heads[i], 2) == {1, 6}
-            assert not {1, 6} & set(plan.heads[i].flatten().tolist())
-        assert not set(FFN_DEAD) & set(plan.ffn[i].tolist())
-    assert not set(HIDDEN_DEAD) & set(plan.hidden.tolist())
+            assert not {1, 6} & set(plan.num_attention_heads[i].flatten().tolist())
+        assert not set(FFN_DEAD) & set(plan.ffn_hidden_size[i].tolist())
+    assert not set(HIDDEN_DEAD) & set(plan.hidden_size.tolist())
     assert r["count"] == r["predicted"]
     torch.testing.assert_close(r["after"], r["before"], atol=1e-5, rtol=0)
