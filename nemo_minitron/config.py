@@ -383,9 +383,23 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with one-line errors for a missing or malformed file."""
+def recipe_path(path: str | Path) -> Path:
+    """``path``; a bare file name that is not here names a recipe shipped with the package
+    (``tiny_cpu.yaml``, see ``utils.paths.recipes_dir``)."""
     p = Path(path)
+    if not p.is_file() and p.name == str(path):
+        from nemo_minitron.utils.paths import recipes_dir
+
+        shipped = recipes_dir() / p.name
+        if shipped.is_file():
+            return shipped
+    return p
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping (``recipe_path``), with one-line errors for a missing or malformed
+    file."""
+    p = recipe_path(path)
     if not p.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist")
     try:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 from nemo_minitron.config import load_recipe
 from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.paths import recipes_dir
 from nemo_minitron.utils.rank import is_rank0
 
 log = get_logger("demo")
 
 
-PRUNE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_cpu_prune.yaml"
-DISTILL_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_cpu_distill.yaml"
+PRUNE_RECIPE = recipes_dir() / "tiny_cpu_prune.yaml"
+DISTILL_RECIPE = recipes_dir() / "tiny_cpu_distill.yaml"
 
 
 def run_demo(recipe_path: str | None, overrides: list[str], out: str,
