@@ -225,15 +225,24 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
-class Recipe:
-    """A whole recipe: one section per stage concern."""
+class StageRecipe:
+    """What every verb's recipe holds: the parallel layout and the data. Each verb's recipe
+    derives from it and adds its own sections (``Recipe``: model + train; the prune, distill
+    and search recipes: their sections); every section validates itself when it is built,
+    the recipe checks what spans sections."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Model shape (used when a stage builds a model from scratch)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Parallel layout."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Training data."""
+    """Training (or calibration) data."""
+
+
+@dataclass(kw_only=True)
+class Recipe(StageRecipe):
+    """A training recipe (pretrain, finetune): model shape and training loop."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape (used when a stage builds a model from scratch)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop."""
 

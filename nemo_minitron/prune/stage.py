@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-from nemo_minitron.config import ConfigError, DataConfig, ParallelConfig
+from nemo_minitron.config import ConfigError, StageRecipe
 from nemo_minitron.data.datasets import sequences
 from nemo_minitron.importance.aggregate import Agg
 from nemo_minitron.prune.origin import PruneOrigin
@@ -36,19 +36,27 @@ class CalibConfig:
     eval_samples: int = 64
     """Validation sequences for the one-shot loss of the source and the pruned model."""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1:
+            raise ConfigError(f"calib.micro_batch_size={self.micro_batch_size!r} must be a "
+                              "positive integer")
+        if self.num_samples < 1 or self.num_samples % self.micro_batch_size:
+            raise ConfigError(f"calib.num_samples={self.num_samples} must be a positive "
+                              f"multiple of calib.micro_batch_size={self.micro_batch_size}")
+        if self.eval_samples % self.micro_batch_size:
+            raise ConfigError(f"calib.eval_samples={self.eval_samples} must be a multiple of "
+                              f"calib.micro_batch_size={self.micro_batch_size}")
+
 
 @dataclass(kw_only=True)
-class PruneRecipe:
-    """Everything the prune verb reads."""
+class PruneRecipe(StageRecipe):
+    """Everything the prune verb reads (``data``: calibration/validation data, the
+    checkpoint's tokenizer is used; ``parallel``: the layout of the importance pass)."""
 
     target: Target = field(default_factory=Target)
     """The pruned shape."""
     calib: CalibConfig = field(default_factory=CalibConfig)
     """Calibration."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Calibration/validation data (the checkpoint's tokenizer is used)."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Layout of the importance pass."""
     scores: str | None = None
     """A saved scores file: skip the forward passes."""
     importance: Literal["activation", "magnitude", "random"] = "activation"
@@ -95,13 +103,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     check_checkpoint(checkpoint)
     if Path(out).exists():
         raise ConfigError(f"output {out!r} already exists")
-    c = recipe.calib
-    if c.num_samples < 1 or c.num_samples % c.micro_batch_size:
-        raise ConfigError(f"calib.num_samples={c.num_samples} must be a positive multiple of "
-                          f"calib.micro_batch_size={c.micro_batch_size}")
-    if c.eval_samples % c.micro_batch_size:
-        raise ConfigError(f"calib.eval_samples={c.eval_samples} must be a multiple of "
-                          f"calib.micro_batch_size={c.micro_batch_size}")
+    c = recipe.calib  # validated when built (CalibConfig.__post_init__)
     src = load_model_config(checkpoint)
     validate_target(src, recipe.target, recipe.parallel.tensor_model_parallel_size,
                     recipe.parallel.pipeline_model_parallel_size)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nemo_minitron.config import ConfigError, DataConfig, ParallelConfig, TrainConfig
+from nemo_minitron.config import ConfigError, StageRecipe, TrainConfig
 from nemo_minitron.distill.objective import KDConfig
 from nemo_minitron.prune.stage import CalibConfig
 from nemo_minitron.search.enumerate import Candidate, SearchConfig, enumerate_candidates
@@ -38,8 +38,9 @@ def _search_train() -> TrainConfig:
 
 
 @dataclass(kw_only=True)
-class SearchRecipe:
-    """Everything the search verb reads."""
+class SearchRecipe(StageRecipe):
+    """Everything the search verb reads (``data``: calibration, retraining and validation
+    data; ``parallel``: the layout of every stage, the candidates are checked against it)."""
 
     search: SearchConfig = field(default_factory=SearchConfig)
     """Budget, candidate grid, retraining steps, scoring."""
@@ -49,12 +50,13 @@ class SearchRecipe:
     """Distillation losses of the retraining."""
     train: TrainConfig = field(default_factory=_search_train)
     """Retraining loop; train_iters is search.retrain_steps, eval_interval must be > 0."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Calibration, retraining and validation data."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Layout of every stage (the candidates are checked against it)."""
     rescale_norms: bool = True
     """Compensate RMSNorm weights for removed channels (see prune)."""
+
+    def __post_init__(self) -> None:
+        if not self.train.eval_interval:
+            raise ConfigError("train.eval_interval=0: the search needs validation during "
+                              "retraining (set it > 0)")
 
 
 def load_score_fn(spec: str) -> Callable[[str], float]:
@@ -138,9 +140,6 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     src.check_layout(tp, pp)
     candidates = enumerate_candidates(src, s, tp, pp)
     score_fn = load_score_fn(s.score_fn) if s.score_fn else None
-    if not recipe.train.eval_interval:
-        raise ConfigError("train.eval_interval=0: the search needs validation during "
-                          "retraining (set it > 0)")
     if s.candidates is not None:
         unknown = sorted(set(s.candidates) - {c.name for c in candidates})
         if unknown:

@@ -167,9 +167,9 @@ def test_bad_settings_write_nothing(tmp_path, teacher, tiny_overrides, extra, ne
     from nemo_minitron.search.stage import SearchRecipe, search
 
     out = tmp_path / "out"
-    recipe = load_recipe(None, _args(tiny_overrides) + extra, cls=SearchRecipe)
-    with pytest.raises(ConfigError, match=needle):
-        search(teacher, str(out), recipe)
+    with pytest.raises(ConfigError, match=needle):  # building the recipe, or the search
+        search(teacher, str(out), load_recipe(None, _args(tiny_overrides) + extra,
+                                              cls=SearchRecipe))
     assert not out.exists()
 
 
