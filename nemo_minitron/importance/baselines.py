@@ -40,7 +40,7 @@ def magnitude_scores(full: dict[str, torch.Tensor], cfg: ModelConfig) -> Scores:
             layers[parsed[0]] += w.double().pow(2).sum().item()
     heads_t = torch.stack(heads).float()
     return Scores(ffn_hidden_size=torch.stack(ffn).float(), num_attention_heads=heads_t,
-                  num_query_groups=heads_t.view(cfg.num_layers, groups, -1).sum(-1),
+                  num_query_groups=layouts.heads_by_group(heads_t, groups).sum(-1),
                   hidden_size=full["embedding.word_embeddings.weight"].double().norm(dim=0)
                   .float(), num_layers=layers.sqrt(), meta={"importance": "magnitude"})
 
@@ -55,6 +55,6 @@ def random_scores(cfg: ModelConfig, seed: int) -> Scores:
 
     heads = rand(n, a)
     return Scores(ffn_hidden_size=rand(n, cfg.ffn_hidden_size), num_attention_heads=heads,
-                  num_query_groups=heads.view(n, cfg.query_groups, -1).sum(-1),
+                  num_query_groups=layouts.heads_by_group(heads, cfg.query_groups).sum(-1),
                   hidden_size=rand(cfg.hidden_size), num_layers=rand(n),
                   meta={"importance": "random", "seed": seed})

@@ -70,6 +70,18 @@ def heads_per_group(cfg: ModelConfig) -> int:
     return cfg.num_attention_heads // cfg.query_groups
 
 
+def heads_by_group(per_head: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[..., heads]`` -> ``[..., groups, heads per group]``: the heads of query group ``g``
+    are the consecutive heads ``g * per .. (g + 1) * per - 1``."""
+    return per_head.reshape(*per_head.shape[:-1], groups, per_head.shape[-1] // groups)
+
+
+def group_heads(cfg: ModelConfig, group: int) -> torch.Tensor:
+    """Global indices of the query heads of query group ``group``."""
+    per = heads_per_group(cfg)
+    return torch.arange(group * per, (group + 1) * per)
+
+
 def qkv_group_rows(cfg: ModelConfig, group: int) -> torch.Tensor:
     """Rows of ``linear_qkv`` holding query group ``group`` (its q heads, k and v)."""
     block = (heads_per_group(cfg) + 2) * cfg.head_dim
@@ -165,10 +177,16 @@ def proj_head_cols(cfg: ModelConfig, heads: list[int]) -> torch.Tensor:
     return torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
 
 
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[..., heads * kv_channels]`` -> ``[..., heads, kv_channels]``: the input of
+    ``linear_proj`` (the attention output, heads in order; this rank's heads under TP)."""
+    return x.view(*x.shape[:-1], -1, head_dim)
+
+
 def proj_per_head(proj: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """``linear_proj`` weight ``[hidden, heads * kv_channels]`` -> ``[hidden, heads,
     kv_channels]``."""
-    return proj.view(proj.shape[0], cfg.num_attention_heads, cfg.head_dim)
+    return split_heads(proj, cfg.head_dim)
 
 
 # ---- split / join a fused tensor by name (conversion, merging) --------------------------------

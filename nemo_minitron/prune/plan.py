@@ -18,6 +18,7 @@ import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.importance.scores import Scores
+from nemo_minitron.model.layouts import group_heads, heads_by_group
 
 
 @dataclass(kw_only=True)
@@ -161,7 +162,7 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
     """Choose the kept units of every axis."""
     validate_target(src, t, tp, pp)
     _check_scores(src, scores)
-    L, A, G = src.num_layers, src.num_attention_heads, src.query_groups
+    L, G = src.num_layers, src.query_groups
     if t.drop_layers is not None:
         layers = [i for i in range(L) if i not in set(t.drop_layers)]
     elif t.num_layers is not None:
@@ -170,17 +171,17 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
         layers = list(range(L))
     config = pruned_config(src, t, rescale_norms)
     new_a, new_g = config.num_attention_heads, config.query_groups
-    per_group, new_per_group = A // G, new_a // new_g
+    new_per_group = new_a // new_g
     plan = PrunePlan(source=src, config=config, layers=layers,
                      hidden_size=_keep(scores.hidden_size, config.hidden_size),
                      rescale_norms=rescales_norms(src, rescale_norms))
     for i in layers:
         plan.ffn_hidden_size[i] = _keep(scores.ffn_hidden_size[i], config.ffn_hidden_size)
-        head_scores = scores.num_attention_heads[i].view(G, per_group)
+        head_scores = heads_by_group(scores.num_attention_heads[i], G)
         groups = _keep(scores.num_query_groups[i], new_g)
         plan.num_query_groups[i] = groups
         plan.num_attention_heads[i] = torch.stack([
-            g * per_group + _keep(head_scores[g], new_per_group) for g in groups.tolist()])
+            group_heads(src, g)[_keep(head_scores[g], new_per_group)] for g in groups.tolist()])
     return plan
 
 

@@ -75,13 +75,18 @@ def tp_job() -> None:
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     proj_w = _gather(attn.linear_proj.weight.detach(), 1)
     ref_out = torch.zeros(s, b, h)
+    group_of = {h: g for g in range(cfg.query_groups) for h in L.group_heads(cfg, g).tolist()}
+    assert sorted(group_of) == list(range(cfg.num_attention_heads))
+    torch.testing.assert_close(L.heads_by_group(torch.arange(4.0), 2),
+                               torch.stack([L.group_heads(cfg, g) for g in range(2)]).float())
     for head in range(cfg.num_attention_heads):
-        g = head // L.heads_per_group(cfg)
+        g = group_of[head]
         scores = torch.einsum("sbd,tbd->bst", q[:, :, head], k[:, :, g]) / d ** 0.5
         p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         o = torch.einsum("bst,tbd->sbd", p, v[:, :, g])
         cols = L.proj_head_cols(cfg, [head])
         torch.testing.assert_close(ctx[..., cols], o, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(L.split_heads(ctx, d)[:, :, head], o, atol=1e-5, rtol=1e-4)
         ref_out += o @ proj_w[:, cols].T
         # the row helpers pick exactly these tensors out of the fused weight
         torch.testing.assert_close(qkv_w[L.qkv_head_rows(cfg, head)], q_w[head * d:(head + 1) * d])
