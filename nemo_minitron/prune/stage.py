@@ -68,7 +68,8 @@ class PruneRecipe(StageRecipe):
     """Compensate RMSNorm weights (and epsilon) for removed channels."""
 
 
-def _samples(dataset: Any, n: int, what: str) -> torch.Tensor:
+def calib_sequences(dataset: Any, n: int, what: str) -> torch.Tensor:
+    """The first ``n`` sequences of ``dataset``, or a one-line error naming ``calib.<what>``."""
     if dataset is None or len(dataset) < n:
         have = 0 if dataset is None else len(dataset)
         raise ConfigError(f"calib.{what}={n}: the data holds only {have} sequences")
@@ -113,8 +114,8 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     splits = build_gpt_datasets(prefix, tokenizer, seq_length=src.seq_length,
                                 split=recipe.data.split, seed=recipe.data.seed,
                                 num_samples=(c.num_samples, c.eval_samples, 0))
-    calib_tokens = _samples(splits.train, c.num_samples, "num_samples")
-    eval_tokens = _samples(splits.valid, c.eval_samples, "eval_samples")
+    calib_tokens = calib_sequences(splits.train, c.num_samples, "num_samples")
+    eval_tokens = calib_sequences(splits.valid, c.eval_samples, "eval_samples")
     model, _, _ = load_model(checkpoint)
     if recipe.scores:
         scores = Scores.load(recipe.scores)
