@@ -21,10 +21,12 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from functools import partial
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import interleaved, ratios, stat  # noqa: E402
 
 DEMO = dict(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8,
             num_query_groups=4, seq_length=256, vocab_size=4096)
@@ -83,7 +85,8 @@ def memory_child(variant: str, tokens: int, vocab: int) -> None:
     print(json.dumps({"variant": variant, "ratio": peak / (student.numel() * 4)}))
 
 
-def step_times(shape: str, repeats: int) -> dict[str, float]:
+def step_times(shape: str, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, interleaved within every repeat."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from nemo_minitron.config import ModelConfig, ParallelConfig
@@ -113,20 +116,14 @@ def step_times(shape: str, repeats: int) -> dict[str, float]:
 
     runs = {"kd step": partial(train, kd), "student step": partial(train, lm),
             "teacher forward": partial(forward_pass, teacher, toks[:, :-1], micro_batch_size=mbs)}
-    best = {k: float("inf") for k in runs}
-    for _ in range(repeats + 1):  # interleaved, the first round is a warm-up
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+    return interleaved(runs, repeats)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (after a warm-up)")
     ap.add_argument("--shapes", default="demo,wide", help="step-time models: demo, wide")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -136,13 +133,15 @@ def main() -> None:
     for shape in args.shapes.split(","):
         t_cfg, s_cfg = SHAPES[shape]
         t = step_times(shape, args.repeats)
-        ratio = t["kd step"] / (t["student step"] + t["teacher forward"])
-        print(f"step time, {shape} (best of {args.repeats}, teacher {t_cfg['num_layers']}x"
-              f"{t_cfg['hidden_size']}, student {s_cfg['num_layers']}x{s_cfg['hidden_size']}, "
-              f"vocab {t_cfg['vocab_size']}, 8 x {t_cfg['seq_length']} tokens):")
+        r = stat(ratios(t["kd step"], [a + b for a, b in zip(t["student step"],
+                                                            t["teacher forward"])]))
+        print(f"step time, {shape} ({args.repeats} interleaved repeats, teacher "
+              f"{t_cfg['num_layers']}x{t_cfg['hidden_size']}, student {s_cfg['num_layers']}x"
+              f"{s_cfg['hidden_size']}, vocab {t_cfg['vocab_size']}, 8 x {t_cfg['seq_length']} "
+              "tokens):")
         for k, v in t.items():
-            print(f"  {k:16s} {v * 1000:8.1f} ms")
-        print(f"  kd step / (student step + teacher forward) = {ratio:.3f}  (goal <= 1.10)")
+            print(f"  {k:16s} {stat(v).fmt(' ms', 1000, 1)}")
+        print(f"  kd step / (student step + teacher forward): {r.fmt()}  (goal <= 1.10)")
     print(f"logit-loss peak memory / student logits ({args.tokens} x {args.vocab} fp32):")
     for variant in ("chunk=256", "chunk=1024", "unchunked", "textbook"):
         # A fixed mmap threshold makes glibc return every large free to the OS at once, so the
@@ -151,8 +150,8 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--child", variant, str(args.tokens),
                               str(args.vocab)], capture_output=True, text=True, check=True,
                              env=env)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  {variant:12s} {r['ratio']:.2f}" + ("  (goal <= 1.5)" if variant == "chunk=256"
+        mem = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {variant:12s} {mem['ratio']:.2f}" + ("  (goal <= 1.5)" if variant == "chunk=256"
                                                      else ""))
 
 

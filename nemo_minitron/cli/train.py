@@ -72,6 +72,19 @@ def cmd_distill(args: argparse.Namespace) -> int:
     log.info("final checkpoint: %s", summary["final"])
 
 
+def cmd_teacher_cache(args: argparse.Namespace) -> int:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.distill.stage import DistillRecipe
+    from nemo_minitron.distill.teacher_cache import build_teacher_cache
+
+    recipe, overrides = split_overrides(args)
+    meta = build_teacher_cache(args.teacher, load_recipe(recipe, overrides, cls=DistillRecipe),
+                               args.out, args.top_k)
+    log.info("teacher cache %s: %d samples, top-%d; distill with kd.teacher_cache=%s",
+             args.out, meta["num_samples"], meta["top_k"], args.out)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's verbs."""
     p = sub.add_parser("data", help="tokenize JSONL/text files into a Megatron indexed dataset",
@@ -115,3 +128,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     recipe_args(p)
     p.add_argument("--out", default="runs/distill", help="output directory")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("teacher-cache", help="store a teacher's top-k log-probabilities once",
+                       description="Run --teacher once over the training samples the same "
+                                   "distill recipe reads and store its top-k log-probabilities "
+                                   "per token in OUT; `distill kd.teacher_cache=OUT` then trains "
+                                   "without running the teacher (forward KL on the top-k plus a "
+                                   "tail bucket; exact when k covers the vocabulary). Resumes an "
+                                   "unfinished build.")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint")
+    recipe_args(p)
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--top-k", type=int, default=64, help="tokens kept per position "
+                   "(default: %(default)s)")
+    p.set_defaults(func=cmd_teacher_cache)

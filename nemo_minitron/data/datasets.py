@@ -90,14 +90,19 @@ def _check_split_sizes(prefix: str, split: str, seq_length: int,
 def micro_batches(dataset: torch.utils.data.Dataset, *, consumed_samples: int,
                   global_batch_size: int, micro_batch_size: int, dp_rank: int,
                   dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """This DP rank's micro-batches for one global batch starting at ``consumed_samples``."""
+    """This DP rank's micro-batches for one global batch starting at ``consumed_samples``:
+    ``tokens, labels, loss_mask, position_ids`` and the dataset indices ``sample_index``."""
     per_rank = global_batch_size // dp_size
     start = consumed_samples + dp_rank * per_rank
     n = len(dataset)  # type: ignore[arg-type]
     for m in range(0, per_rank, micro_batch_size):
-        samples = [dataset[(start + m + i) % n] for i in range(micro_batch_size)]
-        yield {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask",
-                                                               "position_ids")}
+        index = [(start + m + i) % n for i in range(micro_batch_size)]
+        samples = [dataset[i] for i in index]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask",
+                                                                  "position_ids")}
+        # which samples these are: what a teacher-logit cache is keyed by
+        batch["sample_index"] = torch.tensor(index, dtype=torch.long)
+        yield batch
 
 
 def sequences(dataset: torch.utils.data.Dataset, n: int) -> torch.Tensor:

@@ -25,7 +25,9 @@ from nemo_minitron.distill.losses import (
     Divergence,
     hidden_state_loss,
     logit_divergence_and_ce,
+    token_cross_entropy,
 )
+from nemo_minitron.distill.teacher_cache import TeacherCache, cached_forward_kl
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.model.layouts import drop_vocab_padding, global_layers
 from nemo_minitron.train.objectives import Objective, masked_mean, to_device
@@ -61,6 +63,10 @@ class KDConfig:
     logit loss' magnitude, then weighted (needs the mapped layers on the last stage)."""
     teacher_max_loss_ratio: float = 0.9
     """Refuse to start if the teacher's validation loss exceeds this fraction of ln(vocab)."""
+    teacher_cache: str | None = None
+    """A teacher top-k log-probability cache (``nemo-minitron teacher-cache``) read instead of
+    running the teacher: forward KL on the cached top-k plus a tail bucket (exact when k covers
+    the vocabulary; see ``distill.teacher_cache``). Logit loss only, T=1, PP=1."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -74,6 +80,16 @@ class KDConfig:
         if self.logit_weight + self.lm_loss_weight + self.hidden_weight \
                 + self.embedding_weight == 0:
             raise ConfigError("kd: every loss weight is 0")
+        if self.teacher_cache is not None:  # the cache holds top-k log-probs at T=1 only
+            for name, have, want in (("divergence", self.divergence, "forward"),
+                                     ("temperature", self.temperature, 1.0),
+                                     ("top_k", self.top_k, None),
+                                     ("hidden_weight", self.hidden_weight, 0.0),
+                                     ("embedding_weight", self.embedding_weight, 0.0)):
+                if have != want:
+                    raise ConfigError(f"kd.teacher_cache needs kd.{name}={want} (the cache "
+                                      f"holds the teacher's top-k log-probabilities at T=1, "
+                                      f"no hidden states); got {have}")
 
 
 class _AddLoss(torch.autograd.Function):
@@ -99,23 +115,32 @@ def _capture(module: torch.nn.Module, store: dict[str, torch.Tensor], key: str):
 class KDObjective(Objective):
     """Teacher + student forward, distillation loss on the last stage."""
 
-    def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, cfg: KDConfig,
+    def __init__(self, teacher: torch.nn.Module | None, student: torch.nn.Module, cfg: KDConfig,
                  device: torch.device, *, pairs: list[tuple[int, int]],
-                 shared_vocab: int | None = None, num_microbatches: int = 1):
+                 shared_vocab: int | None = None, num_microbatches: int = 1,
+                 cache: TeacherCache | None = None):
         from megatron.core import parallel_state as ps
 
-        self.teacher, self.cfg, self.device = teacher, cfg, device
+        self.teacher, self.cfg, self.device, self.cache = teacher, cfg, device, cache
         self.student = unwrap(student)
         self.shared_vocab = shared_vocab
         self.num_microbatches = num_microbatches
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.is_last = ps.is_pipeline_last_stage()
         self.h_student = self.student.config.hidden_size
+        self._acts: dict[str, torch.Tensor] = {}
+        self._stage_sums: dict[str, float] = {}
+        if cache is not None:  # the teacher's logits come from the cache: no teacher at all
+            if ps.get_pipeline_model_parallel_world_size() > 1:
+                raise ConfigError("kd.teacher_cache needs pipeline_model_parallel_size=1")
+            self.pairs, self.n_pairs, self.use_embedding, self._hooks = [], 0, False, []
+            self.metric_names = ["loss", "kd loss", "lm loss"]
+            return
+        assert teacher is not None
         self.h_teacher = teacher.config.hidden_size
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        self._acts: dict[str, torch.Tensor] = {}
         s_layers, t_layers = global_layers(self.student), global_layers(teacher)
         self.pairs = [(s, t) for s, t in pairs if s in s_layers and t in t_layers] \
             if cfg.hidden_weight else []
@@ -136,7 +161,6 @@ class KDObjective(Objective):
             self.metric_names.append("hidden loss")
         if cfg.embedding_weight:
             self.metric_names.append("embedding loss")
-        self._stage_sums: dict[str, float] = {}
 
     # ------------------------------------------------------------------ plumbing
     def adjust_tensor_shapes(self, recv: list, send: list) -> tuple[list, list]:
@@ -164,6 +188,11 @@ class KDObjective(Objective):
             self.student.decoder.set_input_tensor(received[..., :self.h_student])
             self.teacher.set_input_tensor(received[..., self.h_student:])
         self._acts.clear()
+        if self.cache is not None:
+            s_out = model(tokens, pos, None)
+            cached = self.cache.rows(batch["sample_index"], tokens, self.device)
+            return s_out, partial(self._cached_loss, batch, cached)
+        assert self.teacher is not None
         with torch.no_grad():
             t_out = self.teacher(tokens, pos, None)
         s_out = model(tokens, pos, None)
@@ -232,6 +261,25 @@ class KDObjective(Objective):
         # clone: the schedule divides the returned loss in place by the micro-batch count
         metrics["loss"] = loss.detach().clone()
         return loss, metrics
+
+
+    def _cached_loss(self, batch, cached, s_logits):
+        """The loss against the teacher cache: ``KL_k`` (see ``distill.teacher_cache``)."""
+        cfg = self.cfg
+        group = self.tp_group if torch.distributed.get_world_size(self.tp_group) > 1 else None
+        per_kd = cached_forward_kl(s_logits, *cached, chunk_tokens=cfg.chunk_tokens,
+                                   group=group)
+        per_ce = token_cross_entropy(s_logits, batch["labels"], chunk_tokens=cfg.chunk_tokens,
+                                     group=group)
+        kd, ce = masked_mean(per_kd, batch["loss_mask"]), masked_mean(per_ce, batch["loss_mask"])
+        if cfg.lm_loss_weight:  # with gradient; Megatron's CE overwrites its input: a copy
+            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+            ce = masked_mean(vocab_parallel_cross_entropy(s_logits.float().clone(),
+                                                          batch["labels"]), batch["loss_mask"])
+        loss = cfg.logit_weight * kd + cfg.lm_loss_weight * ce
+        return loss, {"loss": loss.detach().clone(), "kd loss": kd.detach().clone(),
+                      "lm loss": ce.detach().clone()}
 
 
 def _no_loss(output: torch.Tensor):

@@ -17,6 +17,7 @@ import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe, TrainConfig
 from nemo_minitron.distill.objective import KDConfig, KDObjective, add_projections
+from nemo_minitron.distill.teacher_cache import TeacherCache
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("distill")
@@ -106,22 +107,32 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     shared_vocab = _check_pair(teacher_ckpt, student_ckpt, t_cfg, s_cfg,
                                p.tensor_model_parallel_size)
     pairs = layer_pairs(student_ckpt, s_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
+    cache = None
+    if recipe.kd.teacher_cache is not None:
+        from nemo_minitron.distill.teacher_cache import check_compatible, open_cache
+
+        cache = open_cache(recipe.kd.teacher_cache)
+        check_compatible(cache, recipe, s_cfg.seq_length, s_cfg.vocab_size)
     init_distributed(recipe.parallel, seed=recipe.train.seed)
     bf16 = bf16_enabled(recipe)
-    teacher, _, _ = load_model(teacher_ckpt, bf16=bf16, field="--teacher")
     student, _, tokenizer = load_model(student_ckpt, bf16=bf16, field="--student")
+    teacher = None
+    if cache is None:  # with a cache the teacher never runs
+        teacher, _, _ = load_model(teacher_ckpt, bf16=bf16, field="--teacher")
     return distill_models(recipe, teacher, student, s_cfg, tokenizer,
-                          out_dir, pairs=pairs, shared_vocab=shared_vocab)
+                          out_dir, pairs=pairs, shared_vocab=shared_vocab, cache=cache)
 
 
-def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module, student: torch.nn.Module,
-                   student_cfg: ModelConfig, tokenizer: Any, out_dir: str | Path, *,
-                   pairs: list[tuple[int, int]] | None = None,
-                   shared_vocab: int | None = None) -> dict[str, Any]:
+def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,
+                   student: torch.nn.Module, student_cfg: ModelConfig, tokenizer: Any,
+                   out_dir: str | Path, *, pairs: list[tuple[int, int]] | None = None,
+                   shared_vocab: int | None = None,
+                   cache: TeacherCache | None = None) -> dict[str, Any]:
     """The Python API: distill in-memory Megatron ``GPTModel`` stages (built under the current
     parallel state, e.g. by a user's own script) on ``recipe.data``; checkpoints of the student
     under ``out_dir``. ``pairs``: ``[(student_layer, teacher_layer)]`` for intermediate losses
-    (default: ``recipe.kd.layer_map`` or evenly spaced)."""
+    (default: ``recipe.kd.layer_map`` or evenly spaced). With ``cache`` (an opened teacher
+    cache, ``recipe.kd.teacher_cache``) ``teacher`` may be None: its logits come from there."""
     from nemo_minitron.data.datasets import sequences
     from nemo_minitron.data.resolve import resolve_data
     from nemo_minitron.model.forward import lm_loss
@@ -129,26 +140,37 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module, student: tor
     from nemo_minitron.train.pretrain import make_trainer, run_trainer
 
     rt = current_runtime()
-    t_cfg = teacher.config
+    if teacher is None and cache is None:
+        raise ValueError("distill_models needs a teacher or a teacher cache")
+    if cache is not None and shared_vocab is not None:
+        raise ConfigError("kd.teacher_cache needs teacher and student of one padded vocabulary")
     if pairs is None:
-        pairs = layer_pairs(None, student_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
+        pairs = [] if teacher is None else layer_pairs(
+            None, student_cfg.num_layers, teacher.config.num_layers, recipe.kd.layer_map)
     prefix, tokenizer = resolve_data(recipe.data, tokenizer)
     recipe = dataclasses.replace(recipe, model=student_cfg)
 
     def objective(model: torch.nn.Module) -> KDObjective:
-        add_projections(model, t_cfg.hidden_size, pairs if recipe.kd.hidden_weight else [],
-                        recipe.kd.embedding_weight > 0, recipe.train.seed)
+        if teacher is not None:
+            add_projections(model, teacher.config.hidden_size,
+                            pairs if recipe.kd.hidden_weight else [],
+                            recipe.kd.embedding_weight > 0, recipe.train.seed)
         t = recipe.train
         return KDObjective(teacher, model, recipe.kd, rt.device, pairs=pairs,
                            shared_vocab=shared_vocab,
-                           num_microbatches=t.global_batch_size // (t.micro_batch_size * rt.dp))
+                           num_microbatches=t.global_batch_size // (t.micro_batch_size * rt.dp),
+                           cache=cache)
 
     trainer = make_trainer(recipe, rt, student_cfg, tokenizer, prefix, out_dir, model=student,
                            objective=objective)
     data = trainer.valid_ds if trainer.valid_ds is not None else trainer.train_ds
-    teacher_loss = lm_loss(teacher, sequences(data, min(recipe.train.global_batch_size,
-                                                         len(data))),
-                           recipe.train.micro_batch_size)
+    if teacher is not None:
+        teacher_loss = lm_loss(teacher, sequences(data, min(recipe.train.global_batch_size,
+                                                             len(data))),
+                               recipe.train.micro_batch_size)
+    else:  # measured when the cache was built, on the same sequences
+        assert cache is not None
+        teacher_loss = float(cache.meta["teacher_valid_loss"])
     ceiling = math.log(tokenizer.vocab_size)
     log.info("teacher validation loss %.4f (ln(vocab) = %.4f)", teacher_loss, ceiling)
     if teacher_loss > recipe.kd.teacher_max_loss_ratio * ceiling:

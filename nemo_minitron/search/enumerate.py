@@ -67,6 +67,12 @@ class SearchConfig:
     (lower is better) that ranks the candidates instead of the validation LM loss."""
     layer_metric: Literal["block_importance", "lm_loss"] = "block_importance"
     """How depth pruning picks layers: block_importance or lm_loss (see target.layer_metric)."""
+    teacher_cache: bool = False
+    """Run the teacher once: store its top-k log-probabilities of the retraining data in
+    ``OUT/search/teacher_cache`` and distill every candidate from there (forward KL on the top-k
+    plus a tail bucket; needs the logit loss alone at T=1, see ``kd.teacher_cache``)."""
+    teacher_cache_top_k: int = 64
+    """Tokens per position in the teacher cache."""
 
     DEPRECATED_KEYS: ClassVar[dict[str, str]] = {
         "layers_step": "num_layers_step", "hidden_step": "hidden_size_step",
@@ -79,7 +85,8 @@ class SearchConfig:
         if not 0 <= self.tolerance < 1:
             raise ConfigError(f"search.tolerance={self.tolerance} must be in [0, 1)")
         for name in ("retrain_steps", "num_layers_step", "hidden_size_step",
-                     "ffn_hidden_size_step", "num_query_groups_step", "max_candidates"):
+                     "ffn_hidden_size_step", "num_query_groups_step", "max_candidates",
+                     "teacher_cache_top_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"search.{name}={getattr(self, name)} must be >= 1")
         for name in ("max_layers_prune", "max_hidden_prune", "max_ffn_prune", "max_heads_prune"):

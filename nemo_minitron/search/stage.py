@@ -122,6 +122,16 @@ def candidate_finished(root: Path, name: str, retrain_steps: int) -> bool:
     return r is not None and r.get("status") == "done" and is_checkpoint(final)
 
 
+def _with_teacher_cache(kd_recipe: Any, checkpoint: str, path: Path, top_k: int) -> Any:
+    """``kd_recipe`` reading the teacher's logits from ``path``, built there first if needed."""
+    from nemo_minitron.distill.teacher_cache import META, build_teacher_cache
+
+    kd = dataclasses.replace(kd_recipe.kd, teacher_cache=str(path))  # validates the losses
+    if not (path / META).is_file():
+        build_teacher_cache(checkpoint, kd_recipe, path, top_k)
+    return dataclasses.replace(kd_recipe, kd=kd)
+
+
 def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     """Run (or resume) the search; returns the summary (``finished`` False while candidates
     are left: stopped by search.max_candidates_per_run, search.candidates or a signal)."""
@@ -176,6 +186,9 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
              100 * s.tolerance, s.target_params, ", ".join(c.name for c in candidates))
     train = dataclasses.replace(recipe.train, train_iters=s.retrain_steps)
     kd_recipe = DistillRecipe(parallel=p, data=recipe.data, train=train, kd=recipe.kd)
+    if s.teacher_cache and left and s.candidates != []:  # only when something is distilled
+        kd_recipe = _with_teacher_cache(kd_recipe, checkpoint, root / "teacher_cache",
+                                        s.teacher_cache_top_k)
     scores_file = root / "scores.pt"
     ran = 0
     for c, rec in zip(candidates, records):

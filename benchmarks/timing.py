@@ -1,0 +1,74 @@
+"""Timing that survives a noisy machine: variants interleaved within every repeat, ratios
+formed per repeat, and the median with its spread reported beside the best.
+
+A ratio of two timings taken seconds apart is hostage to whatever else the machine did in
+between; interleaving puts the variants of one repeat under the same load, and the per-repeat
+ratio cancels most of it. The spread (max - min of the per-repeat ratios, relative to their
+median) says whether the run can be trusted: above ``MAX_SPREAD`` the benchmark prints that
+the machine was too noisy to conclude.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MAX_SPREAD = 0.10
+"""Relative spread of the per-repeat ratios above which a run is called inconclusive."""
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Median, best and spread of one series (timings or ratios)."""
+
+    median: float
+    best: float
+    """Minimum: the least disturbed sample."""
+    lo: float
+    hi: float
+    n: int
+
+    @property
+    def spread(self) -> float:
+        """``(hi - lo) / median``: 0 on a quiet machine."""
+        return (self.hi - self.lo) / self.median if self.median else float("inf")
+
+    @property
+    def conclusive(self) -> bool:
+        return self.spread <= MAX_SPREAD
+
+    def fmt(self, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
+        f = f"{{:.{digits}f}}"
+        m, lo, hi = (f.format(v * scale) for v in (self.median, self.lo, self.hi))
+        return (f"median {m}{unit} (range {lo}-{hi}, spread {self.spread:.0%}, n={self.n})"
+                + ("" if self.conclusive else "  [spread too large to conclude]"))
+
+
+def stat(samples: list[float]) -> Stat:
+    """Summary of ``samples``."""
+    if not samples:
+        raise ValueError("no samples")
+    return Stat(statistics.median(samples), min(samples), min(samples), max(samples),
+                len(samples))
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each of ``runs``, the variants taking turns within every repeat
+    (after ``warmup`` untimed rounds)."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(warmup + repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    return times
+
+
+def ratios(num: list[float], den: list[float]) -> list[float]:
+    """Per-repeat ratios ``num[i] / den[i]`` (same load within a repeat)."""
+    return [a / b for a, b in zip(num, den, strict=True)]
