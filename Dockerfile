@@ -9,6 +9,7 @@ WORKDIR /opt/nemo_minitron
 COPY pyproject.toml README.md ./
 COPY nemo_minitron ./nemo_minitron
 COPY recipes ./recipes
+COPY launcher ./launcher
 COPY scripts ./scripts
 # --no-deps: never replace the container's torch / megatron-core / TE builds.
 RUN pip install --no-cache-dir --no-deps -e . \

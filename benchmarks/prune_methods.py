@@ -12,21 +12,20 @@ import dataclasses
 import sys
 import time
 
-from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model_config, load_weights
+from nemo_minitron.checkpoint.io import load_model
 from nemo_minitron.config import load_recipe
 from nemo_minitron.data.datasets import build_gpt_datasets
+from nemo_minitron.data.resolve import resolve_data
 from nemo_minitron.demo import PRUNE_RECIPE
 from nemo_minitron.importance.baselines import magnitude_scores, random_scores
 from nemo_minitron.importance.estimator import estimate_importance
 from nemo_minitron.importance.scores import Scores
-from nemo_minitron.model.build import build_model
 from nemo_minitron.model.forward import forward_pass, lm_loss
 from nemo_minitron.model.full_state import gather_full_state_dict
 from nemo_minitron.parallel.runtime import init_distributed
 from nemo_minitron.prune.apply import prune_model
 from nemo_minitron.prune.plan import make_plan
-from nemo_minitron.prune.stage import PruneRecipe, _as_recipe, _samples
-from nemo_minitron.train.pretrain import resolve_data
+from nemo_minitron.prune.stage import PruneRecipe, calib_sequences
 from nemo_minitron.utils.logging import get_logger, setup_logging
 
 log = get_logger("bench")
@@ -43,17 +42,14 @@ def main(argv: list[str]) -> None:
     recipe_path = rest[0] if rest and rest[0].endswith((".yaml", ".yml")) else str(PRUNE_RECIPE)
     recipe = load_recipe(recipe_path, [a for a in rest if "=" in a], cls=PruneRecipe)
     init_distributed(recipe.parallel)
-    cfg = load_model_config(ckpt)
-    tok = load_checkpoint_tokenizer(ckpt)
-    prefix, tok = resolve_data(_as_recipe(recipe), tok)
+    model, cfg, tok = load_model(ckpt)
+    prefix, tok = resolve_data(recipe.data, tok)
     c = recipe.calib
     splits = build_gpt_datasets(prefix, tok, seq_length=cfg.seq_length, split=recipe.data.split,
                                 seed=recipe.data.seed, num_samples=(c.num_samples,
                                                                      c.eval_samples, 0))
-    calib = _samples(splits.train, c.num_samples, "num_samples")[:, :-1]
-    evals = _samples(splits.valid, c.eval_samples, "eval_samples")
-    model = build_model(cfg)
-    load_weights(ckpt, model)
+    calib = calib_sequences(splits.train, c.num_samples, "num_samples")[:, :-1]
+    evals = calib_sequences(splits.valid, c.eval_samples, "eval_samples")
 
     forward_pass(model, calib[: c.micro_batch_size], micro_batch_size=c.micro_batch_size)
     t_fwd, t_imp = [], []

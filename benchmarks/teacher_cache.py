@@ -25,32 +25,23 @@ from pathlib import Path
 
 
 def kl_error(teacher: str, student: str, ks: list[int], windows: int, data: str | None) -> None:
-    from nemo_minitron.checkpoint.io import (
-        load_checkpoint_tokenizer,
-        load_model_config,
-        load_weights,
-    )
+    from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model, load_model_config
     from nemo_minitron.config import DataConfig, ParallelConfig
     from nemo_minitron.data.datasets import build_gpt_datasets, sequences
     from nemo_minitron.data.embedded import prepare_embedded
     from nemo_minitron.distill.losses import logit_divergence
     from nemo_minitron.distill.teacher_cache import cached_forward_kl, vocab_parallel_topk
-    from nemo_minitron.model.build import build_model
     from nemo_minitron.model.forward import forward_logits
     from nemo_minitron.parallel.runtime import init_distributed
 
     init_distributed(ParallelConfig())
-    t_cfg, s_cfg = load_model_config(teacher), load_model_config(student)
+    t_cfg = load_model_config(teacher)
     tok = load_checkpoint_tokenizer(teacher)
     prefix = data or prepare_embedded(DataConfig())[0]
     splits = build_gpt_datasets(prefix, tok, seq_length=t_cfg.seq_length, split="95,5,0",
                                 seed=1234, num_samples=(1, windows, 0))
     tokens = sequences(splits.valid, windows)[:, :-1]
-    models = []
-    for ckpt, cfg in ((teacher, t_cfg), (student, s_cfg)):
-        m = build_model(cfg)
-        load_weights(ckpt, m)
-        models.append(m)
+    models = [load_model(ckpt)[0] for ckpt in (teacher, student)]
     zt, zs = (forward_logits(m, tokens, micro_batch_size=4) for m in models)
     v = min(zt.shape[-1], zs.shape[-1])
     zt, zs = zt[..., :v].reshape(-1, v), zs[..., :v].reshape(-1, v)

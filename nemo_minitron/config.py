@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -137,8 +138,9 @@ class ModelConfig:
 
     def padded_vocab_size(self, tokenizer_vocab_size: int) -> int:
         """Round a tokenizer vocabulary up to ``make_vocab_size_divisible_by``."""
-        m = self.make_vocab_size_divisible_by
-        return -(-tokenizer_vocab_size // m) * m
+        from nemo_minitron.model.layouts import padded_vocab_size
+
+        return padded_vocab_size(tokenizer_vocab_size, self.make_vocab_size_divisible_by)
 
 
 @dataclass(kw_only=True)
@@ -259,15 +261,24 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
-class Recipe:
-    """A whole recipe: one section per stage concern."""
+class StageRecipe:
+    """What every verb's recipe holds: the parallel layout and the data. Each verb's recipe
+    derives from it and adds its own sections (``Recipe``: model + train; the prune, distill
+    and search recipes: their sections); every section validates itself when it is built,
+    the recipe checks what spans sections."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Model shape (used when a stage builds a model from scratch)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Parallel layout."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Training data."""
+    """Training (or calibration) data."""
+
+
+@dataclass(kw_only=True)
+class Recipe(StageRecipe):
+    """A training recipe (pretrain, finetune): model shape and training loop."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape (used when a stage builds a model from scratch)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop."""
 
@@ -301,12 +312,21 @@ def _positive(name: str, value: Any) -> None:
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types; keys
+    a class renamed (its ``DEPRECATED_KEYS``, old -> new) are read with a warning."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for old, new in getattr(cls, "DEPRECATED_KEYS", {}).items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"'{prefix}{old}' is the deprecated name of '{prefix}{new}'; "
+                                  "give only the new one")
+            warnings.warn(f"'{prefix}{old}' is deprecated; use '{prefix}{new}'", FutureWarning,
+                          stacklevel=2)
+            data = {(new if k == old else k): v for k, v in data.items()}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
@@ -408,9 +428,23 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with one-line errors for a missing or malformed file."""
+def recipe_path(path: str | Path) -> Path:
+    """``path``; a bare file name that is not here names a recipe shipped with the package
+    (``tiny_cpu.yaml``, see ``utils.paths.recipes_dir``)."""
     p = Path(path)
+    if not p.is_file() and p.name == str(path):
+        from nemo_minitron.utils.paths import recipes_dir
+
+        shipped = recipes_dir() / p.name
+        if shipped.is_file():
+            return shipped
+    return p
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping (``recipe_path``), with one-line errors for a missing or malformed
+    file."""
+    p = recipe_path(path)
     if not p.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist")
     try:

@@ -13,17 +13,17 @@ import json
 import math
 from pathlib import Path
 
-import torch.distributed as dist
-
 from nemo_minitron.config import load_recipe
 from nemo_minitron.utils.fs import read_jsonl
 from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.paths import recipes_dir
+from nemo_minitron.utils.rank import is_rank0
 
 log = get_logger("demo")
 
 
-PRUNE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_cpu_prune.yaml"
-DISTILL_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_cpu_distill.yaml"
+PRUNE_RECIPE = recipes_dir() / "tiny_cpu_prune.yaml"
+DISTILL_RECIPE = recipes_dir() / "tiny_cpu_distill.yaml"
 
 
 def run_demo(recipe_path: str | None, overrides: list[str], out: str,
@@ -32,7 +32,7 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     """Run the demo stages under ``out``; returns the summary it prints. ``data.*``
     overrides apply to every stage."""
     from nemo_minitron.distill.stage import DistillRecipe, distill
-    from nemo_minitron.prune.stage import PruneRecipe, prune
+    from nemo_minitron.prune.stage import PruneRecipe, prune, prune_summary, report_dir
     from nemo_minitron.train.pretrain import pretrain
 
     recipe = load_recipe(recipe_path, overrides)
@@ -42,9 +42,10 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     p_recipe = load_recipe(prune_recipe or PRUNE_RECIPE,
                            data_overrides + list(prune_overrides or []), cls=PruneRecipe)
     pruned_dir = out_dir / "pruned"
-    if (pruned_dir / "pruning" / "report.md").is_file():
+    pruned = prune_summary(pruned_dir) if (report_dir(pruned_dir) / "report.md").is_file() \
+        else None
+    if pruned is not None:
         log.info("reusing %s (delete it to prune again)", pruned_dir)
-        pruned = json.loads((pruned_dir / "pruning" / "summary.json").read_text())
     else:
         pruned = prune(teacher["final"], str(pruned_dir), p_recipe)
     d_recipe = load_recipe(DISTILL_RECIPE, data_overrides + list(distill_overrides or []),
@@ -75,6 +76,6 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     log.info("distilled: validation loss %.4f (KL to the teacher %.4f), checkpoint %s",
              summary["distilled_valid_loss"], summary["distilled_valid_kd_loss"],
              summary["distilled_checkpoint"])
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         print(json.dumps(summary, indent=2))
     return summary

@@ -8,6 +8,8 @@ Layout::
       weights/            model weights, Megatron distributed checkpoint (torch_dist)
       optimizer/          optimizer state, distributed checkpoint (training checkpoints only)
       train_state.json    step, consumed samples, LR-scheduler state, the recipe
+      metadata.json       what later stages need from the stage that wrote it (optional;
+                          e.g. ``pruning``: kept layers, source shape, importance method)
       rng/rank_*.pt       per-rank RNG states (tensors only: loaded with weights_only=True)
 
 Saving is atomic: every rank writes into ``<ckpt>.tmp``, then rank 0 renames it. A directory
@@ -36,19 +38,24 @@ import yaml
 
 from nemo_minitron.checkpoint.manifest import MANIFEST, check_files, write_manifest
 from nemo_minitron.checkpoint.safety import verify_dist_checkpoint
-from nemo_minitron.config import ConfigError, ModelConfig, from_dict, to_dict
+from nemo_minitron.config import ConfigError, ModelConfig, ParallelConfig, from_dict, to_dict
 from nemo_minitron.data.tokenizer import Tokenizer, load_tokenizer
 from nemo_minitron.model.build import unwrap
-from nemo_minitron.utils.fs import atomic_write_json, atomic_write_text
+from nemo_minitron.utils.fs import atomic_write_json, atomic_write_text, replace_dir
 from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.rank import global_rank
 
 log = get_logger("checkpoint")
 
 MODEL_CONFIG = "model_config.yaml"
+METADATA = "metadata.json"
+CHECKPOINTS = "checkpoints"
+"""Training checkpoints of a run live in ``<run_dir>/checkpoints/step_<NNNNNNN>``."""
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+def step_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
+    """The checkpoint directory of training step ``step`` in a run directory."""
+    return Path(run_dir) / CHECKPOINTS / f"step_{int(step):07d}"
 
 
 def _barrier() -> None:
@@ -115,6 +122,17 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     return from_dict(ModelConfig, doc, "model.")
 
 
+def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata a checkpoint was saved with (``{}`` when it has none)."""
+    f = check_checkpoint(path) / METADATA
+    if not f.is_file():
+        return {}
+    meta = json.loads(f.read_text())
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{f} does not hold a JSON object")
+    return meta
+
+
 def load_checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer stored in a checkpoint."""
     p = check_checkpoint(path)
@@ -147,6 +165,28 @@ def _stop_signals_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def load_model(path: str | os.PathLike[str], parallel: ParallelConfig | None = None, *,
+               bf16: bool = False, field: str = "checkpoint", **build: Any
+               ) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
+    """Load a checkpoint into a fresh model: ``(model, its ModelConfig, its tokenizer)``.
+
+    With ``parallel`` the process group and parallel state are started (or kept) for that
+    layout first; without it the model is built under the current parallel state. Either way
+    the weights are resharded to the layout on load. ``build``: more ``build_model`` options
+    (``attention``, ``use_te``)."""
+    from nemo_minitron.model.build import build_model
+
+    p = check_checkpoint(path, field)
+    cfg = load_model_config(p)
+    if parallel is not None:
+        from nemo_minitron.parallel.runtime import init_distributed
+
+        init_distributed(parallel)
+    model = build_model(cfg, bf16=bf16, **build)
+    load_weights(p, model)
+    return model, cfg, load_checkpoint_tokenizer(p)
 
 
 def _model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
@@ -188,14 +228,15 @@ def no_space_left(exc: BaseException, where: str | os.PathLike[str]) -> bool:
 def _write_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
                       model_cfg: ModelConfig, tokenizer: Tokenizer | None,
                       optimizer: Any = None, scheduler: Any = None,
-                      train_state: dict[str, Any] | None = None,
-                      overwrite: bool = False) -> Path:
+                      train_state: dict[str, Any] | None = None, overwrite: bool = False,
+                      metadata: dict[str, Any] | None = None) -> Path:
+    """The save itself; ``metadata`` (JSON) is read back by ``load_metadata``."""
     from megatron.core import dist_checkpointing
 
     t0 = time.perf_counter()
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
+    if global_rank() == 0:
         if final.exists() and not overwrite:
             raise FileExistsError(f"checkpoint {final} already exists")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -210,9 +251,9 @@ def _write_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
         if optimizer is not None:
             opt_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model))
             dist_checkpointing.save(opt_sd, str(tmp / "optimizer"))
-    torch.save(get_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    torch.save(get_rng_state(), tmp / "rng" / f"rank_{global_rank():05d}.pt")
     _barrier()
-    if _rank() == 0:
+    if global_rank() == 0:
         atomic_write_text(tmp / MODEL_CONFIG, yaml.safe_dump(to_dict(model_cfg), sort_keys=False))
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer")
@@ -220,17 +261,12 @@ def _write_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
         atomic_write_json(tmp / "train_state.json", state)
+        if metadata is not None:
+            atomic_write_json(tmp / METADATA, metadata)
         t_sum = time.perf_counter()
-        entries = write_manifest(tmp)
+        entries = write_manifest(tmp)  # last: it covers every file
         t_sum = time.perf_counter() - t_sum
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        replace_dir(tmp, final, overwrite=True)  # existence was refused above unless overwrite
         log.info("saved checkpoint %s in %.2fs (checksums of %.1f MB: %.2fs)", final,
                  time.perf_counter() - t0, sum(e["size"] for e in entries.values()) / 1e6,
                  t_sum)
@@ -272,7 +308,7 @@ def load_training_state(path: str | os.PathLike[str], model: torch.nn.Module, op
     state = json.loads((p / "train_state.json").read_text())
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
-    rng_file = p / "rng" / f"rank_{_rank():05d}.pt"
+    rng_file = p / "rng" / f"rank_{global_rank():05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return state
@@ -311,7 +347,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def step_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     """The complete ``<run_dir>/checkpoints/step_*`` checkpoints, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step_*") if not p.name.endswith((".tmp", ".old"))

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import sys
 
 from nemo_minitron.cli import demo, interop, launch, merge, prune, selfdistill, specdec, train
 from nemo_minitron.config import ConfigError
 from nemo_minitron.utils.logging import setup_logging
+from nemo_minitron.utils.rank import is_rank0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    # torchrun sets RANK; srun sets SLURM_PROCID (RANK comes later, from the runtime).
-    rank0 = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    rank0 = is_rank0()  # before the process group starts: the launcher's rank
     try:
         return args.func(args)
     except (ConfigError, FileExistsError) as e:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.paths import recipes_dir
 
 log = get_logger("cli")
 
-RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
+RECIPES = recipes_dir()
 
 
 def recipe_args(p: argparse.ArgumentParser, default: str | None = None) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from nemo_minitron.config import ConfigError
+from nemo_minitron.utils.rank import is_rank0
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
@@ -55,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = PerplexityConfig(data_path=args.data, seq_length=args.seq_length,
                            max_windows=args.max_windows, micro_batch_size=args.micro_batch_size)
     result = perplexity(args.checkpoint, cfg, files, parallel)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank0():
         print(json.dumps(result))
     return 0
 

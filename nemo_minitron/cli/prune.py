@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from nemo_minitron.cli.common import recipe_args, split_overrides
+from nemo_minitron.utils.rank import is_rank0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     recipe, overrides = split_overrides(args)
     summary = search(args.checkpoint, args.out, load_recipe(recipe, overrides, cls=SearchRecipe))
-    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+    if is_rank0():
         print(json.dumps(summary))
     return 0
 

@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from nemo_minitron.model.layouts import vocab_range
+
 Divergence = Literal["forward", "reverse", "js"]
 
 
@@ -45,8 +47,8 @@ def _pick(logits: torch.Tensor, labels: torch.Tensor,
     """``logits[i, labels[i]]`` of vocab-parallel ``logits [n, V/TP]`` (the owning rank's
     value, all-reduced)."""
     v_local = logits.shape[-1]
-    start = v_local * (dist.get_rank(group) if group is not None else 0)
-    mine = (labels >= start) & (labels < start + v_local)
+    start, end = vocab_range(v_local, dist.get_rank(group) if group is not None else 0)
+    mine = (labels >= start) & (labels < end)
     picked = _compute_dtype(logits.gather(-1, (labels - start).clamp(0, v_local - 1)
                                           .unsqueeze(-1)).squeeze(-1))
     return _allreduce(torch.where(mine, picked, torch.zeros_like(picked)), group)

@@ -29,7 +29,8 @@ from nemo_minitron.distill.losses import (
 )
 from nemo_minitron.distill.teacher_cache import TeacherCache, cached_forward_kl
 from nemo_minitron.model.build import unwrap
-from nemo_minitron.train.objectives import masked_mean, to_device
+from nemo_minitron.model.layouts import drop_vocab_padding, global_layers
+from nemo_minitron.train.objectives import Objective, masked_mean, to_device
 
 
 @dataclass(kw_only=True)
@@ -111,11 +112,7 @@ def _capture(module: torch.nn.Module, store: dict[str, torch.Tensor], key: str):
     return module.register_forward_hook(hook)
 
 
-def _global_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    return {layer.layer_number - 1: layer for layer in model.decoder.layers}
-
-
-class KDObjective:
+class KDObjective(Objective):
     """Teacher + student forward, distillation loss on the last stage."""
 
     def __init__(self, teacher: torch.nn.Module | None, student: torch.nn.Module, cfg: KDConfig,
@@ -144,7 +141,7 @@ class KDObjective:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        s_layers, t_layers = _global_layers(self.student), _global_layers(teacher)
+        s_layers, t_layers = global_layers(self.student), global_layers(teacher)
         self.pairs = [(s, t) for s, t in pairs if s in s_layers and t in t_layers] \
             if cfg.hidden_weight else []
         self.n_pairs = len(pairs) if cfg.hidden_weight else 0
@@ -166,10 +163,6 @@ class KDObjective:
             self.metric_names.append("embedding loss")
 
     # ------------------------------------------------------------------ plumbing
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        proj = getattr(self.student, "kd_projections", None)
-        return [proj] if proj is not None else []
-
     def adjust_tensor_shapes(self, recv: list, send: list) -> tuple[list, list]:
         """Pipeline tensors carry both hidden states: ``[s, b, h_student + h_teacher]``."""
         grow = lambda shapes: [(*s[:-1], self.h_student + self.h_teacher) for s in shapes]  # noqa: E731
@@ -237,8 +230,8 @@ class KDObjective:
 
         cfg = self.cfg
         if self.shared_vocab is not None:  # TP=1 only: reconcile padded vocabularies
-            s_logits = s_logits[..., :self.shared_vocab]
-            t_logits = t_logits[..., :self.shared_vocab]
+            s_logits = drop_vocab_padding(s_logits, self.shared_vocab)
+            t_logits = drop_vocab_padding(t_logits, self.shared_vocab)
         group = self.tp_group if torch.distributed.get_world_size(self.tp_group) > 1 else None
         per_kd, per_ce = logit_divergence_and_ce(
             s_logits, t_logits, batch["labels"], kind=cfg.divergence,
@@ -302,7 +295,7 @@ def add_projections(student: torch.nn.Module, teacher_hidden: int,
     h = student.config.hidden_size
     if h == teacher_hidden:
         return
-    mine = {layer.layer_number - 1 for layer in student.decoder.layers}
+    mine = set(global_layers(student))
     keys = [f"layer{s}" for s, _ in pairs if s in mine]
     if embedding and hasattr(student, "embedding"):
         keys.append("embedding")

@@ -8,7 +8,6 @@ of the same command resumes exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ class DistillRecipe(Recipe):
 def layer_pairs(student_ckpt: str | None, student_layers: int, teacher_layers: int,
                 layer_map: list[list[int]] | None) -> list[tuple[int, int]]:
     """``[(student_layer, teacher_layer)]``: the user's map, else the teacher layer each student
-    layer was cut from (``<student>/pruning/summary.json``), else evenly spaced layers."""
+    layer was cut from (the student checkpoint's ``prune.origin``), else evenly spaced layers."""
     if layer_map is not None:
         for i, pair in enumerate(layer_map):
             if len(pair) != 2:
@@ -56,11 +55,11 @@ def layer_pairs(student_ckpt: str | None, student_layers: int, teacher_layers: i
                 raise ConfigError(f"kd.layer_map[{i}] names teacher layer {t}; the teacher "
                                   f"has layers 0..{teacher_layers - 1}")
         return [(s, t) for s, t in layer_map]
-    summary = Path(student_ckpt) / "pruning" / "summary.json" if student_ckpt else None
-    if summary is not None and summary.is_file():
-        kept = json.loads(summary.read_text()).get("kept_layers")
-        if kept and len(kept) == student_layers:
-            return list(enumerate(kept))
+    from nemo_minitron.prune.origin import prune_origin
+
+    origin = prune_origin(student_ckpt) if student_ckpt else None
+    if origin is not None and len(origin.kept_layers) == student_layers:
+        return list(enumerate(origin.kept_layers))
     ls, lt = student_layers, teacher_layers
     return [(i, (i + 1) * lt // ls - 1) for i in range(ls)]
 
@@ -98,11 +97,9 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     """Distill ``teacher_ckpt`` into ``student_ckpt``; checkpoints under ``out_dir``."""
     from nemo_minitron.checkpoint.io import (
         check_checkpoint,
-        load_checkpoint_tokenizer,
+        load_model,
         load_model_config,
-        load_weights,
     )
-    from nemo_minitron.model.build import build_model
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.train.pretrain import bf16_enabled
 
@@ -123,13 +120,11 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
                          s_cfg.vocab_size)
     init_distributed(recipe.parallel, seed=recipe.train.seed)
     bf16 = bf16_enabled(recipe)
-    student = build_model(s_cfg, bf16=bf16)
-    load_weights(student_ckpt, student)
+    student, _, tokenizer = load_model(student_ckpt, bf16=bf16, field="--student")
     teacher = None
     if cache is None:  # with a cache the teacher never runs
-        teacher = build_model(t_cfg, bf16=bf16)
-        load_weights(teacher_ckpt, teacher)
-    return distill_models(recipe, teacher, student, s_cfg, load_checkpoint_tokenizer(student_ckpt),
+        teacher, _, _ = load_model(teacher_ckpt, bf16=bf16, field="--teacher")
+    return distill_models(recipe, teacher, student, s_cfg, tokenizer,
                           out_dir, pairs=pairs, shared_vocab=shared_vocab, cache=cache)
 
 
@@ -157,8 +152,9 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,
     under ``out_dir``. ``pairs``: ``[(student_layer, teacher_layer)]`` for intermediate losses
     (default: ``recipe.kd.layer_map`` or evenly spaced). With ``cache`` (an opened teacher
     cache, ``recipe.kd.teacher_cache``) ``teacher`` may be None: its logits come from there."""
+    from nemo_minitron.data.resolve import resolve_data
     from nemo_minitron.parallel.runtime import current_runtime
-    from nemo_minitron.train.pretrain import _run, make_trainer, resolve_data
+    from nemo_minitron.train.pretrain import make_trainer, run_trainer
 
     rt = current_runtime()
     if teacher is None and cache is None:
@@ -168,7 +164,7 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,
     if pairs is None:
         pairs = [] if teacher is None else layer_pairs(
             None, student_cfg.num_layers, teacher.config.num_layers, recipe.kd.layer_map)
-    prefix, tokenizer = resolve_data(recipe, tokenizer)
+    prefix, tokenizer = resolve_data(recipe.data, tokenizer)
     recipe = dataclasses.replace(recipe, model=student_cfg)
 
     def objective(model: torch.nn.Module) -> KDObjective:
@@ -199,6 +195,6 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,
         raise ConfigError(f"the teacher looks untrained: validation loss {teacher_loss:.3f} > "
                           f"kd.teacher_max_loss_ratio={recipe.kd.teacher_max_loss_ratio} x "
                           f"ln(vocab)={ceiling:.3f}")
-    summary = _run(trainer, out_dir)
+    summary = run_trainer(trainer, out_dir)
     summary["teacher_valid_loss"] = teacher_loss
     return summary

@@ -262,14 +262,14 @@ def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[s
     from nemo_minitron.checkpoint.io import (
         check_checkpoint,
         load_checkpoint_tokenizer,
+        load_model,
         load_model_config,
-        load_weights,
     )
+    from nemo_minitron.data.resolve import resolve_data
     from nemo_minitron.distill.stage import teacher_validation_loss
-    from nemo_minitron.model.build import build_model
     from nemo_minitron.model.forward import forward_pass
     from nemo_minitron.parallel.runtime import init_distributed
-    from nemo_minitron.train.pretrain import bf16_enabled, build_splits, resolve_data
+    from nemo_minitron.train.pretrain import bf16_enabled, build_splits
 
     check_checkpoint(teacher_ckpt, "teacher")
     out = Path(out)
@@ -281,13 +281,12 @@ def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[s
     if top_k > cfg.vocab_size:
         raise ConfigError(f"--top-k={top_k} exceeds the teacher's vocabulary ({cfg.vocab_size})")
     rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
-    prefix, tokenizer = resolve_data(recipe, load_checkpoint_tokenizer(teacher_ckpt))
+    prefix, tokenizer = resolve_data(recipe.data, load_checkpoint_tokenizer(teacher_ckpt))
     s = recipe.train.seq_length or cfg.seq_length  # the windows distill will read
     splits = build_splits(recipe, prefix, tokenizer, s)
     t = recipe.train
     n = min(len(splits.train), t.train_iters * t.global_batch_size)
-    teacher = build_model(cfg, bf16=bf16_enabled(recipe))
-    load_weights(teacher_ckpt, teacher)
+    teacher, _, _ = load_model(teacher_ckpt, bf16=bf16_enabled(recipe))
     group = ps.get_tensor_model_parallel_group()
     group = group if dist.get_world_size(group) > 1 else None
     writer = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0

@@ -100,13 +100,10 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
     """Measured prefill/decode tokens/s and predicted FLOPs/token of one checkpoint."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    from nemo_minitron.checkpoint.io import load_model_config, load_weights
-    from nemo_minitron.model.build import build_model
+    from nemo_minitron.checkpoint.io import load_model
     from nemo_minitron.model.params import count_params
 
-    cfg = load_model_config(checkpoint)
-    model = build_model(cfg, bf16=torch.cuda.is_available(), attention=b.attention)
-    load_weights(checkpoint, model)
+    model, cfg, _ = load_model(checkpoint, bf16=torch.cuda.is_available(), attention=b.attention)
     model.eval()
     device = next(model.parameters()).device
     assert cfg.vocab_size is not None

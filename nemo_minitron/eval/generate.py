@@ -143,20 +143,10 @@ def generate_text(checkpoint: str, prompts: list[str], sampling: SamplingConfig,
     rendered with the tokenizer's chat template (sandboxed; a plain default without one)."""
     import dataclasses
 
-    from nemo_minitron.checkpoint.io import (
-        load_checkpoint_tokenizer,
-        load_model_config,
-        load_weights,
-    )
+    from nemo_minitron.checkpoint.io import load_model
     from nemo_minitron.config import ParallelConfig
-    from nemo_minitron.model.build import build_model
-    from nemo_minitron.parallel.runtime import init_distributed
 
-    tok = load_checkpoint_tokenizer(checkpoint)
-    cfg = load_model_config(checkpoint)
-    init_distributed(ParallelConfig())
-    model = build_model(cfg)
-    load_weights(checkpoint, model)
+    model, _, tok = load_model(checkpoint, ParallelConfig())
     if sampling.stop_tokens is None:
         sampling = dataclasses.replace(sampling, stop_tokens=tok.eos_ids)
     if chat:

@@ -26,20 +26,10 @@ class MinitronLM(TemplateLM):
     def __init__(self, checkpoint: str, batch_size: int | str = 8, max_gen_toks: int = 256,
                  **_: Any) -> None:
         super().__init__()
-        from nemo_minitron.checkpoint.io import (
-            load_checkpoint_tokenizer,
-            load_model_config,
-            load_weights,
-        )
+        from nemo_minitron.checkpoint.io import load_model
         from nemo_minitron.config import ParallelConfig
-        from nemo_minitron.model.build import build_model
-        from nemo_minitron.parallel.runtime import init_distributed
 
-        self.tok = load_checkpoint_tokenizer(checkpoint)
-        self.cfg = load_model_config(checkpoint)
-        init_distributed(ParallelConfig())
-        self.model = build_model(self.cfg)
-        load_weights(checkpoint, self.model)
+        self.model, self.cfg, self.tok = load_model(checkpoint, ParallelConfig())
         self.model.eval()
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)

@@ -65,19 +65,13 @@ def perplexity(checkpoint: str, cfg: PerplexityConfig, files: list[str] | None =
                parallel: ParallelConfig | None = None) -> dict[str, Any]:
     """``{"loss", "perplexity", "tokens", "windows"}`` of ``checkpoint`` on the data (known on
     every rank)."""
-    from nemo_minitron.checkpoint.io import (
-        load_checkpoint_tokenizer,
-        load_model_config,
-        load_weights,
-    )
+    from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model, load_model_config
     from nemo_minitron.data.indexed import (
         check_indexed_prefix,
         iter_input_documents,
         read_indexed_documents,
     )
-    from nemo_minitron.model.build import build_model
     from nemo_minitron.model.forward import lm_loss
-    from nemo_minitron.parallel.runtime import init_distributed
 
     if (cfg.data_path is None) == (not files):
         raise ConfigError("eval: give either --data PREFIX or text/JSONL files")
@@ -92,9 +86,7 @@ def perplexity(checkpoint: str, cfg: PerplexityConfig, files: list[str] | None =
     windows = token_windows(docs, seq, cfg.max_windows)
     mbs = min(cfg.micro_batch_size, len(windows))
     windows = windows[:len(windows) // mbs * mbs]
-    init_distributed(parallel or ParallelConfig())
-    model = build_model(model_cfg)
-    load_weights(checkpoint, model)
+    model, _, _ = load_model(checkpoint, parallel or ParallelConfig())
     loss = lm_loss(model, windows, mbs)
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(windows.shape[0] * seq),
             "windows": int(windows.shape[0])}

@@ -12,37 +12,35 @@ same scores under every parallel layout.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from nemo_minitron.config import ModelConfig
 from nemo_minitron.importance.scores import Scores
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+from nemo_minitron.model import layouts
 
 
 def magnitude_scores(full: dict[str, torch.Tensor], cfg: ModelConfig) -> Scores:
     """Weight-magnitude scores of the model whose full state dict is ``full``."""
-    f, d = cfg.ffn_hidden_size, cfg.head_dim
     groups = cfg.query_groups
     ffn, heads, layers = [], [], torch.zeros(cfg.num_layers)
     for i in range(cfg.num_layers):
-        p = f"decoder.layers.{i}."
-        fc1 = full[p + "mlp.linear_fc1.weight"].double()
-        fc2 = full[p + "mlp.linear_fc2.weight"].double()
-        rows = fc1[:f].norm(dim=1) * fc1[f:].norm(dim=1) if cfg.activation == "swiglu" \
-            else fc1.norm(dim=1)
+        fc1 = full[layouts.layer_key(i, "mlp.linear_fc1.weight")].double()
+        fc2 = full[layouts.layer_key(i, "mlp.linear_fc2.weight")].double()
+        if layouts.gated(cfg):
+            gate, up = layouts.split_fc1(fc1)
+            rows = gate.norm(dim=1) * up.norm(dim=1)
+        else:
+            rows = fc1.norm(dim=1)
         ffn.append(rows * fc2.norm(dim=0))
-        proj = full[p + "self_attention.linear_proj.weight"].double()
-        heads.append(proj.view(proj.shape[0], -1, d).norm(dim=(0, 2)))
+        proj = full[layouts.layer_key(i, "self_attention.linear_proj.weight")].double()
+        heads.append(layouts.proj_per_head(proj, cfg).norm(dim=(0, 2)))
     for key, w in full.items():
-        m = _LAYER.match(key)
-        if m is not None:
-            layers[int(m.group(1))] += w.double().pow(2).sum().item()
+        parsed = layouts.split_layer_key(key)
+        if parsed is not None:
+            layers[parsed[0]] += w.double().pow(2).sum().item()
     heads_t = torch.stack(heads).float()
     return Scores(ffn_hidden_size=torch.stack(ffn).float(), num_attention_heads=heads_t,
-                  num_query_groups=heads_t.view(cfg.num_layers, groups, -1).sum(-1),
+                  num_query_groups=layouts.heads_by_group(heads_t, groups).sum(-1),
                   hidden_size=full["embedding.word_embeddings.weight"].double().norm(dim=0)
                   .float(), num_layers=layers.sqrt(), meta={"importance": "magnitude"})
 
@@ -57,6 +55,6 @@ def random_scores(cfg: ModelConfig, seed: int) -> Scores:
 
     heads = rand(n, a)
     return Scores(ffn_hidden_size=rand(n, cfg.ffn_hidden_size), num_attention_heads=heads,
-                  num_query_groups=heads.view(n, cfg.query_groups, -1).sum(-1),
+                  num_query_groups=layouts.heads_by_group(heads, cfg.query_groups).sum(-1),
                   hidden_size=rand(cfg.hidden_size), num_layers=rand(n),
                   meta={"importance": "random", "seed": seed})

@@ -32,6 +32,7 @@ from nemo_minitron.importance.aggregate import Agg, Aggregator
 from nemo_minitron.importance.layers import angular_distance_sums
 from nemo_minitron.importance.scores import Scores
 from nemo_minitron.model.build import unwrap
+from nemo_minitron.model.layouts import heads_by_group, split_heads
 
 
 class ImportanceEstimator:
@@ -84,8 +85,7 @@ class ImportanceEstimator:
     def _head_hook(self, i: int):
         def hook(_mod, args):
             x = args[0]  # [s, b, heads/tp * kv_channels]
-            s, b, _ = x.shape
-            self.heads[i].update(x.float().view(s, b, -1, self.head_dim).norm(dim=-1))
+            self.heads[i].update(split_heads(x.float(), self.head_dim).norm(dim=-1))
         return hook
 
     def _norm_hook(self, i: int, which: int):
@@ -165,8 +165,7 @@ class ImportanceEstimator:
             dist.all_reduce(hidden, group=pp)
         block = _gather_cat((self.block[:, 0] / self.block[:, 1].clamp(min=1)).float(), pp, 0)
         groups = self.cfg.num_query_groups or self.cfg.num_attention_heads
-        per_group = heads.shape[1] // groups
-        query_groups = heads.view(heads.shape[0], groups, per_group).sum(-1)
+        query_groups = heads_by_group(heads, groups).sum(-1)
         info = {"batch_agg": self.batch_agg, "seq_agg": self.seq_agg,
                 "num_sequences": self.num_sequences * dist.get_world_size(dp), **(meta or {})}
         return Scores(ffn_hidden_size=ffn, num_attention_heads=heads,

@@ -14,6 +14,7 @@ import torch
 
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.model.forward import lm_loss
+from nemo_minitron.model.layouts import global_layer
 
 
 @contextlib.contextmanager
@@ -22,7 +23,7 @@ def skip_layers(model: torch.nn.Module, layers: Iterable[int]) -> Iterator[None]
     wanted = set(layers)
     patched = []
     for layer in unwrap(model).decoder.layers:
-        if layer.layer_number - 1 in wanted:  # layer_number is global and 1-based
+        if global_layer(layer) in wanted:
             def identity(*args, **kwargs):
                 hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
                 return hidden, kwargs.get("context")

@@ -51,9 +51,7 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
     TP=1/PP=1 by loading the reshardable checkpoint)."""
     from safetensors.torch import save_file
 
-    from nemo_minitron.checkpoint.io import check_checkpoint, load_model_config, load_weights
-    from nemo_minitron.model.build import build_model
-    from nemo_minitron.parallel.runtime import init_distributed
+    from nemo_minitron.checkpoint.io import check_checkpoint, load_model, load_model_config
     from nemo_minitron.utils.fs import atomic_dir
 
     ckpt = check_checkpoint(checkpoint)
@@ -67,9 +65,7 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
     ids = _token_ids(ckpt / "tokenizer")
     hf_config = hf_config_from_model(cfg, bos=ids["bos"], eos=ids["eos"], pad=ids["pad"],
                                      unk=ids["unk"], dtype=dtype)
-    init_distributed(ParallelConfig())
-    model = build_model(cfg)
-    load_weights(ckpt, model)
+    model, cfg, _ = load_model(ckpt, ParallelConfig())
     tensors = {name: t.detach().to("cpu", DTYPES[dtype]).contiguous()
                for name, t in hf_tensors(model.state_dict(), cfg)}
     with atomic_dir(hf_dir) as tmp:

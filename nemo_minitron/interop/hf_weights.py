@@ -1,9 +1,8 @@
 """Hugging Face Llama-family tensors <-> Megatron ``GPTModel`` tensors (full, TP=1 layouts).
 
-Megatron's ``linear_qkv`` stacks its rows per query group: ``[q heads of group 0 | k0 | v0 |
-q heads of group 1 | k1 | v1 | ...]`` (``kv_channels`` rows per head); HF keeps separate
-``q_proj``/``k_proj``/``v_proj`` whose heads are in order, so query head ``j`` belongs to group
-``j // (heads / groups)``. Megatron's SwiGLU ``linear_fc1`` is ``[gate ; up]``. RoPE needs no
+HF keeps separate ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj``, which are
+exactly the parts of Megatron's fused ``linear_qkv`` and SwiGLU ``linear_fc1``
+(``model.layouts.split_qkv`` / ``split_fc1``). RoPE needs no
 permutation: HF and Megatron (``rotary_interleaved=False``) both rotate the two halves of a head.
 
 Reading goes through ``safetensors.safe_open`` one tensor at a time (never ``torch.load``), so
@@ -14,15 +13,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.model.layouts import (
+    fc1_views,
+    join_fc1,
+    join_qkv,
+    qkv_views,
+    split_layer_key,
+)
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # Megatron layer-local name -> HF layer-local name, for one-to-one tensors. The TE spec fuses the
 # norms into the following linear (``layer_norm_weight``); both spellings map to the same tensor.
 _LAYER_1TO1 = {
@@ -37,34 +41,6 @@ _TOP_1TO1 = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
 }
-
-
-def qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    cfg: ModelConfig) -> torch.Tensor:
-    """Separate HF q/k/v (weights ``[out, hidden]`` or biases ``[out]``) -> ``linear_qkv``."""
-    g, d = cfg.query_groups, cfg.head_dim
-    rest = q.shape[1:]
-    blocks = [q.reshape(g, -1, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)]
-    return torch.cat(blocks, dim=1).reshape(-1, *rest)
-
-
-def qkv_views(qkv: torch.Tensor, cfg: ModelConfig
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The q, k and v rows of ``linear_qkv`` as views (no copy), each ``[groups, rows of the
-    group, *rest]``: ``view.reshape(-1, *rest)`` is the HF tensor."""
-    g, d = cfg.query_groups, cfg.head_dim
-    per_group = cfg.num_attention_heads // g
-    blocks = qkv.reshape(g, (per_group + 2) * d, *qkv.shape[1:])
-    q, k, v = blocks.split([per_group * d, d, d], dim=1)
-    return q, k, v
-
-
-def qkv_from_megatron(qkv: torch.Tensor, cfg: ModelConfig
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of ``qkv_to_megatron``."""
-    rest = qkv.shape[1:]
-    return tuple(t.reshape(-1, *rest).contiguous()  # type: ignore[return-value]
-                 for t in qkv_views(qkv, cfg))
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -181,34 +157,34 @@ def megatron_tensor(name: str, layer: int | None, cfg: ModelConfig,
         return get(p + _LAYER_1TO1[name])
     if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = name.rsplit(".", 1)[1]
-        return qkv_to_megatron(*(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"), cfg)
+        return join_qkv(*(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"), cfg)
     if name == "mlp.linear_fc1.weight":
-        return torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+        return join_fc1(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
     raise ConfigError(f"no Hugging Face tensor maps to {name!r}")
 
 
 def hf_views(key: str, w: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
     """The HF tensors that the full Megatron tensor ``key`` (global layer numbers) holds, by HF
-    name, as views of ``w`` (no copy; a fused tensor's parts blocked as in ``qkv_views``, so
+    name, as views of ``w`` (no copy; q/k/v blocked as in ``layouts.qkv_views``, so
     ``view.reshape(-1, *w.shape[1:])`` is the HF tensor). Empty for ``_extra_state`` and for
     an output layer tied to the embeddings."""
     if key.endswith("_extra_state"):
         return []
-    m = _LAYER.match(key)
-    if m is None:
+    parsed = split_layer_key(key)
+    if parsed is None:
         if key in _TOP_1TO1:
             return [(_TOP_1TO1[key], w)]
         if key == "output_layer.weight":
             return [] if cfg.share_embeddings_and_output_weights else [("lm_head.weight", w)]
         raise ConfigError(f"no Hugging Face tensor maps to {key!r}")
-    p, name = f"model.layers.{int(m.group(1))}.", m.group(2)
+    p, name = f"model.layers.{parsed[0]}.", parsed[1]
     if name in _LAYER_1TO1:
         return [(p + _LAYER_1TO1[name], w)]
     if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = name.rsplit(".", 1)[1]
         return [(f"{p}self_attn.{x}_proj.{kind}", t) for x, t in zip("qkv", qkv_views(w, cfg))]
     if name == "mlp.linear_fc1.weight":
-        gate, up = w.chunk(2)
+        gate, up = fc1_views(w)
         return [(p + "mlp.gate_proj.weight", gate), (p + "mlp.up_proj.weight", up)]
     raise ConfigError(f"no Hugging Face tensor maps to {key!r}")
 

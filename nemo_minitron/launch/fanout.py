@@ -82,6 +82,8 @@ def expand_search(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,
     steps = s.retrain_steps
     _, candidates = search_candidates(stage, pipe, shapes)
     jobs = []
+    from nemo_minitron.checkpoint.io import step_dir
+
     for c in candidates:
         if candidate_done(stage, c.name, steps):
             continue
@@ -90,7 +92,7 @@ def expand_search(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,
                         argv=_with_override(stage.argv, f"search.candidates=[{c.name}]"),
                         cluster=dataclasses.replace(cluster, job_name=f"{cluster.job_name}-"
                                                                       f"{c.name}"),
-                        needs=stage.needs, output=run / "checkpoints" / f"step_{steps:07d}"))
+                        needs=stage.needs, output=step_dir(run, steps)))
     rank = Job(name=stage.name, stage=stage,
                argv=_with_override(stage.argv, "search.candidates=[]"), cluster=cluster,
                needs=[*stage.needs, *(j.name for j in jobs)], output=stage.output)

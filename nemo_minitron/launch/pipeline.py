@@ -87,8 +87,10 @@ def _output(verb: str, out: Path, config: dict[str, Any]) -> Path:
         return out
     if verb == "search":  # the best candidate's retrained checkpoint
         return out / "winner"
+    from nemo_minitron.checkpoint.io import step_dir
+
     iters = config.get("train", {}).get("train_iters", TrainConfig().train_iters)
-    return out / "checkpoints" / f"step_{int(iters):07d}"
+    return step_dir(out, iters)
 
 
 def check_overrides(overrides: list[str]) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nemo_minitron.config import ConfigError, ModelConfig, from_dict, load_yaml
+from nemo_minitron.config import ConfigError, ModelConfig, from_dict, load_yaml, recipe_path
 from nemo_minitron.launch.fanout import fans_out
 from nemo_minitron.launch.pipeline import Pipeline, Stage, load_pipeline, single_stage
 from nemo_minitron.launch.sbatch import ClusterConfig, job_command, render_sbatch
@@ -25,6 +25,7 @@ CLUSTER_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "p
 def load(recipe: str, overrides: list[str], out: str | None = None) -> Pipeline:
     """A pipeline file, or a plain recipe as a one-stage pipeline (``prune`` when it has a
     ``target:`` section, ``distill`` with a ``kd:`` section, else ``pretrain``)."""
+    recipe = str(recipe_path(recipe))
     data = load_yaml(recipe)
     if "stages" in data:
         return load_pipeline(recipe, overrides)

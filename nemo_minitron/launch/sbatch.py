@@ -1,4 +1,5 @@
-"""Render one stage as an sbatch script (``templates/sbatch.sh``).
+"""Render one stage as an sbatch script (``launcher/templates/sbatch.sh`` with the job body
+``launcher/job.sh`` that the plain ``launcher/<stage>.sbatch`` scripts source).
 
 Injection safety: values that land in ``#SBATCH`` lines (read by sbatch, not by the shell, and
 a newline would start a new line) must match a strict character set; every word of the srun
@@ -12,10 +13,10 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from nemo_minitron.config import ConfigError
+from nemo_minitron.utils.paths import launcher_dir
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.:,+=@/%-]+$")
 _IMAGE = re.compile(r"^[A-Za-z0-9_.:,+=@/%#-]+$")  # pyxis: registry#image:tag (srun args only)
@@ -109,8 +110,9 @@ def render_sbatch(cluster: ClusterConfig, command: list[str], log_dir: str | Pat
         srun += [f"--container-image={c.container_image}", f"--container-workdir={workdir}"]
         if c.container_mounts:
             srun.append(f"--container-mounts={c.container_mounts}")
-    template = resources.files("nemo_minitron.launch").joinpath("templates/sbatch.sh")
-    text = template.read_text()
+    text = (launcher_dir() / "templates" / "sbatch.sh").read_text()
+    job = (launcher_dir() / "job.sh").read_text()
     return (text.replace("@@SBATCH@@", "\n".join(f"#SBATCH {x}" for x in lines))
             .replace("@@COMMAND@@", " ".join(shlex.quote(w) for w in command))
-            .replace("@@SRUN_ARGS@@", " ".join(shlex.quote(w) for w in srun)))
+            .replace("@@SRUN_ARGS@@", " ".join(shlex.quote(w) for w in srun))
+            .replace("@@JOB@@", job))

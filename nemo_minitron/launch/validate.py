@@ -102,17 +102,6 @@ def _shape(stage: Stage, pipe: Pipeline, shapes: dict[str, ModelConfig]
                       "inputs.<name>.model in the pipeline")
 
 
-def _pruned(src: ModelConfig, target: Any) -> ModelConfig:
-    from nemo_minitron.prune.plan import target_heads
-
-    a, g = target_heads(src, target)
-    layers = target.num_layers or src.num_layers - len(target.drop_layers or [])
-    return dataclasses.replace(src, num_layers=layers, hidden_size=target.hidden_size or
-                               src.hidden_size, ffn_hidden_size=target.ffn_hidden_size or
-                               src.ffn_hidden_size, num_attention_heads=a, num_query_groups=g,
-                               kv_channels=src.head_dim)
-
-
 def _vocab(m: ModelConfig, recipe: Any) -> int:
     if m.vocab_size:
         return m.vocab_size
@@ -194,11 +183,11 @@ def _check(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,
                     ).validate_parallel(world)
         result, mb, forward_only = model, recipe.train.micro_batch_size, False
     elif stage.verb == "prune":
-        from nemo_minitron.prune.plan import validate_target
+        from nemo_minitron.prune.plan import pruned_config, validate_target
 
         validate_target(model, recipe.target, tp)
         model.check_layout(tp, pp)
-        result = _pruned(model, recipe.target)
+        result = pruned_config(model, recipe.target, recipe.rescale_norms)
         dp, mb, forward_only = world // (tp * pp), recipe.calib.micro_batch_size, True
     else:
         dp = dataclasses.replace(recipe, model=model).validate_parallel(world)

@@ -19,10 +19,10 @@ from nemo_minitron.config import (
 from nemo_minitron.distill.objective import KDConfig
 from nemo_minitron.eval.bench import BenchConfig
 from nemo_minitron.prune.stage import CalibConfig
+from nemo_minitron.utils.paths import recipes_dir
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-TEACHER_RECIPE = ROOT / "recipes" / "tiny_cpu.yaml"
-DEFAULT_RECIPE = ROOT / "recipes" / "method_bench.yaml"
+TEACHER_RECIPE = recipes_dir() / "tiny_cpu.yaml"
+DEFAULT_RECIPE = recipes_dir() / "method_bench.yaml"
 
 SECTIONS = ("teacher", "aggregation", "criteria", "width_depth", "kd_vs_ce", "intermediate",
             "scratch", "iterative", "throughput")

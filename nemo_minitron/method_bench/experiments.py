@@ -17,7 +17,7 @@ from nemo_minitron.config import ModelConfig
 from nemo_minitron.importance.aggregate import AGGREGATIONS
 from nemo_minitron.method_bench.runner import Study
 from nemo_minitron.model.params import count_params
-from nemo_minitron.prune.plan import Target
+from nemo_minitron.prune.plan import Target, pruned_config
 
 Section = dict[str, Any]
 
@@ -46,12 +46,11 @@ def shapes(study: Study, src: ModelConfig) -> tuple[Target, Target]:
     """``(width, depth)`` targets with (nearly) equal parameter counts."""
     s = study.recipe.study
     layers = s.depth_num_layers or src.num_layers // 2
-    want = count_params(dataclasses.replace(src, num_layers=layers))
+    want = count_params(pruned_config(src, Target(num_layers=layers)))
     hidden = s.width_hidden_size or 3 * src.hidden_size // 4
     step = s.width_ffn_step
     ffn = min(range(step, src.ffn_hidden_size + 1, step), key=lambda f: abs(count_params(
-        dataclasses.replace(src, hidden_size=hidden, ffn_hidden_size=f,
-                            kv_channels=src.head_dim)) - want))
+        pruned_config(src, Target(hidden_size=hidden, ffn_hidden_size=f))) - want))
     return (Target(hidden_size=hidden, ffn_hidden_size=ffn),
             Target(num_layers=layers, layer_metric="lm_loss"))
 

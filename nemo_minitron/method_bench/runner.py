@@ -66,31 +66,28 @@ class Study:
 
     def evaluate(self, checkpoint: str) -> float:
         """LM loss of a checkpoint on the fixed validation set (the first seed's)."""
-        from nemo_minitron.checkpoint.io import load_model_config, load_weights
-        from nemo_minitron.model.build import build_model
+        from nemo_minitron.checkpoint.io import load_model, load_model_config
         from nemo_minitron.model.forward import lm_loss
         from nemo_minitron.parallel.runtime import init_distributed
 
         init_distributed(ParallelConfig())
-        cfg = load_model_config(checkpoint)
         if self._eval_tokens is None:
-            self._eval_tokens = self._fixed_eval_set(cfg.seq_length)
-        model = build_model(cfg)
-        load_weights(checkpoint, model)
+            self._eval_tokens = self._fixed_eval_set(load_model_config(checkpoint).seq_length)
+        model, _, _ = load_model(checkpoint)
         return lm_loss(model, self._eval_tokens, self.recipe.retrain.micro_batch_size)
 
     def _fixed_eval_set(self, seq_length: int) -> torch.Tensor:
         from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer
         from nemo_minitron.data.datasets import build_gpt_datasets, sequences
-        from nemo_minitron.train.pretrain import resolve_data
+        from nemo_minitron.data.resolve import resolve_data
 
         n = self.recipe.study.eval_samples
-        teacher_recipe = dataclasses.replace(self.recipe.teacher, data=self.data(0))
-        prefix, tok = resolve_data(teacher_recipe, load_checkpoint_tokenizer(self.teacher()))
+        data = self.data(0)
+        prefix, tok = resolve_data(data, load_checkpoint_tokenizer(self.teacher()))
         # The training loop's validation split with the same sizes: the same sequences.
         t = self.recipe.retrain
         splits = build_gpt_datasets(prefix, tok, seq_length=seq_length,
-                                    split=teacher_recipe.data.split, seed=self.data(0).seed,
+                                    split=data.split, seed=data.seed,
                                     num_samples=(t.train_iters * t.global_batch_size, n, 0))
         return sequences(splits.valid, n)
 

@@ -9,8 +9,8 @@ pruned tensor is simply re-split evenly.
 
 Megatron marks every tensor-parallel parameter with ``tensor_model_parallel`` and
 ``partition_dim``; everything else is replicated over TP. Concatenating TP shards along
-``partition_dim`` gives the TP=1 tensor for every weight but SwiGLU ``linear_fc1``, whose shard
-on rank r is ``[gate_r; up_r]``.
+``partition_dim`` gives the TP=1 tensor for every weight but SwiGLU ``linear_fc1``
+(``model.layouts.fc1_tp_shard``).
 
 ``fill_model`` fills a stage from any source of full tensors, one at a time (checkpoint import
 streams them from safetensors); ``load_full_state_dict`` from a dict.
@@ -21,17 +21,15 @@ parameters per node; the pruned checkpoint itself is written sharded).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.model import layouts
 from nemo_minitron.model.build import unwrap
 
 FullTensor = Callable[[str, "int | None"], torch.Tensor]
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -40,19 +38,14 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if not k.endswith("_extra_state")}
 
 
-def _layer_offset(model: torch.nn.Module) -> int:
-    layers = model.decoder.layers
-    return layers[0].layer_number - 1 if len(layers) else 0  # layer_number is global, 1-based
-
-
 def _global_key(key: str, offset: int) -> str:
-    m = _LAYER.match(key)
-    return key if m is None else f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}"
+    parsed = layouts.split_layer_key(key)
+    return key if parsed is None else layouts.layer_key(parsed[0] + offset, parsed[1])
 
 
 def _is_glu_fc1(name: str, gated: bool) -> bool:
-    """SwiGLU ``linear_fc1`` weight/bias (not a norm fused into it): TP shards ``[gate; up]``."""
-    return gated and name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
+    """SwiGLU ``linear_fc1`` weight/bias (not a norm fused into it)."""
+    return gated and name.endswith(layouts.FC1)
 
 
 def _tied(model: torch.nn.Module) -> bool:
@@ -65,7 +58,7 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
-    offset = _layer_offset(model)
+    offset = layouts.layer_offset(model)
     local: dict[str, torch.Tensor] = {}
     for key, p in _tensors(model).items():
         if key == "output_layer.weight" and _tied(model):
@@ -75,8 +68,7 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             parts = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
             if _is_glu_fc1(key, model.config.gated_linear_unit):
-                halves = [x.chunk(2, dim=0) for x in parts]
-                t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+                t = layouts.fc1_from_tp_shards(parts)
             else:
                 t = torch.cat(parts, dim=p.partition_dim)
         local[_global_key(key, offset)] = t.cpu().clone()
@@ -94,9 +86,8 @@ def tp_slice(full: torch.Tensor, param: torch.nn.Parameter, name: str, cfg: Mode
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
     dim = param.partition_dim
-    if _is_glu_fc1(name, cfg.activation == "swiglu"):
-        gate, up = full.chunk(2)
-        return torch.cat([gate.chunk(size, dim)[rank], up.chunk(size, dim)[rank]], dim)
+    if _is_glu_fc1(name, layouts.gated(cfg)):
+        return layouts.fc1_tp_shard(full, rank, size)
     return full.chunk(size, dim)[rank]
 
 
@@ -107,12 +98,12 @@ def fill_model(model: torch.nn.Module, cfg: ModelConfig, full_tensor: FullTensor
     inner = unwrap(model)
     rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     for name, param in inner.named_parameters():
-        m = _LAYER.match(name)
-        if m is None:
+        parsed = layouts.split_layer_key(name)
+        if parsed is None:
             layer, local = None, name
         else:
-            layer = inner.decoder.layers[int(m.group(1))].layer_number - 1
-            local = m.group(2)
+            layer = layouts.global_layer(inner.decoder.layers[parsed[0]])
+            local = parsed[1]
         part = tp_slice(full_tensor(local, layer), param, name, cfg, rank, size)
         if tuple(part.shape) != tuple(param.shape):
             raise ConfigError(f"weight {name!r} (layer {layer}) has shape {list(part.shape)} "
@@ -125,7 +116,7 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor],
                          cfg: ModelConfig) -> None:
     """Copy this rank's shard of every parameter of ``model`` out of a full state dict."""
     def tensor(name: str, layer: int | None) -> torch.Tensor:
-        key = name if layer is None else f"decoder.layers.{layer}.{name}"
+        key = name if layer is None else layouts.layer_key(layer, name)
         if key == "output_layer.weight" and key not in full and _tied(unwrap(model)):
             key = "embedding.word_embeddings.weight"
         if key not in full:

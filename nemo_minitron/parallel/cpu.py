@@ -5,7 +5,8 @@ GPTModel, tensor-parallel layers, pipeline schedules, distributed checkpointing 
 on CPU lives here, so that CI exercises the same TP/PP code that runs on GPUs:
 
 1. ``torch.cuda.current_device()`` is used to place tensors: it answers ``0`` and the device
-   mode below maps device ``0``/``"cuda"`` to the CPU.
+   mode below maps device ``0``/``"cuda"`` to the CPU (``set_device``, ``synchronize`` do
+   nothing, ``device_count`` answers 0).
 2. The tensor-parallel RNG tracker saves and restores CUDA RNG states: those calls are routed
    to the CPU generator, which keeps the tracker's semantics (a separate model-parallel stream
    forked in and out).
@@ -14,20 +15,32 @@ on CPU lives here, so that CI exercises the same TP/PP code that runs on GPUs:
 4. The optimizer asserts ``param.type() == 'torch.cuda.FloatTensor'``: CPU float tensors are
    reported with their CUDA type name while the backend is on, so the same optimizer code runs.
 
-The backend is process-global and idempotent; it is installed only when no GPU is present.
+Scope: ``parallel.runtime.init_distributed`` enters the backend (only when no GPU is present)
+and ``parallel.runtime.shutdown`` leaves it, restoring every patched function; ``backend()``
+is the same as a ``with`` block. While it is on, the whole process is affected, user code in
+the same process included: ``torch.cuda.*`` above answer as described, a CPU float tensor's
+``.type()`` reads ``torch.cuda.FloatTensor``, and ``device="cuda"`` / ``.cuda()`` / ``.to("cuda")``
+silently give CPU tensors (on the thread that entered it: torch function modes are
+per-thread). Every torch call pays the mode's dispatch cost (``benchmarks/cpu_backend.py``
+measures it). Modes entered by user code while the backend is on must be left before
+``shutdown``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-_installed = False
 _lock = threading.Lock()
 _CPU = torch.device("cpu")
+_saved: list[tuple[Any, str, Any]] = []  # (owner, attribute, original), in patch order
+_INHERITED = object()  # the attribute came from a base class: delete ours on exit
+_mode: TorchFunctionMode | None = None
 
 
 def _to_cpu_device(device: Any) -> Any:
@@ -55,58 +68,92 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_mode = _CudaToCpuMode()
-_orig_type = torch.Tensor.type
+def _cuda_type_name(orig: Any) -> Any:
+    def tensor_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        # Megatron's optimizer checks `param.type() == 'torch.cuda.FloatTensor'`.
+        if not args and not kwargs and self.device.type == "cpu":
+            name = orig(self)
+            return name if name.startswith("torch.cuda.") \
+                else name.replace("torch.", "torch.cuda.", 1)
+        return orig(self, *args, **kwargs)
+    return tensor_type
 
 
-def _tensor_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    # Megatron's optimizer checks `param.type() == 'torch.cuda.FloatTensor'`.
-    if not args and not kwargs and self.device.type == "cpu":
-        name = _orig_type(self)
-        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
-    return _orig_type(self, *args, **kwargs)
+def _patch(owner: Any, name: str, value: Any) -> None:
+    _saved.append((owner, name, vars(owner).get(name, _INHERITED)))
+    setattr(owner, name, value)
 
 
-def _install_rng() -> None:
-    from megatron.core.tensor_parallel import random as tp_random
-
+def _cpu_rng_functions() -> dict[str, Any]:
     def get_rng_state(device: Any = "cuda", **_: Any) -> torch.Tensor:
         return torch.get_rng_state()
 
     def set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
         torch.set_rng_state(new_state)
 
-    torch.cuda.get_rng_state = get_rng_state  # type: ignore[assignment]
-    torch.cuda.set_rng_state = set_rng_state  # type: ignore[assignment]
     def manual_seed(seed: int) -> None:
         # Not torch.manual_seed: that calls torch.cuda.manual_seed_all, i.e. this function.
         torch.default_generator.manual_seed(int(seed))
 
-    torch.cuda.manual_seed = manual_seed  # type: ignore[assignment]
-    torch.cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
-    torch.cuda.random.get_rng_state = get_rng_state  # type: ignore[assignment]
-    tp_random._get_cuda_rng_state = get_rng_state
-    tp_random._set_cuda_rng_state = set_rng_state
+    return {"get": get_rng_state, "set": set_rng_state, "seed": manual_seed}
 
 
-def install() -> None:
-    """Install the CPU backend (idempotent). Call before building any Megatron model."""
-    global _installed
+def enter(rewrite_devices: bool = True) -> None:
+    """Turn the backend on (idempotent). ``rewrite_devices=False`` leaves out the device mode
+    (adjustment 3), for code that never names a CUDA device (measured by the benchmark)."""
+    global _mode
     with _lock:
-        if _installed:
+        if _saved or _mode is not None:
             return
         if torch.cuda.is_available():
-            raise RuntimeError("the CPU backend must not be installed on a machine with a GPU")
-        torch.cuda.current_device = lambda: 0  # type: ignore[assignment]
-        torch.cuda.set_device = lambda *_a, **_k: None  # type: ignore[assignment]
-        torch.cuda.synchronize = lambda *_a, **_k: None  # type: ignore[assignment]
-        torch.cuda.device_count = lambda: 0  # type: ignore[assignment]
-        torch.Tensor.type = _tensor_type  # type: ignore[method-assign]
-        _install_rng()
-        _mode.__enter__()
-        _installed = True
+            raise RuntimeError("the CPU backend must not be used on a machine with a GPU")
+        from megatron.core.tensor_parallel import random as tp_random
+
+        _patch(torch.cuda, "current_device", lambda: 0)
+        _patch(torch.cuda, "set_device", lambda *_a, **_k: None)
+        _patch(torch.cuda, "synchronize", lambda *_a, **_k: None)
+        _patch(torch.cuda, "device_count", lambda: 0)
+        rng = _cpu_rng_functions()
+        _patch(torch.cuda, "get_rng_state", rng["get"])
+        _patch(torch.cuda, "set_rng_state", rng["set"])
+        _patch(torch.cuda, "manual_seed", rng["seed"])
+        _patch(torch.cuda, "manual_seed_all", lambda seed: None)
+        _patch(torch.cuda.random, "get_rng_state", rng["get"])
+        _patch(tp_random, "_get_cuda_rng_state", rng["get"])
+        _patch(tp_random, "_set_cuda_rng_state", rng["set"])
+        _patch(torch.Tensor, "type", _cuda_type_name(torch.Tensor.type))
+        if rewrite_devices:
+            _mode = _CudaToCpuMode()
+            _mode.__enter__()
 
 
-def installed() -> bool:
-    """Whether the CPU backend is active in this process."""
-    return _installed
+def exit() -> None:  # noqa: A001 - the pair of enter()
+    """Turn the backend off: leave the device mode, restore every patched function."""
+    global _mode
+    with _lock:
+        if _mode is not None:
+            _mode.__exit__(None, None, None)
+            _mode = None
+        while _saved:
+            owner, name, original = _saved.pop()
+            if original is _INHERITED:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+def active() -> bool:
+    """Whether the CPU backend is on in this process."""
+    return bool(_saved)
+
+
+@contextlib.contextmanager
+def backend(rewrite_devices: bool = True) -> Iterator[None]:
+    """The CPU backend on for the ``with`` block (off after it, unless it was on before)."""
+    was_on = active()
+    enter(rewrite_devices)
+    try:
+        yield
+    finally:
+        if not was_on:
+            exit()

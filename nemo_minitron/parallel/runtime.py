@@ -2,7 +2,8 @@
 
 Launch with ``torchrun`` (it sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT), with
 ``srun`` (SLURM_PROCID/SLURM_NTASKS), or as a single plain process. NCCL is used with a GPU,
-gloo on CPU (where the CPU backend is installed first).
+gloo on CPU (where the CPU backend, ``parallel.cpu``, is entered first and left by
+``shutdown``).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     if not gpu:
         from nemo_minitron.parallel import cpu
 
-        cpu.install()
+        cpu.enter()
     rank, world, local = _env_rank_world()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if world % (tp * pp):
@@ -149,10 +150,14 @@ def set_seed(seed: int) -> None:
 
 
 def shutdown() -> None:
-    """Tear down Megatron's parallel state and the process group."""
+    """Tear down Megatron's parallel state and the process group; leave the CPU backend."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if not use_gpu():
+        from nemo_minitron.parallel import cpu
+
+        cpu.exit()

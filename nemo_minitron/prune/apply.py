@@ -1,13 +1,11 @@
 """Slice every weight that touches a pruned unit, build the smaller ``GPTModel`` fresh and load
 the sliced weights into it.
 
-Megatron's layouts at TP=1 (the full tensors this module slices):
-- ``linear_qkv`` rows are grouped per query group: ``[q heads of group 0 | k0 | v0 | q heads of
-  group 1 | k1 | v1 | ...]``, each block ``kv_channels`` rows per head;
-- SwiGLU ``linear_fc1`` rows are ``[gate (ffn) ; up (ffn)]``;
-- norms are separate modules in the local spec (``input_layernorm``, ``pre_mlp_layernorm``) or
-  fused into the next linear in the TE spec (``linear_qkv.layer_norm_weight``,
-  ``linear_fc1.layer_norm_weight``); both spellings are handled.
+The full (TP=1) tensors are sliced with the layouts of ``model.layouts`` (fused QKV, SwiGLU
+``[gate; up]``, per-head ``linear_proj`` columns). Norms are separate modules in the local spec
+(``input_layernorm``, ``pre_mlp_layernorm``) or fused into the next linear in the TE spec
+(``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``); both spellings are
+handled.
 
 RMSNorm rescaling: dropping channels changes the root-mean-square denominator. If the dropped
 channels carried nothing, ``rms' = rms * sqrt(H / H')``; multiplying the kept norm weights by
@@ -19,17 +17,16 @@ is scaled by ``H / H'`` in the pruned config (``prune.plan``), which makes the c
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
 from nemo_minitron.config import ConfigError
+from nemo_minitron.model import layouts
 from nemo_minitron.model.build import build_model, unwrap
 from nemo_minitron.model.full_state import gather_full_state_dict, load_full_state_dict
 from nemo_minitron.model.params import count_params
 from nemo_minitron.prune.plan import PrunePlan
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _NORMS = ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_layernorm.weight",
           "pre_mlp_layernorm.bias", "self_attention.linear_qkv.layer_norm_weight",
           "self_attention.linear_qkv.layer_norm_bias", "mlp.linear_fc1.layer_norm_weight",
@@ -37,39 +34,27 @@ _NORMS = ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_layernorm.w
 
 
 def _qkv_rows(plan: PrunePlan, layer: int) -> torch.Tensor:
-    """Row indices of the kept q/k/v blocks in the source ``linear_qkv`` (TP=1 layout)."""
-    src = plan.source
-    d, per_group = src.head_dim, src.num_attention_heads // src.query_groups
-    block = (per_group + 2) * d
-    rows = []
-    for g, heads in zip(plan.groups[layer].tolist(), plan.heads[layer].tolist()):
-        base = g * block
-        for h in heads:
-            j = h - g * per_group  # position of the head inside its group
-            rows.append(torch.arange(base + j * d, base + (j + 1) * d))
-        rows.append(torch.arange(base + per_group * d, base + block))  # k and v
-    return torch.cat(rows)
+    """Row indices of the kept q/k/v blocks in the source ``linear_qkv``."""
+    return layouts.qkv_rows(plan.source, plan.num_query_groups[layer].tolist(),
+                            plan.num_attention_heads[layer].tolist())
 
 
 def _proj_cols(plan: PrunePlan, layer: int) -> torch.Tensor:
-    d = plan.source.head_dim
-    heads = plan.heads[layer].flatten().tolist()
-    return torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
+    return layouts.proj_head_cols(plan.source, plan.num_attention_heads[layer].flatten().tolist())
 
 
 def prune_state_dict(sd: dict[str, torch.Tensor], plan: PrunePlan) -> dict[str, torch.Tensor]:
     """Full (TP=1, PP=1; ``model.full_state``) state dict of the source -> that of the pruned
     model."""
-    src, hid = plan.source, plan.hidden
+    src, hid = plan.source, plan.hidden_size
     scale = math.sqrt(src.hidden_size / plan.config.hidden_size) if plan.rescale_norms else 1.0
-    ffn = src.ffn_hidden_size
     renumber = {old: new for new, old in enumerate(plan.layers)}
     out: dict[str, torch.Tensor] = {}
     for key, w in sd.items():
         if key.endswith("_extra_state"):
             continue
-        m = _LAYER.match(key)
-        if m is None:
+        parsed = layouts.split_layer_key(key)
+        if parsed is None:
             if key in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
                        "output_layer.weight"):
                 out[key] = w[:, hid]
@@ -80,10 +65,10 @@ def prune_state_dict(sd: dict[str, torch.Tensor], plan: PrunePlan) -> dict[str, 
             else:
                 raise ConfigError(f"pruning does not know the weight {key!r}")
             continue
-        layer, name = int(m.group(1)), m.group(2)
+        layer, name = parsed
         if layer not in renumber:
             continue
-        new_key = f"decoder.layers.{renumber[layer]}.{name}"
+        new_key = layouts.layer_key(renumber[layer], name)
         if name in _NORMS:
             out[new_key] = w[hid] * (scale if name.endswith("weight") else 1.0)
         elif name == "self_attention.linear_qkv.weight":
@@ -94,12 +79,11 @@ def prune_state_dict(sd: dict[str, torch.Tensor], plan: PrunePlan) -> dict[str, 
             out[new_key] = w[hid][:, _proj_cols(plan, layer)]
         elif name in ("self_attention.linear_proj.bias", "mlp.linear_fc2.bias"):
             out[new_key] = w[hid]
-        elif name in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
-            keep = plan.ffn[layer]
-            rows = torch.cat([keep, keep + ffn]) if src.activation == "swiglu" else keep
+        elif name in layouts.FC1:
+            rows = layouts.fc1_rows(src, plan.ffn_hidden_size[layer])
             out[new_key] = w[rows][:, hid] if w.dim() == 2 else w[rows]
         elif name == "mlp.linear_fc2.weight":
-            out[new_key] = w[hid][:, plan.ffn[layer]]
+            out[new_key] = w[hid][:, plan.ffn_hidden_size[layer]]
         else:
             raise ConfigError(f"pruning does not know the weight {key!r}")
     return {k: v.contiguous().clone() for k, v in out.items()}

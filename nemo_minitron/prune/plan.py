@@ -19,6 +19,7 @@ import torch
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.importance.layers import block_angular_distance
 from nemo_minitron.importance.scores import Scores
+from nemo_minitron.model.layouts import group_heads, heads_by_group
 
 
 @dataclass(kw_only=True)
@@ -55,14 +56,15 @@ class PrunePlan:
     """Config of the pruned model (``kv_channels`` always explicit)."""
     layers: list[int]
     """Kept source layers, 0-based, in order."""
-    hidden: torch.Tensor
-    """Kept embedding channels ``[hidden']``."""
-    ffn: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per kept source layer: kept neurons ``[ffn']``."""
-    groups: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per kept source layer: kept query groups ``[groups']``."""
-    heads: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per kept source layer: kept heads ``[groups', heads'/groups']`` (global head ids)."""
+    hidden_size: torch.Tensor
+    """Kept embedding channels ``[hidden_size']``."""
+    ffn_hidden_size: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per kept source layer: kept MLP neurons ``[ffn_hidden_size']``."""
+    num_query_groups: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per kept source layer: kept query groups ``[num_query_groups']``."""
+    num_attention_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per kept source layer: kept heads ``[num_query_groups', heads per group']`` (global
+    head ids)."""
     rescale_norms: bool = True
     """Compensate RMSNorm for the removed channels (see ``prune.apply``)."""
 
@@ -83,6 +85,34 @@ def target_heads(src: ModelConfig, t: Target) -> tuple[int, int]:
     if t.num_query_groups is None:
         return t.num_attention_heads, t.num_attention_heads if g == a else g
     return t.num_attention_heads, t.num_query_groups
+
+
+def kept_layer_count(src: ModelConfig, t: Target) -> int:
+    """Layers the pruned model keeps (explicit ``drop_layers`` win over ``num_layers``)."""
+    if t.drop_layers is not None:
+        return src.num_layers - len(set(t.drop_layers))
+    return t.num_layers or src.num_layers
+
+
+def rescales_norms(src: ModelConfig, rescale_norms: bool = True) -> bool:
+    """Whether pruning compensates the norms for removed channels (RMSNorm only)."""
+    return rescale_norms and src.normalization == "RMSNorm"
+
+
+def pruned_config(src: ModelConfig, t: Target, rescale_norms: bool = True) -> ModelConfig:
+    """The config of ``src`` pruned to ``t``: the one derivation of the pruned shape (head
+    dimension kept, explicit ``kv_channels``; the norm epsilon scaled when norms are rescaled,
+    see ``prune.apply``)."""
+    new_a, new_g = target_heads(src, t)
+    hidden = t.hidden_size or src.hidden_size
+    # RMSNorm rescaling multiplies the weights by sqrt(H/H'); scaling epsilon by H/H' makes
+    # the compensation exact: sqrt(S/H' + eps*H/H') = sqrt(H/H') * sqrt(S/H + eps).
+    eps = src.layernorm_epsilon * (src.hidden_size / hidden
+                                   if rescales_norms(src, rescale_norms) else 1.0)
+    return dataclasses.replace(
+        src, num_layers=kept_layer_count(src, t), hidden_size=hidden,
+        ffn_hidden_size=t.ffn_hidden_size or src.ffn_hidden_size, num_attention_heads=new_a,
+        num_query_groups=new_g, kv_channels=src.head_dim, layernorm_epsilon=eps)
 
 
 def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1) -> None:
@@ -118,8 +148,7 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1) -> No
                               f"layers 0..{src.num_layers - 1}")
         if len(set(t.drop_layers)) >= src.num_layers:
             raise ConfigError("target.drop_layers removes every layer")
-    kept = src.num_layers - len(set(t.drop_layers)) if t.drop_layers is not None \
-        else t.num_layers or src.num_layers
+    kept = kept_layer_count(src, t)
     if kept % pp:
         raise ConfigError(f"the pruned model keeps {kept} layers, not divisible by "
                           f"parallel.pipeline_model_parallel_size={pp}")
@@ -135,7 +164,7 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
     """Choose the kept units of every axis."""
     validate_target(src, t, tp, pp)
     _check_scores(src, scores)
-    L, A, G = src.num_layers, src.num_attention_heads, src.query_groups
+    L, G = src.num_layers, src.query_groups
     if t.drop_layers is not None:
         layers = [i for i in range(L) if i not in set(t.drop_layers)]
     elif t.num_layers is not None and t.layer_metric == "angular_distance":
@@ -145,27 +174,19 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
         layers = _keep(scores.num_layers, t.num_layers).tolist()
     else:
         layers = list(range(L))
-    H = t.hidden_size or src.hidden_size
-    hidden = _keep(scores.hidden_size, H)
-    F = t.ffn_hidden_size or src.ffn_hidden_size
-    new_a, new_g = target_heads(src, t)
-    per_group, new_per_group = A // G, new_a // new_g
-    plan = PrunePlan(source=src, config=src, layers=layers, hidden=hidden,
-                     rescale_norms=rescale_norms and src.normalization == "RMSNorm")
+    config = pruned_config(src, t, rescale_norms)
+    new_a, new_g = config.num_attention_heads, config.query_groups
+    new_per_group = new_a // new_g
+    plan = PrunePlan(source=src, config=config, layers=layers,
+                     hidden_size=_keep(scores.hidden_size, config.hidden_size),
+                     rescale_norms=rescales_norms(src, rescale_norms))
     for i in layers:
-        plan.ffn[i] = _keep(scores.ffn_hidden_size[i], F)
-        head_scores = scores.num_attention_heads[i].view(G, per_group)
+        plan.ffn_hidden_size[i] = _keep(scores.ffn_hidden_size[i], config.ffn_hidden_size)
+        head_scores = heads_by_group(scores.num_attention_heads[i], G)
         groups = _keep(scores.num_query_groups[i], new_g)
-        plan.groups[i] = groups
-        plan.heads[i] = torch.stack([
-            g * per_group + _keep(head_scores[g], new_per_group) for g in groups.tolist()])
-    # RMSNorm rescaling multiplies the weights by sqrt(H/H'); scaling epsilon by H/H' makes
-    # the compensation exact: sqrt(S/H' + eps*H/H') = sqrt(H/H') * sqrt(S/H + eps).
-    eps = src.layernorm_epsilon * (src.hidden_size / H if plan.rescale_norms else 1.0)
-    plan.config = dataclasses.replace(
-        src, num_layers=len(layers), hidden_size=H, ffn_hidden_size=F,
-        num_attention_heads=new_a, num_query_groups=new_g, kv_channels=src.head_dim,
-        layernorm_epsilon=eps)
+        plan.num_query_groups[i] = groups
+        plan.num_attention_heads[i] = torch.stack([
+            group_heads(src, g)[_keep(head_scores[g], new_per_group)] for g in groups.tolist()])
     return plan
 
 

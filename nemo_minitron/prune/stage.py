@@ -4,6 +4,7 @@ with its scores and report."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -12,9 +13,10 @@ from typing import Any, Literal
 
 import torch
 
-from nemo_minitron.config import ConfigError, DataConfig, ParallelConfig
+from nemo_minitron.config import ConfigError, StageRecipe
 from nemo_minitron.data.datasets import sequences
 from nemo_minitron.importance.aggregate import Agg
+from nemo_minitron.prune.origin import PruneOrigin
 from nemo_minitron.prune.plan import Target
 from nemo_minitron.utils.logging import get_logger
 
@@ -42,20 +44,26 @@ class CalibConfig:
         if self.seq_length is not None and (isinstance(self.seq_length, bool)
                                             or self.seq_length <= 0):
             raise ConfigError(f"calib.seq_length={self.seq_length!r} must be a positive integer")
+        if not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1:
+            raise ConfigError(f"calib.micro_batch_size={self.micro_batch_size!r} must be a "
+                              "positive integer")
+        if self.num_samples < 1 or self.num_samples % self.micro_batch_size:
+            raise ConfigError(f"calib.num_samples={self.num_samples} must be a positive "
+                              f"multiple of calib.micro_batch_size={self.micro_batch_size}")
+        if self.eval_samples % self.micro_batch_size:
+            raise ConfigError(f"calib.eval_samples={self.eval_samples} must be a multiple of "
+                              f"calib.micro_batch_size={self.micro_batch_size}")
 
 
 @dataclass(kw_only=True)
-class PruneRecipe:
-    """Everything the prune verb reads."""
+class PruneRecipe(StageRecipe):
+    """Everything the prune verb reads (``data``: calibration/validation data, the
+    checkpoint's tokenizer is used; ``parallel``: the layout of the importance pass)."""
 
     target: Target = field(default_factory=Target)
     """The pruned shape."""
     calib: CalibConfig = field(default_factory=CalibConfig)
     """Calibration."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Calibration/validation data (the checkpoint's tokenizer is used)."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Layout of the importance pass."""
     scores: str | None = None
     """A saved scores file: skip the forward passes."""
     importance: Literal["activation", "magnitude", "random"] = "activation"
@@ -67,7 +75,8 @@ class PruneRecipe:
     """Compensate RMSNorm weights (and epsilon) for removed channels."""
 
 
-def _samples(dataset: Any, n: int, what: str) -> torch.Tensor:
+def calib_sequences(dataset: Any, n: int, what: str) -> torch.Tensor:
+    """The first ``n`` sequences of ``dataset``, or a one-line error naming ``calib.<what>``."""
     if dataset is None or len(dataset) < n:
         have = 0 if dataset is None else len(dataset)
         raise ConfigError(f"calib.{what}={n}: the data holds only {have} sequences")
@@ -82,35 +91,28 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     from nemo_minitron.checkpoint.io import (
         check_checkpoint,
         load_checkpoint_tokenizer,
+        load_model,
         load_model_config,
-        load_weights,
         no_space_left,
         save_checkpoint,
     )
     from nemo_minitron.data.datasets import build_gpt_datasets
+    from nemo_minitron.data.resolve import resolve_data
     from nemo_minitron.importance.estimator import check_scores_match, estimate_importance
     from nemo_minitron.importance.layers import block_angular_distance, block_loss_increase
     from nemo_minitron.importance.scores import Scores
-    from nemo_minitron.model.build import build_model
     from nemo_minitron.model.forward import lm_loss
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.prune.apply import prune_model
     from nemo_minitron.prune.plan import angular_block, make_plan, validate_target
     from nemo_minitron.prune.report import write_report
-    from nemo_minitron.train.pretrain import resolve_data
     from nemo_minitron.utils.fs import atomic_write_json
 
     check_checkpoint(checkpoint)
     if Path(out).exists():
         raise ConfigError(f"output {out!r} already exists")
-    c = recipe.calib
-    if c.num_samples < 1 or c.num_samples % c.micro_batch_size:
-        raise ConfigError(f"calib.num_samples={c.num_samples} must be a positive multiple of "
-                          f"calib.micro_batch_size={c.micro_batch_size}")
-    if c.eval_samples % c.micro_batch_size:
-        raise ConfigError(f"calib.eval_samples={c.eval_samples} must be a multiple of "
-                          f"calib.micro_batch_size={c.micro_batch_size}")
+    c = recipe.calib  # validated when built (CalibConfig.__post_init__)
     if recipe.target.layer_metric == "angular_distance" and recipe.importance != "activation":
         raise ConfigError(f"target.layer_metric=angular_distance needs importance=activation "
                           f"(hidden states), not importance={recipe.importance}")
@@ -119,14 +121,13 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
                     recipe.parallel.pipeline_model_parallel_size)
     rt = init_distributed(recipe.parallel)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
-    prefix, tokenizer = resolve_data(_as_recipe(recipe), tokenizer)
+    prefix, tokenizer = resolve_data(recipe.data, tokenizer)
     splits = build_gpt_datasets(prefix, tokenizer, seq_length=c.seq_length or src.seq_length,
                                 split=recipe.data.split, seed=recipe.data.seed,
                                 num_samples=(c.num_samples, c.eval_samples, 0))
-    calib_tokens = _samples(splits.train, c.num_samples, "num_samples")
-    eval_tokens = _samples(splits.valid, c.eval_samples, "eval_samples")
-    model = build_model(src)
-    load_weights(checkpoint, model)
+    calib_tokens = calib_sequences(splits.train, c.num_samples, "num_samples")
+    eval_tokens = calib_sequences(splits.valid, c.eval_samples, "eval_samples")
+    model, _, _ = load_model(checkpoint)
     if recipe.scores:
         scores = Scores.load(recipe.scores)
         check_scores_match(scores, model)
@@ -167,18 +168,23 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
                "kept_layers": plan.layers, "calib_seq_length": c.seq_length or src.seq_length,
                "block_loss_increase": None if block_losses is None else block_losses.tolist(),
                "block_angular_distance": None if angular is None else angular.tolist()}
+    importance = scores.meta.get("importance", "activation") if recipe.scores \
+        else recipe.importance
+    origin = PruneOrigin(kept_layers=plan.layers, source=src, importance=importance)
     # The checkpoint and its pruning/ report appear together: both go into a staging
     # directory that is renamed to ``out`` last.
     staging = Path(out).with_name(f".{Path(out).name}.staging")
     if rt.rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
-    save_checkpoint(staging, pruned, model_cfg=plan.config, tokenizer=tokenizer)
+    save_checkpoint(staging, pruned, model_cfg=plan.config, tokenizer=tokenizer,
+                    metadata=origin.to_metadata())
     if rt.rank == 0:
         try:
-            (staging / "pruning").mkdir()
-            scores.save(staging / "pruning" / "scores.pt")
-            atomic_write_json(staging / "pruning" / "summary.json", summary)
-            write_report(staging / "pruning", scores, plan, summary)
+            report = report_dir(staging)
+            report.mkdir()
+            scores.save(report / "scores.pt")
+            atomic_write_json(report / "summary.json", summary)
+            write_report(report, scores, plan, summary)
             os.rename(staging, out)
         except BaseException as e:
             shutil.rmtree(staging, ignore_errors=True)
@@ -193,6 +199,18 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     return summary
 
 
+def report_dir(out: str | Path) -> Path:
+    """Where ``prune`` writes its report next to the pruned checkpoint ``out``:
+    ``scores.pt``, ``summary.json`` (what ``prune`` returned), ``report.md`` and plots."""
+    return Path(out) / "pruning"
+
+
+def prune_summary(out: str | Path) -> dict[str, Any] | None:
+    """The summary of a finished ``prune`` into ``out`` (None when it did not finish)."""
+    f = report_dir(out) / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def _baseline_scores(model: torch.nn.Module, src: Any, recipe: PruneRecipe) -> Any:
     from nemo_minitron.importance.baselines import magnitude_scores, random_scores
     from nemo_minitron.model.full_state import gather_full_state_dict
@@ -205,8 +223,3 @@ def _baseline_scores(model: torch.nn.Module, src: Any, recipe: PruneRecipe) -> A
     scores.meta["fingerprint"] = weights_fingerprint(model)
     return scores
 
-
-def _as_recipe(recipe: PruneRecipe):
-    from nemo_minitron.config import Recipe
-
-    return Recipe(data=recipe.data, parallel=recipe.parallel)

@@ -13,11 +13,11 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.model.params import count_params
-from nemo_minitron.prune.plan import Target
+from nemo_minitron.prune.plan import Target, pruned_config
 
 
 @dataclass(kw_only=True)
@@ -30,13 +30,13 @@ class SearchConfig:
     """Candidates lie within target_params * (1 +- tolerance)."""
     retrain_steps: int = 100
     """Distillation steps per candidate before the final ranking."""
-    layers_step: int = 1
+    num_layers_step: int = 1
     """Candidate num_layers are multiples of this."""
-    hidden_step: int = 64
+    hidden_size_step: int = 64
     """Candidate hidden_size values are multiples of this."""
-    ffn_step: int = 64
+    ffn_hidden_size_step: int = 64
     """Candidate ffn_hidden_size values are multiples of this."""
-    groups_step: int = 1
+    num_query_groups_step: int = 1
     """Candidate num_query_groups values are multiples of this."""
     max_layers_prune: float = 0.5
     """Largest fraction of the layers a candidate removes."""
@@ -75,13 +75,19 @@ class SearchConfig:
     teacher_cache_top_k: int = 64
     """Tokens per position in the teacher cache."""
 
+    DEPRECATED_KEYS: ClassVar[dict[str, str]] = {
+        "layers_step": "num_layers_step", "hidden_step": "hidden_size_step",
+        "ffn_step": "ffn_hidden_size_step", "groups_step": "num_query_groups_step"}
+    """Old recipe keys still read (with a warning) under their Megatron names."""
+
     def __post_init__(self) -> None:
         if self.target_params is not None and self.target_params <= 0:
             raise ConfigError(f"search.target_params={self.target_params} must be > 0")
         if not 0 <= self.tolerance < 1:
             raise ConfigError(f"search.tolerance={self.tolerance} must be in [0, 1)")
-        for name in ("retrain_steps", "layers_step", "hidden_step", "ffn_step", "groups_step",
-                     "max_candidates", "teacher_cache_top_k"):
+        for name in ("retrain_steps", "num_layers_step", "hidden_size_step",
+                     "ffn_hidden_size_step", "num_query_groups_step", "max_candidates",
+                     "teacher_cache_top_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"search.{name}={getattr(self, name)} must be >= 1")
         for name in ("max_layers_prune", "max_hidden_prune", "max_ffn_prune", "max_heads_prune"):
@@ -119,11 +125,8 @@ class Candidate:
 
 
 def shape_config(src: ModelConfig, c: Candidate) -> ModelConfig:
-    """The pruned model's config (as ``make_plan`` builds it: head dim kept)."""
-    return dataclasses.replace(src, num_layers=c.num_layers, hidden_size=c.hidden_size,
-                               ffn_hidden_size=c.ffn_hidden_size,
-                               num_attention_heads=c.num_attention_heads,
-                               num_query_groups=c.num_query_groups, kv_channels=src.head_dim)
+    """The pruned model's config (``prune.plan.pruned_config`` of the candidate's target)."""
+    return pruned_config(src, c.target())
 
 
 def _values(size: int, step: int, max_prune: float, multiple_of: int = 1) -> list[int]:
@@ -137,11 +140,11 @@ def grid(src: ModelConfig, s: SearchConfig, tp: int = 1, pp: int = 1) -> list[Ca
     """Every pruned shape of the grid (the source shape itself excluded), with its count."""
     a, g = src.num_attention_heads, src.query_groups
     per_group = a // g
-    layers = _values(src.num_layers, s.layers_step, s.max_layers_prune, pp)
-    hidden = _values(src.hidden_size, s.hidden_step, s.max_hidden_prune)
-    ffn = _values(src.ffn_hidden_size, s.ffn_step, s.max_ffn_prune, tp)
+    layers = _values(src.num_layers, s.num_layers_step, s.max_layers_prune, pp)
+    hidden = _values(src.hidden_size, s.hidden_size_step, s.max_hidden_prune)
+    ffn = _values(src.ffn_hidden_size, s.ffn_hidden_size_step, s.max_ffn_prune, tp)
     heads = []
-    for new_g in _values(g, s.groups_step, s.max_heads_prune):
+    for new_g in _values(g, s.num_query_groups_step, s.max_heads_prune):
         for hpg in ([per_group] if s.proportional_heads else range(per_group, 0, -1)):
             new_a = new_g * hpg
             if new_a >= a * (1 - s.max_heads_prune) and new_a % tp == 0 and new_g % tp == 0:

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nemo_minitron.config import ConfigError, DataConfig, ParallelConfig, TrainConfig
+from nemo_minitron.config import ConfigError, StageRecipe, TrainConfig
 from nemo_minitron.distill.objective import KDConfig
 from nemo_minitron.prune.stage import CalibConfig
 from nemo_minitron.search.enumerate import Candidate, SearchConfig, enumerate_candidates
 from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.rank import is_rank0
 
 log = get_logger("search")
 
@@ -36,8 +37,9 @@ def _search_train() -> TrainConfig:
 
 
 @dataclass(kw_only=True)
-class SearchRecipe:
-    """Everything the search verb reads."""
+class SearchRecipe(StageRecipe):
+    """Everything the search verb reads (``data``: calibration, retraining and validation
+    data; ``parallel``: the layout of every stage, the candidates are checked against it)."""
 
     search: SearchConfig = field(default_factory=SearchConfig)
     """Budget, candidate grid, retraining steps, scoring."""
@@ -47,12 +49,13 @@ class SearchRecipe:
     """Distillation losses of the retraining."""
     train: TrainConfig = field(default_factory=_search_train)
     """Retraining loop; train_iters is search.retrain_steps, eval_interval must be > 0."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Calibration, retraining and validation data."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Layout of every stage (the candidates are checked against it)."""
     rescale_norms: bool = True
     """Compensate RMSNorm weights for removed channels (see prune)."""
+
+    def __post_init__(self) -> None:
+        if not self.train.eval_interval:
+            raise ConfigError("train.eval_interval=0: the search needs validation during "
+                              "retraining (set it > 0)")
 
 
 def load_score_fn(spec: str) -> Callable[[str], float]:
@@ -60,12 +63,6 @@ def load_score_fn(spec: str) -> Callable[[str], float]:
     from nemo_minitron.utils.imports import load_callable
 
     return load_callable(spec, "search.score_fn")
-
-
-def _rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
@@ -110,10 +107,10 @@ def stored_result(root: Path, name: str, retrain_steps: int) -> dict[str, Any] |
 
 def candidate_finished(root: Path, name: str, retrain_steps: int) -> bool:
     """Whether a candidate is done for these retrain_steps, its final checkpoint included."""
-    from nemo_minitron.checkpoint.io import is_checkpoint
+    from nemo_minitron.checkpoint.io import is_checkpoint, step_dir
 
     r = stored_result(root, name, retrain_steps)
-    final = root / "candidates" / name / "distill" / "checkpoints" / f"step_{retrain_steps:07d}"
+    final = step_dir(root / "candidates" / name / "distill", retrain_steps)
     return r is not None and r.get("status") == "done" and is_checkpoint(final)
 
 
@@ -130,11 +127,11 @@ def _with_teacher_cache(kd_recipe: Any, checkpoint: str, path: Path, top_k: int)
 def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     """Run (or resume) the search; returns the summary (``finished`` False while candidates
     are left: stopped by search.max_candidates_per_run, search.candidates or a signal)."""
-    from nemo_minitron.checkpoint.io import check_checkpoint, load_model_config
+    from nemo_minitron.checkpoint.io import check_checkpoint, load_model_config, step_dir
     from nemo_minitron.distill.stage import DistillRecipe, distill
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
-    from nemo_minitron.prune.stage import PruneRecipe, prune
+    from nemo_minitron.prune.stage import PruneRecipe, prune, prune_summary, report_dir
     from nemo_minitron.search.report import plot_curves, rank_records, write_report
     from nemo_minitron.utils.fs import atomic_dir, atomic_write_json
 
@@ -145,9 +142,6 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     src.check_layout(tp, pp)
     candidates = enumerate_candidates(src, s, tp, pp)
     score_fn = load_score_fn(s.score_fn) if s.score_fn else None
-    if not recipe.train.eval_interval:
-        raise ConfigError("train.eval_interval=0: the search needs validation during "
-                          "retraining (set it > 0)")
     if s.candidates is not None:
         unknown = sorted(set(s.candidates) - {c.name for c in candidates})
         if unknown:
@@ -166,7 +160,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
             records[i] = stored(c.name) or records[i]
 
     def save_state(rec: dict[str, Any] | None = None) -> None:
-        if _rank0():
+        if is_rank0():
             if rec is not None:
                 atomic_write_json(root / "candidates" / rec["name"] / "result.json", rec)
             rows = [r if r["status"] == "done" else stored(r["name"]) or r for r in records]
@@ -192,16 +186,15 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     for c, rec in zip(candidates, records):
         cdir = root / "candidates" / c.name
         pruned, run = cdir / "pruned", cdir / "distill"
-        final = run / "checkpoints" / f"step_{s.retrain_steps:07d}"
+        final = step_dir(run, s.retrain_steps)
         if candidate_finished(root, c.name, s.retrain_steps):
             log.info("candidate %s: finished earlier, skipped", c.name)
             continue
         if (s.candidates is not None and c.name not in s.candidates) or \
                 (s.max_candidates_per_run is not None and ran >= s.max_candidates_per_run):
             continue
-        summary_file = pruned / "pruning" / "summary.json"
-        if not summary_file.is_file():
-            if pruned.exists() and _rank0():  # cut between the weights and the report
+        if prune_summary(pruned) is None:
+            if pruned.exists() and is_rank0():  # cut between the weights and the report
                 shutil.rmtree(pruned)
             _barrier()
             prune(checkpoint, str(pruned), PruneRecipe(
@@ -209,12 +202,12 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
                 parallel=p, scores=str(scores_file) if scores_file.is_file() else None,
                 rescale_norms=recipe.rescale_norms))
             _barrier()
-        if not scores_file.is_file() and _rank0():  # unique temporary: jobs may race here
+        if not scores_file.is_file() and is_rank0():  # unique temporary: jobs may race here
             tmp = scores_file.with_name(f".scores.pt.{os.getpid()}")
-            shutil.copy2(pruned / "pruning" / "scores.pt", tmp)
+            shutil.copy2(report_dir(pruned) / "scores.pt", tmp)
             tmp.replace(scores_file)
         _barrier()
-        rec["one_shot_loss"] = json.loads(summary_file.read_text())["pruned_valid_loss"]
+        rec["one_shot_loss"] = prune_summary(pruned)["pruned_valid_loss"]  # type: ignore[index]
         result = distill(kd_recipe, checkpoint, str(pruned), run)
         if result["interrupted"]:
             log.info("candidate %s: stopped at step %d; re-run the same command to resume",
@@ -246,7 +239,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     rho = rank_records(records)
     save_state()
     best = min(records, key=lambda r: (r["rank_retrained"], r["name"]))
-    if _rank0():
+    if is_rank0():
         write_report(root, records, rho, count_params(src), s.target_params, s.score_fn)
         plot_curves(records, root / "loss_curves.png")
         with atomic_dir(Path(out) / "winner", overwrite=True) as tmp:

@@ -115,8 +115,7 @@ class Trainer:
             for i, name in enumerate(names):
                 vec[i] = torch.stack([r[name].double() for r in results]).mean()
         # Losses an objective computes on earlier stages (e.g. distillation of their layers).
-        pop = getattr(self.objective, "pop_stage_metrics", None)
-        for name, value in (pop() if pop is not None else {}).items():
+        for name, value in self.objective.pop_stage_metrics().items():
             vec[names.index(name)] += value
         dist.all_reduce(vec, group=self.pp_group)
         dist.all_reduce(vec, group=self.dp_group)
@@ -141,8 +140,8 @@ class Trainer:
                            dp_size=self.rt.dp)
         # An objective whose stages exchange more than the model's hidden state (distillation
         # sends the teacher's too) resizes the pipeline's tensors.
-        adjust = getattr(self.objective, "adjust_tensor_shapes", None) if self.pp > 1 else None
-        extra = {"adjust_tensor_shapes_fn": adjust} if adjust is not None else {}
+        extra = {"adjust_tensor_shapes_fn": self.objective.adjust_tensor_shapes} \
+            if self.pp > 1 else {}
         return self.fwd_bwd(
             forward_step_func=self.objective.forward_step, data_iterator=it, model=[self.model],
             num_microbatches=self.num_microbatches, seq_length=self.model_cfg.seq_length,
@@ -187,7 +186,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         """Checkpoint to ``<out>/checkpoints/step_<N>``."""
-        path = self.out_dir / "checkpoints" / f"step_{self.state.step:07d}"
+        path = ckpt.step_dir(self.out_dir, self.state.step)
         state = {"step": self.state.step, "consumed_samples": self.state.consumed_samples,
                  "history": self.state.history, "recipe": to_dict(self.recipe)}
         return ckpt.save_checkpoint(path, self.model, model_cfg=self.model_cfg,

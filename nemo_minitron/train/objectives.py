@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Protocol
 
 import torch
 
@@ -18,20 +17,32 @@ from nemo_minitron.data.instruct import sft_attention_mask
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-class Objective(Protocol):
-    """One micro-batch: ``forward_step(data_iterator, model) -> (output, loss_func)``, the
-    contract of ``megatron.core.pipeline_parallel.get_forward_backward_func``. ``loss_func``
-    runs on the last pipeline stage and returns ``(loss, {name: detached value})``."""
-
-    def forward_step(self, data_iterator: Iterator[dict[str, torch.Tensor]],
-                     model: torch.nn.Module) -> tuple[torch.Tensor, LossFunc]: ...
+class Objective:
+    """Everything the training loop asks of an objective. Subclasses implement
+    ``forward_step`` and set ``metric_names``; the other methods have defaults that fit an
+    objective whose pipeline stages exchange only the model's hidden state and whose losses
+    all come from the last stage."""
 
     metric_names: list[str]
     """Names of the metrics ``loss_func`` reports (the first is the optimised loss)."""
 
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        """Extra modules trained beside the model (e.g. distillation projections)."""
-        ...
+    def forward_step(self, data_iterator: Iterator[dict[str, torch.Tensor]],
+                     model: torch.nn.Module) -> tuple[torch.Tensor, LossFunc]:
+        """One micro-batch: ``(output, loss_func)``, the contract of
+        ``megatron.core.pipeline_parallel.get_forward_backward_func``. ``loss_func`` runs on
+        the last pipeline stage and returns ``(loss, {name: detached value})``."""
+        raise NotImplementedError
+
+    def adjust_tensor_shapes(self, recv: list, send: list) -> tuple[list, list]:
+        """Shapes of the tensors pipeline stages receive and send (PP > 1): unchanged by
+        default; an objective that sends more than the hidden state (distillation) grows
+        them."""
+        return recv, send
+
+    def pop_stage_metrics(self) -> dict[str, float]:
+        """Metrics of losses computed on this (non-last) stage since the last call, as means
+        over micro-batches; the loop adds them to the last stage's. None by default."""
+        return {}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -45,7 +56,7 @@ def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tenso
     return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-class LMObjective:
+class LMObjective(Objective):
     """Next-token cross-entropy (vocab-parallel, computed inside ``GPTModel``)."""
 
     name = "lm loss"
@@ -53,9 +64,6 @@ class LMObjective:
 
     def __init__(self, device: torch.device):
         self.device = device
-
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        return []
 
     def forward_step(self, data_iterator, model):
         batch = to_device(next(data_iterator), self.device)

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
+from nemo_minitron.checkpoint.io import step_dir
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe
 from nemo_minitron.data.datasets import GPTSplits, build_gpt_datasets
-from nemo_minitron.data.embedded import prepare_embedded
-from nemo_minitron.data.indexed import check_indexed_prefix
-from nemo_minitron.data.tokenizer import Tokenizer, load_tokenizer
+from nemo_minitron.data.resolve import resolve_data
+from nemo_minitron.data.tokenizer import Tokenizer
 from nemo_minitron.model.build import build_model
 from nemo_minitron.parallel.runtime import Runtime, init_distributed, use_gpu
 from nemo_minitron.train.loop import Trainer
@@ -23,19 +23,6 @@ from nemo_minitron.train.optim import build_optimizer, wrap_ddp
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("train")
-
-
-def resolve_data(recipe: Recipe, tokenizer: Tokenizer | None = None) -> tuple[str, Tokenizer]:
-    """The dataset prefix and the tokenizer: the recipe's, or the embedded corpus'."""
-    d = recipe.data
-    if d.path is None:
-        prefix, tok_file = prepare_embedded(d)
-        tok = tokenizer or load_tokenizer(d.tokenizer or tok_file)
-        return prefix, tok
-    check_indexed_prefix(d.path)
-    if tokenizer is None and d.tokenizer is None:
-        raise ConfigError("data.tokenizer must be set when data.path is set")
-    return d.path, tokenizer or load_tokenizer(d.tokenizer)  # type: ignore[arg-type]
 
 
 def resolve_model_config(cfg: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
@@ -108,10 +95,10 @@ def pretrain(recipe: Recipe, out_dir: str | Path) -> dict[str, Any]:
     """Pretrain ``recipe.model`` from scratch on ``recipe.data``; resumes if ``out_dir`` holds
     checkpoints. Returns the loop's summary (``final`` is the last checkpoint)."""
     rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
-    prefix, tokenizer = resolve_data(recipe)
+    prefix, tokenizer = resolve_data(recipe.data)
     model_cfg = resolve_model_config(recipe.model, tokenizer)
     recipe = dataclasses.replace(recipe, model=model_cfg)
-    return _run(make_trainer(recipe, rt, model_cfg, tokenizer, prefix, out_dir), out_dir)
+    return run_trainer(make_trainer(recipe, rt, model_cfg, tokenizer, prefix, out_dir), out_dir)
 
 
 def finetune(recipe: Recipe, checkpoint: str, out_dir: str | Path) -> dict[str, Any]:
@@ -121,15 +108,16 @@ def finetune(recipe: Recipe, checkpoint: str, out_dir: str | Path) -> dict[str, 
     rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
     model_cfg = load_model_config(checkpoint)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
-    prefix, tokenizer = resolve_data(recipe, tokenizer)
+    prefix, tokenizer = resolve_data(recipe.data, tokenizer)
     recipe = dataclasses.replace(recipe, model=model_cfg)
     trainer = make_trainer(recipe, rt, model_cfg, tokenizer, prefix, out_dir,
                            init_checkpoint=checkpoint)
-    return _run(trainer, out_dir)
+    return run_trainer(trainer, out_dir)
 
 
-def _run(trainer: Trainer, out_dir: str | Path) -> dict[str, Any]:
-    """Run the loop; the summary names the last checkpoint as ``final``."""
+def run_trainer(trainer: Trainer, out_dir: str | Path) -> dict[str, Any]:
+    """Run a trainer from ``make_trainer`` to the end (or a stop signal); the summary names the
+    last checkpoint as ``final``."""
     summary = trainer.run()
-    summary["final"] = str(Path(out_dir) / "checkpoints" / f"step_{trainer.state.step:07d}")
+    summary["final"] = str(step_dir(out_dir, trainer.state.step))
     return summary

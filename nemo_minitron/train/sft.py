@@ -113,7 +113,7 @@ def sft(recipe: SFTRecipe, checkpoint: str, data: str, out_dir: str | Path) -> d
     from nemo_minitron.model.build import te_available
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.train.objectives import SFTObjective
-    from nemo_minitron.train.pretrain import _run, make_trainer
+    from nemo_minitron.train.pretrain import make_trainer, run_trainer
 
     model_cfg = load_model_config(checkpoint)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
@@ -121,9 +121,10 @@ def sft(recipe: SFTRecipe, checkpoint: str, data: str, out_dir: str | Path) -> d
         raise ConfigError("sft.pack=true needs per-example attention masks, which Transformer "
                           "Engine's causal attention ignores; use sft.pack=false on GPUs")
     recipe = dataclasses.replace(recipe, model=model_cfg)
-    splits = sft_splits(recipe, data, tokenizer, model_cfg.seq_length)
+    splits = sft_splits(recipe, data, tokenizer,
+                        recipe.train.seq_length or model_cfg.seq_length)
     rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
     trainer = make_trainer(recipe, rt, model_cfg, tokenizer, None, out_dir,
                            init_checkpoint=checkpoint,
                            objective=lambda _model: SFTObjective(rt.device), splits=splits)
-    return _run(trainer, out_dir)
+    return run_trainer(trainer, out_dir)

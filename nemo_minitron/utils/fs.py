@@ -12,6 +12,24 @@ from pathlib import Path
 from typing import Any
 
 
+def replace_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str],
+                overwrite: bool = False) -> None:
+    """Move the finished directory ``tmp`` to ``final``; an existing ``final`` is replaced
+    (only with ``overwrite``) by renaming it aside first, so ``final`` is always either the old
+    or the new directory, never a mix."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        if not overwrite:
+            raise FileExistsError(f"{final} already exists")
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that is renamed to ``final`` on success.
@@ -24,15 +42,7 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the result from other users
     try:
         yield tmp
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(f"{final} already exists")
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        replace_dir(tmp, final, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from nemo_minitron.utils.rank import is_rank0
 
 _ROOT = "nemo_minitron"
 
@@ -13,7 +14,7 @@ class _RankZeroFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING:
             return True
-        return _rank() == 0
+        return is_rank0()
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -27,17 +28,6 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, _value: object) -> None:
         pass
-
-
-def _rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:  # pragma: no cover
-        pass
-    return int(os.environ.get("RANK", "0"))
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -74,3 +74,23 @@ def test_memory_estimate_by_hand():
     logits = 2 * 4 * s * b * v
     want = (states + acts + logits) / 1024**3 + 5
     assert memory_gib(m, tp=1, pp=1, dp=1, micro_batch=1) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("config, needle", [
+    ({"calib": {"num_samples": 6, "micro_batch_size": 4}},
+     "calib.num_samples=6 must be a positive multiple of calib.micro_batch_size=4"),
+    ({"search": {"target_params": 1000}, "train": {"eval_interval": 0}},
+     "train.eval_interval=0: the search needs validation"),
+    ({"kd": {"temperature": 0}}, r"kd.temperature=0(\.0)? must be > 0"),
+])
+def test_stage_sections_are_checked_when_the_recipe_is_built(config, needle):
+    # No process, no checkpoint: every section validates itself in __post_init__.
+    from nemo_minitron.config import ConfigError, from_dict
+    from nemo_minitron.distill.stage import DistillRecipe
+    from nemo_minitron.prune.stage import PruneRecipe
+    from nemo_minitron.search.stage import SearchRecipe
+
+    cls = SearchRecipe if "search" in config else DistillRecipe if "kd" in config \
+        else PruneRecipe
+    with pytest.raises(ConfigError, match=needle):
+        from_dict(cls, config)

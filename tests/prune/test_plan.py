@@ -30,10 +30,11 @@ def test_keeps_the_best_units_in_order():
     plan = make_plan(CFG, s, Target(num_layers=2, ffn_hidden_size=64, hidden_size=32,
                                     num_query_groups=2))
     assert plan.layers == [0, 3]  # highest Block Importance, original order
-    assert plan.hidden.tolist() == sorted(torch.topk(s.hidden_size, 32).indices.tolist())
+    assert plan.hidden_size.tolist() == sorted(torch.topk(s.hidden_size, 32).indices.tolist())
     for i in plan.layers:
-        assert plan.ffn[i].tolist() == sorted(torch.topk(s.ffn_hidden_size[i], 64).indices.tolist())
-        assert plan.groups[i].tolist() == sorted(
+        assert plan.ffn_hidden_size[i].tolist() == sorted(
+            torch.topk(s.ffn_hidden_size[i], 64).indices.tolist())
+        assert plan.num_query_groups[i].tolist() == sorted(
             torch.topk(s.num_query_groups[i], 2).indices.tolist())
     c = plan.config
     assert (c.num_layers, c.hidden_size, c.ffn_hidden_size) == (2, 32, 64)
@@ -45,8 +46,8 @@ def test_heads_are_ranked_inside_their_group():
     s = _scores()
     plan = make_plan(CFG, s, Target(num_attention_heads=4))  # 4 groups x 1 head
     for i in range(4):
-        assert plan.groups[i].tolist() == [0, 1, 2, 3]
-        for g, (h,) in enumerate(plan.heads[i].tolist()):
+        assert plan.num_query_groups[i].tolist() == [0, 1, 2, 3]
+        for g, (h,) in enumerate(plan.num_attention_heads[i].tolist()):
             pair = s.num_attention_heads[i, 2 * g:2 * g + 2]
             assert h == 2 * g + int(pair.argmax())
 

@@ -17,6 +17,7 @@ HIDDEN_DEAD = [5, 33, 60]
 def planted_job(out: str, gqa: bool) -> None:
     from nemo_minitron.config import ModelConfig, ParallelConfig
     from nemo_minitron.importance.estimator import estimate_importance
+    from nemo_minitron.model import layouts
     from nemo_minitron.model.build import build_model
     from nemo_minitron.model.forward import forward_logits
     from nemo_minitron.model.params import count_params
@@ -30,17 +31,14 @@ def planted_job(out: str, gqa: bool) -> None:
                       num_query_groups=groups, kv_channels=8, seq_length=32, vocab_size=256)
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) == count_params(cfg)
-    d, per_group = 8, 8 // groups
     dead_groups = [2] if gqa else [1, 6]
     with torch.no_grad():
         model.embedding.word_embeddings.weight[:, HIDDEN_DEAD] = 0
         for layer in model.decoder.layers:
             fc1 = layer.mlp.linear_fc1.weight
-            fc1[FFN_DEAD] = 0  # gate rows
-            fc1[[128 + n for n in FFN_DEAD]] = 0  # up rows
-            block = (per_group + 2) * d
+            fc1[layouts.fc1_rows(cfg, torch.tensor(FFN_DEAD))] = 0  # gate and up rows
             for g in dead_groups:  # zero q, k and v of the whole group
-                layer.self_attention.linear_qkv.weight[g * block:(g + 1) * block] = 0
+                layer.self_attention.linear_qkv.weight[layouts.qkv_group_rows(cfg, g)] = 0
             layer.self_attention.linear_proj.weight[HIDDEN_DEAD] = 0
             layer.mlp.linear_fc2.weight[HIDDEN_DEAD] = 0
     tokens = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2))
@@ -79,11 +77,11 @@ def test_planted_units_rank_lowest_and_prune_exactly(planted, gqa):
         assert _lowest(s.ffn_hidden_size[i], 4) == set(FFN_DEAD)
         if gqa:
             assert _lowest(s.num_query_groups[i], 1) == {2}
-            assert 2 not in plan.groups[i].tolist()
+            assert 2 not in plan.num_query_groups[i].tolist()
         else:
             assert _lowest(s.num_attention_heads[i], 2) == {1, 6}
-            assert not {1, 6} & set(plan.heads[i].flatten().tolist())
-        assert not set(FFN_DEAD) & set(plan.ffn[i].tolist())
-    assert not set(HIDDEN_DEAD) & set(plan.hidden.tolist())
+            assert not {1, 6} & set(plan.num_attention_heads[i].flatten().tolist())
+        assert not set(FFN_DEAD) & set(plan.ffn_hidden_size[i].tolist())
+    assert not set(HIDDEN_DEAD) & set(plan.hidden_size.tolist())
     assert r["count"] == r["predicted"]
     torch.testing.assert_close(r["after"], r["before"], atol=1e-5, rtol=0)

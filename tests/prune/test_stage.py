@@ -53,6 +53,14 @@ def test_prune_verb_end_to_end(tmp_path, teacher, tiny_overrides):
         assert (out / "pruning" / name).stat().st_size > 0
     summary = json.loads((out / "pruning" / "summary.json").read_text())
     assert summary["pruned_params"] < summary["source_params"]
+    # What later stages need travels in the checkpoint's own metadata.
+    from nemo_minitron.checkpoint.io import load_model_config
+    from nemo_minitron.prune.origin import prune_origin
+
+    origin = prune_origin(out)
+    assert origin is not None and origin.kept_layers == summary["kept_layers"]
+    assert origin.source == load_model_config(teacher) and origin.importance == "activation"
+    assert prune_origin(teacher) is None
     # The pruned checkpoint is an ordinary checkpoint: TP=2 loads it with the TP=1 logits.
     spawn(in_order, 2, [(logits_of, (str(out), str(tmp_path / f"tp{tp}.pt"), tp))
                         for tp in (1, 2)])

@@ -28,7 +28,7 @@ BIASED = dataclasses.replace(GQA, num_query_groups=None, normalization="LayerNor
                              activation="gelu", add_bias_linear=True,
                              position_embedding_type="learned_absolute",
                              share_embeddings_and_output_weights=True)
-FINE = SearchConfig(hidden_step=16, ffn_step=32, proportional_heads=False)
+FINE = SearchConfig(hidden_size_step=16, ffn_hidden_size_step=32, proportional_heads=False)
 
 
 def _built_counts(cfgs: list[ModelConfig], out: str) -> None:
@@ -107,3 +107,15 @@ def test_spearman_matches_scipy():
         else:
             assert got == pytest.approx(want, abs=1e-12)
     assert spearman([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)
+
+
+def test_deprecated_step_keys_read_with_a_warning():
+    from nemo_minitron.config import ConfigError, load_recipe
+    from nemo_minitron.search.stage import SearchRecipe
+
+    with pytest.warns(FutureWarning, match="'search.hidden_step' is deprecated"):
+        r = load_recipe(None, ["search.hidden_step=32", "search.groups_step=2"], cls=SearchRecipe)
+    assert (r.search.hidden_size_step, r.search.num_query_groups_step) == (32, 2)
+    with pytest.raises(ConfigError, match="give only the new one"):
+        load_recipe(None, ["search.ffn_step=32", "search.ffn_hidden_size_step=64"],
+                    cls=SearchRecipe)

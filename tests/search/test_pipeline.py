@@ -24,7 +24,8 @@ stages:
     verb: search
     args: ["{{inputs.teacher}}", "{{out}}"]
     config:
-      search: {{target_params: 205200, tolerance: 0.01, hidden_step: 64, ffn_step: 64}}
+      search: {{target_params: 205200, tolerance: 0.01, hidden_size_step: 64,
+               ffn_hidden_size_step: 64}}
       train: {{micro_batch_size: 4, global_batch_size: 8}}
   - name: heal
     verb: distill

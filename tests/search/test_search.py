@@ -24,7 +24,7 @@ def _args(tiny_overrides: list[str]) -> list[str]:
     data = [o for o in tiny_overrides if o.startswith("data.")]
     return data + [
         "search.target_params=205200", "search.tolerance=0.01", "search.retrain_steps=2",
-        "search.hidden_step=64", "search.ffn_step=64", "calib.num_samples=8",
+        "search.hidden_size_step=64", "search.ffn_hidden_size_step=64", "calib.num_samples=8",
         "calib.eval_samples=8", "train.micro_batch_size=4", "train.global_batch_size=8",
         "train.eval_interval=1", "train.eval_iters=2", "train.lr=1e-3", "train.lr_warmup_iters=0",
         "train.tensorboard=false", "train.log_interval=1"]
@@ -160,9 +160,9 @@ def test_bad_settings_write_nothing(tmp_path, teacher, tiny_overrides, extra, ne
     from nemo_minitron.search.stage import SearchRecipe, search
 
     out = tmp_path / "out"
-    recipe = load_recipe(None, _args(tiny_overrides) + extra, cls=SearchRecipe)
-    with pytest.raises(ConfigError, match=needle):
-        search(teacher, str(out), recipe)
+    with pytest.raises(ConfigError, match=needle):  # building the recipe, or the search
+        search(teacher, str(out), load_recipe(None, _args(tiny_overrides) + extra,
+                                              cls=SearchRecipe))
     assert not out.exists()
 
 

@@ -1,7 +1,6 @@
-#!/bin/bash
-# Rendered by `nemo-minitron launch`; every value below was shell-quoted when rendered.
-@@SBATCH@@
-set -uo pipefail
+# The body of every nemo_minitron SLURM job: sourced by launcher/<stage>.sbatch, inlined by
+# `nemo-minitron launch`. Expects the bash arrays `cmd` (the per-task command) and
+# `srun_args`; runs `srun "${srun_args[@]}" "${cmd[@]}"` with preemption-safe requeue.
 
 # Rendezvous from the SLURM environment: rank = SLURM_PROCID, world = SLURM_NTASKS (read by
 # nemo_minitron.parallel.runtime); the first node of the allocation hosts the store.
@@ -11,9 +10,6 @@ export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 echo "[launch] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST" \
   "master $MASTER_ADDR:$MASTER_PORT at $(date -Is)"
-
-cmd=(@@COMMAND@@)
-srun_args=(@@SRUN_ARGS@@)
 
 # Preemption / time limit: SLURM sends USR1 to this shell (--signal=B:USR1@...). Forward it
 # to the srun step; the trainer saves a checkpoint at the end of its current step and exits;

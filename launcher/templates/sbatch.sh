@@ -1,0 +1,9 @@
+#!/bin/bash
+# Rendered by `nemo-minitron launch`; every value below was shell-quoted when rendered.
+@@SBATCH@@
+set -uo pipefail
+
+cmd=(@@COMMAND@@)
+srun_args=(@@SRUN_ARGS@@)
+
+@@JOB@@
