@@ -41,7 +41,7 @@ def assert_no_global_state() -> None:
 
     from nemo_minitron.parallel import cpu
 
-    assert not cpu.installed(), "the CPU backend was installed in the pytest process"
+    assert not cpu.active(), "the CPU backend was installed in the pytest process"
     assert not dist.is_initialized(), "torch.distributed was initialised in the pytest process"
     assert not ps.model_parallel_is_initialized(), "parallel state left in the pytest process"
 

@@ -32,6 +32,11 @@ def load(recipe: str, overrides: list[str], out: str | None = None) -> Pipeline:
     if "study" in data:
         raise ConfigError(f"{recipe} is a bench-method recipe: run `nemo-minitron bench-method "
                           f"{recipe}` (a one-process benchmark, not a cluster job)")
+    for section, verb in (("sft", "sft"), ("merge", "merge")):
+        if section in data:  # these verbs take input paths a plain recipe cannot name
+            raise ConfigError(f"{recipe} is a {verb} recipe: `nemo-minitron {verb}` takes input "
+                              f"paths, so launch it as a stage of a pipeline (stages: - verb: "
+                              f"{verb}, args: [...], recipe: {Path(recipe).name})")
     verb = "prune" if "target" in data else "distill" if "kd" in data else "pretrain"
     return single_stage(recipe, verb, overrides, out or f"runs/{Path(recipe).stem}")
 

@@ -53,8 +53,9 @@ def merge(examples: list[Example], prompts: list[list[int]], batches: list[list[
             reason: str | None = "too_long"
         else:
             ids = generated[i]
-            truncated = not ids or ids[-1] != tok.eod
-            body = ids if truncated else ids[:-1]
+            # generate drops the stop token: a row that filled max_new_tokens never stopped
+            truncated = len(ids) >= cfg.max_new_tokens
+            body = ids
             text = tok.decode(body).strip()
             lengths["rewrite"].append(len(body))
             lengths["prompt"].append(len(prompts[i]))

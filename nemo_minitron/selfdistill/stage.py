@@ -215,7 +215,8 @@ def _generate_batches(model: Any, tok: Any, prompts: list[list[int]],
     for j, k in enumerate(mine):
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
                                   temperature=cfg.temperature, top_k=cfg.top_k,
-                                  top_p=cfg.top_p, seed=cfg.seed + k, stop_token=tok.eod)
+                                  top_p=cfg.top_p, seed=cfg.seed + k,
+                                  stop_tokens=tok.eos_ids)
         ids = generate(model, [prompts[i] for i in batches[k]], sampling,
                        vocab_limit=tok.vocab_size)
         if writer:

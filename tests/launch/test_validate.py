@@ -12,8 +12,11 @@ from nemo_minitron.launch.validate import memory_gib
 from nemo_minitron.method_bench import load_bench_recipe
 from nemo_minitron.model.params import count_params
 
-RECIPES = sorted(p for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml")
-                 if p.name != "method_bench.yaml")  # bench-method's, not a job: see below
+ALL = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+# bench-method's recipes are not jobs; sft's and merge's verbs take input paths (pipeline
+# stages): each is checked against the verb that reads it below.
+NOT_JOBS = {"method_bench.yaml", "method_bench_smollm2.yaml", "sft.yaml", "merge.yaml"}
+RECIPES = [p for p in ALL if p.name not in NOT_JOBS]
 NO_FLAGS = dict.fromkeys(("nodes", "gpus_per_node", "tasks_per_node"))
 
 
@@ -94,3 +97,17 @@ def test_stage_sections_are_checked_when_the_recipe_is_built(config, needle):
         else PruneRecipe
     with pytest.raises(ConfigError, match=needle):
         from_dict(cls, config)
+
+
+def test_verb_recipes_load_with_their_verb_and_are_not_plain_jobs():
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.merge.config import MergeRecipe
+    from nemo_minitron.train.sft import SFTRecipe
+
+    root = ALL[0].parent
+    assert load_recipe(str(root / "sft.yaml"), [], cls=SFTRecipe).train.lr > 0
+    assert load_recipe(str(root / "merge.yaml"), [], cls=MergeRecipe).merge is not None
+    assert load_bench_recipe(root / "method_bench_smollm2.yaml", []) is not None
+    for name, verb in (("sft.yaml", "sft"), ("merge.yaml", "merge")):
+        with pytest.raises(ConfigError, match=f"is a {verb} recipe"):
+            run_validate(str(root / name), [], flags=NO_FLAGS, gpu_memory_gb=80)

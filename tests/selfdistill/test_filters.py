@@ -157,22 +157,24 @@ def test_merge_keeps_the_original_answer_of_rejected_examples(tmp_path):
                        {"role": "assistant", "content": "4"}]}, "see the reference answer 4",
          True),
         ({"instruction": "add 5 and 5", "output": "10"}, "ten is 11", True),
-        ({"instruction": "add 1 and 1", "output": "2"}, "the sum is 2 and", False),
+        ({"instruction": "add 1 and 1", "output": "2"}, "the sum is 2 and then", False),
         ({"instruction": "add 3 and 3", "output": "6"}, None, False),  # prompt too long
         ({"instruction": "add 0 and 7", "output": "7"}, "", True),
         ({"messages": [{"role": "user", "content": "add 4 and 4"},
                        {"role": "assistant", "content": "8"}]}, "four and four make 8", True),
     ]
     examples = [parse_example(obj, "t", n + 1) for n, (obj, _, _) in enumerate(rows)]
-    generated = {i: tok.encode(text) + ([tok.eod] if stop else [])
-                 for i, (_, text, stop) in enumerate(rows) if text is not None}
+    # generate drops the stop token; a rewrite that never stopped fills max_new_tokens (6)
+    generated = {i: tok.encode(text) for i, (_, text, stop) in enumerate(rows)
+                 if text is not None}
+    assert all((len(ids) == 6) == (not rows[i][2]) for i, ids in generated.items())
     batches = [[0, 1, 2], [3, 5, 6]]
     parts = tmp_path / "out.jsonl.parts"
     parts.mkdir()
     for k, batch in enumerate(batches):
         (parts / f"batch_{k:06d}.jsonl").write_text("".join(
             json.dumps({"index": i, "ids": generated[i]}) + "\n" for i in batch))
-    cfg = SelfDistillConfig(verifier="math")
+    cfg = SelfDistillConfig(verifier="math", max_new_tokens=6)
     stats = merge(examples, [[1]] * len(rows), batches, parts, tok, cfg, math_verifier,
                   tmp_path / "out.jsonl", tmp_path / "out.stats.json")
     got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
