@@ -64,3 +64,15 @@ def pair(tmp_path_factory, tiny_overrides, teacher) -> tuple[str, str]:
     spawn(pretrain_job, 1, str(root / "s"), tiny_overrides + [
         "model.hidden_size=32", "train.train_iters=1", "train.eval_interval=0"])
     return teacher, str(root / "s" / "checkpoints" / "step_0000001")
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Every test leaves ``os.environ`` as it found it (an in-process verb that starts the
+    runtime sets MASTER_ADDR/MASTER_PORT, which child processes would otherwise inherit)."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

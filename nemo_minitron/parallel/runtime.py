@@ -95,7 +95,11 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
         device = torch.device("cpu")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if world == 1:
+        if world == 1 and "WORLD_SIZE" not in os.environ:
+            # A lone process owns its rendezvous: a MASTER_PORT inherited from elsewhere (an
+            # exported variable, a parent that ran a job) may be taken.
+            os.environ["MASTER_PORT"] = str(_free_port())
+        elif world == 1:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(
             backend="nccl" if gpu else "gloo", rank=rank, world_size=world,

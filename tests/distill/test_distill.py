@@ -189,6 +189,7 @@ def test_untrained_teacher_refused(tmp_path, pair, tiny_overrides):
 def test_different_tokenizers_refused(tmp_path, pair, tiny_overrides):
     import shutil
 
+    from nemo_minitron.checkpoint.manifest import write_manifest
     from nemo_minitron.data.tokenizer import load_tokenizer, train_sentencepiece
 
     teacher, student = pair
@@ -198,6 +199,7 @@ def test_different_tokenizers_refused(tmp_path, pair, tiny_overrides):
     shutil.copytree(student, other)
     shutil.rmtree(other / "tokenizer")
     load_tokenizer(str(tmp_path / "other.model")).save(other / "tokenizer")
+    write_manifest(other)  # a consistent checkpoint with another tokenizer, not a corrupt one
     res = cli("distill", "--teacher", teacher, "--student", str(other),
               "--out", str(tmp_path / "o"), *_kd_overrides(tiny_overrides, 2))
     _one_line_error(res, "use different tokenizers")
