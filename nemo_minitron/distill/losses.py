@@ -25,21 +25,21 @@ from nemo_minitron.model.layouts import vocab_range
 Divergence = Literal["forward", "reverse", "js"]
 
 
-def _allreduce(x: torch.Tensor, group: dist.ProcessGroup | None,
+def tp_allreduce(x: torch.Tensor, group: dist.ProcessGroup | None,
                op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+def compute_dtype(x: torch.Tensor) -> torch.Tensor:
     """fp32 for bf16/fp16/fp32 logits; fp64 stays fp64 (exact reference checks)."""
     return x if x.dtype == torch.float64 else x.float()
 
 
 def _log_softmax(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Vocab-parallel log-softmax of ``z [n, V/TP]`` (fp32)."""
-    return z - _lse(z, group).unsqueeze(-1)
+    return z - vocab_parallel_lse(z, group).unsqueeze(-1)
 
 
 def _pick(logits: torch.Tensor, labels: torch.Tensor,
@@ -49,17 +49,17 @@ def _pick(logits: torch.Tensor, labels: torch.Tensor,
     v_local = logits.shape[-1]
     start, end = vocab_range(v_local, dist.get_rank(group) if group is not None else 0)
     mine = (labels >= start) & (labels < end)
-    picked = _compute_dtype(logits.gather(-1, (labels - start).clamp(0, v_local - 1)
+    picked = compute_dtype(logits.gather(-1, (labels - start).clamp(0, v_local - 1)
                                           .unsqueeze(-1)).squeeze(-1))
-    return _allreduce(torch.where(mine, picked, torch.zeros_like(picked)), group)
+    return tp_allreduce(torch.where(mine, picked, torch.zeros_like(picked)), group)
 
 
-def _lse(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+def vocab_parallel_lse(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Vocab-parallel log-sum-exp over the last dim ``[n]``."""
     if group is None or dist.get_world_size(group) == 1:
         return torch.logsumexp(z, dim=-1)  # one fused kernel
-    m = _allreduce(z.max(dim=-1, keepdim=True).values, group, dist.ReduceOp.MAX)
-    return (m + _allreduce((z - m).exp().sum(dim=-1, keepdim=True), group).log()).squeeze(-1)
+    m = tp_allreduce(z.max(dim=-1, keepdim=True).values, group, dist.ReduceOp.MAX)
+    return (m + tp_allreduce((z - m).exp().sum(dim=-1, keepdim=True), group).log()).squeeze(-1)
 
 
 def _teacher_log_probs(t: torch.Tensor, top_k: int | None,
@@ -86,14 +86,14 @@ def _divergence(ls: torch.Tensor, lt: torch.Tensor, kind: Divergence,
     ps, pt = ls.exp(), lt.exp()
     if kind == "forward":  # KL(p_t || p_s)
         per = torch.special.xlogy(pt, pt) - torch.where(pt > 0, pt * ls, 0.0)
-        return _allreduce(per.sum(-1), group), ps - pt
+        return tp_allreduce(per.sum(-1), group), ps - pt
     if kind == "reverse":  # KL(p_s || p_t)
         a = ls - lt
-        per = _allreduce((ps * a).sum(-1), group)
+        per = tp_allreduce((ps * a).sum(-1), group)
         return per, ps * (a - per.unsqueeze(-1))
     lm = torch.logaddexp(ls, lt) - math.log(2.0)  # log of the mixture m = (p_s + p_t) / 2
-    kl_sm = _allreduce((ps * (ls - lm)).sum(-1), group)
-    kl_tm = _allreduce((torch.special.xlogy(pt, pt) - torch.where(pt > 0, pt * lm, 0.0)).sum(-1),
+    kl_sm = tp_allreduce((ps * (ls - lm)).sum(-1), group)
+    kl_tm = tp_allreduce((torch.special.xlogy(pt, pt) - torch.where(pt > 0, pt * lm, 0.0)).sum(-1),
                        group)
     a = 0.5 * (ls - lm)
     return 0.5 * (kl_sm + kl_tm), ps * (a - 0.5 * kl_sm.unsqueeze(-1))
@@ -113,12 +113,13 @@ class _VocabParallelDivergence(torch.autograd.Function):
         lse = torch.empty(2, student.shape[0], dtype=out.dtype, device=out.device)
         with torch.no_grad():
             for i in range(0, student.shape[0], step):
-                zs = _compute_dtype(student[i:i + step]) / temperature
-                zt = _compute_dtype(teacher[i:i + step]) / temperature
+                zs = compute_dtype(student[i:i + step]) / temperature
+                zt = compute_dtype(teacher[i:i + step]) / temperature
                 if fast:  # KL(p_t || p_s) = sum p_t (z_t - z_s) - lse_t + lse_s
-                    lse[0, i:i + step], lse[1, i:i + step] = _lse(zs, group), _lse(zt, group)
+                    lse[0, i:i + step] = vocab_parallel_lse(zs, group)
+                    lse[1, i:i + step] = vocab_parallel_lse(zt, group)
                     pt = (zt - lse[1, i:i + step, None]).exp_()
-                    cross = _allreduce((pt * zt.sub_(zs)).sum(-1), group)
+                    cross = tp_allreduce((pt * zt.sub_(zs)).sum(-1), group)
                     out[i:i + step] = cross - lse[1, i:i + step] + lse[0, i:i + step]
                 else:
                     ls = _log_softmax(zs, group)
@@ -141,14 +142,14 @@ class _VocabParallelDivergence(torch.autograd.Function):
         for i in range(0, student.shape[0], step):
             g = grad[i:i + step].unsqueeze(-1) * temperature
             if fast:  # dKL/dz_s = p_s - p_t
-                ps = (_compute_dtype(student[i:i + step]) / temperature).sub_(
+                ps = (compute_dtype(student[i:i + step]) / temperature).sub_(
                     lse[0, i:i + step, None]).exp_()
-                pt = (_compute_dtype(teacher[i:i + step]) / temperature).sub_(
+                pt = (compute_dtype(teacher[i:i + step]) / temperature).sub_(
                     lse[1, i:i + step, None]).exp_()
                 dstudent[i:i + step] = ps.sub_(pt).mul_(g)
                 continue
-            ls = _log_softmax(_compute_dtype(student[i:i + step]) / temperature, group)
-            lt = _teacher_log_probs(_compute_dtype(teacher[i:i + step]) / temperature, top_k,
+            ls = _log_softmax(compute_dtype(student[i:i + step]) / temperature, group)
+            lt = _teacher_log_probs(compute_dtype(teacher[i:i + step]) / temperature, top_k,
                                     group)
             _, dz = _divergence(ls, lt, kind, group)
             del ls, lt
@@ -212,8 +213,8 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
     the student's LM loss, reported beside the distillation loss."""
     z2, y2 = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     step = chunk_tokens or z2.shape[0]
-    out = [_lse(_compute_dtype(z2[i:i + step]), group) - _pick(z2[i:i + step], y2[i:i + step],
-                                                              group)
+    out = [vocab_parallel_lse(compute_dtype(z2[i:i + step]), group)
+           - _pick(z2[i:i + step], y2[i:i + step], group)
            for i in range(0, z2.shape[0], step)]
     return torch.cat(out).reshape(labels.shape)
 

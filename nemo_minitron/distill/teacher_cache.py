@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.config import ConfigError
-from nemo_minitron.distill.losses import _allreduce, _compute_dtype, _lse
+from nemo_minitron.distill.losses import compute_dtype, tp_allreduce, vocab_parallel_lse
 from nemo_minitron.utils.fs import atomic_write_json
 from nemo_minitron.utils.logging import get_logger
 
@@ -78,17 +78,17 @@ def _masked_lse(z: torch.Tensor, keep: torch.Tensor,
                 group: dist.ProcessGroup | None) -> torch.Tensor:
     """Vocab-parallel log-sum-exp ``[n]`` over the entries ``keep`` selects (-inf if none)."""
     zk = z.masked_fill(~keep, float("-inf"))
-    m = _allreduce(zk.max(dim=-1).values, group, dist.ReduceOp.MAX)
+    m = tp_allreduce(zk.max(dim=-1).values, group, dist.ReduceOp.MAX)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return m + _allreduce((zk - m.unsqueeze(-1)).exp().sum(-1), group).log()
+    return m + tp_allreduce((zk - m.unsqueeze(-1)).exp().sum(-1), group).log()
 
 
 def vocab_parallel_topk(logits: torch.Tensor, k: int, group: dist.ProcessGroup | None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global ``(ids [n, k], log-probs [n, k], log tail mass [n])`` of vocab-parallel
     ``logits [n, V/TP]``."""
-    z = _compute_dtype(logits)
-    lse = _lse(z, group)
+    z = compute_dtype(logits)
+    lse = vocab_parallel_lse(z, group)
     v_local = z.shape[-1]
     start = v_local * (dist.get_rank(group) if group is not None else 0)
     vals, idx = z.topk(min(k, v_local), dim=-1)
@@ -119,8 +119,8 @@ class _CachedForwardKL(torch.autograd.Function):
         lse = torch.empty_like(out)
         with torch.no_grad():
             for i in range(0, n, step):
-                z = _compute_dtype(student[i:i + step])
-                lse[i:i + step] = _lse(z, group)
+                z = compute_dtype(student[i:i + step])
+                lse[i:i + step] = vocab_parallel_lse(z, group)
                 lt, ls, tails = _chunk(z, ids[i:i + step], logp_t[i:i + step],
                                        tail_t[i:i + step], lse[i:i + step], start, group)
                 q, log_q, log_q_s = tails
@@ -137,7 +137,7 @@ class _CachedForwardKL(torch.autograd.Function):
         d = torch.empty_like(student)
         v_local = student.shape[-1]
         for i in range(0, student.shape[0], step):
-            z = _compute_dtype(student[i:i + step])
+            z = compute_dtype(student[i:i + step])
             lt, ls, (q, log_q, log_q_s) = _chunk(z, ids[i:i + step], logp_t[i:i + step],
                                                  tail_t[i:i + step], lse[i:i + step], start,
                                                  group)
@@ -157,7 +157,7 @@ def _chunk(z, ids, logp_t, tail_t, lse, start, group):
     local = ids.long() - start
     mine = (local >= 0) & (local < z.shape[-1])
     picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1))
-    ls = _allreduce(torch.where(mine, picked, torch.zeros_like(picked)), group) - lse[:, None]
+    ls = tp_allreduce(torch.where(mine, picked, torch.zeros_like(picked)), group) - lse[:, None]
     log_q_s = _masked_lse(z, _outside(ids, start, z.shape[-1]), group) - lse
     log_q = tail_t.to(z.dtype)
     return logp_t.to(z.dtype), ls, (log_q.exp(), log_q, log_q_s)
