@@ -44,6 +44,7 @@ import torch
 
 from nemo_minitron.config import ConfigError
 from nemo_minitron.eval.generate import SamplingConfig, filter_logits
+from nemo_minitron.model.attention import bottom_right_causal
 
 
 @dataclass
@@ -116,8 +117,8 @@ def forward_all(model: torch.nn.Module, tokens: torch.Tensor, start: int, ctx) -
     written into ``ctx``'s cache at slots ``start..start+s-1`` (rolling it back to ``start``)."""
     b, s = tokens.shape
     pos = torch.arange(start, start + s, device=tokens.device).unsqueeze(0).expand(b, s)
-    # True = masked: query i (slot start+i) must not see slots after start+i.
-    mask = torch.ones(s, start + s, dtype=torch.bool, device=tokens.device).triu(start + 1)
+    # Megatron's convention, True = masked: query i (slot start+i) sees slots 0..start+i only.
+    mask = ~bottom_right_causal(s, start + s, tokens.device)
     ctx.sequence_len_offset = start
     ctx.materialize_only_last_token_logits = False
     out = model(tokens, pos, mask[None, None], inference_context=ctx,

@@ -29,7 +29,7 @@ from nemo_minitron.data.tokenizer import Tokenizer
 from nemo_minitron.parallel.runtime import Runtime
 from nemo_minitron.train.objectives import Objective
 from nemo_minitron.utils.fs import repair_jsonl
-from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.logging import fmt_duration, get_logger
 
 log = get_logger("train")
 
@@ -242,7 +242,7 @@ class Trainer:
                                         if k in self.objective.metric_names)
                     log.info("step %d/%d %s lr=%.3g grad_norm=%.3f %.0f tokens/s eta %s", step,
                              cfg.train_iters, loss_str, metrics["lr"], metrics["grad_norm"],
-                             tokens_per_step / dt, _fmt_time(eta))
+                             tokens_per_step / dt, fmt_duration(eta))
                     self._emit({"kind": "speed", "step": step,
                                 "tokens_per_s": tokens_per_step / dt})
                     window_t, window_steps = now, 0
@@ -282,9 +282,3 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}"
