@@ -4,7 +4,10 @@ that changes one copies it first)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from nemo_minitron.config import DataConfig
 from nemo_minitron.data.embedded import prepare_embedded
@@ -17,6 +20,28 @@ TINY_MODEL = [
     "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
     "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=64",
 ]
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist the cores are shared by the workers: each (and every process it
+    starts, through OMP_NUM_THREADS) gets its share of threads instead of all of them, which
+    would oversubscribe the cores several times over."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        share = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Groups for pytest-xdist's ``--dist loadgroup`` (``scripts/test`` runs ``-n``): a test
+    module runs whole on one worker, so its module-scoped fixtures are built once; every
+    ``slurm`` test runs on one worker, since they share one cluster of one node (jobs of two
+    workers would queue behind each other and miss their timeouts)."""
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -70,8 +95,6 @@ def pair(tmp_path_factory, tiny_overrides, teacher) -> tuple[str, str]:
 def _restore_environ():
     """Every test leaves ``os.environ`` as it found it (an in-process verb that starts the
     runtime sets MASTER_ADDR/MASTER_PORT, which child processes would otherwise inherit)."""
-    import os
-
     saved = dict(os.environ)
     yield
     os.environ.clear()
