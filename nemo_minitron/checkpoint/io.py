@@ -82,17 +82,32 @@ def check_checkpoint(path: str | os.PathLike[str], field: str = "checkpoint") ->
 
 ALL_PARTS = (MODEL_CONFIG, "tokenizer", "weights", "optimizer", "train_state.json", "rng")
 _warned_unverified: set[str] = set()
+# Parts that a collective verification found intact, keyed by the manifest's identity: a resume
+# verifies the whole checkpoint to choose it, then loads weights and optimizer state from it,
+# and each would otherwise hash the same files again. Only collective calls read or fill it:
+# every rank makes them in the same order, so every rank skips the same ones (a rank that
+# skipped alone would leave the others waiting in the all-gather).
+_verified: set[tuple[str, str, int, int]] = set()
 
 
 def verify_checkpoint(path: str | os.PathLike[str], parts: Sequence[str] = ALL_PARTS,
                       collective: bool = False) -> None:
     """``ConfigError`` unless the files under ``parts`` match the checkpoint's manifest (a
     warning, once, for a checkpoint without one). ``collective``: every rank calls this and
-    each hashes a share of the files."""
+    each hashes a share of the files; parts already verified collectively under the same
+    manifest are not hashed again."""
     p = Path(path)
     share = (0, 1)
     if collective and dist.is_initialized():
         share = (dist.get_rank(), dist.get_world_size())
+    keys: dict[str, tuple[str, str, int, int]] = {}
+    if collective:
+        with contextlib.suppress(OSError):
+            st = (p / MANIFEST).stat()
+            keys = {part: (str(p.resolve()), part, st.st_ino, st.st_mtime_ns) for part in parts}
+            parts = [part for part in parts if keys[part] not in _verified]
+            if not parts:
+                return
     try:
         err = check_files(p, parts, share)
     except FileNotFoundError:
@@ -107,6 +122,7 @@ def verify_checkpoint(path: str | os.PathLike[str], parts: Sequence[str] = ALL_P
         err = next((e for e in errs if e), None)
     if err:
         raise ConfigError(f"checkpoint {str(path)!r} is corrupt: {err}")
+    _verified.update(keys[part] for part in parts if part in keys)
 
 
 def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:

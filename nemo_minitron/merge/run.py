@@ -60,7 +60,8 @@ def check_inputs(paths: dict[str, Path]) -> tuple[Any, dict[str, CheckpointReade
     returns the config and one reader per input."""
     (base_field, base), *rest = paths.items()
     for p in paths.values():  # checksums first: a corrupt input is a one-line error
-        verify_checkpoint(p, (MODEL_CONFIG, "tokenizer", "weights"))
+        # Collective: under torchrun each rank hashes a share of the files.
+        verify_checkpoint(p, (MODEL_CONFIG, "tokenizer", "weights"), collective=True)
     cfg = load_model_config(base)
     want = to_dict(cfg)
     digest = _tokenizer_digest(base)
@@ -216,7 +217,6 @@ def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLik
     paths = {"--base": check_checkpoint(base, "--base")}
     for i, o in enumerate(others):
         paths[f"--other[{i}]" if len(others) > 1 else "--other"] = check_checkpoint(o, "--other")
-    model_cfg, readers = check_inputs(paths)
     rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         from nemo_minitron.config import ParallelConfig
@@ -224,6 +224,7 @@ def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLik
 
         init_distributed(ParallelConfig())
         rank = dist.get_rank()
+    model_cfg, readers = check_inputs(paths)
     base_reader = readers["--base"]
     chunks = plan_chunks(base_reader, model_cfg.num_layers)
     mine = assign(chunks, world)[rank]

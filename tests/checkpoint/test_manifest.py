@@ -75,6 +75,12 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, run, tiny_o
     text = log.read_text()
     assert f"skipping {cut / 'checkpoints' / 'step_0000002'}" in text
     assert f"resumed from {cut / 'checkpoints' / 'step_0000001'}" in text
+    # Choosing the checkpoint verified it whole; loading it hashed nothing again.
+    step1 = cut / "checkpoints" / "step_0000001"
+    hashed = json.loads((tmp_path / "hashed.json").read_text())
+    listed = json.loads((step1 / "manifest.json").read_text())["files"]
+    assert {str(step1 / rel): 1 for rel in listed} == {
+        f: n for f, n in hashed.items() if f.startswith(str(step1) + "/")}
     full = _train_losses(tmp_path / "full")
     rows = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
     last = {r["step"]: r["lm loss"] for r in rows if r["kind"] == "train"}  # the rerun wins
@@ -82,14 +88,27 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, run, tiny_o
 
 
 def _resume_logging(out: str, args: list[str], log_file: str) -> None:
+    """Resume with the log in ``log_file`` and, in ``hashed.json`` beside it, how often each
+    file was hashed."""
+    import collections
     import logging
 
+    from nemo_minitron.checkpoint import manifest
     from nemo_minitron.utils.logging import setup_logging
 
     setup_logging()
     handler = logging.FileHandler(log_file)
     logging.getLogger("nemo_minitron").addHandler(handler)
+    hashed: collections.Counter[str] = collections.Counter()
+    digest = manifest.file_digest
+
+    def counted(path, *a, **kw):
+        hashed[str(path)] += 1
+        return digest(path, *a, **kw)
+
+    manifest.file_digest = counted
     pretrain_job(out, [a for a in args if "exit_interval" not in a])
+    (Path(log_file).parent / "hashed.json").write_text(json.dumps(hashed))
 
 
 def test_eval_of_a_corrupt_checkpoint_is_one_line(tmp_path, run, embedded_paths, capsys):
