@@ -47,7 +47,7 @@ def _sft(steps: int, every: int) -> TrainConfig:
 
 
 def _rewrite() -> SelfDistillConfig:
-    return SelfDistillConfig(max_new_tokens=192, verifier="code")
+    return SelfDistillConfig(max_new_tokens=128, verifier="code")
 
 
 @dataclass(kw_only=True)
@@ -56,23 +56,23 @@ class InstructConfig:
     embedded instruction set (the standard library's documented functions as "write the
     function" tasks, held out by source file), the windows, and what is measured."""
 
-    max_chars: int = 800
+    max_chars: int = 600
     """Longest instruction + reference answer (characters) taken from the embedded set."""
     valid_fraction: float = 0.1
     """Share of the embedded set held out (whole source files, seeded by teacher.data.seed)."""
-    seq_length: int = 512
+    seq_length: int = 384
     """Window of the instruction tuning, and so the context of the instruction-tuned teacher and
     of every student pruned from it (RoPE: it may exceed the pretraining window)."""
     train_examples: int = 256
     """Training instructions used, the first that fit in the set's order; 0: every one that
     fits. An instruction fits when its SFT window, its rewrite prompt plus
     rewrite.max_new_tokens, and its prompt plus instruct.max_new_tokens fit seq_length."""
-    eval_examples: int = 64
+    eval_examples: int = 40
     """Held-out instructions of the task loss (the first that fit)."""
-    gen_prompts: int = 32
+    gen_prompts: int = 16
     """Held-out instructions answered greedily (the first of the task-loss set): the verifier's
     pass rate and the speculative-decoding prompts."""
-    max_new_tokens: int = 192
+    max_new_tokens: int = 128
     """Tokens generated per held-out answer and per speculative-decoding prompt."""
     num_layers: int | None = None
     """Layers of the depth-pruned student (angular distance, arXiv 2410.09982); None: 80% of

@@ -380,8 +380,9 @@ class Experiments:
         return (f"Task loss: mean loss over the response tokens of {d['eval_examples']} held-out "
                 f"instructions (the embedded instruction set: write the standard-library "
                 f"function from its signature and docstring; held out by source file). Pass "
-                f"rate: greedy answers ({ic.max_new_tokens} new tokens at most) to the first "
-                f"{d['gen_prompts']} of them that parse as Python and define the function. "
+                f"rate: share of the greedy answers ({ic.max_new_tokens} new tokens at most) to "
+                f"the first {d['gen_prompts']} of them that parse as Python and define the "
+                f"asked function. "
                 f"Retention = general loss of the unpruned instruction-tuned teacher / general "
                 f"loss of the model, the general loss being the fixed pretraining validation "
                 f"set's (100%: as good as unpruned; the published retention is the same ratio "
@@ -401,8 +402,8 @@ class Experiments:
         n, steps = self.src.num_layers, r.sft.train_iters
         rows = self._instruct_rows([
             (f"instruction-tuned teacher ({n} layers, unpruned)", [tuned]),
-            (f"pruned to {layers} layers by angular distance (kept {self.P(s0)['kept_layers']}"
-             "), no fine-tuning", one),
+            (f"pruned to {layers} layers by angular distance (kept "
+             f"{self.P(s0)['kept_layers']} at the first seed), no fine-tuning", one),
             (f"+ SFT on the original answers ({steps} steps)", sft),
             (f"+ SFT on the self-distilled answers (SDD, {steps} steps)", sdd)], u)
         ret_sdd = [retention(u, x["loss"]) for x in sdd]

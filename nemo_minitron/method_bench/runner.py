@@ -16,6 +16,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,9 @@ class Study:
     def train(self, base, seed: int, **changes: Any):
         return dataclasses.replace(base, seed=base.seed + seed, **changes)
 
-    def evaluate(self, checkpoint: str) -> float:
-        """LM loss of a checkpoint on the fixed validation set (the first seed's)."""
+    def evaluate(self, checkpoint: str, model: torch.nn.Module | None = None) -> float:
+        """LM loss of a checkpoint (or of ``model``, loaded from it) on the fixed validation
+        set (the first seed's)."""
         from nemo_minitron.checkpoint.io import load_model, load_model_config
         from nemo_minitron.model.forward import lm_loss
         from nemo_minitron.parallel.runtime import init_distributed
@@ -77,7 +79,8 @@ class Study:
         if self._eval_tokens is None:  # the teacher's window, whatever model comes first
             self._eval_tokens = self._fixed_eval_set(load_model_config(self.teacher())
                                                      .seq_length)
-        model, _, _ = load_model(checkpoint)
+        if model is None:
+            model, _, _ = load_model(checkpoint)
         return lm_loss(model, self._eval_tokens, self.recipe.retrain.micro_batch_size)
 
     def _fixed_eval_set(self, seq_length: int) -> torch.Tensor:
@@ -225,8 +228,8 @@ class Study:
                         and len(gen) + ic.max_new_tokens <= seq)
 
             all_train, all_valid = read_jsonl(train), read_jsonl(valid)
-            tr = [e for e in all_train if fits(e)][:ic.train_examples or None]
-            va = [e for e in all_valid if fits(e)][:ic.eval_examples]
+            tr = list(islice(filter(fits, all_train), ic.train_examples or None))
+            va = list(islice(filter(fits, all_valid), ic.eval_examples))
             if len(tr) < 2 or not va:
                 raise ConfigError(f"instruct: {len(tr)} training and {len(va)} held-out "
                                   f"instructions of at most instruct.max_chars={ic.max_chars} "
@@ -277,8 +280,8 @@ class Study:
             from nemo_minitron.selfdistill.prompt import instruction_of
 
             d, ic = self.instruct_data(), self.recipe.instruct
-            loss = self.evaluate(checkpoint)
-            model, _, tok = load_model(checkpoint)
+            model, _, tok = load_model(checkpoint, ParallelConfig())
+            loss = self.evaluate(checkpoint, model)
             examples = read_jsonl(d["valid"])
             ds = build_sft_dataset(examples, tok, ic.seq_length, pack=False, name=d["valid"])
             rows = [ds[i] for i in range(len(ds))]
