@@ -16,11 +16,12 @@ from tests.conftest import SMALL_DATA
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    # ~60 library stages in one command: minutes, not the usual CLI-test timeout. One thread:
-    # the models are tiny, and on a shared machine OpenMP's spinning threads made the run
-    # several times slower.
+    # ~60 library stages in one command: minutes, not the usual CLI-test timeout. One thread
+    # unless OMP_NUM_THREADS is set (xdist sets each worker's share): the models are tiny, and
+    # on a shared machine OpenMP's spinning threads made the run several times slower.
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
-                          text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          text=True, timeout=1800, env=env)
 
 _V = r"(?:agree|disagree|tie|inconclusive \(the seeds disagree\))"
 # "**agree**", or per part: "**one-shot: agree; after retraining: disagree**"
