@@ -18,19 +18,80 @@ from nemo_minitron.config import (
 )
 from nemo_minitron.distill.objective import KDConfig
 from nemo_minitron.eval.bench import BenchConfig
+from nemo_minitron.eval.specdec_run import SpecDecConfig
+from nemo_minitron.merge.config import MergeConfig
 from nemo_minitron.prune.stage import CalibConfig
+from nemo_minitron.selfdistill.stage import SelfDistillConfig
 from nemo_minitron.utils.paths import recipes_dir
 
 TEACHER_RECIPE = recipes_dir() / "tiny_cpu.yaml"
 DEFAULT_RECIPE = recipes_dir() / "method_bench.yaml"
 
 SECTIONS = ("teacher", "aggregation", "criteria", "width_depth", "kd_vs_ce", "intermediate",
-            "scratch", "iterative", "throughput")
+            "scratch", "iterative", "throughput", "sdd", "merge", "specdec")
+INSTRUCT_SECTIONS = ("sdd", "merge", "specdec")
+"""Sections of the instruction-following chain (``instruct``, ``tune``, ``sft``, ``rewrite``,
+``specdec`` and ``merge`` of the recipe)."""
 
 
 def _retrain() -> TrainConfig:
     return TrainConfig(train_iters=200, lr=1e-3, min_lr=1e-4, lr_warmup_iters=10,
                        eval_interval=25, eval_iters=8, log_interval=25)
+
+
+def _sft(steps: int, every: int) -> TrainConfig:
+    # Full fine-tuning of a tiny CPU model: recipes/sft.yaml's schedule at a tiny model's LR.
+    return TrainConfig(train_iters=steps, lr=1e-3, min_lr=1e-4, lr_warmup_iters=10,
+                       weight_decay=0.0, eval_interval=every, eval_iters=4,
+                       log_interval=25, save_interval=0)
+
+
+def _rewrite() -> SelfDistillConfig:
+    return SelfDistillConfig(max_new_tokens=128, verifier="code")
+
+
+@dataclass(kw_only=True)
+class InstructConfig:
+    """The instruction-following chain of the ``sdd``, ``merge`` and ``specdec`` sections: the
+    embedded instruction set (the standard library's documented functions as "write the
+    function" tasks, held out by source file), the windows, and what is measured."""
+
+    max_chars: int = 600
+    """Longest instruction + reference answer (characters) taken from the embedded set."""
+    valid_fraction: float = 0.1
+    """Share of the embedded set held out (whole source files, seeded by teacher.data.seed)."""
+    seq_length: int = 384
+    """Window of the instruction tuning, and so the context of the instruction-tuned teacher and
+    of every student pruned from it (RoPE: it may exceed the pretraining window)."""
+    train_examples: int = 256
+    """Training instructions used, the first that fit in the set's order; 0: every one that
+    fits. An instruction fits when its SFT window, its rewrite prompt plus
+    rewrite.max_new_tokens, and its prompt plus instruct.max_new_tokens fit seq_length."""
+    eval_examples: int = 40
+    """Held-out instructions of the task loss (the first that fit)."""
+    gen_prompts: int = 16
+    """Held-out instructions answered greedily (the first of the task-loss set): the verifier's
+    pass rate and the speculative-decoding prompts."""
+    max_new_tokens: int = 128
+    """Tokens generated per held-out answer and per speculative-decoding prompt."""
+    num_layers: int | None = None
+    """Layers of the depth-pruned student (angular distance, arXiv 2410.09982); None: 80% of
+    the teacher's, rounded (32 -> 26 as published, 4 -> 3), at least one fewer."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_chars", "seq_length", "eval_examples", "gen_prompts",
+                     "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"instruct.{name}={getattr(self, name)} must be >= 1")
+        if self.train_examples < 0:
+            raise ConfigError(f"instruct.train_examples={self.train_examples} must be >= 0")
+        if not 0 < self.valid_fraction < 1:
+            raise ConfigError(f"instruct.valid_fraction={self.valid_fraction} must be in (0, 1)")
+        if self.gen_prompts > self.eval_examples:
+            raise ConfigError(f"instruct.gen_prompts={self.gen_prompts} must be <= "
+                              f"instruct.eval_examples={self.eval_examples} (a subset of it)")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ConfigError(f"instruct.num_layers={self.num_layers} must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -93,12 +154,32 @@ class MethodBenchRecipe:
     """Distillation losses of the logit-only arms."""
     throughput: BenchConfig = field(default_factory=BenchConfig)
     """Sizes of the throughput measurement."""
+    instruct: InstructConfig = field(default_factory=InstructConfig)
+    """Instruction data and measurements of the ``sdd``, ``merge`` and ``specdec`` sections."""
+    tune: TrainConfig = field(default_factory=lambda: _sft(200, 50))
+    """Instruction tuning of the pretrained teacher (SFT on the instruction training set)."""
+    sft: TrainConfig = field(default_factory=lambda: _sft(100, 25))
+    """Every fine-tuning arm of the pruned student (original answers, self-distilled answers,
+    each merge parent): the same steps for all."""
+    rewrite: SelfDistillConfig = field(default_factory=_rewrite)
+    """Self-data distillation: how the instruction-tuned teacher rewrites the answers (its seed
+    moves with the study's seed; verifier ``code``: the rewrite defines the function)."""
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    """How the two merge parents are merged (default SLERP at t=0.5, as published)."""
+    specdec: SpecDecConfig = field(default_factory=SpecDecConfig)
+    """Speculative decoding of the instruction-tuned teacher with each draft (greedy); the
+    verdict reads the first K of draft_tokens."""
 
     def __post_init__(self) -> None:
-        t = self.retrain
-        if not t.eval_interval or t.train_iters % t.eval_interval:
-            raise ConfigError(f"retrain.eval_interval={t.eval_interval} must be > 0 and divide "
-                              f"retrain.train_iters={t.train_iters} (curves end at the last step)")
+        for name in ("retrain", "tune", "sft"):
+            t = getattr(self, name)
+            if not t.eval_interval or t.train_iters % t.eval_interval:
+                raise ConfigError(f"{name}.eval_interval={t.eval_interval} must be > 0 and "
+                                  f"divide {name}.train_iters={t.train_iters} (curves end at "
+                                  "the last step)")
+        if self.merge.method == "task":
+            raise ConfigError("merge.method='task' needs a common base model; the merge "
+                              "section merges its two parents by slerp (or linear)")
 
 
 def load_bench_recipe(path: str | Path | None, overrides: list[str]) -> MethodBenchRecipe:

@@ -83,12 +83,14 @@ def write_report(sections: list[Section], out_dir: Path, *, command: str, minute
         "",
         f"Ran in {minutes:.0f} minutes on {cores} CPU cores ({platform.machine()}), torch "
         f"{torch.__version__}, megatron-core {megatron.core.__version__}. Every loss is the "
-        f"validation LM loss (nats per token) {eval_desc}. Seeds {seeds}: each seed draws "
-        "another calibration set and training order; values are mean ± half the range over "
-        "seeds. A claim \"A beats B\" is *agree* when A beats B at every seed, *disagree* when "
-        "B beats A at every seed, *tie* when equal at every seed, else *inconclusive*. The "
-        "published claims are from Minitron (arXiv 2407.14679, 2408.11796); disagreement at "
-        "this scale is a result, not a failure.",
+        f"validation LM loss (nats per token) {eval_desc}, unless a section says otherwise. "
+        f"Seeds {seeds}: each seed draws another calibration set and training order (and "
+        "rewrite sampling); values are mean ± half the range over seeds. A claim \"A beats B\" "
+        "is *agree* when A beats B at every seed, *disagree* when B beats A at every seed, "
+        "*tie* when equal at every seed, else *inconclusive*. The published claims are from "
+        "Minitron (arXiv 2407.14679, 2408.11796) and, for self-data distillation, merging and "
+        "speculative decoding, arXiv 2410.09982; disagreement at this scale is a result, not a "
+        "failure.",
         "",
         "## Summary",
         "",
