@@ -13,7 +13,7 @@ def cmd_self_distill(args: argparse.Namespace) -> int:
     from nemo_minitron.config import ParallelConfig, from_dict, parse_overrides
     from nemo_minitron.parallel.runtime import current_runtime
     from nemo_minitron.selfdistill.prompt import DEFAULT_REWRITE_TEMPLATE
-    from nemo_minitron.selfdistill.stage import SelfDistillConfig, self_distill
+    from nemo_minitron.selfdistill.stage import SelfDistillConfig, rewrite_sampling, self_distill
 
     data = parse_overrides(args.overrides)
     parallel = from_dict(ParallelConfig, data.pop("parallel", None), "parallel.")
@@ -27,8 +27,9 @@ def cmd_self_distill(args: argparse.Namespace) -> int:
             raise ConfigError(f"--prompt-template {str(path)!r} does not exist")
         template = path.read_text()
     given = {k: getattr(args, k) for k in SAMPLING if hasattr(args, k)}
-    cfg = SelfDistillConfig(**given, prompt_template=template, verifier=args.verifier,
-                            stats=args.stats)
+    batch = {"batch_size": given.pop("batch_size")} if "batch_size" in given else {}
+    cfg = SelfDistillConfig(sampling=rewrite_sampling(**given), **batch,
+                            prompt_template=template, verifier=args.verifier, stats=args.stats)
     stats = self_distill(args.teacher, args.data, args.out, cfg, parallel, student=args.student)
     if current_runtime().rank == 0 and stats is not None:
         print(json.dumps({k: v for k, v in stats.items() if k != "rejections"}))
@@ -36,7 +37,8 @@ def cmd_self_distill(args: argparse.Namespace) -> int:
 
 
 SAMPLING = ("batch_size", "max_new_tokens", "greedy", "temperature", "top_p", "top_k", "seed")
-"""Options passed to ``SelfDistillConfig`` only when given (its fields own the defaults)."""
+"""Options passed on only when given (``SelfDistillConfig.batch_size`` and
+``selfdistill.stage.rewrite_sampling`` own the defaults)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student", help="checkpoint to be fine-tuned on OUT: its tokenizer must "
                                      "be the teacher's")
     p.add_argument("--stats", help="stats JSON (default: OUT's stem + .stats.json)")
+    # Defaults in the help are selfdistill.stage.REWRITE_SAMPLING's, written out: importing
+    # it here would import torch for every verb's --help.
     quiet = argparse.SUPPRESS
     p.add_argument("--batch-size", type=int, default=quiet, help="prompts per batch (8)")
     p.add_argument("--max-new-tokens", type=int, default=quiet, help="(512)")

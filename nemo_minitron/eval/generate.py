@@ -39,15 +39,16 @@ class SamplingConfig:
     (typically the tokenizer's end-of-sequence tokens, ``Tokenizer.eos_ids``)."""
 
     def __post_init__(self) -> None:
+        # Field names (the CLIs' --max-new-tokens, --top-k, ... are the same words).
         if self.max_new_tokens < 0:
-            raise ConfigError(f"--max-new-tokens={self.max_new_tokens} must be >= 0")
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
         if self.top_k < 0:
-            raise ConfigError(f"--top-k={self.top_k} must be >= 0 (0: all tokens)")
+            raise ConfigError(f"top_k={self.top_k} must be >= 0 (0: all tokens)")
         if not 0.0 < self.top_p <= 1.0:  # also rejects NaN
-            raise ConfigError(f"--top-p={self.top_p} must be in (0, 1]")
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
         if not self.temperature > 0.0 or self.temperature == float("inf"):
-            raise ConfigError(f"--temperature={self.temperature} must be a positive number "
-                              "(greedy decoding is the default without --sample)")
+            raise ConfigError(f"temperature={self.temperature} must be a positive number "
+                              "(argmax decoding is greedy, not temperature 0)")
 
 
 def filter_logits(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:

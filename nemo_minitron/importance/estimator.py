@@ -15,7 +15,12 @@ Every rank scores its own shard. Collectives live in ``finalize``: data-parallel
 their running statistics; tensor-parallel shards (contiguous blocks of neurons / heads in rank
 order, Megatron's layout) are concatenated; pipeline stages are concatenated by layer, and
 ``hidden_size`` scores summed over stages. Every rank ends with the full-model ``Scores``.
-Hidden states are replicated over TP; under PP each stage keeps its boundaries of a
+Block Importance and angular distances come from one place: every layer boundary of a
+micro-batch is copied into one buffer (a layer's input is the previous layer's output, copied
+once) and ``flush()`` takes cosines between all pairs from a float64 Gram matrix per token
+(``layers.boundary_distance_sums``); Block Importance is the pairs of adjacent boundaries.
+Hidden states are replicated over TP: each TP rank takes its share of the tokens (every
+tp-th) and ``finalize`` sums over TP as over DP. Under PP each stage keeps its boundaries of a
 micro-batch until ``flush()`` all-gathers them over the stages (``estimate_importance``
 flushes after every micro-batch so at most one is held).
 """
@@ -29,7 +34,7 @@ import torch.distributed as dist
 
 from nemo_minitron.config import ConfigError
 from nemo_minitron.importance.aggregate import Agg, Aggregator
-from nemo_minitron.importance.layers import angular_distance_sums
+from nemo_minitron.importance.layers import boundary_distance_sums
 from nemo_minitron.importance.scores import Scores
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.model.layouts import heads_by_group, split_heads
@@ -39,6 +44,8 @@ class ImportanceEstimator:
     """Context manager: hooks in while open; call ``finalize()`` after the forward passes."""
 
     def __init__(self, model: torch.nn.Module, batch_agg: Agg = "l2", seq_agg: Agg = "mean"):
+        from megatron.core import parallel_state as ps
+
         self.model = unwrap(model)
         self.cfg = self.model.config
         self.layers = list(self.model.decoder.layers)
@@ -51,12 +58,19 @@ class ImportanceEstimator:
         self.heads = [agg(h) for h in heads_local]
         h = self.cfg.hidden_size
         self.hidden = [[agg(h), agg(h)] for _ in self.layers]
-        self.block = torch.zeros(len(self.layers), 2, dtype=torch.float64)  # [sum, count]
+        # Sums over tokens, for the whole model (every stage sees every boundary at flush).
         n = self.cfg.num_layers + 1  # layer boundaries of the whole model
-        self.angular = torch.zeros(n, n, dtype=torch.float64)  # sums over tokens
-        self.angular_tokens = torch.zeros(1, dtype=torch.float64)
-        self._bounds: list[torch.Tensor] = []  # this micro-batch's boundaries on this stage
-        self._pending: list[torch.Tensor] = []  # complete stage stacks awaiting the PP gather
+        self.block = torch.zeros(n - 1, dtype=torch.float64)  # 1 - cos(layer input, output)
+        self.angular = torch.zeros(n, n, dtype=torch.float64)  # arccos(cos) / pi
+        self.tokens = torch.zeros(1, dtype=torch.float64)
+        # This micro-batch's boundaries on this stage, [tokens, local layers + 1, hidden]: this
+        # TP rank's share of the tokens, every tp-th from its rank on.
+        self._tp_rank = ps.get_tensor_model_parallel_rank()
+        self._tp_size = ps.get_tensor_model_parallel_world_size()
+        self._bounds: torch.Tensor | None = None
+        self._last_out: torch.Tensor | None = None  # output of the previous layer
+        self._spare: torch.Tensor | None = None  # a flushed buffer, reused
+        self._pending: list[torch.Tensor] = []  # complete stage buffers awaiting the PP gather
         self._handles: list[Any] = []
         self.num_sequences = 0
 
@@ -97,20 +111,38 @@ class ImportanceEstimator:
         def hook(_mod, args, kwargs, out):
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             y = out[0] if isinstance(out, tuple) else out
-            cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
-            self.block[i, 0] += (1.0 - cos).sum().cpu()
-            self.block[i, 1] += cos.numel()
             if i == 0:
                 self.num_sequences += x.shape[1]
-                self._bounds = []
-            self._bounds.append(x.detach().clone())  # clone: later layers may work in place
+                self._bounds = self._buffer(x)
+            if self._bounds is None:
+                raise RuntimeError("ImportanceEstimator: a layer ran without the stage's first")
+            # Copies, not references: later layers may work in place. Megatron's block passes a
+            # layer's output on as the next one's input: that boundary is already copied.
+            if i == 0 or x is not self._last_out:
+                self._bounds[:, i].copy_(self._my_tokens(x))
+            self._bounds[:, i + 1].copy_(self._my_tokens(y))
+            self._last_out = y
             if i == len(self.layers) - 1:
-                self._bounds.append(y.detach().clone())
-                self._pending.append(torch.stack(self._bounds))
-                self._bounds = []
+                self._pending.append(self._bounds)
+                self._bounds = self._last_out = None
                 if self._pp_size() == 1:
                     self.flush()
         return hook
+
+    def _my_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``[s, b, h]`` -> ``[tokens, h]``: this TP rank's share of the tokens."""
+        return x.detach().reshape(-1, x.shape[-1])[self._tp_rank::self._tp_size]
+
+    def _buffer(self, x: torch.Tensor) -> torch.Tensor:
+        """An empty ``[tokens, local layers + 1, hidden]`` buffer for this rank's share of the
+        boundaries of the micro-batch entering as ``x [s, b, h]`` (the flushed one when it
+        fits)."""
+        shape = (self._my_tokens(x).shape[0], len(self.layers) + 1, x.shape[2])
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.shape == shape and spare.dtype == x.dtype \
+                and spare.device == x.device:
+            return spare
+        return x.new_empty(shape)
 
     @staticmethod
     def _pp_size() -> int:
@@ -124,15 +156,18 @@ class ImportanceEstimator:
         from megatron.core import parallel_state as ps
 
         pp = ps.get_pipeline_model_parallel_group()
-        for stack in self._pending:  # [local layers + 1, s, b, h]
-            parts = [stack]
+        for local in self._pending:  # [tokens, local layers + 1, hidden]
+            bounds = local
             if dist.get_world_size(pp) > 1:
-                parts = [torch.empty_like(stack) for _ in range(dist.get_world_size(pp))]
-                dist.all_gather(parts, stack.contiguous(), group=pp)
-            # A stage's last boundary is the next stage's first: keep it once.
-            bounds = torch.cat([parts[0], *(p[1:] for p in parts[1:])])
-            self.angular += angular_distance_sums(bounds)
-            self.angular_tokens += bounds[0, ..., 0].numel()
+                parts = [torch.empty_like(local) for _ in range(dist.get_world_size(pp))]
+                dist.all_gather(parts, local, group=pp)
+                # A stage's last boundary is the next stage's first: keep it once.
+                bounds = torch.cat([parts[0], *(p[:, 1:] for p in parts[1:])], dim=1)
+            angle, gap = boundary_distance_sums(bounds)
+            self.angular += angle
+            self.block += gap.diagonal(1)  # adjacent boundaries: a layer's input and output
+            self.tokens += bounds.shape[0]
+            self._spare = local
         self._pending = []
 
     # -------------------------------------------------------------- collectives
@@ -143,27 +178,29 @@ class ImportanceEstimator:
         dp = ps.get_data_parallel_group()
         for a in [*self.ffn, *self.heads, *(x for pair in self.hidden for x in pair)]:
             a.all_reduce(dp)
-        if self._pending or self._bounds:
+        self._spare = None
+        if self._pending or self._bounds is not None:
             raise RuntimeError("ImportanceEstimator: flush() was not called after a forward pass")
-        if dist.get_world_size(dp) > 1:
+        tp, pp = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+        reduce_over = [g for g in (dp, tp) if dist.get_world_size(g) > 1]  # TP: token shares
+        if reduce_over:
             device = next(self.model.parameters()).device  # NCCL reduces device tensors only
-            packed = torch.cat([self.block.flatten(), self.angular.flatten(),
-                                self.angular_tokens]).to(device)
-            dist.all_reduce(packed, group=dp)
+            packed = torch.cat([self.block, self.angular.flatten(), self.tokens]).to(device)
+            for g in reduce_over:
+                dist.all_reduce(packed, group=g)
             packed = packed.cpu()
             nb = self.block.numel()
-            self.block = packed[:nb].view_as(self.block)
+            self.block = packed[:nb]
             self.angular = packed[nb:-1].view_as(self.angular)
-            self.angular_tokens = packed[-1:]
-        angular = (self.angular / self.angular_tokens.clamp(min=1)).float()
-        tp, pp = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+            self.tokens = packed[-1:]
+        tokens = self.tokens.clamp(min=1)
+        angular, block = (self.angular / tokens).float(), (self.block / tokens).float()
         ffn = _gather_cat(torch.stack([a.result() for a in self.ffn]), tp, dim=1)
         heads = _gather_cat(torch.stack([a.result() for a in self.heads]), tp, dim=1)
         ffn, heads = _gather_cat(ffn, pp, dim=0), _gather_cat(heads, pp, dim=0)
         hidden = torch.stack([a.result() + b.result() for a, b in self.hidden]).sum(0).double()
         if dist.get_world_size(pp) > 1:
             dist.all_reduce(hidden, group=pp)
-        block = _gather_cat((self.block[:, 0] / self.block[:, 1].clamp(min=1)).float(), pp, 0)
         groups = self.cfg.num_query_groups or self.cfg.num_attention_heads
         query_groups = heads_by_group(heads, groups).sum(-1)
         info = {"batch_agg": self.batch_agg, "seq_agg": self.seq_agg,

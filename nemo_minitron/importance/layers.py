@@ -48,18 +48,31 @@ def block_loss_increase(model: torch.nn.Module, tokens: torch.Tensor, micro_batc
     return torch.tensor(out)
 
 
-def angular_distance_sums(bounds: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """``[B, B]``: for hidden states ``bounds [B, s, b, h]`` (B layer boundaries of one batch),
-    the sum over tokens of ``arccos(cos(bounds[i], bounds[j])) / pi`` for every pair."""
-    B = bounds.shape[0]
-    flat = bounds.reshape(B, -1, bounds.shape[-1])
-    out = torch.zeros(B, B, dtype=torch.float64)
-    for x in flat.split(chunk, dim=1):  # bounded float64 memory on large models
-        u = torch.nn.functional.normalize(x.double(), dim=-1).transpose(0, 1)  # [t, B, h]
-        cos = (u @ u.transpose(1, 2)).clamp(-1.0, 1.0)  # [t, B, B]
-        out += (torch.arccos(cos) / torch.pi).sum(0).cpu()
-    out.fill_diagonal_(0.0)  # arccos of a rounded 1.0 is not exactly 0
-    return out
+def boundary_distance_sums(bounds: torch.Tensor, chunk_bytes: int = 1 << 26
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the hidden states ``bounds [tokens, B, h]`` at B layer boundaries, the sums over
+    tokens of ``arccos(cos)/pi`` (angular distance) and of ``1 - cos`` for every pair of
+    boundaries: two ``[B, B]`` float64 tensors on the CPU.
+
+    Cosines come from one float64 Gram matrix per token (``B^2 h`` multiply-adds, little next
+    to the layers): near cos = 1, the nearly-identity layers depth pruning looks for, arccos
+    and ``1 - cos`` amplify rounding, and a float32 Gram loses most of their digits there.
+    Zero vectors count as cos = 0, as in ``cosine_similarity``. Tokens are taken in chunks of
+    at most ``chunk_bytes`` of float64."""
+    t, B, h = bounds.shape
+    angle = torch.zeros(B, B, dtype=torch.float64, device=bounds.device)
+    gap = torch.zeros_like(angle)
+    for x in bounds.split(max(1, chunk_bytes // (8 * B * h))):
+        x = x.double()
+        gram = x @ x.transpose(1, 2)  # [t, B, B]
+        norm = gram.diagonal(dim1=1, dim2=2).sqrt().clamp(min=1e-8)  # cosine_similarity's eps
+        cos = gram / (norm.unsqueeze(2) * norm.unsqueeze(1))
+        gap += (1.0 - cos).sum(0)
+        angle += torch.arccos(cos.clamp(-1.0, 1.0)).sum(0)
+    angle /= torch.pi
+    angle.fill_diagonal_(0.0)  # arccos of a rounded 1.0 is not exactly 0
+    gap.fill_diagonal_(0.0)
+    return angle.cpu(), gap.cpu()
 
 
 def block_angular_distance(distance: torch.Tensor, block: int) -> torch.Tensor:

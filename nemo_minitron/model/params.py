@@ -47,8 +47,11 @@ def weights_fingerprint(model) -> list[float]:
             continue
         if tp_rank and not getattr(p, "tensor_model_parallel", False):
             continue
-        w = p.detach().double().cpu()
-        acc += torch.stack([w.abs().sum(), w.pow(2).sum()])
+        # Reduced in float64 on the weights' device (no float64 copy sent to the host).
+        w = p.detach().reshape(-1)
+        w = w if w.is_floating_point() else w.double()  # vector_norm takes floats only
+        acc += torch.stack([torch.linalg.vector_norm(w, 1, dtype=torch.float64),
+                            torch.linalg.vector_norm(w, 2, dtype=torch.float64).square()]).cpu()
     if dist.is_initialized() and dist.get_world_size(ps.get_model_parallel_group()) > 1:
         dist.all_reduce(acc, group=ps.get_model_parallel_group())
     return acc.tolist()

@@ -54,7 +54,7 @@ def merge(examples: list[Example], prompts: list[list[int]], batches: list[list[
         else:
             ids = generated[i]
             # generate drops the stop token: a row that filled max_new_tokens never stopped
-            truncated = len(ids) >= cfg.max_new_tokens
+            truncated = len(ids) >= cfg.sampling.max_new_tokens
             body = ids
             text = tok.decode(body).strip()
             lengths["rewrite"].append(len(body))

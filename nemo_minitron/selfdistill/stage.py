@@ -18,33 +18,37 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from nemo_minitron.config import ConfigError, ParallelConfig
+from nemo_minitron.eval.generate import SamplingConfig
 from nemo_minitron.selfdistill.prompt import DEFAULT_REWRITE_TEMPLATE, check_template
 from nemo_minitron.utils.logging import fmt_duration, get_logger
 
 log = get_logger("self-distill")
 
+REWRITE_SAMPLING: dict[str, Any] = {"max_new_tokens": 512, "greedy": False,
+                                    "temperature": 0.7, "top_p": 0.95}
+"""Self-distill's decoding defaults where they differ from ``SamplingConfig``'s (common
+instruction-model sampling)."""
+
+
+def rewrite_sampling(**given: Any) -> SamplingConfig:
+    """A ``SamplingConfig`` with self-distill's defaults, ``given`` fields overriding them."""
+    return SamplingConfig(**{**REWRITE_SAMPLING, **given})
+
 
 @dataclass(kw_only=True)
 class SelfDistillConfig:
-    """How the teacher rewrites the responses (defaults: common instruction-model sampling)."""
+    """How the teacher rewrites the responses."""
 
-    max_new_tokens: int = 512
-    """Tokens generated at most per rewrite; a rewrite that reaches it is rejected."""
-    greedy: bool = False
-    """Argmax decoding instead of sampling."""
-    temperature: float = 0.7
-    """Softmax temperature of sampling."""
-    top_p: float = 0.95
-    """Nucleus sampling: the smallest token set reaching this probability (1.0: all)."""
-    top_k: int = 0
-    """Sample among the k most likely tokens (0: all)."""
-    seed: int = 0
-    """Batch ``k`` samples with seed ``seed + k``."""
+    sampling: SamplingConfig = field(default_factory=rewrite_sampling)
+    """How the teacher decodes (``eval.generate.SamplingConfig``; defaults:
+    ``rewrite_sampling()``). A rewrite that reaches ``max_new_tokens`` is rejected; batch ``k``
+    samples with seed ``seed + k``; ``stop_tokens`` None: the tokenizer's end-of-sequence
+    tokens."""
     batch_size: int = 8
     """Prompts generated together (KV cache of the batch)."""
     prompt_template: str = DEFAULT_REWRITE_TEMPLATE
@@ -55,22 +59,25 @@ class SelfDistillConfig:
     """Stats JSON path; None: next to OUT, ``<OUT stem>.stats.json``."""
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k} must be >= 0")
+        # SamplingConfig checks its own fields; a rewrite needs at least one token.
+        for name, value in (("max_new_tokens", self.sampling.max_new_tokens),
+                            ("batch_size", self.batch_size)):
+            if value < 1:
+                raise ConfigError(f"{name}={value} must be >= 1")
         check_template(self.prompt_template)
 
     def generation_settings(self) -> dict[str, Any]:
-        """What decides the generated tokens (a restart must keep them)."""
-        return {k: getattr(self, k) for k in ("max_new_tokens", "greedy", "temperature",
-                                              "top_p", "top_k", "seed", "batch_size",
-                                              "prompt_template")}
+        """What decides the generated tokens (a restart must keep them); the sampling fields
+        at the top level, as runs before ``sampling`` was nested wrote them."""
+        return {**asdict(self.sampling), "batch_size": self.batch_size,
+                "prompt_template": self.prompt_template}
+
+    def batch_sampling(self, k: int, eos_ids: list[int]) -> SamplingConfig:
+        """The decoding of batch ``k``: seed ``seed + k``, stopping at ``stop_tokens`` or, when
+        None, at the tokenizer's end-of-sequence tokens ``eos_ids``."""
+        s = self.sampling
+        return replace(s, seed=s.seed + k,
+                       stop_tokens=eos_ids if s.stop_tokens is None else s.stop_tokens)
 
 
 def stats_path(out: str | os.PathLike[str], cfg: SelfDistillConfig) -> Path:
@@ -161,12 +168,12 @@ def self_distill(teacher: str, data: str, out: str, cfg: SelfDistillConfig,
                for e in examples]
     if student is not None:
         _check_student(tok, student, render_prompt(tok, examples[0].messages))
-    limit = model_cfg.seq_length - cfg.max_new_tokens
+    limit = model_cfg.seq_length - cfg.sampling.max_new_tokens
     fits = [i for i, p in enumerate(prompts) if 0 < len(p) <= limit]
     if not fits:
         raise ConfigError(f"{data}: every rewrite prompt is longer than the teacher's "
                           f"seq_length {model_cfg.seq_length} - max_new_tokens "
-                          f"{cfg.max_new_tokens} = {limit} tokens (the shortest has "
+                          f"{cfg.sampling.max_new_tokens} = {limit} tokens (the shortest has "
                           f"{min(len(p) for p in prompts)})")
     batches = plan_batches([len(p) for p in prompts], fits, cfg.batch_size)
     settings = {**cfg.generation_settings(), "teacher": str(Path(teacher).resolve()),
@@ -207,17 +214,14 @@ def _generate_batches(model: Any, tok: Any, prompts: list[list[int]],
                       batches: list[list[int]], mine: list[int], cfg: SelfDistillConfig,
                       parts: Path, writer: bool) -> None:
     """Generate this rank's batches, each written to ``parts`` as soon as it is done."""
-    from nemo_minitron.eval.generate import SamplingConfig, generate
+    from nemo_minitron.eval.generate import generate  # looked up per run (tests count calls)
     from nemo_minitron.utils.fs import atomic_write_text
 
     total = sum(len(batches[k]) for k in mine)
     t0, n = time.perf_counter(), 0
     for j, k in enumerate(mine):
-        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
-                                  temperature=cfg.temperature, top_k=cfg.top_k,
-                                  top_p=cfg.top_p, seed=cfg.seed + k,
-                                  stop_tokens=tok.eos_ids)
-        ids = generate(model, [prompts[i] for i in batches[k]], sampling,
+        ids = generate(model, [prompts[i] for i in batches[k]],
+                       cfg.batch_sampling(k, tok.eos_ids),
                        vocab_limit=tok.vocab_size)
         if writer:
             atomic_write_text(parts / f"batch_{k:06d}.jsonl", "".join(

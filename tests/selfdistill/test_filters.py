@@ -148,7 +148,7 @@ class WordTokenizer:
 
 def test_merge_keeps_the_original_answer_of_rejected_examples(tmp_path):
     from nemo_minitron.selfdistill.merge import merge
-    from nemo_minitron.selfdistill.stage import SelfDistillConfig
+    from nemo_minitron.selfdistill.stage import SelfDistillConfig, rewrite_sampling
 
     tok = WordTokenizer()
     rows = [  # (example, generated rewrite text, stopped?)
@@ -174,7 +174,7 @@ def test_merge_keeps_the_original_answer_of_rejected_examples(tmp_path):
     for k, batch in enumerate(batches):
         (parts / f"batch_{k:06d}.jsonl").write_text("".join(
             json.dumps({"index": i, "ids": generated[i]}) + "\n" for i in batch))
-    cfg = SelfDistillConfig(verifier="math", max_new_tokens=6)
+    cfg = SelfDistillConfig(verifier="math", sampling=rewrite_sampling(max_new_tokens=6))
     stats = merge(examples, [[1]] * len(rows), batches, parts, tok, cfg, math_verifier,
                   tmp_path / "out.jsonl", tmp_path / "out.stats.json")
     got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

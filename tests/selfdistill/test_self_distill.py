@@ -239,6 +239,7 @@ def test_greedy_rewrites_equal_transformers(result):
     (lambda r: r / "data.jsonl", ["parallel.pipeline_model_parallel_size=2"],
      ["pipeline_model_parallel_size=1"]),
     (lambda r: r / "data.jsonl", ["--top-p", "0"], ["top_p=0.0 must be in (0, 1]"]),
+    (lambda r: r / "data.jsonl", ["--max-new-tokens", "0"], ["max_new_tokens=0 must be >= 1"]),
     (lambda r: r / "data.jsonl", ["--out", "EXISTING"], ["already exists"]),
 ])
 def test_bad_input_is_a_one_line_error(result, tmp_path, make, args, needles):
@@ -268,3 +269,19 @@ def test_bad_input_is_a_one_line_error(result, tmp_path, make, args, needles):
         assert needle in lines[0], lines[0]
     assert not out.exists() and not (tmp_path / "out.jsonl.parts").exists()
     assert (tmp_path / "existing.jsonl").read_text() == "keep me\n"
+
+
+def test_sampling_defaults_and_the_settings_a_restart_compares():
+    """The teacher's decoding is one ``SamplingConfig`` with self-distill's defaults; the
+    settings written to ``OUT.parts/meta.json`` keep the flat keys runs wrote before it was
+    nested, so an unfinished run of the same command still resumes."""
+    from nemo_minitron.selfdistill.stage import SelfDistillConfig
+
+    cfg = SelfDistillConfig()
+    earlier = {"max_new_tokens": 512, "greedy": False, "temperature": 0.7, "top_p": 0.95,
+               "top_k": 0, "seed": 0, "batch_size": 8, "prompt_template": cfg.prompt_template}
+    settings = cfg.generation_settings()
+    assert {k: settings[k] for k in earlier} == earlier
+    assert set(settings) - set(earlier) == {"stop_tokens"} and settings["stop_tokens"] is None
+    batch = cfg.batch_sampling(3, eos_ids=[7])  # batch k samples with seed + k
+    assert (batch.seed, batch.stop_tokens, batch.temperature) == (3, [7], 0.7)
