@@ -311,9 +311,13 @@ def _positive(name: str, value: Any) -> None:
 # dict <-> dataclass
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
+def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "",
+              base: T | None = None) -> T:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types; keys
-    a class renamed (its ``DEPRECATED_KEYS``, old -> new) are read with a warning."""
+    a class renamed (its ``DEPRECATED_KEYS``, old -> new) are read with a warning. Keys not
+    given keep ``base``'s values, and a nested section keeps its field's own default (a
+    ``default_factory`` may differ from the section class's defaults: ``retrain.lr=...`` must
+    not reset the rest of the bench's retraining schedule to ``TrainConfig``'s)."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}")
@@ -333,13 +337,21 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
             raise ConfigError(
                 f"unknown key '{prefix}{key}' (known: {', '.join(sorted(fields))})"
             )
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return cls(**kwargs)
+        default = getattr(base, key) if base is not None else _section_default(fields[key])
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", default)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, name: str) -> Any:
+def _section_default(f: dataclasses.Field) -> Any:
+    """A field's default when it is a dataclass instance (a nested section), else None."""
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
+
+
+def _coerce(tp: Any, value: Any, name: str, default: Any = None) -> Any:
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, prefix=f"{name}.")
+        return from_dict(tp, value, prefix=f"{name}.",
+                         base=default if isinstance(default, tp) else None)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -350,7 +362,7 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(arg, value, name)
+                return _coerce(arg, value, name, default)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{name}={value!r} has the wrong type")

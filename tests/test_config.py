@@ -159,3 +159,20 @@ def test_layout_refusals(world, overrides, message):
 def test_padded_vocabulary():
     cfg = ModelConfig()
     assert [cfg.padded_vocab_size(n) for n in (1, 128, 129, 1000)] == [128, 128, 256, 1024]
+
+
+def test_a_partial_section_keeps_its_fields_own_defaults():
+    """A nested section given in part keeps the defaults of the field that holds it, not those
+    of the section's class: the bench's retraining budget (200 steps, not TrainConfig's) and
+    self-distill's sampling (temperature 0.7, top-p 0.95, not SamplingConfig's greedy)."""
+    from nemo_minitron.config import TrainConfig
+    from nemo_minitron.method_bench.config import MethodBenchRecipe
+    from nemo_minitron.selfdistill.stage import SelfDistillConfig
+
+    bench = from_dict(MethodBenchRecipe, {"retrain": {"lr": 0.5}})
+    assert (bench.retrain.lr, bench.retrain.train_iters, bench.retrain.eval_interval) == (
+        0.5, 200, 25)
+    assert TrainConfig().train_iters != 200  # else this would not tell the two apart
+    rewrite = from_dict(SelfDistillConfig, {"sampling": {"top_p": 0.5}})
+    s = rewrite.sampling
+    assert (s.greedy, s.temperature, s.top_p, s.max_new_tokens) == (False, 0.7, 0.5, 512)

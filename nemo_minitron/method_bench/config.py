@@ -21,7 +21,7 @@ from nemo_minitron.eval.bench import BenchConfig
 from nemo_minitron.eval.specdec_run import SpecDecConfig
 from nemo_minitron.merge.config import MergeConfig
 from nemo_minitron.prune.stage import CalibConfig
-from nemo_minitron.selfdistill.stage import SelfDistillConfig
+from nemo_minitron.selfdistill.stage import SelfDistillConfig, rewrite_sampling
 from nemo_minitron.utils.paths import recipes_dir
 
 TEACHER_RECIPE = recipes_dir() / "tiny_cpu.yaml"
@@ -47,7 +47,7 @@ def _sft(steps: int, every: int) -> TrainConfig:
 
 
 def _rewrite() -> SelfDistillConfig:
-    return SelfDistillConfig(max_new_tokens=128, verifier="code")
+    return SelfDistillConfig(sampling=rewrite_sampling(max_new_tokens=128), verifier="code")
 
 
 @dataclass(kw_only=True)
@@ -66,7 +66,7 @@ class InstructConfig:
     train_examples: int = 256
     """Training instructions used, the first that fit in the set's order; 0: every one that
     fits. An instruction fits when its SFT window, its rewrite prompt plus
-    rewrite.max_new_tokens, and its prompt plus instruct.max_new_tokens fit seq_length."""
+    rewrite.sampling.max_new_tokens, and its prompt plus instruct.max_new_tokens fit seq_length."""
     eval_examples: int = 40
     """Held-out instructions of the task loss (the first that fit)."""
     gen_prompts: int = 16

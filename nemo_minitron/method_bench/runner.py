@@ -224,7 +224,7 @@ class Study:
                 rw = tok.encode(render_prompt(tok, rewrite_messages(e, r.rewrite.prompt_template)))
                 gen = tok.encode(render_prompt(tok, e.prompt_messages))
                 return (len(tokenize_example(tok, e).ids) <= seq + 1
-                        and len(rw) + r.rewrite.max_new_tokens <= seq
+                        and len(rw) + r.rewrite.sampling.max_new_tokens <= seq
                         and len(gen) + ic.max_new_tokens <= seq)
 
             all_train, all_valid = read_jsonl(train), read_jsonl(valid)
@@ -233,9 +233,11 @@ class Study:
             if len(tr) < 2 or not va:
                 raise ConfigError(f"instruct: {len(tr)} training and {len(va)} held-out "
                                   f"instructions of at most instruct.max_chars={ic.max_chars} "
-                                  f"fit instruct.seq_length={seq} with rewrite.max_new_tokens="
-                                  f"{r.rewrite.max_new_tokens} and instruct.max_new_tokens="
-                                  f"{ic.max_new_tokens}; need at least 2 and 1")
+                                  f"fit instruct.seq_length={seq} with "
+                                  "rewrite.sampling.max_new_tokens="
+                                  f"{r.rewrite.sampling.max_new_tokens} and "
+                                  f"instruct.max_new_tokens={ic.max_new_tokens}; need at least "
+                                  "2 and 1")
             gen = va[:ic.gen_prompts]
             d = self.out / "instruct"
             write_jsonl(d / "train.jsonl", tr)

@@ -59,7 +59,7 @@ def instruct_overrides() -> list[str]:
     return loops + [
         "instruct.max_chars=2000", "instruct.seq_length=384", "instruct.train_examples=8",
         "instruct.eval_examples=4", "instruct.gen_prompts=2", "instruct.max_new_tokens=16",
-        "rewrite.max_new_tokens=16", "specdec.draft_tokens=[2]", "specdec.batch_size=2"]
+        "rewrite.sampling.max_new_tokens=16", "specdec.draft_tokens=[2]", "specdec.batch_size=2"]
 
 
 @pytest.mark.slow
