@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from nemo_minitron.utils.logging import get_logger
 from nemo_minitron.utils.paths import recipes_dir
+
+T = TypeVar("T")
 
 log = get_logger("cli")
 
@@ -28,3 +32,17 @@ def split_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
         overrides.insert(0, recipe)
         recipe = args.default_recipe
     return recipe, overrides
+
+
+def sampling_config(build: Callable[..., T], **fields: Any) -> T:
+    """``build(**fields)`` (a ``SamplingConfig`` or a function returning one) from command-line
+    flags: a refusal names the flag the user typed (``--top-p=...``), not the field."""
+    from nemo_minitron.config import ConfigError
+
+    try:
+        return build(**fields)
+    except ConfigError as e:
+        name, sep, rest = str(e).partition("=")
+        if sep and name in fields:
+            raise ConfigError(f"--{name.replace('_', '-')}={rest}") from None
+        raise

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from nemo_minitron.cli.common import sampling_config
 from nemo_minitron.config import ConfigError
 from nemo_minitron.utils.rank import is_rank0
 
@@ -63,9 +64,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from nemo_minitron.eval.generate import SamplingConfig, generate_text
 
-    s = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=not args.sample,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       seed=args.seed)
+    s = sampling_config(SamplingConfig, max_new_tokens=args.max_new_tokens,
+                        greedy=not args.sample, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     texts = generate_text(args.checkpoint, args.prompt, s, chat=args.chat)
     for prompt, text in zip(args.prompt, texts):
         print(json.dumps({"prompt": prompt, "completion": text}))

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from nemo_minitron.cli.common import sampling_config
 from nemo_minitron.config import ConfigError
 
 
@@ -28,7 +29,7 @@ def cmd_self_distill(args: argparse.Namespace) -> int:
         template = path.read_text()
     given = {k: getattr(args, k) for k in SAMPLING if hasattr(args, k)}
     batch = {"batch_size": given.pop("batch_size")} if "batch_size" in given else {}
-    cfg = SelfDistillConfig(sampling=rewrite_sampling(**given), **batch,
+    cfg = SelfDistillConfig(sampling=sampling_config(rewrite_sampling, **given), **batch,
                             prompt_template=template, verifier=args.verifier, stats=args.stats)
     stats = self_distill(args.teacher, args.data, args.out, cfg, parallel, student=args.student)
     if current_runtime().rank == 0 and stats is not None:

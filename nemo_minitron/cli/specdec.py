@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+from nemo_minitron.cli.common import sampling_config
 from nemo_minitron.config import ConfigError
 
 
@@ -31,9 +32,9 @@ def cmd_specdec(args: argparse.Namespace) -> int:
     parallel = from_dict(ParallelConfig, data.get("parallel"), "parallel.")
     cfg = SpecDecConfig(draft_tokens=_draft_tokens(args.draft_tokens),
                         batch_size=args.batch_size, repeats=args.repeats)
-    s = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=not args.sample,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       seed=args.seed)
+    s = sampling_config(SamplingConfig, max_new_tokens=args.max_new_tokens,
+                        greedy=not args.sample, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if s.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens={s.max_new_tokens} must be at least 1")
     rows = specdec(args.target, args.draft, args.prompts, args.data, s, cfg,

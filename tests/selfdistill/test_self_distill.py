@@ -238,7 +238,7 @@ def test_greedy_rewrites_equal_transformers(result):
      ["prompt template: unknown field {answer}"]),
     (lambda r: r / "data.jsonl", ["parallel.pipeline_model_parallel_size=2"],
      ["pipeline_model_parallel_size=1"]),
-    (lambda r: r / "data.jsonl", ["--top-p", "0"], ["top_p=0.0 must be in (0, 1]"]),
+    (lambda r: r / "data.jsonl", ["--top-p", "0"], ["--top-p=0.0 must be in (0, 1]"]),
     (lambda r: r / "data.jsonl", ["--max-new-tokens", "0"], ["max_new_tokens=0 must be >= 1"]),
     (lambda r: r / "data.jsonl", ["--out", "EXISTING"], ["already exists"]),
 ])
