@@ -33,11 +33,11 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     overrides apply to every stage."""
     from nemo_minitron.distill.stage import DistillRecipe, distill
     from nemo_minitron.prune.stage import PruneRecipe, prune, prune_summary, report_dir
-    from nemo_minitron.train.pretrain import pretrain
+    from nemo_minitron.train.pretrain import completed, pretrain
 
     recipe = load_recipe(recipe_path, overrides)
     out_dir = Path(out)
-    teacher = pretrain(recipe, out_dir / "teacher")
+    teacher = completed(pretrain(recipe, out_dir / "teacher"))
     data_overrides = [o for o in overrides if o.startswith("data.")]
     p_recipe = load_recipe(prune_recipe or PRUNE_RECIPE,
                            data_overrides + list(prune_overrides or []), cls=PruneRecipe)
@@ -50,7 +50,8 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
         pruned = prune(teacher["final"], str(pruned_dir), p_recipe)
     d_recipe = load_recipe(DISTILL_RECIPE, data_overrides + list(distill_overrides or []),
                            cls=DistillRecipe)
-    distilled = distill(d_recipe, teacher["final"], str(pruned_dir), out_dir / "distilled")
+    distilled = completed(distill(d_recipe, teacher["final"], str(pruned_dir),
+                                  out_dir / "distilled"))
     speeds = [r["tokens_per_s"] for r in read_jsonl(out_dir / "teacher" / "metrics.jsonl")
               if r.get("kind") == "speed"]
     history = teacher["history"]

@@ -63,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # training errors carry their own one-line cause
         from nemo_minitron.train.loop import TrainingError
+        from nemo_minitron.train.pretrain import Stopped
 
+        if isinstance(e, Stopped):  # EX_TEMPFAIL: not finished, not failed; run it again
+            if rank0:
+                print(f"stopped: {e}", file=sys.stderr)
+            return 75
         if isinstance(e, TrainingError):
             if rank0:
                 print(f"error: {e}", file=sys.stderr)

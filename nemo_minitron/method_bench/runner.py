@@ -107,10 +107,10 @@ class Study:
         return self._teacher
 
     def _pretrain_teacher(self) -> dict[str, Any]:
-        from nemo_minitron.train.pretrain import pretrain
+        from nemo_minitron.train.pretrain import completed, pretrain
 
         r = self.recipe.teacher
-        summary = pretrain(r, self.out / "runs" / "teacher")
+        summary = completed(pretrain(r, self.out / "runs" / "teacher"))
         return {"checkpoint": summary["final"],
                 "curve": _curve(summary["history"], r.train.global_batch_size
                                 * r.model.seq_length)}
@@ -136,6 +136,9 @@ class Study:
 
     def _trained(self, name: str, summary: dict[str, Any], seq_length: int,
                  gbs: int) -> dict[str, Any]:
+        from nemo_minitron.train.pretrain import completed
+
+        completed(summary)  # a run cut short is not a result: stop, resume on the re-run
         return {"checkpoint": summary["final"], "loss": self.evaluate(summary["final"]),
                 "curve": _curve(summary["history"], gbs * seq_length)}
 
@@ -256,13 +259,14 @@ class Study:
         """Supervised fine-tuning of ``checkpoint`` on the instruction JSONL ``data`` on
         ``instruct.seq_length`` windows, validated on the held-out instructions."""
         def run() -> dict[str, Any]:
+            from nemo_minitron.train.pretrain import completed
             from nemo_minitron.train.sft import SFTConfig, SFTRecipe, sft
 
             seq = self.recipe.instruct.seq_length
             recipe = SFTRecipe(data=self.data(seed),
                                train=self.train(train, seed, seq_length=seq),
                                sft=SFTConfig(valid_data=self.instruct_data()["valid"]))
-            s = sft(recipe, checkpoint, data, self.out / "runs" / name)
+            s = completed(sft(recipe, checkpoint, data, self.out / "runs" / name))
             return {"checkpoint": s["final"],
                     "curve": _curve(s["history"], train.global_batch_size * seq, "sft loss")}
         return self.unit(name, run)

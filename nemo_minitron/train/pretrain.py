@@ -115,6 +115,21 @@ def finetune(recipe: Recipe, checkpoint: str, out_dir: str | Path) -> dict[str, 
     return run_trainer(trainer, out_dir)
 
 
+class Stopped(Exception):
+    """A stage of a multi-stage command (``demo``, ``bench-method``) stopped early, by a signal
+    or ``train.exit_interval``, after saving its checkpoint: the stages after it must not run
+    on that checkpoint. The same command resumes it (``cli.main`` exits with 75)."""
+
+
+def completed(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` (from ``run_trainer``) of a run that reached its last step; ``Stopped``
+    if it was interrupted."""
+    if summary["interrupted"]:
+        raise Stopped(f"stopped at step {summary['step']} (a signal or train.exit_interval), "
+                      f"checkpoint {summary['final']} saved: re-run the same command to resume")
+    return summary
+
+
 def run_trainer(trainer: Trainer, out_dir: str | Path) -> dict[str, Any]:
     """Run a trainer from ``make_trainer`` to the end (or a stop signal); the summary names the
     last checkpoint as ``final``."""
