@@ -319,8 +319,9 @@ class Study:
             from nemo_minitron.data.instruct import read_jsonl, write_jsonl
             from nemo_minitron.selfdistill.stage import self_distill, stats_path
 
-            cfg = dataclasses.replace(self.recipe.rewrite, seed=self.recipe.rewrite.seed + seed,
-                                      stats=None)
+            rw = self.recipe.rewrite
+            cfg = dataclasses.replace(rw, sampling=dataclasses.replace(
+                rw.sampling, seed=rw.sampling.seed + seed), stats=None)
             out = self.out / "runs" / name / "train.jsonl"
             stats_file = stats_path(out, cfg)
             if out.is_file():  # finished, the unit not yet recorded
