@@ -42,10 +42,6 @@ class InstructSections:
     src: ModelConfig
     seeds: list[int]
 
-    # ------------------------------------------------------------------ instruction chain
-    # Self-data distillation (arXiv 2410.09982): pretrained teacher -> instruction-tuned
-    # teacher -> depth-pruned by angular distance -> fine-tuned on the original answers (SFT)
-    # or on the tuned teacher's rewrites of them (SDD), with equal steps.
     def tuned(self) -> dict[str, Any]:
         """The instruction-tuned teacher (one for every seed, as the teacher is)."""
         return self.st.sft("tuned-teacher", self.st.teacher(),
