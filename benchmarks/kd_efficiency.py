@@ -10,7 +10,7 @@
    process' peak resident set size (reset once the inputs exist).
 
     .venv/bin/python benchmarks/kd_efficiency.py [--tokens 4096 --vocab 32000 --repeats 5]
-        [--shapes demo,wide]
+        [--shapes demo,wide] [--chunks 32,128,512,auto,none]
 """
 
 from __future__ import annotations
@@ -78,11 +78,31 @@ def memory_child(variant: str, tokens: int, vocab: int) -> None:
         loss = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1),
                         log_target=True, reduction="none").sum(-1).mean()
     else:
-        chunk = None if variant == "unchunked" else int(variant.split("=")[1])
+        chunk = _chunk_arg(variant.split("=")[1]) if "=" in variant else None
         loss = logit_divergence(student, teacher, chunk_tokens=chunk).mean()
     loss.backward()
     peak = _maxrss_bytes() - base
     print(json.dumps({"variant": variant, "ratio": peak / (student.numel() * 4)}))
+
+
+def _chunk_arg(text: str) -> int | str | None:
+    return None if text == "none" else text if text == "auto" else int(text)
+
+
+def loss_times(tokens: int, vocab: int, chunks: list[str], repeats: int
+               ) -> dict[str, list[float]]:
+    """Seconds of one forward+backward of the logit loss per chunk size, interleaved."""
+    from nemo_minitron.distill.losses import logit_divergence
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(tokens, vocab, generator=g).requires_grad_(True)
+    teacher = torch.randn(tokens, vocab, generator=g)
+
+    def run(chunk) -> None:
+        student.grad = None
+        logit_divergence(student, teacher, chunk_tokens=chunk).mean().backward()
+
+    return interleaved({f"chunk={c}": partial(run, _chunk_arg(c)) for c in chunks}, repeats)
 
 
 def step_times(shape: str, repeats: int) -> dict[str, list[float]]:
@@ -125,12 +145,21 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats (after a warm-up)")
     ap.add_argument("--shapes", default="demo,wide", help="step-time models: demo, wide")
+    ap.add_argument("--chunks", default="",
+                    help="also time the loss alone at --tokens x --vocab for these chunk sizes "
+                         "(comma list of N, auto, none), e.g. 32,128,512,auto,none")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         memory_child(args.child[0], int(args.child[1]), int(args.child[2]))
         return
-    for shape in args.shapes.split(","):
+    if args.chunks:
+        t = loss_times(args.tokens, args.vocab, args.chunks.split(","), args.repeats)
+        print(f"logit loss forward+backward, {args.tokens} x {args.vocab} fp32, "
+              f"{torch.get_num_threads()} threads ({args.repeats} interleaved repeats):")
+        for k, v in t.items():
+            print(f"  {k:12s} {stat(v).fmt(' ms', 1000, 1)}")
+    for shape in filter(None, args.shapes.split(",")):
         t_cfg, s_cfg = SHAPES[shape]
         t = step_times(shape, args.repeats)
         r = stat(ratios(t["kd step"], [a + b for a, b in zip(t["student step"],
@@ -143,7 +172,7 @@ def main() -> None:
             print(f"  {k:16s} {stat(v).fmt(' ms', 1000, 1)}")
         print(f"  kd step / (student step + teacher forward): {r.fmt()}  (goal <= 1.10)")
     print(f"logit-loss peak memory / student logits ({args.tokens} x {args.vocab} fp32):")
-    for variant in ("chunk=256", "chunk=1024", "unchunked", "textbook"):
+    for variant in ("chunk=auto", "chunk=256", "chunk=1024", "unchunked", "textbook"):
         # A fixed mmap threshold makes glibc return every large free to the OS at once, so the
         # peak resident size is the peak of live buffers, not of the allocator's caching.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -151,7 +180,7 @@ def main() -> None:
                               str(args.vocab)], capture_output=True, text=True, check=True,
                              env=env)
         mem = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  {variant:12s} {mem['ratio']:.2f}" + ("  (goal <= 1.5)" if variant == "chunk=256"
+        print(f"  {variant:12s} {mem['ratio']:.2f}" + ("  (goal <= 1.5)" if variant == "chunk=auto"
                                                      else ""))
 
 

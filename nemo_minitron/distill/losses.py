@@ -5,8 +5,9 @@ slice of the student's and the teacher's logits. Softmax statistics (max, sum of
 and per-token sums are all-reduced over the TP group; the full vocabulary is never gathered.
 The gradient is written by hand (``_VocabParallelDivergence``) because an all-reduce inside
 autograd would need a matching all-reduce in backward for every statistic. Tokens are processed
-in chunks, and backward recomputes the chunk's softmaxes, so beyond the logits and their gradient
-memory stays at a few ``[chunk, V/TP]`` buffers.
+in chunks (their size derived from the vocabulary slice and the device, ``chunk_rows``); forward KL
+computes its gradient in the same pass, the other divergences recompute the chunk's softmaxes in
+backward, so beyond the logits and their gradient memory stays at a few ``[chunk, V/TP]`` buffers.
 
 Temperature: both logits are divided by ``T`` and the divergence is multiplied by ``T^2``
 (Hinton et al.), so gradient magnitudes do not shrink as ``T`` grows; at ``T=1`` nothing changes.
@@ -23,6 +24,8 @@ import torch.distributed as dist
 from nemo_minitron.model.layouts import vocab_range
 
 Divergence = Literal["forward", "reverse", "js"]
+ChunkTokens = int | Literal["auto"] | None
+"""Tokens per chunk of a logit loss: a number, None (all at once) or "auto" (``chunk_rows``)."""
 
 
 def tp_allreduce(x: torch.Tensor, group: dist.ProcessGroup | None,
@@ -99,68 +102,109 @@ def _divergence(ls: torch.Tensor, lt: torch.Tensor, kind: Divergence,
     return 0.5 * (kl_sm + kl_tm), ps * (a - 0.5 * kl_sm.unsqueeze(-1))
 
 
+def _softmax_and_lse(z: torch.Tensor, group: dist.ProcessGroup | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vocab-parallel ``softmax(z)`` (overwriting a temporary, one ``exp`` per element) and
+    ``lse(z) [n]`` of ``z [n, V/TP]``; ``torch.logsumexp`` followed by ``exp(z - lse)`` would
+    exponentiate every element twice."""
+    m = tp_allreduce(z.max(dim=-1, keepdim=True).values, group, dist.ReduceOp.MAX)
+    e = (z - m).exp_()
+    total = tp_allreduce(e.sum(dim=-1, keepdim=True), group)
+    return e.div_(total), (m + total.log()).squeeze(-1)
+
+
 class _VocabParallelDivergence(torch.autograd.Function):
-    """Per-token ``T^2 * D(teacher, student)`` of ``[n, V/TP]`` logits, chunk by chunk; backward
-    recomputes each chunk's softmaxes and writes its gradient into one preallocated tensor (so
-    the loss adds one logits-sized buffer, the gradient, plus a few chunk-sized ones)."""
+    """Per-token ``T^2 * D(teacher, student)`` of ``[n, V/TP]`` logits, chunk by chunk.
+
+    Forward KL without top-k (the method's loss) is fused: one pass over each chunk computes
+    both softmaxes, the divergence and its gradient ``p_s - p_t``, written into one
+    logits-sized buffer that backward only scales; neither logits tensor is kept for backward.
+    The other divergences recompute each chunk's softmaxes in backward (the loss adds the
+    gradient buffer plus a few chunk-sized ones)."""
 
     @staticmethod
     def forward(ctx, student, teacher, kind, temperature, top_k, group, step,  # type: ignore[override]
-                labels):
+                labels, with_grad):
         out = torch.empty(student.shape[0], dtype=torch.float32 if student.dtype != torch.float64
                           else torch.float64, device=student.device)
         fast = kind == "forward" and top_k is None
-        lse = torch.empty(2, student.shape[0], dtype=out.dtype, device=out.device)
+        lse_s = torch.empty_like(out)
+        dstudent = torch.empty_like(student) if fast and with_grad else None
         with torch.no_grad():
             for i in range(0, student.shape[0], step):
                 zs = compute_dtype(student[i:i + step]) / temperature
                 zt = compute_dtype(teacher[i:i + step]) / temperature
                 if fast:  # KL(p_t || p_s) = sum p_t (z_t - z_s) - lse_t + lse_s
-                    lse[0, i:i + step] = vocab_parallel_lse(zs, group)
-                    lse[1, i:i + step] = vocab_parallel_lse(zt, group)
-                    pt = (zt - lse[1, i:i + step, None]).exp_()
-                    cross = tp_allreduce((pt * zt.sub_(zs)).sum(-1), group)
-                    out[i:i + step] = cross - lse[1, i:i + step] + lse[0, i:i + step]
+                    pt, lse_t = _softmax_and_lse(zt, group)
+                    ps, lse_s[i:i + step] = _softmax_and_lse(zs, group)
+                    cross = tp_allreduce(torch.linalg.vecdot(pt, zt.sub_(zs)), group)
+                    out[i:i + step] = cross - lse_t + lse_s[i:i + step]
+                    if dstudent is not None:
+                        dstudent[i:i + step] = ps.sub_(pt)
                 else:
                     ls = _log_softmax(zs, group)
                     lt = _teacher_log_probs(zt, top_k, group)
                     out[i:i + step] = _divergence(ls, lt, kind, group)[0]
-        ctx.save_for_backward(student, teacher, lse)
+        if fast:
+            ctx.dstudent = dstudent
+        else:
+            ctx.save_for_backward(student, teacher)
         ctx.args = (kind, temperature, top_k, group, step, fast)
         if labels is None:
             return out * temperature**2, None
         # At T=1 the student's cross-entropy is lse_s - z_s[label]: no second softmax pass.
-        ce = lse[0] - _pick(student, labels, group)
+        ce = lse_s - _pick(student, labels, group)
         ctx.mark_non_differentiable(ce)
         return out * temperature**2, ce
 
     @staticmethod
     def backward(ctx, grad, _grad_ce=None):  # type: ignore[override]
-        student, teacher, lse = ctx.saved_tensors
         kind, temperature, top_k, group, step, fast = ctx.args
+        # d(T^2 D)/d logits = T^2 * dD/dz / T
+        g = grad.unsqueeze(-1) * temperature
+        if fast:  # dKL/dz_s = p_s - p_t, computed in forward
+            if ctx.dstudent is None:
+                raise RuntimeError("logit_divergence ran without gradient (no_grad or "
+                                   "with_grad=False); it has no backward")
+            dstudent, ctx.dstudent = ctx.dstudent.mul_(g), None
+            return dstudent, None, None, None, None, None, None, None, None
+        student, teacher = ctx.saved_tensors
         dstudent = torch.empty_like(student)
         for i in range(0, student.shape[0], step):
-            g = grad[i:i + step].unsqueeze(-1) * temperature
-            if fast:  # dKL/dz_s = p_s - p_t
-                ps = (compute_dtype(student[i:i + step]) / temperature).sub_(
-                    lse[0, i:i + step, None]).exp_()
-                pt = (compute_dtype(teacher[i:i + step]) / temperature).sub_(
-                    lse[1, i:i + step, None]).exp_()
-                dstudent[i:i + step] = ps.sub_(pt).mul_(g)
-                continue
             ls = _log_softmax(compute_dtype(student[i:i + step]) / temperature, group)
             lt = _teacher_log_probs(compute_dtype(teacher[i:i + step]) / temperature, top_k,
                                     group)
             _, dz = _divergence(ls, lt, kind, group)
             del ls, lt
-            # d(T^2 D)/d logits = T^2 * dD/dz / T
-            dstudent[i:i + step] = dz.mul_(g)
-        return dstudent, None, None, None, None, None, None, None
+            dstudent[i:i + step] = dz.mul_(g[i:i + step])
+        return dstudent, None, None, None, None, None, None, None, None
+
+
+# Bytes of one fp32 ``[chunk, V/TP]`` buffer when the chunk is chosen from the shapes
+# (``chunk_tokens="auto"``): on CPU small enough that a chunk's passes stay in cache, on GPU
+# large enough that each kernel has work (measured: ``benchmarks/kd_efficiency.py --chunks``).
+AUTO_CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 28}
+
+
+def chunk_rows(chunk_tokens: ChunkTokens, n: int, v_local: int,
+               device: torch.device) -> int:
+    """Tokens per chunk of a ``[n, V/TP]`` logit loss: ``chunk_tokens`` as given, all ``n`` for
+    None, or for ``"auto"`` the tokens whose fp32 row slice fills ``AUTO_CHUNK_BYTES`` (at
+    least 8)."""
+    if chunk_tokens == "auto":
+        budget = AUTO_CHUNK_BYTES.get(device.type, AUTO_CHUNK_BYTES["cuda"])
+        chunk_tokens = max(8, budget // (4 * max(v_local, 1)))
+    return max(min(chunk_tokens or n, n), 1)
+
+
+def _needs_grad(student: torch.Tensor) -> bool:
+    """Whether the fused path should compute the gradient in forward (not under no_grad)."""
+    return torch.is_grad_enabled() and student.requires_grad
 
 
 def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
                      kind: Divergence = "forward", temperature: float = 1.0,
-                     top_k: int | None = None, chunk_tokens: int | None = 256,
+                     top_k: int | None = None, chunk_tokens: ChunkTokens = "auto",
                      group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Per-token divergence between teacher and student logits.
 
@@ -168,7 +212,7 @@ def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
     ``group`` is the TP group, None for one process). Returns ``[...]`` (fp32): forward
     ``KL(p_t || p_s)``, reverse ``KL(p_s || p_t)`` or Jensen-Shannon, times ``T^2``. ``top_k``
     (forward only) keeps the teacher's k most likely tokens, renormalised. ``chunk_tokens``
-    bounds the temporary memory (None: one chunk)."""
+    bounds the temporary memory (None: one chunk; "auto": from the shapes, ``chunk_rows``)."""
     if top_k is not None and kind != "forward":
         raise ValueError("kd.top_k works with kd.divergence=forward only (the teacher's "
                          "truncated distribution has zeros)")
@@ -177,15 +221,15 @@ def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
                          f"{tuple(teacher.shape)} differ")
     lead = student.shape[:-1]
     s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    step = max(chunk_tokens or s2.shape[0], 1)
+    step = chunk_rows(chunk_tokens, s2.shape[0], s2.shape[-1], s2.device)
     out, _ = _VocabParallelDivergence.apply(s2, t2.detach(), kind, temperature, top_k, group,
-                                            step, None)
+                                            step, None, _needs_grad(s2))
     return out.reshape(lead)
 
 
 def logit_divergence_and_ce(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                             *, kind: Divergence = "forward", temperature: float = 1.0,
-                            top_k: int | None = None, chunk_tokens: int | None = 256,
+                            top_k: int | None = None, chunk_tokens: ChunkTokens = "auto",
                             group: dist.ProcessGroup | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``logit_divergence`` and, without gradient, the student's per-token cross-entropy
@@ -197,22 +241,22 @@ def logit_divergence_and_ce(student: torch.Tensor, teacher: torch.Tensor, labels
         return kd, token_cross_entropy(student, labels, chunk_tokens=chunk_tokens, group=group)
     lead = student.shape[:-1]
     s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    step = max(chunk_tokens or s2.shape[0], 1)
+    step = chunk_rows(chunk_tokens, s2.shape[0], s2.shape[-1], s2.device)
     kd, ce = _VocabParallelDivergence.apply(s2, t2.detach(), kind, 1.0, None, group, step,
-                                            labels.reshape(-1))
+                                            labels.reshape(-1), _needs_grad(s2))
     return kd.reshape(lead), ce.reshape(lead)
 
 
 @torch.no_grad()
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
-                        chunk_tokens: int | None = 256,
+                        chunk_tokens: ChunkTokens = "auto",
                         group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Per-token cross-entropy ``[...]`` of vocab-parallel ``logits [..., V/TP]`` against
     ``labels [...]``, without gradient and without touching ``logits`` (Megatron's
     ``vocab_parallel_cross_entropy`` overwrites its input, which the divergence still needs):
     the student's LM loss, reported beside the distillation loss."""
     z2, y2 = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    step = chunk_tokens or z2.shape[0]
+    step = chunk_rows(chunk_tokens, z2.shape[0], z2.shape[-1], z2.device)
     out = [vocab_parallel_lse(compute_dtype(z2[i:i + step]), group)
            - _pick(z2[i:i + step], y2[i:i + step], group)
            for i in range(0, z2.shape[0], step)]

@@ -22,6 +22,7 @@ import torch
 
 from nemo_minitron.config import ConfigError
 from nemo_minitron.distill.losses import (
+    ChunkTokens,
     Divergence,
     hidden_state_loss,
     logit_divergence_and_ce,
@@ -43,8 +44,9 @@ class KDConfig:
     """Softmax temperature T of both models; the loss is multiplied by T^2."""
     top_k: int | None = None
     """Keep only the teacher's k most likely tokens (renormalised); forward KL only."""
-    chunk_tokens: int | None = 256
-    """Tokens per chunk of the logit loss (bounds its memory); null: all at once."""
+    chunk_tokens: ChunkTokens = "auto"
+    """Tokens per chunk of the logit loss (bounds its memory): a number; null: all at once;
+    auto: from the vocabulary slice and the device (``distill.losses.chunk_rows``)."""
     logit_weight: float = 1.0
     """Weight of the logit divergence."""
     lm_loss_weight: float = 0.0
@@ -69,6 +71,11 @@ class KDConfig:
     the vocabulary; see ``distill.teacher_cache``). Logit loss only, T=1, PP=1."""
 
     def __post_init__(self) -> None:
+        if self.chunk_tokens is not None and self.chunk_tokens != "auto" and (
+                isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int)
+                or self.chunk_tokens < 1):
+            raise ConfigError(f"kd.chunk_tokens={self.chunk_tokens!r} must be an integer >= 1, "
+                              "auto or null")
         if self.temperature <= 0:
             raise ConfigError(f"kd.temperature={self.temperature} must be > 0")
         if self.top_k is not None and (self.top_k < 1 or self.divergence != "forward"):

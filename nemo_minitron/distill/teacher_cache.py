@@ -48,7 +48,13 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.config import ConfigError
-from nemo_minitron.distill.losses import compute_dtype, tp_allreduce, vocab_parallel_lse
+from nemo_minitron.distill.losses import (
+    ChunkTokens,
+    chunk_rows,
+    compute_dtype,
+    tp_allreduce,
+    vocab_parallel_lse,
+)
 from nemo_minitron.utils.fs import atomic_write_json
 from nemo_minitron.utils.logging import get_logger
 
@@ -164,7 +170,7 @@ def _chunk(z, ids, logp_t, tail_t, lse, start, group):
 
 
 def cached_forward_kl(student: torch.Tensor, ids: torch.Tensor, logp_t: torch.Tensor,
-                      tail_t: torch.Tensor, *, chunk_tokens: int | None = 256,
+                      tail_t: torch.Tensor, *, chunk_tokens: ChunkTokens = "auto",
                       group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Per-token ``KL_k`` (module docstring) of ``student [..., V/TP]`` logits against the
     teacher's cached ``ids [..., k]`` (global token ids), ``logp_t [..., k]`` and log tail mass
@@ -172,7 +178,7 @@ def cached_forward_kl(student: torch.Tensor, ids: torch.Tensor, logp_t: torch.Te
     lead = student.shape[:-1]
     s2 = student.reshape(-1, student.shape[-1])
     k = ids.shape[-1]
-    step = max(chunk_tokens or s2.shape[0], 1)
+    step = chunk_rows(chunk_tokens, s2.shape[0], s2.shape[-1], s2.device)
     out = _CachedForwardKL.apply(s2, ids.reshape(-1, k), logp_t.reshape(-1, k),
                                  tail_t.reshape(-1), group, step)
     return out.reshape(lead)

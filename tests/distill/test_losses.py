@@ -7,12 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nemo_minitron.config import ConfigError
 from nemo_minitron.distill.losses import (
+    AUTO_CHUNK_BYTES,
+    chunk_rows,
     hidden_state_loss,
     logit_divergence,
     logit_divergence_and_ce,
     token_cross_entropy,
 )
+from nemo_minitron.distill.objective import KDConfig
 from tests.dist import spawn
 
 KINDS = ["forward", "reverse", "js"]
@@ -57,7 +61,7 @@ def _value_and_grad(fn, s, t, w):
 def test_single_process_equals_reference_value_and_gradient(kind, temperature):
     s, t, w = _inputs()
     want = _value_and_grad(lambda a, b: reference(a, b, kind, temperature), s, t, w)
-    for chunk in (None, 5):  # chunked equals unchunked
+    for chunk in (None, 5, "auto"):  # chunked equals unchunked
         got = _value_and_grad(lambda a, b, c=chunk: logit_divergence(
             a, b, kind=kind, temperature=temperature, chunk_tokens=c), s, t, w)
         torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
@@ -93,6 +97,27 @@ def test_token_cross_entropy_equals_torch_and_leaves_logits_alone():
     torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=0)
     ce = logit_divergence_and_ce(s, t, labels, chunk_tokens=5)[1]
     torch.testing.assert_close(ce, F.cross_entropy(s, labels, reduction="none"))
+
+
+def test_no_grad_value_and_chunk_rows():
+    """Under no_grad the fused path skips the gradient but gives the same value; the chunk size
+    follows the vocabulary slice."""
+    s, t, _ = _inputs()
+    with torch.no_grad():
+        got = logit_divergence(s.clone().requires_grad_(True), t)
+    torch.testing.assert_close(got, reference(s, t, "forward"), atol=1e-6, rtol=0)
+    cpu = torch.device("cpu")
+    assert chunk_rows("auto", 10_000, 4096, cpu) == AUTO_CHUNK_BYTES["cpu"] // (4 * 4096)
+    assert chunk_rows("auto", 10_000, 1 << 24, cpu) == 8  # never below 8 tokens
+    assert chunk_rows("auto", 3, 64, cpu) == 3
+    assert chunk_rows(None, 7, 64, cpu) == 7 and chunk_rows(5, 7, 64, cpu) == 5
+
+
+@pytest.mark.parametrize("value", ["fast", 0, 2.5, True])
+def test_kd_config_refuses_bad_chunk_tokens(value):
+    with pytest.raises(ConfigError, match="kd.chunk_tokens"):
+        KDConfig(chunk_tokens=value)
+    KDConfig(chunk_tokens=None), KDConfig(chunk_tokens=64)
 
 
 def test_hidden_state_losses():
