@@ -95,7 +95,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                                seq_length=args.seq_length,
                                                decode_tokens=args.decode_tokens,
                                                repeats=args.repeats,
-                                               attention=args.attention))
+                                               attention=args.attention),
+                 profile=args.profile)
     print(format_table(rows))
     return 0
 
@@ -182,7 +183,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s of checkpoints side by side",
                        description="Measured throughput of each checkpoint, its ratio to the "
-                                   "first one and the ratio predicted from FLOPs per token.")
+                                   "first one, the ratio predicted from FLOPs per token and the "
+                                   "share of it achieved (measured / predicted).")
     p.add_argument("checkpoints", nargs="+", help="checkpoint directories (first: reference)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-length", type=int, default=128, help="prompt tokens per sequence")
@@ -190,4 +192,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--attention", help="core attention of the local layer spec: local or sdpa "
                    "(default: the build default; the TE spec on GPU has its own)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one decode run per checkpoint: the share of operator time "
+                        "in matrix products and the top operators (why decode misses the FLOP "
+                        "ratio)")
     p.set_defaults(func=cmd_bench)

@@ -8,7 +8,17 @@ path), timed apart from the prefill. ``attention`` picks the local spec's core a
 whole cache per step and layer to repeat them for GQA). Each timing is the best of
 ``repeats`` runs after one warm-up. FLOPs per token are
 ``2 x (parameters touched per token) + 4 x layers x context x heads x kv_channels`` (the
-attention scores and the weighted sum), taken at the mean context length of each phase.
+attention scores and the weighted sum), taken at the mean context length of each phase. The
+table's ``share`` is the measured speed-up over the FLOP-predicted one (1: the pruning's FLOP
+saving fully turned into speed).
+
+Why decode falls short of the FLOP ratio after width pruning (``--profile`` shows it per
+checkpoint): Megatron's static-batching KV cache stores keys before RoPE, so every decode step
+re-applies RoPE to the whole cached key tensor in every layer (``mul``/``neg``/``cat``/``cos``/
+``sin`` over ``context x batch x groups x kv_channels``), and the local core attention copies the
+cache to repeat key/value groups for GQA. Neither shrinks when hidden or FFN sizes are pruned;
+megatron-core's remedy (``flash_decode``: RoPE once per token, into the cache) needs flash-attn
+on GPU.
 """
 
 from __future__ import annotations
@@ -95,8 +105,26 @@ def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: 
     return time.perf_counter() - t0
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+"""Matrix products: the part of a step that scales with the FLOPs pruning removes."""
+
+
 @torch.no_grad()
-def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
+def profile_decode(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: int,
+                   top: int = 6) -> dict[str, Any]:
+    """Self CPU time of one decode run by operator: the GEMM share and the ``top`` operators
+    (name, share), from ``torch.profiler`` (not timed: the profiler slows every op)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        decode_seconds(model, prompt, decode_tokens)
+    ops = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in ops) or 1.0
+    ops.sort(key=lambda kv: -kv[1])
+    return {"gemm_share": sum(t for k, t in ops if k in GEMM_OPS) / total,
+            "top_ops": [(k, t / total) for k, t in ops[:top]]}
+
+
+@torch.no_grad()
+def bench_one(checkpoint: str, b: BenchConfig, profile: bool = False) -> dict[str, Any]:
     """Measured prefill/decode tokens/s and predicted FLOPs/token of one checkpoint."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -127,6 +155,7 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
     t_prefill = _best(timed_prefill, b.repeats)
     t_decode = _best(lambda: decode_seconds(model, prompt, b.decode_tokens), b.repeats)
     return {
+        **(profile_decode(model, prompt, b.decode_tokens) if profile else {}),
         "checkpoint": checkpoint, "params": count_params(cfg),
         "prefill_tok_s": b.batch_size * b.seq_length / t_prefill,
         "decode_tok_s": b.batch_size * b.decode_tokens / t_decode,
@@ -135,32 +164,42 @@ def bench_one(checkpoint: str, b: BenchConfig) -> dict[str, Any]:
     }
 
 
-def bench(checkpoints: list[str], b: BenchConfig) -> list[dict[str, Any]]:
+def bench(checkpoints: list[str], b: BenchConfig, profile: bool = False
+          ) -> list[dict[str, Any]]:
     """Rows of ``bench_one`` with ratios to the first checkpoint (measured and FLOP-predicted:
-    a model with half the FLOPs per token is predicted to run twice as fast)."""
+    a model with half the FLOPs per token is predicted to run twice as fast) and their quotient,
+    the share of the FLOP ratio achieved; ``profile`` adds ``profile_decode``'s breakdown."""
     from nemo_minitron.checkpoint.io import check_checkpoint
     from nemo_minitron.parallel.runtime import init_distributed
 
     for c in checkpoints:
         check_checkpoint(c)
     init_distributed(ParallelConfig())
-    rows = [bench_one(c, b) for c in checkpoints]
+    rows = [bench_one(c, b, profile) for c in checkpoints]
     ref = rows[0]
     for r in rows:
         for phase in ("prefill", "decode"):
             r[f"{phase}_ratio"] = r[f"{phase}_tok_s"] / ref[f"{phase}_tok_s"]
             r[f"{phase}_flop_ratio"] = ref[f"{phase}_flops_tok"] / r[f"{phase}_flops_tok"]
+            r[f"{phase}_share"] = r[f"{phase}_ratio"] / r[f"{phase}_flop_ratio"]
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of the rows (ratios are relative to the first checkpoint)."""
-    head = ("| checkpoint | params | prefill tok/s | ratio | FLOP ratio | decode tok/s | ratio "
-            "| FLOP ratio |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    """A Markdown table of the rows (ratios are relative to the first checkpoint; share: measured
+    ratio / FLOP ratio), then the decode profile of each row that has one."""
+    head = ("| checkpoint | params | prefill tok/s | ratio | FLOP ratio | share | decode tok/s "
+            "| ratio | FLOP ratio | share |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
-        lines.append(
-            f"| {r['checkpoint']} | {r['params'] / 1e6:.2f}M | {r['prefill_tok_s']:.0f} | "
-            f"{r['prefill_ratio']:.2f} | {r['prefill_flop_ratio']:.2f} | "
-            f"{r['decode_tok_s']:.0f} | {r['decode_ratio']:.2f} | {r['decode_flop_ratio']:.2f} |")
+        cells = [r["checkpoint"], f"{r['params'] / 1e6:.2f}M"]
+        for phase in ("prefill", "decode"):
+            cells += [f"{r[phase + '_tok_s']:.0f}", f"{r[phase + '_ratio']:.2f}",
+                      f"{r[phase + '_flop_ratio']:.2f}", f"{r[phase + '_share']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        if "gemm_share" in r:
+            top = ", ".join(f"{k} {v:.0%}" for k, v in r["top_ops"])
+            lines.append(f"\ndecode profile of {r['checkpoint']}: matrix products "
+                         f"{r['gemm_share']:.0%} of operator time; top: {top}")
     return "\n".join(lines)

@@ -50,7 +50,7 @@ def eval_job(root: str) -> None:
                                                                  stop_tokens=stops))
     (r / "out.json").write_text(json.dumps(out))
     with open(r / "bench.txt", "w") as f, contextlib.redirect_stdout(f):
-        main(["bench", str(r / "ck"), str(r / "ck_small"), "--batch-size", "2",
+        main(["bench", str(r / "ck"), str(r / "ck_small"), "--profile", "--batch-size", "2",
               "--seq-length", "16", "--decode-tokens", "4", "--repeats", "1"])
     with open(r / "bench_sdpa.txt", "w") as f, contextlib.redirect_stdout(f):
         main(["bench", str(r / "ck"), "--batch-size", "2", "--seq-length", "16",
@@ -135,19 +135,26 @@ def _hf_flops_per_token(directory: Path, context: float) -> tuple[float, int]:
 def test_bench_prints_table(result):
     root, _ = result
     lines = (root / "bench.txt").read_text().strip().splitlines()
-    assert lines[0] == ("| checkpoint | params | prefill tok/s | ratio | FLOP ratio | "
-                        "decode tok/s | ratio | FLOP ratio |")
-    assert len(lines) == 4
-    first, small = ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])
+    assert lines[0] == ("| checkpoint | params | prefill tok/s | ratio | FLOP ratio | share | "
+                        "decode tok/s | ratio | FLOP ratio | share |")
+    first, small = ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:4])
     # Prompt of 16 tokens (a prefill token attends to 8 on average), 4 decoded after it.
-    for phase, col, context in (("prefill", 4, 16 / 2), ("decode", 7, 16 + 4 / 2)):
+    for phase, col, context in (("prefill", 4, 16 / 2), ("decode", 8, 16 + 4 / 2)):
         big, n_big = _hf_flops_per_token(root / "hf", context)
         little, n_little = _hf_flops_per_token(root / "hf_small", context)
         assert float(small[col]) == pytest.approx(big / little, abs=0.006), phase
         assert big / little > 1.2, phase  # a difference the table must show
+        # share = measured ratio / FLOP ratio, from the printed cells (each rounded to 0.005)
+        r, f = float(small[col - 1]), float(small[col])
+        assert abs(float(small[col + 1]) - r / f) <= 0.005 + 0.005 * (1 + r / f) / f + 1e-9, \
+            (phase, small)
     assert (first[1], small[1]) == (f"{n_big / 1e6:.2f}M", f"{n_little / 1e6:.2f}M")
     for row in (first, small):
-        assert float(row[2]) > 0 and float(row[5]) > 0  # measured tokens per second
+        assert float(row[2]) > 0 and float(row[6]) > 0  # measured tokens per second
+    # --profile: one line per checkpoint with the matrix-product share and the top operators
+    prof = [line for line in lines[4:] if line.startswith("decode profile of")]
+    assert len(prof) == 2 and all("aten::mm" in line for line in prof)
+    assert all(0 < int(line.split("matrix products ")[1].split("%")[0]) < 100 for line in prof)
 
 
 def test_bench_with_sdpa_attention(result):
