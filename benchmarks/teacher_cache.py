@@ -9,7 +9,8 @@ accuracy, and what the cache saves in search time.
    without the cache, side by side: wall time of each, the retrained losses and the rankings.
 
     .venv/bin/python benchmarks/teacher_cache.py --teacher runs/demo/teacher/checkpoints/... \
-        --student runs/demo/pruned [--k 16,64,128] [--windows 16] [--search-steps 40]
+        --student runs/demo/pruned [--k 16,64,128] [--windows 16] [--search-steps 40 \
+        --search-target 2700000]
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def kl_error(teacher: str, student: str, ks: list[int], windows: int, data: str 
         print(f"  {k:6d} {approx.mean():9.5f} {err:10.2%} {tail.exp().double().mean():10.4f}")
 
 
-def search_time(teacher: str, steps: int, recipe: str | None) -> None:
+def search_time(teacher: str, steps: int, recipe: str | None, target: int | None) -> None:
     """Two searches side by side (each in its own process), with and without the cache."""
     out = Path(tempfile.mkdtemp(prefix="nm-teacher-cache-"))
     results = {}
@@ -64,11 +65,14 @@ def search_time(teacher: str, steps: int, recipe: str | None) -> None:
         for mode in ("live", "cache"):
             cmd = [sys.executable, "-m", "nemo_minitron", "search", teacher, str(out / mode)]
             cmd += [recipe] if recipe else []
+            cmd += [f"search.target_params={target}"] if target else []
             cmd += ["search.max_candidates=4", f"search.retrain_steps={steps}",
                     f"search.teacher_cache={'true' if mode == 'cache' else 'false'}",
                     "kd.hidden_weight=0", "train.eval_interval=" + str(steps)]
             t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode:
+                raise SystemExit(f"search ({mode}) failed: {run.stderr.strip()[-2000:]}")
             wall = time.perf_counter() - t0
             rows = json.loads((out / mode / "search" / "candidates.json").read_text())
             results[mode] = (wall, {r["name"]: r for r in rows["candidates"]})
@@ -95,12 +99,13 @@ def main() -> None:
     ap.add_argument("--search-steps", type=int, default=0,
                     help="also time a 4-candidate search with and without the cache")
     ap.add_argument("--search-recipe", help="search recipe (e.g. search.target_params there)")
+    ap.add_argument("--search-target", type=int, help="search.target_params (parameters)")
     args = ap.parse_args()
     if args.student:
         kl_error(args.teacher, args.student, [int(k) for k in args.k.split(",")],
                  args.windows, args.data)
     if args.search_steps:
-        search_time(args.teacher, args.search_steps, args.search_recipe)
+        search_time(args.teacher, args.search_steps, args.search_recipe, args.search_target)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,12 @@ class KDObjective(Objective):
         self._acts.clear()
         if self.cache is not None:
             s_out = model(tokens, pos, None)
-            cached = self.cache.rows(batch["sample_index"], tokens, self.device)
+            cache = self.cache if model.training else self.cache.valid  # the loop's eval()
+            if cache is None:
+                raise ConfigError(f"teacher cache {str(self.cache.path)!r} holds no validation "
+                                  "samples: rebuild it with validation, or set "
+                                  "train.eval_interval=0")
+            cached = cache.rows(batch["sample_index"], tokens, self.device)
             return s_out, partial(self._cached_loss, batch, cached)
         assert self.teacher is not None
         with torch.no_grad():

@@ -11,12 +11,15 @@ A cache directory::
     tail.npy    [num_samples, seq_length] float32     log of the teacher's mass outside them
     check.npy   [num_samples] int64                   a checksum of each sample's tokens
     done/       one marker per finished chunk of samples (a killed build resumes)
+    valid/      the same four arrays and done/ for the validation split's fixed samples (the
+                first train.eval_iters x train.global_batch_size, which every validation reads)
     meta.json   written last, atomically: k, shapes, the teacher, the data, the teacher's
                 validation loss. A directory without it is an unfinished cache.
 
 Sample ``i`` is the training dataset's sample ``i`` (``data.datasets.micro_batches`` hands each
-micro-batch's dataset indices to the objective as ``sample_index``); the checksum catches a
-cache used with other data. The arrays are ``.npy`` files read with ``allow_pickle=False``.
+micro-batch's dataset indices to the objective as ``sample_index``), and in ``valid/`` the
+validation dataset's; the checksum catches a cache used with other data. The arrays are
+``.npy`` files read with ``allow_pickle=False``.
 
 The loss, forward KL on the top-k support plus one tail bucket. With ``K`` the cached tokens,
 ``q = 1 - sum_K p_t`` and ``Q = 1 - sum_K p_s``::
@@ -194,6 +197,9 @@ class TeacherCache:
     logp: np.ndarray
     tail: np.ndarray
     check: np.ndarray
+    valid: TeacherCache | None = None
+    """The validation split's samples (``valid/``); None when the cache was built without
+    validation (train.eval_interval=0)."""
 
     def rows(self, index: torch.Tensor, tokens: torch.Tensor, device: torch.device
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,6 +217,22 @@ class TeacherCache:
                      for a in (self.ids, self.logp, self.tail))  # type: ignore[return-value]
 
 
+ARRAYS = ("ids", "logp", "tail", "check")
+
+
+def _open_arrays(p: Path, want: tuple[int, int, int], path: str) -> list[np.ndarray]:
+    try:
+        arrays = [np.load(p / f"{f}.npy", mmap_mode="r", allow_pickle=False) for f in ARRAYS]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"teacher cache {path!r} is unreadable: {e}") from None
+    ids, logp, tail, check = arrays
+    if ids.shape != want or logp.shape != want or tail.shape != want[:2] \
+            or check.shape != want[:1]:
+        raise ConfigError(f"teacher cache {path!r}: array shapes {ids.shape}, "
+                          f"{logp.shape}, {tail.shape}, {check.shape} do not match {META} {want}")
+    return arrays
+
+
 def open_cache(path: str | os.PathLike[str]) -> TeacherCache:
     """Open a finished cache; one-line errors for a missing or unfinished one."""
     p = Path(path)
@@ -219,17 +241,15 @@ def open_cache(path: str | os.PathLike[str]) -> TeacherCache:
                           f"(no {META}; build it with `nemo-minitron teacher-cache`)")
     try:
         meta = json.loads((p / META).read_text())
-        arrays = [np.load(p / f, mmap_mode="r", allow_pickle=False)
-                  for f in ("ids.npy", "logp.npy", "tail.npy", "check.npy")]
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"teacher cache {str(path)!r} is unreadable: {e}") from None
-    ids, logp, tail, check = arrays
     want = (meta["num_samples"], meta["seq_length"], meta["top_k"])
-    if ids.shape != want or logp.shape != want or tail.shape != want[:2] \
-            or check.shape != want[:1]:
-        raise ConfigError(f"teacher cache {str(path)!r}: array shapes {ids.shape}, "
-                          f"{logp.shape}, {tail.shape}, {check.shape} do not match {META} {want}")
-    return TeacherCache(p, meta, ids, logp, tail, check)
+    cache = TeacherCache(p, meta, *_open_arrays(p, want, str(path)))
+    if meta.get("valid_samples"):
+        want = (meta["valid_samples"], *want[1:])
+        cache.valid = TeacherCache(p / "valid", meta, *_open_arrays(p / "valid", want,
+                                                                   str(path)))
+    return cache
 
 
 def data_key(recipe: Any) -> dict[str, Any]:
@@ -256,6 +276,70 @@ def check_compatible(cache: TeacherCache, recipe: Any, seq_length: int, vocab_si
     if m["num_samples"] < min(need, m["dataset_len"]):
         raise ConfigError(f"{where} holds {m['num_samples']} samples; train.train_iters x "
                           f"train.global_batch_size = {need} (rebuild it for this run)")
+    need = valid_samples(t, m.get("valid_dataset_len", 0))
+    if m.get("valid_samples", 0) < need:
+        raise ConfigError(f"{where} holds {m.get('valid_samples', 0)} validation samples; "
+                          f"train.eval_iters x train.global_batch_size = {need} (rebuild it "
+                          "for this run, or set train.eval_interval=0)")
+
+
+def valid_samples(train: Any, dataset_len: int) -> int:
+    """Validation samples a run reads (the same fixed ones at every validation): none without
+    validation."""
+    if not train.eval_interval or not train.eval_iters:
+        return 0
+    return min(dataset_len, train.eval_iters * train.global_batch_size)
+
+
+def _write_split(teacher: torch.nn.Module, dataset: Any, n: int, out: Path, s: int, top_k: int,
+                 *, mbs: int, group: Any, writer: bool, rank: int, dp_rank: int,
+                 dp: int) -> None:
+    """The teacher's top-k of ``dataset``'s first ``n`` samples into ``out``'s arrays, in chunks
+    of ``CHUNK_SAMPLES`` (DP ranks take chunks in turn; finished chunks are skipped)."""
+    from nemo_minitron.model.forward import forward_pass
+
+    if rank == 0:
+        (out / "done").mkdir(parents=True, exist_ok=True)
+        for name, dtype, shape in (("ids", np.int32, (n, s, top_k)),
+                                   ("logp", np.float32, (n, s, top_k)),
+                                   ("tail", np.float32, (n, s)),
+                                   ("check", np.int64, (n,))):
+            f = out / f"{name}.npy"
+            if f.is_file() and np.load(f, mmap_mode="r", allow_pickle=False).shape != shape:
+                raise ConfigError(f"{out} holds an unfinished teacher cache of another run "
+                                  f"({name}.npy is not {shape}); remove it or choose another path")
+            if not f.is_file():
+                np.lib.format.open_memmap(f, mode="w+", dtype=dtype, shape=shape).flush()
+    dist.barrier()
+    arrays = {name: np.load(out / f"{name}.npy", mmap_mode="r+", allow_pickle=False)
+              for name in ARRAYS} if writer else {}
+    chunks = [c for c in range(math.ceil(n / CHUNK_SAMPLES)) if c % dp == dp_rank]
+    todo = [c for c in chunks if not (out / "done" / f"chunk_{c:06d}").exists()]
+    log.info("teacher cache %s: %d of %d chunks of this rank left", out.name, len(todo),
+             len(chunks))
+    t0 = time.perf_counter()
+    for j, c in enumerate(todo):
+        lo, hi = c * CHUNK_SAMPLES, min(n, (c + 1) * CHUNK_SAMPLES)
+        rows = [dataset[i] for i in range(lo, hi)]
+        tokens = torch.stack([r["tokens"] for r in rows])
+        pad = (-len(rows)) % mbs  # whole micro-batches; padded rows are dropped
+        if pad:
+            tokens = torch.cat([tokens, tokens[:1].expand(pad, -1)])
+        outs = forward_pass(teacher, tokens, micro_batch_size=mbs,
+                            collect=lambda o: vocab_parallel_topk(
+                                o.reshape(-1, o.shape[-1]), top_k, group))
+        if writer:
+            for j_, name in enumerate(("ids", "logp", "tail")):
+                got = torch.cat([o[j_].reshape(mbs, s, -1) for o in outs])[:hi - lo]
+                arrays[name][lo:hi] = got.reshape(arrays[name][lo:hi].shape).cpu().numpy()
+            arrays["check"][lo:hi] = token_checksum(tokens[:hi - lo]).numpy()
+            for a in arrays.values():
+                a.flush()
+            (out / "done" / f"chunk_{c:06d}").touch()
+        rate = (j + 1) * CHUNK_SAMPLES / (time.perf_counter() - t0)
+        log.info("teacher cache %s: chunk %d/%d, %.1f samples/s, eta %.0f s", out.name, j + 1,
+                 len(todo), rate, (len(todo) - j - 1) * CHUNK_SAMPLES / rate)
+    dist.barrier()
 
 
 def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[str],
@@ -273,7 +357,6 @@ def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[s
     )
     from nemo_minitron.data.resolve import resolve_data
     from nemo_minitron.distill.stage import teacher_validation_loss
-    from nemo_minitron.model.forward import forward_pass
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.train.pretrain import bf16_enabled, build_splits
 
@@ -297,62 +380,29 @@ def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[s
     group = group if dist.get_world_size(group) > 1 else None
     writer = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     dp_rank, dp = ps.get_data_parallel_rank(), rt.dp
-    if rt.rank == 0:
-        (out / "done").mkdir(parents=True, exist_ok=True)
-        for name, dtype, shape in (("ids", np.int32, (n, s, top_k)),
-                                   ("logp", np.float32, (n, s, top_k)),
-                                   ("tail", np.float32, (n, s)),
-                                   ("check", np.int64, (n,))):
-            f = out / f"{name}.npy"
-            if f.is_file() and np.load(f, mmap_mode="r", allow_pickle=False).shape != shape:
-                raise ConfigError(f"{out} holds an unfinished teacher cache of another run "
-                                  f"({name}.npy is not {shape}); remove it or choose another path")
-            if not f.is_file():
-                np.lib.format.open_memmap(f, mode="w+", dtype=dtype, shape=shape).flush()
-    dist.barrier()
-    arrays = {name: np.load(out / f"{name}.npy", mmap_mode="r+", allow_pickle=False)
-              for name in ("ids", "logp", "tail", "check")} if writer else {}
-    chunks = [c for c in range(math.ceil(n / CHUNK_SAMPLES)) if c % dp == dp_rank]
-    todo = [c for c in chunks if not (out / "done" / f"chunk_{c:06d}").exists()]
-    log.info("teacher cache: %d samples x %d tokens, top-%d; %d of %d chunks of this rank "
-             "left", n, s, top_k, len(todo), len(chunks))
-    t0 = time.perf_counter()
-    mbs = t.micro_batch_size
-    for j, c in enumerate(todo):
-        lo, hi = c * CHUNK_SAMPLES, min(n, (c + 1) * CHUNK_SAMPLES)
-        rows = [splits.train[i] for i in range(lo, hi)]
-        tokens = torch.stack([r["tokens"] for r in rows])
-        pad = (-len(rows)) % mbs  # whole micro-batches; padded rows are dropped
-        if pad:
-            tokens = torch.cat([tokens, tokens[:1].expand(pad, -1)])
-        outs = forward_pass(teacher, tokens, micro_batch_size=mbs,
-                            collect=lambda o: vocab_parallel_topk(
-                                o.reshape(-1, o.shape[-1]), top_k, group))
-        if writer:
-            for j_, name in enumerate(("ids", "logp", "tail")):
-                got = torch.cat([o[j_].reshape(mbs, s, -1) for o in outs])[:hi - lo]
-                arrays[name][lo:hi] = got.reshape(arrays[name][lo:hi].shape).cpu().numpy()
-            arrays["check"][lo:hi] = token_checksum(tokens[:hi - lo]).numpy()
-            for a in arrays.values():
-                a.flush()
-            (out / "done" / f"chunk_{c:06d}").touch()
-        rate = (j + 1) * CHUNK_SAMPLES / (time.perf_counter() - t0)
-        log.info("teacher cache: chunk %d/%d, %.1f samples/s, eta %.0f s", j + 1, len(todo),
-                 rate, (len(todo) - j - 1) * CHUNK_SAMPLES / rate)
-    dist.barrier()
+    n_valid = valid_samples(t, len(splits.valid) if splits.valid is not None else 0)
+    log.info("teacher cache: %d training + %d validation samples x %d tokens, top-%d",
+             n, n_valid, s, top_k)
+    for where, dataset, count in ((out, splits.train, n), (out / "valid", splits.valid, n_valid)):
+        if count:
+            _write_split(teacher, dataset, count, where, s, top_k, mbs=t.micro_batch_size,
+                         group=group, writer=writer, rank=rt.rank, dp_rank=dp_rank, dp=dp)
     teacher_loss, split, n_loss = teacher_validation_loss(teacher, splits.valid, splits.train, t)
     meta = {"top_k": top_k, "num_samples": n, "seq_length": s, "vocab_size": cfg.vocab_size,
-            "dataset_len": len(splits.train), "teacher": str(teacher_ckpt),
+            "dataset_len": len(splits.train), "valid_samples": n_valid,
+            "valid_dataset_len": len(splits.valid) if splits.valid is not None else 0,
+            "teacher": str(teacher_ckpt),
             "teacher_valid_loss": teacher_loss, "teacher_loss_split": split,
             "teacher_loss_sequences": n_loss, "tokenizer_vocab_size": tokenizer.vocab_size,
             "data": data_key(recipe)}
     if rt.rank == 0:
-        missing = [c for c in range(math.ceil(n / CHUNK_SAMPLES))
-                   if not (out / "done" / f"chunk_{c:06d}").exists()]
+        missing = [f"{where.name}/{c}" for where, count in ((out, n), (out / "valid", n_valid))
+                   for c in range(math.ceil(count / CHUNK_SAMPLES))
+                   if not (where / "done" / f"chunk_{c:06d}").exists()]
         if missing:
             raise RuntimeError(f"teacher cache chunks {missing[:3]} were not written")
         atomic_write_json(out / META, meta)
         log.info("teacher cache written to %s (%.1f MB)", out,
-                 sum(f.stat().st_size for f in out.glob("*.npy")) / 1e6)
+                 sum(f.stat().st_size for f in out.rglob("*.npy")) / 1e6)
     dist.barrier()
     return meta

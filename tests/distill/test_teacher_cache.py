@@ -127,22 +127,28 @@ def _e2e_job(root: str, teacher: str, student: str, overrides: list[str], vocab:
         return load_recipe(None, overrides + extra, cls=DistillRecipe)
 
     r = Path(root)
+    no_eval = ["train.eval_interval=0"]
     build_teacher_cache(teacher, recipe([]), r / "cache_full", vocab)
-    build_teacher_cache(teacher, recipe([]), r / "cache_16", 16)
+    build_teacher_cache(teacher, recipe(no_eval), r / "cache_16", 16)  # no validation samples
     summaries = {
         "online": distill(recipe([]), teacher, student, r / "online"),
         "full": distill(recipe([f"kd.teacher_cache={r / 'cache_full'}"]), teacher, student,
                         r / "full"),
-        "k16": distill(recipe([f"kd.teacher_cache={r / 'cache_16'}"]), teacher, student,
-                       r / "k16"),
+        "k16": distill(recipe([f"kd.teacher_cache={r / 'cache_16'}", *no_eval]), teacher,
+                       student, r / "k16"),
     }
+    try:  # a run that validates refuses a cache built without validation
+        distill(recipe([f"kd.teacher_cache={r / 'cache_16'}"]), teacher, student, r / "refused")
+        (r / "refused.txt").write_text("not refused")
+    except ConfigError as e:
+        (r / "refused.txt").write_text(str(e))
     (r / "teacher_loss.json").write_text(json.dumps(
         {k: v["teacher_valid_loss"] for k, v in summaries.items()}))
 
 
-def _train_rows(run: Path) -> dict[int, dict[str, float]]:
+def _rows(run: Path, kind: str = "train") -> dict[int, dict[str, float]]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if r["kind"] == "train"}
+    return {r["step"]: r for r in rows if r["kind"] == kind}
 
 
 def test_distill_from_cache_equals_live_teacher(tmp_path, pair, tiny_overrides):
@@ -154,14 +160,22 @@ def test_distill_from_cache_equals_live_teacher(tmp_path, pair, tiny_overrides):
     vocab = load_model_config(teacher).vocab_size
     data = [o for o in tiny_overrides if o.startswith("data.")]
     overrides = data + ["train.train_iters=3", "train.micro_batch_size=2",
-                        "train.global_batch_size=4", "train.eval_interval=0",
+                        "train.global_batch_size=4", "train.eval_interval=2",
+                        "train.eval_iters=2",
                         "train.log_interval=1", "train.tensorboard=false", "train.lr=1e-3",
                         "train.lr_warmup_iters=0", "kd.chunk_tokens=50"]
     spawn(_e2e_job, 1, str(tmp_path), teacher, student, overrides, vocab)
-    online, full, k16 = (_train_rows(tmp_path / n) for n in ("online", "full", "k16"))
+    online, full, k16 = (_rows(tmp_path / n) for n in ("online", "full", "k16"))
     for step in (1, 2, 3):
         for name in ("kd loss", "lm loss", "loss"):
             assert abs(full[step][name] - online[step][name]) < 1e-5, (step, name)
+    # Validation reads the cache's valid/ samples: the same losses as the live teacher's.
+    v_online, v_full = _rows(tmp_path / "online", "valid"), _rows(tmp_path / "full", "valid")
+    assert sorted(v_online) == sorted(v_full) and len(v_online) >= 2
+    for step in v_online:
+        for name in ("kd loss", "lm loss"):
+            assert abs(v_full[step][name] - v_online[step][name]) < 1e-5, (step, name)
+    assert "validation samples" in (tmp_path / "refused.txt").read_text()
     assert 0 < k16[1]["kd loss"] <= online[1]["kd loss"] + 1e-6  # a lower bound of the KL
     names = ("online", "full")
     spawn(state_dicts_job, 1, [str(tmp_path / n / "checkpoints" / "step_0000003") for n in names],

@@ -73,11 +73,15 @@ def test_search_resumes_ranks_and_reports(tmp_path, teacher, tiny_overrides):
     pruned_mtime = (cdir / "pruned" / "pruning" / "summary.json").stat().st_mtime_ns
     assert (root / "scores.pt").is_file()
 
-    # A run restricted to one candidate (as one job of several would be) retrains only it.
+    # A run restricted to one candidate (as one job of several would be) retrains only it;
+    # this one reads the teacher's logits from a cache, validation included (train.eval_interval
+    # is 1): its training and validation samples are cached once.
     third = "L4-H64-F64-A2-G1"
     res = run_cli("search", teacher, str(out), *_args(tiny_overrides),
-                  f"search.candidates=[{third}]")
+                  f"search.candidates=[{third}]", "search.teacher_cache=true")
     assert res.returncode == 0, res.stderr
+    meta = json.loads((root / "teacher_cache" / "meta.json").read_text())
+    assert (meta["num_samples"], meta["valid_samples"]) == (16, 16)
     assert json.loads(res.stdout) == {"finished": False, "remaining": ["L2-H64-F128-A4-G2"]}
     assert json.loads((root / "candidates" / third / "result.json").read_text())["status"] \
         == "done"
