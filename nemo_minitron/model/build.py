@@ -20,8 +20,10 @@ log = get_logger("model")
 
 ATTENTIONS = ("local", "sdpa")
 """Core attention choices of the local spec (the TE spec has its own fused attention)."""
-DEFAULT_ATTENTION = "local"
-"""Core attention of the local spec when ``build_model`` is not told one."""
+DEFAULT_ATTENTION = "sdpa"
+"""Core attention of the local spec when ``build_model`` is not told one: SDPA, measured as
+fast as transformers' forward+backward on CPU where Megatron's ``DotProductAttention`` is ~25%
+slower (``benchmarks/cpu_speed.py``), and equal to it to 1e-5 (``tests/model/test_attention``)."""
 
 
 def te_available() -> bool:
