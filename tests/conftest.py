@@ -34,11 +34,14 @@ def pytest_configure(config) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
     """Groups for pytest-xdist's ``--dist loadgroup`` (``scripts/test`` runs ``-n``): a test
     module runs whole on one worker, so its module-scoped fixtures are built once; every
     ``slurm`` test runs on one worker, since they share one cluster of one node (jobs of two
-    workers would queue behind each other and miss their timeouts)."""
+    workers would queue behind each other and miss their timeouts). ``tryfirst``: xdist's own
+    hook turns the markers into groups, so they must exist before it runs (added after it, they
+    were ignored and every module's fixtures were built on both workers)."""
     for item in items:
         group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
@@ -99,3 +102,4 @@ def _restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
