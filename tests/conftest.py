@@ -34,17 +34,31 @@ def pytest_configure(config) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)
+def _weight(items: list) -> int:
+    """Heaviness class of a group of tests, from their markers: 0 slow, 1 slurm, 2 dist
+    (spawned processes), 3 the rest."""
+    marks = {m for item in items for m in ("slow", "slurm", "dist") if item.get_closest_marker(m)}
+    return next((i for i, m in enumerate(("slow", "slurm", "dist")) if m in marks), 3)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
     """Groups for pytest-xdist's ``--dist loadgroup`` (``scripts/test`` runs ``-n``): a test
     module runs whole on one worker, so its module-scoped fixtures are built once; every
     ``slurm`` test runs on one worker, since they share one cluster of one node (jobs of two
     workers would queue behind each other and miss their timeouts). ``tryfirst``: xdist's own
-    hook turns the markers into groups, so they must exist before it runs (added after it, they
-    were ignored and every module's fixtures were built on both workers)."""
+    hook turns the markers into groups, so they must exist before it runs.
+
+    Heavy groups first (``_weight``; ``scripts/test`` passes ``--no-loadscope-reorder`` so that
+    xdist keeps this order instead of putting the groups with most tests first): the last
+    group a worker picks up is then a light one, not a minute-long end-to-end test."""
+    groups: dict[str, list] = {}
     for item in items:
         group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
+        groups.setdefault(group, []).append(item)
+    order = sorted(groups.values(), key=_weight)  # stable: collection order within a class
+    items[:] = [item for group in order for item in group]
 
 
 @pytest.fixture(scope="session")

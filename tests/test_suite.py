@@ -4,6 +4,7 @@ built once. With pytest 9 and pytest-xdist 3.8 the groups were silently ignored.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,16 +15,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Two modules of trivial tests under the suite's own grouping hook (imported, not copied).
+CONFTEST = "from tests.conftest import pytest_collection_modifyitems  # noqa: F401\n"
+MODULE = "".join(f"def test_{i}():\n    pass\n\n\n" for i in range(8))
 
-def test_loadgroup_keeps_each_module_on_one_worker():
+
+def test_loadgroup_keeps_each_module_on_one_worker(tmp_path):
     pytest.importorskip("xdist")
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    for name in ("test_a.py", "test_b.py"):
+        (tmp_path / name).write_text(MODULE)
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "--dist",
-         "loadgroup", "-v", "tests/test_config.py", "tests/utils/test_jsonl.py"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+         "loadgroup", "-v", "--rootdir", str(tmp_path), str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     workers: dict[str, set[str]] = defaultdict(set)
-    for worker, module in re.findall(r"^\[(gw\d+)\].*? (tests/[^:\s]+)::", res.stdout, re.M):
+    for worker, module in re.findall(r"^\[(gw\d+)\].*?(test_[ab]\.py)::", res.stdout, re.M):
         workers[module].add(worker)
-    assert set(workers) == {"tests/test_config.py", "tests/utils/test_jsonl.py"}, res.stdout
+    assert set(workers) == {"test_a.py", "test_b.py"}, res.stdout
     assert all(len(w) == 1 for w in workers.values()), dict(workers)
