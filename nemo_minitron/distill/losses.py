@@ -164,8 +164,8 @@ class _VocabParallelDivergence(torch.autograd.Function):
         g = grad.unsqueeze(-1) * temperature
         if fast:  # dKL/dz_s = p_s - p_t, computed in forward
             if ctx.dstudent is None:
-                raise RuntimeError("logit_divergence ran without gradient (no_grad or "
-                                   "with_grad=False); it has no backward")
+                raise RuntimeError("logit_divergence has no gradient to give: it ran under "
+                                   "no_grad, or its backward already ran")
             dstudent, ctx.dstudent = ctx.dstudent.mul_(g), None
             return dstudent, None, None, None, None, None, None, None, None
         student, teacher = ctx.saved_tensors

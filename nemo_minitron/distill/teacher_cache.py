@@ -276,7 +276,8 @@ def check_compatible(cache: TeacherCache, recipe: Any, seq_length: int, vocab_si
     if m["num_samples"] < min(need, m["dataset_len"]):
         raise ConfigError(f"{where} holds {m['num_samples']} samples; train.train_iters x "
                           f"train.global_batch_size = {need} (rebuild it for this run)")
-    need = valid_samples(t, m.get("valid_dataset_len", 0))
+    # A cache from before validation samples were cached has no valid_dataset_len: it has none.
+    need = valid_samples(t, m.get("valid_dataset_len", t.eval_iters * t.global_batch_size))
     if m.get("valid_samples", 0) < need:
         raise ConfigError(f"{where} holds {m.get('valid_samples', 0)} validation samples; "
                           f"train.eval_iters x train.global_batch_size = {need} (rebuild it "
