@@ -292,6 +292,11 @@ def valid_samples(train: Any, dataset_len: int) -> int:
     return min(dataset_len, train.eval_iters * train.global_batch_size)
 
 
+def _done(where: Path, chunk: int) -> Path:
+    """The marker of a finished chunk of samples."""
+    return where / "done" / f"chunk_{chunk:06d}"
+
+
 def _write_split(teacher: torch.nn.Module, dataset: Any, n: int, out: Path, s: int, top_k: int,
                  *, mbs: int, group: Any, writer: bool, rank: int, dp_rank: int,
                  dp: int) -> None:
@@ -315,7 +320,7 @@ def _write_split(teacher: torch.nn.Module, dataset: Any, n: int, out: Path, s: i
     arrays = {name: np.load(out / f"{name}.npy", mmap_mode="r+", allow_pickle=False)
               for name in ARRAYS} if writer else {}
     chunks = [c for c in range(math.ceil(n / CHUNK_SAMPLES)) if c % dp == dp_rank]
-    todo = [c for c in chunks if not (out / "done" / f"chunk_{c:06d}").exists()]
+    todo = [c for c in chunks if not _done(out, c).exists()]
     log.info("teacher cache %s: %d of %d chunks of this rank left", out.name, len(todo),
              len(chunks))
     t0 = time.perf_counter()
@@ -336,7 +341,7 @@ def _write_split(teacher: torch.nn.Module, dataset: Any, n: int, out: Path, s: i
             arrays["check"][lo:hi] = token_checksum(tokens[:hi - lo]).numpy()
             for a in arrays.values():
                 a.flush()
-            (out / "done" / f"chunk_{c:06d}").touch()
+            _done(out, c).touch()
         rate = (j + 1) * CHUNK_SAMPLES / (time.perf_counter() - t0)
         log.info("teacher cache %s: chunk %d/%d, %.1f samples/s, eta %.0f s", out.name, j + 1,
                  len(todo), rate, (len(todo) - j - 1) * CHUNK_SAMPLES / rate)
@@ -381,25 +386,26 @@ def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[s
     group = group if dist.get_world_size(group) > 1 else None
     writer = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     dp_rank, dp = ps.get_data_parallel_rank(), rt.dp
-    n_valid = valid_samples(t, len(splits.valid) if splits.valid is not None else 0)
+    valid_len = len(splits.valid) if splits.valid is not None else 0
+    n_valid = valid_samples(t, valid_len)
     log.info("teacher cache: %d training + %d validation samples x %d tokens, top-%d",
              n, n_valid, s, top_k)
-    for where, dataset, count in ((out, splits.train, n), (out / "valid", splits.valid, n_valid)):
+    parts = ((out, splits.train, n), (out / "valid", splits.valid, n_valid))
+    for where, dataset, count in parts:
         if count:
             _write_split(teacher, dataset, count, where, s, top_k, mbs=t.micro_batch_size,
                          group=group, writer=writer, rank=rt.rank, dp_rank=dp_rank, dp=dp)
     teacher_loss, split, n_loss = teacher_validation_loss(teacher, splits.valid, splits.train, t)
     meta = {"top_k": top_k, "num_samples": n, "seq_length": s, "vocab_size": cfg.vocab_size,
             "dataset_len": len(splits.train), "valid_samples": n_valid,
-            "valid_dataset_len": len(splits.valid) if splits.valid is not None else 0,
+            "valid_dataset_len": valid_len,
             "teacher": str(teacher_ckpt),
             "teacher_valid_loss": teacher_loss, "teacher_loss_split": split,
             "teacher_loss_sequences": n_loss, "tokenizer_vocab_size": tokenizer.vocab_size,
             "data": data_key(recipe)}
     if rt.rank == 0:
-        missing = [f"{where.name}/{c}" for where, count in ((out, n), (out / "valid", n_valid))
-                   for c in range(math.ceil(count / CHUNK_SAMPLES))
-                   if not (where / "done" / f"chunk_{c:06d}").exists()]
+        missing = [f"{where.name}/{c}" for where, _, count in parts
+                   for c in range(math.ceil(count / CHUNK_SAMPLES)) if not _done(where, c).exists()]
         if missing:
             raise RuntimeError(f"teacher cache chunks {missing[:3]} were not written")
         atomic_write_json(out / META, meta)
