@@ -33,12 +33,15 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(share)
 
 
-@pytest.hookimpl(tryfirst=True)
+HEAVY = ("slow", "slurm", "dist")
+"""Markers of costly tests, heaviest first (dist: spawned processes)."""
+
+
 def _weight(items: list) -> int:
-    """Heaviness class of a group of tests, from their markers: 0 slow, 1 slurm, 2 dist
-    (spawned processes), 3 the rest."""
-    marks = {m for item in items for m in ("slow", "slurm", "dist") if item.get_closest_marker(m)}
-    return next((i for i, m in enumerate(("slow", "slurm", "dist")) if m in marks), 3)
+    """Heaviness class of a group of tests: the index in ``HEAVY`` of its heaviest marker, or
+    ``len(HEAVY)`` for a group with none."""
+    marks = {m for item in items for m in HEAVY if item.get_closest_marker(m)}
+    return next((i for i, m in enumerate(HEAVY) if m in marks), len(HEAVY))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -116,4 +119,3 @@ def _restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
-
