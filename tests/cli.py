@@ -1,15 +1,23 @@
-"""The command line run in the pytest process: ``--help`` and the one-line errors of input that
-is refused before any parallel state exists. Tests of exit codes across a process boundary,
-``torchrun`` and runs that train use ``tests.test_cli.run_cli`` (a child process) instead."""
+"""The command line run in the pytest process (``cli``): ``--help`` and the one-line errors of
+input that is refused before any parallel state exists. Runs that train, and exit codes across a
+process boundary, use ``run_cli``: the same ``main`` in a child forked from the tests'
+forkserver (``tests.dist.context``), which is ``python -m nemo_minitron`` without the 3 s of
+imports. ``tests.test_cli`` keeps true ``python -m`` and ``torchrun`` runs."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from tests.dist import adopt, context
 
 
 @dataclass
@@ -64,3 +72,38 @@ def cli(*args: str, env: dict[str, str] | None = None) -> Result:
         os.environ.update(saved)
     assert_no_global_state()
     return Result(rc, out.getvalue(), err.getvalue())
+
+
+def _main_in_child(args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+    adopt(env, cwd)
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
+    sys.argv = ["nemo-minitron", *args]
+    from nemo_minitron.cli import main
+
+    try:
+        code = main(args)
+    finally:
+        atexit._run_exitfuncs()  # what the interpreter does at exit; a forked child skips it
+    sys.exit(code)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """``nemo-minitron ARGS`` in a child process (forked, see the module docstring): its exit
+    status, stdout and stderr, as ``subprocess.run(..., capture_output=True, text=True)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        for path in (out, err):
+            open(path, "w").close()
+        proc = context().Process(target=_main_in_child, args=(
+            list(args), dict(os.environ if env is None else env), os.getcwd(), out, err))
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired(["nemo-minitron", *args], timeout)
+        with open(out) as f_out, open(err) as f_err:
+            return subprocess.CompletedProcess(["nemo-minitron", *args], proc.exitcode,
+                                               f_out.read(), f_err.read())

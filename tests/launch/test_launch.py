@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import Result, cli
+from tests.cli import Result, cli, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 EVIL = "x; touch {}"
@@ -25,8 +25,7 @@ def _cli(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if path is not None:
         env["PATH"] = path
-    return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
-                          text=True, env=env)
+    return run_cli(*args, env=env, timeout=600)
 
 
 def _dry(*args: str, path: str | None = None) -> Result:

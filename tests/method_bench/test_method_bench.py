@@ -8,20 +8,19 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
+from tests.cli import run_cli
 from tests.conftest import SMALL_DATA
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str) -> subprocess.CompletedProcess:
     # ~60 library stages in one command: minutes, not the usual CLI-test timeout. One thread
     # unless OMP_NUM_THREADS is set (xdist sets each worker's share): the models are tiny, and
     # on a shared machine OpenMP's spinning threads made the run several times slower.
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
-                          text=True, timeout=1800, env=env)
+    return run_cli(*args, env=env, timeout=1800)
 
 _V = r"(?:agree|disagree|tie|inconclusive \(the seeds disagree\))"
 # "**agree**", or per part: "**one-shot: agree; after retraining: disagree**"
@@ -67,7 +66,7 @@ def test_bench_method_smoke(tmp_path, data_cache):
     out, report = tmp_path / "work", tmp_path / "report"
     args = ["bench-method", *smoke_overrides(data_cache), "--out", str(out), "--report",
             str(report)]
-    res = run_cli(*args)
+    res = run(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     text = (report / "report.md").read_text()
     summary = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
@@ -101,14 +100,14 @@ def test_bench_method_smoke(tmp_path, data_cache):
 
     # The same command again reuses every unit and writes the same findings.
     again = tmp_path / "again"
-    res = run_cli(*args[:-1], str(again))
+    res = run(*args[:-1], str(again))
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in (out / "units").glob("*.json")) == sorted(
         f"{n}.json" for n in units)
     assert (again / "report.md").read_text().split("## Summary")[1] == text.split("## Summary")[1]
 
     # Same --out, other settings: refused before any work, nothing mixed.
-    res = run_cli(*args, "retrain.train_iters=6")
+    res = run(*args, "retrain.train_iters=6")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: --out ")
     assert "retrain.train_iters differs" in res.stderr

@@ -10,9 +10,9 @@ import math
 import pytest
 import yaml
 
-from tests.cli import cli
+from tests.cli import cli, run_cli
 from tests.dist import spawn
-from tests.test_cli import _one_line_error, run_cli
+from tests.test_cli import _one_line_error
 
 # Source: 4 layers, hidden 64, ffn 128, 4 heads in 2 groups, vocab 1024 (279,104 parameters).
 # On hidden/ffn steps of 64 exactly three shapes lie within 1% of 205,200:
