@@ -1,4 +1,5 @@
-"""Core attention through ``torch.nn.functional.scaled_dot_product_attention`` (SDPA).
+"""Core attention through ``torch.nn.functional.scaled_dot_product_attention`` (SDPA), and a
+self-attention whose KV cache holds keys with RoPE applied (``RopeCachedSelfAttention``).
 
 A drop-in for megatron-core's local ``DotProductAttention`` (same constructor, same
 ``forward`` signature, same ``[s, b, heads, head_dim]`` inputs and ``[sq, b, hp]`` output, no
@@ -33,6 +34,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import (
+    SelfAttention,
+    _yarn_get_concentration_factor_from_config,
+)
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
@@ -102,3 +108,35 @@ class SDPAttention(DotProductAttention):
             attn_mask=mask, is_causal=causal, scale=self.sdpa_scale,
             enable_gqa=key.size(2) != heads)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
+
+
+class RopeCachedSelfAttention(SelfAttention):
+    """Megatron's ``SelfAttention`` whose static KV cache holds keys with RoPE applied.
+
+    megatron-core 0.16's static-batching cache stores keys before RoPE, so every decode step
+    re-applies RoPE to the whole cached key tensor of every layer (``context x batch x groups x
+    kv_channels`` elements of mul/neg/cat per token): a cost that does not shrink when hidden or
+    FFN sizes are pruned, measured as the main reason decode speed-ups fell short of the FLOP
+    ratio on CPU (``nemo-minitron bench --profile``). Here RoPE is applied to the new keys at
+    their own positions before they are stored, and only the queries get it afterwards, as
+    Megatron's dynamic-batching cache and ``flash_decode`` do. RoPE is elementwise per position,
+    so the cached keys, and so the logits, are the same numbers as before
+    (``tests/model/test_attention.py``: bit-identical). Training (no inference context) and
+    ``flash_decode`` take Megatron's own path."""
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value,
+                                        rotary_pos_emb, *args, **kwargs):
+        if (inference_context is None or rotary_pos_emb is None or self.config.flash_decode
+                or not inference_context.is_static_batching()):
+            return super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+        start = inference_context.sequence_len_offset
+        end = start + key.size(0)
+        q_pos_emb, k_pos_emb = rotary_pos_emb
+        key = apply_rotary_pos_emb(key, k_pos_emb[start:end], config=self.config,
+                                   mscale=_yarn_get_concentration_factor_from_config(self.config),
+                                   cp_group=self.pg_collection.cp)
+        query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
+            inference_context, query, key, value, None, *args, **kwargs)
+        # (queries' RoPE at their positions, none for the cached keys): forward applies it.
+        return query, key, value, (q_pos_emb[start:end], None), mask_type, block_table

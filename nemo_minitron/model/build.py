@@ -4,8 +4,9 @@ The Transformer Engine layer spec is used when TE imports and a GPU is present (
 FP8), Megatron's local spec otherwise. The local spec's core attention is Megatron's
 ``DotProductAttention`` (``attention="local"``) or torch's fused SDPA kernel
 (``attention="sdpa"``, ``nemo_minitron/model/attention.py``); both have no parameters, so
-checkpoints are the same. The model is built for the calling rank's pipeline stage of the
-current parallel state.
+checkpoints are the same. Its self-attention caches keys with RoPE applied
+(``RopeCachedSelfAttention``: decoding does not re-apply RoPE to the whole cache each token).
+The model is built for the calling rank's pipeline stage of the current parallel state.
 """
 
 from __future__ import annotations
@@ -94,10 +95,11 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | No
     use_te = te_available() if use_te is None else use_te
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
-    if attention == "sdpa":
-        from nemo_minitron.model.attention import SDPAttention
+    from nemo_minitron.model.attention import RopeCachedSelfAttention, SDPAttention
 
+    spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+    spec.submodules.self_attention.module = RopeCachedSelfAttention
+    if attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
