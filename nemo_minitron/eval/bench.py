@@ -12,13 +12,12 @@ attention scores and the weighted sum), taken at the mean context length of each
 table's ``share`` is the measured speed-up over the FLOP-predicted one (1: the pruning's FLOP
 saving fully turned into speed).
 
-Why decode falls short of the FLOP ratio after width pruning (``--profile`` shows it per
+Why decode fell short of the FLOP ratio after width pruning (``--profile`` shows it per
 checkpoint): Megatron's static-batching KV cache stores keys before RoPE, so every decode step
-re-applies RoPE to the whole cached key tensor in every layer (``mul``/``neg``/``cat``/``cos``/
-``sin`` over ``context x batch x groups x kv_channels``), and the local core attention copies the
-cache to repeat key/value groups for GQA. Neither shrinks when hidden or FFN sizes are pruned;
-megatron-core's remedy (``flash_decode``: RoPE once per token, into the cache) needs flash-attn
-on GPU.
+re-applied RoPE to the whole cached key tensor in every layer, a cost that does not shrink when
+hidden or FFN sizes are pruned. The local spec's ``RopeCachedSelfAttention``
+(``model/attention.py``) caches keys with RoPE applied instead. Megatron's local core attention
+still copies the cache to repeat key/value groups for GQA (SDPA does not).
 """
 
 from __future__ import annotations
