@@ -5,7 +5,8 @@ FP8), Megatron's local spec otherwise. The local spec's core attention is Megatr
 ``DotProductAttention`` (``attention="local"``) or torch's fused SDPA kernel
 (``attention="sdpa"``, ``nemo_minitron/model/attention.py``); both have no parameters, so
 checkpoints are the same. Its self-attention caches keys with RoPE applied
-(``RopeCachedSelfAttention``: decoding does not re-apply RoPE to the whole cache each token).
+(``RopeCachedSelfAttention``: decoding does not re-apply RoPE to the whole cache each token),
+and its MLP skips a no-op addition of Megatron's SwiGLU (``model/mlp.py``).
 The model is built for the calling rank's pipeline stage of the current parallel state.
 """
 
@@ -96,9 +97,11 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | No
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec()
     from nemo_minitron.model.attention import RopeCachedSelfAttention, SDPAttention
+    from nemo_minitron.model.mlp import SwiGLUMLP
 
     spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
     spec.submodules.self_attention.module = RopeCachedSelfAttention
+    spec.submodules.mlp.module = SwiGLUMLP
     if attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec

@@ -2,7 +2,8 @@
 ``DotProductAttention`` on the same weights: logits and gradients of a causal batch and of a
 packed block-diagonal batch, KV-cache greedy generation, and a multi-token decode step over a
 KV cache against a from-scratch forward of the whole sequence; at TP=1 and TP=2. The
-self-attention that caches RoPE'd keys decodes exactly as Megatron's own ``SelfAttention``."""
+self-attention that caches RoPE'd keys decodes exactly as Megatron's own ``SelfAttention``, and
+the local spec's ``SwiGLUMLP`` trains as Megatron's own ``MLP``."""
 
 from __future__ import annotations
 
@@ -77,33 +78,37 @@ def _decode_step(model: torch.nn.Module, tokens: torch.Tensor, prefix: int,
     return out
 
 
-def _with_megatron_self_attention(cfg) -> torch.nn.Module:
-    """``build_model(cfg)`` with Megatron's stock ``SelfAttention`` in the layer spec."""
-    from megatron.core.transformer.attention import SelfAttention
-
+def _with_megatron_modules(cfg) -> torch.nn.Module:
+    """``build_model(cfg)`` with Megatron's stock ``SelfAttention`` and ``MLP`` in the spec."""
     from nemo_minitron.model import build
 
     spec = build.layer_spec
-    build.layer_spec = lambda *a, **k: _swap(spec(*a, **k), SelfAttention)
+    build.layer_spec = lambda *a, **k: _stock(spec(*a, **k))
     try:
         return build.build_model(cfg)
     finally:
         build.layer_spec = spec
 
 
-def _swap(spec, module):
-    spec.submodules.self_attention.module = module
+def _stock(spec):
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.mlp import MLP
+
+    spec.submodules.self_attention.module = SelfAttention
+    spec.submodules.mlp.module = MLP
     return spec
 
 
 def attention_job(tp: int) -> None:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.mlp import MLP
 
     from nemo_minitron.config import ConfigError, ModelConfig, ParallelConfig
     from nemo_minitron.data.instruct import sft_attention_mask
     from nemo_minitron.eval.generate import SamplingConfig, generate
     from nemo_minitron.model.attention import RopeCachedSelfAttention, SDPAttention
     from nemo_minitron.model.build import build_model, transformer_config
+    from nemo_minitron.model.mlp import SwiGLUMLP
     from nemo_minitron.parallel.runtime import init_distributed
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=tp), seed=7)
@@ -145,10 +150,14 @@ def attention_job(tp: int) -> None:
     torch.testing.assert_close(_decode_step(local, seq, 16, True), scratch[:, 16:], **TOL)
 
     # Keys cached with RoPE applied (RopeCachedSelfAttention) give bit-identical decode logits
-    # to Megatron's SelfAttention, which caches raw keys and applies RoPE to the whole cache.
-    stock = _with_megatron_self_attention(cfg)
+    # to Megatron's SelfAttention, which caches raw keys and applies RoPE to the whole cache;
+    # SwiGLUMLP trains as Megatron's MLP (same logits and gradients).
+    stock = _with_megatron_modules(cfg)
     stock.load_state_dict(ref, strict=True)
     assert type(sdpa.decoder.layers[0].self_attention) is RopeCachedSelfAttention
+    assert type(sdpa.decoder.layers[0].mlp) is SwiGLUMLP
+    assert type(stock.decoder.layers[0].mlp) is MLP
+    _assert_same(_fwd_bwd(sdpa, tokens, None), _fwd_bwd(stock, tokens, None), "stock modules")
     for prefix in (1, 8, 23):
         assert torch.equal(_decode_step(sdpa, seq, prefix, False),
                            _decode_step(stock, seq, prefix, False)), prefix
