@@ -124,21 +124,24 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
                      ps.get_pipeline_model_parallel_world_size())
     if fp8 is not None and not te_available():
         raise ConfigError("train.fp8 needs Transformer Engine and a GPU")
+    from nemo_minitron.model.mlp import quiet_unknown_mlp
+
     config = transformer_config(cfg, bf16=bf16, fp8=fp8)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(cfg, use_te, attention=attention),
-        vocab_size=cfg.vocab_size,
-        max_sequence_length=cfg.context_length,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        position_embedding_type=cfg.position_embedding_type,
-        rotary_base=cfg.rotary_base,
-        rope_scaling=cfg.rope_scaling_factor is not None,
-        rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
-        parallel_output=True,
-    )
+    with quiet_unknown_mlp():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(cfg, use_te, attention=attention),
+            vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.context_length,
+            pre_process=ps.is_pipeline_first_stage(),
+            post_process=ps.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+            position_embedding_type=cfg.position_embedding_type,
+            rotary_base=cfg.rotary_base,
+            rope_scaling=cfg.rope_scaling_factor is not None,
+            rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
+            parallel_output=True,
+        )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if bf16:

@@ -6,9 +6,18 @@ with the default offset of 0 the addition is a full pass over the ``[s, b, ffn]`
 is all the configuration asks for (SiLU, gated, no bias, no clamp, offset 0, no per-token
 scale, no TE activation, no bias-activation fusion) and leaves every other case to Megatron.
 Same parameters and sharded state dict, so checkpoints are the same; outputs equal Megatron's
-(``tests/model/test_attention.py``)."""
+(``tests/model/test_attention.py``).
+
+Megatron's ``TransformerLayer`` passes ``tp_group`` only to a spec whose module is ``MLP``
+itself and warns "Unknown MLP type" for a subclass; ``MLP`` then takes the default tensor-parallel
+group, the one this project always uses. ``quiet_unknown_mlp`` drops that warning while our own
+spec is built."""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,3 +40,18 @@ class SwiGLUMLP(MLP):
         fc1, _ = self.linear_fc1(hidden_states)
         gate, up = torch.chunk(fc1, 2, dim=-1)
         return self.linear_fc2(F.silu(gate) * up)
+
+
+@contextlib.contextmanager
+def quiet_unknown_mlp() -> Iterator[None]:
+    """Drop Megatron's "Unknown MLP type" warning (see the module docstring) inside."""
+    log = logging.getLogger("megatron.core.transformer.transformer_layer")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)

@@ -157,6 +157,7 @@ def attention_job(tp: int) -> None:
     assert type(sdpa.decoder.layers[0].self_attention) is RopeCachedSelfAttention
     assert type(sdpa.decoder.layers[0].mlp) is SwiGLUMLP
     assert type(stock.decoder.layers[0].mlp) is MLP
+    assert sdpa.decoder.layers[0].mlp.tp_group is stock.decoder.layers[0].mlp.tp_group
     _assert_same(_fwd_bwd(sdpa, tokens, None), _fwd_bwd(stock, tokens, None), "stock modules")
     for prefix in (1, 8, 23):
         assert torch.equal(_decode_step(sdpa, seq, prefix, False),
