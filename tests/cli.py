@@ -1,7 +1,7 @@
 """The command line run in the pytest process (``cli``): ``--help`` and the one-line errors of
 input that is refused before any parallel state exists. Runs that train, and exit codes across a
 process boundary, use ``run_cli``: the same ``main`` in a child forked from the tests'
-forkserver (``tests.dist.context``), which is ``python -m nemo_minitron`` without the 3 s of
+forkserver (``tests.dist.context``), which is ``python -m nemo_minitron`` without the ~4 s of
 imports. ``tests.test_cli`` keeps true ``python -m`` and ``torchrun`` runs."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every multi-process test and every test that initialises Megatron's parallel sta
 body here, so the pytest process itself never holds global parallel state.
 
 The processes are forked from a forkserver that has imported torch, megatron-core and this
-package once (``context()``): a child starts in milliseconds instead of the ~3 s those imports
+package once (``context()``): a child starts in milliseconds instead of the ~4 s those imports
 take, and no parallel state, process group or CPU backend exists before the fork (the server
 only imports). A forked child would keep the server's environment and working directory, so
 each child takes the caller's.
