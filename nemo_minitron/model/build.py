@@ -6,7 +6,8 @@ FP8), Megatron's local spec otherwise. The local spec's core attention is Megatr
 (``attention="sdpa"``, ``nemo_minitron/model/attention.py``); both have no parameters, so
 checkpoints are the same. Its self-attention caches keys with RoPE applied
 (``RopeCachedSelfAttention``: decoding does not re-apply RoPE to the whole cache each token),
-and its MLP skips a no-op addition of Megatron's SwiGLU (``model/mlp.py``).
+and its MLP skips a no-op addition of Megatron's SwiGLU (``model/mlp.py``). The model is
+``model/gpt.py``'s ``GPTModel``, which computes returned logits batch-first (no copy).
 The model is built for the calling rank's pipeline stage of the current parallel state.
 """
 
@@ -114,7 +115,8 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
     ``attention`` picks the local spec's core attention (``ATTENTIONS``, default
     ``DEFAULT_ATTENTION``); the TE spec ignores it."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
+
+    from nemo_minitron.model.gpt import MinitronGPTModel
 
     attention = attention or DEFAULT_ATTENTION
     check_attention(attention)
@@ -128,7 +130,7 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
 
     config = transformer_config(cfg, bf16=bf16, fp8=fp8)
     with quiet_unknown_mlp():
-        model = GPTModel(
+        model = MinitronGPTModel(
             config=config,
             transformer_layer_spec=layer_spec(cfg, use_te, attention=attention),
             vocab_size=cfg.vocab_size,

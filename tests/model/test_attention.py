@@ -3,7 +3,8 @@
 packed block-diagonal batch, KV-cache greedy generation, and a multi-token decode step over a
 KV cache against a from-scratch forward of the whole sequence; at TP=1 and TP=2. The
 self-attention that caches RoPE'd keys decodes exactly as Megatron's own ``SelfAttention``, and
-the local spec's ``SwiGLUMLP`` trains as Megatron's own ``MLP``."""
+the local spec's ``SwiGLUMLP`` trains as Megatron's own ``MLP``; logits returned without
+autograd, computed batch-first (``MinitronGPTModel``), equal Megatron's ``GPTModel``'s."""
 
 from __future__ import annotations
 
@@ -79,15 +80,29 @@ def _decode_step(model: torch.nn.Module, tokens: torch.Tensor, prefix: int,
 
 
 def _with_megatron_modules(cfg) -> torch.nn.Module:
-    """``build_model(cfg)`` with Megatron's stock ``SelfAttention`` and ``MLP`` in the spec."""
-    from nemo_minitron.model import build
+    """``build_model(cfg)`` with Megatron's stock ``GPTModel``, and its ``SelfAttention`` and
+    ``MLP`` in the spec."""
+    from megatron.core.models.gpt import GPTModel
 
-    spec = build.layer_spec
+    from nemo_minitron.model import build, gpt
+
+    spec, ours = build.layer_spec, gpt.MinitronGPTModel
     build.layer_spec = lambda *a, **k: _stock(spec(*a, **k))
+    gpt.MinitronGPTModel = GPTModel
     try:
         return build.build_model(cfg)
     finally:
-        build.layer_spec = spec
+        build.layer_spec, gpt.MinitronGPTModel = spec, ours
+
+
+def _logits_fwd_bwd(model: torch.nn.Module, tokens: torch.Tensor):
+    """Returned logits (no labels) and the gradients of their squares."""
+    b, s = tokens.shape
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens, _positions(b, s), None)
+    assert logits.shape[:2] == (b, s) and logits.is_contiguous()
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def _stock(spec):
@@ -159,6 +174,14 @@ def attention_job(tp: int) -> None:
     assert type(stock.decoder.layers[0].mlp) is MLP
     assert sdpa.decoder.layers[0].mlp.tp_group is stock.decoder.layers[0].mlp.tp_group
     _assert_same(_fwd_bwd(sdpa, tokens, None), _fwd_bwd(stock, tokens, None), "stock modules")
+    # Logits returned without autograd are computed batch-first (MinitronGPTModel): equal to
+    # Megatron's; under autograd both take Megatron's path (same logits and gradients).
+    assert type(stock).__name__ == "GPTModel" and type(sdpa).__name__ == "MinitronGPTModel"
+    with torch.no_grad():
+        got, want = sdpa(tokens, _positions(b, s), None), stock(tokens, _positions(b, s), None)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, **TOL)
+    _assert_same(_logits_fwd_bwd(sdpa, tokens), _logits_fwd_bwd(stock, tokens), "returned")
     for prefix in (1, 8, 23):
         assert torch.equal(_decode_step(sdpa, seq, prefix, False),
                            _decode_step(stock, seq, prefix, False)), prefix
