@@ -28,7 +28,7 @@ def _batch_first_input(module: torch.nn.Module, args: tuple) -> tuple | None:
     if not getattr(module, "batch_first", False):
         return None
     hidden, *rest = args
-    # Contiguous: the layer's weight-gradient step views its saved input as 2-D.
+    # Contiguous: the matmul reads [b * s, h] as one matrix (it would copy a strided view).
     return (hidden.transpose(0, 1).contiguous(), *rest)
 
 
