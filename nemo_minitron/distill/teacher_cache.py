@@ -276,20 +276,14 @@ def check_compatible(cache: TeacherCache, recipe: Any, seq_length: int, vocab_si
     if m["num_samples"] < min(need, m["dataset_len"]):
         raise ConfigError(f"{where} holds {m['num_samples']} samples; train.train_iters x "
                           f"train.global_batch_size = {need} (rebuild it for this run)")
+    from nemo_minitron.train.loop import validation_samples
+
     # A cache from before validation samples were cached has no valid_dataset_len: it has none.
-    need = valid_samples(t, m.get("valid_dataset_len", t.eval_iters * t.global_batch_size))
+    need = validation_samples(t, m.get("valid_dataset_len", t.eval_iters * t.global_batch_size))
     if m.get("valid_samples", 0) < need:
         raise ConfigError(f"{where} holds {m.get('valid_samples', 0)} validation samples; "
                           f"train.eval_iters x train.global_batch_size = {need} (rebuild it "
                           "for this run, or set train.eval_interval=0)")
-
-
-def valid_samples(train: Any, dataset_len: int) -> int:
-    """Validation samples a run reads (the same fixed ones at every validation): none without
-    validation."""
-    if not train.eval_interval or not train.eval_iters:
-        return 0
-    return min(dataset_len, train.eval_iters * train.global_batch_size)
 
 
 def _done(where: Path, chunk: int) -> Path:
@@ -364,6 +358,7 @@ def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[s
     from nemo_minitron.data.resolve import resolve_data
     from nemo_minitron.distill.stage import teacher_validation_loss
     from nemo_minitron.parallel.runtime import init_distributed
+    from nemo_minitron.train.loop import validation_samples
     from nemo_minitron.train.pretrain import bf16_enabled, build_splits
 
     check_checkpoint(teacher_ckpt, "teacher")
@@ -387,7 +382,7 @@ def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[s
     writer = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     dp_rank, dp = ps.get_data_parallel_rank(), rt.dp
     valid_len = len(splits.valid) if splits.valid is not None else 0
-    n_valid = valid_samples(t, valid_len)
+    n_valid = validation_samples(t, valid_len)
     log.info("teacher cache: %d training + %d validation samples x %d tokens, top-%d",
              n, n_valid, s, top_k)
     parts = ((out, splits.train, n), (out / "valid", splits.valid, n_valid))

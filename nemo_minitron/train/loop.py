@@ -38,6 +38,15 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step."""
 
 
+def validation_samples(train: Any, dataset_len: int) -> int:
+    """Distinct validation samples a run reads: ``evaluate`` takes the same first
+    ``eval_iters x global_batch_size`` samples at every validation (fewer when the set is
+    smaller); none when the run does not validate. ``train``: a ``TrainConfig``."""
+    if not train.eval_interval or not train.eval_iters:
+        return 0
+    return min(dataset_len, train.eval_iters * train.global_batch_size)
+
+
 @dataclass
 class TrainState:
     """Counters saved in every checkpoint."""
@@ -172,7 +181,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation metrics over ``eval_iters`` fixed global batches."""
+        """Mean validation metrics over ``eval_iters`` fixed global batches (the samples of
+        ``validation_samples``)."""
         self.model.eval()
         totals: dict[str, float] = {}
         for i in range(self.cfg.eval_iters):
