@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +28,18 @@ from megatron.core.transformer.mlp import MLP
 class SwiGLUMLP(MLP):
     """Megatron's ``MLP`` without the no-op ``+ glu_linear_offset`` of its SwiGLU."""
 
-    def _plain_swiglu(self) -> bool:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         c = self.config
-        return (c.gated_linear_unit and self.activation_func is F.silu and not c.add_bias_linear
-                and not c.bias_activation_fusion and not c.use_te_activation_func
-                and c.activation_func_clamp_value is None and c.glu_linear_offset == 0)
+        # Fixed by the configuration: decided once, not per forward.
+        self.plain_swiglu = (
+            c.gated_linear_unit and self.activation_func is F.silu and not c.add_bias_linear
+            and not c.bias_activation_fusion and not c.use_te_activation_func
+            and c.activation_func_clamp_value is None and c.glu_linear_offset == 0)
 
     def forward(self, hidden_states: torch.Tensor, per_token_scale=None, **kwargs):
         """``[s, b, h]`` -> ``(output [s, b, h], bias)``, as ``MLP.forward``."""
-        if per_token_scale is not None or not self._plain_swiglu():
+        if per_token_scale is not None or not self.plain_swiglu:
             return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
         fc1, _ = self.linear_fc1(hidden_states)
         gate, up = torch.chunk(fc1, 2, dim=-1)
