@@ -9,6 +9,11 @@ in chunks (their size derived from the vocabulary slice and the device, ``chunk_
 computes its gradient in the same pass, the other divergences recompute the chunk's softmaxes in
 backward, so beyond the logits and their gradient memory stays at a few ``[chunk, V/TP]`` buffers.
 
+Logits may arrive in any layout whose vocabulary rows are contiguous: the student's sequence-first
+``[s, b, V/TP]`` as Megatron's output layer writes them beside the teacher's batch-first logits
+seen through a transposed view. Where the token dimensions cannot be flattened without a copy,
+chunks are taken along the first dimension instead (``_token_chunks``).
+
 Temperature: both logits are divided by ``T`` and the divergence is multiplied by ``T^2``
 (Hinton et al.), so gradient magnitudes do not shrink as ``T`` grows; at ``T=1`` nothing changes.
 """
@@ -30,9 +35,13 @@ ChunkTokens = int | Literal["auto"] | None
 
 def tp_allreduce(x: torch.Tensor, group: dist.ProcessGroup | None,
                op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
+    if not _one_process(group):
         dist.all_reduce(x, op=op, group=group)
     return x
+
+
+def _one_process(group: dist.ProcessGroup | None) -> bool:
+    return group is None or dist.get_world_size(group) == 1
 
 
 def compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +49,12 @@ def compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _log_softmax(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Vocab-parallel log-softmax of ``z [n, V/TP]`` (fp32)."""
+def log_softmax(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Vocab-parallel log-softmax of ``z [..., V/TP]`` (fp32). One process: torch's fused
+    kernel (each row's passes stay in cache; 1.8x faster than ``z - logsumexp(z)`` on CPU), the
+    single source of log-probabilities for the online and the cached teacher alike."""
+    if _one_process(group):
+        return torch.log_softmax(z, -1)
     return z - vocab_parallel_lse(z, group).unsqueeze(-1)
 
 
@@ -59,7 +72,7 @@ def _pick(logits: torch.Tensor, labels: torch.Tensor,
 
 def vocab_parallel_lse(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Vocab-parallel log-sum-exp over the last dim ``[n]``."""
-    if group is None or dist.get_world_size(group) == 1:
+    if _one_process(group):
         return torch.logsumexp(z, dim=-1)  # one fused kernel
     m = tp_allreduce(z.max(dim=-1, keepdim=True).values, group, dist.ReduceOp.MAX)
     return (m + tp_allreduce((z - m).exp().sum(dim=-1, keepdim=True), group).log()).squeeze(-1)
@@ -72,13 +85,13 @@ def _teacher_log_probs(t: torch.Tensor, top_k: int | None,
     if top_k is not None:
         k = min(top_k, t.shape[-1])
         local = t.topk(k, dim=-1).values  # [n, k]
-        if group is not None and dist.get_world_size(group) > 1:
+        if not _one_process(group):
             parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, local.contiguous(), group=group)
             local = torch.cat(parts, dim=-1)
         kth = local.topk(top_k, dim=-1).values[:, -1:]
         t = t.masked_fill(t < kth, float("-inf"))
-    return _log_softmax(t, group)
+    return log_softmax(t, group)
 
 
 def _divergence(ls: torch.Tensor, lt: torch.Tensor, kind: Divergence,
@@ -113,8 +126,37 @@ def _softmax_and_lse(z: torch.Tensor, group: dist.ProcessGroup | None
     return e.div_(total), (m + total.log()).squeeze(-1)
 
 
+def _forward_kl_chunk(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None,
+                      group: dist.ProcessGroup | None, grad_out: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``KL(p_t || p_s)`` per token of one chunk of logits ``[..., V/TP]``, the student's
+    cross-entropy against ``labels`` (None without labels), and, into ``grad_out``, the
+    gradient ``p_s - p_t``.
+
+    One process: torch's fused ``log_softmax`` (each row's passes stay in cache), then
+    ``KL = sum p_t (log p_t - log p_s)`` and ``CE = -log p_s[label]``. Under TP the softmax
+    statistics are all-reduced: ``KL = sum p_t (z_t - z_s) - lse_t + lse_s``, ``CE = lse_s -
+    z_s[label]``."""
+    if _one_process(group):
+        lt, ls = log_softmax(zt, group), log_softmax(zs, group)
+        pt = lt.exp()
+        ce = None if labels is None else -ls.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        kl = torch.linalg.vecdot(pt, lt.sub_(ls))
+        if grad_out is not None:
+            torch.exp(ls, out=grad_out).sub_(pt)
+        return kl, ce
+    pt, lse_t = _softmax_and_lse(zt, group)
+    ps, lse_s = _softmax_and_lse(zs, group)
+    ce = None if labels is None else lse_s - _pick(zs, labels, group)
+    kl = tp_allreduce(torch.linalg.vecdot(pt, zt - zs), group) - lse_t + lse_s
+    if grad_out is not None:
+        grad_out.copy_(ps.sub_(pt))
+    return kl, ce
+
+
 class _VocabParallelDivergence(torch.autograd.Function):
-    """Per-token ``T^2 * D(teacher, student)`` of ``[n, V/TP]`` logits, chunk by chunk.
+    """Per-token ``T^2 * D(teacher, student)`` of ``[n, ..., V/TP]`` logits, in chunks of
+    ``step`` along the first dimension.
 
     Forward KL without top-k (the method's loss) is fused: one pass over each chunk computes
     both softmaxes, the divergence and its gradient ``p_s - p_t``, written into one
@@ -125,24 +167,28 @@ class _VocabParallelDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, kind, temperature, top_k, group, step,  # type: ignore[override]
                 labels, with_grad):
-        out = torch.empty(student.shape[0], dtype=torch.float32 if student.dtype != torch.float64
-                          else torch.float64, device=student.device)
+        out = torch.empty(student.shape[:-1], dtype=torch.float32
+                          if student.dtype != torch.float64 else torch.float64,
+                          device=student.device)
         fast = kind == "forward" and top_k is None
-        lse_s = torch.empty_like(out)
-        dstudent = torch.empty_like(student) if fast and with_grad else None
+        if labels is not None and not (fast and temperature == 1.0):
+            raise ValueError("the cross-entropy comes with forward KL at T=1 without top-k")
+        ce = None if labels is None else torch.empty_like(out)
+        # fp32 (for bf16 logits too): scaled in fp32 in backward, rounded once on the way out
+        dstudent = torch.empty_like(student, dtype=out.dtype) if fast and with_grad else None
         with torch.no_grad():
             for i in range(0, student.shape[0], step):
-                zs = compute_dtype(student[i:i + step]) / temperature
-                zt = compute_dtype(teacher[i:i + step]) / temperature
-                if fast:  # KL(p_t || p_s) = sum p_t (z_t - z_s) - lse_t + lse_s
-                    pt, lse_t = _softmax_and_lse(zt, group)
-                    ps, lse_s[i:i + step] = _softmax_and_lse(zs, group)
-                    cross = tp_allreduce(torch.linalg.vecdot(pt, zt.sub_(zs)), group)
-                    out[i:i + step] = cross - lse_t + lse_s[i:i + step]
-                    if dstudent is not None:
-                        dstudent[i:i + step] = ps.sub_(pt)
+                zs, zt = (compute_dtype(x[i:i + step]) for x in (student, teacher))
+                if temperature != 1.0:
+                    zs, zt = zs / temperature, zt / temperature
+                if fast:
+                    out[i:i + step], ce_i = _forward_kl_chunk(
+                        zs, zt, None if labels is None else labels[i:i + step], group,
+                        None if dstudent is None else dstudent[i:i + step])
+                    if ce is not None:
+                        ce[i:i + step] = ce_i
                 else:
-                    ls = _log_softmax(zs, group)
+                    ls = log_softmax(zs, group)
                     lt = _teacher_log_probs(zt, top_k, group)
                     out[i:i + step] = _divergence(ls, lt, kind, group)[0]
         if fast:
@@ -150,11 +196,8 @@ class _VocabParallelDivergence(torch.autograd.Function):
         else:
             ctx.save_for_backward(student, teacher)
         ctx.args = (kind, temperature, top_k, group, step, fast)
-        if labels is None:
-            return out * temperature**2, None
-        # At T=1 the student's cross-entropy is lse_s - z_s[label]: no second softmax pass.
-        ce = lse_s - _pick(student, labels, group)
-        ctx.mark_non_differentiable(ce)
+        if ce is not None:
+            ctx.mark_non_differentiable(ce)
         return out * temperature**2, ce
 
     @staticmethod
@@ -171,7 +214,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
         student, teacher = ctx.saved_tensors
         dstudent = torch.empty_like(student)
         for i in range(0, student.shape[0], step):
-            ls = _log_softmax(compute_dtype(student[i:i + step]) / temperature, group)
+            ls = log_softmax(compute_dtype(student[i:i + step]) / temperature, group)
             lt = _teacher_log_probs(compute_dtype(teacher[i:i + step]) / temperature, top_k,
                                     group)
             _, dz = _divergence(ls, lt, kind, group)
@@ -197,6 +240,26 @@ def chunk_rows(chunk_tokens: ChunkTokens, n: int, v_local: int,
     return max(min(chunk_tokens or n, n), 1)
 
 
+def _token_chunks(chunk_tokens: ChunkTokens, *xs: torch.Tensor
+                  ) -> tuple[list[torch.Tensor], int]:
+    """``xs`` (logits ``[..., V/TP]`` and per-token tensors of the same leading shape) arranged
+    for chunking along their first dimension, and the chunk's length in that dimension.
+
+    When every tensor's token dimensions flatten as a view, they are flattened (chunks of
+    ``chunk_rows`` tokens). Otherwise (a transposed view, a vocabulary-padding slice) they keep
+    their shape and a chunk is ``chunk_rows // prod(lead[1:])`` slices of the first dimension
+    (at least one): nothing is copied."""
+    logits = xs[0]
+    lead = logits.shape[:-1]
+    n, inner = math.prod(lead), math.prod(lead[1:])
+    step = chunk_rows(chunk_tokens, n, logits.shape[-1], logits.device)
+    try:
+        flat = [x.view(n, *x.shape[len(lead):]) for x in xs]
+    except RuntimeError:
+        return list(xs), max(1, step // max(inner, 1))
+    return flat, step
+
+
 def _needs_grad(student: torch.Tensor) -> bool:
     """Whether the fused path should compute the gradient in forward (not under no_grad)."""
     return torch.is_grad_enabled() and student.requires_grad
@@ -219,12 +282,10 @@ def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
     if student.shape != teacher.shape:
         raise ValueError(f"student logits {tuple(student.shape)} and teacher logits "
                          f"{tuple(teacher.shape)} differ")
-    lead = student.shape[:-1]
-    s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    step = chunk_rows(chunk_tokens, s2.shape[0], s2.shape[-1], s2.device)
-    out, _ = _VocabParallelDivergence.apply(s2, t2.detach(), kind, temperature, top_k, group,
-                                            step, None, _needs_grad(s2))
-    return out.reshape(lead)
+    (s2, t2), step = _token_chunks(chunk_tokens, student, teacher.detach())
+    out, _ = _VocabParallelDivergence.apply(s2, t2, kind, temperature, top_k, group, step, None,
+                                            _needs_grad(s2))
+    return out.view(student.shape[:-1])
 
 
 def logit_divergence_and_ce(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
@@ -234,17 +295,15 @@ def logit_divergence_and_ce(student: torch.Tensor, teacher: torch.Tensor, labels
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``logit_divergence`` and, without gradient, the student's per-token cross-entropy
     against ``labels [...]`` (reported beside the distillation loss). On the fused path
-    (forward KL, T=1, no top-k) the cross-entropy reuses the divergence's log-sum-exps."""
+    (forward KL, T=1, no top-k) the cross-entropy reuses the student's log-softmax."""
     if kind != "forward" or temperature != 1.0 or top_k is not None:
         kd = logit_divergence(student, teacher, kind=kind, temperature=temperature,
                               top_k=top_k, chunk_tokens=chunk_tokens, group=group)
         return kd, token_cross_entropy(student, labels, chunk_tokens=chunk_tokens, group=group)
-    lead = student.shape[:-1]
-    s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    step = chunk_rows(chunk_tokens, s2.shape[0], s2.shape[-1], s2.device)
-    kd, ce = _VocabParallelDivergence.apply(s2, t2.detach(), kind, 1.0, None, group, step,
-                                            labels.reshape(-1), _needs_grad(s2))
-    return kd.reshape(lead), ce.reshape(lead)
+    (s2, t2, y2), step = _token_chunks(chunk_tokens, student, teacher.detach(), labels)
+    kd, ce = _VocabParallelDivergence.apply(s2, t2, kind, 1.0, None, group, step, y2,
+                                            _needs_grad(s2))
+    return kd.view(labels.shape), ce.view(labels.shape)
 
 
 @torch.no_grad()
@@ -255,12 +314,11 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
     ``labels [...]``, without gradient and without touching ``logits`` (Megatron's
     ``vocab_parallel_cross_entropy`` overwrites its input, which the divergence still needs):
     the student's LM loss, reported beside the distillation loss."""
-    z2, y2 = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    step = chunk_rows(chunk_tokens, z2.shape[0], z2.shape[-1], z2.device)
+    (z2, y2), step = _token_chunks(chunk_tokens, logits, labels)
     out = [vocab_parallel_lse(compute_dtype(z2[i:i + step]), group)
            - _pick(z2[i:i + step], y2[i:i + step], group)
            for i in range(0, z2.shape[0], step)]
-    return torch.cat(out).reshape(labels.shape)
+    return torch.cat(out).view(labels.shape)
 
 
 def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor,

@@ -30,6 +30,7 @@ from nemo_minitron.distill.losses import (
 )
 from nemo_minitron.distill.teacher_cache import TeacherCache, cached_forward_kl
 from nemo_minitron.model.build import unwrap
+from nemo_minitron.model.gpt import MinitronGPTModel
 from nemo_minitron.model.layouts import drop_vocab_padding, global_layers
 from nemo_minitron.train.objectives import Objective, masked_mean, to_device
 
@@ -196,19 +197,29 @@ class KDObjective(Objective):
             self.teacher.set_input_tensor(received[..., self.h_student:])
         self._acts.clear()
         if self.cache is not None:
-            s_out = model(tokens, pos, None)
             cache = self.cache if model.training else self.cache.valid  # the loop's eval()
             if cache is None:
                 raise ConfigError(f"teacher cache {str(self.cache.path)!r} holds no validation "
                                   "samples: rebuild it with validation, or set "
                                   "train.eval_interval=0")
-            cached = cache.rows(batch["sample_index"], tokens, self.device)
-            return s_out, partial(self._cached_loss, batch, cached)
-        assert self.teacher is not None
-        with torch.no_grad():
-            t_out = self.teacher(tokens, pos, None)
-        s_out = model(tokens, pos, None)
-        aux = self._intermediate_losses(batch["loss_mask"])
+            # [b, s, k] -> [s, b, k] like the student's logits (k << vocabulary: a small copy)
+            cached = [a.transpose(0, 1).contiguous()
+                      for a in cache.rows(batch["sample_index"], tokens, self.device)]
+            terms = partial(self._cached_terms, cached)
+        else:
+            assert self.teacher is not None
+            with torch.no_grad():
+                t_out = self.teacher(tokens, pos, None)
+            terms = partial(self._logit_terms, t_out.transpose(0, 1))  # a [s, b, v] view
+        if self.is_last and isinstance(self.student, MinitronGPTModel):
+            # The terms get the student's logits as its output layer wrote them, [s, b, v]:
+            # neither they nor their gradient are copied to [b, s, v].
+            s_out = model(tokens, pos, None, labels=batch["labels"], logits_loss=terms)
+            from_output = _identity
+        else:  # another GPTModel returns [b, s, v] logits; on other stages, hidden states
+            s_out = model(tokens, pos, None)
+            from_output = lambda out: terms(batch["labels"], out.transpose(0, 1))  # noqa: E731
+        aux = self._intermediate_losses(batch["loss_mask"]) if self.cache is None else []
         if not self.is_last:
             out = torch.cat([s_out, t_out.detach()], dim=-1)
             weights = {"hidden loss": self.cfg.hidden_weight / max(self.n_pairs, 1),
@@ -221,7 +232,7 @@ class KDObjective(Objective):
                     1.0 if name == "embedding loss" else 1.0 / self.n_pairs)
                 self._stage_sums["loss"] = self._stage_sums.get("loss", 0.0) + w * v
             return out, _no_loss
-        return s_out, partial(self._loss, batch, t_out, aux)
+        return s_out, lambda out: self._loss(batch, from_output(out), aux)
 
     def _intermediate_losses(self, loss_mask: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         mask = loss_mask.t()  # hidden states are [s, b, h]
@@ -237,22 +248,41 @@ class KDObjective(Objective):
         self._acts.clear()
         return out
 
-    def _loss(self, batch, t_logits, aux, s_logits):
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
+    # ------------------------------------------------------------------ per-token logit terms
+    # Both take the student's logits [s, b, v/TP] (any strides with contiguous rows) and
+    # labels [b, s], and return per-token (distillation, cross-entropy) losses [b, s]. The
+    # cross-entropy carries gradient only when kd.lm_loss_weight weights it.
+    def _logit_terms(self, t_logits, labels, s_logits):
         cfg = self.cfg
         if self.shared_vocab is not None:  # TP=1 only: reconcile padded vocabularies
             s_logits = drop_vocab_padding(s_logits, self.shared_vocab)
             t_logits = drop_vocab_padding(t_logits, self.shared_vocab)
-        group = self.tp_group if torch.distributed.get_world_size(self.tp_group) > 1 else None
+        labels = labels.t().contiguous()
         per_kd, per_ce = logit_divergence_and_ce(
-            s_logits, t_logits, batch["labels"], kind=cfg.divergence,
-            temperature=cfg.temperature, top_k=cfg.top_k, chunk_tokens=cfg.chunk_tokens,
-            group=group)
+            s_logits, t_logits, labels, kind=cfg.divergence, temperature=cfg.temperature,
+            top_k=cfg.top_k, chunk_tokens=cfg.chunk_tokens, group=self._group())
+        if cfg.lm_loss_weight:
+            per_ce = _lm_cross_entropy(s_logits, labels)
+        return per_kd.t().contiguous(), per_ce.t().contiguous()
+
+    def _cached_terms(self, cached, labels, s_logits):
+        """Against the teacher cache: ``KL_k`` (see ``distill.teacher_cache``)."""
+        cfg = self.cfg
+        labels = labels.t().contiguous()
+        per_kd = cached_forward_kl(s_logits, *cached, chunk_tokens=cfg.chunk_tokens,
+                                   group=self._group())
+        per_ce = _lm_cross_entropy(s_logits, labels) if cfg.lm_loss_weight else \
+            token_cross_entropy(s_logits, labels, chunk_tokens=cfg.chunk_tokens,
+                                group=self._group())
+        return per_kd.t().contiguous(), per_ce.t().contiguous()
+
+    def _group(self):
+        return self.tp_group if torch.distributed.get_world_size(self.tp_group) > 1 else None
+
+    def _loss(self, batch, terms, aux):
+        cfg = self.cfg
+        per_kd, per_ce = terms
         kd, ce = masked_mean(per_kd, batch["loss_mask"]), masked_mean(per_ce, batch["loss_mask"])
-        if cfg.lm_loss_weight:  # Megatron's CE overwrites its input: give it a copy
-            ce = masked_mean(vocab_parallel_cross_entropy(s_logits.float().clone(),
-                                                          batch["labels"]), batch["loss_mask"])
         loss = cfg.logit_weight * kd + cfg.lm_loss_weight * ce
         metrics = {"kd loss": kd.detach().clone(), "lm loss": ce.detach().clone()}
         hidden = [v for n, v in aux if n == "hidden loss"]
@@ -275,23 +305,17 @@ class KDObjective(Objective):
         return loss, metrics
 
 
-    def _cached_loss(self, batch, cached, s_logits):
-        """The loss against the teacher cache: ``KL_k`` (see ``distill.teacher_cache``)."""
-        cfg = self.cfg
-        group = self.tp_group if torch.distributed.get_world_size(self.tp_group) > 1 else None
-        per_kd = cached_forward_kl(s_logits, *cached, chunk_tokens=cfg.chunk_tokens,
-                                   group=group)
-        per_ce = token_cross_entropy(s_logits, batch["labels"], chunk_tokens=cfg.chunk_tokens,
-                                     group=group)
-        kd, ce = masked_mean(per_kd, batch["loss_mask"]), masked_mean(per_ce, batch["loss_mask"])
-        if cfg.lm_loss_weight:  # with gradient; Megatron's CE overwrites its input: a copy
-            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+def _identity(x):
+    return x
 
-            ce = masked_mean(vocab_parallel_cross_entropy(s_logits.float().clone(),
-                                                          batch["labels"]), batch["loss_mask"])
-        loss = cfg.logit_weight * kd + cfg.lm_loss_weight * ce
-        return loss, {"loss": loss.detach().clone(), "kd loss": kd.detach().clone(),
-                      "lm loss": ce.detach().clone()}
+
+def _lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Megatron's vocab-parallel cross-entropy, with gradient; it overwrites its input, which
+    the divergence still needs: it gets a copy."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return vocab_parallel_cross_entropy(
+        logits.float().clone(memory_format=torch.contiguous_format), labels)
 
 
 def _no_loss(output: torch.Tensor):

@@ -55,8 +55,8 @@ from nemo_minitron.distill.losses import (
     ChunkTokens,
     chunk_rows,
     compute_dtype,
+    log_softmax,
     tp_allreduce,
-    vocab_parallel_lse,
 )
 from nemo_minitron.utils.fs import atomic_write_json
 from nemo_minitron.utils.logging import get_logger
@@ -95,12 +95,11 @@ def _masked_lse(z: torch.Tensor, keep: torch.Tensor,
 def vocab_parallel_topk(logits: torch.Tensor, k: int, group: dist.ProcessGroup | None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global ``(ids [n, k], log-probs [n, k], log tail mass [n])`` of vocab-parallel
-    ``logits [n, V/TP]``."""
-    z = compute_dtype(logits)
-    lse = vocab_parallel_lse(z, group)
-    v_local = z.shape[-1]
+    ``logits [n, V/TP]``; the log-probs are ``losses.log_softmax``'s, as the online loss'."""
+    logp = log_softmax(compute_dtype(logits), group)
+    v_local = logp.shape[-1]
     start = v_local * (dist.get_rank(group) if group is not None else 0)
-    vals, idx = z.topk(min(k, v_local), dim=-1)
+    vals, idx = logp.topk(min(k, v_local), dim=-1)
     idx = idx + start
     if group is not None and dist.get_world_size(group) > 1:
         world = dist.get_world_size(group)
@@ -111,8 +110,8 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, group: dist.ProcessGroup |
         vals, idx = torch.cat(all_v, -1), torch.cat(all_i, -1)
         vals, pick = vals.topk(k, dim=-1)
         idx = idx.gather(-1, pick)
-    tail = _masked_lse(z, _outside(idx, start, v_local), group) - lse
-    return idx.int(), vals - lse.unsqueeze(-1), tail
+    tail = _masked_lse(logp, _outside(idx, start, v_local), group)
+    return idx.int(), vals, tail
 
 
 class _CachedForwardKL(torch.autograd.Function):
@@ -125,33 +124,30 @@ class _CachedForwardKL(torch.autograd.Function):
         start = v_local * (dist.get_rank(group) if group is not None else 0)
         out = torch.empty(n, dtype=torch.float64 if student.dtype == torch.float64
                           else torch.float32, device=student.device)
-        lse = torch.empty_like(out)
         with torch.no_grad():
             for i in range(0, n, step):
-                z = compute_dtype(student[i:i + step])
-                lse[i:i + step] = vocab_parallel_lse(z, group)
-                lt, ls, tails = _chunk(z, ids[i:i + step], logp_t[i:i + step],
-                                       tail_t[i:i + step], lse[i:i + step], start, group)
+                ls_full = log_softmax(compute_dtype(student[i:i + step]), group)
+                lt, ls, tails = _chunk(ls_full, ids[i:i + step], logp_t[i:i + step],
+                                       tail_t[i:i + step], start, group)
                 q, log_q, log_q_s = tails
                 tail = torch.where(q > 0, q * (log_q - log_q_s), 0.0)
                 out[i:i + step] = (lt.exp() * (lt - ls)).sum(-1) + tail
-        ctx.save_for_backward(student, ids, logp_t, tail_t, lse)
+        ctx.save_for_backward(student, ids, logp_t, tail_t)
         ctx.args = (group, step, start)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        student, ids, logp_t, tail_t, lse = ctx.saved_tensors
+        student, ids, logp_t, tail_t = ctx.saved_tensors
         group, step, start = ctx.args
         d = torch.empty_like(student)
         v_local = student.shape[-1]
         for i in range(0, student.shape[0], step):
-            z = compute_dtype(student[i:i + step])
-            lt, ls, (q, log_q, log_q_s) = _chunk(z, ids[i:i + step], logp_t[i:i + step],
-                                                 tail_t[i:i + step], lse[i:i + step], start,
-                                                 group)
+            ls_full = log_softmax(compute_dtype(student[i:i + step]), group)
+            lt, ls, (q, log_q, log_q_s) = _chunk(ls_full, ids[i:i + step], logp_t[i:i + step],
+                                                 tail_t[i:i + step], start, group)
             r = torch.where(q > 0, (log_q - log_q_s).exp(), 0.0)  # q / Q
-            g = (z - lse[i:i + step, None]).exp_().mul_((1.0 - r).unsqueeze(-1))  # outside K
+            g = ls_full.exp_().mul_((1.0 - r).unsqueeze(-1))  # outside K
             # on K: p_s - p_t, added as a delta on this rank's own ids (the others add 0)
             local = ids[i:i + step].long() - start
             mine = (local >= 0) & (local < v_local)
@@ -161,15 +157,16 @@ class _CachedForwardKL(torch.autograd.Function):
         return d, None, None, None, None, None
 
 
-def _chunk(z, ids, logp_t, tail_t, lse, start, group):
-    """Teacher and student log-probs on ``K`` ``[n, k]`` and the tails ``(q, log q, log Q)``."""
+def _chunk(ls_full, ids, logp_t, tail_t, start, group):
+    """Teacher and student log-probs on ``K`` ``[n, k]`` and the tails ``(q, log q, log Q)``,
+    from the student's log-probs ``ls_full [n, V/TP]``."""
     local = ids.long() - start
-    mine = (local >= 0) & (local < z.shape[-1])
-    picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1))
-    ls = tp_allreduce(torch.where(mine, picked, torch.zeros_like(picked)), group) - lse[:, None]
-    log_q_s = _masked_lse(z, _outside(ids, start, z.shape[-1]), group) - lse
-    log_q = tail_t.to(z.dtype)
-    return logp_t.to(z.dtype), ls, (log_q.exp(), log_q, log_q_s)
+    mine = (local >= 0) & (local < ls_full.shape[-1])
+    picked = ls_full.gather(-1, local.clamp(0, ls_full.shape[-1] - 1))
+    ls = tp_allreduce(torch.where(mine, picked, torch.zeros_like(picked)), group)
+    log_q_s = _masked_lse(ls_full, _outside(ids, start, ls_full.shape[-1]), group)
+    log_q = tail_t.to(ls_full.dtype)
+    return logp_t.to(ls_full.dtype), ls, (log_q.exp(), log_q, log_q_s)
 
 
 def cached_forward_kl(student: torch.Tensor, ids: torch.Tensor, logp_t: torch.Tensor,

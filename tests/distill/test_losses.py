@@ -99,6 +99,48 @@ def test_token_cross_entropy_equals_torch_and_leaves_logits_alone():
     torch.testing.assert_close(ce, F.cross_entropy(s, labels, reduction="none"))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_sequence_first_student_and_transposed_teacher(kind):
+    """Logits in the layouts the objective hands over: the student's ``[s, b, V]`` as Megatron's
+    output layer writes them, the teacher's ``[b, s, V]`` seen through a transposed view (its
+    tokens cannot be flattened without a copy: chunks run along ``s``). Values, gradient and
+    cross-entropy equal the reference on the same tokens."""
+    s, t, w = _inputs()
+    seq, b = 6, 4  # N = 24 tokens
+    labels = torch.randint(0, V, (seq, b), generator=torch.Generator().manual_seed(5))
+    teacher_bsv = t.view(seq, b, V).transpose(0, 1).contiguous()  # the teacher as returned
+    teacher = teacher_bsv.transpose(0, 1)
+    assert not teacher.is_contiguous()
+    want = _value_and_grad(lambda a, b_: reference(a, b_, kind), s, t, w)
+    for chunk in (None, 5, "auto"):
+        def fn(a, _b, c=chunk):
+            a = a.view(seq, b, V)
+            if kind == "forward":
+                return logit_divergence_and_ce(a, teacher, labels, chunk_tokens=c)[0]
+            return logit_divergence(a, teacher, kind=kind, chunk_tokens=c)
+        got = _value_and_grad(fn, s, t, w.view(seq, b))
+        torch.testing.assert_close(got[0].reshape(-1), want[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=0)
+    ce = logit_divergence_and_ce(s.view(seq, b, V), teacher, labels, chunk_tokens=5)[1]
+    torch.testing.assert_close(ce, F.cross_entropy(s, labels.reshape(-1), reduction="none")
+                               .view(seq, b))
+    padded = torch.cat([s, torch.zeros(N, 3, dtype=s.dtype)], -1).view(seq, b, V + 3)
+    got = token_cross_entropy(padded[..., :V], labels, chunk_tokens=5)  # vocabulary padding cut
+    torch.testing.assert_close(got, ce)
+
+
+def test_bf16_logits():
+    """bf16 logits (the student's, under mixed precision): computed in fp32, the gradient
+    returned in bf16, equal to the fp64 reference on the same rounded inputs."""
+    s, t, w = _inputs()
+    s16, t16 = s.to(torch.bfloat16), t.to(torch.bfloat16)
+    want = _value_and_grad(lambda a, b: reference(a, b, "forward"), s16.double(), t16.double(), w)
+    got = _value_and_grad(lambda a, b: logit_divergence(a, b, chunk_tokens=5), s16, t16, w)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0].double(), want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1].double(), want[1], atol=1e-6, rtol=2**-8)
+
+
 def test_no_grad_value_and_chunk_rows():
     """Under no_grad the fused path skips the gradient but gives the same value; the chunk size
     follows the vocabulary slice."""

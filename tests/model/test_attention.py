@@ -4,7 +4,8 @@ packed block-diagonal batch, KV-cache greedy generation, and a multi-token decod
 KV cache against a from-scratch forward of the whole sequence; at TP=1 and TP=2. The
 self-attention that caches RoPE'd keys decodes exactly as Megatron's own ``SelfAttention``, and
 the local spec's ``SwiGLUMLP`` trains as Megatron's own ``MLP``; logits returned without
-autograd, computed batch-first (``MinitronGPTModel``), equal Megatron's ``GPTModel``'s."""
+autograd, computed batch-first (``MinitronGPTModel``), equal Megatron's ``GPTModel``'s, and
+so do the sequence-first logits a ``logits_loss`` is given."""
 
 from __future__ import annotations
 
@@ -173,6 +174,24 @@ def attention_job(tp: int) -> None:
     assert type(sdpa.decoder.layers[0].mlp) is SwiGLUMLP
     assert type(stock.decoder.layers[0].mlp) is MLP
     assert sdpa.decoder.layers[0].mlp.tp_group is stock.decoder.layers[0].mlp.tp_group
+    # A loss handed the logits (logits_loss) gets them sequence-first and contiguous, as the
+    # output layer wrote them: the same values and gradients as Megatron's returned logits.
+    # Afterwards labels give Megatron's cross-entropy again (the _fwd_bwd comparison below).
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def square(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        seen.append((labels, logits))
+        return logits.float().pow(2).mean()
+
+    sdpa.zero_grad(set_to_none=True)
+    labels = tokens.roll(-1, 1)
+    sdpa(tokens, _positions(b, s), None, labels=labels, logits_loss=square).backward()
+    (got_labels, got_logits), = seen
+    assert got_logits.shape[:2] == (s, b) and got_logits.is_contiguous()
+    assert torch.equal(got_labels, labels)
+    _assert_same((got_logits.detach().transpose(0, 1),
+                  {n: p.grad.clone() for n, p in sdpa.named_parameters()}),
+                 _logits_fwd_bwd(stock, tokens), "logits_loss")
     _assert_same(_fwd_bwd(sdpa, tokens, None), _fwd_bwd(stock, tokens, None), "stock modules")
     # Logits returned without autograd are computed batch-first (MinitronGPTModel): equal to
     # Megatron's; under autograd both take Megatron's path (same logits and gradients).
