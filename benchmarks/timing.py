@@ -1,6 +1,10 @@
 """Timing that survives a noisy machine: variants interleaved within every repeat, ratios
 formed per repeat, and the median with its spread reported beside the best.
 
+The garbage collector is off while a call is timed (and a collection runs before each), as in
+``timeit``: otherwise a collection triggered by one variant's garbage lands on whichever runs
+next.
+
 A ratio of two timings taken seconds apart is hostage to whatever else the machine did in
 between; interleaving puts the variants of one repeat under the same load, and the per-repeat
 ratio cancels most of it. The spread (max - min of the per-repeat ratios, relative to their
@@ -10,6 +14,7 @@ the machine was too noisy to conclude.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -59,13 +64,23 @@ def interleaved(runs: dict[str, Callable[[], object]], repeats: int,
     """Seconds per call of each of ``runs``, the variants taking turns within every repeat
     (after ``warmup`` untimed rounds)."""
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for r in range(warmup + repeats):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                times[name].append(dt)
+    enabled = gc.isenabled()
+    try:
+        for r in range(warmup + repeats):
+            for name, fn in runs.items():
+                # As timeit does: a collection that one variant's garbage triggers would be
+                # charged to whichever variant happens to run then.
+                gc.collect()
+                gc.disable()
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+                gc.enable()
+                if r >= warmup:
+                    times[name].append(dt)
+    finally:
+        if not enabled:
+            gc.disable()
     return times
 
 

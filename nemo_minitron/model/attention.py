@@ -44,6 +44,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from nemo_minitron.config import ConfigError
+from nemo_minitron.model.rope import apply_rope, rope_applies
 
 
 def bottom_right_causal(sq: int, sk: int, device: torch.device) -> Tensor:
@@ -111,7 +112,8 @@ class SDPAttention(DotProductAttention):
 
 
 class RopeCachedSelfAttention(SelfAttention):
-    """Megatron's ``SelfAttention`` whose static KV cache holds keys with RoPE applied.
+    """Megatron's ``SelfAttention`` whose static KV cache holds keys with RoPE applied, and whose
+    RoPE runs without concatenations (``model.rope``).
 
     megatron-core 0.16's static-batching cache stores keys before RoPE, so every decode step
     re-applies RoPE to the whole cached key tensor of every layer (``context x batch x groups x
@@ -121,22 +123,35 @@ class RopeCachedSelfAttention(SelfAttention):
     their own positions before they are stored, and only the queries get it afterwards, as
     Megatron's dynamic-batching cache and ``flash_decode`` do. RoPE is elementwise per position,
     so the cached keys, and so the logits, are the same numbers as before
-    (``tests/model/test_attention.py``: bit-identical). Training (no inference context) and
+    (``tests/model/test_attention.py``: bit-identical).
+
+    Queries and keys are rotated here, in the hook Megatron's ``forward`` calls just before its
+    own RoPE (which then finds nothing left to do), with ``apply_rope`` where it computes what
+    Megatron's would (``rope_applies``), else with Megatron's function. Dynamic batching and
     ``flash_decode`` take Megatron's own path."""
 
     def _adjust_key_value_for_inference(self, inference_context, query, key, value,
                                         rotary_pos_emb, *args, **kwargs):
-        if (inference_context is None or rotary_pos_emb is None or self.config.flash_decode
-                or not inference_context.is_static_batching()):
+        if rotary_pos_emb is None or self.config.flash_decode or (
+                inference_context is not None and not inference_context.is_static_batching()):
             return super()._adjust_key_value_for_inference(
                 inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+        q_pos_emb, k_pos_emb = rotary_pos_emb
+        if inference_context is None:  # training, or a forward without a KV cache
+            return (self._rope(query, q_pos_emb), self._rope(key, k_pos_emb), value, None,
+                    self.attn_mask_type, None)
         start = inference_context.sequence_len_offset
         end = start + key.size(0)
-        q_pos_emb, k_pos_emb = rotary_pos_emb
-        key = apply_rotary_pos_emb(key, k_pos_emb[start:end], config=self.config,
-                                   mscale=_yarn_get_concentration_factor_from_config(self.config),
-                                   cp_group=self.pg_collection.cp)
+        query, key = self._rope(query, q_pos_emb[start:end]), self._rope(key, k_pos_emb[start:end])
         query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
             inference_context, query, key, value, None, *args, **kwargs)
-        # (queries' RoPE at their positions, none for the cached keys): forward applies it.
-        return query, key, value, (q_pos_emb[start:end], None), mask_type, block_table
+        return query, key, value, None, mask_type, block_table
+
+    def _rope(self, t: Tensor, freqs: Tensor | None) -> Tensor:
+        if freqs is None:
+            return t
+        mscale = _yarn_get_concentration_factor_from_config(self.config)
+        if rope_applies(self.config, t, freqs, mscale):
+            return apply_rope(t, freqs)
+        return apply_rotary_pos_emb(t, freqs, config=self.config, mscale=mscale,
+                                    cp_group=self.pg_collection.cp)
