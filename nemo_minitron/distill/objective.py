@@ -3,6 +3,11 @@
 It plugs into the ordinary training loop (``train.loop.Trainer``) as an ``Objective``. Per
 micro-batch the teacher runs without gradients, then the student; on the last stage the loss
 combines the logit divergence, optional ground-truth cross-entropy and intermediate losses.
+The per-token logit terms run inside the student's forward (``MinitronGPTModel``'s
+``logits_loss``), on its logits as Megatron's output layer writes them, ``[s, b, v/TP]``, beside
+the teacher's batch-first logits seen through a transposed view: no logits-sized copy either
+way. Another ``GPTModel`` as the student returns ``[b, s, v]`` logits; the same terms read them
+through a transposed view.
 
 Pipeline parallelism: teacher and student are split into the same number of stages. Between
 stages one tensor travels: ``[s, b, h_student + h_teacher]``, the two hidden states side by
