@@ -95,7 +95,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                                seq_length=args.seq_length,
                                                decode_tokens=args.decode_tokens,
                                                repeats=args.repeats,
-                                               attention=args.attention),
+                                               attention=args.attention,
+                                               interleave=not args.sequential),
                  profile=args.profile)
     print(format_table(rows))
     return 0
@@ -189,7 +190,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-length", type=int, default=128, help="prompt tokens per sequence")
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds (after a warm-up); in each the checkpoints take turns and "
+                        "the ratios are formed per round (median and range shown)")
+    p.add_argument("--sequential", action="store_true",
+                   help="time one checkpoint after another, one model in memory at a time (for "
+                        "models that do not fit together; ratios then span minutes of drift)")
     p.add_argument("--attention", help="core attention of the local layer spec: local or sdpa "
                    "(default: the build default; the TE spec on GPU has its own)")
     p.add_argument("--profile", action="store_true",

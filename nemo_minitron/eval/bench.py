@@ -5,8 +5,15 @@ Prefill: one forward of ``batch x seq`` prompt tokens filling Megatron's KV cach
 ``decode_tokens`` single-token steps per sequence attending to that cache (the generator's
 path), timed apart from the prefill. ``attention`` picks the local spec's core attention
 (``sdpa`` reads grouped keys/values of the cache in place; Megatron's local attention copies the
-whole cache per step and layer to repeat them for GQA). Each timing is the best of
-``repeats`` runs after one warm-up. FLOPs per token are
+whole cache per step and layer to repeat them for GQA).
+
+The checkpoints take turns within every repeat (all loaded at once; ``interleave=False``, the
+CLI's ``--sequential``, loads one at a time for models that do not fit together), after one
+warm-up round. Per repeat, each checkpoint's time is divided into the first checkpoint's: the
+table shows the median of these ratios with their range, and tokens/s as medians. A ratio of
+two timings taken minutes apart (one model after the other) is hostage to whatever the machine
+did in between: on a quiet 2-core machine the width student's decode share read 0.73 and 0.93
+in two such runs minutes apart. FLOPs per token are
 ``2 x (parameters touched per token) + 4 x layers x context x heads x kv_channels`` (the
 attention scores and the weighted sum), taken at the mean context length of each phase. The
 table's ``share`` is the measured speed-up over the FLOP-predicted one (1: the pruning's FLOP
@@ -25,6 +32,7 @@ layer; the faster the matrix products, the larger its share.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +56,9 @@ class BenchConfig:
     """Timed runs per phase (best is kept) after one warm-up."""
     attention: str | None = None
     """Core attention of the local spec (``local`` or ``sdpa``; None: the build default)."""
+    interleave: bool = True
+    """Time the checkpoints in turns within every repeat, all loaded at once (False: one after
+    another, one model in memory at a time)."""
 
     def __post_init__(self) -> None:
         from nemo_minitron.model.build import check_attention
@@ -73,12 +84,6 @@ def flops_per_token(cfg: ModelConfig, context: float) -> float:
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _best(fn: Any, repeats: int) -> float:
-    """Shortest of ``repeats`` timings ``fn()`` returns, after one warm-up call."""
-    fn()
-    return min(fn() for _ in range(repeats))
 
 
 @torch.no_grad()
@@ -125,78 +130,110 @@ def profile_decode(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: 
             "top_ops": [(k, t / total) for k, t in ops[:top]]}
 
 
-@torch.no_grad()
-def bench_one(checkpoint: str, b: BenchConfig, profile: bool = False) -> dict[str, Any]:
-    """Measured prefill/decode tokens/s and predicted FLOPs/token of one checkpoint."""
-    from megatron.core.inference.contexts import StaticInferenceContext
+@dataclass
+class _Loaded:
+    """One checkpoint's model, ready to time."""
 
+    checkpoint: str
+    model: torch.nn.Module
+    cfg: ModelConfig
+    prompt: torch.Tensor
+
+
+def _load(checkpoint: str, b: BenchConfig) -> _Loaded:
     from nemo_minitron.checkpoint.io import load_model
-    from nemo_minitron.model.params import count_params
 
     model, cfg, _ = load_model(checkpoint, bf16=torch.cuda.is_available(), attention=b.attention)
     model.eval()
-    device = next(model.parameters()).device
     assert cfg.vocab_size is not None
     prompt = torch.randint(0, cfg.vocab_size, (b.batch_size, b.seq_length),
-                           generator=torch.Generator().manual_seed(0)).to(device)
-    total = b.seq_length + b.decode_tokens
-    pos = torch.arange(b.seq_length, device=device).unsqueeze(0).expand_as(prompt)
+                           generator=torch.Generator().manual_seed(0))
+    return _Loaded(checkpoint, model, cfg, prompt.to(next(model.parameters()).device))
 
-    def prefill() -> StaticInferenceContext:
-        ctx = StaticInferenceContext(b.batch_size, total)
-        model(prompt, pos, None, inference_context=ctx, runtime_gather_output=True)
-        return ctx
 
-    def timed_prefill() -> float:
-        _sync()
-        t0 = time.perf_counter()
-        prefill()
-        _sync()
-        return time.perf_counter() - t0
+@torch.no_grad()
+def _time_once(x: _Loaded, b: BenchConfig) -> tuple[float, float]:
+    """Seconds of one prefill and of one decode run."""
+    from megatron.core.inference.contexts import StaticInferenceContext
 
-    t_prefill = _best(timed_prefill, b.repeats)
-    t_decode = _best(lambda: decode_seconds(model, prompt, b.decode_tokens), b.repeats)
+    pos = torch.arange(b.seq_length, device=x.prompt.device).unsqueeze(0).expand_as(x.prompt)
+    ctx = StaticInferenceContext(b.batch_size, b.seq_length + b.decode_tokens)
+    _sync()
+    t0 = time.perf_counter()
+    x.model(x.prompt, pos, None, inference_context=ctx, runtime_gather_output=True)
+    _sync()
+    prefill = time.perf_counter() - t0
+    return prefill, decode_seconds(x.model, x.prompt, b.decode_tokens)
+
+
+def _row(x: _Loaded, times: list[tuple[float, float]], b: BenchConfig,
+         profile: bool) -> dict[str, Any]:
+    from nemo_minitron.model.params import count_params
+
     return {
-        **(profile_decode(model, prompt, b.decode_tokens) if profile else {}),
-        "checkpoint": checkpoint, "params": count_params(cfg),
-        "prefill_tok_s": b.batch_size * b.seq_length / t_prefill,
-        "decode_tok_s": b.batch_size * b.decode_tokens / t_decode,
-        "prefill_flops_tok": flops_per_token(cfg, b.seq_length / 2),
-        "decode_flops_tok": flops_per_token(cfg, b.seq_length + b.decode_tokens / 2),
+        **(profile_decode(x.model, x.prompt, b.decode_tokens) if profile else {}),
+        "checkpoint": x.checkpoint, "params": count_params(x.cfg), "times": times,
+        "prefill_tok_s": b.batch_size * b.seq_length / statistics.median(t for t, _ in times),
+        "decode_tok_s": b.batch_size * b.decode_tokens / statistics.median(t for _, t in times),
+        "prefill_flops_tok": flops_per_token(x.cfg, b.seq_length / 2),
+        "decode_flops_tok": flops_per_token(x.cfg, b.seq_length + b.decode_tokens / 2),
     }
 
 
 def bench(checkpoints: list[str], b: BenchConfig, profile: bool = False
           ) -> list[dict[str, Any]]:
-    """Rows of ``bench_one`` with ratios to the first checkpoint (measured and FLOP-predicted:
-    a model with half the FLOPs per token is predicted to run twice as fast) and their quotient,
-    the share of the FLOP ratio achieved; ``profile`` adds ``profile_decode``'s breakdown."""
+    """A row per checkpoint: median tokens/s, and against the first checkpoint the median of the
+    per-repeat speed ratios (``*_ratio``, range ``*_ratio_lo``/``*_ratio_hi``), the ratio
+    predicted from FLOPs (a model with half the FLOPs per token is predicted to run twice as
+    fast) and their quotient, the share of the FLOP ratio achieved; ``profile`` adds
+    ``profile_decode``'s breakdown."""
     from nemo_minitron.checkpoint.io import check_checkpoint
     from nemo_minitron.parallel.runtime import init_distributed
 
     for c in checkpoints:
         check_checkpoint(c)
     init_distributed(ParallelConfig())
-    rows = [bench_one(c, b, profile) for c in checkpoints]
+    if b.interleave:
+        loaded = [_load(c, b) for c in checkpoints]
+        for x in loaded:  # warm-up round
+            _time_once(x, b)
+        times: list[list[tuple[float, float]]] = [[] for _ in loaded]
+        for _ in range(b.repeats):
+            for i, x in enumerate(loaded):
+                times[i].append(_time_once(x, b))
+        rows = [_row(x, t, b, profile) for x, t in zip(loaded, times)]
+    else:
+        rows = []
+        for c in checkpoints:
+            x = _load(c, b)
+            _time_once(x, b)
+            rows.append(_row(x, [_time_once(x, b) for _ in range(b.repeats)], b, profile))
+            del x  # one model in memory at a time
     ref = rows[0]
     for r in rows:
-        for phase in ("prefill", "decode"):
-            r[f"{phase}_ratio"] = r[f"{phase}_tok_s"] / ref[f"{phase}_tok_s"]
+        for k, phase in enumerate(("prefill", "decode")):
+            per = [a[k] / t[k] for a, t in zip(ref["times"], r["times"])]  # speed ratios
+            r[f"{phase}_ratio"] = statistics.median(per)
+            r[f"{phase}_ratio_lo"], r[f"{phase}_ratio_hi"] = min(per), max(per)
             r[f"{phase}_flop_ratio"] = ref[f"{phase}_flops_tok"] / r[f"{phase}_flops_tok"]
             r[f"{phase}_share"] = r[f"{phase}_ratio"] / r[f"{phase}_flop_ratio"]
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of the rows (ratios are relative to the first checkpoint; share: measured
-    ratio / FLOP ratio), then the decode profile of each row that has one."""
-    head = ("| checkpoint | params | prefill tok/s | ratio | FLOP ratio | share | decode tok/s "
-            "| ratio | FLOP ratio | share |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    """A Markdown table of the rows (tokens/s: medians; ratio: median of the per-repeat ratios
+    to the first checkpoint, with their range; share: ratio / FLOP ratio), then the decode
+    profile of each row that has one."""
+    head = ("| checkpoint | params | prefill tok/s | ratio (range) | FLOP ratio | share "
+            "| decode tok/s | ratio (range) | FLOP ratio | share |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         cells = [r["checkpoint"], f"{r['params'] / 1e6:.2f}M"]
         for phase in ("prefill", "decode"):
-            cells += [f"{r[phase + '_tok_s']:.0f}", f"{r[phase + '_ratio']:.2f}",
+            cells += [f"{r[phase + '_tok_s']:.0f}",
+                      f"{r[phase + '_ratio']:.2f} ({r[phase + '_ratio_lo']:.2f}-"
+                      f"{r[phase + '_ratio_hi']:.2f})",
                       f"{r[phase + '_flop_ratio']:.2f}", f"{r[phase + '_share']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:

@@ -51,10 +51,11 @@ def eval_job(root: str) -> None:
     (r / "out.json").write_text(json.dumps(out))
     with open(r / "bench.txt", "w") as f, contextlib.redirect_stdout(f):
         main(["bench", str(r / "ck"), str(r / "ck_small"), "--profile", "--batch-size", "2",
-              "--seq-length", "16", "--decode-tokens", "4", "--repeats", "1"])
+              "--seq-length", "16", "--decode-tokens", "4", "--repeats", "2"])
     with open(r / "bench_sdpa.txt", "w") as f, contextlib.redirect_stdout(f):
-        main(["bench", str(r / "ck"), "--batch-size", "2", "--seq-length", "16",
-              "--decode-tokens", "4", "--repeats", "1", "--attention", "sdpa"])
+        main(["bench", str(r / "ck"), str(r / "ck_small"), "--batch-size", "2",
+              "--seq-length", "16", "--decode-tokens", "4", "--repeats", "1", "--attention",
+              "sdpa", "--sequential"])
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +133,24 @@ def _hf_flops_per_token(directory: Path, context: float) -> tuple[float, int]:
     return 2 * weights + attn, sum(p.numel() for p in model.parameters())
 
 
+def _ratio(cell: str) -> tuple[float, float, float]:
+    """``"1.23 (1.20-1.25)"`` -> (median, lowest, highest)."""
+    med, rng = cell.strip().split(" (")
+    lo, hi = rng.rstrip(")").split("-")
+    return float(med), float(lo), float(hi)
+
+
 def test_bench_prints_table(result):
     root, _ = result
     lines = (root / "bench.txt").read_text().strip().splitlines()
-    assert lines[0] == ("| checkpoint | params | prefill tok/s | ratio | FLOP ratio | share | "
-                        "decode tok/s | ratio | FLOP ratio | share |")
+    assert lines[0] == ("| checkpoint | params | prefill tok/s | ratio (range) | FLOP ratio | "
+                        "share | decode tok/s | ratio (range) | FLOP ratio | share |")
     first, small = ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:4])
+    for col in (3, 7):  # the reference against itself: 1 in every round
+        assert _ratio(first[col]) == (1.0, 1.0, 1.0)
+        med, lo, hi = _ratio(small[col])
+        assert 0 < lo <= med <= hi
+    small = [_ratio(c)[0] if i in (3, 7) else c for i, c in enumerate(small)]
     # Prompt of 16 tokens (a prefill token attends to 8 on average), 4 decoded after it.
     for phase, col, context in (("prefill", 4, 16 / 2), ("decode", 8, 16 + 4 / 2)):
         big, n_big = _hf_flops_per_token(root / "hf", context)
@@ -157,10 +170,11 @@ def test_bench_prints_table(result):
     assert all(0 < int(line.split("matrix products ")[1].split("%")[0]) < 100 for line in prof)
 
 
-def test_bench_with_sdpa_attention(result):
+def test_bench_with_sdpa_attention_one_checkpoint_at_a_time(result):
     root, _ = result
     lines = (root / "bench_sdpa.txt").read_text().strip().splitlines()
-    assert len(lines) == 3 and float(lines[2].split("|")[3]) > 0  # prefill tok/s
+    assert len(lines) == 4 and float(lines[3].split("|")[3]) > 0  # prefill tok/s
+    assert _ratio(lines[3].split("|")[4])[0] > 0
 
 
 def test_bench_refuses_unknown_attention(capsys):
