@@ -284,6 +284,7 @@ class Study:
             from nemo_minitron.model.forward import forward_pass
             from nemo_minitron.selfdistill.filters import load_verifier
             from nemo_minitron.selfdistill.prompt import instruction_of
+            from nemo_minitron.train.objectives import masked_mean
 
             d, ic = self.instruct_data(), self.recipe.instruct
             model, _, tok = load_model(checkpoint, ParallelConfig())
@@ -296,7 +297,7 @@ class Study:
             mbs = math.gcd(len(rows), self.recipe.retrain.micro_batch_size)
             per_token = torch.cat(forward_pass(model, tokens, labels=labels, micro_batch_size=mbs,
                                                collect=lambda o: o.float().cpu()))
-            task = float((per_token * mask).sum() / mask.sum())
+            task = float(masked_mean(per_token, mask))
             gen = examples[:d["gen_prompts"]]
             prompts = [tok.encode(render_prompt(tok, e.prompt_messages)) for e in gen]
             sampling = SamplingConfig(max_new_tokens=ic.max_new_tokens, greedy=True,
