@@ -1,8 +1,9 @@
 """Speculative decoding against independent references: the target's own greedy ``generate``
-(token for token, pruned draft and draft == target), transformers' assisted generation on the
-exported models (same tokens, same proposed/accepted counts at every step), the target's
-softmax (one-step speculative samples, chi-square), a from-scratch forward without a KV cache
-(rollback), and the bad-input errors of the verb."""
+(token for token, pruned draft and draft == target; also under TP=2, the same tokens on both
+ranks), transformers' assisted generation on the exported models (same tokens, same
+proposed/accepted counts at every step), the target's softmax (one-step speculative samples,
+chi-square), a from-scratch forward without a KV cache (rollback), and the bad-input errors of
+the verb."""
 
 from __future__ import annotations
 
@@ -135,6 +136,35 @@ def specdec_job(root: str) -> None:
     (r / "out.json").write_text(json.dumps(out))
 
 
+def specdec_tp2_job(root: str) -> None:
+    """Greedy speculative decoding under TP=2 (vocab-parallel logits gathered per step), on the
+    checkpoints ``specdec_job`` made at TP=1 (loaded resharded); each rank writes its tokens."""
+    import torch.distributed as dist
+
+    from nemo_minitron.checkpoint.io import load_model_config, load_weights
+    from nemo_minitron.config import ParallelConfig
+    from nemo_minitron.eval.generate import SamplingConfig, generate
+    from nemo_minitron.eval.specdec import SpecStats, speculative_generate
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    r = Path(root)
+    init_distributed(ParallelConfig(tensor_model_parallel_size=2))
+    models = {}
+    for name in ("target", "draft"):
+        models[name] = build_model(load_model_config(r / name))
+        load_weights(r / name, models[name])
+        models[name].eval()
+    t = models["target"]
+    greedy = SamplingConfig(max_new_tokens=NEW)
+    stats = {name: SpecStats() for name in models}
+    out = {"ref": generate(t, PROMPTS, greedy),
+           **{name: speculative_generate(t, m, PROMPTS, greedy, 4, stats=stats[name])
+              for name, m in models.items()}}
+    out["rates"] = {name: st.figures()["acceptance_rate"] for name, st in stats.items()}
+    (r / f"tp2_rank{dist.get_rank()}.json").write_text(json.dumps(out))
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("specdec")
@@ -158,6 +188,19 @@ def test_greedy_equals_target_generate(result, draft, k):
         assert spec["acceptance_by_position"] == [1.0] * k
     else:  # the pruned draft is neither always right nor always wrong here
         assert 0.0 < spec["acceptance_rate"] < 1.0
+
+
+@pytest.mark.dist
+def test_greedy_at_tp2_equals_target_generate(result):
+    """Under TP=2 both ranks produce the same tokens, and they are the TP=2 target's own greedy
+    generation, with the pruned draft and with the target as its own draft (acceptance 1)."""
+    root, _ = result
+    spawn(specdec_tp2_job, 2, str(root))
+    r0, r1 = (json.loads((root / f"tp2_rank{i}.json").read_text()) for i in range(2))
+    assert r0 == r1
+    assert r0["draft"] == r0["ref"] and r0["target"] == r0["ref"]
+    assert all(len(row) == NEW for row in r0["ref"])
+    assert r0["rates"]["target"] == 1.0 and 0.0 < r0["rates"]["draft"] < 1.0
 
 
 def test_stop_token_ends_rows_as_generate_does(result):
