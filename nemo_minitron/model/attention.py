@@ -128,7 +128,9 @@ class RopeCachedSelfAttention(SelfAttention):
     Queries and keys are rotated here, in the hook Megatron's ``forward`` calls just before its
     own RoPE (which then finds nothing left to do), with ``apply_rope`` where it computes what
     Megatron's would (``rope_applies``), else with Megatron's function. Dynamic batching and
-    ``flash_decode`` take Megatron's own path."""
+    ``flash_decode`` take Megatron's own path. Packed ``thd`` sequences (per-sequence positions
+    from ``cu_seqlens``, which this hook does not see) never reach it: both core attentions of
+    the local spec refuse ``packed_seq_params``."""
 
     def _adjust_key_value_for_inference(self, inference_context, query, key, value,
                                         rotary_pos_emb, *args, **kwargs):
