@@ -53,7 +53,8 @@ class BenchConfig:
     decode_tokens: int = 32
     """Generated tokens per sequence (decode)."""
     repeats: int = 3
-    """Timed runs per phase (best is kept) after one warm-up."""
+    """Timed rounds after one warm-up round (each round: one prefill and the decode after it,
+    per checkpoint; ratios are formed per round, their median reported)."""
     attention: str | None = None
     """Core attention of the local spec (``local`` or ``sdpa``; None: the build default)."""
     interleave: bool = True
@@ -86,10 +87,17 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
 def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: int) -> float:
     """Seconds of ``decode_tokens`` single-token greedy steps per sequence attending to the KV
     cache of ``prompt`` (``batch x seq``; its prefill is not timed)."""
+    return prefill_decode_seconds(model, prompt, decode_tokens)[1]
+
+
+@torch.no_grad()
+def prefill_decode_seconds(model: torch.nn.Module, prompt: torch.Tensor,
+                           decode_tokens: int) -> tuple[float, float]:
+    """Seconds of the prefill of ``prompt`` (``batch x seq``) into a KV cache, and of the
+    ``decode_tokens`` single-token greedy steps per sequence that follow it, timed apart."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     b, s = prompt.shape
@@ -97,7 +105,11 @@ def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: 
     # Positions of every step made once: a decode step slices its column.
     positions = torch.arange(s + decode_tokens, device=prompt.device).unsqueeze(0).expand(
         b, s + decode_tokens)
+    _sync()
+    t0 = time.perf_counter()
     model(prompt, positions[:, :s], None, inference_context=ctx, runtime_gather_output=True)
+    _sync()
+    prefill = time.perf_counter() - t0
     ctx.sequence_len_offset = s
     ctx.enable_decode_mode()
     tok = prompt[:, -1:]
@@ -109,7 +121,7 @@ def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: 
         tok = logits[:, -1:].argmax(-1)
         ctx.sequence_len_offset += 1
     _sync()
-    return time.perf_counter() - t0
+    return prefill, time.perf_counter() - t0
 
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -139,6 +151,10 @@ class _Loaded:
     cfg: ModelConfig
     prompt: torch.Tensor
 
+    def time_once(self, decode_tokens: int) -> tuple[float, float]:
+        """Seconds of one prefill and of the decode run that follows it."""
+        return prefill_decode_seconds(self.model, self.prompt, decode_tokens)
+
 
 def _load(checkpoint: str, b: BenchConfig) -> _Loaded:
     from nemo_minitron.checkpoint.io import load_model
@@ -149,21 +165,6 @@ def _load(checkpoint: str, b: BenchConfig) -> _Loaded:
     prompt = torch.randint(0, cfg.vocab_size, (b.batch_size, b.seq_length),
                            generator=torch.Generator().manual_seed(0))
     return _Loaded(checkpoint, model, cfg, prompt.to(next(model.parameters()).device))
-
-
-@torch.no_grad()
-def _time_once(x: _Loaded, b: BenchConfig) -> tuple[float, float]:
-    """Seconds of one prefill and of one decode run."""
-    from megatron.core.inference.contexts import StaticInferenceContext
-
-    pos = torch.arange(b.seq_length, device=x.prompt.device).unsqueeze(0).expand_as(x.prompt)
-    ctx = StaticInferenceContext(b.batch_size, b.seq_length + b.decode_tokens)
-    _sync()
-    t0 = time.perf_counter()
-    x.model(x.prompt, pos, None, inference_context=ctx, runtime_gather_output=True)
-    _sync()
-    prefill = time.perf_counter() - t0
-    return prefill, decode_seconds(x.model, x.prompt, b.decode_tokens)
 
 
 def _row(x: _Loaded, times: list[tuple[float, float]], b: BenchConfig,
@@ -196,18 +197,19 @@ def bench(checkpoints: list[str], b: BenchConfig, profile: bool = False
     if b.interleave:
         loaded = [_load(c, b) for c in checkpoints]
         for x in loaded:  # warm-up round
-            _time_once(x, b)
+            x.time_once(b.decode_tokens)
         times: list[list[tuple[float, float]]] = [[] for _ in loaded]
         for _ in range(b.repeats):
             for i, x in enumerate(loaded):
-                times[i].append(_time_once(x, b))
+                times[i].append(x.time_once(b.decode_tokens))
         rows = [_row(x, t, b, profile) for x, t in zip(loaded, times)]
     else:
         rows = []
         for c in checkpoints:
             x = _load(c, b)
-            _time_once(x, b)
-            rows.append(_row(x, [_time_once(x, b) for _ in range(b.repeats)], b, profile))
+            x.time_once(b.decode_tokens)
+            times_x = [x.time_once(b.decode_tokens) for _ in range(b.repeats)]
+            rows.append(_row(x, times_x, b, profile))
             del x  # one model in memory at a time
     ref = rows[0]
     for r in rows:
