@@ -35,12 +35,13 @@ ChunkTokens = int | Literal["auto"] | None
 
 def tp_allreduce(x: torch.Tensor, group: dist.ProcessGroup | None,
                op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-    if not _one_process(group):
+    if not one_process(group):
         dist.all_reduce(x, op=op, group=group)
     return x
 
 
-def _one_process(group: dist.ProcessGroup | None) -> bool:
+def one_process(group: dist.ProcessGroup | None) -> bool:
+    """Whether ``group`` (a TP group, None for none) spans one process: nothing to reduce."""
     return group is None or dist.get_world_size(group) == 1
 
 
@@ -53,7 +54,7 @@ def log_softmax(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tenso
     """Vocab-parallel log-softmax of ``z [..., V/TP]`` (fp32). One process: torch's fused
     kernel (each row's passes stay in cache; 1.8x faster than ``z - logsumexp(z)`` on CPU), the
     single source of log-probabilities for the online and the cached teacher alike."""
-    if _one_process(group):
+    if one_process(group):
         return torch.log_softmax(z, -1)
     return z - vocab_parallel_lse(z, group).unsqueeze(-1)
 
@@ -72,7 +73,7 @@ def _pick(logits: torch.Tensor, labels: torch.Tensor,
 
 def vocab_parallel_lse(z: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Vocab-parallel log-sum-exp over the last dim ``[n]``."""
-    if _one_process(group):
+    if one_process(group):
         return torch.logsumexp(z, dim=-1)  # one fused kernel
     m = tp_allreduce(z.max(dim=-1, keepdim=True).values, group, dist.ReduceOp.MAX)
     return (m + tp_allreduce((z - m).exp().sum(dim=-1, keepdim=True), group).log()).squeeze(-1)
@@ -85,7 +86,7 @@ def _teacher_log_probs(t: torch.Tensor, top_k: int | None,
     if top_k is not None:
         k = min(top_k, t.shape[-1])
         local = t.topk(k, dim=-1).values  # [n, k]
-        if not _one_process(group):
+        if not one_process(group):
             parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, local.contiguous(), group=group)
             local = torch.cat(parts, dim=-1)
@@ -137,7 +138,7 @@ def _forward_kl_chunk(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor |
     ``KL = sum p_t (log p_t - log p_s)`` and ``CE = -log p_s[label]``. Under TP the softmax
     statistics are all-reduced: ``KL = sum p_t (z_t - z_s) - lse_t + lse_s``, ``CE = lse_s -
     z_s[label]``."""
-    if _one_process(group):
+    if one_process(group):
         lt, ls = log_softmax(zt, group), log_softmax(zs, group)
         pt = lt.exp()
         ce = None if labels is None else -ls.gather(-1, labels.unsqueeze(-1)).squeeze(-1)

@@ -56,6 +56,7 @@ from nemo_minitron.distill.losses import (
     chunk_rows,
     compute_dtype,
     log_softmax,
+    one_process,
     tp_allreduce,
 )
 from nemo_minitron.utils.fs import atomic_write_json
@@ -101,7 +102,7 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, group: dist.ProcessGroup |
     start = v_local * (dist.get_rank(group) if group is not None else 0)
     vals, idx = logp.topk(min(k, v_local), dim=-1)
     idx = idx + start
-    if group is not None and dist.get_world_size(group) > 1:
+    if not one_process(group):
         world = dist.get_world_size(group)
         all_v = [torch.empty_like(vals) for _ in range(world)]
         all_i = [torch.empty_like(idx) for _ in range(world)]

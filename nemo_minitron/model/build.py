@@ -5,9 +5,10 @@ FP8), Megatron's local spec otherwise. The local spec's core attention is Megatr
 ``DotProductAttention`` (``attention="local"``) or torch's fused SDPA kernel
 (``attention="sdpa"``, ``nemo_minitron/model/attention.py``); both have no parameters, so
 checkpoints are the same. Its self-attention caches keys with RoPE applied
-(``RopeCachedSelfAttention``: decoding does not re-apply RoPE to the whole cache each token),
-and its MLP skips a no-op addition of Megatron's SwiGLU (``model/mlp.py``). The model is
-``model/gpt.py``'s ``GPTModel``, which computes returned logits batch-first (no copy).
+(``RopeCachedSelfAttention``: decoding does not re-apply RoPE to the whole cache each token)
+and rotates without concatenations (``model/rope.py``), and its MLP skips a no-op addition of
+Megatron's SwiGLU (``model/mlp.py``). The model is ``model/gpt.py``'s ``GPTModel``, which
+computes returned logits batch-first (no copy) and can hand a loss its sequence-first logits.
 The model is built for the calling rank's pipeline stage of the current parallel state.
 """
 
