@@ -44,7 +44,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from nemo_minitron.config import ConfigError
-from nemo_minitron.model.rope import apply_rope, rope_applies
+from nemo_minitron.model.rope import apply_rope, rope_applies, rope_tables
 
 
 def bottom_right_causal(sq: int, sk: int, device: torch.device) -> Tensor:
@@ -140,20 +140,36 @@ class RopeCachedSelfAttention(SelfAttention):
                 inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
         q_pos_emb, k_pos_emb = rotary_pos_emb
         if inference_context is None:  # training, or a forward without a KV cache
-            return (self._rope(query, q_pos_emb), self._rope(key, k_pos_emb), value, None,
-                    self.attn_mask_type, None)
+            query, key = self._rope_pair(query, key, q_pos_emb, k_pos_emb)
+            return query, key, value, None, self.attn_mask_type, None
         start = inference_context.sequence_len_offset
         end = start + key.size(0)
-        query, key = self._rope(query, q_pos_emb[start:end]), self._rope(key, k_pos_emb[start:end])
+        query, key = self._rope_pair(query, key, q_pos_emb, k_pos_emb, start, end)
         query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
             inference_context, query, key, value, None, *args, **kwargs)
         return query, key, value, None, mask_type, block_table
 
+    def _rope_pair(self, query: Tensor, key: Tensor, q_freqs: Tensor | None,
+                   k_freqs: Tensor | None, start: int = 0, end: int | None = None
+                   ) -> tuple[Tensor, Tensor]:
+        """Queries and keys rotated at the angles ``[start:end]`` of their frequencies."""
+        if q_freqs is k_freqs and self._rope_is_ours(key, k_freqs):
+            # Self-attention: queries and keys at the same positions share cos and sin.
+            freqs = k_freqs[start:end]
+            tables = rope_tables(freqs, key.dtype)
+            return apply_rope(query, freqs, tables), apply_rope(key, freqs, tables)
+        return (self._rope(query, None if q_freqs is None else q_freqs[start:end]),
+                self._rope(key, None if k_freqs is None else k_freqs[start:end]))
+
+    def _rope_is_ours(self, t: Tensor, freqs: Tensor | None) -> bool:
+        return freqs is not None and rope_applies(
+            self.config, t, freqs, _yarn_get_concentration_factor_from_config(self.config))
+
     def _rope(self, t: Tensor, freqs: Tensor | None) -> Tensor:
         if freqs is None:
             return t
-        mscale = _yarn_get_concentration_factor_from_config(self.config)
-        if rope_applies(self.config, t, freqs, mscale):
+        if self._rope_is_ours(t, freqs):
             return apply_rope(t, freqs)
+        mscale = _yarn_get_concentration_factor_from_config(self.config)
         return apply_rotary_pos_emb(t, freqs, config=self.config, mscale=mscale,
                                     cp_group=self.pg_collection.cp)

@@ -6,9 +6,11 @@ FP8), Megatron's local spec otherwise. The local spec's core attention is Megatr
 (``attention="sdpa"``, ``nemo_minitron/model/attention.py``); both have no parameters, so
 checkpoints are the same. Its self-attention caches keys with RoPE applied
 (``RopeCachedSelfAttention``: decoding does not re-apply RoPE to the whole cache each token)
-and rotates without concatenations (``model/rope.py``), and its MLP skips a no-op addition of
-Megatron's SwiGLU (``model/mlp.py``). The model is ``model/gpt.py``'s ``GPTModel``, which
-computes returned logits batch-first (no copy) and can hand a loss its sequence-first logits.
+and rotates without concatenations (``model/rope.py``), its MLP skips a no-op addition of
+Megatron's SwiGLU (``model/mlp.py``), and its linear layers are a direct product when no
+gradient is recorded on one tensor-parallel rank (``model/linear.py``). The model is
+``model/gpt.py``'s ``GPTModel``, which computes returned logits batch-first (no copy), can hand
+a loss its sequence-first logits and decodes without the CPU backend's device mode.
 The model is built for the calling rank's pipeline stage of the current parallel state.
 """
 
@@ -99,11 +101,15 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | No
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec()
     from nemo_minitron.model.attention import RopeCachedSelfAttention, SDPAttention
+    from nemo_minitron.model.linear import InferenceColumnParallelLinear as Column
+    from nemo_minitron.model.linear import InferenceRowParallelLinear as Row
     from nemo_minitron.model.mlp import SwiGLUMLP
 
     spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
-    spec.submodules.self_attention.module = RopeCachedSelfAttention
-    spec.submodules.mlp.module = SwiGLUMLP
+    attn, mlp = spec.submodules.self_attention, spec.submodules.mlp
+    attn.module, mlp.module = RopeCachedSelfAttention, SwiGLUMLP
+    attn.submodules.linear_qkv, attn.submodules.linear_proj = Column, Row
+    mlp.submodules.linear_fc1, mlp.submodules.linear_fc2 = Column, Row
     if attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec

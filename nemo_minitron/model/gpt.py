@@ -20,6 +20,10 @@ stage then returns ``logits_loss(labels [b, s], logits [s, b, v])`` in place of 
 cross-entropy, on the logits as the output layer wrote them. Neither the logits nor their
 gradient is transposed (two copies of the largest activation per micro-batch, 10% of a
 demo-shape distillation step on CPU), and the numerics are Megatron's.
+
+A decode step against a filled static KV cache on one tensor-parallel rank names no CUDA device
+anywhere in Megatron's code, so on the CPU backend it runs with the device mode paused
+(``parallel.cpu.device_rewrites_paused``): measured 8% of a SmolLM2-135M decode step.
 """
 
 from __future__ import annotations
@@ -74,6 +78,11 @@ class MinitronGPTModel(GPTModel):
                 return super().forward(*call, **kwargs)
             finally:
                 self._logits_loss = None
+        if self._cached_one_rank_step(inference_context):
+            from nemo_minitron.parallel.cpu import device_rewrites_paused
+
+            with device_rewrites_paused():
+                return super().forward(*call, **kwargs)
         if not (self.post_process and labels is None and inference_context is None
                 and not torch.is_grad_enabled()
                 and kwargs.get("inference_params") is None
@@ -85,6 +94,17 @@ class MinitronGPTModel(GPTModel):
             return super().forward(*call, **kwargs)
         finally:
             self.output_layer.batch_first = False
+
+    def _cached_one_rank_step(self, ctx: Any) -> bool:
+        """A forward without autograd on one tensor-parallel rank against a static KV cache that
+        every layer of this stage has already allocated (a decode or verification step)."""
+        if ctx is None or torch.is_grad_enabled() or not ctx.is_static_batching():
+            return False
+        from megatron.core import parallel_state as ps
+
+        memory = ctx.key_value_memory_dict
+        return (ps.get_tensor_model_parallel_world_size() == 1
+                and all(layer.layer_number in memory for layer in self.decoder.layers))
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> Any:
         """Megatron's cross-entropy, or the ``logits_loss`` of the current forward."""

@@ -30,11 +30,24 @@ def rope_applies(config: TransformerConfig, t: torch.Tensor, freqs: torch.Tensor
             and freqs.shape[-1] == t.shape[-1] and t.shape[-1] % 2 == 0)
 
 
-def apply_rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def rope_tables(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of the angles ``freqs`` in ``dtype``, as Megatron computes them; one pair
+    serves every tensor rotated at those angles (a layer's queries and keys)."""
+    return torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+
+
+def apply_rope(t: torch.Tensor, freqs: torch.Tensor,
+               tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """RoPE of ``t [s, b, heads, d]`` at the angles ``freqs [s, 1, 1, d]`` (Megatron's rotary
-    embedding, halves repeated); a new contiguous tensor."""
-    cos, sin = torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)
-    return _Rope.apply(t, cos, sin)
+    embedding, halves repeated), or at the given ``rope_tables`` of those angles; a new
+    contiguous tensor."""
+    cos, sin = tables if tables is not None else rope_tables(freqs, t.dtype)
+    if torch.is_grad_enabled():
+        return _Rope.apply(t, cos, sin)
+    # Nothing to record: the forward without the autograd Function's per-call cost (decode).
+    c1, c2 = cos.chunk(2, -1)
+    s1, s2 = sin.chunk(2, -1)
+    return _rotate(t, c1, s1, c2, s2, sign=-1.0)
 
 
 class _Rope(torch.autograd.Function):

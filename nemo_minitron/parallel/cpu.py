@@ -148,6 +148,24 @@ def active() -> bool:
 
 
 @contextlib.contextmanager
+def device_rewrites_paused() -> Iterator[None]:
+    """The device mode (adjustment 3) left for the ``with`` block, where it is this thread's
+    innermost torch function mode; nothing changes otherwise. For a hot loop known to name no
+    CUDA device (a one-rank KV-cache decode step), which so skips the mode's cost on each of its
+    few thousand torch calls; a CUDA device named inside fails loudly ("Cannot access
+    accelerator device"), it is never silently misplaced."""
+    mode = _mode
+    if mode is None or torch.overrides._get_current_function_mode() is not mode:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
+@contextlib.contextmanager
 def backend(rewrite_devices: bool = True) -> Iterator[None]:
     """The CPU backend on for the ``with`` block (off after it, unless it was on before)."""
     was_on = active()

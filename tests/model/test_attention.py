@@ -5,7 +5,8 @@ KV cache against a from-scratch forward of the whole sequence; at TP=1 and TP=2.
 self-attention that caches RoPE'd keys decodes exactly as Megatron's own ``SelfAttention``, and
 the local spec's ``SwiGLUMLP`` trains as Megatron's own ``MLP``; logits returned without
 autograd, computed batch-first (``MinitronGPTModel``), equal Megatron's ``GPTModel``'s, and
-so do the sequence-first logits a ``logits_loss`` is given."""
+so do the sequence-first logits a ``logits_loss`` is given; decode steps on one rank, run without
+the CPU backend's device mode, equal Megatron's bit for bit."""
 
 from __future__ import annotations
 
@@ -82,8 +83,8 @@ def _decode_step(model: torch.nn.Module, tokens: torch.Tensor, prefix: int,
 
 
 def _with_megatron_modules(cfg) -> torch.nn.Module:
-    """``build_model(cfg)`` with Megatron's stock ``GPTModel``, and its ``SelfAttention`` and
-    ``MLP`` in the spec."""
+    """``build_model(cfg)`` with Megatron's stock ``GPTModel``, and its ``SelfAttention``,
+    ``MLP`` and linear layers in the spec."""
     from megatron.core.models.gpt import GPTModel
 
     from nemo_minitron.model import build, gpt
@@ -108,11 +109,15 @@ def _logits_fwd_bwd(model: torch.nn.Module, tokens: torch.Tensor):
 
 
 def _stock(spec):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.mlp import MLP
 
-    spec.submodules.self_attention.module = SelfAttention
-    spec.submodules.mlp.module = MLP
+    attn, mlp = spec.submodules.self_attention, spec.submodules.mlp
+    attn.module, mlp.module = SelfAttention, MLP
+    column, row = ColumnParallelLinear, RowParallelLinear
+    attn.submodules.linear_qkv, attn.submodules.linear_proj = column, row
+    mlp.submodules.linear_fc1, mlp.submodules.linear_fc2 = column, row
     return spec
 
 
@@ -174,6 +179,11 @@ def attention_job(tp: int) -> None:
     assert type(sdpa.decoder.layers[0].self_attention) is RopeCachedSelfAttention
     assert type(sdpa.decoder.layers[0].mlp) is SwiGLUMLP
     assert type(stock.decoder.layers[0].mlp) is MLP
+    first = sdpa.decoder.layers[0]
+    linears = (first.self_attention.linear_qkv, first.mlp.linear_fc2)
+    assert [type(m).__name__ for m in linears] == ["InferenceColumnParallelLinear",
+                                                   "InferenceRowParallelLinear"]
+    assert type(stock.decoder.layers[0].mlp.linear_fc2).__name__ == "RowParallelLinear"
     assert sdpa.decoder.layers[0].mlp.tp_group is stock.decoder.layers[0].mlp.tp_group
     # A loss handed the logits (logits_loss) gets them sequence-first and contiguous, as the
     # output layer wrote them: the same values and gradients as Megatron's returned logits.
@@ -204,9 +214,20 @@ def attention_job(tp: int) -> None:
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, **TOL)
     _assert_same(_logits_fwd_bwd(sdpa, tokens), _logits_fwd_bwd(stock, tokens), "returned")
+    # Decode steps on one rank run with the CPU backend's device mode paused (MinitronGPTModel),
+    # the prefill that allocates the cache with it; the logits stay bit-identical.
+    from torch.overrides import _get_current_function_mode
+
+    modes: list[object] = []
+    hook = sdpa.decoder.layers[0].register_forward_pre_hook(
+        lambda *_: modes.append(_get_current_function_mode()))
     for prefix in (1, 8, 23):
         assert torch.equal(_decode_step(sdpa, seq, prefix, False),
                            _decode_step(stock, seq, prefix, False)), prefix
+    hook.remove()
+    prefill_mode = modes[0]
+    assert prefill_mode is not None and modes[::2] == [prefill_mode] * 3
+    assert modes[1::2] == ([None] * 3 if tp == 1 else [prefill_mode] * 3)
 
     dropout = transformer_config(cfg)
     dropout.attention_dropout = 0.1

@@ -1,6 +1,7 @@
 """``model.rope.apply_rope`` against megatron-core's own unfused RoPE on the same inputs:
 bit-identical outputs and input gradients (fp32 and bf16, strided inputs as the QKV split
-leaves them), and ``rope_applies`` declining what it does not compute."""
+leaves them; outputs also without autograd and from shared ``rope_tables``), and
+``rope_applies`` declining what it does not compute."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nemo_minitron.model.rope import apply_rope, rope_applies
+from nemo_minitron.model.rope import apply_rope, rope_applies, rope_tables
 
 
 def _freqs(s: int, d: int) -> torch.Tensor:
@@ -44,6 +45,10 @@ def test_equals_megatron_forward_and_backward(dtype):
     # Not the identity: position 0 is unrotated, later positions are.
     k = qkv[..., d:2 * d]
     assert torch.equal(got[0], k[0]) and not torch.equal(got[1:], k[1:])
+    # Without autograd (decode: no Function), and with cos/sin shared between tensors.
+    with torch.no_grad():
+        assert torch.equal(apply_rope(k, freqs), want)
+        assert torch.equal(apply_rope(k, freqs, rope_tables(freqs, dtype)), want)
 
 
 def test_rope_applies_only_where_it_computes_megatrons_rope():

@@ -1,5 +1,5 @@
-"""Each adjustment of the CPU backend, and that leaving it restores torch exactly (run in the
-pytest process: the backend starts no process group)."""
+"""Each adjustment of the CPU backend, pausing its device mode, and that leaving it restores
+torch exactly (run in the pytest process: the backend starts no process group)."""
 
 from __future__ import annotations
 
@@ -94,3 +94,32 @@ def test_without_device_rewriting_only_the_mode_is_left_out():
         assert torch.cuda.current_device() == 0
         with pytest.raises((RuntimeError, AssertionError)):
             torch.zeros(2, device="cuda")
+
+
+def test_device_rewrites_pause_only_where_the_mode_is_innermost():
+    from torch.overrides import TorchFunctionMode, _get_current_function_mode
+
+    with cpu.device_rewrites_paused():  # backend off: nothing to pause
+        pass
+    with cpu.backend():
+        mode = _get_current_function_mode()
+        with cpu.device_rewrites_paused():
+            assert _get_current_function_mode() is not mode
+            with pytest.raises((RuntimeError, AssertionError)):  # loud, never misplaced
+                torch.zeros(2, device="cuda")
+            assert torch.cuda.current_device() == 0  # the patched functions stay
+        assert _get_current_function_mode() is mode
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+        with pytest.raises(ValueError), cpu.device_rewrites_paused():
+            raise ValueError  # restored on the way out of an error too
+        assert _get_current_function_mode() is mode
+
+        class Outer(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        with Outer() as outer, cpu.device_rewrites_paused():
+            # Another mode is innermost: popping ours from under it would corrupt the stack.
+            assert _get_current_function_mode() is outer
+            assert torch.zeros(2, device="cuda").device.type == "cpu"
+        assert _get_current_function_mode() is mode
