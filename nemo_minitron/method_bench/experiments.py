@@ -14,6 +14,7 @@ import statistics
 from typing import Any
 
 from nemo_minitron.config import ModelConfig
+from nemo_minitron.eval.bench import BenchConfig
 from nemo_minitron.importance.aggregate import AGGREGATIONS
 from nemo_minitron.method_bench.instruct_sections import InstructSections
 from nemo_minitron.method_bench.runner import Study
@@ -278,11 +279,15 @@ class Experiments(InstructSections):
                 "header": ["model", "params ratio", "prefill speed-up", "FLOP-predicted",
                            "decode speed-up", "FLOP-predicted"],
                 "rows": table, "verdict": "agree" if ok else "disagree",
-                "detail": f"measured in one process, one after another (batch "
-                          f"{self.st.recipe.throughput.batch_size}, prompt "
-                          f"{self.st.recipe.throughput.seq_length}, "
-                          f"{self.st.recipe.throughput.decode_tokens} decoded tokens, best of "
-                          f"{self.st.recipe.throughput.repeats})"}
+                "detail": _bench_detail(self.st.recipe.throughput)}
+
+
+def _bench_detail(b: BenchConfig) -> str:
+    """How ``eval.bench`` measured: the models in turns or one after another."""
+    how = ("the models taking turns in every round, median of the per-round ratios"
+           if b.interleave else "one model after the other, median of the per-round ratios")
+    return (f"measured in one process, {how} (batch {b.batch_size}, prompt {b.seq_length}, "
+            f"{b.decode_tokens} decoded tokens, {b.repeats} rounds after a warm-up)")
 
 
 def _below(xs: list[float], ref: float) -> str:

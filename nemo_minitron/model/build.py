@@ -100,6 +100,8 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | No
     use_te = te_available() if use_te is None else use_te
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec()
+    from megatron.core.transformer.identity_op import IdentityOp
+
     from nemo_minitron.model.attention import RopeCachedSelfAttention, SDPAttention
     from nemo_minitron.model.linear import InferenceColumnParallelLinear as Column
     from nemo_minitron.model.linear import InferenceRowParallelLinear as Row
@@ -109,6 +111,10 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | No
     attn, mlp = spec.submodules.self_attention, spec.submodules.mlp
     attn.module, mlp.module = RopeCachedSelfAttention, SwiGLUMLP
     attn.submodules.linear_qkv, attn.submodules.linear_proj = Column, Row
+    for norm in ("q_layernorm", "k_layernorm"):
+        if getattr(attn.submodules, norm) is IdentityOp:
+            # Megatron's own spelling of "none": no module to call per layer and step.
+            setattr(attn.submodules, norm, None)
     mlp.submodules.linear_fc1, mlp.submodules.linear_fc2 = Column, Row
     if attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
