@@ -23,7 +23,7 @@ demo-shape distillation step on CPU), and the numerics are Megatron's.
 
 A decode step against a filled static KV cache on one tensor-parallel rank names no CUDA device
 anywhere in Megatron's code, so on the CPU backend it runs with the device mode paused
-(``parallel.cpu.device_rewrites_paused``): measured 8% of a SmolLM2-135M decode step.
+(``parallel.cpu.device_rewrites_paused``): measured about 10% of a SmolLM2-135M decode step.
 """
 
 from __future__ import annotations
