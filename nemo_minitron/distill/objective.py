@@ -30,7 +30,9 @@ from nemo_minitron.distill.losses import (
     ChunkTokens,
     Divergence,
     hidden_state_loss,
+    logit_divergence,
     logit_divergence_and_ce,
+    one_process,
     token_cross_entropy,
 )
 from nemo_minitron.distill.teacher_cache import TeacherCache, cached_forward_kl
@@ -263,11 +265,13 @@ class KDObjective(Objective):
             s_logits = drop_vocab_padding(s_logits, self.shared_vocab)
             t_logits = drop_vocab_padding(t_logits, self.shared_vocab)
         labels = labels.t().contiguous()
-        per_kd, per_ce = logit_divergence_and_ce(
-            s_logits, t_logits, labels, kind=cfg.divergence, temperature=cfg.temperature,
-            top_k=cfg.top_k, chunk_tokens=cfg.chunk_tokens, group=self._group())
-        if cfg.lm_loss_weight:
+        kw = dict(kind=cfg.divergence, temperature=cfg.temperature, top_k=cfg.top_k,
+                  chunk_tokens=cfg.chunk_tokens, group=self._group())
+        if cfg.lm_loss_weight:  # the cross-entropy with gradient, computed once
+            per_kd = logit_divergence(s_logits, t_logits, **kw)
             per_ce = _lm_cross_entropy(s_logits, labels)
+        else:
+            per_kd, per_ce = logit_divergence_and_ce(s_logits, t_logits, labels, **kw)
         return per_kd.t().contiguous(), per_ce.t().contiguous()
 
     def _cached_terms(self, cached, labels, s_logits):
@@ -282,7 +286,7 @@ class KDObjective(Objective):
         return per_kd.t().contiguous(), per_ce.t().contiguous()
 
     def _group(self):
-        return self.tp_group if torch.distributed.get_world_size(self.tp_group) > 1 else None
+        return None if one_process(self.tp_group) else self.tp_group
 
     def _loss(self, batch, terms, aux):
         cfg = self.cfg

@@ -376,7 +376,7 @@ def build_teacher_cache(teacher_ckpt: str, recipe: Any, out: str | os.PathLike[s
     n = min(len(splits.train), t.train_iters * t.global_batch_size)
     teacher, _, _ = load_model(teacher_ckpt, bf16=bf16_enabled(recipe))
     group = ps.get_tensor_model_parallel_group()
-    group = group if dist.get_world_size(group) > 1 else None
+    group = None if one_process(group) else group
     writer = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     dp_rank, dp = ps.get_data_parallel_rank(), rt.dp
     valid_len = len(splits.valid) if splits.valid is not None else 0

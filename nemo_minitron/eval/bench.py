@@ -186,6 +186,18 @@ def _load(checkpoint: str, b: BenchConfig) -> _Loaded:
     return _Loaded(checkpoint, model, cfg, prompt.to(next(model.parameters()).device))
 
 
+def _rounds(loaded: list[_Loaded], b: BenchConfig) -> list[list[tuple[float, float]]]:
+    """Per model, ``(prefill, decode)`` seconds of ``b.repeats`` rounds after a warm-up round;
+    in each round the models take turns."""
+    for x in loaded:  # warm-up round
+        x.time_once(b.decode_tokens)
+    times: list[list[tuple[float, float]]] = [[] for _ in loaded]
+    for _ in range(b.repeats):
+        for i, x in enumerate(loaded):
+            times[i].append(x.time_once(b.decode_tokens))
+    return times
+
+
 def _row(x: _Loaded, times: list[tuple[float, float]], b: BenchConfig,
          profile: bool) -> dict[str, Any]:
     from nemo_minitron.model.params import count_params
@@ -215,20 +227,12 @@ def bench(checkpoints: list[str], b: BenchConfig, profile: bool = False
     init_distributed(ParallelConfig())
     if b.interleave:
         loaded = [_load(c, b) for c in checkpoints]
-        for x in loaded:  # warm-up round
-            x.time_once(b.decode_tokens)
-        times: list[list[tuple[float, float]]] = [[] for _ in loaded]
-        for _ in range(b.repeats):
-            for i, x in enumerate(loaded):
-                times[i].append(x.time_once(b.decode_tokens))
-        rows = [_row(x, t, b, profile) for x, t in zip(loaded, times)]
+        rows = [_row(x, t, b, profile) for x, t in zip(loaded, _rounds(loaded, b))]
     else:
         rows = []
         for c in checkpoints:
             x = _load(c, b)
-            x.time_once(b.decode_tokens)
-            times_x = [x.time_once(b.decode_tokens) for _ in range(b.repeats)]
-            rows.append(_row(x, times_x, b, profile))
+            rows.append(_row(x, _rounds([x], b)[0], b, profile))
             del x  # one model in memory at a time
     ref = rows[0]
     for r in rows:

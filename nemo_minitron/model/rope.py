@@ -45,6 +45,11 @@ def apply_rope(t: torch.Tensor, freqs: torch.Tensor,
     if torch.is_grad_enabled():
         return _Rope.apply(t, cos, sin)
     # Nothing to record: the forward without the autograd Function's per-call cost (decode).
+    return _rotate_forward(t, cos, sin)
+
+
+def _rotate_forward(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``[t1 c1 - t2 s1, t2 c2 + t1 s2]``: the rotation itself."""
     c1, c2 = cos.chunk(2, -1)
     s1, s2 = sin.chunk(2, -1)
     return _rotate(t, c1, s1, c2, s2, sign=-1.0)
@@ -54,9 +59,7 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, cos, sin):  # type: ignore[override]
         ctx.save_for_backward(cos, sin)
-        c1, c2 = cos.chunk(2, -1)
-        s1, s2 = sin.chunk(2, -1)
-        return _rotate(t, c1, s1, c2, s2, sign=-1.0)
+        return _rotate_forward(t, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
