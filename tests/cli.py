@@ -59,7 +59,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> Result:
     from nemo_minitron.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    saved = dict(os.environ)  # restored whole: a runtime start would set MASTER_PORT & co.
+    saved = dict(os.environ)  # restored whole: a runtime start may set MASTER_ADDR & co.
     os.environ.update(env or {})
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _logs_to(err):

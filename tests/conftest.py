@@ -114,7 +114,7 @@ def pair(tmp_path_factory, tiny_overrides, teacher) -> tuple[str, str]:
 @pytest.fixture(autouse=True)
 def _restore_environ():
     """Every test leaves ``os.environ`` as it found it (an in-process verb that starts the
-    runtime sets MASTER_ADDR/MASTER_PORT, which child processes would otherwise inherit)."""
+    runtime may set MASTER_ADDR, which child processes would otherwise inherit)."""
     saved = dict(os.environ)
     yield
     os.environ.clear()

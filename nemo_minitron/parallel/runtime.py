@@ -9,7 +9,6 @@ gloo on CPU (where the CPU backend, ``parallel.cpu``, is entered first and left 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +46,6 @@ class Runtime:
 def use_gpu() -> bool:
     """A GPU is used whenever one is visible."""
     return torch.cuda.is_available()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env_rank_world() -> tuple[int, int, int]:
@@ -94,17 +87,18 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if world == 1 and "WORLD_SIZE" not in os.environ:
-            # A lone process owns its rendezvous: a MASTER_PORT inherited from elsewhere (an
-            # exported variable, a parent that ran a job) may be taken.
-            os.environ["MASTER_PORT"] = str(_free_port())
-        elif world == 1:
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(
-            backend="nccl" if gpu else "gloo", rank=rank, world_size=world,
-            device_id=device if gpu else None,
-        )
+        backend = "nccl" if gpu else "gloo"
+        device_id = device if gpu else None
+        if world == 1:
+            # A lone process needs no rendezvous: an in-memory store, so no port is picked (an
+            # inherited MASTER_PORT may be taken, and a port picked free can be taken by
+            # another process before the store binds it).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0,
+                                    world_size=1, device_id=device_id)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                    device_id=device_id)
     if ps.model_parallel_is_initialized() and (
         ps.get_tensor_model_parallel_world_size(),
         ps.get_pipeline_model_parallel_world_size(),
