@@ -47,6 +47,8 @@ too: per layer the student's take 1.53x less time than the teacher's for 1.79x f
 bytes, since torch's CPU GEMM streams small weight matrices at a lower rate than large ones
 (e.g. the teacher's FFN input weights at 13 GB/s, the student's attention output at 8). In
 that profile the products alone reach a share of 0.90 (1.45 / 1.61).
+``benchmarks/decode_bound.py`` times these parts side by side: the whole step, its products
+alone on the model's own weights, its attention over the cache alone, and the rest.
 """
 
 from __future__ import annotations
