@@ -13,7 +13,9 @@ the KV cache read per step) is the ceiling of a memory-bound decode step.
     .venv/bin/python benchmarks/decode_bound.py TEACHER PRUNED [--batch 8] [--prompt 128]
         [--decode-tokens 32] [--repeats 6]
 
-The last line printed is the figures as JSON.
+Like the decoding verbs, it runs with ``OMP_WAIT_POLICY=ACTIVE`` unless the environment names a
+policy (``utils.omp``; ``OMP_WAIT_POLICY=PASSIVE`` to see the difference). The last line printed
+is the figures as JSON.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32, help="decode steps per run")
     ap.add_argument("--repeats", type=int, default=6, help="timed repeats (after a warm-up)")
     args = ap.parse_args()
+    from nemo_minitron.utils.omp import prefer_spinning_threads
+
+    prefer_spinning_threads()  # as the decoding verbs do (utils.omp); before torch loads
 
     import torch
 

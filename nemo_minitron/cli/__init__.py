@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "decodes", False):  # before anything imports torch (utils.omp)
+        from nemo_minitron.utils.omp import prefer_spinning_threads
+
+        prefer_spinning_threads()
     rank0 = is_rank0()  # before the process group starts: the launcher's rank
     try:
         return args.func(args)

@@ -169,7 +169,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true",
                    help="each prompt is a user turn, formatted with the tokenizer's chat template")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, decodes=True)
 
     p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint",
                        description="Run lm-eval tasks (local task YAMLs under --include-path "
@@ -202,4 +202,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also profile one decode run per checkpoint: the share of operator time "
                         "in matrix products and the top operators (why decode misses the FLOP "
                         "ratio)")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, decodes=True)

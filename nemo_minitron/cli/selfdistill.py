@@ -75,4 +75,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=quiet, help="(0.95)")
     p.add_argument("--top-k", type=int, default=quiet, help="(0: all tokens)")
     p.add_argument("--seed", type=int, default=quiet, help="batch k samples with seed + k (0)")
-    p.set_defaults(func=cmd_self_distill)
+    p.set_defaults(func=cmd_self_distill, decodes=True)

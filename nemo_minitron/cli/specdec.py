@@ -80,4 +80,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for specdec.{json,md,png}")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.set_defaults(func=cmd_specdec)
+    p.set_defaults(func=cmd_specdec, decodes=True)
