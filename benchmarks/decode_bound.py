@@ -34,13 +34,10 @@ def decode_weights(model) -> list:
     output layer (the tied embedding when the output layer has none); the embedding lookup
     reads one row per token and is left out, as in ``eval.bench.flops_per_token``."""
     ws = [p.detach() for n, p in model.named_parameters()
-          if p.dim() == 2 and "word_embeddings" not in n]
-    out = model.output_layer.weight
-    if out is None:
-        out = model.shared_embedding_or_output_weight()
-    elif any(out is p for p in model.parameters()):
-        return ws  # an untied output layer is a parameter already listed
-    return ws + [out.detach()]
+          if p.dim() == 2 and "word_embeddings" not in n]  # an untied output layer is one
+    if model.output_layer.weight is None:  # tied: it multiplies by the embedding
+        ws.append(model.shared_embedding_or_output_weight().detach())
+    return ws
 
 
 def runs_of(model, cfg, prompt, decode_tokens: int) -> dict:
@@ -49,6 +46,7 @@ def runs_of(model, cfg, prompt, decode_tokens: int) -> dict:
     import torch.nn.functional as F
 
     from nemo_minitron.eval.bench import prefill_decode_seconds
+    from nemo_minitron.parallel.cpu import device_rewrites_paused
 
     b, s = prompt.shape
     weights = decode_weights(model)
@@ -61,13 +59,17 @@ def runs_of(model, cfg, prompt, decode_tokens: int) -> dict:
     def step() -> float:
         return prefill_decode_seconds(model, prompt, decode_tokens)[1]
 
+    # Both run as a decode step does: without autograd and with the CPU backend's device mode
+    # paused (it would charge every call).
     @torch.no_grad()
+    @device_rewrites_paused()
     def products() -> None:
         for _ in range(decode_tokens):
             for w in weights:
                 torch.matmul(xs[w.shape[1]], w.t())
 
     @torch.no_grad()
+    @device_rewrites_paused()
     def attention() -> None:
         for i in range(decode_tokens):
             k, v = (c[:s + i + 1].permute(1, 2, 0, 3) for c in cache)
@@ -98,7 +100,6 @@ def main() -> None:
     from nemo_minitron.checkpoint.io import load_model
     from nemo_minitron.config import ParallelConfig
     from nemo_minitron.eval.bench import flops_per_token
-    from nemo_minitron.parallel.cpu import device_rewrites_paused
     from nemo_minitron.parallel.runtime import init_distributed, shutdown
 
     init_distributed(ParallelConfig())
@@ -110,12 +111,8 @@ def main() -> None:
                                generator=torch.Generator().manual_seed(0))
         models[name] = (cfg, runs_of(model, cfg, prompt, args.decode_tokens))
     n = args.decode_tokens
-    timed = {}
-    for name, (_, r) in models.items():
-        timed[f"{name}.step"] = r["step"]
-        # Paused as in a decode step: the CPU backend's device mode would charge every call.
-        timed[f"{name}.products"] = lambda f=r["products"]: _paused(device_rewrites_paused, f)
-        timed[f"{name}.attention"] = lambda f=r["attention"]: _paused(device_rewrites_paused, f)
+    timed = {f"{name}.{part}": r[part] for name, (_, r) in models.items()
+             for part in ("step", "products", "attention")}
     # A step's own clock covers the decode loop only (its prefill is not timed).
     times = interleaved(timed, args.repeats, own_clock=frozenset({"teacher.step",
                                                                    "pruned.step"}))
@@ -145,11 +142,6 @@ def main() -> None:
     result["weight_bytes"] = {k: v[1]["weight_bytes"] for k, v in models.items()}
     print(json.dumps(result))
     shutdown()
-
-
-def _paused(pause, fn) -> None:
-    with pause():
-        fn()
 
 
 if __name__ == "__main__":

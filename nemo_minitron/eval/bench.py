@@ -35,14 +35,10 @@ torch calls per layer, each also paying the CPU backend's device mode. Three cha
 - RoPE skips its ``Function`` and computes cos/sin once per layer.
 
 Together they took SmolLM2-135M's decode from 98 to 118 tokens/s, and its width-pruned
-student's (hidden 576->448, FFN 1536->960) from 129 to 168. What remains for that pair, per
-decode step at batch 8 on 2 cores:
-
-- about 4.5 ms of SDPA over the cache, the same for both models and memory-bound;
-- about 8 ms of other small operators;
-- Megatron's Python.
-
-Together that is some 20 ms of the student's 50. The matrix products fell short too, not
+student's (hidden 576->448, FFN 1536->960) from 129 to 168. What remained for that pair, per
+decode step at batch 8 on 2 cores, was the same for both models: SDPA over the cache (2-3 ms,
+memory-bound; ``torch.profiler`` read 4.5), other small operators and Megatron's Python, some
+20 ms of the student's 50 by the profiler. The matrix products fell short too, not
 because small matrices stream slower (run alone they reach the FLOP ratio) but because libgomp's
 threads slept in the gaps between them: the decoding verbs now start OpenMP with
 ``OMP_WAIT_POLICY=ACTIVE`` (``utils/omp.py``), which took the student's decode to 184-201
