@@ -56,8 +56,9 @@ class ModelConfig:
     """Normalization layer type."""
     layernorm_epsilon: float = 1e-5
     """Epsilon of the normalization layers."""
-    activation: Literal["swiglu", "gelu"] = "swiglu"
-    """MLP activation: gated SiLU (SwiGLU, two fc1 halves) or plain GeLU."""
+    activation: Literal["swiglu", "gelu", "squared_relu"] = "swiglu"
+    """MLP activation: gated SiLU (SwiGLU, two fc1 halves), plain GeLU, or squared ReLU
+    (Nemotron-4, Megatron's ``activations.squared_relu``)."""
     position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
     """Rotary or learned absolute position embeddings."""
     rotary_base: int = 10000
@@ -476,7 +477,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
                 cls: type[T] = Recipe) -> T:  # type: ignore[assignment]
-    """Load a recipe file (or defaults when ``path`` is None) and apply overrides."""
+    """Load a recipe file (or defaults when ``path`` is None) and apply overrides. A
+    ``cluster:`` section holds the job's resources for ``launch``/``validate``
+    (``launch.sbatch.ClusterConfig``, checked there); the verb itself ignores it."""
     data = load_yaml(path) if path is not None else {}
     data = merge(data, parse_overrides(overrides or []))
+    data.pop("cluster", None)
     return from_dict(cls, data)

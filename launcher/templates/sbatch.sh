@@ -5,5 +5,6 @@ set -uo pipefail
 
 cmd=(@@COMMAND@@)
 srun_args=(@@SRUN_ARGS@@)
+export NM_JOB_DIR=@@JOB_DIR@@
 
 @@JOB@@

@@ -26,7 +26,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     summary = search(args.checkpoint, args.out, load_recipe(recipe, overrides, cls=SearchRecipe))
     if is_rank0():
         print(json.dumps(summary))
-    return 0
+    return 75 if summary.get("interrupted") else 0  # stopped by a signal: run it again
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -44,20 +44,20 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from nemo_minitron.config import load_recipe
-    from nemo_minitron.train.pretrain import pretrain
+    from nemo_minitron.train.pretrain import completed, pretrain
 
     recipe, overrides = split_overrides(args)
-    summary = pretrain(load_recipe(recipe, overrides), args.out)
+    summary = completed(pretrain(load_recipe(recipe, overrides), args.out))
     log.info("final checkpoint: %s", summary["final"])
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from nemo_minitron.config import load_recipe
-    from nemo_minitron.train.pretrain import finetune
+    from nemo_minitron.train.pretrain import completed, finetune
 
     recipe, overrides = split_overrides(args)
-    summary = finetune(load_recipe(recipe, overrides), args.checkpoint, args.out)
+    summary = completed(finetune(load_recipe(recipe, overrides), args.checkpoint, args.out))
     log.info("final checkpoint: %s", summary["final"])
     return 0
 
@@ -83,11 +83,12 @@ def cmd_instruct_data(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.pretrain import completed
     from nemo_minitron.train.sft import SFTRecipe, sft
 
     recipe, overrides = split_overrides(args)
-    summary = sft(load_recipe(recipe, overrides, cls=SFTRecipe), args.checkpoint, args.data,
-                  args.out)
+    summary = completed(sft(load_recipe(recipe, overrides, cls=SFTRecipe), args.checkpoint,
+                            args.data, args.out))
     log.info("final checkpoint: %s", summary["final"])
     return 0
 
@@ -95,11 +96,13 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from nemo_minitron.config import load_recipe
     from nemo_minitron.distill.stage import DistillRecipe, distill
+    from nemo_minitron.train.pretrain import completed
 
     recipe, overrides = split_overrides(args)
-    summary = distill(load_recipe(recipe, overrides, cls=DistillRecipe), args.teacher,
-                      args.student, args.out)
+    summary = completed(distill(load_recipe(recipe, overrides, cls=DistillRecipe),
+                                args.teacher, args.student, args.out))
     log.info("final checkpoint: %s", summary["final"])
+    return 0
 
 
 def cmd_teacher_cache(args: argparse.Namespace) -> int:

@@ -49,9 +49,11 @@ def model_config_from_nemo(cfg: dict[str, Any], vocab_size: int) -> ModelConfig:
             raise ConfigError(f"context/model.yaml config.{key} is missing or not an integer")
     act = _target(cfg.get("activation_func")) or "torch.nn.functional.gelu"
     gated = bool(cfg.get("gated_linear_unit", False))
-    if (gated, act.rsplit(".", 1)[-1]) not in ((True, "silu"), (False, "gelu")):
+    activation = {(True, "silu"): "swiglu", (False, "gelu"): "gelu",
+                  (False, "squared_relu"): "squared_relu"}.get((gated, act.rsplit(".", 1)[-1]))
+    if activation is None:
         raise ConfigError(f"context/model.yaml activation {act} with gated_linear_unit={gated} "
-                          f"is not supported (SwiGLU or GeLU)")
+                          f"is not supported (SwiGLU, GeLU or squared ReLU)")
     if float(cfg.get("rotary_percent", 1.0)) != 1.0:
         raise ConfigError("context/model.yaml config.rotary_percent != 1.0 is not supported")
     rope_factor = None
@@ -74,7 +76,7 @@ def model_config_from_nemo(cfg: dict[str, Any], vocab_size: int) -> ModelConfig:
         seq_length=int(cfg.get("seq_length") or 2048),
         normalization=cfg.get("normalization", "LayerNorm"),
         layernorm_epsilon=float(cfg.get("layernorm_epsilon", 1e-5)),
-        activation="swiglu" if gated else "gelu",
+        activation=activation,
         position_embedding_type=cfg.get("position_embedding_type", "learned_absolute"),
         rotary_base=int(cfg.get("rotary_base", 10000)),
         rope_scaling_factor=rope_factor,

@@ -5,11 +5,19 @@ key=value...> [--out <out>]``. Strings may reference ``{vars.NAME}``, ``{inputs.
 existing checkpoint), ``{stages.NAME.output}`` (an earlier stage's checkpoint) and ``{out}``
 (this stage's directory, ``<workdir>/<name>``); ``--out {out}`` is appended when ``{out}`` is
 not among the args. The launcher knows nothing else about verbs, so a new verb (``distill``)
-plugs in as it is. A stage's output checkpoint is ``<out>`` for ``prune`` and the final
-training checkpoint ``<out>/checkpoints/step_<train.train_iters>`` for every other verb; a
-stage whose output is a complete checkpoint is not run again.
+plugs in as it is. A stage's output checkpoint is ``<out>`` for the verbs that write one
+checkpoint directory (``prune``, ``merge``, the importers), ``<out>/winner`` for ``search`` and
+the final training checkpoint ``<out>/checkpoints/step_<train.train_iters>`` for every other
+verb; a stage whose output is a complete checkpoint is not run again.
 
-A plain verb recipe (no ``stages:``) is a one-stage pipeline running ``--verb`` on it.
+The launcher's own files for a stage (its job script, SLURM log and the record of the job that
+holds it) live in ``<workdir>/logs/<stage>/``, outside the stage's directory: verbs such as
+``prune`` refuse an output directory that exists. A recipe's ``cluster:`` section (resources
+when launched; the verb itself ignores it) is the stage's default, below the pipeline's.
+
+A plain verb recipe (no ``stages:``) is a one-stage pipeline running ``--verb`` on it; its
+launcher files are in ``<out>/logs/`` (the training verbs it runs resume in an existing
+directory).
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ import yaml
 
 from nemo_minitron.config import ConfigError, TrainConfig, load_yaml, merge, parse_overrides
 
-DIR_OUTPUT_VERBS = {"prune"}
+DIR_OUTPUT_VERBS = {"prune", "merge", "import-hf", "import-gguf", "import-nemo2"}
 """Verbs whose output directory is itself the checkpoint (the rest train under --out)."""
+LOGS = "logs"
+"""The directory under a pipeline's workdir holding each stage's launcher files."""
 _REF = re.compile(r"\{(out|vars\.[\w-]+|inputs\.[\w-]+|stages\.[\w-]+\.output)\}")
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _TOP = {"workdir", "vars", "inputs", "cluster", "stages"}
@@ -52,8 +62,12 @@ class Stage:
     """Earlier stages it reads."""
     reads: list[str]
     """Checkpoints it reads, in argument order (the last one is the model it trains)."""
+    logs: Path
+    """The launcher's files for this stage: job script, SLURM log, job record."""
     cluster: dict[str, Any] = field(default_factory=dict)
     """Resource overrides of this stage."""
+    recipe_cluster: dict[str, Any] = field(default_factory=dict)
+    """The ``cluster:`` section of its recipe file (below the pipeline's)."""
 
 
 @dataclass
@@ -66,6 +80,8 @@ class Pipeline:
     """Pipeline-wide resource defaults."""
     input_models: dict[str, dict[str, Any]]
     """Declared model shape of each external input checkpoint, by path."""
+    logs: Path
+    """The launcher's directory (``<workdir>/logs``; ``<out>/logs`` for a plain recipe)."""
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> list[str]:
@@ -115,11 +131,21 @@ def single_stage(recipe: str, verb: str, overrides: list[str], out: str) -> Pipe
     """A plain verb recipe as a one-stage pipeline (the overrides are passed through)."""
     check_overrides(overrides)
     config = merge(load_yaml(recipe), parse_overrides(overrides))
+    cluster = _pop_cluster(config, recipe)
     o = Path(out).absolute()
     argv = [str(Path(recipe).absolute()), *overrides, "--out", str(o)]
     stage = Stage(name=o.name, verb=verb, argv=argv, config=config, out=o,
-                  output=_output(verb, o, config), needs=[], reads=[])
-    return Pipeline(stages=[stage], cluster={}, input_models={})
+                  output=_output(verb, o, config), needs=[], reads=[], logs=o / LOGS)
+    return Pipeline(stages=[stage], cluster=cluster, input_models={}, logs=stage.logs)
+
+
+def _pop_cluster(config: dict[str, Any], where: str | Path) -> dict[str, Any]:
+    """Remove and return a recipe's ``cluster:`` section (launch reads it, the verb ignores
+    it)."""
+    cluster = config.pop("cluster", None) or {}
+    if not isinstance(cluster, dict):
+        raise ConfigError(f"{where}: cluster must be a mapping of job resources")
+    return cluster
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
@@ -160,7 +186,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     for i, s in enumerate(raw):
         stages.append(_stage(s, i, base, workdir, refs, stages))
         refs[f"stages.{stages[-1].name}.output"] = str(stages[-1].output)
-    return Pipeline(stages=stages, cluster=data.get("cluster") or {}, input_models=input_models)
+    return Pipeline(stages=stages, cluster=data.get("cluster") or {}, input_models=input_models,
+                    logs=workdir / LOGS)
 
 
 def _stage(s: Any, i: int, base: Path, workdir: Path, refs: dict[str, str],
@@ -173,6 +200,9 @@ def _stage(s: Any, i: int, base: Path, workdir: Path, refs: dict[str, str],
     if not _NAME.match(name) or any(d.name == name for d in done):
         raise ConfigError(f"stages[{i}].name={name!r} must be unique and use only "
                           "letters, digits, _ and -")
+    if name == LOGS:
+        raise ConfigError(f"stages[{i}].name={name!r} is reserved: <workdir>/{LOGS}/ holds "
+                          "the stages' job scripts and logs")
     out = workdir / name
     local = {**refs, "out": str(out)}
     needs: list[str] = []
@@ -203,13 +233,15 @@ def _stage(s: Any, i: int, base: Path, workdir: Path, refs: dict[str, str],
     own = sub_all(s.get("config") or {}, f"{where}.config")
     if not isinstance(own, dict):
         raise ConfigError(f"{where}.config must be a mapping of recipe sections")
-    config, recipe = own, None
+    config, recipe, recipe_cluster = own, None, {}
     if s.get("recipe"):
         recipe = (base / str(s["recipe"])).resolve()
         config = merge(load_yaml(recipe), own)
+        recipe_cluster = _pop_cluster(config, recipe)
     argv = args + ([str(recipe)] if recipe else []) + flatten(own)
     if not any("{out}" in str(a) for a in (s.get("args") or [])):
         argv += ["--out", str(out)]
     return Stage(name=name, verb=verb, argv=argv, config=config, out=out,
                  output=_output(verb, out, config), needs=list(dict.fromkeys(needs)),
-                 reads=reads, cluster=s.get("cluster") or {})
+                 reads=reads, logs=workdir / LOGS / name, cluster=s.get("cluster") or {},
+                 recipe_cluster=recipe_cluster)

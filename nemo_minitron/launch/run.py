@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_minitron.config import ConfigError, ModelConfig, from_dict, load_yaml, recipe_path
-from nemo_minitron.launch.fanout import fans_out
+from nemo_minitron.launch.fanout import Job, fans_out
 from nemo_minitron.launch.pipeline import Pipeline, Stage, load_pipeline, single_stage
 from nemo_minitron.launch.sbatch import ClusterConfig, job_command, render_sbatch
 from nemo_minitron.utils.logging import get_logger
@@ -23,8 +23,8 @@ CLUSTER_FLAGS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "p
 
 
 def load(recipe: str, overrides: list[str], out: str | None = None) -> Pipeline:
-    """A pipeline file, or a plain recipe as a one-stage pipeline (``prune`` when it has a
-    ``target:`` section, ``distill`` with a ``kd:`` section, else ``pretrain``)."""
+    """A pipeline file, or a plain pretraining recipe as a one-stage pipeline (the recipes of
+    verbs that read checkpoints are refused with the verb to run them with)."""
     recipe = str(recipe_path(recipe))
     data = load_yaml(recipe)
     if "stages" in data:
@@ -32,21 +32,23 @@ def load(recipe: str, overrides: list[str], out: str | None = None) -> Pipeline:
     if "study" in data:
         raise ConfigError(f"{recipe} is a bench-method recipe: run `nemo-minitron bench-method "
                           f"{recipe}` (a one-process benchmark, not a cluster job)")
-    for section, verb in (("sft", "sft"), ("merge", "merge")):
+    for section, verb in (("sft", "sft"), ("merge", "merge"), ("target", "prune"),
+                          ("kd", "distill")):
         if section in data:  # these verbs take input paths a plain recipe cannot name
             raise ConfigError(f"{recipe} is a {verb} recipe: `nemo-minitron {verb}` takes input "
-                              f"paths, so launch it as a stage of a pipeline (stages: - verb: "
-                              f"{verb}, args: [...], recipe: {Path(recipe).name})")
-    verb = "prune" if "target" in data else "distill" if "kd" in data else "pretrain"
-    return single_stage(recipe, verb, overrides, out or f"runs/{Path(recipe).stem}")
+                              f"paths, so run it with that verb or launch it as a stage of a "
+                              f"pipeline (stages: - verb: {verb}, args: [...], recipe: "
+                              f"{Path(recipe).name})")
+    return single_stage(recipe, "pretrain", overrides, out or f"runs/{Path(recipe).stem}")
 
 
 def cluster_resolver(pipe: Pipeline, flags: dict[str, Any]) -> Callable[[Stage], ClusterConfig]:
-    """Resources of a stage: CLI flags > the stage's ``cluster:`` > the pipeline's."""
+    """Resources of a stage: CLI flags > the stage's ``cluster:`` > the pipeline's > the
+    ``cluster:`` section of the stage's recipe file."""
     given = {k: v for k, v in flags.items() if v is not None}
 
     def resolve(stage: Stage) -> ClusterConfig:
-        merged = {**pipe.cluster, **stage.cluster, **given}
+        merged = {**stage.recipe_cluster, **pipe.cluster, **stage.cluster, **given}
         merged.setdefault("job_name", stage.name)
         return from_dict(ClusterConfig, merged, "cluster.")
     return resolve
@@ -59,12 +61,21 @@ def complete(stage: Stage) -> bool:
     return is_checkpoint(stage.output)
 
 
+def _job_paths(stage: Stage) -> list[Path]:
+    """What a stage's job reads and writes (mounted into a container): its directory and
+    every absolute path among its arguments (recipe, checkpoints)."""
+    return [stage.out, *(Path(a) for a in stage.argv if a.startswith("/"))]
+
+
 def launch_slurm(pipe: Pipeline, cluster_for: Callable[[Stage], ClusterConfig],
                  dry_run: bool, shapes: dict[str, ModelConfig] | None = None
                  ) -> list[dict[str, Any]]:
     """Submit every stage whose output is missing, each after the stages it reads (a search
     with ``search.fan_out`` as several jobs, see ``launch/fanout.py``); ``shapes``: the model
-    each stage produces, by output path, from ``validate_pipeline``."""
+    each stage produces, by output path, from ``validate_pipeline``. A job that an earlier
+    launch submitted and that is still queued or running is not submitted again (its id is
+    recorded beside the stage's logs and asked of the scheduler); the jobs after it wait for
+    it. Launches of one pipeline take turns (a lock file)."""
     from nemo_minitron.launch import slurm
     from nemo_minitron.launch.fanout import pipeline_jobs
 
@@ -73,27 +84,49 @@ def launch_slurm(pipe: Pipeline, cluster_for: Callable[[Stage], ClusterConfig],
         if s not in todo:
             log.info("stage %s: %s is complete; not submitted", s.name, s.output)
     planned = pipeline_jobs(pipe, todo, cluster_for, shapes or {})
-    if not dry_run:
-        slurm.preflight([j.cluster for j in planned])
+    if dry_run:
+        jobs: dict[str, str] = {}
+        for job in planned:
+            waits = [n for n in job.needs if n in jobs]
+            dep = f" --dependency=afterok:<job of {', '.join(waits)}>" if waits else ""
+            print(f"# ---- stage {job.name}: sbatch{dep} "
+                  f"{job.stage.logs}/{job.cluster.job_name}.sbatch")
+            print(_script(job))
+            jobs[job.name] = f"<{job.name}>"
+        return []
+    slurm.preflight([j.cluster for j in planned])
+    with slurm.launch_lock(pipe.logs):
+        return _submit(planned)
+
+
+def _script(job: Job) -> str:
+    c = job.cluster
+    cmd = job_command(job.stage.verb, job.argv, container=bool(c.container_image))
+    return render_sbatch(c, cmd, job.stage.logs, paths=_job_paths(job.stage))
+
+
+def _submit(planned: list[Job]) -> list[dict[str, Any]]:
+    from nemo_minitron.launch import slurm
+
     jobs: dict[str, str] = {}
     result = []
     for job in planned:
-        c, logs = job.cluster, job.stage.out / "logs"
-        cmd = job_command(job.stage.verb, job.argv, container=bool(c.container_image))
-        script = render_sbatch(c, cmd, logs)
-        waits = [n for n in job.needs if n in jobs]
-        if dry_run:
-            dep = f" --dependency=afterok:<job of {', '.join(waits)}>" if waits else ""
-            print(f"# ---- stage {job.name}: sbatch{dep} {logs}/{c.job_name}.sbatch")
-            print(script)
-            jobs[job.name] = f"<{job.name}>"
+        logs, name = job.stage.logs, job.cluster.job_name
+        held = slurm.holder(logs, job.name)
+        if held is not None:
+            jobs[job.name] = held[0]
+            log.info("stage %s: job %s (%s) already holds it; not submitted again",
+                     job.name, *held)
+            result.append({"stage": job.name, "job_id": held[0], "submitted": False,
+                           "state": held[1], "output": str(job.output)})
             continue
-        after = [jobs[n] for n in waits]
-        jobs[job.name] = slurm.submit(script, logs / f"{c.job_name}.sbatch", after)
+        after = [jobs[n] for n in job.needs if n in jobs]
+        jobs[job.name] = slurm.submit(_script(job), logs / f"{name}.sbatch", after,
+                                      slurm.record_path(logs, job.name))
         log.info("stage %s: submitted job %s%s", job.name, jobs[job.name],
                  f" after {', '.join(after)}" if after else "")
-        result.append({"stage": job.name, "job_id": jobs[job.name],
-                       "log": str(logs / f"{c.job_name}-{jobs[job.name]}.out"),
+        result.append({"stage": job.name, "job_id": jobs[job.name], "submitted": True,
+                       "log": str(logs / f"{name}-{jobs[job.name]}.out"),
                        "output": str(job.output)})
     return result
 
@@ -128,9 +161,6 @@ def run_launch(recipe: str, overrides: list[str], *, cluster: str, out: str | No
     from nemo_minitron.launch.validate import validate_pipeline
 
     pipe = load(recipe, overrides, out)
-    if pipe.stages[0].verb in ("prune", "distill") and not pipe.stages[0].reads:
-        raise ConfigError(f"{recipe}: a {pipe.stages[0].verb} recipe needs its input "
-                          "checkpoints; launch it as a stage of a pipeline recipe (stages:)")
     if cluster == "local" and flags.get("gpus_per_node") is None:
         import torch
 

@@ -185,7 +185,9 @@ class MethodBenchRecipe:
 def load_bench_recipe(path: str | Path | None, overrides: list[str]) -> MethodBenchRecipe:
     """The teacher section starts from ``recipes/tiny_cpu.yaml``; then the recipe, then
     ``key=value`` overrides."""
-    data: dict[str, Any] = {"teacher": load_yaml(TEACHER_RECIPE)}
+    teacher = load_yaml(TEACHER_RECIPE)
+    teacher.pop("cluster", None)  # launch's job resources, not a recipe section
+    data: dict[str, Any] = {"teacher": teacher}
     data = merge(data, load_yaml(path or DEFAULT_RECIPE))
     data = merge(data, parse_overrides(overrides))
     return from_dict(MethodBenchRecipe, data)

@@ -16,6 +16,8 @@ The model is built for the calling rank's pipeline stage of the current parallel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +45,13 @@ def te_available() -> bool:
     return True
 
 
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP's activation function for ``ModelConfig.activation``."""
+    from megatron.core.activations import squared_relu
+
+    return {"swiglu": F.silu, "gelu": F.gelu, "squared_relu": squared_relu}[name]
+
+
 def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None):
     """Megatron ``TransformerConfig`` for ``cfg`` under the current parallel state."""
     from megatron.core import parallel_state as ps
@@ -60,7 +69,7 @@ def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None 
         normalization=cfg.normalization,
         layernorm_epsilon=cfg.layernorm_epsilon,
         gated_linear_unit=swiglu,
-        activation_func=F.silu if swiglu else F.gelu,
+        activation_func=_activation(cfg.activation),
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
         init_method_std=cfg.init_method_std,

@@ -182,7 +182,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         kd_recipe = _with_teacher_cache(kd_recipe, checkpoint, root / "teacher_cache",
                                         s.teacher_cache_top_k)
     scores_file = root / "scores.pt"
-    ran = 0
+    ran, interrupted = 0, False
     for c, rec in zip(candidates, records):
         cdir = root / "candidates" / c.name
         pruned, run = cdir / "pruned", cdir / "distill"
@@ -212,6 +212,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         if result["interrupted"]:
             log.info("candidate %s: stopped at step %d; re-run the same command to resume",
                      c.name, result["step"])
+            interrupted = True
             break
         rec["curve"] = [[h["step"], h["lm loss"]] for h in result["history"]]
         rec["retrained_loss"] = result["history"][-1]["lm loss"]
@@ -225,11 +226,12 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     _barrier()
     refresh()
     left = [r["name"] for r in records if r["status"] != "done"]
-    if left:
+    if left or s.candidates:  # a job of some candidates leaves the ranking to one writer
         save_state()
-        log.info("search stopped with %d candidates left (%s); re-run to continue", len(left),
-                 ", ".join(left))
-        return {"finished": False, "remaining": left}
+        if left:
+            log.info("search stopped with %d candidates left (%s); re-run to continue",
+                     len(left), ", ".join(left))
+        return {"finished": False, "interrupted": interrupted, "remaining": left}
     for rec in records:  # scored once per score function, so a re-run can re-rank cheaply
         if "score" not in rec or rec.get("scored_by") != s.score_fn:
             rec["score"] = float(score_fn(rec["checkpoint"])) if score_fn \

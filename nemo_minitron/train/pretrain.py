@@ -125,7 +125,7 @@ def completed(summary: dict[str, Any]) -> dict[str, Any]:
     """``summary`` (from ``run_trainer``) of a run that reached its last step; ``Stopped``
     if it was interrupted."""
     if summary["interrupted"]:
-        raise Stopped(f"stopped at step {summary['step']} (a signal or train.exit_interval), "
+        raise Stopped(f"step {summary['step']} reached (a signal or train.exit_interval); "
                       f"checkpoint {summary['final']} saved: re-run the same command to resume")
     return summary
 

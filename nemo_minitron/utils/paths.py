@@ -25,3 +25,9 @@ def recipes_dir() -> Path:
 def launcher_dir() -> Path:
     """The SLURM launcher: ``<stage>.sbatch`` scripts, ``job.sh`` and the ``launch`` template."""
     return _shipped("launcher")
+
+
+def checkout_dir() -> Path | None:
+    """The source checkout this package runs from (``setup.py`` beside the package: a clone,
+    or an editable install of one), or None for an installed package."""
+    return _PACKAGE.parent if (_PACKAGE.parent / "setup.py").is_file() else None

@@ -159,12 +159,15 @@ def test_fanned_out_search_matches_one_process(slurm_cluster, teacher, tiny_over
     finally:
         subprocess.run(["scancel", *ids])
     out = tmp_path / "w" / "search"
-    logs = {p.name: p.read_text() for p in (out / "logs").glob("*.out")}
+    logs = {p.name: p.read_text() for p in (tmp_path / "w" / "logs" / "search").glob("*.out")}
     assert all(info[j]["JobState"] == "COMPLETED" for j in ids[:3]), logs
     # The ranking job started after both candidate jobs had ended, and retrained nothing.
     assert all(info[j]["EndTime"] <= info[ids[2]]["StartTime"] for j in ids[:2])
     rank_log = next(v for k, v in logs.items() if k.startswith(f"search-{ids[2]}"))
     assert rank_log.count("finished earlier, skipped") == 2
+    # One writer of the ranking and the winner: the ranking job, never a candidate job.
+    for name, text in logs.items():
+        assert ("winner " in text) == name.startswith(f"search-{ids[2]}"), (name, text[-2000:])
     assert (out / "search" / "report.md").is_file() and (out / "winner").is_dir()
 
     ref = tmp_path / "one"

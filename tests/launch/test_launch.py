@@ -33,10 +33,10 @@ def _dry(*args: str, path: str | None = None) -> Result:
     return cli(*args, env=None if path is None else {"PATH": path})
 
 
-def _words(script: str) -> list[str]:
-    """The words of the script's cmd=(...) array as bash itself reads them."""
-    line = next(x for x in script.splitlines() if x.startswith("cmd=("))
-    done = subprocess.run(["bash", "-c", f'{line}\nprintf "%s\\0" "${{cmd[@]}}"'],
+def _words(script: str, array: str = "cmd") -> list[str]:
+    """The words of the script's ``array=(...)`` as bash itself reads them."""
+    line = next(x for x in script.splitlines() if x.startswith(f"{array}=("))
+    done = subprocess.run(["bash", "-c", f'{line}\nprintf "%s\\0" "${{{array}[@]}}"'],
                           capture_output=True, text=True, check=True)
     return done.stdout.split("\0")[:-1]
 
@@ -65,11 +65,31 @@ def test_container_flags_reach_srun(tmp_path):
              "/lustre:/lustre", "--partition", "batch", "--time", "01:00:00",
              "--out", str(tmp_path / "r"), "train.global_batch_size=64")
     assert r.returncode == 0, r.stderr
-    srun = next(x for x in r.stdout.splitlines() if x.startswith("srun_args=("))
+    srun = _words(r.stdout, "srun_args")
     assert "--container-image=nvcr.io#nvidia/nemo:25.11" in srun
-    assert "--container-mounts=/lustre:/lustre" in srun
     assert "#SBATCH --gpus-per-node=4" in r.stdout and "#SBATCH --partition=batch" in r.stdout
-    assert _words(r.stdout)[0] == "python"  # the container's interpreter
+    for line in ("#SBATCH --exclusive", "#SBATCH --mem=0"):  # GPU jobs take whole nodes
+        assert line in r.stdout.splitlines()
+    # The checkout, the working directory and the stage's directory are mounted at their own
+    # paths beside the user's mounts; the container's python runs the checkout's code.
+    (mounts,) = [w.split("=", 1)[1] for w in srun if w.startswith("--container-mounts=")]
+    assert mounts.split(",") == ["/lustre:/lustre", f"{ROOT}:{ROOT}", f"{tmp_path}:{tmp_path}"]
+    assert f"--container-workdir={ROOT}" in srun  # _dry runs in the checkout
+    words = _words(r.stdout)
+    assert words[:2] == ["bash", "-c"] and words[3:6] == [str(ROOT), "pretrain", TINY]
+    boot = subprocess.run(["/bin/bash", "-c", words[2], str(ROOT), "--help"], capture_output=True,
+                          text=True, env={"PATH": os.path.dirname(sys.executable),
+                                          "PYTHONPATH": "/elsewhere"})
+    assert boot.returncode == 0 and "usage: nemo-minitron" in boot.stdout, boot.stderr
+
+
+def test_container_mounts_are_not_doubled_under_a_user_mount(tmp_path):
+    r = _dry("launch", TINY, "--dry-run", "--container-image", "nvcr.io#nvidia/nemo:25.11",
+             "--container-mounts", f"/:/,{tmp_path}:/data", "--out", str(tmp_path / "r"))
+    assert r.returncode == 0, r.stderr
+    (mounts,) = [w.split("=", 1)[1] for w in _words(r.stdout, "srun_args")
+                 if w.startswith("--container-mounts=")]
+    assert mounts == f"/:/,{tmp_path}:/data"  # '/' maps every path to itself already
 
 
 @pytest.mark.parametrize("args,needle", [

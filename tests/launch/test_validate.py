@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,22 +13,35 @@ from nemo_minitron.launch.run import run_validate
 from nemo_minitron.launch.validate import memory_gib
 from nemo_minitron.method_bench import load_bench_recipe
 from nemo_minitron.model.params import count_params
+from tests.cli import cli
 
 ALL = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
-# bench-method's recipes are not jobs; sft's and merge's verbs take input paths (pipeline
-# stages): each is checked against the verb that reads it below.
-NOT_JOBS = {"method_bench.yaml", "method_bench_smollm2.yaml", "sft.yaml", "merge.yaml"}
-RECIPES = [p for p in ALL if p.name not in NOT_JOBS]
+# The recipes that are not jobs by themselves, and the verb the refusal must name: bench-method's
+# are benchmarks; the others' verbs take input paths (run them with the verb, or as stages).
+REFUSED = {"method_bench.yaml": "bench-method", "method_bench_smollm2.yaml": "bench-method",
+           "sft.yaml": "sft", "merge.yaml": "merge", "tiny_cpu_prune.yaml": "prune",
+           "tiny_cpu_distill.yaml": "distill"}
+RECIPES = [p for p in ALL if p.name not in REFUSED]
 NO_FLAGS = dict.fromkeys(("nodes", "gpus_per_node", "tasks_per_node"))
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_every_shipped_recipe_validates(recipe):
-    text = recipe.read_text()
-    flags = NO_FLAGS if "stages:" in text else {"nodes": 1, "gpus_per_node": 1}
-    reports = run_validate(str(recipe), [], flags=flags, gpu_memory_gb=80)
-    for r in reports:
-        assert r["memory_gib"] is None or r["memory_gib"] < 80
+@pytest.mark.parametrize("recipe", ALL, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_as_written_or_names_its_verb(recipe):
+    """``nemo-minitron validate RECIPE`` exactly as a user types it, no flags."""
+    r = cli("validate", str(recipe))
+    if recipe.name in REFUSED:
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert re.search(f"`nemo-minitron {REFUSED[recipe.name]}[` ]", r.stderr), r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    reports = json.loads(r.stdout)
+    for rep in reports:
+        assert rep["memory_gib"] is None or rep["memory_gib"] < 80
+        assert rep["params"] > 0
+    if recipe.name == "tiny_cpu.yaml":  # the demo's teacher: one CPU process, as demo runs it
+        assert [(rep["world_size"], rep["memory_gib"]) for rep in reports] == [(1, None)]
+    elif not recipe.name.startswith("tiny_cpu"):  # GPU jobs: every stage has an estimate
+        assert all(rep["memory_gib"] is not None for rep in reports), reports
 
 
 def test_the_benchmark_recipe_is_not_a_job():

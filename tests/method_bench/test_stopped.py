@@ -31,7 +31,7 @@ def test_a_stopped_unit_is_not_recorded_and_resumes(tmp_path, data_cache):
                                                "teacher.train.save_interval=2"]
     spawn(_teacher_twice, 1, str(tmp_path / "work"), overrides, str(tmp_path / "r.json"))
     stopped, recorded, final = json.loads((tmp_path / "r.json").read_text())
-    assert stopped.startswith("stopped: stopped at step 2") and "re-run" in stopped, stopped
+    assert stopped.startswith("stopped: step 2 reached") and "re-run" in stopped, stopped
     assert recorded is False
     assert final.endswith("step_0000004")
     unit = json.loads((tmp_path / "work" / "units" / "teacher.json").read_text())

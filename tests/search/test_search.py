@@ -82,7 +82,8 @@ def test_search_resumes_ranks_and_reports(tmp_path, teacher, tiny_overrides):
     assert res.returncode == 0, res.stderr
     meta = json.loads((root / "teacher_cache" / "meta.json").read_text())
     assert (meta["num_samples"], meta["valid_samples"]) == (16, 16)
-    assert json.loads(res.stdout) == {"finished": False, "remaining": ["L2-H64-F128-A4-G2"]}
+    assert json.loads(res.stdout) == {"finished": False, "interrupted": False,
+                                      "remaining": ["L2-H64-F128-A4-G2"]}
     assert json.loads((root / "candidates" / third / "result.json").read_text())["status"] \
         == "done"
     third_metrics = (root / "candidates" / third / "distill" / "metrics.jsonl").read_text()

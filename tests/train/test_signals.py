@@ -1,5 +1,6 @@
 """A stop signal sent to the whole process group (Ctrl-C, ``timeout``, torchrun's shutdown,
-SLURM) right after a periodic save: the run saves, exits 0 and resumes to the losses of an
+SLURM) right after a periodic save: the run saves, exits 75 (not finished, not failed: a job
+script requeues on it, a pipeline does not go on) and resumes to the losses of an
 uninterrupted run (reference: the same run without a signal)."""
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def test_group_signal_in_one_process_saves_and_resumes(tmp_path, tiny_overrides,
                                                         sig):
     out = tmp_path / "run"
     res = _interrupted(out, tiny_overrides, 1, sig)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 75, res.stderr[-3000:]
+    assert "stopped: step " in res.stderr and "re-run the same command" in res.stderr
     _check(out, res, tiny_overrides, 1, reference)
 
 
