@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -120,7 +121,7 @@ def test_pipeline_dry_run_skips_complete_stages(tmp_path):
     r = _dry("launch", pipe, "--dry-run", f"workdir={tmp_path}")
     assert r.returncode == 0, r.stderr
     heads = [x for x in r.stdout.splitlines() if x.startswith("# ---- stage")]
-    assert [h.split()[3].rstrip(":") for h in heads] == ["teacher", "pruned", "healed"]
+    assert [h.split()[3].rstrip(":") for h in heads] == ["teacher", "pruned", "healed", "merged"]
     assert "afterok" not in heads[0] and "<job of teacher>" in heads[1]
     words = _words(r.stdout.split("# ---- stage pruned")[1])
     assert words[3:6] == ["prune", f"{tmp_path}/teacher/checkpoints/step_0000600",
@@ -128,7 +129,7 @@ def test_pipeline_dry_run_skips_complete_stages(tmp_path):
     _fake_checkpoint(tmp_path / "teacher" / "checkpoints" / "step_0000600")
     r = _dry("launch", pipe, "--dry-run", f"workdir={tmp_path}")
     heads = [x for x in r.stdout.splitlines() if x.startswith("# ---- stage")]
-    assert len(heads) == 2 and "afterok" not in heads[0] and "afterok" in heads[1]
+    assert len(heads) == 3 and "afterok" not in heads[0] and "afterok" in heads[1]
 
 
 def _state(job: str) -> dict[str, str]:
@@ -144,9 +145,10 @@ def test_pipeline_stages_are_chained_by_afterok(slurm_cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     jobs = [j["job_id"] for j in json.loads(r.stdout)]
     try:
-        assert len(jobs) == 3
+        assert len(jobs) == 4
         assert _state(jobs[1])["Dependency"].startswith(f"afterok:{jobs[0]}")
         assert _state(jobs[2])["Dependency"].startswith(f"afterok:{jobs[1]}")
+        assert re.findall(r"afterok:(\d+)", _state(jobs[3])["Dependency"]) == jobs[1:3]
     finally:
         subprocess.run(["scancel", *jobs])
 
