@@ -167,7 +167,8 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
                "source_valid_loss": source_loss, "pruned_valid_loss": pruned_loss,
                "kept_layers": plan.layers, "calib_seq_length": c.seq_length or src.seq_length,
                "block_loss_increase": None if block_losses is None else block_losses.tolist(),
-               "block_angular_distance": None if angular is None else angular.tolist()}
+               "block_angular_distance": None if angular is None else angular.tolist(),
+               "layers_removed_by": _layers_removed_by(recipe.target, src, plan.layers)}
     importance = scores.meta.get("importance", "activation") if recipe.scores \
         else recipe.importance
     origin = PruneOrigin(kept_layers=plan.layers, source=src, importance=importance)
@@ -209,6 +210,13 @@ def prune_summary(out: str | Path) -> dict[str, Any] | None:
     """The summary of a finished ``prune`` into ``out`` (None when it did not finish)."""
     f = report_dir(out) / "summary.json"
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _layers_removed_by(target: Target, src: Any, kept: list[int]) -> str | None:
+    """What chose the removed layers: ``drop_layers``, a ``target.layer_metric``, or None."""
+    if len(kept) == src.num_layers:
+        return None
+    return "drop_layers" if target.drop_layers is not None else target.layer_metric
 
 
 def _baseline_scores(model: torch.nn.Module, src: Any, recipe: PruneRecipe) -> Any:

@@ -49,6 +49,17 @@ def rank_records(records: list[dict[str, Any]]) -> float | None:
     return spearman(one_shot, after)
 
 
+def retraining_losses(history: list[dict[str, float]]) -> dict[str, Any]:
+    """A candidate's ``one_shot_loss``, ``curve`` and ``retrained_loss`` from its retraining's
+    validation ``history``: all three are the loop's validation LM loss on one validation set,
+    so the one-shot loss is the curve's step 0 (prune's own figure is measured on
+    ``calib.eval_samples`` other sequences and would not compare)."""
+    if not history or history[0]["step"] != 0:
+        raise RuntimeError("the retraining has no validation at step 0 (the one-shot loss)")
+    curve = [[h["step"], h["lm loss"]] for h in history]
+    return {"one_shot_loss": curve[0][1], "curve": curve, "retrained_loss": curve[-1][1]}
+
+
 def _fmt_rank(x: float) -> str:
     return str(int(x)) if x == int(x) else f"{x:.1f}"
 

@@ -25,6 +25,7 @@ from nemo_minitron.config import ConfigError, StageRecipe, TrainConfig
 from nemo_minitron.distill.objective import KDConfig
 from nemo_minitron.prune.stage import CalibConfig
 from nemo_minitron.search.enumerate import Candidate, SearchConfig, enumerate_candidates
+from nemo_minitron.search.report import retraining_losses
 from nemo_minitron.utils.logging import get_logger
 from nemo_minitron.utils.rank import is_rank0
 
@@ -44,7 +45,7 @@ class SearchRecipe(StageRecipe):
     search: SearchConfig = field(default_factory=SearchConfig)
     """Budget, candidate grid, retraining steps, scoring."""
     calib: CalibConfig = field(default_factory=CalibConfig)
-    """The importance pass and the one-shot validation loss."""
+    """The importance pass (the one-shot loss is the retraining's step-0 validation)."""
     kd: KDConfig = field(default_factory=KDConfig)
     """Distillation losses of the retraining."""
     train: TrainConfig = field(default_factory=_search_train)
@@ -207,15 +208,13 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
             shutil.copy2(report_dir(pruned) / "scores.pt", tmp)
             tmp.replace(scores_file)
         _barrier()
-        rec["one_shot_loss"] = prune_summary(pruned)["pruned_valid_loss"]  # type: ignore[index]
         result = distill(kd_recipe, checkpoint, str(pruned), run)
         if result["interrupted"]:
             log.info("candidate %s: stopped at step %d; re-run the same command to resume",
                      c.name, result["step"])
             interrupted = True
             break
-        rec["curve"] = [[h["step"], h["lm loss"]] for h in result["history"]]
-        rec["retrained_loss"] = result["history"][-1]["lm loss"]
+        rec.update(retraining_losses(result["history"]))
         rec["retrain_steps"] = s.retrain_steps
         rec["checkpoint"] = str(final)
         rec["status"] = "done"

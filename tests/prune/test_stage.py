@@ -53,6 +53,7 @@ def test_prune_verb_end_to_end(tmp_path, teacher, tiny_overrides):
         assert (out / "pruning" / name).stat().st_size > 0
     summary = json.loads((out / "pruning" / "summary.json").read_text())
     assert summary["pruned_params"] < summary["source_params"]
+    assert summary["layers_removed_by"] == "block_importance"  # what the layer plot shows
     # What later stages need travels in the checkpoint's own metadata.
     from nemo_minitron.checkpoint.io import load_model_config
     from nemo_minitron.prune.origin import prune_origin
@@ -127,6 +128,7 @@ def test_depth_by_lm_loss_drops_the_cheapest_block(tmp_path, teacher, tiny_overr
     assert len(increase) == 4  # four layers, a block of one
     dropped = min(range(4), key=lambda i: increase[i])
     assert summary["kept_layers"] == [i for i in range(4) if i != dropped]
+    assert summary["layers_removed_by"] == "lm_loss"
 
 
 def test_depth_by_angular_distance_drops_the_closest_block(tmp_path, teacher, tiny_overrides):
@@ -143,6 +145,7 @@ def test_depth_by_angular_distance_drops_the_closest_block(tmp_path, teacher, ti
     assert summary["block_angular_distance"] == pytest.approx(blocks)
     dropped = min(range(4), key=lambda i: blocks[i])
     assert summary["kept_layers"] == [i for i in range(4) if i != dropped]
+    assert summary["layers_removed_by"] == "angular_distance"
     assert "angular distance" in (out / "pruning" / "report.md").read_text()
     res = cli("prune", teacher, str(tmp_path / "refused"), "target.num_layers=3",
               "target.layer_metric=angular_distance", "importance=magnitude",

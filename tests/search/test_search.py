@@ -55,6 +55,39 @@ def _evaluate(ckpt: str, out: str) -> None:
     torch.save(lm_loss(model, tokens, 2), out)
 
 
+def _loop_valid_losses(pruned: list[str], args: list[str], out: str) -> None:
+    """Each pruned checkpoint's LM loss on the retraining loop's validation set (the first
+    eval_iters x global_batch_size sequences of the validation split, sized as the loop sizes
+    it), recomputed with torch's cross-entropy over the model's logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from nemo_minitron.checkpoint.io import load_model
+    from nemo_minitron.config import ParallelConfig, load_recipe
+    from nemo_minitron.data.datasets import build_gpt_datasets
+    from nemo_minitron.data.resolve import resolve_data
+    from nemo_minitron.model.forward import forward_logits
+    from nemo_minitron.search.stage import SearchRecipe
+
+    recipe = load_recipe(None, args, cls=SearchRecipe)
+    t, n_valid = recipe.train, recipe.train.eval_iters * recipe.train.global_batch_size
+    losses = []
+    for ckpt in pruned:
+        model, cfg, tokenizer = load_model(ckpt, ParallelConfig())
+        prefix, tokenizer = resolve_data(recipe.data, tokenizer)
+        valid = build_gpt_datasets(
+            prefix, tokenizer, seq_length=cfg.seq_length, split=recipe.data.split,
+            seed=recipe.data.seed,
+            num_samples=(recipe.search.retrain_steps * t.global_batch_size, n_valid, 0)).valid
+        samples = [valid[i] for i in range(n_valid)]
+        assert all(bool(s["loss_mask"].all()) for s in samples)  # every token counts
+        tokens = torch.stack([s["tokens"] for s in samples])
+        labels = torch.stack([s["labels"] for s in samples])
+        logits = forward_logits(model, tokens, t.micro_batch_size)
+        losses.append(F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item())
+    torch.save(losses, out)
+
+
 def test_search_resumes_ranks_and_reports(tmp_path, teacher, tiny_overrides):
     stats = pytest.importorskip("scipy.stats")
     out = tmp_path / "out"
@@ -104,12 +137,24 @@ def test_search_resumes_ranks_and_reports(tmp_path, teacher, tiny_overrides):
         assert [s for s, _ in r["curve"]] == [0, 1, 2]
         assert r["retrained_loss"] == r["curve"][-1][1] < r["curve"][0][1]
         assert math.isfinite(r["one_shot_loss"])
+    # One validation set per comparison: the report's one-shot loss is the curve's step 0,
+    # and both are each pruned checkpoint's loss on the retraining's validation samples.
+    report = (root / "report.md").read_text()
+    for r in records:
+        assert r["one_shot_loss"] == r["curve"][0][1]
+        assert f"| {r['one_shot_loss']:.4f} | {r['retrained_loss']:.4f} |" in report
+    spawn(_loop_valid_losses, 1, [str(root / "candidates" / r["name"] / "pruned")
+                                  for r in records], _args(tiny_overrides),
+          str(tmp_path / "one_shot.pt"))
+    import torch
+
+    recomputed = torch.load(tmp_path / "one_shot.pt")
+    assert [r["one_shot_loss"] for r in records] == pytest.approx(recomputed, abs=2e-5)
     best = min(records, key=lambda r: r["retrained_loss"])
     assert summary["winner"] == best["name"]
     want = stats.spearmanr([r["one_shot_loss"] for r in records],
                            [r["retrained_loss"] for r in records]).statistic
     assert summary["spearman"] == pytest.approx(want)
-    report = (root / "report.md").read_text()
     for name in NAMES:
         assert f"| {name} |" in report
     assert "rank one-shot | rank retrained" in report
@@ -122,8 +167,6 @@ def test_search_resumes_ranks_and_reports(tmp_path, teacher, tiny_overrides):
     assert f"L{cfg['num_layers']}-H{cfg['hidden_size']}-F{cfg['ffn_hidden_size']}" \
            f"-A{cfg['num_attention_heads']}-G{cfg['num_query_groups']}" == best["name"]
     spawn(_evaluate, 1, str(winner), str(tmp_path / "loss.pt"))
-    import torch
-
     assert 0 < torch.load(tmp_path / "loss.pt") < math.log(1000) + 1
 
     # A user score re-ranks the finished candidates without retraining any.
