@@ -3,6 +3,7 @@ files an installed package carries (recipes/, launcher/, every subpackage)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -58,3 +59,21 @@ def test_the_wheel_carries_recipes_launcher_and_every_subpackage(tmp_path):
     want |= {f"nemo_minitron/{p.relative_to(ROOT)}" for d in ("recipes", "launcher")
              for p in (ROOT / d).rglob("*") if p.is_file()}
     assert want - names == set()
+
+
+@pytest.mark.slurm
+def test_plain_sbatch_script_on_a_cpu_node(slurm_cluster, tiny_overrides, tmp_path):
+    """launcher/README.md's CPU form, submitted from the checkout root by a user whose PATH has
+    no venv: the job finds the checkout's interpreter and trains."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+    done = subprocess.run(["sbatch", "--parsable", "--wait", "--gpus-per-node=0",
+                           "--ntasks-per-node=1", "--cpus-per-task=1",
+                           f"--output={tmp_path}/%x-%j.out", "launcher/pretrain.sbatch",
+                           str(ROOT / "recipes" / "tiny_cpu.yaml"), str(out), *tiny_overrides,
+                           "train.train_iters=2", "train.eval_interval=0"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert done.returncode == 0, (done.stderr, log)
+    assert (out / "checkpoints" / "step_0000002" / "weights").is_dir(), log
