@@ -75,6 +75,20 @@ def _model_yaml(text: str | bytes):
     return edit
 
 
+def _word_tokenizer(d: Path) -> Path:
+    """A Hugging Face word-level tokenizer saved in ``d``."""
+    from tests.interop.hfmodels import save_tokenizer
+
+    save_tokenizer(d)
+    return d
+
+
+def _hf_tokenizer(d: Path) -> None:
+    """The checkpoint's tokenizer replaced by ``_word_tokenizer``."""
+    shutil.rmtree(d / "tokenizer")
+    _word_tokenizer(d / "tokenizer")
+
+
 RECIPE_TRAIN = ["train.train_iters=1", "train.eval_interval=0"]
 NORM = "model.layers.0.input_layernorm.weight"
 PROJ = "model.layers.0.mlp.down_proj.weight"
@@ -124,6 +138,16 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("data-path-missing", lambda c: ["pretrain", *c.tiny, f"data.path={c.tmp / 'nope'}",
                                      f"data.tokenizer={c.tokenizer}", "--out", "OUT"],
      ["nope"]),
+    ("prune-data-other-tokenizer", lambda c: [
+        "prune", c.ckpt(_hf_tokenizer), "OUT", *c.data, f"data.path={c.prefix}",
+        "target.num_layers=1"], ["data.path=", "was tokenized by", "tokenizer.model (sentencepiece",
+                                 "ck/tokenizer (huggingface"]),
+    ("eval-data-other-tokenizer", lambda c: ["eval", c.ckpt(_hf_tokenizer), "--data", c.prefix],
+     ["--data=", "tokenizer.model (sentencepiece", "ck/tokenizer (huggingface"]),
+    ("distill-data-tokenizer-differs", lambda c: [
+        "distill", "--teacher", str(c.good), "--student", str(c.good), *c.tiny,
+        f"data.tokenizer={_word_tokenizer(c.tmp / 'words')}", "--out", "OUT"],
+     ["data.tokenizer=", "words (huggingface", "not the checkpoint's tokenizer"]),
     # ---- the data verb
     ("data-empty-file", lambda c: ["data", c.file("e.jsonl", ""), "--tokenizer", c.tokenizer,
                                    "--output-prefix", "OUT/x"], ["no non-empty document"]),

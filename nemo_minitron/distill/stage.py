@@ -97,9 +97,11 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     """Distill ``teacher_ckpt`` into ``student_ckpt``; checkpoints under ``out_dir``."""
     from nemo_minitron.checkpoint.io import (
         check_checkpoint,
+        load_checkpoint_tokenizer,
         load_model,
         load_model_config,
     )
+    from nemo_minitron.data.resolve import check_data
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.train.pretrain import bf16_enabled
 
@@ -110,6 +112,7 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     t_cfg.check_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     shared_vocab = _check_pair(teacher_ckpt, student_ckpt, t_cfg, s_cfg,
                                p.tensor_model_parallel_size, recipe.train.seq_length)
+    check_data(recipe.data, load_checkpoint_tokenizer(student_ckpt))  # the teacher's too
     pairs = layer_pairs(student_ckpt, s_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
     cache = None
     if recipe.kd.teacher_cache is not None:

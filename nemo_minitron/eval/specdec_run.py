@@ -199,8 +199,10 @@ def read_prompts(tokenizer: Any, prompts_file: str | None, data: str | None,
                           "must be at least 1")
     if data is not None:
         from nemo_minitron.data.indexed import check_indexed_prefix, read_indexed_documents
+        from nemo_minitron.data.resolve import check_prefix_tokenizer
 
         check_indexed_prefix(data, "--data")
+        check_prefix_tokenizer(data, tokenizer, "--data", "the target's tokenizer")
         docs = [d[:prompt_length].tolist() for d in read_indexed_documents(data)
                 if len(d) >= prompt_length]
         if len(docs) < num_prompts:
