@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from nemo_minitron.config import ConfigError, DataConfig
 from nemo_minitron.data.embedded import prepare_embedded
-from nemo_minitron.data.indexed import check_indexed_prefix, tokenizer_record
+from nemo_minitron.data.indexed import check_indexed_prefix, max_token_id, tokenizer_record
 from nemo_minitron.data.tokenizer import (
     Tokenizer,
     load_tokenizer,
@@ -67,6 +67,20 @@ def check_data(data: DataConfig, tokenizer: Tokenizer | None = None) -> Tokenize
         whose = "data.tokenizer" if data.tokenizer is not None else "the checkpoint's tokenizer"
         check_prefix_tokenizer(data.path, tokenizer, whose=whose)
     return tokenizer
+
+
+def check_vocab(data: DataConfig, tokenizer: Tokenizer, vocab_size: int, who: str) -> None:
+    """One-line error when the data hold token ids outside a model's (padded) vocabulary of
+    ``vocab_size``: ``data.path``'s largest id, or ``tokenizer``'s (it builds the embedded
+    corpus). Before the first forward, which would fail in the embedding."""
+    if data.path is not None:
+        top, what = max_token_id(data.path), f"data.path={data.path!r} holds token id"
+    else:
+        top, what = tokenizer.vocab_size - 1, f"the tokenizer {tokenizer_label(tokenizer)} " \
+                                              "writes token ids up to"
+    if top >= vocab_size:
+        raise ConfigError(f"{what} {top}, outside the vocabulary of {who} ({vocab_size} "
+                          "tokens): its embedding has no row for them")
 
 
 def resolve_data(data: DataConfig, tokenizer: Tokenizer | None = None) -> tuple[str, Tokenizer]:

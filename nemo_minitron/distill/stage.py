@@ -17,10 +17,13 @@ import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe, TrainConfig
 from nemo_minitron.distill.objective import KDConfig, KDObjective, add_projections
-from nemo_minitron.distill.teacher_cache import TeacherCache
+from nemo_minitron.distill.teacher_cache import TeacherCache, check_teacher
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("distill")
+
+_cache_checked: set[tuple[Path, Path]] = set()
+"""(teacher cache, teacher checkpoint) pairs whose weights fingerprints agreed."""
 
 
 def _distill_train() -> TrainConfig:
@@ -127,6 +130,14 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     teacher = None
     if cache is None:  # with a cache the teacher never runs
         teacher, _, _ = load_model(teacher_ckpt, bf16=bf16, field="--teacher")
+    elif (key := (cache.path.resolve(), Path(teacher_ckpt).resolve())) not in _cache_checked:
+        # Loaded (once per process: a search's candidates share it) in the cache build's
+        # precision, to compare weights fingerprints.
+        model, _, _ = load_model(teacher_ckpt, bf16=cache.meta.get("teacher_bf16", bf16),
+                                 field="--teacher")
+        check_teacher(cache, teacher_ckpt, model)
+        del model
+        _cache_checked.add(key)
     return distill_models(recipe, teacher, student, s_cfg, tokenizer,
                           out_dir, pairs=pairs, shared_vocab=shared_vocab, cache=cache)
 
