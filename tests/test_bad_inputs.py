@@ -171,6 +171,10 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
         "teacher-cache", "--teacher", c.ckpt(_model_vocab(512)), "--top-k", "4", "--out", "OUT",
         *c.data, *CACHE_TRAIN],
      ["token ids up to 999", "outside the vocabulary of the teacher", "(512 tokens)"]),
+    # ---- instruction data
+    ("sft-every-response-empty", lambda c: [
+        "sft", str(c.good), c.file("e.jsonl", '{"instruction": "Say it.", "output": ""}\n' * 4),
+        "--out", "OUT"], ["e.jsonl", "every response is empty"]),
     # ---- the data verb
     ("data-empty-file", lambda c: ["data", c.file("e.jsonl", ""), "--tokenizer", c.tokenizer,
                                    "--output-prefix", "OUT/x"], ["no non-empty document"]),
