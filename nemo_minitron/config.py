@@ -168,10 +168,13 @@ class DataConfig:
     """Where training tokens come from."""
 
     path: str | None = None
-    """Indexed-dataset prefix (without .bin/.idx); None builds the embedded corpus."""
+    """Indexed-dataset prefix (without .bin/.idx); None builds the embedded corpus, tokenized
+    by the checkpoint's own tokenizer when a verb reads a checkpoint. A dataset written by
+    another tokenizer than the one reading it is refused (``data.resolve``)."""
     tokenizer: str | None = None
     """Tokenizer: a sentencepiece .model file or a Hugging Face tokenizer directory; None
-    trains a sentencepiece BPE model on the embedded corpus."""
+    trains a sentencepiece BPE model on the embedded corpus. Verbs that read a checkpoint use
+    its tokenizer (this one, if set, must equal it)."""
     cache_dir: str = "~/.cache/nemo_minitron"
     """Where the embedded corpus, its tokenizer and its indexed dataset are built once."""
     tokenizer_vocab_size: int = 4000

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.dist import spawn
 from tests.train.test_loop import pretrain_job
@@ -26,10 +27,21 @@ class Ctx:
     tiny: list[str]
     prefix: str
     tokenizer: str
+    cache: Path
 
     @property
     def data(self) -> list[str]:
         return [o for o in self.tiny if o.startswith("data.")]
+
+    def other_teachers_cache(self) -> str:
+        """A copy of the teacher cache of ``good`` recording another teacher's weights."""
+        dst = self.tmp / "cache"
+        shutil.copytree(self.cache, dst)
+        meta = json.loads((dst / "meta.json").read_text())
+        meta["teacher_fingerprint"] = [x * 1.001 for x in meta["teacher_fingerprint"]]
+        meta["teacher"] = "runs/teacher/checkpoints/step_0000010"
+        (dst / "meta.json").write_text(json.dumps(meta))
+        return str(dst)
 
     def file(self, name: str, content: bytes | str) -> str:
         p = self.tmp / name
@@ -75,7 +87,22 @@ def _model_yaml(text: str | bytes):
     return edit
 
 
+def _word_tokenizer(d: Path) -> Path:
+    """A Hugging Face word-level tokenizer saved in ``d``."""
+    from tests.interop.hfmodels import save_tokenizer
+
+    save_tokenizer(d)
+    return d
+
+
+def _hf_tokenizer(d: Path) -> None:
+    """The checkpoint's tokenizer replaced by ``_word_tokenizer``."""
+    shutil.rmtree(d / "tokenizer")
+    _word_tokenizer(d / "tokenizer")
+
+
 RECIPE_TRAIN = ["train.train_iters=1", "train.eval_interval=0"]
+CACHE_TRAIN = RECIPE_TRAIN + ["train.micro_batch_size=2", "train.global_batch_size=4"]
 NORM = "model.layers.0.input_layernorm.weight"
 PROJ = "model.layers.0.mlp.down_proj.weight"
 
@@ -124,6 +151,30 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("data-path-missing", lambda c: ["pretrain", *c.tiny, f"data.path={c.tmp / 'nope'}",
                                      f"data.tokenizer={c.tokenizer}", "--out", "OUT"],
      ["nope"]),
+    ("prune-data-other-tokenizer", lambda c: [
+        "prune", c.ckpt(_hf_tokenizer), "OUT", *c.data, f"data.path={c.prefix}",
+        "target.num_layers=1"], ["data.path=", "was tokenized by", "tokenizer.model (sentencepiece",
+                                 "ck/tokenizer (huggingface"]),
+    ("eval-data-other-tokenizer", lambda c: ["eval", c.ckpt(_hf_tokenizer), "--data", c.prefix],
+     ["--data=", "tokenizer.model (sentencepiece", "ck/tokenizer (huggingface"]),
+    ("distill-data-tokenizer-differs", lambda c: [
+        "distill", "--teacher", str(c.good), "--student", str(c.good), *c.tiny,
+        f"data.tokenizer={_word_tokenizer(c.tmp / 'words')}", "--out", "OUT"],
+     ["data.tokenizer=", "words (huggingface", "not the checkpoint's tokenizer"]),
+    # ---- teacher caches
+    ("distill-cache-other-teacher", lambda c: [
+        "distill", "--teacher", str(c.good), "--student", str(c.good), *c.data, *CACHE_TRAIN,
+        f"kd.teacher_cache={c.other_teachers_cache()}", "--out", "OUT"],
+     ["was built from teacher 'runs/teacher/checkpoints/step_0000010'",
+      "(weights fingerprint [", "not from --teacher", "(fingerprint ["]),
+    ("teacher-cache-vocab-below-data", lambda c: [
+        "teacher-cache", "--teacher", c.ckpt(_model_vocab(512)), "--top-k", "4", "--out", "OUT",
+        *c.data, *CACHE_TRAIN],
+     ["token ids up to 999", "outside the vocabulary of the teacher", "(512 tokens)"]),
+    # ---- instruction data
+    ("sft-every-response-empty", lambda c: [
+        "sft", str(c.good), c.file("e.jsonl", '{"instruction": "Say it.", "output": ""}\n' * 4),
+        "--out", "OUT"], ["e.jsonl", "every response is empty"]),
     # ---- the data verb
     ("data-empty-file", lambda c: ["data", c.file("e.jsonl", ""), "--tokenizer", c.tokenizer,
                                    "--output-prefix", "OUT/x"], ["no non-empty document"]),
@@ -255,6 +306,14 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
 ]
 
 
+def _model_vocab(vocab_size: int):
+    def edit(d: Path) -> None:
+        cfg = yaml.safe_load((d / "model_config.yaml").read_text())
+        cfg["vocab_size"] = vocab_size
+        (d / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+    return edit
+
+
 def _truncate(rel: str):
     def edit(d: Path) -> None:
         data = (d / rel).read_bytes()
@@ -276,6 +335,23 @@ def good(tmp_path_factory, tiny_overrides) -> Path:
     return out / "checkpoints" / "step_0000001"
 
 
+def _cache_job(teacher: str, out: str, overrides: list[str]) -> None:
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.distill.cache_build import build_teacher_cache
+    from nemo_minitron.distill.stage import DistillRecipe
+
+    build_teacher_cache(teacher, load_recipe(None, overrides, cls=DistillRecipe), out, 4)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, good, tiny_overrides) -> Path:
+    """A top-4 teacher cache of ``good`` for a one-step distillation."""
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    data = [o for o in tiny_overrides if o.startswith("data.")]
+    spawn(_cache_job, 1, str(good), str(out), data + CACHE_TRAIN)
+    return out
+
+
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory) -> Path:
     from tests.interop.hfmodels import save_hf_model
@@ -289,11 +365,12 @@ def test_at_least_60_cases():
 
 
 @pytest.mark.parametrize("build, needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(tmp_path, good, hf, tiny_overrides, embedded_paths, capsys, build, needles):
+def test_bad_input(tmp_path, good, hf, cache, tiny_overrides, embedded_paths, capsys, build,
+                   needles):
     from nemo_minitron.cli import main
 
     ctx = Ctx(tmp=tmp_path, good=good, hf=hf, tiny=tiny_overrides, prefix=embedded_paths[0],
-              tokenizer=embedded_paths[1])
+              tokenizer=embedded_paths[1], cache=cache)
     out = tmp_path / "out"
     argv = [a.replace("OUT", str(out)) for a in build(ctx)]
     before = sorted(tmp_path.rglob("*"))

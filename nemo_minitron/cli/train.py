@@ -107,8 +107,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_teacher_cache(args: argparse.Namespace) -> int:
     from nemo_minitron.config import load_recipe
+    from nemo_minitron.distill.cache_build import build_teacher_cache
     from nemo_minitron.distill.stage import DistillRecipe
-    from nemo_minitron.distill.teacher_cache import build_teacher_cache
 
     recipe, overrides = split_overrides(args)
     meta = build_teacher_cache(args.teacher, load_recipe(recipe, overrides, cls=DistillRecipe),

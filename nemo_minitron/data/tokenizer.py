@@ -4,6 +4,7 @@ Hugging Face tokenizers, behind one small interface that Megatron's datasets acc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,9 @@ class Tokenizer:
     kind: str = ""
     vocab_size: int
     eod: int
+    path: Path | None = None
+    """The file or directory it was loaded from."""
+    _fingerprint: str | None = None  # tokenizer_fingerprint's, computed once
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -34,6 +38,11 @@ class Tokenizer:
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Copy the tokenizer files into ``directory`` (part of every checkpoint)."""
+        raise NotImplementedError
+
+    def pieces(self) -> list[Any]:
+        """Every id's piece (and what else decides the encoding, e.g. BPE scores), in id
+        order: what ``tokenizer_fingerprint`` hashes."""
         raise NotImplementedError
 
     @property
@@ -89,6 +98,9 @@ class SentencePieceTokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike[str]) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.path, Path(directory) / "tokenizer.model")
+
+    def pieces(self) -> list[Any]:
+        return [[self.sp.id_to_piece(i), self.sp.get_score(i)] for i in range(self.vocab_size)]
 
 
 # Arguments of ``from_pretrained`` that ``save_pretrained`` copies into tokenizer_config.json;
@@ -148,6 +160,9 @@ class HFTokenizer(Tokenizer):
         if len(self._eos) > 1:
             (d / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": self._eos}) + "\n")
 
+    def pieces(self) -> list[Any]:
+        return self.tok.convert_ids_to_tokens(list(range(self.vocab_size)))
+
     @property
     def chat_template(self) -> str | None:
         template = getattr(self.tok, "chat_template", None)
@@ -159,6 +174,31 @@ class HFTokenizer(Tokenizer):
     def special_tokens(self) -> dict[str, str]:
         names = ("bos_token", "eos_token", "unk_token", "pad_token")
         return {n: str(getattr(self.tok, n)) for n in names if getattr(self.tok, n, None)}
+
+
+# Code, prose, digits, accents, CJK and emoji: tokenizers of equal vocabularies but other merge
+# rules or normalisation split it differently.
+_PROBE = ("def distill(teacher, student):\n    return 'Minitron' * 3  # ünïcode\n\t"
+          "2026-11-29: 3.14159 x 42, naïve café, 日本語, 🙂 Ελληνικά  trailing  ")
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """The identity of a tokenizer: a sha256 of its kind, vocabulary (with the BPE scores a
+    sentencepiece model ranks merges by), end-of-document id and its encoding of a probe text.
+    Content, not files: the copy in a checkpoint (re-saved, another path) has the same one.
+    The one owner of "same tokenizer" (data sets, teacher/student, merge inputs, drafts)."""
+    if tokenizer._fingerprint is None:
+        what = [tokenizer.kind, tokenizer.vocab_size, tokenizer.eod, tokenizer.pieces(),
+                tokenizer.encode(_PROBE)]
+        blob = json.dumps(what, ensure_ascii=False, separators=(",", ":")).encode()
+        tokenizer._fingerprint = hashlib.sha256(blob).hexdigest()
+    return tokenizer._fingerprint
+
+
+def tokenizer_label(tokenizer: Tokenizer) -> str:
+    """How messages name a tokenizer: its file or directory, kind, size and fingerprint."""
+    return (f"{tokenizer.path or 'in memory'} ({tokenizer.kind}, {tokenizer.vocab_size} tokens, "
+            f"fingerprint {tokenizer_fingerprint(tokenizer)[:12]})")
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:

@@ -17,10 +17,13 @@ import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe, TrainConfig
 from nemo_minitron.distill.objective import KDConfig, KDObjective, add_projections
-from nemo_minitron.distill.teacher_cache import TeacherCache
+from nemo_minitron.distill.teacher_cache import TeacherCache, check_teacher
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("distill")
+
+_cache_checked: set[tuple[Path, Path]] = set()
+"""(teacher cache, teacher checkpoint) pairs whose weights fingerprints agreed."""
 
 
 def _distill_train() -> TrainConfig:
@@ -69,10 +72,10 @@ def _check_pair(teacher_ckpt: str, student_ckpt: str, t_cfg: ModelConfig,
     """One-line errors for teacher/student that cannot be distilled together; returns the
     shared vocabulary when the padded vocabularies differ."""
     from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer
+    from nemo_minitron.data.tokenizer import tokenizer_fingerprint
 
     t_tok, s_tok = load_checkpoint_tokenizer(teacher_ckpt), load_checkpoint_tokenizer(student_ckpt)
-    probe = "def distill(teacher, student):\n    return 'Minitron' * 3  # ünïcode\n"
-    if t_tok.vocab_size != s_tok.vocab_size or t_tok.tokenize(probe) != s_tok.tokenize(probe):
+    if tokenizer_fingerprint(t_tok) != tokenizer_fingerprint(s_tok):
         raise ConfigError(f"teacher {teacher_ckpt!r} and student {student_ckpt!r} use different "
                           f"tokenizers ({t_tok.vocab_size} vs {s_tok.vocab_size} tokens)")
     if seq_length is None and t_cfg.seq_length != s_cfg.seq_length:
@@ -97,9 +100,11 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     """Distill ``teacher_ckpt`` into ``student_ckpt``; checkpoints under ``out_dir``."""
     from nemo_minitron.checkpoint.io import (
         check_checkpoint,
+        load_checkpoint_tokenizer,
         load_model,
         load_model_config,
     )
+    from nemo_minitron.data.resolve import check_data
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.train.pretrain import bf16_enabled
 
@@ -110,6 +115,7 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     t_cfg.check_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     shared_vocab = _check_pair(teacher_ckpt, student_ckpt, t_cfg, s_cfg,
                                p.tensor_model_parallel_size, recipe.train.seq_length)
+    check_data(recipe.data, load_checkpoint_tokenizer(student_ckpt))  # the teacher's too
     pairs = layer_pairs(student_ckpt, s_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
     cache = None
     if recipe.kd.teacher_cache is not None:
@@ -124,6 +130,14 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     teacher = None
     if cache is None:  # with a cache the teacher never runs
         teacher, _, _ = load_model(teacher_ckpt, bf16=bf16, field="--teacher")
+    elif (key := (cache.path.resolve(), Path(teacher_ckpt).resolve())) not in _cache_checked:
+        # Loaded (once per process: a search's candidates share it) in the cache build's
+        # precision, to compare weights fingerprints.
+        model, _, _ = load_model(teacher_ckpt, bf16=cache.meta.get("teacher_bf16", bf16),
+                                 field="--teacher")
+        check_teacher(cache, teacher_ckpt, model)
+        del model
+        _cache_checked.add(key)
     return distill_models(recipe, teacher, student, s_cfg, tokenizer,
                           out_dir, pairs=pairs, shared_vocab=shared_vocab, cache=cache)
 

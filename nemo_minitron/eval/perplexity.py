@@ -71,17 +71,19 @@ def perplexity(checkpoint: str, cfg: PerplexityConfig, files: list[str] | None =
         iter_input_documents,
         read_indexed_documents,
     )
+    from nemo_minitron.data.resolve import check_prefix_tokenizer
     from nemo_minitron.model.forward import lm_loss
 
     if (cfg.data_path is None) == (not files):
         raise ConfigError("eval: give either --data PREFIX or text/JSONL files")
     model_cfg = load_model_config(checkpoint)
     seq = cfg.seq_length or model_cfg.seq_length
+    tok = load_checkpoint_tokenizer(checkpoint)
     if cfg.data_path is not None:
         check_indexed_prefix(cfg.data_path, "data")
+        check_prefix_tokenizer(cfg.data_path, tok, "--data")
         docs: Iterator[np.ndarray] = read_indexed_documents(cfg.data_path)
     else:
-        tok = load_checkpoint_tokenizer(checkpoint)
         docs = (np.array(tok.encode(text) + [tok.eod]) for text in iter_input_documents(files))
     windows = token_windows(docs, seq, cfg.max_windows)
     mbs = min(cfg.micro_batch_size, len(windows))

@@ -11,7 +11,6 @@ seconds of single-token KV-cache decode steps of the draft / of the target
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +45,6 @@ class SpecDecConfig:
             raise ConfigError(f"repeats={self.repeats} must be at least 1")
 
 
-def _tokenizer_digest(checkpoint: str) -> str:
-    h = hashlib.sha256()
-    root = Path(checkpoint) / "tokenizer"
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
 def check_pair(target: str, draft: str) -> None:
     """One-line error unless both are checkpoints with the same tokenizer and vocabulary."""
     from nemo_minitron.checkpoint.io import (
@@ -61,12 +52,12 @@ def check_pair(target: str, draft: str) -> None:
         load_checkpoint_tokenizer,
         load_model_config,
     )
+    from nemo_minitron.data.tokenizer import tokenizer_fingerprint
 
     check_checkpoint(target, "target")
     check_checkpoint(draft, "draft")
     tt, dt = load_checkpoint_tokenizer(target), load_checkpoint_tokenizer(draft)
-    if (tt.vocab_size, tt.eod) != (dt.vocab_size, dt.eod) \
-            or _tokenizer_digest(target) != _tokenizer_digest(draft):
+    if tokenizer_fingerprint(tt) != tokenizer_fingerprint(dt):
         raise ConfigError(f"target {target!r} ({tt.kind}, {tt.vocab_size} tokens) and draft "
                           f"{draft!r} ({dt.kind}, {dt.vocab_size} tokens) have different "
                           "tokenizers")
@@ -199,8 +190,10 @@ def read_prompts(tokenizer: Any, prompts_file: str | None, data: str | None,
                           "must be at least 1")
     if data is not None:
         from nemo_minitron.data.indexed import check_indexed_prefix, read_indexed_documents
+        from nemo_minitron.data.resolve import check_prefix_tokenizer
 
         check_indexed_prefix(data, "--data")
+        check_prefix_tokenizer(data, tokenizer, "--data", "the target's tokenizer")
         docs = [d[:prompt_length].tolist() for d in read_indexed_documents(data)
                 if len(d) >= prompt_length]
         if len(docs) < num_prompts:

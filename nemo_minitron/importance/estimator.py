@@ -239,12 +239,12 @@ def estimate_importance(model: torch.nn.Module, tokens: torch.Tensor, *,
 
 def check_scores_match(scores: Scores, model: torch.nn.Module) -> None:
     """One-line error unless ``scores`` were computed on this model's weights."""
-    from nemo_minitron.model.params import weights_fingerprint
+    from nemo_minitron.model.params import same_weights, weights_fingerprint
 
     want = scores.meta.get("fingerprint")
     if want is None:
         return  # scores from an older version or a foreign tool: shapes are checked in the plan
     have = weights_fingerprint(unwrap(model))
-    if any(abs(a - b) > 1e-6 * max(abs(b), 1.0) for a, b in zip(have, want)):
+    if not same_weights(have, want):
         raise ConfigError(f"scores were computed on different weights (fingerprint {want} "
                           f"!= this model's {have}); recompute them without scores=")

@@ -34,7 +34,7 @@ def count_params(cfg: ModelConfig) -> int:
 def weights_fingerprint(model) -> list[float]:
     """``[sum |w|, sum w^2]`` over the whole model, the same under every TP/PP/DP layout (a
     TP-replicated tensor counts once; a tied output layer is the embedding). Tells whether saved
-    importance scores were computed on these weights."""
+    importance scores or a teacher cache were computed on these weights (``same_weights``)."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -55,3 +55,10 @@ def weights_fingerprint(model) -> list[float]:
     if dist.is_initialized() and dist.get_world_size(ps.get_model_parallel_group()) > 1:
         dist.all_reduce(acc, group=ps.get_model_parallel_group())
     return acc.tolist()
+
+
+def same_weights(have: list[float], want: list[float]) -> bool:
+    """Whether two ``weights_fingerprint``s are of the same weights (up to the reduction order
+    of another layout)."""
+    return len(have) == len(want) and all(abs(a - b) <= 1e-6 * max(abs(b), 1.0)
+                                          for a, b in zip(have, want))

@@ -97,7 +97,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
         save_checkpoint,
     )
     from nemo_minitron.data.datasets import build_gpt_datasets
-    from nemo_minitron.data.resolve import resolve_data
+    from nemo_minitron.data.resolve import check_data, resolve_data
     from nemo_minitron.importance.estimator import check_scores_match, estimate_importance
     from nemo_minitron.importance.layers import block_angular_distance, block_loss_increase
     from nemo_minitron.importance.scores import Scores
@@ -119,8 +119,9 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     src = load_model_config(checkpoint)
     validate_target(src, recipe.target, recipe.parallel.tensor_model_parallel_size,
                     recipe.parallel.pipeline_model_parallel_size)
-    rt = init_distributed(recipe.parallel)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
+    check_data(recipe.data, tokenizer)  # before the runtime starts: a one-line refusal
+    rt = init_distributed(recipe.parallel)
     prefix, tokenizer = resolve_data(recipe.data, tokenizer)
     splits = build_gpt_datasets(prefix, tokenizer, seq_length=c.seq_length or src.seq_length,
                                 split=recipe.data.split, seed=recipe.data.seed,

@@ -117,7 +117,8 @@ def candidate_finished(root: Path, name: str, retrain_steps: int) -> bool:
 
 def _with_teacher_cache(kd_recipe: Any, checkpoint: str, path: Path, top_k: int) -> Any:
     """``kd_recipe`` reading the teacher's logits from ``path``, built there first if needed."""
-    from nemo_minitron.distill.teacher_cache import META, build_teacher_cache
+    from nemo_minitron.distill.cache_build import build_teacher_cache
+    from nemo_minitron.distill.teacher_cache import META
 
     kd = dataclasses.replace(kd_recipe.kd, teacher_cache=str(path))  # validates the losses
     if not (path / META).is_file():
@@ -128,7 +129,13 @@ def _with_teacher_cache(kd_recipe: Any, checkpoint: str, path: Path, top_k: int)
 def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     """Run (or resume) the search; returns the summary (``finished`` False while candidates
     are left: stopped by search.max_candidates_per_run, search.candidates or a signal)."""
-    from nemo_minitron.checkpoint.io import check_checkpoint, load_model_config, step_dir
+    from nemo_minitron.checkpoint.io import (
+        check_checkpoint,
+        load_checkpoint_tokenizer,
+        load_model_config,
+        step_dir,
+    )
+    from nemo_minitron.data.resolve import check_data
     from nemo_minitron.distill.stage import DistillRecipe, distill
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
@@ -174,6 +181,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     if s.candidates == [] and left:  # a rank-only run (fan-out's last job) must not pass
         raise ConfigError(f"search.candidates=[] only ranks, and {len(left)} candidates are "
                           f"not finished in {root}: {', '.join(left)}")
+    check_data(recipe.data, load_checkpoint_tokenizer(checkpoint))  # before the runtime
     init_distributed(p, seed=recipe.train.seed)
     log.info("%d candidates within %.0f%% of %d parameters: %s", len(candidates),
              100 * s.tolerance, s.target_params, ", ".join(c.name for c in candidates))

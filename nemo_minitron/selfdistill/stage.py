@@ -100,15 +100,16 @@ def plan_batches(lengths: list[int], fits: list[int], batch_size: int) -> list[l
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
-def _check_student(teacher_tok: Any, student: str, probe: str) -> None:
+def _check_student(teacher_tok: Any, student: str) -> None:
     from nemo_minitron.checkpoint.io import check_checkpoint, load_checkpoint_tokenizer
+    from nemo_minitron.data.tokenizer import tokenizer_fingerprint, tokenizer_label
 
     check_checkpoint(student, "student")
     other = load_checkpoint_tokenizer(student)
-    a, b = teacher_tok.unique_identifiers, other.unique_identifiers
-    if a != b or teacher_tok.encode(probe) != other.encode(probe):
+    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(other):
         raise ConfigError(f"the teacher's tokenizer differs from the student's ({student}): "
-                          f"{a} vs {b}; the rewrites would be fine-tuned in other tokens")
+                          f"{tokenizer_label(teacher_tok)} vs {tokenizer_label(other)}; the "
+                          "rewrites would be fine-tuned in other tokens")
 
 
 def _open_parts(parts: Path, settings: dict[str, Any], batches: int) -> set[int]:
@@ -167,7 +168,7 @@ def self_distill(teacher: str, data: str, out: str, cfg: SelfDistillConfig,
     prompts = [tok.encode(render_prompt(tok, rewrite_messages(e, cfg.prompt_template)))
                for e in examples]
     if student is not None:
-        _check_student(tok, student, render_prompt(tok, examples[0].messages))
+        _check_student(tok, student)
     limit = model_cfg.seq_length - cfg.sampling.max_new_tokens
     fits = [i for i, p in enumerate(prompts) if 0 < len(p) <= limit]
     if not fits:

@@ -13,7 +13,7 @@ import torch
 from nemo_minitron.checkpoint.io import step_dir
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe
 from nemo_minitron.data.datasets import GPTSplits, build_gpt_datasets
-from nemo_minitron.data.resolve import resolve_data
+from nemo_minitron.data.resolve import check_data, resolve_data
 from nemo_minitron.data.tokenizer import Tokenizer
 from nemo_minitron.model.build import build_model
 from nemo_minitron.parallel.runtime import Runtime, init_distributed, use_gpu
@@ -94,6 +94,7 @@ def make_trainer(recipe: Recipe, rt: Runtime, model_cfg: ModelConfig, tokenizer:
 def pretrain(recipe: Recipe, out_dir: str | Path) -> dict[str, Any]:
     """Pretrain ``recipe.model`` from scratch on ``recipe.data``; resumes if ``out_dir`` holds
     checkpoints. Returns the loop's summary (``final`` is the last checkpoint)."""
+    check_data(recipe.data)  # before the runtime starts: a one-line refusal
     rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
     prefix, tokenizer = resolve_data(recipe.data)
     model_cfg = resolve_model_config(recipe.model, tokenizer)
@@ -105,9 +106,10 @@ def finetune(recipe: Recipe, checkpoint: str, out_dir: str | Path) -> dict[str, 
     """Continue training a checkpoint with the LM loss (teacher correction)."""
     from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model_config
 
-    rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
     model_cfg = load_model_config(checkpoint)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
+    check_data(recipe.data, tokenizer)
+    rt = init_distributed(recipe.parallel, seed=recipe.train.seed)
     prefix, tokenizer = resolve_data(recipe.data, tokenizer)
     recipe = dataclasses.replace(recipe, model=model_cfg)
     trainer = make_trainer(recipe, rt, model_cfg, tokenizer, prefix, out_dir,

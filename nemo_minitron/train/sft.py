@@ -11,6 +11,7 @@ epochs replay the same order.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from nemo_minitron.config import ConfigError, Recipe, TrainConfig
 from nemo_minitron.data.datasets import GPTSplits
 from nemo_minitron.data.instruct import (
     DEFAULT_TEMPLATE,
+    Example,
     build_sft_dataset,
     read_jsonl,
     shuffle_examples,
@@ -78,13 +80,27 @@ def chat_template(cfg: SFTConfig) -> str | None:
     return p.read_text(encoding="utf-8", errors="replace")
 
 
+def check_responses(examples: Sequence[Example], name: str) -> None:
+    """One-line error when every response of the set ``name`` is empty (only the
+    end-of-sequence token would carry loss); a warning with the count when some are."""
+    empty = sum(not e.response.strip() for e in examples)
+    if empty == len(examples):
+        raise ConfigError(f"{name}: every response is empty ({empty} examples): there is "
+                          "nothing to fine-tune on but the end-of-sequence token")
+    if empty:
+        log.warning("%s: %d of %d examples have an empty response (they teach the "
+                    "end-of-sequence token alone)", name, empty, len(examples))
+
+
 def sft_splits(recipe: SFTRecipe, data: str, tokenizer: Tokenizer,
                seq_length: int) -> GPTSplits:
     """Training and validation windows of the instruction data."""
     cfg = recipe.sft
     examples = read_jsonl(data)
+    check_responses(examples, data)
     if cfg.valid_data is not None:
         train, valid = examples, read_jsonl(cfg.valid_data)
+        check_responses(valid, cfg.valid_data)
     else:
         train, valid = split_examples(examples, cfg.valid_fraction, recipe.data.seed)
     if not valid and recipe.train.eval_interval:

@@ -120,8 +120,8 @@ def test_cache_refuses_losses_it_cannot_serve():
 
 def _e2e_job(root: str, teacher: str, student: str, overrides: list[str], vocab: int) -> None:
     from nemo_minitron.config import load_recipe
+    from nemo_minitron.distill.cache_build import build_teacher_cache
     from nemo_minitron.distill.stage import DistillRecipe, distill
-    from nemo_minitron.distill.teacher_cache import build_teacher_cache
 
     def recipe(extra: list[str]) -> DistillRecipe:
         return load_recipe(None, overrides + extra, cls=DistillRecipe)
@@ -142,6 +142,11 @@ def _e2e_job(root: str, teacher: str, student: str, overrides: list[str], vocab:
         (r / "refused.txt").write_text("not refused")
     except ConfigError as e:
         (r / "refused.txt").write_text(str(e))
+    try:  # a cache of another teacher (here: the student's weights as the teacher) is refused
+        distill(recipe([f"kd.teacher_cache={r / 'cache_full'}"]), student, student, r / "other")
+        (r / "other.txt").write_text("not refused")
+    except ConfigError as e:
+        (r / "other.txt").write_text(str(e))
     (r / "teacher_loss.json").write_text(json.dumps(
         {k: v["teacher_valid_loss"] for k, v in summaries.items()}))
 
@@ -176,6 +181,13 @@ def test_distill_from_cache_equals_live_teacher(tmp_path, pair, tiny_overrides):
         for name in ("kd loss", "lm loss"):
             assert abs(v_full[step][name] - v_online[step][name]) < 1e-5, (step, name)
     assert "validation samples" in (tmp_path / "refused.txt").read_text()
+    meta = json.loads((tmp_path / "cache_full" / "meta.json").read_text())
+    other = (tmp_path / "other.txt").read_text()
+    assert f"was built from teacher {teacher!r} (weights fingerprint " \
+           f"{meta['teacher_fingerprint']}), not from --teacher {student!r}" in other, other
+    assert not (tmp_path / "other").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "cache" in p.name) == \
+        ["cache_16", "cache_full"]  # built aside and renamed: no partial directory left
     assert 0 < k16[1]["kd loss"] <= online[1]["kd loss"] + 1e-6  # a lower bound of the KL
     names = ("online", "full")
     spawn(state_dicts_job, 1, [str(tmp_path / n / "checkpoints" / "step_0000003") for n in names],

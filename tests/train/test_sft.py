@@ -241,3 +241,27 @@ def test_bad_input_is_one_line_error(runs, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: "), err
         assert re.search(pattern, err[0]), (pattern, err[0])
         assert not out.exists()
+
+
+def test_empty_responses_are_counted_in_one_warning(tmp_path, embedded_paths):
+    from nemo_minitron.config import load_recipe
+    from nemo_minitron.data.tokenizer import load_tokenizer
+    from nemo_minitron.train.sft import SFTRecipe, sft_splits
+    from tests.data.test_resolve import kept_records
+
+    rows = [{"instruction": f"Add {i} and 1.", "output": "" if i % 3 == 0 else str(i + 1)}
+            for i in range(6)]
+    rows[1] = {"messages": [{"role": "user", "content": "Hi"},
+                            {"role": "assistant", "content": "  \n"}]}
+    data = _bad(tmp_path, "d.jsonl", [json.dumps(r) for r in rows])
+    recipe = load_recipe(None, ["train.eval_interval=0", "sft.valid_fraction=0"],
+                         cls=SFTRecipe)
+    with kept_records("nemo_minitron.sft") as records:
+        splits = sft_splits(recipe, data, load_tokenizer(embedded_paths[1]), 64)
+    assert [r.getMessage() for r in records] == [
+        f"{data}: 3 of 6 examples have an empty response (they teach the end-of-sequence "
+        "token alone)"]
+    # They are still trained on (the user's data, as given), on the end-of-sequence token.
+    assert len(splits.train) == 6
+    losses = sorted(int(splits.train[i]["loss_mask"].sum()) for i in range(6))
+    assert losses[:2] == [1, 1] and min(losses[2:]) > 1  # whitespace is a response token
