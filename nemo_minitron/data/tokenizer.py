@@ -152,6 +152,9 @@ class HFTokenizer(Tokenizer):
         cfg = json.loads(cfg_file.read_text())
         for key in _LOADER_ARGS:
             cfg.pop(key, None)
+        if cfg.get("tokenizer_class") == "TokenizersBackend":
+            # transformers 5's name for it; 4 (NeMo's) knows only this alias of the same class.
+            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         if len(self._eos) > 1:
             (d / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": self._eos}) + "\n")

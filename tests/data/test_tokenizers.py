@@ -127,17 +127,25 @@ def test_tokenizer_json_encodes_as_tokenizers_library(corpus, tmp_path, kind):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": JSON_KINDS[kind], "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>"}))
+    from transformers import AutoTokenizer
+
     ref = Reference.from_file(str(tmp_path / "tokenizer.json"))
     ours = load_tokenizer(tmp_path)
-    ours.save(tmp_path / "saved")  # the copy a checkpoint keeps
-    for tok in (ours, load_tokenizer(tmp_path / "saved")):
+    ours.save(tmp_path / "saved")  # the copy a checkpoint keeps, and export-hf writes
+    saved = load_tokenizer(tmp_path / "saved")
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))  # as users load it
+    for tok in (ours, saved):
         assert isinstance(tok, HFTokenizer)
         for text in TEXTS:
             want = ref.encode(text, add_special_tokens=False).ids
             assert tok.encode(text) == want, (kind, text)
             assert tok.decode(want) == ref.decode(want)
             assert tok.tok.encode(text) == ref.encode(text).ids  # the file's BOS handling
+            assert exported.encode(text, add_special_tokens=False) == want
     assert ours.eod == ref.token_to_id("</s>")
+    # A name transformers 4 knows too (it has no TokenizersBackend).
+    saved_cfg = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert saved_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def _spm(corpus: list[str], out: Path, dummy_prefix: bool) -> Path:
