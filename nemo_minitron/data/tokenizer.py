@@ -120,10 +120,18 @@ class HFTokenizer(Tokenizer):
     kind = "huggingface"
 
     def __init__(self, directory: str | os.PathLike[str]):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         self.path = Path(directory)
-        self.tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        if (self.path / "tokenizer.json").is_file():
+            # Not AutoTokenizer: transformers 5 gives a named class (LlamaTokenizer,
+            # GPT2Tokenizer, ...) only tokenizer.json's vocabulary and merges and rebuilds the
+            # normaliser and pre-tokenizer its own way (a word-start marker the file may not
+            # use). The generic class runs the file's pipeline as written, as `tokenizers` does.
+            self.tok = PreTrainedTokenizerFast.from_pretrained(str(self.path),
+                                                               local_files_only=True)
+        else:  # vocab/merges files or tiktoken: no tokenizers pipeline to follow
+            self.tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         self.vocab_size = len(self.tok)
         eod = self.tok.eos_token_id
         if eod is None:
@@ -156,6 +164,9 @@ class HFTokenizer(Tokenizer):
         cfg = json.loads(cfg_file.read_text())
         for key in _LOADER_ARGS:
             cfg.pop(key, None)
+        if cfg.get("tokenizer_class") == "TokenizersBackend":
+            # transformers 5's name for it; 4 (NeMo's) knows only this alias of the same class.
+            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         if len(self._eos) > 1:
             (d / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": self._eos}) + "\n")
@@ -202,16 +213,23 @@ def tokenizer_label(tokenizer: Tokenizer) -> str:
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """A ``.model`` file or a directory holding ``tokenizer.model`` -> sentencepiece; a
-    directory with ``tokenizer.json``/``tokenizer_config.json`` -> Hugging Face."""
+    """The tokenizer at ``path``, encoding as its source does: a ``.model`` file, or a directory
+    with ``tokenizer.model`` but no ``tokenizer.json``, -> sentencepiece itself (transformers'
+    conversion of a ``.model`` need not split as sentencepiece does); a directory with
+    ``tokenizer.json`` or only ``tokenizer_config.json`` -> Hugging Face."""
     p = Path(path)
     if p.is_file():
         return _parsed(SentencePieceTokenizer, p, p)
     if p.is_dir():
-        if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
+        if (p / "tokenizer.json").exists():
             return _parsed(HFTokenizer, p, p / "tokenizer.json")
         if (p / "tokenizer.model").exists():
+            if (p / "tokenizer_config.json").exists():
+                log.warning("%s: encoding with sentencepiece's tokenizer.model; the chat template "
+                            "and special tokens of tokenizer_config.json are not used", p)
             return _parsed(SentencePieceTokenizer, p / "tokenizer.model", p / "tokenizer.model")
+        if (p / "tokenizer_config.json").exists():
+            return _parsed(HFTokenizer, p, p / "tokenizer_config.json")
         raise ConfigError(
             f"data.tokenizer={str(path)!r} holds no tokenizer.model or tokenizer.json"
         )

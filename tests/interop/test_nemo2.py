@@ -1,6 +1,8 @@
 """NeMo 2 reader: a checkpoint shaped as NeMo writes it (context/model.yaml with ``_target_``
 tags, context/nemo_tokenizer, weights/ as a Megatron distributed checkpoint under NeMo's
-``module.`` prefix), built here from a known config and weights, reads back exactly."""
+``module.`` prefix), built here from a known config and weights, reads back exactly; and a real
+one written by NeMo itself (fixtures/nemo2_tiny, made by fixtures/make_nemo2.py) imports with
+the logits and token ids that NeMo's own reload of it recorded."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from tests.cli import run_cli
 from tests.dist import spawn
 from tests.interop.hfmodels import randomize, save_tokenizer, tokens
 
@@ -102,3 +105,57 @@ def test_foreign_pickle_in_metadata_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "refusing to unpickle" in err and "getcwd" in err
     assert not (tmp_path / "out").exists()
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+NEMO2_TINY, NEMO2_REFERENCE = FIXTURES / "nemo2_tiny", FIXTURES / "nemo2_tiny_reference.safetensors"
+
+
+def fixture_job(ckpt: str, out: str) -> None:
+    from safetensors import safe_open
+
+    from nemo_minitron.checkpoint.io import (
+        load_checkpoint_tokenizer,
+        load_model_config,
+        load_weights,
+    )
+    from nemo_minitron.config import ParallelConfig
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.model.forward import forward_logits
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    with safe_open(str(NEMO2_REFERENCE), "pt") as f:
+        ids, text = f.get_tensor("ids"), f.metadata()["text"]
+    init_distributed(ParallelConfig())
+    model = build_model(load_model_config(ckpt))
+    load_weights(ckpt, model)
+    tok = load_checkpoint_tokenizer(ckpt)
+    torch.save({"logits": forward_logits(model, ids[None])[0], "ids": tok.encode(text),
+                "ids_with_specials": tok.tok.encode(text)}, out)
+
+
+@pytest.fixture(scope="module")
+def from_nemo(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("nemo2_fixture")
+    res = run_cli("import-nemo2", str(NEMO2_TINY), str(root / "ck"))
+    assert res.returncode == 0, res.stderr
+    spawn(fixture_job, 1, str(root / "ck"), str(root / "out.pt"))
+    return torch.load(root / "out.pt", weights_only=True)
+
+
+def test_nemo_written_checkpoint_gives_nemos_logits(from_nemo):
+    from safetensors.torch import load_file
+
+    want = load_file(str(NEMO2_REFERENCE))["logits"]
+    assert from_nemo["logits"].shape == want.shape
+    torch.testing.assert_close(from_nemo["logits"], want, atol=1e-5, rtol=0)
+
+
+def test_nemo_written_checkpoint_tokenizes_as_nemo(from_nemo):
+    """NeMo's ``text_to_ids`` (no specials) and its tokenizer call (the BOS its config adds);
+    the text starts with a word that this tokenizer.json gives no word-start marker."""
+    from safetensors.torch import load_file
+
+    ref = load_file(str(NEMO2_REFERENCE))
+    assert from_nemo["ids"] == ref["ids"].tolist()
+    assert from_nemo["ids_with_specials"] == ref["ids_with_specials"].tolist()
