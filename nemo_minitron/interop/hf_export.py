@@ -52,7 +52,7 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
     from safetensors.torch import save_file
 
     from nemo_minitron.checkpoint.io import check_checkpoint, load_model, load_model_config
-    from nemo_minitron.utils.fs import atomic_dir
+    from nemo_minitron.utils.fs import atomic_dir, readable_as_umask
 
     ckpt = check_checkpoint(checkpoint)
     if Path(hf_dir).exists():
@@ -70,6 +70,7 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
                for name, t in hf_tensors(model.state_dict(), cfg)}
     with atomic_dir(hf_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        readable_as_umask(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos_ids"],
                "pad_token_id": ids["pad"]}
