@@ -218,6 +218,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("lm-eval-batch-zero", lambda c: ["lm-eval", str(c.good), "--tasks", "x", "--batch-size",
                                       "0"], ["--batch-size"]),
     ("export-exists", lambda c: ["export-hf", str(c.good), str(c.tmp)], ["already exists"]),
+    ("specdec-chat-data", lambda c: ["specdec", "--target", str(c.good), "--draft", str(c.good),
+                                     "--data", c.prefix, "--chat"], ["--chat", "--prompts"]),
     # ---- Hugging Face directories (import-hf)
     ("hf-config-not-json", lambda c: ["import-hf", c.hf_dir(
         lambda d: (d / "config.json").write_text("{oops")), "OUT"], ["config.json"]),
