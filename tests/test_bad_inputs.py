@@ -186,6 +186,16 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("ckpt-tokenizer-garbage", lambda c: ["generate", c.ckpt(
         lambda d: (d / "tokenizer" / "tokenizer.model").write_bytes(b"\x00junk")),
         "--prompt", "a"], ["tokenizer.model"]),
+    # ---- a checkpoint without a tokenizer (imported without one): the verbs that need one
+    ("no-tokenizer-generate", lambda c: ["generate", c.ckpt(_no_tokenizer), "--prompt", "a"],
+     ["has no tokenizer", "tokenizer.json", "/tokenizer/"]),
+    ("no-tokenizer-prune", lambda c: ["prune", c.ckpt(_no_tokenizer), "OUT", *c.data,
+                                      "target.num_layers=1"], ["has no tokenizer"]),
+    ("no-tokenizer-distill", lambda c: ["distill", "--teacher", str(c.good), "--student",
+                                        c.ckpt(_no_tokenizer), *c.tiny, "--out", "OUT"],
+     ["has no tokenizer"]),
+    ("no-tokenizer-eval-files", lambda c: ["eval", c.ckpt(_no_tokenizer),
+                                           c.file("t.txt", "some text")], ["has no tokenizer"]),
     # ---- flags
     ("eval-mbs-zero", lambda c: ["eval", str(c.good), "--data", c.prefix,
                                  "--micro-batch-size", "0"], ["--micro-batch-size"]),
@@ -255,6 +265,10 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
                                               "train.lr=1\nrm -rf /", "--dry-run"],
      ["newline"]),
 ]
+
+
+def _no_tokenizer(d: Path) -> None:
+    shutil.rmtree(d / "tokenizer")
 
 
 def _truncate(rel: str):

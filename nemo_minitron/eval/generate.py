@@ -148,10 +148,11 @@ def generate_text(checkpoint: str, prompts: list[str], sampling: SamplingConfig,
     rendered with the tokenizer's chat template (sandboxed; a plain default without one)."""
     import dataclasses
 
-    from nemo_minitron.checkpoint.io import load_model
+    from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model
     from nemo_minitron.config import ParallelConfig
 
-    model, _, tok = load_model(checkpoint, ParallelConfig())
+    tok = load_checkpoint_tokenizer(checkpoint)  # before the runtime: no tokenizer, one line
+    model, _, _ = load_model(checkpoint, ParallelConfig())
     if sampling.stop_tokens is None:
         sampling = dataclasses.replace(sampling, stop_tokens=tok.eos_ids)
     if chat:
