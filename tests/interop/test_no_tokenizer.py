@@ -90,3 +90,16 @@ def test_pruned_and_merged_exports_equal_our_models(chain, name):
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
     # Not the unpruned model: the check has teeth.
     assert (theirs - hf_logits(chain / "hf_a", tokens())).abs().max() > 1e-2
+
+
+def test_adding_a_tokenizer_as_the_error_says(chain, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(chain / "ck_a", ckpt)
+    res = run_cli("generate", str(ckpt), "--prompt", "w1 w2", "--max-new-tokens", "2")
+    assert res.returncode == 2 and "has no tokenizer" in res.stderr
+    shutil.copytree(chain / "tok", ckpt / "tokenizer")  # what the one-line error says to do
+    res = run_cli("generate", str(ckpt), "--prompt", "w1 w2", "--max-new-tokens", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert '"prompt": "w1 w2"' in res.stdout
