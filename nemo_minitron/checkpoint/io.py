@@ -156,8 +156,7 @@ def has_tokenizer(path: str | os.PathLike[str]) -> bool:
 
 
 def load_checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """The tokenizer stored in a checkpoint; a one-line error saying how to add one when it
-    has none."""
+    """The tokenizer stored in a checkpoint (an error saying how to add one if it has none)."""
     p = check_checkpoint(path)
     if not has_tokenizer(p):
         raise ConfigError(f"checkpoint {str(path)!r} has no tokenizer (imported without one); "
@@ -197,9 +196,8 @@ def _stop_signals_blocked() -> Iterator[None]:
 def load_model(path: str | os.PathLike[str], parallel: ParallelConfig | None = None, *,
                bf16: bool = False, field: str = "checkpoint", **build: Any
                ) -> tuple[torch.nn.Module, ModelConfig, Tokenizer | None]:
-    """Load a checkpoint into a fresh model: ``(model, its ModelConfig, its tokenizer)``, the
-    tokenizer ``None`` when it has none (a verb that needs one calls
-    ``load_checkpoint_tokenizer`` for its error first).
+    """Load a checkpoint into a fresh model: ``(model, its ModelConfig, its tokenizer or None
+    when it has none)``; a verb that needs one calls ``load_checkpoint_tokenizer`` first.
 
     With ``parallel`` the process group and parallel state are started (or kept) for that
     layout first; without it the model is built under the current parallel state. Either way
