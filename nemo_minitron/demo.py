@@ -4,16 +4,19 @@ Build the embedded corpus and tokenizer, pretrain the tiny teacher, prune it to 
 parameters (``recipes/tiny_cpu_prune.yaml``), distill the teacher into the pruned model
 (``recipes/tiny_cpu_distill.yaml``), and print the validation losses of the teacher, the
 one-shot pruned and the distilled model, and the teacher's throughput. Each stage resumes or is
-reused when the command runs again.
+reused when the command runs again. ``OUT/data`` links to the corpus, so that
+``OUT/data/corpus`` is the ``--data`` prefix of the README's later commands.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
-from nemo_minitron.config import load_recipe
+from nemo_minitron.config import DataConfig, load_recipe
+from nemo_minitron.data.embedded import embedded_dir
 from nemo_minitron.utils.fs import read_jsonl
 from nemo_minitron.utils.logging import get_logger
 from nemo_minitron.utils.paths import recipes_dir
@@ -38,6 +41,7 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     recipe = load_recipe(recipe_path, overrides)
     out_dir = Path(out)
     teacher = completed(pretrain(recipe, out_dir / "teacher"))
+    data_prefix = _link_corpus(recipe.data, out_dir)
     data_overrides = [o for o in overrides if o.startswith("data.")]
     p_recipe = load_recipe(prune_recipe or PRUNE_RECIPE,
                            data_overrides + list(prune_overrides or []), cls=PruneRecipe)
@@ -56,6 +60,7 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
               if r.get("kind") == "speed"]
     history = teacher["history"]
     summary = {
+        "data_prefix": data_prefix,
         "teacher_checkpoint": teacher["final"],
         "teacher_valid_loss_init": history[0]["lm loss"] if history else math.nan,
         "teacher_valid_loss": teacher["valid"].get("lm loss", math.nan),
@@ -80,3 +85,18 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     if is_rank0():
         print(json.dumps(summary, indent=2))
     return summary
+
+
+def _link_corpus(data: DataConfig, out_dir: Path) -> str:
+    """The indexed-dataset prefix the demo trained on. The embedded corpus lives in the data
+    cache under a versioned name; ``OUT/data`` links to it, so that ``OUT/data/corpus`` is a
+    stable ``--data`` prefix for the later commands (README)."""
+    if data.path is not None:
+        return data.path
+    link = out_dir / "data"
+    if is_rank0():
+        tmp = out_dir / f".data.link-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(embedded_dir(data).resolve(), tmp)
+        os.replace(tmp, link)  # atomic, also over an older link
+    return str(link / "corpus")

@@ -237,6 +237,16 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("ckpt-tokenizer-garbage", lambda c: ["generate", c.ckpt(
         lambda d: (d / "tokenizer" / "tokenizer.model").write_bytes(b"\x00junk")),
         "--prompt", "a"], ["tokenizer.model"]),
+    # ---- a checkpoint without a tokenizer (imported without one): the verbs that need one
+    ("no-tokenizer-generate", lambda c: ["generate", c.ckpt(_no_tokenizer), "--prompt", "a"],
+     ["has no tokenizer", "tokenizer.json", "/tokenizer/"]),
+    ("no-tokenizer-prune", lambda c: ["prune", c.ckpt(_no_tokenizer), "OUT", *c.data,
+                                      "target.num_layers=1"], ["has no tokenizer"]),
+    ("no-tokenizer-distill", lambda c: ["distill", "--teacher", str(c.good), "--student",
+                                        c.ckpt(_no_tokenizer), *c.tiny, "--out", "OUT"],
+     ["has no tokenizer"]),
+    ("no-tokenizer-eval-files", lambda c: ["eval", c.ckpt(_no_tokenizer),
+                                           c.file("t.txt", "some text")], ["has no tokenizer"]),
     # ---- flags
     ("eval-mbs-zero", lambda c: ["eval", str(c.good), "--data", c.prefix,
                                  "--micro-batch-size", "0"], ["--micro-batch-size"]),
@@ -269,6 +279,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("lm-eval-batch-zero", lambda c: ["lm-eval", str(c.good), "--tasks", "x", "--batch-size",
                                       "0"], ["--batch-size"]),
     ("export-exists", lambda c: ["export-hf", str(c.good), str(c.tmp)], ["already exists"]),
+    ("specdec-chat-data", lambda c: ["specdec", "--target", str(c.good), "--draft", str(c.good),
+                                     "--data", c.prefix, "--chat"], ["--chat", "--prompts"]),
     # ---- Hugging Face directories (import-hf)
     ("hf-config-not-json", lambda c: ["import-hf", c.hf_dir(
         lambda d: (d / "config.json").write_text("{oops")), "OUT"], ["config.json"]),
@@ -312,6 +324,10 @@ def _model_vocab(vocab_size: int):
         cfg["vocab_size"] = vocab_size
         (d / "model_config.yaml").write_text(yaml.safe_dump(cfg))
     return edit
+
+
+def _no_tokenizer(d: Path) -> None:
+    shutil.rmtree(d / "tokenizer")
 
 
 def _truncate(rel: str):

@@ -36,3 +36,19 @@ def test_loadgroup_keeps_each_module_on_one_worker(tmp_path):
         workers[module].add(worker)
     assert set(workers) == {"test_a.py", "test_b.py"}, res.stdout
     assert all(len(w) == 1 for w in workers.values()), dict(workers)
+
+
+def test_scripts_test_fails_when_a_selection_matches_nothing():
+    """``-k "not dist"`` also matches the ``xdist_group`` marker every test carries, so it
+    selects nothing: ``scripts/test`` must say so and fail (pytest's status 5), not pass."""
+    env = {**os.environ, "NM_TEST_WORKERS": "0"}
+    res = subprocess.run([str(ROOT / "scripts" / "test"), "tests/prune", "-k", "not dist",
+                          "--collect-only"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 5, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "no test matched the selection: tests/prune -k not dist" in res.stderr
+    res = subprocess.run([str(ROOT / "scripts" / "test"), "tests/prune", "-m", "not dist",
+                          "--collect-only"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 0 and re.search(r"^\d+/\d+ tests collected", res.stdout, re.M), \
+        res.stdout[-2000:]

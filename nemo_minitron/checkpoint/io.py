@@ -149,9 +149,19 @@ def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
+def has_tokenizer(path: str | os.PathLike[str]) -> bool:
+    """Whether a checkpoint holds a tokenizer (an import from files without one does not)."""
+    d = Path(path) / "tokenizer"
+    return d.is_dir() and any(d.iterdir())
+
+
 def load_checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """The tokenizer stored in a checkpoint."""
+    """The tokenizer stored in a checkpoint (an error saying how to add one if it has none)."""
     p = check_checkpoint(path)
+    if not has_tokenizer(p):
+        raise ConfigError(f"checkpoint {str(path)!r} has no tokenizer (imported without one); "
+                          f"add one by copying the model's tokenizer files (tokenizer.json and "
+                          f"tokenizer_config.json, or tokenizer.model) into {p / 'tokenizer'}/")
     verify_checkpoint(p, ("tokenizer",))
     return load_tokenizer(p / "tokenizer")
 
@@ -185,8 +195,9 @@ def _stop_signals_blocked() -> Iterator[None]:
 
 def load_model(path: str | os.PathLike[str], parallel: ParallelConfig | None = None, *,
                bf16: bool = False, field: str = "checkpoint", **build: Any
-               ) -> tuple[torch.nn.Module, ModelConfig, Tokenizer]:
-    """Load a checkpoint into a fresh model: ``(model, its ModelConfig, its tokenizer)``.
+               ) -> tuple[torch.nn.Module, ModelConfig, Tokenizer | None]:
+    """Load a checkpoint into a fresh model: ``(model, its ModelConfig, its tokenizer or None
+    when it has none)``; a verb that needs one calls ``load_checkpoint_tokenizer`` first.
 
     With ``parallel`` the process group and parallel state are started (or kept) for that
     layout first; without it the model is built under the current parallel state. Either way
@@ -202,7 +213,7 @@ def load_model(path: str | os.PathLike[str], parallel: ParallelConfig | None = N
         init_distributed(parallel)
     model = build_model(cfg, bf16=bf16, **build)
     load_weights(p, model)
-    return model, cfg, load_checkpoint_tokenizer(p)
+    return model, cfg, load_checkpoint_tokenizer(p) if has_tokenizer(p) else None
 
 
 def _model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:

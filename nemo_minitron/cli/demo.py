@@ -12,7 +12,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from nemo_minitron.demo import run_demo
 
     recipe, overrides = split_overrides(args)
-    run_demo(recipe, overrides, args.out)
+    stage: dict[str, list[str]] = {"prune.": [], "distill.": [], "": []}
+    for o in overrides:  # prune.KEY=V / distill.KEY=V: that stage's recipe; others: the teacher
+        prefix = next(p for p in stage if o.startswith(p))
+        stage[prefix].append(o[len(prefix):])
+    run_demo(recipe, stage[""], args.out, prune_overrides=stage["prune."],
+             distill_overrides=stage["distill."])
     return 0
 
 
@@ -36,7 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "half (tiny_cpu_prune.yaml), distill it into the pruned model "
                                    "(tiny_cpu_distill.yaml) and print the validation losses of "
                                    "the teacher, the one-shot pruned and the distilled model. "
-                                   "Re-running resumes or reuses each stage.")
+                                   "Overrides apply to the teacher's recipe (data.* to every "
+                                   "stage); prune.KEY=VALUE and distill.KEY=VALUE to that "
+                                   "stage's. OUT/data links to the corpus (OUT/data/corpus: "
+                                   "the --data PREFIX of eval, specdec...). Re-running resumes "
+                                   "or reuses each stage.")
     recipe_args(p, default=str(RECIPES / "tiny_cpu.yaml"))
     p.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
     p.set_defaults(func=cmd_demo)

@@ -39,7 +39,7 @@ def cmd_specdec(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens={s.max_new_tokens} must be at least 1")
     rows = specdec(args.target, args.draft, args.prompts, args.data, s, cfg,
                    num_prompts=args.num_prompts, prompt_length=args.prompt_length,
-                   parallel=parallel)
+                   parallel=parallel, chat=args.chat)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     table = format_table(rows)
@@ -78,6 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true",
+                   help="each --prompts line is a user turn, formatted with the target "
+                        "tokenizer's chat template (as generate --chat)")
     p.add_argument("--out", help="directory for specdec.{json,md,png}")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_specdec, decodes=True)

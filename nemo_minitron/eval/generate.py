@@ -12,10 +12,14 @@ shards are gathered); PP=1 only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from nemo_minitron.config import ConfigError
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("eval.generate")
 
 
 @dataclass(kw_only=True)
@@ -144,16 +148,28 @@ def generate_text(checkpoint: str, prompts: list[str], sampling: SamplingConfig,
     rendered with the tokenizer's chat template (sandboxed; a plain default without one)."""
     import dataclasses
 
-    from nemo_minitron.checkpoint.io import load_model
+    from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model
     from nemo_minitron.config import ParallelConfig
 
-    model, _, tok = load_model(checkpoint, ParallelConfig())
+    tok = load_checkpoint_tokenizer(checkpoint)  # before the runtime: no tokenizer, one line
+    model, _, _ = load_model(checkpoint, ParallelConfig())
     if sampling.stop_tokens is None:
         sampling = dataclasses.replace(sampling, stop_tokens=tok.eos_ids)
     if chat:
-        from nemo_minitron.data.instruct import render_prompt
-
-        prompts = [render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
+        prompts = chat_prompts(tok, prompts)
     ids = generate(model, [tok.encode(p) for p in prompts], sampling,
                    vocab_limit=tok.vocab_size)
     return [tok.decode(row) for row in ids]
+
+
+def chat_prompts(tokenizer: Any, prompts: list[str]) -> list[str]:
+    """Each text prompt as one user turn followed by the generation prompt, in the tokenizer's
+    chat template (``generate --chat``, ``specdec --chat``). Without a template the plain
+    default format is used, and the user is told so once: a chat model fed that format answers
+    worse than with its own."""
+    from nemo_minitron.data.instruct import chat_template_of, render_prompt
+
+    if chat_template_of(tokenizer) is None:
+        log.warning("--chat: the checkpoint's tokenizer has no chat template; the prompts use "
+                    "the plain default format ('### User:' ... '### Assistant:')")
+    return [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]

@@ -26,10 +26,11 @@ class MinitronLM(TemplateLM):
     def __init__(self, checkpoint: str, batch_size: int | str = 8, max_gen_toks: int = 256,
                  **_: Any) -> None:
         super().__init__()
-        from nemo_minitron.checkpoint.io import load_model
+        from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model
         from nemo_minitron.config import ParallelConfig
 
-        self.model, self.cfg, self.tok = load_model(checkpoint, ParallelConfig())
+        self.tok = load_checkpoint_tokenizer(checkpoint)
+        self.model, self.cfg, _ = load_model(checkpoint, ParallelConfig())
         self.model.eval()
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)

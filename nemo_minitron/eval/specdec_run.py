@@ -177,14 +177,19 @@ def measure(target: Any, draft: Any, prompts: list[list[int]], sampling: Samplin
 
 
 def read_prompts(tokenizer: Any, prompts_file: str | None, data: str | None,
-                 num_prompts: int, prompt_length: int) -> list[list[int]]:
+                 num_prompts: int, prompt_length: int, chat: bool = False) -> list[list[int]]:
     """Token ids of the prompts: lines (or JSONL ``prompt``/``text`` fields) of a file, or the
     first ``prompt_length`` tokens of the last ``num_prompts`` long-enough documents of an
-    indexed dataset (the end of a dataset is its held-out part under the usual split)."""
+    indexed dataset (the end of a dataset is its held-out part under the usual split).
+    ``chat``: each line of the file is a user turn in the chat format ``generate --chat`` uses.
+    """
     import json
 
     if (prompts_file is None) == (data is None):
         raise ConfigError("give exactly one of --prompts FILE and --data PREFIX")
+    if chat and data is not None:
+        raise ConfigError("--chat needs --prompts FILE: --data prompts are windows of "
+                          "documents, not user turns")
     if num_prompts < 1 or prompt_length < 1:
         raise ConfigError(f"--num-prompts={num_prompts} and --prompt-length={prompt_length} "
                           "must be at least 1")
@@ -218,14 +223,19 @@ def read_prompts(tokenizer: Any, prompts_file: str | None, data: str | None,
                 raise ConfigError(f"{prompts_file}:{lineno} has no string field 'prompt'")
             line = text
         texts.append(line)
-    return [tokenizer.encode(t) for t in texts[:num_prompts]]
+    texts = texts[:num_prompts]
+    if chat:
+        from nemo_minitron.eval.generate import chat_prompts
+
+        texts = chat_prompts(tokenizer, texts)
+    return [tokenizer.encode(t) for t in texts]
 
 
 def specdec(target: str, draft: str, prompts_file: str | None, data: str | None,
             sampling: SamplingConfig, cfg: SpecDecConfig, *, num_prompts: int = 8,
-            prompt_length: int = 32, parallel: ParallelConfig | None = None
-            ) -> list[dict[str, Any]]:
-    """One row of figures per K of ``cfg.draft_tokens``."""
+            prompt_length: int = 32, parallel: ParallelConfig | None = None,
+            chat: bool = False) -> list[dict[str, Any]]:
+    """One row of figures per K of ``cfg.draft_tokens`` (``chat``: see ``read_prompts``)."""
     from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model_config
 
     # Every check before Megatron starts: bad input fails fast with one line.
@@ -233,7 +243,7 @@ def specdec(target: str, draft: str, prompts_file: str | None, data: str | None,
     check_pair(target, draft)
     check_parallel(parallel)
     prompts = read_prompts(load_checkpoint_tokenizer(target), prompts_file, data, num_prompts,
-                           prompt_length)
+                           prompt_length, chat)
     check_prompts(prompts, sampling.max_new_tokens,
                   {f"target {target!r}": load_model_config(target).seq_length,
                    f"draft {draft!r}": load_model_config(draft).seq_length})

@@ -1,6 +1,6 @@
 """Activation-based importance with forward hooks on a Megatron-core ``GPTModel``.
 
-Where each axis reads its activation (``../method.md``):
+Where each axis reads its activation (``docs/method.md``):
 - ``ffn_hidden_size``: input of ``mlp.linear_fc2`` (after the activation / SwiGLU gating);
 - ``num_attention_heads``: input of ``self_attention.linear_proj`` viewed as
   ``[heads, kv_channels]``, norm over ``kv_channels``; a query group scores the sum of its heads;

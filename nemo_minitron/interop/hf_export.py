@@ -51,8 +51,13 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
     TP=1/PP=1 by loading the reshardable checkpoint)."""
     from safetensors.torch import save_file
 
-    from nemo_minitron.checkpoint.io import check_checkpoint, load_model, load_model_config
-    from nemo_minitron.utils.fs import atomic_dir
+    from nemo_minitron.checkpoint.io import (
+        check_checkpoint,
+        has_tokenizer,
+        load_model,
+        load_model_config,
+    )
+    from nemo_minitron.utils.fs import atomic_dir, readable_as_umask
 
     ckpt = check_checkpoint(checkpoint)
     if Path(hf_dir).exists():
@@ -62,6 +67,10 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("export-hf runs as one process (it loads the full model)")
     cfg = load_model_config(ckpt)
+    if not has_tokenizer(ckpt):
+        log.warning("checkpoint %s has no tokenizer: %s gets the weights and config only (copy "
+                    "the model's tokenizer files into it for transformers' AutoTokenizer)",
+                    checkpoint, hf_dir)
     ids = _token_ids(ckpt / "tokenizer")
     hf_config = hf_config_from_model(cfg, bos=ids["bos"], eos=ids["eos"], pad=ids["pad"],
                                      unk=ids["unk"], dtype=dtype)
@@ -70,6 +79,7 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
                for name, t in hf_tensors(model.state_dict(), cfg)}
     with atomic_dir(hf_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        readable_as_umask(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos_ids"],
                "pad_token_id": ids["pad"]}

@@ -71,7 +71,8 @@ def inspect_hf(hf_dir: str | os.PathLike[str], seq_length: int | None = None) ->
             raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the "
                               f"embedding only {cfg.vocab_size} rows (config.json vocab_size)")
     else:
-        log.warning("%s has no tokenizer files; the checkpoint will have no tokenizer", d)
+        log.warning("%s has no tokenizer files; the checkpoint will have none (export-hf "
+                    "writes weights and config only; verbs that need one say how to add it)", d)
     return HFSource(config=cfg, tensors=tensors, tokenizer=tokenizer)
 
 

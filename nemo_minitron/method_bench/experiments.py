@@ -1,5 +1,5 @@
 """The comparisons of the method benchmark, one function per published finding
-(``../shared/reference/method.md``). Each returns a section for the report: the claim, a table,
+(``docs/method.md``). Each returns a section for the report: the claim, a table,
 the verdict (agree / disagree / inconclusive, decided per seed) and the curves to plot.
 
 Lower validation loss is better everywhere. With paired seeds, a claim "A beats B" is *agree*

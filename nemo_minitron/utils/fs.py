@@ -54,12 +54,25 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def readable_as_umask(path: str | os.PathLike[str]) -> None:
+    """Give the file ``path`` the mode a plain ``open()`` would have: writers that build a file
+    aside and rename it (``mkstemp``, safetensors' ``save_file``) leave it 0600, which other
+    users of a shared cluster cannot read."""
+    os.chmod(path, file_mode())
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600, not the umask's
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

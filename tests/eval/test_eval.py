@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -182,3 +183,56 @@ def test_bench_refuses_unknown_attention(capsys):
 
     assert main(["bench", "ck", "--attention", "flash"]) == 2
     assert "error: attention='flash'" in capsys.readouterr().err
+
+
+class _Records(logging.Handler):
+    """The package logger does not propagate to pytest's caplog: collect its records here."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def warnings_of_generate():
+    handler = _Records()
+    logger = logging.getLogger("nemo_minitron.eval.generate")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def test_chat_prompts_of_generate_and_specdec(tmp_path, embedded_paths, warnings_of_generate):
+    """``generate --chat`` and ``specdec --chat`` format a prompt as
+    ``transformers.apply_chat_template`` does with the tokenizer's template, without a warning;
+    a tokenizer without a template gets the plain default format and one warning per run."""
+    from transformers import AutoTokenizer
+
+    from nemo_minitron.data.tokenizer import SentencePieceTokenizer, load_tokenizer
+    from nemo_minitron.eval.generate import chat_prompts
+    from nemo_minitron.eval.specdec_run import read_prompts
+    from tests.data.test_instruct import CHATML
+    from tests.data.test_tokenizers import _hf_tokenizer_dir
+
+    hf = _hf_tokenizer_dir(tmp_path / "tok")
+    cfg = json.loads((hf / "tokenizer_config.json").read_text())
+    (hf / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHATML}))
+    texts = ["Name a colour.", "def f(x):"]
+    ref = AutoTokenizer.from_pretrained(hf)
+    want = [ref.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                    add_generation_prompt=True) for t in texts]
+    tok = load_tokenizer(hf)
+    assert chat_prompts(tok, texts) == want
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("\n".join(texts) + "\n")
+    assert read_prompts(tok, str(lines), None, 8, 32, chat=True) == [tok.encode(w) for w in want]
+    assert warnings_of_generate == []
+
+    sp = SentencePieceTokenizer(embedded_paths[1])
+    assert chat_prompts(sp, texts) == [f"### User:\n{t}\n\n### Assistant:\n" for t in texts]
+    assert len(warnings_of_generate) == 1 and "no chat template" in warnings_of_generate[0]
+    assert read_prompts(sp, str(lines), None, 8, 32) == [sp.encode(t) for t in texts]  # no --chat
+    assert len(warnings_of_generate) == 1

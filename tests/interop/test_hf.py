@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from tests.dist import spawn
 from tests.interop.hfmodels import hf_logits, save_hf_model, tokens
 
 ATOL = 1e-4
+UMASK = 0o027
 ARCHS = ("llama", "mistral", "qwen2", "llama31")
 # Llama 3.1 RoPE scaling; with head_dim 16 the wavelengths straddle both thresholds.
 LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
@@ -65,6 +67,11 @@ def single_job(root: str) -> None:
     # Training windows shorter than the context: the context is kept and exported.
     import_hf(r / "hf_llama", r / "ck_short", seq_length=32)
     export_hf(r / "ck_short", r / "exported_short")
+    old = os.umask(UMASK)  # stricter than the default: the export must follow it
+    try:
+        export_hf(r / "ck_llama", r / "exported_umask")
+    finally:
+        os.umask(old)
     import_hf(r / "hf_deep", r / "ck_deep")
     cfg = load_model_config(r / "ck_deep")
     model = build_model(cfg)
@@ -94,6 +101,11 @@ def single(tmp_path_factory) -> Path:
     save_hf_model(root / "hf_qwen2", "qwen2", seed=2)
     save_hf_model(root / "hf_llama31", "llama", seed=3, rope_parameters=LLAMA31_ROPE)
     save_hf_model(root / "hf_deep", "llama", seed=4, num_hidden_layers=3)
+    old = os.umask(UMASK)  # what transformers writes under the umask of the export above
+    try:
+        save_hf_model(root / "hf_umask", "llama")
+    finally:
+        os.umask(old)
     spawn(single_job, 1, str(root))
     return root
 
@@ -162,10 +174,7 @@ def test_tp2_and_pp2_imports_equal_transformers(tmp_path):
 
 
 def test_export_looks_like_what_transformers_saves(single):
-    """Context length, special-token ids, readable modes and a clean tokenizer config."""
-    import os
-    import stat
-
+    """Context length, special-token ids and a clean tokenizer config (modes: below)."""
     import yaml
     from transformers import AutoConfig, AutoTokenizer
 
@@ -180,6 +189,29 @@ def test_export_looks_like_what_transformers_saves(single):
     assert ours.unk_token_id == 0
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert not {"local_files_only", "is_local"} & set(tok_cfg)
+
+
+def _modes(directory: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in [directory, *directory.iterdir()]}
+
+
+def test_export_modes_follow_the_umask(single, tmp_path):
+    """Every exported file, model.safetensors included, has the mode ``open()`` gives under the
+    umask, as transformers' config and tokenizer files do (its own model.safetensors, written
+    aside by safetensors, is 0600: not what a shared cluster needs)."""
     umask = os.umask(0o022)
     os.umask(umask)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    (tmp_path / "ref").write_text("x")
+    ref = _modes(tmp_path)["ref"]
+    ours = _modes(single / "exported_short")
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(ours)
+    assert ours.pop(single.joinpath("exported_short").name) == 0o777 & ~umask
+    assert set(ours.values()) == {ref}, ours
+    # Under a stricter umask (0o027), file by file against save_pretrained's output.
+    ours, theirs = _modes(single / "exported_umask"), _modes(single / "hf_umask")
+    assert ours.pop("exported_umask") == theirs.pop("hf_umask") == 0o750
+    assert ours.pop("model.safetensors") == 0o640
+    shared = set(ours) & set(theirs) - {"model.safetensors"}
+    assert {"config.json", "generation_config.json", "tokenizer.json"} <= shared
+    assert {n: ours[n] for n in shared} == {n: theirs[n] for n in shared} == dict.fromkeys(
+        shared, 0o640)
