@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,15 @@ def test_merge_example_equals_the_merge_verb(tmp_path, teacher, embedded_paths,
         assert float(got[f"validation loss of the {name} model"]) == pytest.approx(
             loss, abs=2e-5), name
     assert len({round(x, 3) for x in want}) == 3  # three different models
+
+
+def test_library_doc_runs(tmp_path):
+    """Every ``python`` block of docs/library.md, in order, as one script."""
+    doc = (ROOT / "docs" / "library.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) >= 10
+    script = tmp_path / "library_doc.py"
+    script.write_text("\n".join(blocks) + "\nprint('doc ok')\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("doc ok"), run.stderr[-3000:]
