@@ -137,6 +137,23 @@ class ModelConfig:
         """Effective per-head dimension (``kv_channels``)."""
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
+    @classmethod
+    def from_transformer_config(cls, config: Any, **fields: Any) -> ModelConfig:
+        """The config of a megatron-core ``TransformerConfig`` a user built; ``fields``: the
+        ``GPTModel`` arguments (``vocab_size``, ``seq_length``, ``rotary_base``, ...; see
+        ``model.build.model_config``)."""
+        from nemo_minitron.model.build import model_config
+
+        return model_config(config, **fields)
+
+    def to_transformer_config(self, *, bf16: bool = False, fp8: str | None = None) -> Any:
+        """Megatron's ``TransformerConfig`` for this model under the current parallel state,
+        as ``build_model`` makes it (``model.build.transformer_config``: no dropout, unfused
+        kernels)."""
+        from nemo_minitron.model.build import transformer_config
+
+        return transformer_config(self, bf16=bf16, fp8=fp8)
+
     def padded_vocab_size(self, tokenizer_vocab_size: int) -> int:
         """Round a tokenizer vocabulary up to ``make_vocab_size_divisible_by``."""
         from nemo_minitron.model.layouts import padded_vocab_size

@@ -14,7 +14,7 @@ import sys
 
 from nemo_minitron.cli import demo, interop, launch, merge, prune, selfdistill, specdec, train
 from nemo_minitron.config import ConfigError
-from nemo_minitron.utils.logging import setup_logging
+from nemo_minitron.utils.logging import quiet_known_warnings, setup_logging
 from nemo_minitron.utils.rank import is_rank0
 
 
@@ -37,6 +37,7 @@ def verb_names() -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()  # the program's own filters: importing the package sets none
     setup_logging()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

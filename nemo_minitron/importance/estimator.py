@@ -22,11 +22,13 @@ once) and ``flush()`` takes cosines between all pairs from a float64 Gram matrix
 Hidden states are replicated over TP: each TP rank takes its share of the tokens (every
 tp-th) and ``finalize`` sums over TP as over DP. Under PP each stage keeps its boundaries of a
 micro-batch until ``flush()`` all-gathers them over the stages (``estimate_importance``
-flushes after every micro-batch so at most one is held).
+flushes after every micro-batch so at most one is held; leaving the ``with`` block flushes what
+is still held).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -86,10 +88,12 @@ class ImportanceEstimator:
             ]
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if exc_type is None:  # every stage leaves the block here: the PP gather is safe
+            self.flush()
 
     def _ffn_hook(self, i: int):
         def hook(_mod, args):
@@ -220,20 +224,33 @@ def _gather_cat(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Te
     return torch.cat(parts, dim=dim)
 
 
-def estimate_importance(model: torch.nn.Module, tokens: torch.Tensor, *,
-                        micro_batch_size: int, batch_agg: Agg = "l2", seq_agg: Agg = "mean",
-                        meta: dict[str, Any] | None = None) -> Scores:
-    """Score every unit with forward passes over this rank's calibration ``tokens [n, s]``."""
+def estimate_importance(model: torch.nn.Module,
+                        forward_loop_or_batches: torch.Tensor | Iterable[torch.Tensor]
+                        | Callable[[torch.nn.Module], Any], *,
+                        micro_batch_size: int | None = None, batch_agg: Agg = "l2",
+                        seq_agg: Agg = "mean", meta: dict[str, Any] | None = None) -> Scores:
+    """Score every unit of ``model`` (this rank's stage of any TP/PP/DP layout) from forward
+    passes over this rank's calibration data: tokens ``[n, s]``, an iterable of ``[b, s]``
+    batches (each run through Megatron's pipeline schedule in micro-batches of
+    ``micro_batch_size``, default the whole batch), or ``forward_loop(model)``, the user's own
+    loop. The pipeline flush is done here (after each batch, or once after the loop). Every
+    rank returns the full-model scores, with the weights' fingerprint in ``meta``."""
     from nemo_minitron.model.forward import forward_pass
     from nemo_minitron.model.params import weights_fingerprint
 
-    # Under PP a micro-batch's hidden states meet only after its pass: one micro-batch per
-    # pass bounds what the stages hold (calibration is small; the bubble costs little).
-    step = micro_batch_size if ImportanceEstimator._pp_size() > 1 else len(tokens)
+    data = forward_loop_or_batches
+    if isinstance(data, torch.Tensor):
+        # Under PP a micro-batch's hidden states meet only after its pass: one micro-batch per
+        # pass bounds what the stages hold (calibration is small; the bubble costs little).
+        pp = ImportanceEstimator._pp_size() > 1
+        data = data.split(micro_batch_size if pp and micro_batch_size else len(data))
     with ImportanceEstimator(model, batch_agg, seq_agg) as est:
-        for chunk in tokens.split(step):
-            forward_pass(model, chunk, micro_batch_size=micro_batch_size)
-            est.flush()
+        if callable(data):
+            data(model)
+        else:
+            for batch in data:
+                forward_pass(model, batch, micro_batch_size=micro_batch_size)
+                est.flush()
     return est.finalize({"fingerprint": weights_fingerprint(unwrap(model)), **(meta or {})})
 
 

@@ -38,6 +38,7 @@ from nemo_minitron.interop.hf_weights import hf_views
 from nemo_minitron.merge.config import MergeConfig, evaluate, filters
 from nemo_minitron.merge.methods import linear_, slerp_, task_
 from nemo_minitron.merge.store import CheckpointReader, OutChunk, write_checkpoint
+from nemo_minitron.model.layouts import split_layer_key
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("merge")
@@ -121,26 +122,22 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-class Merger:
-    """Computes the merged value of one output item."""
+class TensorMerger:
+    """The merged value of each logical tensor of a model's full tensors: the one owner of the
+    merge arithmetic, shared by the streamed verb (``Merger``) and the in-memory merge
+    (``merge.memory``)."""
 
-    def __init__(self, cfg: MergeConfig, model_cfg: Any, readers: list[CheckpointReader]):
-        self.cfg, self.model_cfg, self.readers = cfg, model_cfg, readers
+    def __init__(self, cfg: MergeConfig, model_cfg: Any, n_inputs: int):
+        self.cfg, self.model_cfg, self.n_inputs = cfg, model_cfg, n_inputs
         self.matched: set[str] = set()
         self.colinear = 0
-        self.bytes_read = 0
 
-    def _names(self, c: OutChunk, w: torch.Tensor) -> tuple[list[tuple[str, torch.Tensor]],
-                                                             float]:
-        """(logical tensors with their HF names as views of ``w``, relative layer depth)."""
+    def views(self, key: str, w: torch.Tensor) -> tuple[list[tuple[str, torch.Tensor]], float]:
+        """(the logical tensors of the full tensor ``key`` (global layer numbers) with their HF
+        names, as views of ``w``; its relative layer depth: 0 outside the layers)."""
         n = self.model_cfg.num_layers
-        if c.sizes != c.shape:  # a layer slice of a stacked key
-            layer = c.offsets[0]
-            key = f"{_STACKED}{layer}.{c.key[len(_STACKED):]}"
-            depth = layer / (n - 1) if n > 1 else 1.0
-            w = w[0]
-        else:
-            key, depth = c.key, 0.0
+        parsed = split_layer_key(key)
+        depth = 0.0 if parsed is None else parsed[0] / (n - 1) if n > 1 else 1.0
         try:
             views = hf_views(key, w, self.model_cfg)
         except ConfigError:
@@ -162,10 +159,52 @@ class Merger:
         m = self.cfg
         t = self._param(m.t, name, depth, "merge.t") if m.method == "slerp" or \
             m.combine == "slerp" else 0.0
-        n = len(self.readers) - (0 if m.method == "linear" else 1)
+        n = self.n_inputs - (0 if m.method == "linear" else 1)
         ws = [self._param(w, name, depth, f"merge.weights[{j}]")
               for j, w in enumerate(m.weights or [1.0] * n)] if m.method != "slerp" else []
         return t, ws
+
+    def unused_filters(self) -> list[str]:
+        """Name filters of ``t`` and the weights that matched no tensor so far."""
+        m = self.cfg
+        return sorted({f for s in [m.t, *(m.weights or [])] for f in filters(s)} - self.matched)
+
+    def merge_views(self, parts: list[list[tuple[str, torch.Tensor]]], depth: float) -> None:
+        """Merge every logical tensor of one full tensor in place into the first input's views
+        (``parts``: ``views`` of each input, base first)."""
+        m = self.cfg
+        for i, (name, _) in enumerate(parts[0]):
+            views = [p[i][1] for p in parts]
+            if not views[0].is_floating_point():
+                continue  # nothing to interpolate: keep the base
+            t, ws = self.params(name, depth)
+            if m.method == "slerp":
+                self.colinear += slerp_(t, views[0], views[1], dot_threshold=m.dot_threshold,
+                                        eps=m.eps)
+            elif m.method == "linear":
+                linear_(views, ws, True if m.normalize is None else m.normalize)
+            elif m.combine == "slerp":
+                self.colinear += slerp_(t, views[1], views[2], dot_threshold=m.dot_threshold,
+                                        eps=m.eps, origin=views[0])
+                views[0].copy_(views[1])
+            else:
+                task_(views[0], views[1:], ws, bool(m.normalize), m.scale)
+
+
+class Merger(TensorMerger):
+    """Computes the merged value of one output item of the streamed merge."""
+
+    def __init__(self, cfg: MergeConfig, model_cfg: Any, readers: list[CheckpointReader]):
+        super().__init__(cfg, model_cfg, len(readers))
+        self.readers = readers
+        self.bytes_read = 0
+
+    def _names(self, c: OutChunk, w: torch.Tensor) -> tuple[list[tuple[str, torch.Tensor]],
+                                                             float]:
+        """(logical tensors with their HF names as views of ``w``, relative layer depth)."""
+        if c.sizes != c.shape:  # a layer slice of a stacked key
+            return self.views(f"{_STACKED}{c.offsets[0]}.{c.key[len(_STACKED):]}", w[0])
+        return self.views(c.key, w)
 
     def precheck(self, chunks: list[OutChunk]) -> None:
         """Evaluate every parameter of every logical tensor before anything is written
@@ -183,24 +222,7 @@ class Merger:
                    for i, r in enumerate(self.readers)]
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors)
         parts = [self._names(c, t) for t in tensors]
-        depth = parts[0][1]
-        m = self.cfg
-        for i, (name, _) in enumerate(parts[0][0]):
-            views = [p[0][i][1] for p in parts]
-            if not views[0].is_floating_point():
-                continue  # nothing to interpolate: keep the base
-            t, ws = self.params(name, depth)
-            if m.method == "slerp":
-                self.colinear += slerp_(t, views[0], views[1], dot_threshold=m.dot_threshold,
-                                        eps=m.eps)
-            elif m.method == "linear":
-                linear_(views, ws, True if m.normalize is None else m.normalize)
-            elif m.combine == "slerp":
-                self.colinear += slerp_(t, views[1], views[2], dot_threshold=m.dot_threshold,
-                                        eps=m.eps, origin=views[0])
-                views[0].copy_(views[1])
-            else:
-                task_(views[0], views[1:], ws, bool(m.normalize), m.scale)
+        self.merge_views([p[0] for p in parts], parts[0][1])
         return tensors[0]
 
 

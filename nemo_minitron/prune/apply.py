@@ -97,7 +97,16 @@ def prune_model(model: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:
     (``model.full_state``): every rank holds a balanced shard of the kept units, and the kept
     layers are spread evenly over the pipeline stages."""
     src = unwrap(model)
-    new_sd = prune_state_dict(gather_full_state_dict(src), plan)
+    full = gather_full_state_dict(src)
+    have, want = sum(v.numel() for v in full.values()), count_params(plan.source)
+    if have != want:  # e.g. a user's GPTModel with learned positions, described as RoPE
+        raise ConfigError(f"the model holds {have} parameters, the plan's source config "
+                          f"describes {want}: it is not this model's config (GPTModel's own "
+                          f"arguments, e.g. position_embedding_type="
+                          f"{plan.source.position_embedding_type!r}, vocab_size, "
+                          f"share_embeddings_and_output_weights, go to "
+                          f"ModelConfig.from_transformer_config)")
+    new_sd = prune_state_dict(full, plan)
     predicted = count_params(plan.config)
     sliced = sum(v.numel() for v in new_sd.values())
     if sliced != predicted:

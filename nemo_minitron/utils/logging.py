@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from nemo_minitron.utils.rank import is_rank0
 
@@ -42,6 +43,26 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     root.propagate = False
     root._nm_configured = True  # type: ignore[attr-defined]
+
+
+KNOWN_WARNINGS = (
+    # megatron-core warns on import when Transformer Engine / apex are absent: the expected CPU
+    # configuration, whose fallbacks are what we use.
+    ".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*",
+    "full scope is deprecated.*",
+    # torch.distributed.checkpoint deprecations triggered inside megatron's dist_checkpointing.
+    ".*`load_state_dict` is deprecated.*",
+    "Please use DTensor instead.*",
+)
+"""Messages of warnings the command line hides (``quiet_known_warnings``)."""
+
+
+def quiet_known_warnings() -> None:
+    """Hide ``KNOWN_WARNINGS`` for the rest of the process: the command line's console stays
+    clean. Called where the command line starts (``cli.main``), never on import, so a library
+    user's process keeps its own warning filters."""
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -65,6 +65,44 @@ def score_job(out: str, tp: int, pp: int, ckpt_in: str | None, ckpt_out: str | N
                         "fc1": fc1}, out + ".ref")
 
 
+def user_loop_job(out: str, ckpt_in: str) -> None:
+    """Under PP=2, a user's own pipeline-schedule loop of several micro-batches: the public
+    ``estimate_importance`` with the loop and with batches, and the context manager left
+    without ``flush()`` (the README's example): the flush is done for the user."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    import nemo_minitron as nm
+    from nemo_minitron.config import ParallelConfig
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    init_distributed(ParallelConfig(pipeline_model_parallel_size=2), seed=3)
+    model = build_model(nm.ModelConfig(**CFG))
+    nm.load_weights(ckpt_in, model)
+    model.eval()
+
+    def loop(m: torch.nn.Module) -> None:
+        pos = torch.arange(32).unsqueeze(0).expand(2, 32)
+
+        def step(it, mod):
+            return mod(next(it), pos, None), lambda o, non_loss_data=False: o.new_zeros(())
+
+        with torch.no_grad():
+            get_forward_backward_func()(
+                forward_step_func=step, data_iterator=iter(_tokens().split(2)), model=[m],
+                num_microbatches=4, seq_length=32, micro_batch_size=2, forward_only=True,
+                collect_non_loss_data=True)
+
+    results = {"loop": nm.estimate_importance(model, loop),
+               "batches": nm.estimate_importance(model, list(_tokens().split(4)),
+                                                 micro_batch_size=2)}
+    with nm.ImportanceEstimator(model) as est:
+        loop(model)
+    results["with"] = est.finalize()
+    if torch.distributed.get_rank() == 0:
+        torch.save(results, out)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """One process' scores (with what the recomputation needs, and its checkpoint), then the
@@ -72,7 +110,8 @@ def runs(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("scores")
     spawn(score_job, 1, str(d / "ref.pt"), 1, 1, None, str(d / "ck"))
     spawn(in_order, 2, [(score_job, (str(d / "tp2.pt"), 2, 1, str(d / "ck"), None)),
-                        (score_job, (str(d / "pp2.pt"), 1, 2, str(d / "ck"), None))])
+                        (score_job, (str(d / "pp2.pt"), 1, 2, str(d / "ck"), None)),
+                        (user_loop_job, (str(d / "loop.pt"), str(d / "ck")))])
     return d
 
 
@@ -138,6 +177,18 @@ def test_scores_identical_under_tp2_and_pp2(runs):
     ref = Scores.load(runs / "ref.pt")
     for name in ("tp2", "pp2"):
         got = Scores.load(runs / f"{name}.pt")
+        for axis in (*Scores.AXES, "angular_distance"):
+            torch.testing.assert_close(getattr(got, axis), getattr(ref, axis), rtol=1e-5,
+                                       atol=1e-6, msg=f"{name} {axis}")
+
+
+@pytest.mark.dist
+def test_users_pp_loop_is_flushed_for_them(runs):
+    from nemo_minitron.importance.scores import Scores
+
+    ref = Scores.load(runs / "ref.pt")
+    for name, got in torch.load(runs / "loop.pt", weights_only=False).items():
+        assert got.meta["num_sequences"] == 8, name
         for axis in (*Scores.AXES, "angular_distance"):
             torch.testing.assert_close(getattr(got, axis), getattr(ref, axis), rtol=1e-5,
                                        atol=1e-6, msg=f"{name} {axis}")

@@ -149,3 +149,46 @@ def test_python_api_with_a_users_own_forward_loop(tmp_path):
     expected = ModelConfig(**{**CFG, "num_layers": 2, "hidden_size": 48, "ffn_hidden_size": 64,
                               "num_attention_heads": 4, "num_query_groups": 2, "kv_channels": 8})
     assert r["params"] == count_params(expected)
+
+
+def stock_job(out: str) -> None:
+    """A stock GPTModel with megatron-core's default learned positions: refused when its config
+    says RoPE (the parameter counts differ), pruned when described right."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    import nemo_minitron as nm
+    from nemo_minitron.config import ParallelConfig
+    from nemo_minitron.model.params import count_params
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    init_distributed(ParallelConfig(), seed=4)
+    tc = TransformerConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                           num_attention_heads=4, normalization="RMSNorm",
+                           gated_linear_unit=True, activation_func=F.silu,
+                           add_bias_linear=False, use_cpu_initialization=True)
+    model = GPTModel(config=tc, transformer_layer_spec=get_gpt_layer_local_spec(
+        normalization="RMSNorm"), vocab_size=256, max_sequence_length=32)
+    scores = nm.estimate_importance(model, _tokens())
+    target = nm.Target(hidden_size=32, hardware_multiple=1)
+    wrong = nm.ModelConfig.from_transformer_config(tc, vocab_size=256, seq_length=32)
+    try:
+        nm.prune(model, nm.make_plan(wrong, scores, target))
+        refused = ""
+    except nm.ConfigError as e:
+        refused = str(e)
+    right = nm.ModelConfig.from_transformer_config(
+        tc, vocab_size=256, seq_length=32, position_embedding_type="learned_absolute")
+    plan = nm.make_plan(right, scores, target)
+    pruned = nm.prune(model, plan)
+    torch.save({"refused": refused, "params": sum(p.numel() for p in pruned.parameters()),
+                "want": count_params(plan.config)}, out)
+
+
+def test_a_config_that_is_not_the_models_is_refused(tmp_path):
+    spawn(stock_job, 1, str(tmp_path / "r.pt"))
+    r = torch.load(tmp_path / "r.pt")
+    assert "position_embedding_type='rope'" in r["refused"], r["refused"]
+    assert r["params"] == r["want"]

@@ -1,0 +1,92 @@
+"""Prune a plain megatron-core ``GPTModel`` with nemo_minitron's library API.
+
+The model is megatron-core's own (``TransformerConfig`` + ``GPTModel`` with
+``get_gpt_layer_local_spec()``, ``common.py``). It is trained a few steps, or its weights are
+loaded from a nemo_minitron checkpoint of the same shape (``--load``); then::
+
+    scores = nm.estimate_importance(model, forward_loop)      # your own forward loop
+    cfg = nm.ModelConfig.from_transformer_config(config, vocab_size=V, seq_length=S)
+    plan = nm.make_plan(cfg, scores, nm.Target(...))
+    pruned = nm.prune(model, plan)
+
+and the validation loss is printed before and after pruning. ``nm.prune`` returns a newly
+built model of nemo_minitron's own class and layer spec (``MinitronGPTModel``), with the same
+forward signature and loss as ``GPTModel``; the scores (``--scores-out``) are what
+``nemo-minitron prune CKPT OUT scores=FILE`` takes.
+
+    python examples/prune_megatron_model.py                    # synthetic tokens, 20 steps
+    python examples/prune_megatron_model.py --data PREFIX --load CKPT --scores-out s.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import (
+    add_model_args,
+    gpt_model,
+    lm_loss,
+    megatron,
+    positions,
+    token_windows,
+    train,
+    transformer_config,
+)
+
+import nemo_minitron as nm
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--load", help="a nemo_minitron checkpoint of this shape (else: train)")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--target-num-layers", type=int)
+    p.add_argument("--target-hidden-size", type=int, default=48)
+    p.add_argument("--target-ffn-hidden-size", type=int, default=64)
+    p.add_argument("--scores-out", help="save the importance scores here")
+    a = p.parse_args()
+
+    with megatron(a.seed) as device:
+        config = transformer_config(a)
+        model = gpt_model(config, a, device)
+        # Calibration windows first, validation next, training windows after them.
+        windows = token_windows(a, a.calib_samples + a.valid_samples
+                                + (0 if a.load else a.train_steps * a.micro_batch_size))
+        calib = windows[:a.calib_samples]
+        valid = windows[a.calib_samples:a.calib_samples + a.valid_samples]
+        if a.load:
+            nm.load_weights(a.load, model)
+        else:
+            first, last = train(model, windows[len(calib) + len(valid):], a.train_steps,
+                                a.micro_batch_size, a.lr)
+            print(f"training loss: {first:.6f} -> {last:.6f}")
+        before = lm_loss(model, valid, a.micro_batch_size)
+
+        def forward_loop(m: torch.nn.Module) -> None:  # the user's own forward passes
+            m.eval()
+            with torch.no_grad():
+                for w in calib.to(device).split(a.micro_batch_size):
+                    x = w[:, :-1]
+                    m(x, positions(x), None)
+
+        scores = nm.estimate_importance(model, forward_loop)
+        if a.scores_out:
+            scores.save(a.scores_out)
+        cfg = nm.ModelConfig.from_transformer_config(config, vocab_size=a.vocab_size,
+                                                     seq_length=a.seq_length)
+        target = nm.Target(num_layers=a.target_num_layers, hidden_size=a.target_hidden_size,
+                           ffn_hidden_size=a.target_ffn_hidden_size, hardware_multiple=16)
+        plan = nm.make_plan(cfg, scores, target)
+        pruned = nm.prune(model, plan)
+        after = lm_loss(pruned, valid, a.micro_batch_size)
+        count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
+        print(f"kept layers: {plan.layers}")
+        print(f"parameters: {count(model)} -> {count(pruned)}")
+        print(f"validation loss before pruning: {before:.6f}")
+        print(f"validation loss after pruning: {after:.6f}")
+
+
+if __name__ == "__main__":
+    main()
