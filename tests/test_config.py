@@ -83,7 +83,7 @@ def test_round_trip_through_yaml():
     (["model.num_layers=2.5"], "model.num_layers=2.5 must be an integer"),
     (["model.num_layers=true"], "model.num_layers=True must be an integer"),
     (["train.tensorboard=1"], "train.tensorboard=1 must be true or false"),
-    (["model.activation=relu"], "model.activation='relu' must be one of ['swiglu', 'gelu']"),
+    (["model.activation=relu"], "model.activation='relu' must be one of ['swiglu', 'gelu', 'squared_relu']"),
     (["model.num_layers=0"], "model.num_layers=0 must be a positive number"),
     (["model.num_query_groups=0"], "model.num_query_groups=0 must be a positive number"),
     (["model.num_attention_heads=8", "model.num_query_groups=3"],
