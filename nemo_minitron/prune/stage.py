@@ -120,21 +120,14 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     src = load_model_config(checkpoint)
     validate_target(src, recipe.target, recipe.parallel.tensor_model_parallel_size,
                     recipe.parallel.pipeline_model_parallel_size)
-<<<<<<< HEAD
-    tokenizer = load_checkpoint_tokenizer(checkpoint)
-    check_data(recipe.data, tokenizer)  # before the runtime starts: a one-line refusal
-    rt = init_distributed(recipe.parallel)
-    prefix, tokenizer = resolve_data(recipe.data, tokenizer)
-    splits = build_gpt_datasets(prefix, tokenizer, seq_length=c.seq_length or src.seq_length,
-=======
     # A checkpoint imported without a tokenizer calibrates on data.path read with
     # data.tokenizer and stays without one; otherwise its own tokenizer reads the data.
     own = has_tokenizer(checkpoint) or None in (recipe.data.path, recipe.data.tokenizer)
     tokenizer = load_checkpoint_tokenizer(checkpoint) if own else None
+    check_data(recipe.data, tokenizer)  # before the runtime starts: a one-line refusal
     rt = init_distributed(recipe.parallel)
     prefix, data_tok = resolve_data(recipe.data, tokenizer)
     splits = build_gpt_datasets(prefix, data_tok, seq_length=c.seq_length or src.seq_length,
->>>>>>> h4
                                 split=recipe.data.split, seed=recipe.data.seed,
                                 num_samples=(c.num_samples, c.eval_samples, 0))
     calib_tokens = calib_sequences(splits.train, c.num_samples, "num_samples")
