@@ -245,6 +245,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
         PROJ, lambda t: (t * 100).to(torch.int32))), "OUT"], [PROJ, "I32"]),
     ("hf-tokenizer-garbage", lambda c: ["import-hf", c.hf_dir(
         lambda d: (d / "tokenizer.json").write_text("{nope")), "OUT"], ["tokenizer.json"]),
+    ("hf-safetensors-truncated", lambda c: ["import-hf", c.hf_dir(
+        _truncate("model.safetensors")), "OUT"], ["model.safetensors", "truncated"]),
     # ---- launch
     ("launch-unknown-stage-verb", lambda c: ["launch", c.file("p.yaml", (
         "stages:\n  - name: a\n    verb: pretrian\n")), "--cluster", "local",
