@@ -4,6 +4,7 @@ truncated, foreign, crafted) are built here; every case runs ``cli.main`` in-pro
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import shutil
@@ -167,6 +168,17 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
                                          "OUT"], ["does not exist"]),
     ("search-missing-ckpt", lambda c: ["search", str(c.tmp / "none"), "OUT", *c.data],
      ["does not exist"]),
+    ("prune-scores-text", lambda c: ["prune", str(c.good), "OUT", *c.data,
+                                     "target.num_layers=1", f"scores={c.file('s.pt', 'hi')}"],
+     ["scores=", "s.pt", "is not a scores file"]),
+    ("prune-scores-tensor", lambda c: ["prune", str(c.good), "OUT", *c.data,
+                                       "target.num_layers=1",
+                                       f"scores={c.file('s.pt', _saved(torch.zeros(2)))}"],
+     ["s.pt", "is not a scores file", "Tensor"]),
+    ("prune-scores-payload", lambda c: ["prune", str(c.good), "OUT", *c.data,
+                                        "target.num_layers=1",
+                                        f"scores={c.file('s.pt', _saved({'meta': print}))}"],
+     ["s.pt", "refusing to unpickle"]),
     ("lm-eval-missing-ckpt", lambda c: ["lm-eval", str(c.tmp / "none"), "--tasks", "x"],
      ["does not exist"]),
     ("ckpt-config-non-utf8", lambda c: ["eval", c.ckpt(_model_yaml(b"num_layers: \xff\n")),
@@ -262,6 +274,12 @@ def _truncate(rel: str):
         data = (d / rel).read_bytes()
         (d / rel).write_bytes(data[: len(data) // 2])
     return edit
+
+
+def _saved(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _hf_tok_dir(c: Ctx, content: bytes) -> Path:
