@@ -77,6 +77,8 @@ def _model_yaml(text: str | bytes):
 
 
 RECIPE_TRAIN = ["train.train_iters=1", "train.eval_interval=0"]
+# The tiny source (205,120 parameters): L1-H64-F64-A2-G1 is among its candidates.
+SEARCH = ["search.target_params=150000", "search.tolerance=0.3"]
 NORM = "model.layers.0.input_layernorm.weight"
 PROJ = "model.layers.0.mlp.down_proj.weight"
 
@@ -179,6 +181,15 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
                                         "target.num_layers=1",
                                         f"scores={c.file('s.pt', _saved({'meta': print}))}"],
      ["s.pt", "refusing to unpickle"]),
+    ("search-state-torn", lambda c: ["search", str(c.good), _search_out(
+        c, "candidates.json", '{"candidates": [{"name": "L1'), *c.data, *SEARCH],
+     ["candidates.json", "torn"]),
+    ("search-state-not-a-state", lambda c: ["search", str(c.good), _search_out(
+        c, "candidates.json", '{"x": 1}'), *c.data, *SEARCH],
+     ["candidates.json", "no list of named candidates"]),
+    ("search-result-torn", lambda c: ["search", str(c.good), _search_out(
+        c, "candidates/L1-H64-F64-A2-G1/result.json", '{"name": '), *c.data, *SEARCH],
+     ["L1-H64-F64-A2-G1/result.json", "torn"]),
     ("lm-eval-missing-ckpt", lambda c: ["lm-eval", str(c.tmp / "none"), "--tasks", "x"],
      ["does not exist"]),
     ("ckpt-config-non-utf8", lambda c: ["eval", c.ckpt(_model_yaml(b"num_layers: \xff\n")),
@@ -274,6 +285,14 @@ def _truncate(rel: str):
         data = (d / rel).read_bytes()
         (d / rel).write_bytes(data[: len(data) // 2])
     return edit
+
+
+def _search_out(c: Ctx, rel: str, text: str) -> str:
+    """An earlier search's output directory holding ``search/<rel>`` = ``text``."""
+    f = c.tmp / "s" / "search" / rel
+    f.parent.mkdir(parents=True)
+    f.write_text(text)
+    return str(c.tmp / "s")
 
 
 def _saved(obj: object) -> bytes:
