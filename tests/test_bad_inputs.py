@@ -124,6 +124,17 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("pp-not-dividing", lambda c: ["pretrain", *c.tiny,
                                    "parallel.pipeline_model_parallel_size=2", "--out", "OUT"],
      ["does not divide the world size 1"]),
+    ("pretrain-out-other-shape", lambda c: ["pretrain", *c.tiny, "model.hidden_size=32",
+                                            "--out", _run_copy(c)],
+     ["holds a run of another model shape", "hidden_size=64", "hidden_size=32"]),
+    ("pretrain-out-other-vocab", lambda c: ["pretrain", *c.tiny, *RECIPE_TRAIN,
+                                            "model.make_vocab_size_divisible_by=768",
+                                            "--out", _run_copy(c)],
+     ["holds a run of another model shape", "vocab_size=1024", "vocab_size=1536"]),
+    ("pretrain-out-is-a-file", lambda c: ["pretrain", *c.tiny, "--out", c.file("f", "x")],
+     ["--out=", "is a file"]),
+    ("finetune-out-is-a-file", lambda c: ["finetune", str(c.good), *c.tiny, "--out",
+                                          c.file("f", "x")], ["--out=", "is a file"]),
     ("data-path-missing", lambda c: ["pretrain", *c.tiny, f"data.path={c.tmp / 'nope'}",
                                      f"data.tokenizer={c.tokenizer}", "--out", "OUT"],
      ["nope"]),
@@ -285,6 +296,12 @@ def _truncate(rel: str):
         data = (d / rel).read_bytes()
         (d / rel).write_bytes(data[: len(data) // 2])
     return edit
+
+
+def _run_copy(c: Ctx) -> str:
+    """A copy of the run directory that holds ``good`` (a pretraining of the tiny shape)."""
+    shutil.copytree(c.good.parent.parent, c.tmp / "run")
+    return str(c.tmp / "run")
 
 
 def _search_out(c: Ctx, rel: str, text: str) -> str:

@@ -84,9 +84,9 @@ ALL_PARTS = (MODEL_CONFIG, "tokenizer", "weights", "optimizer", "train_state.jso
 _warned_unverified: set[str] = set()
 # Parts that a collective verification found intact, keyed by the manifest's identity: a resume
 # verifies the whole checkpoint to choose it, then loads weights and optimizer state from it,
-# and each would otherwise hash the same files again. Only collective calls read or fill it:
-# every rank makes them in the same order, so every rank skips the same ones (a rank that
-# skipped alone would leave the others waiting in the all-gather).
+# and each would otherwise hash the same files again. Only collective calls fill it: every
+# rank makes them in the same order, so every rank skips the same ones (a rank that skipped
+# alone would leave the others waiting in the all-gather). A one-rank call only reads it.
 _verified: set[tuple[str, str, int, int]] = set()
 
 
@@ -101,13 +101,12 @@ def verify_checkpoint(path: str | os.PathLike[str], parts: Sequence[str] = ALL_P
     if collective and dist.is_initialized():
         share = (dist.get_rank(), dist.get_world_size())
     keys: dict[str, tuple[str, str, int, int]] = {}
-    if collective:
-        with contextlib.suppress(OSError):
-            st = (p / MANIFEST).stat()
-            keys = {part: (str(p.resolve()), part, st.st_ino, st.st_mtime_ns) for part in parts}
-            parts = [part for part in parts if keys[part] not in _verified]
-            if not parts:
-                return
+    with contextlib.suppress(OSError):
+        st = (p / MANIFEST).stat()
+        keys = {part: (str(p.resolve()), part, st.st_ino, st.st_mtime_ns) for part in parts}
+        parts = [part for part in parts if keys[part] not in _verified]
+        if not parts:
+            return
     try:
         err = check_files(p, parts, share)
     except FileNotFoundError:
@@ -122,7 +121,8 @@ def verify_checkpoint(path: str | os.PathLike[str], parts: Sequence[str] = ALL_P
         err = next((e for e in errs if e), None)
     if err:
         raise ConfigError(f"checkpoint {str(path)!r} is corrupt: {err}")
-    _verified.update(keys[part] for part in parts if part in keys)
+    if collective:
+        _verified.update(keys[part] for part in parts if part in keys)
 
 
 def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
@@ -136,6 +136,30 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     if not isinstance(doc, dict):
         raise ConfigError(f"{p / MODEL_CONFIG} must be a YAML mapping of model fields")
     return from_dict(ModelConfig, doc, "model.")
+
+
+def check_run_dir(run_dir: str | os.PathLike[str], cfg: ModelConfig | None = None,
+                  latest: Path | None = None, flag: str = "--out") -> None:
+    """Before a run builds anything in ``run_dir``: one-line error if it is not a directory, or
+    if its checkpoint ``latest`` (default: its newest) holds a model of another shape than
+    ``cfg`` (fields that ``cfg`` leaves unset are not compared). Megatron itself would report
+    one mismatched tensor, after the model and data are built."""
+    from nemo_minitron.model.params import weight_shape
+
+    d = Path(run_dir)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{flag}={str(run_dir)!r} is a file, not a directory for the run")
+    latest = latest or latest_checkpoint(d)
+    if cfg is None or latest is None:
+        return
+    have, want = weight_shape(load_model_config(latest)), weight_shape(cfg)
+    if any(v is not None and have[k] != v for k, v in want.items()):
+        def show(shape: dict[str, Any]) -> str:  # the main axes, and any other that differs
+            return " ".join(f"{k}={v}" for i, (k, v) in enumerate(shape.items())
+                            if v is not None and (i < 7 or have[k] != want[k]))
+        raise ConfigError(f"{flag}={str(run_dir)!r} holds a run of another model shape: its "
+                          f"checkpoint {latest.name} has {show(have)}, this run's model "
+                          f"{show(want)}; resume it with its own recipe or give a new {flag}")
 
 
 def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

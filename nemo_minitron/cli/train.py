@@ -43,19 +43,24 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from nemo_minitron.checkpoint.io import check_run_dir
     from nemo_minitron.config import load_recipe
     from nemo_minitron.train.pretrain import pretrain
 
     recipe, overrides = split_overrides(args)
-    summary = pretrain(load_recipe(recipe, overrides), args.out)
+    r = load_recipe(recipe, overrides)
+    check_run_dir(args.out, r.model)  # before the data and the model are built
+    summary = pretrain(r, args.out)
     log.info("final checkpoint: %s", summary["final"])
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from nemo_minitron.checkpoint.io import check_run_dir
     from nemo_minitron.config import load_recipe
     from nemo_minitron.train.pretrain import finetune
 
+    check_run_dir(args.out)  # before anything is built
     recipe, overrides = split_overrides(args)
     summary = finetune(load_recipe(recipe, overrides), args.checkpoint, args.out)
     log.info("final checkpoint: %s", summary["final"])
@@ -82,9 +87,11 @@ def cmd_instruct_data(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    from nemo_minitron.checkpoint.io import check_run_dir
     from nemo_minitron.config import load_recipe
     from nemo_minitron.train.sft import SFTRecipe, sft
 
+    check_run_dir(args.out)  # before anything is built
     recipe, overrides = split_overrides(args)
     summary = sft(load_recipe(recipe, overrides, cls=SFTRecipe), args.checkpoint, args.data,
                   args.out)
@@ -93,9 +100,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from nemo_minitron.checkpoint.io import check_run_dir
     from nemo_minitron.config import load_recipe
     from nemo_minitron.distill.stage import DistillRecipe, distill
 
+    check_run_dir(args.out)  # before anything is built
     recipe, overrides = split_overrides(args)
     summary = distill(load_recipe(recipe, overrides, cls=DistillRecipe), args.teacher,
                       args.student, args.out)

@@ -203,10 +203,9 @@ class Trainer:
                                     tokenizer=self.tokenizer, optimizer=self.optimizer,
                                     scheduler=self.scheduler, train_state=state, overwrite=True)
 
-    def maybe_resume(self) -> bool:
-        """Resume from the latest complete checkpoint under ``<out>/checkpoints`` that matches
-        its checksums."""
-        latest = ckpt.latest_verified_checkpoint(self.out_dir)
+    def maybe_resume(self, latest: Path | None) -> bool:
+        """Resume from ``latest``, the latest complete checkpoint under ``<out>/checkpoints``
+        that matches its checksums."""
         if latest is None:
             return False
         ckpt.load_weights(latest, self.model)
@@ -222,6 +221,8 @@ class Trainer:
         """Train to ``train_iters`` (or until a signal / ``exit_interval``); returns a summary
         with the last validation metrics and ``interrupted``."""
         cfg = self.cfg
+        latest = ckpt.latest_verified_checkpoint(self.out_dir)
+        ckpt.check_run_dir(self.out_dir, self.model_cfg, latest)  # before anything is written
         if self.rt.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if repair_jsonl(self._metrics_file):
@@ -231,7 +232,7 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-        resumed = self.maybe_resume()
+        resumed = self.maybe_resume(latest)
         if not resumed and cfg.eval_interval:
             self._validate()
         tokens_per_step = cfg.global_batch_size * self.model_cfg.seq_length
