@@ -87,6 +87,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     # ---- recipes and overrides (pretrain)
     ("recipe-missing", lambda c: ["pretrain", str(c.tmp / "no.yaml"), "--out", "OUT"],
      ["does not exist"]),
+    ("recipe-directory", lambda c: ["pretrain", str(c.tmp), "--out", "OUT"],
+     ["is a directory"]),
     ("recipe-non-utf8", lambda c: ["pretrain", c.file("r.yaml", b"model:\n  x: \xff\xfe\n"),
                                    "--out", "OUT"], ["r.yaml", "UTF-8"]),
     ("recipe-binary", lambda c: ["pretrain", c.file("r.yaml", bytes(range(256))), "--out",
