@@ -166,6 +166,16 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
         str(_hf_tok_dir(c, b"{not json")), "--output-prefix", "OUT/x"], ["tokenizer.json"]),
     ("data-no-tokenizer", lambda c: ["data", c.file("t.jsonl", '{"text": "a"}\n'),
                                      "--output-prefix", "OUT/x"], ["--tokenizer"]),
+    ("data-train-tokenizer-no-text", lambda c: ["data", c.file("w.jsonl", '{"text": " "}\n'),
+                                                "--train-tokenizer", "300",
+                                                "--output-prefix", "OUT/x"],
+     ["--train-tokenizer", "no text"]),
+    ("data-train-tokenizer-zero", lambda c: ["data", c.file("t.jsonl", '{"text": "a"}\n'),
+                                             "--train-tokenizer", "0", "--output-prefix",
+                                             "OUT/x"], ["--train-tokenizer=0", "above 261"]),
+    ("data-train-tokenizer-too-small", lambda c: [
+        "data", c.file("t.jsonl", '{"text": "hello world"}\n'), "--train-tokenizer", "265",
+        "--output-prefix", "OUT/x"], ["--train-tokenizer=265", "at least 269"]),
     # ---- checkpoints given to the verbs
     ("eval-missing-ckpt", lambda c: ["eval", str(c.tmp / "none"), "--data", c.prefix],
      ["does not exist"]),

@@ -110,7 +110,7 @@ def test_data_command_refuses_a_vocabulary_too_large_for_the_text(tmp_path):
     # Two short lines hold far fewer than 300 distinct pieces: sentencepiece refuses the size.
     res = cli("data", str(tmp_path / "docs.jsonl"), "--output-prefix",
               str(tmp_path / "ds" / "corpus"), "--train-tokenizer", "300")
-    _one_line_error(res, "vocabulary size 300 is too large for this text", "at most")
+    _one_line_error(res, "--train-tokenizer=300 is too large for this text", "at most")
     assert not (tmp_path / "ds").exists()
 
 

@@ -31,9 +31,10 @@ def cmd_data(args: argparse.Namespace) -> int:
         total = len(files)
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
-    elif args.train_tokenizer:
+    elif args.train_tokenizer is not None:
         tok = train_sentencepiece(docs(), args.train_tokenizer,
-                                  Path(args.output_prefix).parent / "tokenizer.model")
+                                  Path(args.output_prefix).parent / "tokenizer.model",
+                                  "--train-tokenizer")
     else:
         raise ConfigError("give --tokenizer (a .model file or HF directory) or "
                           "--train-tokenizer VOCAB_SIZE")

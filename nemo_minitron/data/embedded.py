@@ -38,7 +38,7 @@ def prepare_embedded(cfg: DataConfig) -> tuple[str, str]:
         log.info("building the embedded corpus: %d standard-library files -> %s", len(files), out)
         with atomic_dir(out, overwrite=True) as tmp:
             tok = train_sentencepiece(read_documents(files), cfg.tokenizer_vocab_size,
-                                      tmp / "tokenizer.model")
+                                      tmp / "tokenizer.model", "data.tokenizer_vocab_size")
             stats = write_indexed_dataset(read_documents(files), tok, tmp / "corpus",
                                           total=len(files))
             atomic_write_json(tmp / "done.json", {**stats, "files": len(files)})
