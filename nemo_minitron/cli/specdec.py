@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nemo_minitron.cli.common import sampling_config
+from nemo_minitron.cli.common import sampling_config, show_defaults
 from nemo_minitron.config import ConfigError
 
 
@@ -81,3 +81,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="directory for specdec.{json,md,png}")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_specdec, decodes=True)
+    show_defaults(sub)

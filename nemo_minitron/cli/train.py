@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from nemo_minitron.cli.common import RECIPES, log, recipe_args, split_overrides
+from nemo_minitron.cli.common import RECIPES, log, recipe_args, show_defaults, split_overrides
 from nemo_minitron.config import ConfigError
 
 
@@ -212,3 +212,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=64, help="tokens kept per position "
                    "(default: %(default)s)")
     p.set_defaults(func=cmd_teacher_cache)
+    show_defaults(sub)
