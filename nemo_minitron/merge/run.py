@@ -38,7 +38,7 @@ from nemo_minitron.interop.hf_weights import hf_views
 from nemo_minitron.merge.config import MergeConfig, evaluate, filters
 from nemo_minitron.merge.methods import linear_, slerp_, task_
 from nemo_minitron.merge.store import CheckpointReader, OutChunk, write_checkpoint
-from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.logging import get_logger, warn_once
 
 log = get_logger("merge")
 
@@ -217,6 +217,12 @@ def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLik
     paths = {"--base": check_checkpoint(base, "--base")}
     for i, o in enumerate(others):
         paths[f"--other[{i}]" if len(others) > 1 else "--other"] = check_checkpoint(o, "--other")
+    seen: dict[Path, str] = {}
+    for field, p in paths.items():
+        if p.resolve() in seen:
+            warn_once(log, f"{field} and {seen[p.resolve()]} are the same checkpoint ({p}): a "
+                      f"model is merged with itself")
+        seen.setdefault(p.resolve(), field)
     rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         from nemo_minitron.config import ParallelConfig

@@ -29,7 +29,7 @@ from nemo_minitron.data.tokenizer import Tokenizer
 from nemo_minitron.parallel.runtime import Runtime
 from nemo_minitron.train.objectives import Objective
 from nemo_minitron.utils.fs import repair_jsonl
-from nemo_minitron.utils.logging import fmt_duration, get_logger
+from nemo_minitron.utils.logging import fmt_duration, get_logger, warn_once
 
 log = get_logger("train")
 
@@ -214,6 +214,10 @@ class Trainer:
                                 history=state.get("history", []))
         log.info("resumed from %s (step %d, %d samples)", latest, self.state.step,
                  self.state.consumed_samples)
+        if self.cfg.train_iters < self.state.step:
+            warn_once(log, f"train.train_iters={self.cfg.train_iters} is below step "
+                      f"{self.state.step}, where this run resumes from {latest}: there is "
+                      f"nothing left to train")
         return True
 
     # ------------------------------------------------------------------ the loop

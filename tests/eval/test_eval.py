@@ -182,3 +182,23 @@ def test_bench_refuses_unknown_attention(capsys):
 
     assert main(["bench", "ck", "--attention", "flash"]) == 2
     assert "error: attention='flash'" in capsys.readouterr().err
+
+
+def test_windows_and_generation_past_the_context_warn_once(teacher, embedded_paths):
+    from nemo_minitron.checkpoint.io import load_model_config
+    from tests.cli import run_cli
+
+    ctx = load_model_config(teacher).context_length  # 64
+    res = run_cli("eval", teacher, "--data", embedded_paths[0], "--seq-length", str(2 * ctx),
+                  "--max-windows", "2", "--micro-batch-size", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    warned = [x for x in res.stderr.splitlines() if "past the model's context length" in x]
+    assert len(warned) == 1 and f"--seq-length={2 * ctx}" in warned[0], res.stderr
+    res = run_cli("eval", teacher, "--data", embedded_paths[0], "--max-windows", "2",
+                  "--micro-batch-size", "2")  # the model's own windows: no warning
+    assert res.returncode == 0 and "context length" not in res.stderr, res.stderr[-2000:]
+    res = run_cli("generate", teacher, "--prompt", "def f(x):", "--prompt", "import os",
+                  "--max-new-tokens", str(ctx))
+    assert res.returncode == 0, res.stderr[-2000:]
+    warned = [x for x in res.stderr.splitlines() if "past the model's context length" in x]
+    assert len(warned) == 1 and f"--max-new-tokens={ctx}" in warned[0], res.stderr
