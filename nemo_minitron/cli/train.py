@@ -46,24 +46,29 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from nemo_minitron.checkpoint.io import check_run_dir
     from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.memory import check_fits
     from nemo_minitron.train.pretrain import pretrain
 
     recipe, overrides = split_overrides(args)
     r = load_recipe(recipe, overrides)
     check_run_dir(args.out, r.model)  # before the data and the model are built
+    check_fits(r, r.model)
     summary = pretrain(r, args.out)
     log.info("final checkpoint: %s", summary["final"])
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from nemo_minitron.checkpoint.io import check_run_dir
+    from nemo_minitron.checkpoint.io import check_run_dir, load_model_config
     from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.memory import check_fits
     from nemo_minitron.train.pretrain import finetune
 
     check_run_dir(args.out)  # before anything is built
     recipe, overrides = split_overrides(args)
-    summary = finetune(load_recipe(recipe, overrides), args.checkpoint, args.out)
+    r = load_recipe(recipe, overrides)
+    check_fits(r, load_model_config(args.checkpoint))
+    summary = finetune(r, args.checkpoint, args.out)
     log.info("final checkpoint: %s", summary["final"])
     return 0
 
@@ -101,14 +106,17 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from nemo_minitron.checkpoint.io import check_run_dir
+    from nemo_minitron.checkpoint.io import check_checkpoint, check_run_dir, load_model_config
     from nemo_minitron.config import load_recipe
     from nemo_minitron.distill.stage import DistillRecipe, distill
+    from nemo_minitron.train.memory import check_fits
 
     check_run_dir(args.out)  # before anything is built
     recipe, overrides = split_overrides(args)
-    summary = distill(load_recipe(recipe, overrides, cls=DistillRecipe), args.teacher,
-                      args.student, args.out)
+    r = load_recipe(recipe, overrides, cls=DistillRecipe)
+    teacher = load_model_config(check_checkpoint(args.teacher, "--teacher"))
+    check_fits(r, load_model_config(check_checkpoint(args.student, "--student")), [teacher])
+    summary = distill(r, args.teacher, args.student, args.out)
     log.info("final checkpoint: %s", summary["final"])
 
 
