@@ -59,7 +59,8 @@ def check_fits(recipe: Recipe, model_cfg: ModelConfig,
     if use_gpu():
         import torch
 
-        have, where = torch.cuda.get_device_properties(local_rank).total_memory / GiB, "GPU"
+        device = local_rank % torch.cuda.device_count()  # as init_distributed picks it
+        have, where = torch.cuda.get_device_properties(device).total_memory / GiB, "GPU"
     else:
         need = (need - RESERVE_GIB) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         have, where = host, "machine"
