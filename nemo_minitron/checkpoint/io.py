@@ -138,30 +138,6 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     return from_dict(ModelConfig, doc, "model.")
 
 
-def check_run_dir(run_dir: str | os.PathLike[str], cfg: ModelConfig | None = None,
-                  latest: Path | None = None, flag: str = "--out") -> None:
-    """Before a run builds anything in ``run_dir``: one-line error if it is not a directory, or
-    if its checkpoint ``latest`` (default: its newest) holds a model of another shape than
-    ``cfg`` (fields that ``cfg`` leaves unset are not compared). Megatron itself would report
-    one mismatched tensor, after the model and data are built."""
-    from nemo_minitron.model.params import weight_shape
-
-    d = Path(run_dir)
-    if d.exists() and not d.is_dir():
-        raise ConfigError(f"{flag}={str(run_dir)!r} is a file, not a directory for the run")
-    latest = latest or latest_checkpoint(d)
-    if cfg is None or latest is None:
-        return
-    have, want = weight_shape(load_model_config(latest)), weight_shape(cfg)
-    if any(v is not None and have[k] != v for k, v in want.items()):
-        def show(shape: dict[str, Any]) -> str:  # the main axes, and any other that differs
-            return " ".join(f"{k}={v}" for i, (k, v) in enumerate(shape.items())
-                            if v is not None and (i < 7 or have[k] != want[k]))
-        raise ConfigError(f"{flag}={str(run_dir)!r} holds a run of another model shape: its "
-                          f"checkpoint {latest.name} has {show(have)}, this run's model "
-                          f"{show(want)}; resume it with its own recipe or give a new {flag}")
-
-
 def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The metadata a checkpoint was saved with (``{}`` when it has none)."""
     f = check_checkpoint(path) / METADATA

@@ -44,9 +44,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from nemo_minitron.checkpoint.io import check_run_dir
     from nemo_minitron.config import load_recipe
-    from nemo_minitron.train.memory import check_fits
+    from nemo_minitron.train.preflight import check_fits, check_run_dir
     from nemo_minitron.train.pretrain import pretrain
 
     recipe, overrides = split_overrides(args)
@@ -59,9 +58,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from nemo_minitron.checkpoint.io import check_run_dir, load_model_config
+    from nemo_minitron.checkpoint.io import load_model_config
     from nemo_minitron.config import load_recipe
-    from nemo_minitron.train.memory import check_fits
+    from nemo_minitron.train.preflight import check_fits, check_run_dir
     from nemo_minitron.train.pretrain import finetune
 
     check_run_dir(args.out)  # before anything is built
@@ -93,8 +92,8 @@ def cmd_instruct_data(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from nemo_minitron.checkpoint.io import check_run_dir
     from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.preflight import check_run_dir
     from nemo_minitron.train.sft import SFTRecipe, sft
 
     check_run_dir(args.out)  # before anything is built
@@ -106,10 +105,10 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from nemo_minitron.checkpoint.io import check_checkpoint, check_run_dir, load_model_config
+    from nemo_minitron.checkpoint.io import check_checkpoint, load_model_config
     from nemo_minitron.config import load_recipe
     from nemo_minitron.distill.stage import DistillRecipe, distill
-    from nemo_minitron.train.memory import check_fits
+    from nemo_minitron.train.preflight import check_fits, check_run_dir
 
     check_run_dir(args.out)  # before anything is built
     recipe, overrides = split_overrides(args)

@@ -28,6 +28,7 @@ from nemo_minitron.data.datasets import micro_batches
 from nemo_minitron.data.tokenizer import Tokenizer
 from nemo_minitron.parallel.runtime import Runtime
 from nemo_minitron.train.objectives import Objective
+from nemo_minitron.train.preflight import check_run_dir
 from nemo_minitron.utils.fs import repair_jsonl
 from nemo_minitron.utils.logging import fmt_duration, get_logger, warn_once
 
@@ -226,7 +227,7 @@ class Trainer:
         with the last validation metrics and ``interrupted``."""
         cfg = self.cfg
         latest = ckpt.latest_verified_checkpoint(self.out_dir)
-        ckpt.check_run_dir(self.out_dir, self.model_cfg, latest)  # before anything is written
+        check_run_dir(self.out_dir, self.model_cfg, latest)  # before anything is written
         if self.rt.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if repair_jsonl(self._metrics_file):

@@ -1,10 +1,10 @@
-"""The memory check of the training verbs (``train.memory``): its dataset-index size against
+"""The memory check of the training verbs (``train.preflight``): its dataset-index size against
 the index Megatron's GPT dataset really builds, and no refusal of a run that fits."""
 
 from __future__ import annotations
 
 from nemo_minitron.config import load_recipe
-from nemo_minitron.train.memory import INDEX_BYTES_PER_SAMPLE, check_fits
+from nemo_minitron.train.preflight import INDEX_BYTES_PER_SAMPLE, check_fits
 from tests.conftest import TINY_MODEL
 
 

@@ -1,7 +1,10 @@
-"""Does a training run fit this machine? Checked by the training verbs before anything is
-built, so that sizes that pass validation but cannot be allocated (``model.hidden_size=10**12``,
-``train.train_iters=10**12``) are a one-line error saying how much they would need, not an
-allocator's traceback after the data and model are half built.
+"""Can a training run start here? Checked by the training verbs before anything is built:
+``check_run_dir`` (the output directory, and a run of another model shape in it) and
+``check_fits`` (memory), so that the answer is one line, not a traceback after the data and
+model are built.
+
+``check_fits``: sizes that pass validation but cannot be allocated (``model.hidden_size=10**12``,
+``train.train_iters=10**12``) are refused with how much they would need.
 
 - The model, per process: ``launch.validate.memory_gib`` (weights, gradients, Adam state, the
   activations of a micro-batch, logits, frozen models such as a teacher; written for bf16 on
@@ -21,11 +24,38 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe
 
 INDEX_BYTES_PER_SAMPLE = 3 * 8
 """Megatron's sample index (document, offset) and shuffle index entry of one sample, int64."""
+
+
+def check_run_dir(run_dir: str | os.PathLike[str], cfg: ModelConfig | None = None,
+                  latest: Path | None = None, flag: str = "--out") -> None:
+    """Before a run builds anything in ``run_dir``: one-line error if it is not a directory, or
+    if its checkpoint ``latest`` (default: its newest) holds a model of another shape than
+    ``cfg`` (fields that ``cfg`` leaves unset are not compared). Megatron itself would report
+    one mismatched tensor, after the model and data are built."""
+    from nemo_minitron.checkpoint.io import latest_checkpoint, load_model_config
+    from nemo_minitron.model.params import weight_shape
+
+    d = Path(run_dir)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{flag}={str(run_dir)!r} is a file, not a directory for the run")
+    latest = latest or latest_checkpoint(d)
+    if cfg is None or latest is None:
+        return
+    have, want = weight_shape(load_model_config(latest)), weight_shape(cfg)
+    if any(v is not None and have[k] != v for k, v in want.items()):
+        def show(shape: dict[str, Any]) -> str:  # the main axes, and any other that differs
+            return " ".join(f"{k}={v}" for i, (k, v) in enumerate(shape.items())
+                            if v is not None and (i < 7 or have[k] != want[k]))
+        raise ConfigError(f"{flag}={str(run_dir)!r} holds a run of another model shape: its "
+                          f"checkpoint {latest.name} has {show(have)}, this run's model "
+                          f"{show(want)}; resume it with its own recipe or give a new {flag}")
 
 
 def host_memory_gib() -> float:
