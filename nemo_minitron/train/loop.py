@@ -227,7 +227,8 @@ class Trainer:
         with the last validation metrics and ``interrupted``."""
         cfg = self.cfg
         latest = ckpt.latest_verified_checkpoint(self.out_dir)
-        check_run_dir(self.out_dir, self.model_cfg, latest)  # before anything is written
+        # Before anything is written; with no intact checkpoint the run starts afresh.
+        check_run_dir(self.out_dir, self.model_cfg if latest else None, latest)
         if self.rt.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if repair_jsonl(self._metrics_file):

@@ -48,7 +48,10 @@ def check_run_dir(run_dir: str | os.PathLike[str], cfg: ModelConfig | None = Non
     latest = latest or latest_checkpoint(d)
     if cfg is None or latest is None:
         return
-    have, want = weight_shape(load_model_config(latest)), weight_shape(cfg)
+    try:
+        have, want = weight_shape(load_model_config(latest)), weight_shape(cfg)
+    except ConfigError:  # damaged: the run itself skips it for an intact one, checked then
+        return
     if any(v is not None and have[k] != v for k, v in want.items()):
         def show(shape: dict[str, Any]) -> str:  # the main axes, and any other that differs
             return " ".join(f"{k}={v}" for i, (k, v) in enumerate(shape.items())
