@@ -8,6 +8,7 @@ importance estimation as a ratio to a plain forward pass over the same calibrati
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import time
@@ -37,12 +38,20 @@ def _same_depth(baseline: Scores, like: Scores) -> Scores:
 
 
 def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint", help="the teacher checkpoint to prune")
+    ap.add_argument("recipe", nargs="?", default=str(PRUNE_RECIPE),
+                    help="prune recipe (default: %(default)s)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="recipe overrides, e.g. calib.num_samples=64")
+    args = ap.parse_args(argv)
+    recipe_path, overrides = args.recipe, list(args.overrides)
+    if "=" in recipe_path and not recipe_path.endswith((".yaml", ".yml")):
+        recipe_path, overrides = str(PRUNE_RECIPE), [recipe_path, *overrides]  # no recipe given
     setup_logging()
-    ckpt, rest = argv[0], argv[1:]
-    recipe_path = rest[0] if rest and rest[0].endswith((".yaml", ".yml")) else str(PRUNE_RECIPE)
-    recipe = load_recipe(recipe_path, [a for a in rest if "=" in a], cls=PruneRecipe)
+    recipe = load_recipe(recipe_path, overrides, cls=PruneRecipe)
     init_distributed(recipe.parallel)
-    model, cfg, tok = load_model(ckpt)
+    model, cfg, tok = load_model(args.checkpoint)
     prefix, tok = resolve_data(recipe.data, tok)
     c = recipe.calib
     splits = build_gpt_datasets(prefix, tok, seq_length=cfg.seq_length, split=recipe.data.split,

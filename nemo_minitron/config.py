@@ -478,6 +478,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping (``recipe_path``), with one-line errors for a missing or malformed
     file."""
     p = recipe_path(path)
+    if p.is_dir():
+        raise ConfigError(f"recipe {str(path)!r} is a directory, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist")
     try:

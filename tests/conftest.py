@@ -112,6 +112,31 @@ def pair(tmp_path_factory, tiny_overrides, teacher) -> tuple[str, str]:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """Each test starts with no warning printed yet (``utils.logging.warn_once`` prints each
+    once per process)."""
+    from nemo_minitron.utils import logging as nm_logging
+
+    nm_logging._warned.clear()
+
+
+@pytest.fixture
+def nm_log(caplog):
+    """The messages logged through ``nemo_minitron``'s loggers (which do not propagate to
+    the root logger) at WARNING and above, as a function returning them so far."""
+    import logging
+
+    from nemo_minitron.utils.logging import setup_logging
+
+    setup_logging()
+    root = logging.getLogger("nemo_minitron")
+    root.addHandler(caplog.handler)
+    yield lambda: [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+                   and r.name.startswith("nemo_minitron")]
+    root.removeHandler(caplog.handler)
+
+
+@pytest.fixture(autouse=True)
 def _restore_environ():
     """Every test leaves ``os.environ`` as it found it (an in-process verb that starts the
     runtime may set MASTER_ADDR, which child processes would otherwise inherit)."""

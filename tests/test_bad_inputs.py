@@ -4,6 +4,7 @@ truncated, foreign, crafted) are built here; every case runs ``cli.main`` in-pro
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import shutil
@@ -103,6 +104,8 @@ def _hf_tokenizer(d: Path) -> None:
 
 RECIPE_TRAIN = ["train.train_iters=1", "train.eval_interval=0"]
 CACHE_TRAIN = RECIPE_TRAIN + ["train.micro_batch_size=2", "train.global_batch_size=4"]
+# The tiny source (205,120 parameters): L1-H64-F64-A2-G1 is among its candidates.
+SEARCH = ["search.target_params=150000", "search.tolerance=0.3"]
 NORM = "model.layers.0.input_layernorm.weight"
 PROJ = "model.layers.0.mlp.down_proj.weight"
 
@@ -111,6 +114,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     # ---- recipes and overrides (pretrain)
     ("recipe-missing", lambda c: ["pretrain", str(c.tmp / "no.yaml"), "--out", "OUT"],
      ["does not exist"]),
+    ("recipe-directory", lambda c: ["pretrain", str(c.tmp), "--out", "OUT"],
+     ["is a directory"]),
     ("recipe-non-utf8", lambda c: ["pretrain", c.file("r.yaml", b"model:\n  x: \xff\xfe\n"),
                                    "--out", "OUT"], ["r.yaml", "UTF-8"]),
     ("recipe-binary", lambda c: ["pretrain", c.file("r.yaml", bytes(range(256))), "--out",
@@ -148,6 +153,29 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("pp-not-dividing", lambda c: ["pretrain", *c.tiny,
                                    "parallel.pipeline_model_parallel_size=2", "--out", "OUT"],
      ["does not divide the world size 1"]),
+    ("pretrain-out-other-shape", lambda c: ["pretrain", *c.tiny, "model.hidden_size=32",
+                                            "--out", _run_copy(c)],
+     ["holds a run of another model shape", "hidden_size=64", "hidden_size=32"]),
+    ("pretrain-out-other-vocab", lambda c: ["pretrain", *c.tiny, *RECIPE_TRAIN,
+                                            "model.make_vocab_size_divisible_by=768",
+                                            "--out", _run_copy(c)],
+     ["holds a run of another model shape", "vocab_size=1024", "vocab_size=1536"]),
+    ("pretrain-out-is-a-file", lambda c: ["pretrain", *c.tiny, "--out", c.file("f", "x")],
+     ["--out=", "is a file"]),
+    ("finetune-out-is-a-file", lambda c: ["finetune", str(c.good), *c.tiny, "--out",
+                                          c.file("f", "x")], ["--out=", "is a file"]),
+    ("pretrain-hidden-unallocatable", lambda c: ["pretrain", *c.tiny,
+                                                 "model.hidden_size=1000000000000", "--out",
+                                                 "OUT"],
+     ["the model (", "parameters) needs about", "GiB", "this machine has"]),
+    ("pretrain-iters-unallocatable", lambda c: ["pretrain", *c.tiny,
+                                                "train.train_iters=1000000000000", "--out",
+                                                "OUT"],
+     ["train.train_iters=1000000000000", "dataset index", "GiB", "this machine has"]),
+    ("distill-iters-unallocatable", lambda c: ["distill", "--teacher", str(c.good),
+                                               "--student", str(c.good), *c.tiny,
+                                               "train.train_iters=1000000000000", "--out",
+                                               "OUT"], ["dataset index", "this machine has"]),
     ("data-path-missing", lambda c: ["pretrain", *c.tiny, f"data.path={c.tmp / 'nope'}",
                                      f"data.tokenizer={c.tokenizer}", "--out", "OUT"],
      ["nope"]),
@@ -201,6 +229,16 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
         str(_hf_tok_dir(c, b"{not json")), "--output-prefix", "OUT/x"], ["tokenizer.json"]),
     ("data-no-tokenizer", lambda c: ["data", c.file("t.jsonl", '{"text": "a"}\n'),
                                      "--output-prefix", "OUT/x"], ["--tokenizer"]),
+    ("data-train-tokenizer-no-text", lambda c: ["data", c.file("w.jsonl", '{"text": " "}\n'),
+                                                "--train-tokenizer", "300",
+                                                "--output-prefix", "OUT/x"],
+     ["--train-tokenizer", "no text"]),
+    ("data-train-tokenizer-zero", lambda c: ["data", c.file("t.jsonl", '{"text": "a"}\n'),
+                                             "--train-tokenizer", "0", "--output-prefix",
+                                             "OUT/x"], ["--train-tokenizer=0", "above 261"]),
+    ("data-train-tokenizer-too-small", lambda c: [
+        "data", c.file("t.jsonl", '{"text": "hello world"}\n'), "--train-tokenizer", "265",
+        "--output-prefix", "OUT/x"], ["--train-tokenizer=265", "at least 269"]),
     # ---- checkpoints given to the verbs
     ("eval-missing-ckpt", lambda c: ["eval", str(c.tmp / "none"), "--data", c.prefix],
      ["does not exist"]),
@@ -218,6 +256,26 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
                                          "OUT"], ["does not exist"]),
     ("search-missing-ckpt", lambda c: ["search", str(c.tmp / "none"), "OUT", *c.data],
      ["does not exist"]),
+    ("prune-scores-text", lambda c: ["prune", str(c.good), "OUT", *c.data,
+                                     "target.num_layers=1", f"scores={c.file('s.pt', 'hi')}"],
+     ["scores=", "s.pt", "is not a scores file"]),
+    ("prune-scores-tensor", lambda c: ["prune", str(c.good), "OUT", *c.data,
+                                       "target.num_layers=1",
+                                       f"scores={c.file('s.pt', _saved(torch.zeros(2)))}"],
+     ["s.pt", "is not a scores file", "Tensor"]),
+    ("prune-scores-payload", lambda c: ["prune", str(c.good), "OUT", *c.data,
+                                        "target.num_layers=1",
+                                        f"scores={c.file('s.pt', _saved({'meta': print}))}"],
+     ["s.pt", "refusing to unpickle"]),
+    ("search-state-torn", lambda c: ["search", str(c.good), _search_out(
+        c, "candidates.json", '{"candidates": [{"name": "L1'), *c.data, *SEARCH],
+     ["candidates.json", "torn"]),
+    ("search-state-not-a-state", lambda c: ["search", str(c.good), _search_out(
+        c, "candidates.json", '{"x": 1}'), *c.data, *SEARCH],
+     ["candidates.json", "no list of named candidates"]),
+    ("search-result-torn", lambda c: ["search", str(c.good), _search_out(
+        c, "candidates/L1-H64-F64-A2-G1/result.json", '{"name": '), *c.data, *SEARCH],
+     ["L1-H64-F64-A2-G1/result.json", "torn"]),
     ("lm-eval-missing-ckpt", lambda c: ["lm-eval", str(c.tmp / "none"), "--tasks", "x"],
      ["does not exist"]),
     ("ckpt-config-non-utf8", lambda c: ["eval", c.ckpt(_model_yaml(b"num_layers: \xff\n")),
@@ -308,6 +366,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
         PROJ, lambda t: (t * 100).to(torch.int32))), "OUT"], [PROJ, "I32"]),
     ("hf-tokenizer-garbage", lambda c: ["import-hf", c.hf_dir(
         lambda d: (d / "tokenizer.json").write_text("{nope")), "OUT"], ["tokenizer.json"]),
+    ("hf-safetensors-truncated", lambda c: ["import-hf", c.hf_dir(
+        _truncate("model.safetensors")), "OUT"], ["model.safetensors", "truncated"]),
     # ---- launch
     ("launch-unknown-stage-verb", lambda c: ["launch", c.file("p.yaml", (
         "stages:\n  - name: a\n    verb: pretrian\n")), "--cluster", "local",
@@ -335,6 +395,26 @@ def _truncate(rel: str):
         data = (d / rel).read_bytes()
         (d / rel).write_bytes(data[: len(data) // 2])
     return edit
+
+
+def _run_copy(c: Ctx) -> str:
+    """A copy of the run directory that holds ``good`` (a pretraining of the tiny shape)."""
+    shutil.copytree(c.good.parent.parent, c.tmp / "run")
+    return str(c.tmp / "run")
+
+
+def _search_out(c: Ctx, rel: str, text: str) -> str:
+    """An earlier search's output directory holding ``search/<rel>`` = ``text``."""
+    f = c.tmp / "s" / "search" / rel
+    f.parent.mkdir(parents=True)
+    f.write_text(text)
+    return str(c.tmp / "s")
+
+
+def _saved(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _hf_tok_dir(c: Ctx, content: bytes) -> Path:

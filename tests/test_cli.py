@@ -37,6 +37,48 @@ def test_help(verb):
     assert "usage: nemo-minitron " + verb in res.stdout
 
 
+def _given_defaults(verb: str) -> list[tuple[str, object]]:
+    """``(argument, default)`` of every argument of ``verb`` that has a default (not None,
+    False or suppressed), read from the parser itself."""
+    import argparse
+
+    from nemo_minitron.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [(a.option_strings[0] if a.option_strings else a.dest, a.default)
+            for a in sub.choices[verb]._actions
+            if a.default is not None and a.default is not False and a.default != []
+            and a.default != argparse.SUPPRESS and (a.option_strings or a.nargs in ("?", "*"))]
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help_names_every_default(verb):
+    res = cli(verb, "--help", env={"COLUMNS": "2000"})  # help texts unwrapped
+    lines = res.stdout.splitlines()
+    for name, default in _given_defaults(verb):
+        i = next(i for i, x in enumerate(lines) if x.split()[:1] == [name])
+        # the argument's entry: its line, and the next when argparse moved the help there
+        entry = lines[i] + (lines[i + 1] if i + 1 < len(lines)
+                            and lines[i + 1].startswith(" " * 10) else "")
+        assert f"default: {default}" in entry, (name, entry)
+
+
+def test_pretrain_help_names_the_output_default():
+    assert "--out OUT output directory (default: runs/pretrain)" in " ".join(
+        cli("pretrain", "--help").stdout.split())
+
+
+def test_prune_help_lists_the_layer_metrics():
+    import typing
+
+    from nemo_minitron.prune.plan import Target
+
+    text = " ".join(cli("prune", "--help").stdout.split())
+    assert "target.layer_metric" in text
+    for choice in typing.get_args(typing.get_type_hints(Target)["layer_metric"]):
+        assert choice in text, choice
+
+
 def _one_line_error(res: subprocess.CompletedProcess | Result, *needles: str) -> None:
     assert res.returncode == 2, res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
@@ -110,7 +152,7 @@ def test_data_command_refuses_a_vocabulary_too_large_for_the_text(tmp_path):
     # Two short lines hold far fewer than 300 distinct pieces: sentencepiece refuses the size.
     res = cli("data", str(tmp_path / "docs.jsonl"), "--output-prefix",
               str(tmp_path / "ds" / "corpus"), "--train-tokenizer", "300")
-    _one_line_error(res, "vocabulary size 300 is too large for this text", "at most")
+    _one_line_error(res, "--train-tokenizer=300 is too large for this text", "at most")
     assert not (tmp_path / "ds").exists()
 
 

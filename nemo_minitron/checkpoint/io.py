@@ -84,9 +84,9 @@ ALL_PARTS = (MODEL_CONFIG, "tokenizer", "weights", "optimizer", "train_state.jso
 _warned_unverified: set[str] = set()
 # Parts that a collective verification found intact, keyed by the manifest's identity: a resume
 # verifies the whole checkpoint to choose it, then loads weights and optimizer state from it,
-# and each would otherwise hash the same files again. Only collective calls read or fill it:
-# every rank makes them in the same order, so every rank skips the same ones (a rank that
-# skipped alone would leave the others waiting in the all-gather).
+# and each would otherwise hash the same files again. Only collective calls fill it: every
+# rank makes them in the same order, so every rank skips the same ones (a rank that skipped
+# alone would leave the others waiting in the all-gather). A one-rank call only reads it.
 _verified: set[tuple[str, str, int, int]] = set()
 
 
@@ -101,13 +101,12 @@ def verify_checkpoint(path: str | os.PathLike[str], parts: Sequence[str] = ALL_P
     if collective and dist.is_initialized():
         share = (dist.get_rank(), dist.get_world_size())
     keys: dict[str, tuple[str, str, int, int]] = {}
-    if collective:
-        with contextlib.suppress(OSError):
-            st = (p / MANIFEST).stat()
-            keys = {part: (str(p.resolve()), part, st.st_ino, st.st_mtime_ns) for part in parts}
-            parts = [part for part in parts if keys[part] not in _verified]
-            if not parts:
-                return
+    with contextlib.suppress(OSError):
+        st = (p / MANIFEST).stat()
+        keys = {part: (str(p.resolve()), part, st.st_ino, st.st_mtime_ns) for part in parts}
+        parts = [part for part in parts if keys[part] not in _verified]
+        if not parts:
+            return
     try:
         err = check_files(p, parts, share)
     except FileNotFoundError:
@@ -122,7 +121,8 @@ def verify_checkpoint(path: str | os.PathLike[str], parts: Sequence[str] = ALL_P
         err = next((e for e in errs if e), None)
     if err:
         raise ConfigError(f"checkpoint {str(path)!r} is corrupt: {err}")
-    _verified.update(keys[part] for part in parts if part in keys)
+    if collective:
+        _verified.update(keys[part] for part in parts if part in keys)
 
 
 def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:

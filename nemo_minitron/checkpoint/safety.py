@@ -71,11 +71,13 @@ def read_dist_metadata(ckpt_dir: str | Path) -> Any:
     return meta
 
 
-def _weights_only(data: bytes | Path, what: str) -> None:
+def load_weights_only(data: bytes | Path, what: str) -> Any:
+    """``torch.load`` of ``data`` (bytes or a file) with torch's weights-only unpickler; a
+    pickled object or a damaged file is a one-line ``ConfigError`` naming ``what``."""
     try:
         with torch.serialization.safe_globals([io.BytesIO]):
-            torch.load(io.BytesIO(data) if isinstance(data, bytes) else data,
-                       map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data) if isinstance(data, bytes) else data,
+                              map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         cause = str(e).split("\n")
         found = next((x.strip() for x in cause if "GLOBAL" in x or "Unsupported" in x), cause[0])
@@ -106,6 +108,6 @@ def verify_dist_checkpoint(ckpt_dir: str | Path, *, check_common: bool = True) -
                 data = f.read(int(info.length))
         except OSError as e:
             raise ConfigError(f"{root / rel} cannot be read ({e.strerror})") from None
-        _weights_only(data, f"{root / rel} (object {key!r})")
+        load_weights_only(data, f"{root / rel} (object {key!r})")
     if check_common and (root / "common.pt").is_file():
-        _weights_only(root / "common.pt", str(root / "common.pt"))
+        load_weights_only(root / "common.pt", str(root / "common.pt"))

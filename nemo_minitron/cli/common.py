@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -16,9 +17,40 @@ log = get_logger("cli")
 RECIPES = recipes_dir()
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """``--help`` that names every argument's default, also of arguments without help text (a
+    default of None or False, i.e. "not given", is left out; so is one the text names)."""
+
+    @staticmethod
+    def _names_default(action: argparse.Action) -> bool:
+        d = action.default
+        return (d is not None and d is not False and d != [] and d != argparse.SUPPRESS
+                and (bool(action.option_strings) or action.nargs in ("?", "*"))
+                and "%(default)" not in (action.help or ""))
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._names_default(action):
+            action = copy.copy(action)  # argparse prints no help line for help=None
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not self._names_default(action):
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)".lstrip()
+
+
+def show_defaults(sub: argparse._SubParsersAction) -> None:
+    """Every verb registered on ``sub`` so far names its defaults in ``--help``
+    (``DefaultsHelp``): each module's ``register`` ends with this."""
+    for parser in sub.choices.values():
+        parser.formatter_class = DefaultsHelp
+
+
 def recipe_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("recipe", nargs="?", default=default,
-                   help="YAML recipe (default: %(default)s)")
+                   help="YAML recipe (default: %(default)s)" if default else
+                   "YAML recipe (default: none, the built-in defaults)")
     p.set_defaults(default_recipe=default)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides such as train.lr=3e-4 model.num_layers=4")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from nemo_minitron.cli.common import RECIPES, recipe_args, split_overrides
+from nemo_minitron.cli.common import RECIPES, recipe_args, show_defaults, split_overrides
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -64,3 +64,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "resume)")
     p.add_argument("--report", default=None, help="report directory (default OUT/report)")
     p.set_defaults(func=cmd_bench_method)
+    show_defaults(sub)

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nemo_minitron.cli.common import sampling_config
+from nemo_minitron.cli.common import sampling_config, show_defaults
 from nemo_minitron.config import ConfigError
 from nemo_minitron.utils.rank import is_rank0
 
@@ -151,7 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text (one document per file) or .jsonl files; parallel.* overrides")
     p.add_argument("--data", help="indexed-dataset prefix instead of files")
     p.add_argument("--seq-length", type=int, help="window length (default: the model's)")
-    p.add_argument("--max-windows", type=int, default=0, help="at most this many windows")
+    p.add_argument("--max-windows", type=int, default=0,
+                   help="at most this many windows, 0: all")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.set_defaults(func=cmd_eval)
 
@@ -164,7 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest, 0: all")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true",
@@ -203,3 +204,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "in matrix products and the top operators (why decode misses the FLOP "
                         "ratio)")
     p.set_defaults(func=cmd_bench, decodes=True)
+    show_defaults(sub)

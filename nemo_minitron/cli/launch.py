@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from nemo_minitron.cli.common import show_defaults
+
 
 def _cluster_flags(args: argparse.Namespace) -> dict:
     from nemo_minitron.launch.run import CLUSTER_FLAGS
@@ -71,3 +73,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-gb", type=float, default=80.0,
                    help="memory per GPU (default: %(default)s)")
     p.set_defaults(func=cmd_validate)
+    show_defaults(sub)

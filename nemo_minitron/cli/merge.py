@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from nemo_minitron.cli.common import recipe_args, split_overrides
+from nemo_minitron.cli.common import recipe_args, show_defaults, split_overrides
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -43,3 +43,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="overrides merge.method")
     p.add_argument("--out", required=True, help="merged checkpoint directory (must not exist)")
     p.set_defaults(func=cmd_merge)
+    show_defaults(sub)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from nemo_minitron.cli.common import recipe_args, split_overrides
+from nemo_minitron.cli.common import recipe_args, show_defaults, split_overrides
 from nemo_minitron.utils.rank import is_rank0
 
 
@@ -39,7 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "ffn_hidden_size,num_attention_heads,num_query_groups,"
                                    "drop_layers}, calib.{num_samples,micro_batch_size,"
                                    "batch_agg,seq_agg,eval_samples}, data.*, scores, "
-                                   "rescale_norms.")
+                                   "rescale_norms. target.layer_metric: how num_layers picks "
+                                   "the layers to drop, one of block_importance (default: the "
+                                   "lowest Block Importance), lm_loss (the contiguous block "
+                                   "whose removal raises the validation LM loss least), "
+                                   "angular_distance (the contiguous block whose input and "
+                                   "output hidden states are closest).")
     p.add_argument("checkpoint", help="source checkpoint")
     p.add_argument("out", help="pruned checkpoint directory (must not exist)")
     recipe_args(p)
@@ -61,3 +66,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output directory (re-use it to resume)")
     recipe_args(p)
     p.set_defaults(func=cmd_search)
+    show_defaults(sub)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nemo_minitron.cli.common import sampling_config
+from nemo_minitron.cli.common import sampling_config, show_defaults
 from nemo_minitron.config import ConfigError
 
 
@@ -76,3 +76,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=quiet, help="(0: all tokens)")
     p.add_argument("--seed", type=int, default=quiet, help="batch k samples with seed + k (0)")
     p.set_defaults(func=cmd_self_distill, decodes=True)
+    show_defaults(sub)

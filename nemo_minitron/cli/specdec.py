@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nemo_minitron.cli.common import sampling_config
+from nemo_minitron.cli.common import sampling_config, show_defaults
 from nemo_minitron.config import ConfigError
 
 
@@ -81,6 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true",
                    help="each --prompts line is a user turn, formatted with the target "
                         "tokenizer's chat template (as generate --chat)")
-    p.add_argument("--out", help="directory for specdec.{json,md,png}")
+    p.add_argument("--out", help="directory for specdec.{json,md,png} (default: none, the "
+                   "table is only printed)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_specdec, decodes=True)
+    show_defaults(sub)

@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from nemo_minitron.cli.common import RECIPES, log, recipe_args, split_overrides
+from nemo_minitron.cli.common import RECIPES, log, recipe_args, show_defaults, split_overrides
 from nemo_minitron.config import ConfigError
 
 
@@ -31,9 +31,10 @@ def cmd_data(args: argparse.Namespace) -> int:
         total = len(files)
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
-    elif args.train_tokenizer:
+    elif args.train_tokenizer is not None:
         tok = train_sentencepiece(docs(), args.train_tokenizer,
-                                  Path(args.output_prefix).parent / "tokenizer.model")
+                                  Path(args.output_prefix).parent / "tokenizer.model",
+                                  "--train-tokenizer")
     else:
         raise ConfigError("give --tokenizer (a .model file or HF directory) or "
                           "--train-tokenizer VOCAB_SIZE")
@@ -44,20 +45,29 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.preflight import check_fits, check_run_dir
     from nemo_minitron.train.pretrain import completed, pretrain
 
     recipe, overrides = split_overrides(args)
-    summary = completed(pretrain(load_recipe(recipe, overrides), args.out))
+    r = load_recipe(recipe, overrides)
+    check_run_dir(args.out, r.model)  # before the data and the model are built
+    check_fits(r, r.model)
+    summary = completed(pretrain(r, args.out))
     log.info("final checkpoint: %s", summary["final"])
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from nemo_minitron.checkpoint.io import load_model_config
     from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.preflight import check_fits, check_run_dir
     from nemo_minitron.train.pretrain import completed, finetune
 
+    check_run_dir(args.out)  # before anything is built
     recipe, overrides = split_overrides(args)
-    summary = completed(finetune(load_recipe(recipe, overrides), args.checkpoint, args.out))
+    r = load_recipe(recipe, overrides)
+    check_fits(r, load_model_config(args.checkpoint))
+    summary = completed(finetune(r, args.checkpoint, args.out))
     log.info("final checkpoint: %s", summary["final"])
     return 0
 
@@ -83,9 +93,11 @@ def cmd_instruct_data(args: argparse.Namespace) -> int:
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from nemo_minitron.config import load_recipe
+    from nemo_minitron.train.preflight import check_run_dir
     from nemo_minitron.train.pretrain import completed
     from nemo_minitron.train.sft import SFTRecipe, sft
 
+    check_run_dir(args.out)  # before anything is built
     recipe, overrides = split_overrides(args)
     summary = completed(sft(load_recipe(recipe, overrides, cls=SFTRecipe), args.checkpoint,
                             args.data, args.out))
@@ -94,13 +106,18 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from nemo_minitron.checkpoint.io import check_checkpoint, load_model_config
     from nemo_minitron.config import load_recipe
     from nemo_minitron.distill.stage import DistillRecipe, distill
+    from nemo_minitron.train.preflight import check_fits, check_run_dir
     from nemo_minitron.train.pretrain import completed
 
+    check_run_dir(args.out)  # before anything is built
     recipe, overrides = split_overrides(args)
-    summary = completed(distill(load_recipe(recipe, overrides, cls=DistillRecipe),
-                                args.teacher, args.student, args.out))
+    r = load_recipe(recipe, overrides, cls=DistillRecipe)
+    teacher = load_model_config(check_checkpoint(args.teacher, "--teacher"))
+    check_fits(r, load_model_config(check_checkpoint(args.student, "--student")), [teacher])
+    summary = completed(distill(r, args.teacher, args.student, args.out))
     log.info("final checkpoint: %s", summary["final"])
     return 0
 
@@ -205,3 +222,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=64, help="tokens kept per position "
                    "(default: %(default)s)")
     p.set_defaults(func=cmd_teacher_cache)
+    show_defaults(sub)

@@ -52,7 +52,8 @@ def prepare_embedded(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> tup
         log.info("building the embedded corpus: %d standard-library files -> %s", len(files), out)
         with atomic_dir(out, overwrite=True) as tmp:
             tok = tokenizer if out != default else train_sentencepiece(
-                read_documents(files), cfg.tokenizer_vocab_size, tmp / "tokenizer.model")
+                read_documents(files), cfg.tokenizer_vocab_size, tmp / "tokenizer.model",
+                "data.tokenizer_vocab_size")
             name = None if out != default else tokenizer_label(tok).replace(
                 str(tmp), str(out), 1)  # where it will be once renamed
             stats = write_indexed_dataset(read_documents(files), tok, tmp / "corpus",

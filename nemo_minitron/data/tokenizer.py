@@ -247,42 +247,64 @@ def _parsed(cls: type[Tokenizer], arg: Path, shown: Path) -> Tokenizer:
         raise ConfigError(f"tokenizer file {str(shown)!r} does not parse ({cause})") from None
 
 
+_USER_SYMBOLS = ["\n", "    "]
+FIXED_PIECES = 256 + 3 + len(_USER_SYMBOLS)
+"""Pieces of every trained vocabulary besides the text's characters and merges: the 256 byte
+pieces, unk/bos/eos and the user symbols."""
+
+
 def train_sentencepiece(documents: Iterable[str], vocab_size: int,
-                        out_file: str | os.PathLike[str]) -> SentencePieceTokenizer:
+                        out_file: str | os.PathLike[str],
+                        field: str = "vocab_size") -> SentencePieceTokenizer:
     """Train a byte-fallback BPE model that round-trips text exactly (no normalisation).
+    Errors name ``vocab_size`` as ``field`` (the flag or recipe key that gave it).
 
     Training reads lines; code indentation survives as whitespace-only pieces.
     """
     import sentencepiece as spm
 
+    if vocab_size <= FIXED_PIECES:
+        raise ConfigError(f"{field}={vocab_size} must be above {FIXED_PIECES}: every vocabulary "
+                          f"holds {FIXED_PIECES} fixed pieces (256 bytes, unk/bos/eos, "
+                          f"{len(_USER_SYMBOLS)} user symbols), then the text's characters")
     out_file = Path(out_file)
     made = not out_file.parent.exists()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _train_sentencepiece(spm, documents, vocab_size, out_file)
-    except RuntimeError as e:
+        _train_sentencepiece(spm, documents, vocab_size, out_file, field)
+    except (RuntimeError, ConfigError) as e:
         # Nothing half-written: the directory made for the model goes with the failed run.
         if made and not any(out_file.parent.iterdir()):
             out_file.parent.rmdir()
+        if isinstance(e, ConfigError):
+            raise
         too_high = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value "
                              r"<= (\d+)", str(e))
-        if too_high is None:
+        too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if too_high is None and too_low is None:
             raise
-        raise ConfigError(f"tokenizer vocabulary size {vocab_size} is too large for this text: "
-                          f"sentencepiece allows at most {too_high[1]}") from None
+        if too_low is not None:
+            raise ConfigError(f"{field}={vocab_size} is too small for this text: its characters "
+                              f"and the fixed pieces need at least {too_low[1]}") from None
+        raise ConfigError(f"{field}={vocab_size} is too large for this text: sentencepiece "
+                          f"allows at most {too_high[1]}") from None
     log.info("trained sentencepiece BPE tokenizer (vocab %d) -> %s", vocab_size, out_file)
     return SentencePieceTokenizer(out_file)
 
 
 def _train_sentencepiece(spm: Any, documents: Iterable[str], vocab_size: int,
-                         out_file: Path) -> None:
+                         out_file: Path, field: str) -> None:
     with tempfile.TemporaryDirectory(dir=out_file.parent) as tmp:
         text_path = Path(tmp) / "corpus.txt"
+        text = False
         with open(text_path, "w", encoding="utf-8") as f:
             for doc in documents:
+                text = text or doc.strip() != ""
                 f.write(doc)
                 if not doc.endswith("\n"):
                     f.write("\n")
+        if not text:  # sentencepiece's own message is an internal assertion
+            raise ConfigError(f"{field}: the inputs hold no text to train the tokenizer on")
         prefix = Path(tmp) / "spm"
         spm.SentencePieceTrainer.train(
             input=str(text_path), model_prefix=str(prefix), vocab_size=vocab_size,
@@ -290,7 +312,7 @@ def _train_sentencepiece(spm: Any, documents: Iterable[str], vocab_size: int,
             remove_extra_whitespaces=False, add_dummy_prefix=False,
             allow_whitespace_only_pieces=True, split_digits=True, character_coverage=1.0,
             max_sentence_length=16384, input_sentence_size=2_000_000, shuffle_input_sentence=True,
-            pad_id=-1, unk_id=0, bos_id=1, eos_id=2, user_defined_symbols=["\n", "    "],
+            pad_id=-1, unk_id=0, bos_id=1, eos_id=2, user_defined_symbols=_USER_SYMBOLS,
             num_threads=os.cpu_count() or 1, minloglevel=2,
         )
         os.replace(prefix.with_suffix(".model"), out_file)

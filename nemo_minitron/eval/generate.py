@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from nemo_minitron.config import ConfigError
-from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.logging import get_logger, warn_once
 
 log = get_logger("eval.generate")
 
@@ -152,13 +152,18 @@ def generate_text(checkpoint: str, prompts: list[str], sampling: SamplingConfig,
     from nemo_minitron.config import ParallelConfig
 
     tok = load_checkpoint_tokenizer(checkpoint)  # before the runtime: no tokenizer, one line
-    model, _, _ = load_model(checkpoint, ParallelConfig())
+    model, cfg, _ = load_model(checkpoint, ParallelConfig())
     if sampling.stop_tokens is None:
         sampling = dataclasses.replace(sampling, stop_tokens=tok.eos_ids)
     if chat:
         prompts = chat_prompts(tok, prompts)
-    ids = generate(model, [tok.encode(p) for p in prompts], sampling,
-                   vocab_limit=tok.vocab_size)
+    encoded = [tok.encode(p) for p in prompts]
+    longest = max((len(e) for e in encoded), default=0)
+    if longest + sampling.max_new_tokens > cfg.context_length:
+        warn_once(log, f"the longest prompt ({longest} tokens) + --max-new-tokens="
+                  f"{sampling.max_new_tokens} is past the model's context length "
+                  f"{cfg.context_length}: tokens beyond it come from positions never trained")
+    ids = generate(model, encoded, sampling, vocab_limit=tok.vocab_size)
     return [tok.decode(row) for row in ids]
 
 

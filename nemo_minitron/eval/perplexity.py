@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from nemo_minitron.config import ConfigError, ParallelConfig
+from nemo_minitron.utils.logging import get_logger, warn_once
+
+log = get_logger("eval")
 
 
 @dataclass(kw_only=True)
@@ -79,6 +82,10 @@ def perplexity(checkpoint: str, cfg: PerplexityConfig, files: list[str] | None =
     model_cfg = load_model_config(checkpoint)
     seq = cfg.seq_length or model_cfg.seq_length
     tok = load_checkpoint_tokenizer(checkpoint)
+    if seq > model_cfg.context_length:
+        warn_once(log, f"--seq-length={seq} is past the model's context length "
+                  f"{model_cfg.context_length}: positions beyond it were never trained, so the "
+                  f"loss says little about the model")
     if cfg.data_path is not None:
         check_indexed_prefix(cfg.data_path, "data")
         check_prefix_tokenizer(cfg.data_path, tok, "--data")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nemo_minitron.checkpoint.safety import load_weights_only
 from nemo_minitron.config import ConfigError
 
 
@@ -53,7 +55,13 @@ class Scores:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"scores={str(path)!r} does not exist")
-        data = torch.load(p, weights_only=True)
+        if not zipfile.is_zipfile(p):  # what torch.save writes; anything else is not ours
+            raise ConfigError(f"scores={str(path)!r} is not a scores file (not a torch.save "
+                              f"archive; prune writes one as OUT/pruning/scores.pt)")
+        data = load_weights_only(p, f"scores={str(path)!r}")
+        if not isinstance(data, dict):
+            raise ConfigError(f"scores={str(path)!r} is not a scores file (it holds a "
+                              f"{type(data).__name__}, not a dict of tensors)")
         missing = [a for a in cls.AXES if a not in data]
         if missing:
             raise ConfigError(f"scores={str(path)!r} is not a scores file (no {missing[0]})")

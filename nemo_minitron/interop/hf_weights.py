@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -81,9 +83,7 @@ class HFTensors:
                 raise ConfigError(f"{index} has no weight_map")
             self.files = {k: d / f for k, f in weight_map.items()}
         elif (d / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(d / "model.safetensors", "pt") as f:
+            with _open(d / "model.safetensors") as f:
                 self.files = {k: d / "model.safetensors" for k in f.keys()}  # noqa: SIM118
         else:
             found = "pytorch_model.bin" if (d / "pytorch_model.bin").exists() else "nothing"
@@ -95,22 +95,16 @@ class HFTensors:
             raise ConfigError(f"shard {missing[0]} named in the index is missing")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        from safetensors import safe_open
-
-        with safe_open(self.files[name], "pt") as f:
+        with _open(self.files[name]) as f:
             return tuple(f.get_slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype tag (``F32``, ``BF16``, ``BOOL``, ``I32``, ...)."""
-        from safetensors import safe_open
-
-        with safe_open(self.files[name], "pt") as f:
+        with _open(self.files[name]) as f:
             return str(f.get_slice(name).get_dtype())
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self.files[name], "pt") as f:
+        with _open(self.files[name]) as f:
             t = f.get_tensor(name)
         if not torch.isfinite(t).all():
             what = "NaN" if torch.isnan(t).any() else "Inf"
@@ -139,6 +133,20 @@ class HFTensors:
 
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+@contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``; a truncated or foreign file is a one-line error naming it (the
+    header is checked against the file's size on opening, so no later read fails this way)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(path, "pt")
+    except SafetensorError as e:
+        raise ConfigError(f"{path} is truncated or not a safetensors file ({e})") from None
+    with f:
+        yield f
 
 
 def megatron_tensor(name: str, layer: int | None, cfg: ModelConfig,

@@ -39,7 +39,7 @@ from nemo_minitron.merge.config import MergeConfig, evaluate, filters
 from nemo_minitron.merge.methods import linear_, slerp_, task_
 from nemo_minitron.merge.store import CheckpointReader, OutChunk, write_checkpoint
 from nemo_minitron.model.layouts import split_layer_key
-from nemo_minitron.utils.logging import get_logger
+from nemo_minitron.utils.logging import get_logger, warn_once
 
 log = get_logger("merge")
 
@@ -239,6 +239,12 @@ def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLik
     paths = {"--base": check_checkpoint(base, "--base")}
     for i, o in enumerate(others):
         paths[f"--other[{i}]" if len(others) > 1 else "--other"] = check_checkpoint(o, "--other")
+    seen: dict[Path, str] = {}
+    for field, p in paths.items():
+        if p.resolve() in seen:
+            warn_once(log, f"{field} and {seen[p.resolve()]} are the same checkpoint ({p}): a "
+                      f"model is merged with itself")
+        seen.setdefault(p.resolve(), field)
     rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         from nemo_minitron.config import ParallelConfig

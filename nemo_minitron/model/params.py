@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from nemo_minitron.config import ModelConfig
 
 
@@ -29,6 +31,21 @@ def count_params(cfg: ModelConfig) -> int:
     final_norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
     out = 0 if cfg.share_embeddings_and_output_weights else cfg.vocab_size * h
     return emb + pos + cfg.num_layers * layer_params(cfg) + final_norm + out
+
+
+def weight_shape(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields that fix the shapes of the weights, defaults resolved (``vocab_size`` None
+    until a tokenizer sets it): the weights of two models fit each other when these agree."""
+    learned = cfg.position_embedding_type == "learned_absolute"
+    return {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "ffn_hidden_size": cfg.ffn_hidden_size,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_query_groups": cfg.query_groups, "kv_channels": cfg.head_dim,
+            "vocab_size": cfg.vocab_size, "activation": cfg.activation,
+            "normalization": cfg.normalization, "add_bias_linear": cfg.add_bias_linear,
+            "add_qkv_bias": cfg.add_qkv_bias,
+            "share_embeddings_and_output_weights": cfg.share_embeddings_and_output_weights,
+            "position_embeddings": cfg.context_length if learned else None}
 
 
 def weights_fingerprint(model) -> list[float]:

@@ -48,7 +48,8 @@ def use_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _env_rank_world() -> tuple[int, int, int]:
+def env_rank_world() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` as the launcher (torchrun, srun) gives them."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -72,7 +73,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
         from nemo_minitron.parallel import cpu
 
         cpu.enter()
-    rank, world, local = _env_rank_world()
+    rank, world, local = env_rank_world()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if world % (tp * pp):
         from nemo_minitron.config import ConfigError

@@ -10,7 +10,6 @@ surviving units keep their original order.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,6 +19,9 @@ from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.importance.layers import block_angular_distance
 from nemo_minitron.importance.scores import Scores
 from nemo_minitron.model.layouts import group_heads, heads_by_group
+from nemo_minitron.utils.logging import get_logger, warn_once
+
+log = get_logger("prune")
 
 
 @dataclass(kw_only=True)
@@ -152,11 +154,15 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1) -> No
     if kept % pp:
         raise ConfigError(f"the pruned model keeps {kept} layers, not divisible by "
                           f"parallel.pipeline_model_parallel_size={pp}")
+    m = t.hardware_multiple
     for name in ("hidden_size", "ffn_hidden_size"):
         value = getattr(t, name)
-        if value is not None and value % t.hardware_multiple:
-            warnings.warn(f"target.{name}={value} is not a multiple of {t.hardware_multiple}",
-                          stacklevel=2)
+        if value is not None and value % m:
+            near = [x for x in (value // m * m, value // m * m + m) if 0 < x <= getattr(src, name)]
+            warn_once(log, f"target.{name}={value} is not a multiple of {m}: the pruned model "
+                      f"works, but GPU matrix products run slower at such widths"
+                      f"{' (' + ' or '.join(map(str, near)) + ' would not)' if near else ''}; "
+                      f"target.hardware_multiple sets the multiple")
 
 
 def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int = 1,

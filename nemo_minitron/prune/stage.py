@@ -120,6 +120,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     src = load_model_config(checkpoint)
     validate_target(src, recipe.target, recipe.parallel.tensor_model_parallel_size,
                     recipe.parallel.pipeline_model_parallel_size)
+    given = Scores.load(recipe.scores) if recipe.scores else None  # refused before any work
     # A checkpoint imported without a tokenizer calibrates on data.path read with
     # data.tokenizer and stays without one; otherwise its own tokenizer reads the data.
     own = has_tokenizer(checkpoint) or None in (recipe.data.path, recipe.data.tokenizer)
@@ -133,8 +134,8 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     calib_tokens = calib_sequences(splits.train, c.num_samples, "num_samples")
     eval_tokens = calib_sequences(splits.valid, c.eval_samples, "eval_samples")
     model, _, _ = load_model(checkpoint)
-    if recipe.scores:
-        scores = Scores.load(recipe.scores)
+    if given is not None:
+        scores = given
         check_scores_match(scores, model)
     elif recipe.importance != "activation":
         scores = _baseline_scores(model, src, recipe)

@@ -13,7 +13,6 @@ candidates (``search.candidates``) can share one output directory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -80,9 +79,17 @@ def _record(c: Candidate) -> dict[str, Any]:
 
 def _load_state(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """Records of an earlier run of the same search, by name."""
+    from nemo_minitron.utils.fs import read_json
+
     if not path.is_file():
         return {}
-    state = json.loads(path.read_text())
+    # Only a summary: each finished candidate's result.json is the truth, so removing it is safe.
+    fix = "; remove it to resume from the candidates' result.json files"
+    state = read_json(path, fix)
+    rows = state.get("candidates") if isinstance(state, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
+        raise ConfigError(f"{path} is not a search's candidates.json (no list of named "
+                          f"candidates){fix}")
     if [r["name"] for r in state["candidates"]] != names:
         raise ConfigError(f"{path} holds a search over other candidates "
                           f"({[r['name'] for r in state['candidates']]}); use a new output "
@@ -101,8 +108,13 @@ def stored_result(root: Path, name: str, retrain_steps: int) -> dict[str, Any] |
     """A candidate's ``result.json`` under the search's ``root`` (written once it is done).
     A result of another retrain_steps does not count: that candidate is redone, its
     distillation resuming from its last checkpoint."""
+    from nemo_minitron.utils.fs import read_json
+
     f = root / "candidates" / name / "result.json"
-    r = json.loads(f.read_text()) if f.is_file() else None
+    r = read_json(f, "; remove it to redo the candidate") if f.is_file() else None
+    if r is not None and not isinstance(r, dict):
+        raise ConfigError(f"{f} is not a candidate's result (not a JSON object); remove it to "
+                          f"redo the candidate")
     return r if r is not None and r.get("retrain_steps") == retrain_steps else None
 
 

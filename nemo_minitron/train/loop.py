@@ -28,8 +28,9 @@ from nemo_minitron.data.datasets import micro_batches
 from nemo_minitron.data.tokenizer import Tokenizer
 from nemo_minitron.parallel.runtime import Runtime
 from nemo_minitron.train.objectives import Objective
+from nemo_minitron.train.preflight import check_run_dir
 from nemo_minitron.utils.fs import repair_jsonl
-from nemo_minitron.utils.logging import fmt_duration, get_logger
+from nemo_minitron.utils.logging import fmt_duration, get_logger, warn_once
 
 log = get_logger("train")
 
@@ -203,10 +204,9 @@ class Trainer:
                                     tokenizer=self.tokenizer, optimizer=self.optimizer,
                                     scheduler=self.scheduler, train_state=state, overwrite=True)
 
-    def maybe_resume(self) -> bool:
-        """Resume from the latest complete checkpoint under ``<out>/checkpoints`` that matches
-        its checksums."""
-        latest = ckpt.latest_verified_checkpoint(self.out_dir)
+    def maybe_resume(self, latest: Path | None) -> bool:
+        """Resume from ``latest``, the latest complete checkpoint under ``<out>/checkpoints``
+        that matches its checksums."""
         if latest is None:
             return False
         ckpt.load_weights(latest, self.model)
@@ -215,6 +215,10 @@ class Trainer:
                                 history=state.get("history", []))
         log.info("resumed from %s (step %d, %d samples)", latest, self.state.step,
                  self.state.consumed_samples)
+        if self.cfg.train_iters < self.state.step:
+            warn_once(log, f"train.train_iters={self.cfg.train_iters} is below step "
+                      f"{self.state.step}, where this run resumes from {latest}: there is "
+                      f"nothing left to train")
         return True
 
     # ------------------------------------------------------------------ the loop
@@ -222,6 +226,9 @@ class Trainer:
         """Train to ``train_iters`` (or until a signal / ``exit_interval``); returns a summary
         with the last validation metrics and ``interrupted``."""
         cfg = self.cfg
+        latest = ckpt.latest_verified_checkpoint(self.out_dir)
+        # Before anything is written; with no intact checkpoint the run starts afresh.
+        check_run_dir(self.out_dir, self.model_cfg if latest else None, latest)
         if self.rt.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if repair_jsonl(self._metrics_file):
@@ -231,7 +238,7 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-        resumed = self.maybe_resume()
+        resumed = self.maybe_resume(latest)
         if not resumed and cfg.eval_interval:
             self._validate()
         tokens_per_step = cfg.global_batch_size * self.model_cfg.seq_length

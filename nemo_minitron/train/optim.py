@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 from nemo_minitron.config import TrainConfig
+from nemo_minitron.utils.logging import get_logger, warn_once
+
+log = get_logger("train")
 
 
 def wrap_ddp(model: torch.nn.Module, *, distributed_optimizer: bool) -> torch.nn.Module:
@@ -43,6 +46,11 @@ def build_optimizer(model_chunks: list[torch.nn.Module], cfg: TrainConfig, *, bf
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=distributed_optimizer,
     )
+    if cfg.lr_warmup_iters > cfg.train_iters:
+        warn_once(log, f"train.lr_warmup_iters={cfg.lr_warmup_iters} is longer than the run "
+                  f"(train.train_iters={cfg.train_iters}): the learning rate only rises, "
+                  f"reaching {cfg.lr * cfg.train_iters / cfg.lr_warmup_iters:.3g} (train.lr="
+                  f"{cfg.lr:g}) at the last step, and never decays")
     optimizer = get_megatron_optimizer(opt_cfg, model_chunks)
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -87,6 +87,17 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: str | os.PathLike[str], hint: str = "") -> Any:
+    """A JSON file written by us (``atomic_write_json``, so never torn by a crash of ours): one
+    damaged outside a run is a one-line ``ConfigError`` naming it, followed by ``hint``."""
+    from nemo_minitron.config import ConfigError
+
+    try:
+        return json.loads(Path(path).read_bytes())
+    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for non-UTF-8 bytes
+        raise ConfigError(f"{path} is torn or not JSON ({e}){hint}") from None
+
+
 def repair_jsonl(path: str | os.PathLike[str]) -> bool:
     """Cut a torn last line (a crash mid-write leaves it without its newline) from an
     append-only JSONL file, so that later appends and reads are whole lines; a last line that

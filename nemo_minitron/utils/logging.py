@@ -70,6 +70,18 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith(_ROOT) else f"{_ROOT}.{name}")
 
 
+_warned: set[str] = set()
+
+
+def warn_once(logger: logging.Logger, msg: str) -> None:
+    """Warn about the user's settings (the same on every rank) once per process, from rank 0:
+    a check may run several times (a verb's early validation, then the library function it
+    calls)."""
+    if msg not in _warned and is_rank0():
+        _warned.add(msg)
+        logger.warning(msg)
+
+
 def fmt_duration(seconds: float) -> str:
     """``H:MM:SS`` of a duration (an ETA), negatives as zero."""
     seconds = int(max(seconds, 0))

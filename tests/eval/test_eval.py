@@ -236,3 +236,23 @@ def test_chat_prompts_of_generate_and_specdec(tmp_path, embedded_paths, warnings
     assert len(warnings_of_generate) == 1 and "no chat template" in warnings_of_generate[0]
     assert read_prompts(sp, str(lines), None, 8, 32) == [sp.encode(t) for t in texts]  # no --chat
     assert len(warnings_of_generate) == 1
+
+
+def test_windows_and_generation_past_the_context_warn_once(teacher, embedded_paths):
+    from nemo_minitron.checkpoint.io import load_model_config
+    from tests.cli import run_cli
+
+    ctx = load_model_config(teacher).context_length  # 64
+    res = run_cli("eval", teacher, "--data", embedded_paths[0], "--seq-length", str(2 * ctx),
+                  "--max-windows", "2", "--micro-batch-size", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    warned = [x for x in res.stderr.splitlines() if "past the model's context length" in x]
+    assert len(warned) == 1 and f"--seq-length={2 * ctx}" in warned[0], res.stderr
+    res = run_cli("eval", teacher, "--data", embedded_paths[0], "--max-windows", "2",
+                  "--micro-batch-size", "2")  # the model's own windows: no warning
+    assert res.returncode == 0 and "context length" not in res.stderr, res.stderr[-2000:]
+    res = run_cli("generate", teacher, "--prompt", "def f(x):", "--prompt", "import os",
+                  "--max-new-tokens", str(ctx))
+    assert res.returncode == 0, res.stderr[-2000:]
+    warned = [x for x in res.stderr.splitlines() if "past the model's context length" in x]
+    assert len(warned) == 1 and f"--max-new-tokens={ctx}" in warned[0], res.stderr

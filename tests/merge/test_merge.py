@@ -300,3 +300,13 @@ def test_unmatched_rule_warns(single, tmp_path, capsys):
     assert rc == 0
     assert any("nothing_like_this" in r.getMessage() and r.levelno == logging.WARNING
                for r in records)
+
+
+def test_self_merge_warns_once(single, tmp_path, capsys):
+    # The same checkpoint under two spellings of its path; the merged model is the input.
+    rc, err = _run(["merge", "--base", str(single / "ck_a"), "--other",
+                    str(single / "ck_b" / ".." / "ck_a") + "/", "--out", str(tmp_path / "o")],
+                   capsys)
+    assert rc == 0, err
+    warned = [x for x in err.splitlines() if "are the same checkpoint" in x]
+    assert len(warned) == 1 and "--other and --base" in warned[0], err

@@ -8,7 +8,7 @@ import torch
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.importance.scores import Scores
 from nemo_minitron.model.params import count_params
-from nemo_minitron.prune.plan import Target, make_plan
+from nemo_minitron.prune.plan import Target, make_plan, validate_target
 
 CFG = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8,
                   num_query_groups=4, seq_length=32, vocab_size=256)
@@ -104,6 +104,10 @@ def test_scores_of_another_model_are_refused():
         make_plan(CFG, _scores(other), Target(hidden_size=32))
 
 
-def test_unfriendly_width_warns():
-    with pytest.warns(UserWarning, match="not a multiple of 64"):
-        make_plan(CFG, _scores(), Target(ffn_hidden_size=100))
+def test_unfriendly_width_warns_once(nm_log):
+    t = Target(ffn_hidden_size=100)
+    validate_target(CFG, t)  # what the prune verb does first, then make_plan again
+    make_plan(CFG, _scores(), t)
+    assert nm_log() == ["target.ffn_hidden_size=100 is not a multiple of 64: the pruned model "
+                        "works, but GPU matrix products run slower at such widths (64 or 128 "
+                        "would not); target.hardware_multiple sets the multiple"]

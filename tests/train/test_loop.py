@@ -149,3 +149,26 @@ def test_pretrain_on_a_user_dataset_path(tmp_path, tiny_overrides, embedded_path
 
     assert load_model_config(ckpt).vocab_size == 1024  # 1000 padded to a multiple of 128
     assert load_checkpoint_tokenizer(ckpt).vocab_size == 1000
+
+
+def test_warmup_longer_than_the_run_and_iters_below_the_resume_step_warn_once(
+        tmp_path, tiny_overrides):
+    from tests.cli import run_cli
+
+    out = tmp_path / "run"
+    base = [*tiny_overrides, "train.eval_interval=0", "train.lr=1e-3", "--out", str(out)]
+    res = run_cli("pretrain", *base, "train.train_iters=2", "train.lr_warmup_iters=8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    warned = [x for x in res.stderr.splitlines() if "train.lr_warmup_iters=8" in x]
+    assert len(warned) == 1, res.stderr
+    # The peak it names is the scheduler's own learning rate at the last step.
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    last_lr = [r["lr"] for r in rows if r["kind"] == "train"][-1]
+    assert f"reaching {last_lr:.3g} " in warned[0], (last_lr, warned[0])
+    before = (out / "metrics.jsonl").read_text()
+    res = run_cli("pretrain", *base, "train.train_iters=1", "train.lr_warmup_iters=1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    warned = [x for x in res.stderr.splitlines() if "train.train_iters=1 is below step 2" in x]
+    assert len(warned) == 1, res.stderr
+    assert "lr_warmup_iters" not in res.stderr
+    assert (out / "metrics.jsonl").read_text() == before  # nothing was trained
