@@ -58,6 +58,9 @@ if [ -e "$stop_flag" ]; then
   rm -f "$stop_flag"
   requeue=1
   echo "[launch] the run stopped before its last step (status 75)"
+elif [ "$requeue" = 1 ] && [ "$rc" = 0 ]; then
+  requeue=0  # the step finished before USR1 could stop it: nothing left to run
+  echo "[launch] USR1 came, but the step finished its work"
 fi
 
 # Requeue after USR1 even when the step failed: a signal that came before the trainer was

@@ -9,12 +9,14 @@ print one line (``error: ...``) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import signal
 import sys
 
 from nemo_minitron.cli import demo, interop, launch, merge, prune, selfdistill, specdec, train
 from nemo_minitron.config import ConfigError
-from nemo_minitron.utils.logging import quiet_known_warnings, setup_logging
+from nemo_minitron.utils.logging import get_logger, quiet_known_warnings, setup_logging
 from nemo_minitron.utils.rank import is_rank0
 
 
@@ -39,6 +41,11 @@ def verb_names() -> set[str]:
 def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()  # the program's own filters: importing the package sets none
     setup_logging()
+    # SLURM's USR1 says the time limit is near. The training loop turns it into a checkpoint
+    # and a stop (its own handler); anywhere else (building data, pruning, after the last
+    # step) finishing beats dying of it, which would fail a job whose work is done.
+    with contextlib.suppress(ValueError):  # ValueError: called off the main thread
+        signal.signal(signal.SIGUSR1, _usr1_outside_training)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling the overrides at the first option; key=value words after
@@ -84,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             from nemo_minitron.parallel.runtime import shutdown
 
             shutdown()
+
+
+def _usr1_outside_training(_signum: int, _frame: object) -> None:
+    get_logger("cli").info("USR1 outside a training loop: nothing to checkpoint; carrying on")
 
 
 def _os_error(e: OSError) -> str | None:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ROOT / "recipes" / "tiny_cpu_pipeline.yaml"
 STAGES = ["teacher", "pruned", "healed", "merged"]
-TEACHER_ITERS = 40  # enough steps that a signal after 3 logged ones lands mid-run
+TEACHER_ITERS = 100  # enough steps that a signal after 3 logged ones lands mid-run
 HEAL_ITERS = 6
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
@@ -133,7 +133,7 @@ def test_relaunching_submits_only_what_is_missing(finished, tiny_overrides):
     r = _launch(finished, tiny_overrides)
     assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
     assert r.stderr.count("is complete; not submitted") == len(STAGES)
-    assert _queued() == before
+    assert _queued() <= before
 
     healed = finished / "healed"
     first = _losses(healed)
@@ -158,16 +158,6 @@ def test_a_signal_to_the_training_step_requeues_and_the_pipeline_waits(finished,
     jobs = {j["stage"]: j["job_id"] for j in json.loads(r.stdout)}
     ids = list(jobs.values())
     try:
-        # A second launch while these jobs are queued or running submits nothing, names them.
-        before = _queued()
-        again = _launch(workdir, tiny_overrides)
-        assert again.returncode == 0, again.stderr
-        assert [(j["job_id"], j["submitted"]) for j in json.loads(again.stdout)] \
-            == [(j, False) for j in ids]
-        for stage, job in jobs.items():
-            assert f"stage {stage}: job {job} (" in again.stderr
-        assert _queued() == before
-
         # USR1 to the job's steps only (what a user's `scancel --signal=USR1 JOB` does).
         teacher = workdir / "teacher"
         end = time.time() + 180
@@ -176,6 +166,16 @@ def test_a_signal_to_the_training_step_requeues_and_the_pipeline_waits(finished,
                                                                                "RUNNING")
             time.sleep(0.2)
         subprocess.run(["scancel", "--signal=USR1", jobs["teacher"]], check=True)
+
+        # A second launch while these jobs are queued or running submits nothing, names them.
+        before = _queued()
+        again = _launch(workdir, tiny_overrides)
+        assert again.returncode == 0, again.stderr
+        assert [(j["job_id"], j["submitted"]) for j in json.loads(again.stdout)] \
+            == [(j, False) for j in ids]
+        for stage, job in jobs.items():
+            assert f"stage {stage}: job {job} (" in again.stderr
+        assert _queued() <= before  # nothing new (jobs may have ended meanwhile)
         info = _wait(ids)
     finally:
         subprocess.run(["scancel", *ids])
