@@ -9,6 +9,7 @@ The library API (``docs/library.md``) for a user's own Megatron-core or NeMo scr
     plan = nm.make_plan(cfg, scores, nm.Target(hidden_size=3072, ffn_hidden_size=9216))
     pruned = nm.prune(model, plan)
     merged = nm.merge([model_a, model_b], method="slerp", t=0.5)
+    kd = nm.KDLoss(student, teacher, nm.KDConfig())      # kd.forward_step: a forward_step_func
 
 Importing the package changes nothing in the process (no warning filters, logging handlers or
 CPU backend; the command line sets its own up in ``cli.main``) and imports neither torch nor
@@ -32,6 +33,8 @@ _EXPORTS = {
     "make_plan": "nemo_minitron.prune.plan:make_plan",
     "prune": "nemo_minitron.prune",  # callable: prune.apply.prune_model
     "merge": "nemo_minitron.merge",  # callable: merge.memory.merge
+    "KDConfig": "nemo_minitron.distill.objective:KDConfig",
+    "KDLoss": "nemo_minitron.distill.kd_loss:KDLoss",
     "load_weights": "nemo_minitron.checkpoint.io:load_weights",
     "cpu_backend": "nemo_minitron.parallel.cpu:backend",
 }

@@ -196,7 +196,11 @@ class KDObjective(Objective):
 
     # ------------------------------------------------------------------ one micro-batch
     def forward_step(self, data_iterator, model):
-        batch = to_device(next(data_iterator), self.device)
+        return self.step(to_device(next(data_iterator), self.device), model)
+
+    def step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
+        """``(output, loss_func)`` of one micro-batch already on the device (``tokens``,
+        ``position_ids``, ``labels``, ``loss_mask`` ``[b, s]``; with a cache ``sample_index``)."""
         tokens, pos = batch["tokens"], batch["position_ids"]
         received = self.student.decoder.input_tensor
         if received is not None:  # a later stage: split the pair of hidden states
