@@ -535,6 +535,11 @@ API_CASES: list[tuple[str, Callable[[], object], list[str]]] = [
     ("api-plan-too-wide", lambda: _nm().make_plan(
         _nm().ModelConfig(num_layers=2, hidden_size=64), None,
         _nm().Target(hidden_size=128)), ["target.hidden_size=128"]),
+    ("api-kd-temperature", lambda: _nm().KDConfig(temperature=0), ["kd.temperature=0"]),
+    ("api-kd-loss-cache", lambda: _nm().KDLoss(None, None, _nm().KDConfig(
+        teacher_cache="c")), ["kd.teacher_cache", "KDLoss"]),
+    ("api-kd-loss-microbatches", lambda: _nm().KDLoss(None, None, num_microbatches=0),
+     ["num_microbatches=0"]),
 ]
 
 
