@@ -7,7 +7,8 @@ builds it (``add_projections`` + ``layer_pairs``) around a ``MinitronGPTModel`` 
 weights, its ``forward_step`` handed to the schedule as ``train.loop.Trainer`` does. Every
 loss term (logit KL at T=2 in chunks, cross-entropy, hidden and embedding losses through
 learned projections) and every gradient must agree (1e-6), at TP=2 and at PP=2 (where the
-first stage's intermediate loss enters through the backward pass)."""
+first stage's intermediate loss enters through the backward pass). At TP=2 the logit KL and
+cross-entropy also equal torch's on the gathered full-vocabulary logits (1e-5)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import pytest
 import torch
 
 from tests.dist import spawn
-from tests.distill.test_objective import STUDENT, TEACHER, _stock_student
+from tests.distill.test_objective import STUDENT, TEACHER, _full, _stock_student
 
 TOL = dict(atol=1e-6, rtol=1e-6)
+REF_TOL = dict(atol=1e-5, rtol=1e-5)  # another order of summation than the chunked loss
 
 
 def kd_loss_job(tp: int, pp: int) -> None:
@@ -86,6 +88,19 @@ def kd_loss_job(tp: int, pp: int) -> None:
                                        msg=lambda m, n=name: f"{n}: {m}")
     else:
         assert got == [] and want_stage  # the first stage's intermediate losses
+    if pp == 1:  # and the logit terms against torch on the full-vocabulary logits (T=2)
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            for b, o in zip(batches, got):
+                zs, zt = (_full(m(b["tokens"], b["position_ids"], None)).float() / 2.0
+                          for m in (users, teacher))
+                kl = 4.0 * F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1),
+                                    log_target=True, reduction="none").sum(-1)
+                ce = F.cross_entropy(zs.transpose(1, 2) * 2.0, b["labels"], reduction="none")
+                m = b["loss_mask"]
+                torch.testing.assert_close(o["kd loss"], (kl * m).sum() / m.sum(), **REF_TOL)
+                torch.testing.assert_close(o["lm loss"], (ce * m).sum() / m.sum(), **REF_TOL)
     grads = dict(users.named_parameters())
     assert grads.keys() == dict(verbs.named_parameters()).keys()
     assert any(n.startswith("kd_projections.") for n in grads)
