@@ -109,10 +109,17 @@ def _submit(planned: list[Job]) -> list[dict[str, Any]]:
     from nemo_minitron.launch import slurm
 
     jobs: dict[str, str] = {}
+    fresh: set[str] = set()  # submitted by this launch
     result = []
     for job in planned:
         logs, name = job.stage.logs, job.cluster.job_name
         held = slurm.holder(logs, job.name)
+        if held is not None and fresh & set(job.needs):
+            # It waits for a job that is gone (its stage is submitted anew): it never starts.
+            log.info("stage %s: job %s waits for a job that was replaced; replacing it too",
+                     job.name, held[0])
+            slurm.cancel(held[0])
+            held = None
         if held is not None:
             jobs[job.name] = held[0]
             log.info("stage %s: job %s (%s) already holds it; not submitted again",
@@ -123,6 +130,7 @@ def _submit(planned: list[Job]) -> list[dict[str, Any]]:
         after = [jobs[n] for n in job.needs if n in jobs]
         jobs[job.name] = slurm.submit(_script(job), logs / f"{name}.sbatch", after,
                                       slurm.record_path(logs, job.name))
+        fresh.add(job.name)
         log.info("stage %s: submitted job %s%s", job.name, jobs[job.name],
                  f" after {', '.join(after)}" if after else "")
         result.append({"stage": job.name, "job_id": jobs[job.name], "submitted": True,

@@ -91,9 +91,14 @@ def holder(logs: Path, job_name: str) -> tuple[str, str] | None:
     if state is None or state[0] not in ACTIVE:
         return None
     if state[0] == "PENDING" and state[1] == "DependencyNeverSatisfied":
-        _run(["scancel", job_id])
+        cancel(job_id)
         return None
     return job_id, state[0]
+
+
+def cancel(job_id: str) -> None:
+    """Cancel a job, best effort (one that ended meanwhile needs no cancelling either)."""
+    subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
 
 
 @contextmanager

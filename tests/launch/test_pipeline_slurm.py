@@ -193,3 +193,31 @@ def test_a_signal_to_the_training_step_requeues_and_the_pipeline_waits(finished,
         assert sorted(got) == sorted(ref)
         assert [got[s] for s in sorted(got)] == pytest.approx([ref[s] for s in sorted(ref)],
                                                               rel=1e-5)
+
+
+def test_a_relaunch_replaces_jobs_whose_dependency_failed(slurm_cluster, tiny_overrides,
+                                                          tmp_path):
+    """Cancel the first stage's job: the stages after it can never start (SLURM keeps them
+    pending, DependencyNeverSatisfied). Launching again cancels those and submits the whole
+    chain anew instead of naming dead jobs as the holders."""
+    workdir = tmp_path / "w"
+    r = _launch(workdir, tiny_overrides)
+    assert r.returncode == 0, r.stderr
+    old = {j["stage"]: j["job_id"] for j in json.loads(r.stdout)}
+    new: dict[str, str] = {}
+    try:
+        subprocess.run(["scancel", old["teacher"]], check=True)
+        end = time.time() + 60
+        while _job(old["pruned"]).get("Reason") != "DependencyNeverSatisfied":
+            assert time.time() < end, _job(old["pruned"])
+            time.sleep(0.5)
+        r = _launch(workdir, tiny_overrides)
+        assert r.returncode == 0, r.stderr
+        jobs = json.loads(r.stdout)
+        new = {j["stage"]: j["job_id"] for j in jobs}
+        assert list(new) == STAGES and all(j["submitted"] for j in jobs)
+        assert not set(new.values()) & set(old.values())
+        for stage in STAGES[1:]:
+            assert _job(old[stage]).get("JobState") in ("CANCELLED", None), _job(old[stage])
+    finally:
+        subprocess.run(["scancel", *old.values(), *new.values()])
