@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from tests.dist import spawn
-from tests.distill.test_objective import STUDENT, TEACHER, _full, _stock_student
+from tests.distill.test_objective import (
+    STUDENT,
+    TEACHER,
+    _batches,
+    _full,
+    _stock_student,
+)
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 REF_TOL = dict(atol=1e-5, rtol=1e-5)  # another order of summation than the chunked loss
@@ -42,12 +48,7 @@ def kd_loss_job(tp: int, pp: int) -> None:
     assert type(verbs).__name__ == "MinitronGPTModel" and type(users).__name__ == "GPTModel"
 
     mbs, n_micro, s, seed = 2, 2, TEACHER["seq_length"], 7
-    g = torch.Generator().manual_seed(0)
-    toks = torch.randint(0, TEACHER["vocab_size"], (mbs * n_micro, s + 1), generator=g)
-    masks = (torch.rand(mbs * n_micro, s, generator=g) > 0.3).float()
-    batches = [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": m,
-                "position_ids": torch.arange(s).expand(mbs, s)}
-               for t, m in zip(toks.split(mbs), masks.split(mbs))]
+    batches = _batches(mbs, n_micro, s)
     cfg = nm.KDConfig(temperature=2.0, chunk_tokens=5, lm_loss_weight=0.5, hidden_weight=1.0,
                       embedding_weight=0.5)
     schedule = dict(num_microbatches=n_micro, seq_length=s, micro_batch_size=mbs,

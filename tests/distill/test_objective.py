@@ -17,6 +17,17 @@ STUDENT = dict(TEACHER, hidden_size=48, ffn_hidden_size=96, kv_channels=16)
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+def _batches(mbs: int, n_micro: int, s: int) -> list[dict[str, torch.Tensor]]:
+    """``n_micro`` micro-batches of ``mbs`` random sequences of ``s`` tokens, with a random
+    loss mask (fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, TEACHER["vocab_size"], (mbs * n_micro, s + 1), generator=g)
+    masks = (torch.rand(mbs * n_micro, s, generator=g) > 0.3).float()
+    return [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": m,
+             "position_ids": torch.arange(s).expand(mbs, s)}
+            for t, m in zip(toks.split(mbs), masks.split(mbs))]
+
+
 def _stock_student(cfg) -> torch.nn.Module:
     """``build_model(cfg)`` with Megatron's own ``GPTModel`` class."""
     from megatron.core.models.gpt import GPTModel
@@ -58,12 +69,7 @@ def objective_job(tp: int) -> None:
     assert type(ours).__name__ == "MinitronGPTModel" and type(stock).__name__ == "GPTModel"
 
     mbs, n_micro, s = 2, 2, TEACHER["seq_length"]
-    g = torch.Generator().manual_seed(0)
-    toks = torch.randint(0, TEACHER["vocab_size"], (mbs * n_micro, s + 1), generator=g)
-    masks = (torch.rand(mbs * n_micro, s, generator=g) > 0.3).float()
-    batches = [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": m,
-                "position_ids": torch.arange(s).expand(mbs, s)}
-               for t, m in zip(toks.split(mbs), masks.split(mbs))]
+    batches = _batches(mbs, n_micro, s)
     cfg = KDConfig(lm_loss_weight=0.5)
 
     # Reference: full-vocabulary logits as the models return them, torch's KL and CE.
