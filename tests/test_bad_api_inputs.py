@@ -1,0 +1,84 @@
+"""Bad input to the library API (``import nemo_minitron as nm``), table-driven: each call
+raises one ``ConfigError`` of one line naming the argument and the rule, before anything is
+changed. (id, call, needles); the calls need no parallel state. The command line's table is
+``tests/test_bad_inputs.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+
+def _tc(**changes):
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    kw = dict(num_layers=2, hidden_size=64, num_attention_heads=4, normalization="RMSNorm",
+              gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False)
+    return TransformerConfig(**{**kw, **changes})
+
+
+def _sd(**shapes):
+    return {k: torch.zeros(*v) for k, v in {"decoder.final_layernorm.weight": (64,),
+                                             **shapes}.items()}
+
+
+def _nm():
+    import nemo_minitron
+
+    return nemo_minitron
+
+
+API_CASES: list[tuple[str, Callable[[], object], list[str]]] = [
+    ("api-tc-moe", lambda: _nm().ModelConfig.from_transformer_config(
+        _tc(num_moe_experts=2, moe_router_topk=2)), ["num_moe_experts"]),
+    ("api-tc-qk-norm", lambda: _nm().ModelConfig.from_transformer_config(
+        _tc(qk_layernorm=True)), ["qk_layernorm"]),
+    ("api-tc-relu", lambda: _nm().ModelConfig.from_transformer_config(
+        _tc(activation_func=torch.relu, gated_linear_unit=False)), ["activation_func"]),
+    ("api-tc-field-twice", lambda: _nm().ModelConfig.from_transformer_config(
+        _tc(), hidden_size=32), ["hidden_size", "taken from"]),
+    ("api-tc-unknown-field", lambda: _nm().ModelConfig.from_transformer_config(
+        _tc(), vocab=128), ["vocab", "not a field"]),
+    ("api-tc-vocab-zero", lambda: _nm().ModelConfig.from_transformer_config(
+        _tc(), vocab_size=0), ["model.vocab_size"]),
+    ("api-merge-one-input", lambda: _nm().merge([_sd()]), ["at least two"]),
+    ("api-merge-method", lambda: _nm().merge([_sd(), _sd()], method="mean"), ["method="]),
+    ("api-merge-unknown-setting", lambda: _nm().merge([_sd(), _sd()], tt=0.3), ["'tt'"]),
+    ("api-merge-t-range", lambda: _nm().merge([_sd(), _sd()], t=1.5), ["merge.t=1.5"]),
+    ("api-merge-no-config", lambda: _nm().merge([_sd(), _sd()], t=0.5), ["config="]),
+    ("api-merge-shapes", lambda: _nm().merge(
+        [_sd(), _sd(**{"decoder.final_layernorm.weight": (32,)})],
+        config=_nm().ModelConfig(num_layers=2, hidden_size=64)),
+     ["decoder.final_layernorm.weight", "one shape"]),
+    ("api-merge-not-a-dict", lambda: _nm().merge([_sd(), [1, 2]],
+                                                  config=_nm().ModelConfig()), ["list"]),
+    ("api-plan-too-wide", lambda: _nm().make_plan(
+        _nm().ModelConfig(num_layers=2, hidden_size=64), None,
+        _nm().Target(hidden_size=128)), ["target.hidden_size=128"]),
+    ("api-kd-temperature", lambda: _nm().KDConfig(temperature=0), ["kd.temperature=0"]),
+    ("api-kd-loss-cache", lambda: _nm().KDLoss(None, None, _nm().KDConfig(
+        teacher_cache="c")), ["kd.teacher_cache", "KDLoss"]),
+    ("api-kd-loss-microbatches", lambda: _nm().KDLoss(None, None, num_microbatches=0),
+     ["num_microbatches=0"]),
+]
+
+
+def test_at_least_10_api_cases():
+    assert len(API_CASES) >= 10
+    assert len({c[0] for c in API_CASES}) == len(API_CASES)
+
+
+@pytest.mark.parametrize("call, needles", [c[1:] for c in API_CASES],
+                         ids=[c[0] for c in API_CASES])
+def test_bad_api_input(call, needles):
+    from nemo_minitron import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        call()
+    message = str(e.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
