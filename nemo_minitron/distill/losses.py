@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from nemo_minitron.model.layouts import vocab_range
 
-Divergence = Literal["forward", "reverse", "js"]
+Divergence = Literal["forward", "reverse", "js", "gjsd"]
 ChunkTokens = int | Literal["auto"] | None
 """Tokens per chunk of a logit loss: a number, None (all at once) or "auto" (``chunk_rows``)."""
 
@@ -95,11 +95,23 @@ def _teacher_log_probs(t: torch.Tensor, top_k: int | None,
     return log_softmax(t, group)
 
 
+def resolve_divergence(kind: Divergence, beta: float) -> tuple[Divergence, float]:
+    """``(kind, beta)`` to compute: the generalized JSD at its ends is forward (beta=0) or
+    reverse (beta=1) KL, as TRL's ``generalized_jsd_loss`` defines it; Jensen-Shannon is the
+    generalized JSD at beta=0.5."""
+    if kind == "gjsd" and beta in (0.0, 1.0):
+        return ("forward" if beta == 0.0 else "reverse"), beta
+    if kind == "js":
+        return "gjsd", 0.5
+    return kind, beta
+
+
 def _divergence(ls: torch.Tensor, lt: torch.Tensor, kind: Divergence,
-                group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+                group: dist.ProcessGroup | None,
+                beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token divergence ``[n]`` and ``dL/dz_student [n, V/TP]`` (per unit of loss) from
-    student/teacher log-probs. ``a`` is dL/dlog p_s; the softmax chain rule turns it into
-    ``p_s * (a - sum_v p_s a)`` (the sum all-reduced)."""
+    student/teacher log-probs (``kind`` from ``resolve_divergence``). ``a`` is dL/dp_s; the
+    softmax chain rule turns it into ``p_s * (a - sum_v p_s a)`` (the sum all-reduced)."""
     ps, pt = ls.exp(), lt.exp()
     if kind == "forward":  # KL(p_t || p_s)
         per = torch.special.xlogy(pt, pt) - torch.where(pt > 0, pt * ls, 0.0)
@@ -108,12 +120,14 @@ def _divergence(ls: torch.Tensor, lt: torch.Tensor, kind: Divergence,
         a = ls - lt
         per = tp_allreduce((ps * a).sum(-1), group)
         return per, ps * (a - per.unsqueeze(-1))
-    lm = torch.logaddexp(ls, lt) - math.log(2.0)  # log of the mixture m = (p_s + p_t) / 2
+    # Generalized JSD (TRL's convention): the mixture m = beta p_t + (1 - beta) p_s and
+    # beta KL(p_t || m) + (1 - beta) KL(p_s || m); its dL/dp_s is (1 - beta)(log p_s - log m).
+    lm = torch.logaddexp(ls + math.log(1.0 - beta), lt + math.log(beta))
     kl_sm = tp_allreduce((ps * (ls - lm)).sum(-1), group)
     kl_tm = tp_allreduce((torch.special.xlogy(pt, pt) - torch.where(pt > 0, pt * lm, 0.0)).sum(-1),
                        group)
-    a = 0.5 * (ls - lm)
-    return 0.5 * (kl_sm + kl_tm), ps * (a - 0.5 * kl_sm.unsqueeze(-1))
+    a = (1.0 - beta) * (ls - lm)
+    return beta * kl_tm + (1.0 - beta) * kl_sm, ps * (a - (1.0 - beta) * kl_sm.unsqueeze(-1))
 
 
 def _softmax_and_lse(z: torch.Tensor, group: dist.ProcessGroup | None
@@ -166,8 +180,8 @@ class _VocabParallelDivergence(torch.autograd.Function):
     gradient buffer plus a few chunk-sized ones)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, kind, temperature, top_k, group, step,  # type: ignore[override]
-                labels, with_grad):
+    def forward(ctx, student, teacher, kind, beta, temperature, top_k, group,  # type: ignore[override]
+                step, labels, with_grad):
         out = torch.empty(student.shape[:-1], dtype=torch.float32
                           if student.dtype != torch.float64 else torch.float64,
                           device=student.device)
@@ -191,19 +205,19 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 else:
                     ls = log_softmax(zs, group)
                     lt = _teacher_log_probs(zt, top_k, group)
-                    out[i:i + step] = _divergence(ls, lt, kind, group)[0]
+                    out[i:i + step] = _divergence(ls, lt, kind, group, beta)[0]
         if fast:
             ctx.dstudent = dstudent
         else:
             ctx.save_for_backward(student, teacher)
-        ctx.args = (kind, temperature, top_k, group, step, fast)
+        ctx.args = (kind, beta, temperature, top_k, group, step, fast)
         if ce is not None:
             ctx.mark_non_differentiable(ce)
         return out * temperature**2, ce
 
     @staticmethod
     def backward(ctx, grad, _grad_ce=None):  # type: ignore[override]
-        kind, temperature, top_k, group, step, fast = ctx.args
+        kind, beta, temperature, top_k, group, step, fast = ctx.args
         # d(T^2 D)/d logits = T^2 * dD/dz / T
         g = grad.unsqueeze(-1) * temperature
         if fast:  # dKL/dz_s = p_s - p_t, computed in forward
@@ -211,17 +225,17 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 raise RuntimeError("logit_divergence has no gradient to give: it ran under "
                                    "no_grad, or its backward already ran")
             dstudent, ctx.dstudent = ctx.dstudent.mul_(g), None
-            return dstudent, None, None, None, None, None, None, None, None
+            return dstudent, *[None] * 9
         student, teacher = ctx.saved_tensors
         dstudent = torch.empty_like(student)
         for i in range(0, student.shape[0], step):
             ls = log_softmax(compute_dtype(student[i:i + step]) / temperature, group)
             lt = _teacher_log_probs(compute_dtype(teacher[i:i + step]) / temperature, top_k,
                                     group)
-            _, dz = _divergence(ls, lt, kind, group)
+            _, dz = _divergence(ls, lt, kind, group, beta)
             del ls, lt
             dstudent[i:i + step] = dz.mul_(g[i:i + step])
-        return dstudent, None, None, None, None, None, None, None, None
+        return dstudent, *[None] * 9
 
 
 # Bytes of one fp32 ``[chunk, V/TP]`` buffer when the chunk is chosen from the shapes
@@ -269,12 +283,13 @@ def _needs_grad(student: torch.Tensor) -> bool:
 def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
                      kind: Divergence = "forward", temperature: float = 1.0,
                      top_k: int | None = None, chunk_tokens: ChunkTokens = "auto",
-                     group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                     group: dist.ProcessGroup | None = None, beta: float = 0.5) -> torch.Tensor:
     """Per-token divergence between teacher and student logits.
 
     ``student``, ``teacher``: ``[..., V/TP]`` logits (this rank's vocabulary slice under TP;
     ``group`` is the TP group, None for one process). Returns ``[...]`` (fp32): forward
-    ``KL(p_t || p_s)``, reverse ``KL(p_s || p_t)`` or Jensen-Shannon, times ``T^2``. ``top_k``
+    ``KL(p_t || p_s)``, reverse ``KL(p_s || p_t)``, Jensen-Shannon or the generalized JSD
+    with ``beta`` (``_divergence``; 0: forward, 1: reverse KL), times ``T^2``. ``top_k``
     (forward only) keeps the teacher's k most likely tokens, renormalised. ``chunk_tokens``
     bounds the temporary memory (None: one chunk; "auto": from the shapes, ``chunk_rows``)."""
     if top_k is not None and kind != "forward":
@@ -283,26 +298,29 @@ def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *,
     if student.shape != teacher.shape:
         raise ValueError(f"student logits {tuple(student.shape)} and teacher logits "
                          f"{tuple(teacher.shape)} differ")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta} must be in [0, 1]")
+    kind, beta = resolve_divergence(kind, beta)
     (s2, t2), step = _token_chunks(chunk_tokens, student, teacher.detach())
-    out, _ = _VocabParallelDivergence.apply(s2, t2, kind, temperature, top_k, group, step, None,
-                                            _needs_grad(s2))
+    out, _ = _VocabParallelDivergence.apply(s2, t2, kind, beta, temperature, top_k, group, step,
+                                            None, _needs_grad(s2))
     return out.view(student.shape[:-1])
 
 
 def logit_divergence_and_ce(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                             *, kind: Divergence = "forward", temperature: float = 1.0,
                             top_k: int | None = None, chunk_tokens: ChunkTokens = "auto",
-                            group: dist.ProcessGroup | None = None
+                            group: dist.ProcessGroup | None = None, beta: float = 0.5
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``logit_divergence`` and, without gradient, the student's per-token cross-entropy
     against ``labels [...]`` (reported beside the distillation loss). On the fused path
     (forward KL, T=1, no top-k) the cross-entropy reuses the student's log-softmax."""
-    if kind != "forward" or temperature != 1.0 or top_k is not None:
+    if resolve_divergence(kind, beta)[0] != "forward" or temperature != 1.0 or top_k is not None:
         kd = logit_divergence(student, teacher, kind=kind, temperature=temperature,
-                              top_k=top_k, chunk_tokens=chunk_tokens, group=group)
+                              top_k=top_k, chunk_tokens=chunk_tokens, group=group, beta=beta)
         return kd, token_cross_entropy(student, labels, chunk_tokens=chunk_tokens, group=group)
     (s2, t2, y2), step = _token_chunks(chunk_tokens, student, teacher.detach(), labels)
-    kd, ce = _VocabParallelDivergence.apply(s2, t2, kind, 1.0, None, group, step, y2,
+    kd, ce = _VocabParallelDivergence.apply(s2, t2, "forward", beta, 1.0, None, group, step, y2,
                                             _needs_grad(s2))
     return kd.view(labels.shape), ce.view(labels.shape)
 

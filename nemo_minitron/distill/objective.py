@@ -19,13 +19,14 @@ backward pass (``_AddLoss``) and reported through ``pop_stage_metrics``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
 import torch
 
 from nemo_minitron.config import ConfigError
+from nemo_minitron.data.instruct import sft_attention_mask
 from nemo_minitron.distill.losses import (
     ChunkTokens,
     Divergence,
@@ -35,6 +36,7 @@ from nemo_minitron.distill.losses import (
     one_process,
     token_cross_entropy,
 )
+from nemo_minitron.distill.on_policy import OnPolicyConfig, OnPolicySampler
 from nemo_minitron.distill.teacher_cache import TeacherCache, cached_forward_kl
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.model.gpt import MinitronGPTModel
@@ -47,7 +49,12 @@ class KDConfig:
     """Distillation losses and their weights."""
 
     divergence: Divergence = "forward"
-    """Logit divergence: forward KL(teacher || student), reverse KL, or js (Jensen-Shannon)."""
+    """Logit divergence: forward KL(teacher || student), reverse KL, js (Jensen-Shannon), or
+    gjsd (generalized JSD with ``beta``, GKD's loss)."""
+    beta: float = 0.5
+    """gjsd only, in [0, 1]: the mixture m = beta p_teacher + (1 - beta) p_student and
+    beta KL(teacher || m) + (1 - beta) KL(student || m); 0 is forward KL, 1 reverse KL (TRL's
+    GKD convention)."""
     temperature: float = 1.0
     """Softmax temperature T of both models; the loss is multiplied by T^2."""
     top_k: int | None = None
@@ -77,8 +84,13 @@ class KDConfig:
     """A teacher top-k log-probability cache (``nemo-minitron teacher-cache``) read instead of
     running the teacher: forward KL on the cached top-k plus a tail bucket (exact when k covers
     the vocabulary; see ``distill.teacher_cache``). Logit loss only, T=1, PP=1."""
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """On-policy distillation: a share of micro-batches on the student's own samples
+    (``distill.on_policy``)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:  # also rejects NaN
+            raise ConfigError(f"kd.beta={self.beta} must be in [0, 1]")
         if self.chunk_tokens is not None and self.chunk_tokens != "auto" and (
                 isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int)
                 or self.chunk_tokens < 1):
@@ -133,10 +145,11 @@ class KDObjective(Objective):
     def __init__(self, teacher: torch.nn.Module | None, student: torch.nn.Module, cfg: KDConfig,
                  device: torch.device, *, pairs: list[tuple[int, int]],
                  shared_vocab: int | None = None, num_microbatches: int = 1,
-                 cache: TeacherCache | None = None):
+                 cache: TeacherCache | None = None, sampler: OnPolicySampler | None = None):
         from megatron.core import parallel_state as ps
 
         self.teacher, self.cfg, self.device, self.cache = teacher, cfg, device, cache
+        self.sampler = sampler  # on-policy distillation: the student's samples
         self.student = unwrap(student)
         self.shared_vocab = shared_vocab
         self.num_microbatches = num_microbatches
@@ -200,8 +213,13 @@ class KDObjective(Objective):
 
     def step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module):
         """``(output, loss_func)`` of one micro-batch already on the device (``tokens``,
-        ``position_ids``, ``labels``, ``loss_mask`` ``[b, s]``; with a cache ``sample_index``)."""
+        ``position_ids``, ``labels``, ``loss_mask`` ``[b, s]``; with a cache or a sampler
+        ``sample_index``; packed instruction windows ``segment_ids``)."""
+        if self.sampler is not None and model.training:
+            batch = self.sampler(batch, self.student)
         tokens, pos = batch["tokens"], batch["position_ids"]
+        seg = batch.get("segment_ids")
+        attn = sft_attention_mask(seg) if seg is not None else None  # packed: per example
         received = self.student.decoder.input_tensor
         if received is not None:  # a later stage: split the pair of hidden states
             self.student.decoder.set_input_tensor(received[..., :self.h_student])
@@ -220,15 +238,15 @@ class KDObjective(Objective):
         else:
             assert self.teacher is not None
             with torch.no_grad():
-                t_out = self.teacher(tokens, pos, None)
+                t_out = self.teacher(tokens, pos, attn)
             terms = partial(self._logit_terms, t_out.transpose(0, 1))  # a [s, b, v] view
         if self.is_last and isinstance(self.student, MinitronGPTModel):
             # The terms get the student's logits as its output layer wrote them, [s, b, v]:
             # neither they nor their gradient are copied to [b, s, v].
-            s_out = model(tokens, pos, None, labels=batch["labels"], logits_loss=terms)
+            s_out = model(tokens, pos, attn, labels=batch["labels"], logits_loss=terms)
             from_output = _identity
         else:  # another GPTModel returns [b, s, v] logits; on other stages, hidden states
-            s_out = model(tokens, pos, None)
+            s_out = model(tokens, pos, attn)
             from_output = lambda out: terms(batch["labels"], out.transpose(0, 1))  # noqa: E731
         aux = self._intermediate_losses(batch["loss_mask"]) if self.cache is None else []
         if not self.is_last:
@@ -270,7 +288,7 @@ class KDObjective(Objective):
             t_logits = drop_vocab_padding(t_logits, self.shared_vocab)
         labels = labels.t().contiguous()
         kw = dict(kind=cfg.divergence, temperature=cfg.temperature, top_k=cfg.top_k,
-                  chunk_tokens=cfg.chunk_tokens, group=self._group())
+                  chunk_tokens=cfg.chunk_tokens, group=self._group(), beta=cfg.beta)
         if cfg.lm_loss_weight:  # the cross-entropy with gradient, computed once
             per_kd = logit_divergence(s_logits, t_logits, **kw)
             per_ce = _lm_cross_entropy(s_logits, labels)

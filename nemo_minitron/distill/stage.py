@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe, TrainConfig
+from nemo_minitron.distill.instruct import (
+    InstructKDConfig,
+    Positioned,
+    check_instruct,
+    instruct_kd_splits,
+)
 from nemo_minitron.distill.objective import KDConfig, KDObjective, add_projections
+from nemo_minitron.distill.on_policy import OnPolicySampler
 from nemo_minitron.distill.teacher_cache import TeacherCache, check_teacher
 from nemo_minitron.utils.logging import get_logger
 
@@ -39,6 +46,16 @@ class DistillRecipe(Recipe):
     """Training loop (defaults: lr 1e-4 -> 1e-5, 40 warm-up steps)."""
     kd: KDConfig = field(default_factory=KDConfig)
     """Distillation losses."""
+    instruct: InstructKDConfig = field(default_factory=InstructKDConfig)
+    """Instruction data (``instruct.data``): response-only distillation on chat-formatted
+    examples, as ``sft`` reads them; unset: the ``data`` section's pretraining-style data."""
+
+    def __post_init__(self) -> None:
+        check_instruct(self.instruct, self.kd.teacher_cache)
+        if self.kd.on_policy.fraction > 0:
+            self.kd.on_policy.check(instruct=self.instruct.enabled, pack=self.instruct.pack,
+                                    pp=self.parallel.pipeline_model_parallel_size,
+                                    teacher_cache=self.kd.teacher_cache is not None)
 
 
 def layer_pairs(student_ckpt: str | None, student_layers: int, teacher_layers: int,
@@ -115,7 +132,8 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     t_cfg.check_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     shared_vocab = _check_pair(teacher_ckpt, student_ckpt, t_cfg, s_cfg,
                                p.tensor_model_parallel_size, recipe.train.seq_length)
-    check_data(recipe.data, load_checkpoint_tokenizer(student_ckpt))  # the teacher's too
+    if not recipe.instruct.enabled:
+        check_data(recipe.data, load_checkpoint_tokenizer(student_ckpt))  # the teacher's too
     pairs = layer_pairs(student_ckpt, s_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
     cache = None
     if recipe.kd.teacher_cache is not None:
@@ -124,6 +142,8 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
         cache = open_cache(recipe.kd.teacher_cache)
         check_compatible(cache, recipe, recipe.train.seq_length or s_cfg.seq_length,
                          s_cfg.vocab_size)
+    if recipe.kd.on_policy.fraction > 0:
+        recipe.kd.on_policy.check_room(recipe.train.seq_length or s_cfg.seq_length)
     init_distributed(recipe.parallel, seed=recipe.train.seed)
     bf16 = bf16_enabled(recipe)
     student, _, tokenizer = load_model(student_ckpt, bf16=bf16, field="--student")
@@ -178,8 +198,23 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,
     if pairs is None:
         pairs = [] if teacher is None else layer_pairs(
             None, student_cfg.num_layers, teacher.config.num_layers, recipe.kd.layer_map)
-    prefix, tokenizer = resolve_data(recipe.data, tokenizer)
     recipe = dataclasses.replace(recipe, model=student_cfg)
+    t = recipe.train
+    seq_length = t.seq_length or student_cfg.seq_length
+    prefix, splits = None, None
+    if recipe.instruct.enabled:
+        splits = instruct_kd_splits(recipe.instruct, recipe.data, tokenizer, seq_length,
+                                    validate=bool(t.eval_interval))
+        if recipe.kd.on_policy.fraction > 0:  # seeds from the sample's position in the run
+            recipe.kd.on_policy.check_room(seq_length)
+            splits = dataclasses.replace(splits, train=Positioned(
+                splits.train, t.train_iters * t.global_batch_size))
+    else:
+        prefix, tokenizer = resolve_data(recipe.data, tokenizer)
+
+    sampler = OnPolicySampler(recipe.kd.on_policy, eod=tokenizer.eod,
+                              stop_tokens=tokenizer.eos_ids, vocab_limit=tokenizer.vocab_size) \
+        if recipe.kd.on_policy.fraction > 0 else None
 
     def objective(model: torch.nn.Module) -> KDObjective:
         if teacher is not None:
@@ -190,10 +225,10 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,
         return KDObjective(teacher, model, recipe.kd, rt.device, pairs=pairs,
                            shared_vocab=shared_vocab,
                            num_microbatches=t.global_batch_size // (t.micro_batch_size * rt.dp),
-                           cache=cache)
+                           cache=cache, sampler=sampler)
 
     trainer = make_trainer(recipe, rt, student_cfg, tokenizer, prefix, out_dir, model=student,
-                           objective=objective)
+                           objective=objective, splits=splits)
     if teacher is not None:
         teacher_loss, split, n = teacher_validation_loss(teacher, trainer.valid_ds,
                                                          trainer.train_ds, recipe.train)

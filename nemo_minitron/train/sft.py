@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from nemo_minitron.config import ConfigError, Recipe, TrainConfig
 from nemo_minitron.data.datasets import GPTSplits
@@ -36,6 +36,8 @@ log = get_logger("sft")
 class SFTConfig:
     """Instruction data and how it becomes training windows."""
 
+    SECTION: ClassVar[str] = "sft"  # the recipe key errors name (distill reuses these fields)
+
     valid_data: str | None = None
     """Held-out JSONL for the validation loss; None splits ``valid_fraction`` off the data."""
     valid_fraction: float = 0.05
@@ -51,7 +53,8 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.valid_fraction < 1:
-            raise ConfigError(f"sft.valid_fraction={self.valid_fraction} must be in [0, 1)")
+            raise ConfigError(f"{self.SECTION}.valid_fraction={self.valid_fraction} must be in "
+                              "[0, 1)")
 
 
 def _sft_train() -> TrainConfig:
@@ -75,9 +78,19 @@ def chat_template(cfg: SFTConfig) -> str | None:
         return cfg.chat_template
     p = Path(cfg.chat_template)
     if not p.is_file():
-        raise ConfigError(f"sft.chat_template={cfg.chat_template!r} does not exist (give a "
-                          f"jinja2 file or '{DEFAULT_TEMPLATE}')")
+        raise ConfigError(f"{cfg.SECTION}.chat_template={cfg.chat_template!r} does not exist "
+                          f"(give a jinja2 file or '{DEFAULT_TEMPLATE}')")
     return p.read_text(encoding="utf-8", errors="replace")
+
+
+def check_packing(cfg: SFTConfig) -> None:
+    """Packing needs per-example attention masks, which Transformer Engine ignores."""
+    from nemo_minitron.model.build import te_available
+
+    if cfg.pack and te_available():
+        raise ConfigError(f"{cfg.SECTION}.pack=true needs per-example attention masks, which "
+                          "Transformer Engine's causal attention ignores; use "
+                          f"{cfg.SECTION}.pack=false on GPUs")
 
 
 def check_responses(examples: Sequence[Example], name: str) -> None:
@@ -95,19 +108,26 @@ def check_responses(examples: Sequence[Example], name: str) -> None:
 def sft_splits(recipe: SFTRecipe, data: str, tokenizer: Tokenizer,
                seq_length: int) -> GPTSplits:
     """Training and validation windows of the instruction data."""
-    cfg = recipe.sft
+    return instruct_splits(recipe.sft, data, tokenizer, seq_length, seed=recipe.data.seed,
+                           validate=bool(recipe.train.eval_interval))
+
+
+def instruct_splits(cfg: SFTConfig, data: str, tokenizer: Tokenizer, seq_length: int, *,
+                    seed: int, validate: bool) -> GPTSplits:
+    """Training and validation windows of the instruction JSONL ``data`` as ``cfg`` says
+    (``sft`` and ``distill`` on instruction data alike); ``validate``: the run validates."""
     examples = read_jsonl(data)
     check_responses(examples, data)
     if cfg.valid_data is not None:
         train, valid = examples, read_jsonl(cfg.valid_data)
         check_responses(valid, cfg.valid_data)
     else:
-        train, valid = split_examples(examples, cfg.valid_fraction, recipe.data.seed)
-    if not valid and recipe.train.eval_interval:
-        raise ConfigError("no validation examples: set sft.valid_data or sft.valid_fraction, "
-                          "or train.eval_interval=0")
+        train, valid = split_examples(examples, cfg.valid_fraction, seed)
+    if not valid and validate:
+        raise ConfigError(f"no validation examples: set {cfg.SECTION}.valid_data or "
+                          f"{cfg.SECTION}.valid_fraction, or train.eval_interval=0")
     template = chat_template(cfg)
-    train_ds = build_sft_dataset(shuffle_examples(train, recipe.data.seed), tokenizer,
+    train_ds = build_sft_dataset(shuffle_examples(train, seed), tokenizer,
                                  seq_length, pack=cfg.pack, template=template, name=data)
     valid_ds = build_sft_dataset(valid, tokenizer, seq_length, pack=cfg.pack, template=template,
                                  name=cfg.valid_data or data) if valid else None
@@ -126,16 +146,13 @@ def sft(recipe: SFTRecipe, checkpoint: str, data: str, out_dir: str | Path) -> d
     """Fine-tune ``checkpoint`` on the instruction JSONL ``data``; the summary names the last
     checkpoint as ``final``."""
     from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model_config
-    from nemo_minitron.model.build import te_available
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.train.objectives import SFTObjective
     from nemo_minitron.train.pretrain import make_trainer, run_trainer
 
     model_cfg = load_model_config(checkpoint)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
-    if recipe.sft.pack and te_available():
-        raise ConfigError("sft.pack=true needs per-example attention masks, which Transformer "
-                          "Engine's causal attention ignores; use sft.pack=false on GPUs")
+    check_packing(recipe.sft)
     recipe = dataclasses.replace(recipe, model=model_cfg)
     splits = sft_splits(recipe, data, tokenizer,
                         recipe.train.seq_length or model_cfg.seq_length)
