@@ -172,8 +172,9 @@ def teacher_validation_loss(teacher: torch.nn.Module, valid_ds: Any, train_ds: A
 
     split, data = ("validation", valid_ds) if valid_ds is not None else ("training", train_ds)
     n = min(t.eval_iters * t.global_batch_size, len(data))
-    n = max(n - n % t.micro_batch_size, min(len(data), t.micro_batch_size))
-    return lm_loss(teacher, sequences(data, n), t.micro_batch_size), split, n
+    mbs = min(t.micro_batch_size, n)  # a set smaller than a micro-batch (instruction data)
+    n -= n % mbs
+    return lm_loss(teacher, sequences(data, n), mbs), split, n
 
 
 def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,

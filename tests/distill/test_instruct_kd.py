@@ -210,6 +210,7 @@ def test_tp2_and_pp2_reproduce_one_process(runs, pair, tiny_overrides):
     (["instruct.data=embedded", "kd.teacher_cache=/x"], ["kd.teacher_cache", "instruct.data"]),
     (["instruct.valid_fraction=1.5"], ["instruct.valid_fraction=1.5", "[0, 1)"]),
     (["instruct.chat_template=/no/such.jinja"], ["instruct.chat_template='/no/such.jinja'"]),
+    (["instruct.embedded_max_chars=300"], ["every example is longer than model.seq_length"]),
 ])
 def test_bad_instruct_input(tmp_path, pair, tiny_overrides, extra, needles):
     teacher, student = pair
@@ -218,3 +219,26 @@ def test_bad_instruct_input(tmp_path, pair, tiny_overrides, extra, needles):
               *_data_overrides(tiny_overrides), *KD, "instruct.data=embedded", *extra)
     _one_line_error(res, *needles)
     assert not out.exists()
+
+
+def test_shipped_recipe_runs(tmp_path, tiny_overrides):
+    """``recipes/tiny_cpu_distill_instruct.yaml`` as shipped (the embedded instruction set),
+    shortened to one step on the session's small corpus; a one-step 256-token model (the demo's
+    window; the embedded set's shortest examples are about 100 tokens) distilled into itself."""
+    from tests.train.test_loop import pretrain_job
+
+    spawn(pretrain_job, 1, str(tmp_path / "m"), tiny_overrides + [
+        "model.seq_length=256", "train.train_iters=1", "train.eval_interval=0"])
+    ckpt = str(tmp_path / "m" / "checkpoints" / "step_0000001")
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "tiny_cpu_distill_instruct.yaml"
+    out = tmp_path / "run"
+    res = cli("distill", "--teacher", ckpt, "--student", ckpt, str(recipe),
+              "--out", str(out), *_data_overrides(tiny_overrides), "train.train_iters=1",
+              "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_iters=1",
+              "train.lr_warmup_iters=0", "instruct.embedded_max_chars=300",
+              "kd.teacher_max_loss_ratio=2.0")  # one step of pretraining: untrained
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1]
+    assert [r["step"] for r in rows if r["kind"] == "valid"] == [0, 1]
+    assert (out / "checkpoints" / "step_0000001").is_dir()
