@@ -110,6 +110,16 @@ NORM = "model.layers.0.input_layernorm.weight"
 PROJ = "model.layers.0.mlp.down_proj.weight"
 
 # (id, argv builder, needles); "OUT" in argv is the output path that must not appear.
+INSTRUCT = CACHE_TRAIN + ["instruct.data=embedded", "kd.teacher_max_loss_ratio=2"]
+ON_POLICY = ["kd.on_policy.fraction=0.5", "kd.on_policy.sampling.max_new_tokens=8"]
+
+
+def _kd(*extra: str) -> Callable[[Ctx], list[str]]:
+    """``distill`` of ``good`` into itself on the embedded instruction set, plus ``extra``."""
+    return lambda c: ["distill", "--teacher", str(c.good), "--student", str(c.good), *c.data,
+                      *INSTRUCT, *extra, "--out", "OUT"]
+
+
 CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     # ---- recipes and overrides (pretrain)
     ("recipe-missing", lambda c: ["pretrain", str(c.tmp / "no.yaml"), "--out", "OUT"],
@@ -203,6 +213,25 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("sft-every-response-empty", lambda c: [
         "sft", str(c.good), c.file("e.jsonl", '{"instruction": "Say it.", "output": ""}\n' * 4),
         "--out", "OUT"], ["e.jsonl", "every response is empty"]),
+    ("distill-instruct-all-too-long", _kd("instruct.embedded_max_chars=300"),
+     ["train.jsonl: every example is longer than model.seq_length + 1 = 65 tokens"]),
+    ("distill-instruct-with-cache", _kd("kd.teacher_cache=/x"),
+     ["kd.teacher_cache", "cannot be used with instruct.data"]),
+    ("distill-instruct-valid-fraction", _kd("instruct.valid_fraction=1.5"),
+     ["instruct.valid_fraction=1.5", "[0, 1)"]),
+    ("distill-instruct-template-missing", _kd("instruct.chat_template=/no/such.jinja"),
+     ["instruct.chat_template='/no/such.jinja' does not exist"]),
+    ("distill-gjsd-beta", _kd("kd.divergence=gjsd", "kd.beta=1.5"), ["kd.beta=1.5", "[0, 1]"]),
+    ("distill-on-policy-fraction", _kd("kd.on_policy.fraction=-0.1"),
+     ["kd.on_policy.fraction=-0.1", "[0, 1]"]),
+    ("distill-on-policy-no-room", _kd(*ON_POLICY, "kd.on_policy.sampling.max_new_tokens=64"),
+     ["kd.on_policy.sampling.max_new_tokens=64", "no room for the prompt"]),
+    ("distill-on-policy-packed", _kd(*ON_POLICY, "instruct.pack=true"),
+     ["kd.on_policy.fraction > 0 needs instruct.pack=false"]),
+    ("distill-on-policy-pp2", _kd(*ON_POLICY, "parallel.pipeline_model_parallel_size=2"),
+     ["kd.on_policy.fraction > 0 needs pipeline_model_parallel_size=1"]),
+    ("distill-on-policy-no-instructions", _kd(*ON_POLICY, "instruct.data=null"),
+     ["kd.on_policy.fraction > 0 needs instruction data"]),
     # ---- the data verb
     ("data-empty-file", lambda c: ["data", c.file("e.jsonl", ""), "--tokenizer", c.tokenizer,
                                    "--output-prefix", "OUT/x"], ["no non-empty document"]),

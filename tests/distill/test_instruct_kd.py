@@ -18,7 +18,6 @@ import pytest
 from tests.cli import cli
 from tests.dist import in_order, spawn
 from tests.distill.test_distill import _metrics
-from tests.test_cli import _one_line_error
 from tests.train.test_loop import _copy_metrics
 from tests.train.test_sft import _examples
 
@@ -204,21 +203,6 @@ def test_tp2_and_pp2_reproduce_one_process(runs, pair, tiny_overrides):
         for step in ref:
             for n in NAMES:
                 assert got[step][n] == pytest.approx(ref[step][n], abs=1e-5), (name, step, n)
-
-
-@pytest.mark.parametrize("extra, needles", [
-    (["instruct.data=embedded", "kd.teacher_cache=/x"], ["kd.teacher_cache", "instruct.data"]),
-    (["instruct.valid_fraction=1.5"], ["instruct.valid_fraction=1.5", "[0, 1)"]),
-    (["instruct.chat_template=/no/such.jinja"], ["instruct.chat_template='/no/such.jinja'"]),
-    (["instruct.embedded_max_chars=300"], ["every example is longer than model.seq_length"]),
-])
-def test_bad_instruct_input(tmp_path, pair, tiny_overrides, extra, needles):
-    teacher, student = pair
-    out = tmp_path / "out"
-    res = cli("distill", "--teacher", teacher, "--student", student, "--out", str(out),
-              *_data_overrides(tiny_overrides), *KD, "instruct.data=embedded", *extra)
-    _one_line_error(res, *needles)
-    assert not out.exists()
 
 
 def test_shipped_recipe_runs(tmp_path, tiny_overrides):

@@ -14,10 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.cli import cli
 from tests.dist import in_order, spawn
 from tests.distill.test_distill import _metrics
-from tests.test_cli import _one_line_error
 from tests.train.test_loop import _copy_metrics
 from tests.train.test_sft import _examples
 
@@ -247,30 +245,3 @@ def test_on_policy_run_resumes_exactly(runs):
             assert got[step][n] == ref[step][n], (step, n)
     # Some micro-batches were the student's samples: the losses differ from the dataset's.
     assert any(abs(ref[s]["kd loss"] - off[s]["kd loss"]) > 1e-4 for s in ref)
-
-
-@pytest.mark.parametrize("extra, needles", [
-    (["kd.beta=1.5"], ["kd.beta=1.5", "[0, 1]"]),
-    (["kd.on_policy.fraction=-0.1"], ["kd.on_policy.fraction=-0.1", "[0, 1]"]),
-    (["kd.on_policy.sampling.max_new_tokens=64"],
-     ["kd.on_policy.sampling.max_new_tokens=64", "no room for the prompt"]),
-    (["instruct.pack=true"], ["instruct.pack=false"]),
-    (["parallel.pipeline_model_parallel_size=2"], ["pipeline_model_parallel_size=1"]),
-])
-def test_bad_on_policy_input(tmp_path, pair, tiny_overrides, extra, needles):
-    teacher, student = pair
-    out = tmp_path / "out"
-    res = cli("distill", "--teacher", teacher, "--student", student, "--out", str(out),
-              *[o for o in tiny_overrides if o.startswith("data.")], *KD,
-              "instruct.data=embedded", *extra)
-    _one_line_error(res, *needles)
-    assert not out.exists()
-
-
-def test_on_policy_needs_instruction_data(tmp_path, pair, tiny_overrides):
-    teacher, student = pair
-    out = tmp_path / "out"
-    res = cli("distill", "--teacher", teacher, "--student", student, "--out", str(out),
-              *[o for o in tiny_overrides if o.startswith("data.")], *KD)
-    _one_line_error(res, "kd.on_policy.fraction > 0 needs instruction data")
-    assert not out.exists()
