@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from nemo_minitron.config import ConfigError, DataConfig
+from nemo_minitron.config import ConfigError, DataConfig, TrainConfig
 from nemo_minitron.data.datasets import GPTSplits
 from nemo_minitron.data.tokenizer import Tokenizer
 from nemo_minitron.train.sft import SFTConfig, check_packing, instruct_splits
@@ -77,6 +77,38 @@ def _with_valid(cfg: InstructKDConfig, valid: str) -> InstructKDConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, valid_data=valid)
+
+
+def teacher_response_loss(teacher: torch.nn.Module, valid_ds: Any, train_ds: Any,
+                          t: TrainConfig) -> tuple[float, str, int]:
+    """(loss, split, windows): the teacher's LM loss on the response tokens of the loop's own
+    validation windows (their first ``eval_iters`` global batches; the training windows when
+    there is no validation set), reduced as the loop reduces its ``lm loss`` (per micro-batch
+    means, averaged), with the same per-example attention."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemo_minitron.train.objectives import SFTObjective
+
+    split, data = ("validation", valid_ds) if valid_ds is not None else ("training", train_ds)
+    n = min(t.eval_iters * t.global_batch_size, len(data))
+    mbs = min(t.micro_batch_size, n)
+    n -= n % mbs
+    batches = [{k: torch.stack([data[i][k] for i in range(j, j + mbs)]) for k in data[0]}
+               for j in range(0, n, mbs)]
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    with torch.no_grad():
+        outs = get_forward_backward_func()(
+            forward_step_func=SFTObjective(device).forward_step, data_iterator=iter(batches),
+            model=[teacher], num_microbatches=len(batches),
+            seq_length=batches[0]["tokens"].shape[1], micro_batch_size=mbs, forward_only=True)
+    total = torch.tensor([sum(float(o["sft loss"]) for o in outs), float(len(outs))],
+                         dtype=torch.float64, device=device)  # only the last stage has outputs
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    return float(total[0] / total[1].clamp(min=1)), split, n
 
 
 class Positioned(torch.utils.data.Dataset):

@@ -21,6 +21,7 @@ from nemo_minitron.distill.instruct import (
     Positioned,
     check_instruct,
     instruct_kd_splits,
+    teacher_response_loss,
 )
 from nemo_minitron.distill.objective import KDConfig, KDObjective, add_projections
 from nemo_minitron.distill.on_policy import OnPolicySampler
@@ -231,8 +232,9 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,
     trainer = make_trainer(recipe, rt, student_cfg, tokenizer, prefix, out_dir, model=student,
                            objective=objective, splits=splits)
     if teacher is not None:
-        teacher_loss, split, n = teacher_validation_loss(teacher, trainer.valid_ds,
-                                                         trainer.train_ds, recipe.train)
+        measure = teacher_response_loss if recipe.instruct.enabled else teacher_validation_loss
+        teacher_loss, split, n = measure(teacher, trainer.valid_ds, trainer.train_ds,
+                                         recipe.train)
     else:  # measured when the cache was built, on the same sequences
         assert cache is not None
         teacher_loss = float(cache.meta["teacher_valid_loss"])

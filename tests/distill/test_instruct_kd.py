@@ -17,7 +17,7 @@ import pytest
 
 from tests.cli import cli
 from tests.dist import in_order, spawn
-from tests.distill.test_distill import _metrics
+from tests.distill.test_distill import _metrics, summary_job
 from tests.train.test_loop import _copy_metrics
 from tests.train.test_sft import _examples
 
@@ -159,8 +159,19 @@ def runs(tmp_path_factory, pair, tiny_overrides) -> Path:
         (distill_job, (str(root / "ref"), teacher, student, kd)),
         (distill_job, (str(root / "cut"), teacher, student, kd + ["train.exit_interval=2"])),
         (_copy_metrics, (str(root / "cut"), str(root / "first.jsonl"))),
-        (distill_job, (str(root / "cut"), teacher, student, kd))])
+        (distill_job, (str(root / "cut"), teacher, student, kd)),
+        (summary_job, (str(root / "self"), teacher, teacher, kd + SELF))])
     return root
+
+
+SELF = ["train.train_iters=1", "train.eval_interval=1"]  # the teacher into itself
+
+
+def _teacher_loss_is_the_loops(run: Path) -> None:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    step0 = next(r for r in rows if r["kind"] == "valid" and r["step"] == 0)
+    got = json.loads((run / "summary.json").read_text())["teacher"]
+    assert got == pytest.approx(step0["lm loss"], abs=1e-5)  # response tokens only
 
 
 def test_loss_equals_torch_recomputation_on_response_tokens(runs):
@@ -179,6 +190,10 @@ def test_prompt_positions_contribute_exactly_zero(runs):
         assert c[f"{name}_response_grad_change"] > 1e-6, (name, c)
 
 
+def test_teacher_loss_is_the_loops_response_loss(runs):
+    _teacher_loss_is_the_loops(runs / "self")
+
+
 def test_interrupted_run_resumes_exactly(runs):
     assert sorted(_metrics(runs, "first.jsonl")) == [1, 2]
     ref, got = _metrics(runs / "ref"), _metrics(runs / "cut")
@@ -195,7 +210,9 @@ def test_tp2_and_pp2_reproduce_one_process(runs, pair, tiny_overrides):
     layouts = {"tp2": ["parallel.tensor_model_parallel_size=2"],
                "pp2": ["parallel.pipeline_model_parallel_size=2"]}
     spawn(in_order, 2, [(distill_job, (str(runs / n), teacher, student, kd + extra))
-                        for n, extra in layouts.items()])
+                        for n, extra in layouts.items()] + [
+        (summary_job, (str(runs / "self-pp2"), teacher, teacher, kd + SELF + layouts["pp2"]))])
+    _teacher_loss_is_the_loops(runs / "self-pp2")
     ref = _metrics(runs / "ref")
     for name in layouts:
         got = _metrics(runs / name)
