@@ -31,6 +31,12 @@ def _nm():
     return nemo_minitron
 
 
+def _on_policy(**kw):
+    from nemo_minitron.distill.on_policy import OnPolicyConfig
+
+    return OnPolicyConfig(**kw)
+
+
 API_CASES: list[tuple[str, Callable[[], object], list[str]]] = [
     ("api-tc-moe", lambda: _nm().ModelConfig.from_transformer_config(
         _tc(num_moe_experts=2, moe_router_topk=2)), ["num_moe_experts"]),
@@ -61,6 +67,11 @@ API_CASES: list[tuple[str, Callable[[], object], list[str]]] = [
     ("api-kd-temperature", lambda: _nm().KDConfig(temperature=0), ["kd.temperature=0"]),
     ("api-kd-loss-cache", lambda: _nm().KDLoss(None, None, _nm().KDConfig(
         teacher_cache="c")), ["kd.teacher_cache", "KDLoss"]),
+    ("api-kd-beta", lambda: _nm().KDConfig(divergence="gjsd", beta=2.0), ["kd.beta=2.0"]),
+    ("api-kd-on-policy-fraction", lambda: _on_policy(fraction=1.5),
+     ["kd.on_policy.fraction=1.5", "[0, 1]"]),
+    ("api-kd-loss-on-policy", lambda: _nm().KDLoss(None, None, _nm().KDConfig(
+        on_policy=_on_policy(fraction=0.5))), ["kd.on_policy", "KDLoss"]),
     ("api-kd-loss-microbatches", lambda: _nm().KDLoss(None, None, num_microbatches=0),
      ["num_microbatches=0"]),
 ]

@@ -44,6 +44,9 @@ class KDLoss(KDObjective):
         if cfg.teacher_cache is not None:
             raise ConfigError("KDLoss runs the teacher live: kd.teacher_cache is for the "
                               "distill verb; pass teacher_cache=None")
+        if cfg.on_policy.fraction > 0:  # its prompts and samples need the verb's data
+            raise ConfigError("KDLoss distills on your batches: kd.on_policy is for the distill "
+                              "verb and distill_models; pass kd.on_policy.fraction=0")
         if num_microbatches < 1:
             raise ConfigError(f"KDLoss: num_microbatches={num_microbatches} must be >= 1")
         s, t = unwrap(student), unwrap(teacher)
