@@ -228,12 +228,28 @@ def test_on_policy_step_equals_torch_recomputation(runs):
 
 
 @pytest.mark.dist
-def test_tp2_samples_and_loss_equal_tp1(runs, pair):
+def test_tp2_and_dp2_equal_one_process(runs, pair, tiny_overrides):
+    """TP=2 draws the same samples as TP=1 for the same seed; whole on-policy runs under TP=2
+    and DP=2 (each rank samples its own micro-batches, seeded by their positions in the run,
+    which DP=1 gives the same micro-batches) reproduce one process."""
     teacher, student = pair
-    spawn(_step_job, 2, teacher, student, str(runs / "data.jsonl"), str(runs / "step2.json"), 2)
+    kd = [o for o in tiny_overrides if o.startswith("data.")] + KD + [
+        f"instruct.data={runs / 'data.jsonl'}"]
+    spawn(in_order, 2, [
+        (_step_job, (teacher, student, str(runs / "data.jsonl"), str(runs / "step2.json"), 2)),
+        (distill_job, (str(runs / "tp2"), teacher, student,
+                       kd + ["parallel.tensor_model_parallel_size=2"])),
+        (distill_job, (str(runs / "dp2"), teacher, student, kd))])
     one, two = (json.loads((runs / f"step{n}.json").read_text()) for n in (1, 2))
     assert two["tokens"] == one["tokens"]
     assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    ref = _metrics(runs / "ref")
+    for name in ("tp2", "dp2"):
+        got = _metrics(runs / name)
+        assert sorted(got) == sorted(ref)
+        for step in ref:
+            for n in ("loss", "kd loss", "lm loss"):
+                assert got[step][n] == pytest.approx(ref[step][n], abs=1e-5), (name, step, n)
 
 
 def test_on_policy_run_resumes_exactly(runs):
