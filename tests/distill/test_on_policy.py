@@ -116,6 +116,7 @@ def test_gjsd_tp2_equals_dense_recomputation(tmp_path):
 
 # ----------------------------------------------------------------------------- one step
 MAX_NEW = 8
+STEP_BETAS = [0.0, 0.5, 1.0]
 
 
 def _step_job(teacher_ckpt: str, student_ckpt: str, data: str, out: str, tp: int) -> None:
@@ -155,15 +156,8 @@ def _step_job(teacher_ckpt: str, student_ckpt: str, data: str, out: str, tp: int
     prompts = [tok.encode(render_example(tok, e)[0]) for e in exs]
     res["prompts_kept"] = all(new["tokens"][i, :len(p)].tolist() == p
                               for i, p in enumerate(prompts))
-    kd = KDObjective(teacher, student, KDConfig(divergence="gjsd", beta=0.5),
-                     torch.device("cpu"), pairs=[])
-    student.zero_grad(set_to_none=True)
-    o, loss_func = kd.step(new, student)
-    loss = loss_func(o)[0]
-    loss.backward()
-    res["loss"] = float(loss)
-    if tp == 1:
-        # Reference: the sampled positions from the prompt lengths and the generator's rows.
+    mask = None
+    if tp == 1:  # the sampled positions from the prompt lengths and the generator's own rows
         rows = generate(student, prompts, dataclasses.replace(sampling, seed=11,
                                                               stop_tokens=tok.eos_ids),
                         vocab_limit=tok.vocab_size)
@@ -173,17 +167,34 @@ def _step_job(teacher_ckpt: str, student_ckpt: str, data: str, out: str, tp: int
             n = len(r) + (len(r) < MAX_NEW)  # a stopped row learns its stop token too
             mask[i, len(p) - 1:len(p) - 1 + n] = 1
         res["mask_equal"] = bool(torch.equal(mask, new["loss_mask"]))
+    # Every token a stop token: each row stops at once and learns the end of sequence alone.
+    stop = OnPolicySampler(OnPolicyConfig(fraction=1.0, sampling=dataclasses.replace(
+        sampling, stop_tokens=list(range(tok.vocab_size)))), eod=tok.eod, stop_tokens=[],
+        vocab_limit=tok.vocab_size).resample(batch, student, seed=11)
+    res["stopped_rows_learn_eod"] = all(
+        stop["labels"][i, len(p) - 1] == tok.eod and stop["loss_mask"][i].sum() == 1
+        and stop["loss_mask"][i, len(p) - 1] == 1 for i, p in enumerate(prompts))
+    for beta in STEP_BETAS:  # the ends are forward and reverse KL (dense_gjsd's F.kl_div)
+        kd = KDObjective(teacher, student, KDConfig(divergence="gjsd", beta=beta),
+                         torch.device("cpu"), pairs=[])
+        student.zero_grad(set_to_none=True)
+        o, loss_func = kd.step(new, student)
+        loss = loss_func(o)[0]
+        loss.backward()
+        res[f"loss{beta}"] = float(loss)
+        if mask is None:
+            continue
         grads = {n: p.grad.clone() for n, p in student.named_parameters()}
         student.zero_grad(set_to_none=True)
         with torch.no_grad():
             zt = teacher(new["tokens"], new["position_ids"], None).double()
         zs = student(new["tokens"], new["position_ids"], None).double()
-        want = (dense_gjsd(zs, zt, 0.5) * mask).sum() / mask.sum()
+        want = (dense_gjsd(zs, zt, beta) * mask).sum() / mask.sum()
         want.backward()
-        res["loss_diff"] = float((loss.double() - want).abs())
-        res["grad_diff"] = max(float((grads[n] - p.grad).abs().max())
-                               for n, p in student.named_parameters())
-        res["grad_max"] = max(float(g.abs().max()) for g in grads.values())
+        res[f"loss_diff{beta}"] = float((loss.double() - want).abs())
+        res[f"grad_diff{beta}"] = max(float((grads[n] - p.grad).abs().max())
+                                      for n, p in student.named_parameters())
+        res[f"grad_max{beta}"] = max(float(g.abs().max()) for g in grads.values())
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(res))
 
@@ -221,10 +232,12 @@ def runs(tmp_path_factory, pair, tiny_overrides) -> Path:
 
 def test_on_policy_step_equals_torch_recomputation(runs):
     r = json.loads((runs / "step1.json").read_text())
-    assert r["prompts_kept"] and r["mask_equal"]
+    assert r["prompts_kept"] and r["mask_equal"] and r["stopped_rows_learn_eod"]
     assert all(n > 0 for n in r["sampled"]), r["sampled"]
-    assert r["loss"] > 1e-3 and r["loss_diff"] < 1e-5, r
-    assert r["grad_max"] > 1e-4 and r["grad_diff"] < 1e-5, r
+    for beta in STEP_BETAS:
+        assert r[f"loss{beta}"] > 1e-3 and r[f"loss_diff{beta}"] < 1e-5, (beta, r)
+        assert r[f"grad_max{beta}"] > 1e-4 and r[f"grad_diff{beta}"] < 1e-5, (beta, r)
+    assert r["loss0.0"] != pytest.approx(r["loss1.0"], abs=1e-4)  # forward is not reverse
 
 
 @pytest.mark.dist
@@ -242,7 +255,8 @@ def test_tp2_and_dp2_equal_one_process(runs, pair, tiny_overrides):
         (distill_job, (str(runs / "dp2"), teacher, student, kd))])
     one, two = (json.loads((runs / f"step{n}.json").read_text()) for n in (1, 2))
     assert two["tokens"] == one["tokens"]
-    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    for beta in STEP_BETAS:
+        assert two[f"loss{beta}"] == pytest.approx(one[f"loss{beta}"], abs=1e-5)
     ref = _metrics(runs / "ref")
     for name in ("tp2", "dp2"):
         got = _metrics(runs / name)
