@@ -9,6 +9,7 @@ attention mask for both models.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -67,16 +68,10 @@ def instruct_kd_splits(cfg: InstructKDConfig, data_cfg: DataConfig, tokenizer: T
     path = cfg.data
     if path == EMBEDDED:
         path, valid = prepare_embedded_instruct(data_cfg, max_chars=cfg.embedded_max_chars)
-        if cfg.valid_data is None:
-            cfg = _with_valid(cfg, valid)
+        if cfg.valid_data is None:  # the set's own held-out files
+            cfg = dataclasses.replace(cfg, valid_data=valid)
     return instruct_splits(cfg, path, tokenizer, seq_length, seed=data_cfg.seed,
                            validate=validate)
-
-
-def _with_valid(cfg: InstructKDConfig, valid: str) -> InstructKDConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, valid_data=valid)
 
 
 def teacher_response_loss(teacher: torch.nn.Module, valid_ds: Any, train_ds: Any,
