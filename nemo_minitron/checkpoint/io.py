@@ -43,7 +43,7 @@ from nemo_minitron.data.tokenizer import Tokenizer, load_tokenizer
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.utils.fs import atomic_write_json, atomic_write_text, replace_dir
 from nemo_minitron.utils.logging import get_logger
-from nemo_minitron.utils.rank import global_rank
+from nemo_minitron.utils.rank import barrier, global_rank
 
 log = get_logger("checkpoint")
 
@@ -56,11 +56,6 @@ CHECKPOINTS = "checkpoints"
 def step_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
     """The checkpoint directory of training step ``step`` in a run directory."""
     return Path(run_dir) / CHECKPOINTS / f"step_{int(step):07d}"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:
@@ -271,7 +266,7 @@ def _write_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
         if optimizer is not None:
             (tmp / "optimizer").mkdir()
         (tmp / "rng").mkdir()
-    _barrier()
+    barrier()
     model_sd = _model_sharded_state_dict(model)
     with _stop_signals_blocked():
         dist_checkpointing.save(model_sd, str(tmp / "weights"))
@@ -279,7 +274,7 @@ def _write_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
             opt_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model))
             dist_checkpointing.save(opt_sd, str(tmp / "optimizer"))
     torch.save(get_rng_state(), tmp / "rng" / f"rank_{global_rank():05d}.pt")
-    _barrier()
+    barrier()
     if global_rank() == 0:
         atomic_write_text(tmp / MODEL_CONFIG, yaml.safe_dump(to_dict(model_cfg), sort_keys=False))
         if tokenizer is not None:
@@ -297,7 +292,7 @@ def _write_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
         log.info("saved checkpoint %s in %.2fs (checksums of %.1f MB: %.2fs)", final,
                  time.perf_counter() - t0, sum(e["size"] for e in entries.values()) / 1e6,
                  t_sum)
-    _barrier()
+    barrier()
     return final
 
 
