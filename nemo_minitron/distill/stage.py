@@ -72,10 +72,10 @@ def _check_pair(teacher_ckpt: str, student_ckpt: str, t_cfg: ModelConfig,
     """One-line errors for teacher/student that cannot be distilled together; returns the
     shared vocabulary when the padded vocabularies differ."""
     from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer
-    from nemo_minitron.data.tokenizer import tokenizer_fingerprint
+    from nemo_minitron.data.tokenizer import same_tokenizer
 
     t_tok, s_tok = load_checkpoint_tokenizer(teacher_ckpt), load_checkpoint_tokenizer(student_ckpt)
-    if tokenizer_fingerprint(t_tok) != tokenizer_fingerprint(s_tok):
+    if not same_tokenizer(t_tok, s_tok):
         raise ConfigError(f"teacher {teacher_ckpt!r} and student {student_ckpt!r} use different "
                           f"tokenizers ({t_tok.vocab_size} vs {s_tok.vocab_size} tokens)")
     if seq_length is None and t_cfg.seq_length != s_cfg.seq_length:

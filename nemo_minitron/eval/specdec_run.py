@@ -52,15 +52,14 @@ def check_pair(target: str, draft: str) -> None:
         load_checkpoint_tokenizer,
         load_model_config,
     )
-    from nemo_minitron.data.tokenizer import tokenizer_fingerprint
+    from nemo_minitron.data.tokenizer import same_tokenizer, tokenizer_label
 
     check_checkpoint(target, "target")
     check_checkpoint(draft, "draft")
     tt, dt = load_checkpoint_tokenizer(target), load_checkpoint_tokenizer(draft)
-    if tokenizer_fingerprint(tt) != tokenizer_fingerprint(dt):
-        raise ConfigError(f"target {target!r} ({tt.kind}, {tt.vocab_size} tokens) and draft "
-                          f"{draft!r} ({dt.kind}, {dt.vocab_size} tokens) have different "
-                          "tokenizers")
+    if not same_tokenizer(tt, dt):
+        raise ConfigError(f"target {target!r} and draft {draft!r} have different tokenizers: "
+                          f"{tokenizer_label(tt)} vs {tokenizer_label(dt)}")
     tv, dv = load_model_config(target).vocab_size, load_model_config(draft).vocab_size
     if tv != dv:
         raise ConfigError(f"target {target!r} (model.vocab_size={tv}) and draft {draft!r} "
