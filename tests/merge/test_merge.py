@@ -145,14 +145,29 @@ def test_t0_t1_and_self_merge_reproduce_inputs(single):
 
 def test_colinear_fallback_interpolates_linearly(single):
     """B = 2 A: every tensor pair is colinear, slerp falls back to (1 - t) A + t B."""
+    from nemo_minitron.merge.run import merge_record
+
     a, ours = _hf(single / "hf_a"), _hf(single / "out_colinear")
-    record = json.loads((single / "ck_colinear" / "merge.json").read_text())
+    record = merge_record(single / "ck_colinear")
     assert record["merge"]["t"] == 0.25
     assert record["colinear_fallbacks"] == len(a)  # one per logical (HF) tensor
-    plain = json.loads((single / "ck_slerp_scalar" / "merge.json").read_text())
+    plain = merge_record(single / "ck_slerp_scalar")
     assert plain["colinear_fallbacks"] == 0
+    assert merge_record(single / "ck_a") is None  # an import, not a merge
     for k in a:
         torch.testing.assert_close(ours[k], 0.75 * a[k] + 0.25 * (2 * a[k]), rtol=0, atol=1e-6)
+
+
+def test_merge_record_of_an_older_merge_is_its_merge_json(single, tmp_path):
+    """Merges written before the checkpoint writer kept their record in ``merge.json``."""
+    from nemo_minitron.merge.run import merge_record
+
+    old = tmp_path / "ck_old"
+    shutil.copytree(single / "ck_colinear", old)
+    (old / "metadata.json").unlink()
+    written = {"merge": {"method": "slerp", "t": 0.25}, "colinear_fallbacks": 3}
+    (old / "merge.json").write_text(json.dumps(written))
+    assert merge_record(old) == written
 
 
 def test_task_slerp_equals_mergekit_slerp_of_task_vectors(single):
@@ -243,8 +258,9 @@ def test_bad_inputs_are_one_line_errors(single, tmp_path, capsys):
     out = tmp_path / "out"
     other_tok = tmp_path / "ck_tok"
     shutil.copytree(b, other_tok)
-    tok_file = next(f for f in sorted((other_tok / "tokenizer").iterdir()) if f.is_file())
-    tok_file.write_bytes(tok_file.read_bytes() + b" ")
+    # One token renamed: same size, another vocabulary (a byte-only change is the same tokenizer).
+    tok_file = other_tok / "tokenizer" / "tokenizer.json"
+    tok_file.write_text(tok_file.read_text().replace('"w5"', '"v5"'))
     write_manifest(other_tok)  # a consistent checkpoint with another tokenizer, not a corrupt one
     cases = [
         (["--other", str(_corrupt(tmp_path, b))], "is corrupt"),
