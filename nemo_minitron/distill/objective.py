@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 
 from nemo_minitron.config import ConfigError
+from nemo_minitron.distill.cache_format import TeacherCache
+from nemo_minitron.distill.cache_kl import cached_forward_kl
 from nemo_minitron.distill.losses import (
     ChunkTokens,
     Divergence,
@@ -35,7 +37,6 @@ from nemo_minitron.distill.losses import (
     one_process,
     token_cross_entropy,
 )
-from nemo_minitron.distill.teacher_cache import TeacherCache, cached_forward_kl
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.model.gpt import MinitronGPTModel
 from nemo_minitron.model.layouts import drop_vocab_padding, global_layers
@@ -76,7 +77,7 @@ class KDConfig:
     teacher_cache: str | None = None
     """A teacher top-k log-probability cache (``nemo-minitron teacher-cache``) read instead of
     running the teacher: forward KL on the cached top-k plus a tail bucket (exact when k covers
-    the vocabulary; see ``distill.teacher_cache``). Logit loss only, T=1, PP=1."""
+    the vocabulary; see ``distill.cache_kl``). Logit loss only, T=1, PP=1."""
 
     def __post_init__(self) -> None:
         if self.chunk_tokens is not None and self.chunk_tokens != "auto" and (
@@ -279,7 +280,7 @@ class KDObjective(Objective):
         return per_kd.t().contiguous(), per_ce.t().contiguous()
 
     def _cached_terms(self, cached, labels, s_logits):
-        """Against the teacher cache: ``KL_k`` (see ``distill.teacher_cache``)."""
+        """Against the teacher cache: ``KL_k`` (see ``distill.cache_kl``)."""
         cfg = self.cfg
         labels = labels.t().contiguous()
         per_kd = cached_forward_kl(s_logits, *cached, chunk_tokens=cfg.chunk_tokens,

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe, TrainConfig
+from nemo_minitron.distill.cache_format import TeacherCache
 from nemo_minitron.distill.objective import KDConfig, KDObjective, add_projections
-from nemo_minitron.distill.teacher_cache import TeacherCache, check_teacher
+from nemo_minitron.distill.teacher_cache import check_teacher
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("distill")
@@ -119,7 +120,8 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     pairs = layer_pairs(student_ckpt, s_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
     cache = None
     if recipe.kd.teacher_cache is not None:
-        from nemo_minitron.distill.teacher_cache import check_compatible, open_cache
+        from nemo_minitron.distill.cache_format import open_cache
+        from nemo_minitron.distill.teacher_cache import check_compatible
 
         cache = open_cache(recipe.kd.teacher_cache)
         check_compatible(cache, recipe, recipe.train.seq_length or s_cfg.seq_length,

@@ -123,7 +123,7 @@ def candidate_finished(root: Path, name: str, retrain_steps: int) -> bool:
 def _with_teacher_cache(kd_recipe: Any, checkpoint: str, path: Path, top_k: int) -> Any:
     """``kd_recipe`` reading the teacher's logits from ``path``, built there first if needed."""
     from nemo_minitron.distill.cache_build import build_teacher_cache
-    from nemo_minitron.distill.teacher_cache import META
+    from nemo_minitron.distill.cache_format import META
 
     kd = dataclasses.replace(kd_recipe.kd, teacher_cache=str(path))  # validates the losses
     if not (path / META).is_file():
