@@ -245,8 +245,8 @@ class Merger(TensorMerger):
         return tensors[0]
 
 
-def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLike[str],
-          cfg: MergeConfig) -> dict[str, Any]:
+def merge_checkpoints(base: str | os.PathLike[str], others: list[str],
+                      out: str | os.PathLike[str], cfg: MergeConfig) -> dict[str, Any]:
     """Merge ``base`` and ``others`` into the checkpoint ``out`` (collective under torchrun:
     the items are divided among the ranks). Returns a summary."""
     import torch.distributed as dist

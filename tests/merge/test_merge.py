@@ -189,7 +189,7 @@ def parallel_job(root: str, single_root: str) -> None:
     from nemo_minitron.config import ParallelConfig
     from nemo_minitron.interop.hf_import import import_hf
     from nemo_minitron.merge.config import MergeConfig
-    from nemo_minitron.merge.run import merge
+    from nemo_minitron.merge.run import merge_checkpoints
     from nemo_minitron.model.build import build_model
     from nemo_minitron.model.full_state import gather_full_state_dict
     from nemo_minitron.parallel.runtime import init_distributed
@@ -198,9 +198,10 @@ def parallel_job(root: str, single_root: str) -> None:
     tp2 = ParallelConfig(tensor_model_parallel_size=2)
     for x in "ab":
         import_hf(s / f"hf_{x}", r / f"ck_{x}", tp2)
-    merge(r / "ck_a", [str(r / "ck_b")], r / "merged", MergeConfig(method="slerp", t=0.3))
+    slerp = MergeConfig(method="slerp", t=0.3)
+    merge_checkpoints(r / "ck_a", [str(r / "ck_b")], r / "merged", slerp)
     # Inputs saved under different layouts: TP=2 base, TP=1 other.
-    merge(r / "ck_a", [str(s / "ck_b")], r / "mixed", MergeConfig(method="slerp", t=0.3))
+    merge_checkpoints(r / "ck_a", [str(s / "ck_b")], r / "mixed", slerp)
     # The merged checkpoint loads under TP=2 too.
     init_distributed(tp2)
     model = build_model(load_model_config(r / "merged"))
