@@ -67,9 +67,10 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv],
                   {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
 
+    from nemo_minitron.checkpoint.layout import weights_dir
     from nemo_minitron.config import ParallelConfig
     from nemo_minitron.merge.config import MergeConfig
-    from nemo_minitron.merge.run import merge
+    from nemo_minitron.merge.run import merge_checkpoints
     from nemo_minitron.merge.store import CheckpointReader
     from nemo_minitron.parallel.runtime import init_distributed
 
@@ -79,8 +80,9 @@ def main() -> None:
         for i, name in enumerate("ab"):
             _make(work / name, SHAPES[args.shape], seed=i + 1)
             _make(work / f"warmup_{name}", WARMUP, seed=i + 1)
-        merge(work / "warmup_a", [str(work / "warmup_b")], work / "warmup", MergeConfig(t=0.5))
-        reader = CheckpointReader(work / "a" / "weights")
+        merge_checkpoints(work / "warmup_a", [str(work / "warmup_b")], work / "warmup",
+                          MergeConfig(t=0.5))
+        reader = CheckpointReader(weights_dir(work / "a"))
         layers = SHAPES[args.shape]["num_layers"]
         sizes = []
         for key, info in reader.tensors.items():
@@ -92,7 +94,8 @@ def main() -> None:
         largest, total = max(sizes), sum(sizes)
         Path("/proc/self/clear_refs").write_text("5")
         before = _status("VmRSS")
-        summary = merge(work / "a", [str(work / "b")], work / "merged", MergeConfig(t=0.5))
+        summary = merge_checkpoints(work / "a", [str(work / "b")], work / "merged",
+                                    MergeConfig(t=0.5))
         peak = _status("VmHWM") - before
         print(json.dumps({
             "shape": args.shape, "largest_tensor_mib": round(largest / 2**20, 2),

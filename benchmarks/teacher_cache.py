@@ -30,8 +30,8 @@ def kl_error(teacher: str, student: str, ks: list[int], windows: int, data: str 
     from nemo_minitron.config import DataConfig, ParallelConfig
     from nemo_minitron.data.datasets import build_gpt_datasets, sequences
     from nemo_minitron.data.embedded import prepare_embedded
+    from nemo_minitron.distill.cache_kl import cached_forward_kl, vocab_parallel_topk
     from nemo_minitron.distill.losses import logit_divergence
-    from nemo_minitron.distill.teacher_cache import cached_forward_kl, vocab_parallel_topk
     from nemo_minitron.model.forward import forward_logits
     from nemo_minitron.parallel.runtime import init_distributed
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nemo_minitron.config import DataConfig, load_recipe
 from nemo_minitron.data.embedded import embedded_dir
-from nemo_minitron.utils.fs import read_jsonl
+from nemo_minitron.utils.fs import read_jsonl_records
 from nemo_minitron.utils.logging import get_logger
 from nemo_minitron.utils.paths import recipes_dir
 from nemo_minitron.utils.rank import is_rank0
@@ -56,7 +56,7 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
                            cls=DistillRecipe)
     distilled = completed(distill(d_recipe, teacher["final"], str(pruned_dir),
                                   out_dir / "distilled"))
-    speeds = [r["tokens_per_s"] for r in read_jsonl(out_dir / "teacher" / "metrics.jsonl")
+    speeds = [r["tokens_per_s"] for r in read_jsonl_records(out_dir / "teacher" / "metrics.jsonl")
               if r.get("kind") == "speed"]
     history = teacher["history"]
     summary = {

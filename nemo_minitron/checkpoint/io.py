@@ -1,32 +1,17 @@
-"""Checkpoints: one directory per checkpoint, reshardable across TP/PP layouts.
-
-Layout::
-
-    <ckpt>/
-      model_config.yaml   ModelConfig (Megatron field names); enough to rebuild the model
-      tokenizer/          the tokenizer files (tokenizer.model or a Hugging Face directory)
-      weights/            model weights, Megatron distributed checkpoint (torch_dist)
-      optimizer/          optimizer state, distributed checkpoint (training checkpoints only)
-      train_state.json    step, consumed samples, LR-scheduler state, the recipe
-      metadata.json       what later stages need from the stage that wrote it (optional;
-                          e.g. ``pruning``: kept layers, source shape, importance method)
-      rng/rank_*.pt       per-rank RNG states (tensors only: loaded with weights_only=True)
-
-Saving is atomic: every rank writes into ``<ckpt>.tmp``, then rank 0 renames it. A directory
-without ``model_config.yaml`` renamed into place is never a checkpoint we wrote.
+"""Checkpoints: one directory per checkpoint (``checkpoint.layout``), reshardable across
+TP/PP layouts; loading, and saving a Megatron model through the one writer
+(``checkpoint.writer``: staged in ``<ckpt>.tmp``, renamed into place by rank 0, so a directory
+without ``model_config.yaml`` is never a checkpoint we wrote).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import random
-import shutil
 import signal
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,51 +21,35 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from nemo_minitron.checkpoint.manifest import MANIFEST, check_files, write_manifest
+from nemo_minitron.checkpoint.layout import (
+    ALL_PARTS,
+    CHECKPOINTS,
+    METADATA,
+    MODEL_CONFIG,
+    OPTIMIZER,
+    RNG,
+    TOKENIZER,
+    TRAIN_STATE,
+    WEIGHTS,
+    has_tokenizer,
+    is_checkpoint,
+    tokenizer_dir,
+    weights_dir,
+)
+from nemo_minitron.checkpoint.layout import check_checkpoint as check_checkpoint
+from nemo_minitron.checkpoint.layout import step_dir as step_dir
+from nemo_minitron.checkpoint.manifest import MANIFEST, check_files
 from nemo_minitron.checkpoint.safety import verify_dist_checkpoint
-from nemo_minitron.config import ConfigError, ModelConfig, ParallelConfig, from_dict, to_dict
+from nemo_minitron.checkpoint.writer import checkpoint_writer
+from nemo_minitron.checkpoint.writer import no_space_left as no_space_left
+from nemo_minitron.config import ConfigError, ModelConfig, ParallelConfig, from_dict
 from nemo_minitron.data.tokenizer import Tokenizer, load_tokenizer
 from nemo_minitron.model.build import unwrap
-from nemo_minitron.utils.fs import atomic_write_json, atomic_write_text, replace_dir
 from nemo_minitron.utils.logging import get_logger
 from nemo_minitron.utils.rank import global_rank
 
 log = get_logger("checkpoint")
 
-MODEL_CONFIG = "model_config.yaml"
-METADATA = "metadata.json"
-CHECKPOINTS = "checkpoints"
-"""Training checkpoints of a run live in ``<run_dir>/checkpoints/step_<NNNNNNN>``."""
-
-
-def step_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
-    """The checkpoint directory of training step ``step`` in a run directory."""
-    return Path(run_dir) / CHECKPOINTS / f"step_{int(step):07d}"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def is_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """A complete checkpoint directory."""
-    p = Path(path)
-    return (p / MODEL_CONFIG).is_file() and (p / "weights").is_dir()
-
-
-def check_checkpoint(path: str | os.PathLike[str], field: str = "checkpoint") -> Path:
-    """One-line error unless ``path`` is a complete checkpoint."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{field}={str(path)!r} does not exist")
-    if not is_checkpoint(p):
-        raise ConfigError(f"{field}={str(path)!r} is not a nemo_minitron checkpoint "
-                          f"(no {MODEL_CONFIG} and weights/)")
-    return p
-
-
-ALL_PARTS = (MODEL_CONFIG, "tokenizer", "weights", "optimizer", "train_state.json", "rng")
 _warned_unverified: set[str] = set()
 # Parts that a collective verification found intact, keyed by the manifest's identity: a resume
 # verifies the whole checkpoint to choose it, then loads weights and optimizer state from it,
@@ -149,21 +118,15 @@ def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def has_tokenizer(path: str | os.PathLike[str]) -> bool:
-    """Whether a checkpoint holds a tokenizer (an import from files without one does not)."""
-    d = Path(path) / "tokenizer"
-    return d.is_dir() and any(d.iterdir())
-
-
 def load_checkpoint_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer stored in a checkpoint (an error saying how to add one if it has none)."""
     p = check_checkpoint(path)
     if not has_tokenizer(p):
         raise ConfigError(f"checkpoint {str(path)!r} has no tokenizer (imported without one); "
                           f"add one by copying the model's tokenizer files (tokenizer.json and "
-                          f"tokenizer_config.json, or tokenizer.model) into {p / 'tokenizer'}/")
-    verify_checkpoint(p, ("tokenizer",))
-    return load_tokenizer(p / "tokenizer")
+                          f"tokenizer_config.json, or tokenizer.model) into {tokenizer_dir(p)}/")
+    verify_checkpoint(p, (TOKENIZER,))
+    return load_tokenizer(tokenizer_dir(p))
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -220,85 +183,29 @@ def _model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     return unwrap(model).sharded_state_dict()
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
-                    **kwargs: Any) -> Path:
-    """Collectively save a checkpoint (every rank calls this; keywords: ``_write_checkpoint``).
-    On failure the partial ``<path>.tmp`` is removed (an existing ``path`` is untouched); a
-    full disk is a one-line ``ConfigError`` naming the directory."""
-    try:
-        return _write_checkpoint(path, model, **kwargs)
-    except BaseException as e:  # torch's CheckpointException is a BaseException
-        final = Path(path)
-        full = no_space_left(e, final.parent)
-        shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
-        if full:
-            raise ConfigError(f"no space left on the device holding {final.parent} (saving "
-                              f"{final.name}; the partial copy was removed)") from None
-        raise
-
-
-def no_space_left(exc: BaseException, where: str | os.PathLike[str]) -> bool:
-    """Whether ``exc`` (or its cause) comes from a full disk. torch's writers do not always
-    say so (``unexpected pos 704 vs 598``): then a device left with under 1 MiB counts."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT) \
-                or "No space left" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    try:
-        return shutil.disk_usage(where).free < 1 << 20
-    except OSError:
-        return False
-
-
-def _write_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
-                      model_cfg: ModelConfig, tokenizer: Tokenizer | None,
-                      optimizer: Any = None, scheduler: Any = None,
-                      train_state: dict[str, Any] | None = None, overwrite: bool = False,
-                      metadata: dict[str, Any] | None = None) -> Path:
-    """The save itself; ``metadata`` (JSON) is read back by ``load_metadata``."""
+def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
+                    model_cfg: ModelConfig, tokenizer: Tokenizer | None,
+                    optimizer: Any = None, scheduler: Any = None,
+                    train_state: dict[str, Any] | None = None, overwrite: bool = False,
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Collectively save a checkpoint (every rank calls this) through ``checkpoint_writer``
+    (its failure handling too); ``metadata`` (JSON) is read back by ``load_metadata``."""
     from megatron.core import dist_checkpointing
 
-    t0 = time.perf_counter()
-    final = Path(path)
-    tmp = final.with_name(final.name + ".tmp")
-    if global_rank() == 0:
-        if final.exists() and not overwrite:
-            raise FileExistsError(f"checkpoint {final} already exists")
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "weights").mkdir(parents=True)
-        if optimizer is not None:
-            (tmp / "optimizer").mkdir()
-        (tmp / "rng").mkdir()
-    _barrier()
-    model_sd = _model_sharded_state_dict(model)
-    with _stop_signals_blocked():
-        dist_checkpointing.save(model_sd, str(tmp / "weights"))
-        if optimizer is not None:
-            opt_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model))
-            dist_checkpointing.save(opt_sd, str(tmp / "optimizer"))
-    torch.save(get_rng_state(), tmp / "rng" / f"rank_{global_rank():05d}.pt")
-    _barrier()
-    if global_rank() == 0:
-        atomic_write_text(tmp / MODEL_CONFIG, yaml.safe_dump(to_dict(model_cfg), sort_keys=False))
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer")
-        state = dict(train_state or {})
-        if scheduler is not None:
-            state["scheduler"] = scheduler.state_dict()
-        atomic_write_json(tmp / "train_state.json", state)
-        if metadata is not None:
-            atomic_write_json(tmp / METADATA, metadata)
-        t_sum = time.perf_counter()
-        entries = write_manifest(tmp)  # last: it covers every file
-        t_sum = time.perf_counter() - t_sum
-        replace_dir(tmp, final, overwrite=True)  # existence was refused above unless overwrite
-        log.info("saved checkpoint %s in %.2fs (checksums of %.1f MB: %.2fs)", final,
-                 time.perf_counter() - t0, sum(e["size"] for e in entries.values()) / 1e6,
-                 t_sum)
-    _barrier()
-    return final
+    state = dict(train_state or {})
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    parts = (WEIGHTS, RNG) + ((OPTIMIZER,) if optimizer is not None else ())
+    with checkpoint_writer(path, model_cfg=model_cfg, tokenizer=tokenizer, metadata=metadata,
+                           train_state=state, parts=parts, overwrite=overwrite) as tmp:
+        model_sd = _model_sharded_state_dict(model)
+        with _stop_signals_blocked():
+            dist_checkpointing.save(model_sd, str(tmp / WEIGHTS))
+            if optimizer is not None:
+                opt_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model))
+                dist_checkpointing.save(opt_sd, str(tmp / OPTIMIZER))
+        torch.save(get_rng_state(), tmp / RNG / f"rank_{global_rank():05d}.pt")
+    return Path(path)
 
 
 def _dist_load(sharded_state_dict: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
@@ -312,9 +219,9 @@ def _dist_load(sharded_state_dict: dict[str, Any], ckpt_dir: Path) -> dict[str, 
 def load_weights(path: str | os.PathLike[str], model: torch.nn.Module) -> None:
     """Load a checkpoint's weights into ``model`` (any TP/PP layout: resharded on load)."""
     p = check_checkpoint(path)
-    verify_checkpoint(p, ("weights",), collective=True)
+    verify_checkpoint(p, (WEIGHTS,), collective=True)
     inner = unwrap(model)
-    state = _dist_load(inner.sharded_state_dict(), p / "weights")
+    state = _dist_load(inner.sharded_state_dict(), weights_dir(p))
     missing, unexpected = inner.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
     if missing:
@@ -326,16 +233,16 @@ def load_training_state(path: str | os.PathLike[str], model: torch.nn.Module, op
                         scheduler: Any) -> dict[str, Any]:
     """Restore optimizer, scheduler and this rank's RNG; return the train state."""
     p = check_checkpoint(path)
-    verify_checkpoint(p, ("optimizer", "train_state.json", "rng"), collective=True)
+    verify_checkpoint(p, (OPTIMIZER, TRAIN_STATE, RNG), collective=True)
     if optimizer is not None:
-        if not (p / "optimizer").is_dir():
+        if not (p / OPTIMIZER).is_dir():
             raise ConfigError(f"checkpoint {str(path)!r} holds no optimizer state to resume from")
         opt_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model), is_loading=True)
-        optimizer.load_state_dict(_dist_load(opt_sd, p / "optimizer"))
-    state = json.loads((p / "train_state.json").read_text())
+        optimizer.load_state_dict(_dist_load(opt_sd, p / OPTIMIZER))
+    state = json.loads((p / TRAIN_STATE).read_text())
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
-    rng_file = p / "rng" / f"rank_{global_rank():05d}.pt"
+    rng_file = p / RNG / f"rank_{global_rank():05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return state

@@ -12,13 +12,13 @@ from nemo_minitron.cli.common import recipe_args, show_defaults, split_overrides
 def cmd_merge(args: argparse.Namespace) -> int:
     from nemo_minitron.config import load_recipe
     from nemo_minitron.merge.config import MergeRecipe
-    from nemo_minitron.merge.run import merge
+    from nemo_minitron.merge.run import merge_checkpoints
 
     recipe, overrides = split_overrides(args)
     if args.method is not None:
         overrides.append(f"merge.method={args.method}")
     cfg = load_recipe(recipe, overrides, cls=MergeRecipe).merge
-    summary = merge(args.base, args.other, args.out, cfg)
+    summary = merge_checkpoints(args.base, args.other, args.out, cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return 0

@@ -20,6 +20,7 @@ from nemo_minitron.data.indexed import write_indexed_dataset
 from nemo_minitron.data.tokenizer import (
     SentencePieceTokenizer,
     Tokenizer,
+    same_tokenizer,
     tokenizer_fingerprint,
     tokenizer_label,
     train_sentencepiece,
@@ -72,7 +73,7 @@ def _trained_here(default: Path, tokenizer: Tokenizer) -> bool:
     if not (default / "done.json").exists():
         return False
     own = SentencePieceTokenizer(default / "tokenizer.model")
-    return tokenizer_fingerprint(own) == tokenizer_fingerprint(tokenizer)
+    return same_tokenizer(own, tokenizer)
 
 
 def embedded_tokenizer(cfg: DataConfig) -> SentencePieceTokenizer:

@@ -15,6 +15,7 @@ from nemo_minitron.data.indexed import check_indexed_prefix, max_token_id, token
 from nemo_minitron.data.tokenizer import (
     Tokenizer,
     load_tokenizer,
+    same_tokenizer,
     tokenizer_fingerprint,
     tokenizer_label,
 )
@@ -55,8 +56,7 @@ def check_data(data: DataConfig, tokenizer: Tokenizer | None = None) -> Tokenize
             raise ConfigError("data.tokenizer must be set when data.path is set")
     if data.tokenizer is not None:
         named = load_tokenizer(data.tokenizer)
-        if tokenizer is not None and tokenizer_fingerprint(named) != \
-                tokenizer_fingerprint(tokenizer):
+        if tokenizer is not None and not same_tokenizer(named, tokenizer):
             raise ConfigError(f"data.tokenizer={data.tokenizer!r} is "
                               f"{tokenizer_label(named)}, not the checkpoint's tokenizer "
                               f"{tokenizer_label(tokenizer)}: a checkpoint reads its own "

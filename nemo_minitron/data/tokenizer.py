@@ -197,13 +197,19 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     """The identity of a tokenizer: a sha256 of its kind, vocabulary (with the BPE scores a
     sentencepiece model ranks merges by), end-of-document id and its encoding of a probe text.
     Content, not files: the copy in a checkpoint (re-saved, another path) has the same one.
-    The one owner of "same tokenizer" (data sets, teacher/student, merge inputs, drafts)."""
+    What a data set records of the tokenizer that wrote it; ``same_tokenizer`` compares it."""
     if tokenizer._fingerprint is None:
         what = [tokenizer.kind, tokenizer.vocab_size, tokenizer.eod, tokenizer.pieces(),
                 tokenizer.encode(_PROBE)]
         blob = json.dumps(what, ensure_ascii=False, separators=(",", ":")).encode()
         tokenizer._fingerprint = hashlib.sha256(blob).hexdigest()
     return tokenizer._fingerprint
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether ``a`` and ``b`` are the same tokenizer (equal ``tokenizer_fingerprint``s): the
+    one test of tokenizer identity (data sets, teacher/student, merge inputs, target/draft)."""
+    return a is b or tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
 
 
 def tokenizer_label(tokenizer: Tokenizer) -> str:

@@ -1,6 +1,6 @@
 """Building a teacher cache (``teacher-cache``, ``search.teacher_cache``): the teacher's top-k
 of every training (and validation) sample the distillation will read, in resumable chunks
-(the format: ``distill.teacher_cache``).
+(the format: ``distill.cache_format``).
 
 Inputs are checked before the runtime starts: the data must be the teacher tokenizer's and
 within its vocabulary (a token id past the embedding would fail mid-build). The cache is
@@ -21,15 +21,9 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.config import ConfigError
+from nemo_minitron.distill.cache_format import ARRAYS, CHUNK_SAMPLES, META, data_key, token_checksum
+from nemo_minitron.distill.cache_kl import vocab_parallel_topk
 from nemo_minitron.distill.losses import one_process
-from nemo_minitron.distill.teacher_cache import (
-    ARRAYS,
-    CHUNK_SAMPLES,
-    META,
-    data_key,
-    token_checksum,
-    vocab_parallel_topk,
-)
 from nemo_minitron.utils.fs import atomic_write_json
 from nemo_minitron.utils.logging import get_logger
 

@@ -27,6 +27,8 @@ import torch
 
 from nemo_minitron.config import ConfigError
 from nemo_minitron.data.instruct import sft_attention_mask
+from nemo_minitron.distill.cache_format import TeacherCache
+from nemo_minitron.distill.cache_kl import cached_forward_kl
 from nemo_minitron.distill.losses import (
     ChunkTokens,
     Divergence,
@@ -37,7 +39,6 @@ from nemo_minitron.distill.losses import (
     token_cross_entropy,
 )
 from nemo_minitron.distill.on_policy import OnPolicyConfig, OnPolicySampler
-from nemo_minitron.distill.teacher_cache import TeacherCache, cached_forward_kl
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.model.gpt import MinitronGPTModel
 from nemo_minitron.model.layouts import drop_vocab_padding, global_layers
@@ -83,7 +84,7 @@ class KDConfig:
     teacher_cache: str | None = None
     """A teacher top-k log-probability cache (``nemo-minitron teacher-cache``) read instead of
     running the teacher: forward KL on the cached top-k plus a tail bucket (exact when k covers
-    the vocabulary; see ``distill.teacher_cache``). Logit loss only, T=1, PP=1."""
+    the vocabulary; see ``distill.cache_kl``). Logit loss only, T=1, PP=1."""
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     """On-policy distillation: a share of micro-batches on the student's own samples
     (``distill.on_policy``)."""
@@ -297,7 +298,7 @@ class KDObjective(Objective):
         return per_kd.t().contiguous(), per_ce.t().contiguous()
 
     def _cached_terms(self, cached, labels, s_logits):
-        """Against the teacher cache: ``KL_k`` (see ``distill.teacher_cache``)."""
+        """Against the teacher cache: ``KL_k`` (see ``distill.cache_kl``)."""
         cfg = self.cfg
         labels = labels.t().contiguous()
         per_kd = cached_forward_kl(s_logits, *cached, chunk_tokens=cfg.chunk_tokens,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe, TrainConfig
+from nemo_minitron.distill.cache_format import TeacherCache
 from nemo_minitron.distill.instruct import (
     InstructKDConfig,
     Positioned,
@@ -25,7 +26,7 @@ from nemo_minitron.distill.instruct import (
 )
 from nemo_minitron.distill.objective import KDConfig, KDObjective, add_projections
 from nemo_minitron.distill.on_policy import OnPolicySampler
-from nemo_minitron.distill.teacher_cache import TeacherCache, check_teacher
+from nemo_minitron.distill.teacher_cache import check_teacher
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("distill")
@@ -90,10 +91,10 @@ def _check_pair(teacher_ckpt: str, student_ckpt: str, t_cfg: ModelConfig,
     """One-line errors for teacher/student that cannot be distilled together; returns the
     shared vocabulary when the padded vocabularies differ."""
     from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer
-    from nemo_minitron.data.tokenizer import tokenizer_fingerprint
+    from nemo_minitron.data.tokenizer import same_tokenizer
 
     t_tok, s_tok = load_checkpoint_tokenizer(teacher_ckpt), load_checkpoint_tokenizer(student_ckpt)
-    if tokenizer_fingerprint(t_tok) != tokenizer_fingerprint(s_tok):
+    if not same_tokenizer(t_tok, s_tok):
         raise ConfigError(f"teacher {teacher_ckpt!r} and student {student_ckpt!r} use different "
                           f"tokenizers ({t_tok.vocab_size} vs {s_tok.vocab_size} tokens)")
     if seq_length is None and t_cfg.seq_length != s_cfg.seq_length:
@@ -138,7 +139,8 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
     pairs = layer_pairs(student_ckpt, s_cfg.num_layers, t_cfg.num_layers, recipe.kd.layer_map)
     cache = None
     if recipe.kd.teacher_cache is not None:
-        from nemo_minitron.distill.teacher_cache import check_compatible, open_cache
+        from nemo_minitron.distill.cache_format import open_cache
+        from nemo_minitron.distill.teacher_cache import check_compatible
 
         cache = open_cache(recipe.kd.teacher_cache)
         check_compatible(cache, recipe, recipe.train.seq_length or s_cfg.seq_length,

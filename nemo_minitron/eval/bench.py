@@ -99,11 +99,6 @@ def flops_per_token(cfg: ModelConfig, context: float) -> float:
     return 2 * matmul + attn
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: int) -> float:
     """Seconds of ``decode_tokens`` single-token greedy steps per sequence attending to the KV
     cache of ``prompt`` (``batch x seq``; its prefill is not timed)."""
@@ -115,29 +110,20 @@ def prefill_decode_seconds(model: torch.nn.Module, prompt: torch.Tensor,
                            decode_tokens: int) -> tuple[float, float]:
     """Seconds of the prefill of ``prompt`` (``batch x seq``) into a KV cache, and of the
     ``decode_tokens`` single-token greedy steps per sequence that follow it, timed apart."""
-    from megatron.core.inference.contexts import StaticInferenceContext
+    from nemo_minitron.eval.decode import KVCache, decode_steps, sync
 
     b, s = prompt.shape
-    ctx = StaticInferenceContext(b, s + decode_tokens)
-    # Positions of every step made once: a decode step slices its column.
-    positions = torch.arange(s + decode_tokens, device=prompt.device).unsqueeze(0).expand(
-        b, s + decode_tokens)
-    _sync()
+    tokens = torch.cat([prompt, prompt.new_zeros(b, decode_tokens + 1)], 1)
+    steps = decode_steps(KVCache(model, b, s + decode_tokens), tokens, s, s + decode_tokens + 1)
+    sync()
     t0 = time.perf_counter()
-    model(prompt, positions[:, :s], None, inference_context=ctx, runtime_gather_output=True)
-    _sync()
-    prefill = time.perf_counter() - t0
-    ctx.sequence_len_offset = s
-    ctx.enable_decode_mode()
-    tok = prompt[:, -1:]
-    _sync()
-    t0 = time.perf_counter()
-    for i in range(decode_tokens):
-        p = positions[:, s + i:s + i + 1]
-        logits = model(tok, p, None, inference_context=ctx, runtime_gather_output=True)
-        tok = logits[:, -1:].argmax(-1)
-        ctx.sequence_len_offset += 1
-    _sync()
+    for pos, logits in steps:  # the first step is the prefill, the rest single-token steps
+        tokens[:, pos] = logits.argmax(-1)
+        if pos == s:
+            sync()
+            prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+    sync()
     return prefill, time.perf_counter() - t0
 
 
@@ -247,18 +233,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the rows (tokens/s: medians; ratio: median of the per-repeat ratios
     to the first checkpoint, with their range; share: ratio / FLOP ratio), then the decode
     profile of each row that has one."""
-    head = ("| checkpoint | params | prefill tok/s | ratio (range) | FLOP ratio | share "
-            "| decode tok/s | ratio (range) | FLOP ratio | share |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [head]
+    from nemo_minitron.eval.table import markdown_table
+
+    header = ["checkpoint", "params", "prefill tok/s", "ratio (range)", "FLOP ratio", "share",
+              "decode tok/s", "ratio (range)", "FLOP ratio", "share"]
+    cells = []
     for r in rows:
-        cells = [r["checkpoint"], f"{r['params'] / 1e6:.2f}M"]
+        row = [r["checkpoint"], f"{r['params'] / 1e6:.2f}M"]
         for phase in ("prefill", "decode"):
-            cells += [f"{r[phase + '_tok_s']:.0f}",
-                      f"{r[phase + '_ratio']:.2f} ({r[phase + '_ratio_lo']:.2f}-"
-                      f"{r[phase + '_ratio_hi']:.2f})",
-                      f"{r[phase + '_flop_ratio']:.2f}", f"{r[phase + '_share']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+            row += [f"{r[phase + '_tok_s']:.0f}",
+                    f"{r[phase + '_ratio']:.2f} ({r[phase + '_ratio_lo']:.2f}-"
+                    f"{r[phase + '_ratio_hi']:.2f})",
+                    f"{r[phase + '_flop_ratio']:.2f}", f"{r[phase + '_share']:.2f}"]
+        cells.append(row)
+    lines = [markdown_table(header, cells, text_columns={0})]
     for r in rows:
         if "gemm_share" in r:
             top = ", ".join(f"{k} {v:.0%}" for k, v in r["top_ops"])

@@ -77,21 +77,14 @@ def _next_token(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def _logits(model: torch.nn.Module, tokens: torch.Tensor, start: int, ctx) -> torch.Tensor:
-    """Full-vocabulary logits of the last position of ``tokens`` (positions from ``start``)."""
-    b, s = tokens.shape
-    pos = torch.arange(start, start + s, device=tokens.device).unsqueeze(0).expand(b, s)
-    out = model(tokens, pos, None, inference_context=ctx, runtime_gather_output=True)
-    return out[:, -1, :].float()
-
-
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], sampling: SamplingConfig,
              use_cache: bool = True, vocab_limit: int | None = None) -> list[list[int]]:
     """Generated continuations (without the prompts) of every prompt, in order.
     ``vocab_limit`` keeps sampling inside the tokenizer's vocabulary (padding rows excluded)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from nemo_minitron.eval.decode import KVCache, decode_steps
 
     if ps.get_pipeline_model_parallel_world_size() > 1:
         raise ConfigError("generation runs with pipeline_model_parallel_size=1")
@@ -107,20 +100,11 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], sampling: Samplin
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
-    ctx = StaticInferenceContext(len(prompts), total) if use_cache else None
-    start = int(lengths.min())
+    cache = KVCache(model, len(prompts), total, enabled=use_cache)
     stops = (torch.tensor(sampling.stop_tokens, device=device) if sampling.stop_tokens
              else None)
-    for pos in range(start, total):
-        if ctx is None:
-            logits = _logits(model, tokens[:, :pos], 0, None)
-        elif pos == start:
-            logits = _logits(model, tokens[:, :pos], 0, ctx)
-            ctx.sequence_len_offset = pos
-            ctx.enable_decode_mode()
-        else:
-            logits = _logits(model, tokens[:, pos - 1:pos], pos - 1, ctx)
-            ctx.sequence_len_offset = pos
+    for pos, logits in decode_steps(cache, tokens, int(lengths.min()), total):
+        logits = logits.float()
         if vocab_limit is not None:
             logits[:, vocab_limit:] = float("-inf")
         nxt = _next_token(logits.cpu(), sampling, gen).to(device)

@@ -43,8 +43,9 @@ from typing import Any
 import torch
 
 from nemo_minitron.config import ConfigError
+from nemo_minitron.eval.decode import KVCache, decode_steps
+from nemo_minitron.eval.decode import forward_all as forward_all  # the verification forward
 from nemo_minitron.eval.generate import SamplingConfig, filter_logits
-from nemo_minitron.model.attention import bottom_right_causal
 
 
 @dataclass
@@ -110,21 +111,6 @@ def check_local_attention(model: torch.nn.Module, what: str) -> None:
         raise ConfigError(f"{what}: speculative decoding needs Megatron's local attention "
                           f"(Transformer Engine's {type(core).__name__} ignores the "
                           "verification mask under a KV cache)")
-
-
-def forward_all(model: torch.nn.Module, tokens: torch.Tensor, start: int, ctx) -> torch.Tensor:
-    """Logits ``[batch, s, vocab]`` of every position of ``tokens`` (positions ``start..``),
-    written into ``ctx``'s cache at slots ``start..start+s-1`` (rolling it back to ``start``)."""
-    b, s = tokens.shape
-    pos = torch.arange(start, start + s, device=tokens.device).unsqueeze(0).expand(b, s)
-    # Megatron's convention, True = masked: query i (slot start+i) sees slots 0..start+i only.
-    mask = ~bottom_right_causal(s, start + s, tokens.device)
-    ctx.sequence_len_offset = start
-    ctx.materialize_only_last_token_logits = False
-    out = model(tokens, pos, mask[None, None], inference_context=ctx,
-                runtime_gather_output=True)
-    ctx.sequence_len_offset = start + s
-    return out.float()
 
 
 def accept_draft(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
@@ -201,7 +187,6 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module,
     them: token for token under greedy decoding, in distribution under sampling. Counters of
     acceptance go to ``stats``."""
     from megatron.core import parallel_state as ps
-    from megatron.core.inference.contexts import StaticInferenceContext
 
     if draft_tokens < 1:
         raise ConfigError(f"draft_tokens={draft_tokens}: K must be at least 1")
@@ -213,7 +198,6 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module,
     check_local_attention(draft, "draft")
     stats = SpecStats() if stats is None else stats
     k_max = draft_tokens
-    device = next(target.parameters()).device
     b = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts])
     final = lengths + sampling.max_new_tokens  # a row is done at this length
@@ -227,8 +211,7 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module,
     modes = (target.training, draft.training)
     target.eval()
     draft.eval()
-    t_ctx, d_ctx = StaticInferenceContext(b, cap), StaticInferenceContext(b, cap)
-    t_off = d_off = 0  # valid cache slots of each model
+    t_cache, d_cache = (KVCache(m, b, cap, masked=True) for m in (target, draft))
     rows = torch.arange(b)
     while bool(active.any()):
         c = int(committed[active].min()) - 1  # last position every active row has committed
@@ -240,10 +223,9 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module,
         forced = pos[None] < committed[:, None]
         proposed = ~forced[:, :n] & (idx[None, :n] < last[:, None]) & active[:, None]
         q: torch.Tensor | None = None  # the draft's distributions (sampling)
-        for j in range(n):  # draft: catch up from d_off, then one token per step
-            start = d_off if j == 0 else c + j
-            inp = tokens[:, start:c + j + 1].to(device)
-            logits = _masked(forward_all(draft, inp, start, d_ctx)[:, -1].cpu(), vocab_limit)
+        # The draft catches up from its valid slots, then proposes one token per step.
+        for at, logits in decode_steps(d_cache, tokens, c + 1, c + 1 + n):
+            logits = _masked(logits.cpu(), vocab_limit)
             stats.draft_forwards += 1
             if sampling.greedy:
                 prop = logits.argmax(-1)
@@ -251,9 +233,9 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module,
                 qj = probs(logits, sampling)
                 prop = torch.multinomial(qj, 1, generator=gen).squeeze(-1)
                 q = qj[:, None] if q is None else torch.cat([q, qj[:, None]], 1)
-            tokens[:, c + 1 + j] = torch.where(forced[:, j], tokens[:, c + 1 + j], prop)
-        inp = tokens[:, t_off:c + n + 1].to(device)
-        t_logits = forward_all(target, inp, t_off, t_ctx)[:, c - t_off:].cpu()
+            tokens[:, at] = torch.where(forced[:, at - c - 1], tokens[:, at], prop)
+        t_off = t_cache.valid
+        t_logits = t_cache.forward(tokens[:, :c + n + 1])[:, c - t_off:].cpu()
         t_logits = _masked(t_logits, vocab_limit)
         stats.target_forwards += 1
         ok, token, new = verify(t_logits, tokens[:, c + 1:c + 1 + n], q, forced, proposed,
@@ -284,8 +266,8 @@ def speculative_generate(target: torch.nn.Module, draft: torch.nn.Module,
         if bool(active.any()):
             # Roll back: slots up to the first position some active row changed stay valid.
             c_next = int(committed[active].min()) - 1
-            t_off = min(c + n + 1, c_next)
-            d_off = min(c + n, c_next) if n else min(d_off, c_next)
+            for cache in (t_cache, d_cache):
+                cache.valid = min(cache.valid, c_next)
     target.train(modes[0])
     draft.train(modes[1])
     out = []

@@ -52,15 +52,14 @@ def check_pair(target: str, draft: str) -> None:
         load_checkpoint_tokenizer,
         load_model_config,
     )
-    from nemo_minitron.data.tokenizer import tokenizer_fingerprint
+    from nemo_minitron.data.tokenizer import same_tokenizer, tokenizer_label
 
     check_checkpoint(target, "target")
     check_checkpoint(draft, "draft")
     tt, dt = load_checkpoint_tokenizer(target), load_checkpoint_tokenizer(draft)
-    if tokenizer_fingerprint(tt) != tokenizer_fingerprint(dt):
-        raise ConfigError(f"target {target!r} ({tt.kind}, {tt.vocab_size} tokens) and draft "
-                          f"{draft!r} ({dt.kind}, {dt.vocab_size} tokens) have different "
-                          "tokenizers")
+    if not same_tokenizer(tt, dt):
+        raise ConfigError(f"target {target!r} and draft {draft!r} have different tokenizers: "
+                          f"{tokenizer_label(tt)} vs {tokenizer_label(dt)}")
     tv, dv = load_model_config(target).vocab_size, load_model_config(draft).vocab_size
     if tv != dv:
         raise ConfigError(f"target {target!r} (model.vocab_size={tv}) and draft {draft!r} "
@@ -116,11 +115,6 @@ def _batches(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
     return [prompts[i:i + size] for i in range(0, len(prompts), size)]
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def cost_ratio(target: Any, draft: Any, prompts: list[list[int]], steps: int) -> float:
     """Draft / target seconds of ``steps`` single-token decode steps after the same prompts
     (truncated to the shortest), each the best of two runs."""
@@ -136,6 +130,7 @@ def cost_ratio(target: Any, draft: Any, prompts: list[list[int]], steps: int) ->
 def measure(target: Any, draft: Any, prompts: list[list[int]], sampling: SamplingConfig,
             k: int, cfg: SpecDecConfig, vocab_limit: int | None, c: float) -> dict[str, Any]:
     """Figures of one K: acceptance, tokens/s of both sides, measured and predicted speed-up."""
+    from nemo_minitron.eval.decode import sync
     from nemo_minitron.eval.generate import generate
     from nemo_minitron.eval.specdec import SpecStats, predicted_speedup, speculative_generate
 
@@ -154,10 +149,10 @@ def measure(target: Any, draft: Any, prompts: list[list[int]], sampling: Samplin
     t_target = t_spec = 0.0
     for r in range(cfg.repeats):
         for side in ("target", "spec"):
-            _sync()
+            sync()
             t0 = time.perf_counter()
             run_target() if side == "target" else run_spec(None)
-            _sync()
+            sync()
             dt = time.perf_counter() - t0
             if side == "target":
                 t_target += dt
@@ -262,19 +257,19 @@ def specdec(target: str, draft: str, prompts_file: str | None, data: str | None,
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the sweep."""
+    from nemo_minitron.eval.table import markdown_table
+
     k_max = max(r["draft_tokens"] for r in rows)
-    head = ("| K | acceptance rate | mean acceptance length | acceptance by position 1..K "
-            "| c | predicted speed-up | measured speed-up | target tok/s | spec tok/s |\n"
-            "|---:|---:|---:|---|---:|---:|---:|---:|---:|")
-    lines = [head]
-    for r in rows:
-        by_pos = " ".join("-" if a is None else f"{a:.2f}"
-                          for a in r["acceptance_by_position"][:k_max])
-        lines.append(f"| {r['draft_tokens']} | {r['acceptance_rate']:.3f} | "
-                     f"{r['mean_acceptance_length']:.2f} | {by_pos} | {r['cost_ratio']:.2f} | "
-                     f"{r['predicted_speedup']:.2f} | {r['measured_speedup']:.2f} | "
-                     f"{r['target_tok_s']:.1f} | {r['spec_tok_s']:.1f} |")
-    return "\n".join(lines)
+    header = ["K", "acceptance rate", "mean acceptance length", "acceptance by position 1..K",
+              "c", "predicted speed-up", "measured speed-up", "target tok/s", "spec tok/s"]
+    cells = [[str(r["draft_tokens"]), f"{r['acceptance_rate']:.3f}",
+              f"{r['mean_acceptance_length']:.2f}",
+              " ".join("-" if a is None else f"{a:.2f}"
+                       for a in r["acceptance_by_position"][:k_max]),
+              f"{r['cost_ratio']:.2f}", f"{r['predicted_speedup']:.2f}",
+              f"{r['measured_speedup']:.2f}", f"{r['target_tok_s']:.1f}",
+              f"{r['spec_tok_s']:.1f}"] for r in rows]
+    return markdown_table(header, cells, text_columns={3})
 
 
 def plot_sweep(rows: list[dict[str, Any]], out_png: str | Path) -> Path:

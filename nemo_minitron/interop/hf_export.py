@@ -57,6 +57,7 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
         load_model,
         load_model_config,
     )
+    from nemo_minitron.checkpoint.layout import tokenizer_dir
     from nemo_minitron.utils.fs import atomic_dir, readable_as_umask
 
     ckpt = check_checkpoint(checkpoint)
@@ -71,7 +72,7 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
         log.warning("checkpoint %s has no tokenizer: %s gets the weights and config only (copy "
                     "the model's tokenizer files into it for transformers' AutoTokenizer)",
                     checkpoint, hf_dir)
-    ids = _token_ids(ckpt / "tokenizer")
+    ids = _token_ids(tokenizer_dir(ckpt))
     hf_config = hf_config_from_model(cfg, bos=ids["bos"], eos=ids["eos"], pad=ids["pad"],
                                      unk=ids["unk"], dtype=dtype)
     model, cfg, _ = load_model(ckpt, ParallelConfig())
@@ -85,7 +86,7 @@ def export_hf(checkpoint: str | os.PathLike[str], hf_dir: str | os.PathLike[str]
                "pad_token_id": ids["pad"]}
         (tmp / GENERATION_CONFIG).write_text(json.dumps(
             {k: v for k, v in gen.items() if v is not None}, indent=2) + "\n")
-        tok_dir = ckpt / "tokenizer"
+        tok_dir = tokenizer_dir(ckpt)
         if tok_dir.is_dir():
             for f in tok_dir.iterdir():
                 if f.is_file() and f.name != GENERATION_CONFIG:  # merged into the one above

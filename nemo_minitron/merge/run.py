@@ -15,7 +15,6 @@ largest item for slerp and linear, never the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,15 +28,20 @@ import torch
 from nemo_minitron.checkpoint.io import (
     MODEL_CONFIG,
     check_checkpoint,
+    has_tokenizer,
+    load_checkpoint_tokenizer,
+    load_metadata,
     load_model_config,
     verify_checkpoint,
 )
-from nemo_minitron.checkpoint.manifest import write_manifest
+from nemo_minitron.checkpoint.layout import TOKENIZER, WEIGHTS, weights_dir
+from nemo_minitron.checkpoint.writer import checkpoint_writer
 from nemo_minitron.config import ConfigError, to_dict
+from nemo_minitron.data.tokenizer import Tokenizer, same_tokenizer, tokenizer_label
 from nemo_minitron.interop.hf_weights import hf_views
 from nemo_minitron.merge.config import MergeConfig, evaluate, filters
 from nemo_minitron.merge.methods import linear_, slerp_, task_
-from nemo_minitron.merge.store import CheckpointReader, OutChunk, write_checkpoint
+from nemo_minitron.merge.store import CheckpointReader, OutChunk, write_weights
 from nemo_minitron.model.layouts import split_layer_key
 from nemo_minitron.utils.logging import get_logger, warn_once
 
@@ -47,28 +51,39 @@ _STACKED = "decoder.layers."
 _MEGATRON_FILES = ("metadata.json", "common.pt")  # copied from --base (layout independent)
 
 
-def _tokenizer_digest(ckpt: Path) -> str:
-    h = hashlib.sha256()
-    d = ckpt / "tokenizer"
-    for f in sorted(d.rglob("*")) if d.is_dir() else []:
-        if f.is_file():
-            h.update(str(f.relative_to(d)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
+METADATA_KEY = "merge"
+"""The key of a merged checkpoint's metadata that records how it was made."""
+_OLD_RECORD = "merge.json"  # where merges before the checkpoint writer recorded it
 
 
-def check_inputs(paths: dict[str, Path]) -> tuple[Any, dict[str, CheckpointReader]]:
+def merge_record(ckpt: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """How a merged checkpoint was made (method and settings, inputs, colinear fallbacks);
+    None for a checkpoint that is not a merge. Reads older merges' ``merge.json`` too."""
+    record = load_metadata(ckpt).get(METADATA_KEY)
+    old = Path(ckpt) / _OLD_RECORD
+    if record is None and old.is_file():
+        record = json.loads(old.read_text())
+    return record
+
+
+def _tokenizer(ckpt: Path) -> Tokenizer | None:
+    return load_checkpoint_tokenizer(ckpt) if has_tokenizer(ckpt) else None
+
+
+def check_inputs(paths: dict[str, Path]
+                 ) -> tuple[Any, dict[str, CheckpointReader], Tokenizer | None]:
     """Same model config, tokenizer and stored tensors (shapes, dtypes) in every input;
-    returns the config and one reader per input."""
+    returns the config, one reader per input and the tokenizer."""
     (base_field, base), *rest = paths.items()
     for p in paths.values():  # checksums first: a corrupt input is a one-line error
         # Collective: under torchrun each rank hashes a share of the files.
-        verify_checkpoint(p, (MODEL_CONFIG, "tokenizer", "weights"), collective=True)
+        verify_checkpoint(p, (MODEL_CONFIG, TOKENIZER, WEIGHTS), collective=True)
     cfg = load_model_config(base)
     want = to_dict(cfg)
-    digest = _tokenizer_digest(base)
-    readers = {base_field: CheckpointReader(base / "weights")}
+    tok = _tokenizer(base)
+    readers = {base_field: CheckpointReader(weights_dir(base))}
     for field, p in rest:
-        r = readers[field] = CheckpointReader(p / "weights")
+        r = readers[field] = CheckpointReader(weights_dir(p))
         ref = readers[base_field].tensors
         for key in list(ref) + [k for k in r.tensors if k not in ref]:
             x, y = ref.get(key), r.tensors.get(key)
@@ -83,10 +98,14 @@ def check_inputs(paths: dict[str, Path]) -> tuple[Any, dict[str, CheckpointReade
             raise ConfigError(f"{field}={str(p)!r} has model.{diff}={have.get(diff)!r}, "
                               f"{base_field} has {want[diff]!r}: merged models must have one "
                               f"architecture")
-        if _tokenizer_digest(p) != digest:
+        other = _tokenizer(p)
+        if (tok is None) != (other is None) or (
+                tok is not None and other is not None and not same_tokenizer(tok, other)):
+            def label(t: Tokenizer | None) -> str:
+                return "none" if t is None else tokenizer_label(t)
             raise ConfigError(f"{field}={str(p)!r} has a different tokenizer from "
-                              f"{base_field} (tokenizer/ files differ)")
-    return cfg, readers
+                              f"{base_field}: {label(other)} vs {label(tok)}")
+    return cfg, readers, tok
 
 
 def plan_chunks(reader: CheckpointReader, num_layers: int) -> list[OutChunk]:
@@ -226,8 +245,8 @@ class Merger(TensorMerger):
         return tensors[0]
 
 
-def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLike[str],
-          cfg: MergeConfig) -> dict[str, Any]:
+def merge_checkpoints(base: str | os.PathLike[str], others: list[str],
+                      out: str | os.PathLike[str], cfg: MergeConfig) -> dict[str, Any]:
     """Merge ``base`` and ``others`` into the checkpoint ``out`` (collective under torchrun:
     the items are divided among the ranks). Returns a summary."""
     import torch.distributed as dist
@@ -252,7 +271,7 @@ def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLik
 
         init_distributed(ParallelConfig())
         rank = dist.get_rank()
-    model_cfg, readers = check_inputs(paths)
+    model_cfg, readers, tok = check_inputs(paths)
     base_reader = readers["--base"]
     chunks = plan_chunks(base_reader, model_cfg.num_layers)
     mine = assign(chunks, world)[rank]
@@ -263,12 +282,6 @@ def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLik
                         - merger.matched)
         for f in unused:
             log.warning("merge rule filter %r matches no tensor", f)
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "weights").mkdir(parents=True)
-    if world > 1:
-        dist.barrier()
     total, done, start = len(mine), 0, time.perf_counter()
 
     def compute(c: OutChunk) -> torch.Tensor:
@@ -283,38 +296,31 @@ def merge(base: str | os.PathLike[str], others: list[str], out: str | os.PathLik
 
     byte_items = {} if rank else {k: (lambda k=k: base_reader.read_bytes(k))
                                   for k in base_reader.byte_items}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            write_checkpoint(tmp / "weights", mine, compute, byte_items)
+    # The record is complete only after the write; the writer serializes it at the end.
+    record: dict[str, Any] = {"merge": to_dict(cfg), "base": str(base),
+                              "others": [str(o) for o in others]}
+    with checkpoint_writer(final, model_cfg=model_cfg, tokenizer=tok,
+                           metadata={METADATA_KEY: record}) as tmp:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                write_weights(weights_dir(tmp), mine, compute, byte_items)
+        except BaseException as e:
+            # torch.distributed.checkpoint wraps errors raised while writing; a user error
+            # (e.g. an input that does not cover a tensor) stays one line.
+            for failure in getattr(e, "failures", {}).values():
+                inner = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(inner, ConfigError):
+                    raise inner from None
+            raise
         counts = torch.tensor([merger.colinear, merger.bytes_read], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(counts)
-    except BaseException as e:
+        record["colinear_fallbacks"] = int(counts[0])
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        # torch.distributed.checkpoint wraps errors raised while writing; a user error
-        # (e.g. an input that does not cover a tensor) stays one line.
-        for failure in getattr(e, "failures", {}).values():
-            inner = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(inner, ConfigError):
-                raise inner from None
-        raise
-    summary = {"method": cfg.method, "out": str(final), "items": len(chunks),
-               "colinear_fallbacks": int(counts[0]), "bytes_read": int(counts[1]),
-               "seconds": round(time.perf_counter() - start, 3)}
-    if rank == 0:
-        for f in _MEGATRON_FILES:
-            shutil.copyfile(paths["--base"] / "weights" / f, tmp / "weights" / f)
-        shutil.copyfile(paths["--base"] / MODEL_CONFIG, tmp / MODEL_CONFIG)
-        if (paths["--base"] / "tokenizer").is_dir():
-            shutil.copytree(paths["--base"] / "tokenizer", tmp / "tokenizer")
-        record = {"merge": to_dict(cfg), "base": str(base), "others": [str(o) for o in others],
-                  "colinear_fallbacks": summary["colinear_fallbacks"]}
-        (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
-        write_manifest(tmp)  # checksums, as every checkpoint we write has
-        os.rename(tmp, final)
-        log.info("merged %d inputs (%s) into %s", len(paths), cfg.method, final)
-    if world > 1:
-        dist.barrier()
-    return summary
+            for f in _MEGATRON_FILES:
+                shutil.copyfile(weights_dir(paths["--base"]) / f, weights_dir(tmp) / f)
+    log.info("merged %d inputs (%s) into %s", len(paths), cfg.method, final)
+    return {"method": cfg.method, "out": str(final), "items": len(chunks),
+            "colinear_fallbacks": int(counts[0]), "bytes_read": int(counts[1]),
+            "seconds": round(time.perf_counter() - start, 3)}

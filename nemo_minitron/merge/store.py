@@ -160,7 +160,7 @@ class OutChunk:
     sizes: tuple[int, ...]
 
 
-def write_checkpoint(weights_dir: str | os.PathLike[str], chunks: list[OutChunk],
+def write_weights(weights_dir: str | os.PathLike[str], chunks: list[OutChunk],
                      compute: Callable[[OutChunk], torch.Tensor],
                      byte_items: dict[str, Callable[[], bytes]]) -> None:
     """Collectively write a distributed checkpoint: this rank writes ``chunks`` (each

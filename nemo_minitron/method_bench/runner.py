@@ -345,7 +345,7 @@ class Study:
     def merge(self, name: str, base: str, other: str) -> dict[str, Any]:
         """``base`` and ``other`` merged (``recipe.merge``, default SLERP at t=0.5)."""
         def run() -> dict[str, Any]:
-            from nemo_minitron.merge.run import merge
+            from nemo_minitron.merge.run import merge_checkpoints as merge
 
             out = self.out / "runs" / name
             shutil.rmtree(out, ignore_errors=True)  # a merge cut short is redone

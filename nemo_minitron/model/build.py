@@ -54,12 +54,17 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return {"swiglu": F.silu, "gelu": F.gelu, "squared_relu": squared_relu}[name]
 
 
+def params_dtype(bf16: bool) -> torch.dtype:
+    """The parameters' dtype (the model's and its optimizer's): bf16 or fp32."""
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None):
     """Megatron ``TransformerConfig`` for ``cfg`` under the current parallel state."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
 
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = params_dtype(bf16)
     swiglu = cfg.activation == "swiglu"
     return TransformerConfig(
         num_layers=cfg.num_layers,

@@ -26,7 +26,7 @@ from nemo_minitron.prune.stage import CalibConfig
 from nemo_minitron.search.enumerate import Candidate, SearchConfig, enumerate_candidates
 from nemo_minitron.search.report import retraining_losses
 from nemo_minitron.utils.logging import get_logger
-from nemo_minitron.utils.rank import is_rank0
+from nemo_minitron.utils.rank import barrier, is_rank0
 
 log = get_logger("search")
 
@@ -63,13 +63,6 @@ def load_score_fn(spec: str) -> Callable[[str], float]:
     from nemo_minitron.utils.imports import load_callable
 
     return load_callable(spec, "search.score_fn")
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _record(c: Candidate) -> dict[str, Any]:
@@ -130,7 +123,7 @@ def candidate_finished(root: Path, name: str, retrain_steps: int) -> bool:
 def _with_teacher_cache(kd_recipe: Any, checkpoint: str, path: Path, top_k: int) -> Any:
     """``kd_recipe`` reading the teacher's logits from ``path``, built there first if needed."""
     from nemo_minitron.distill.cache_build import build_teacher_cache
-    from nemo_minitron.distill.teacher_cache import META
+    from nemo_minitron.distill.cache_format import META
 
     kd = dataclasses.replace(kd_recipe.kd, teacher_cache=str(path))  # validates the losses
     if not (path / META).is_file():
@@ -217,17 +210,17 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         if prune_summary(pruned) is None:
             if pruned.exists() and is_rank0():  # cut between the weights and the report
                 shutil.rmtree(pruned)
-            _barrier()
+            barrier()
             prune(checkpoint, str(pruned), PruneRecipe(
                 target=c.target(s.layer_metric), calib=recipe.calib, data=recipe.data,
                 parallel=p, scores=str(scores_file) if scores_file.is_file() else None,
                 rescale_norms=recipe.rescale_norms))
-            _barrier()
+            barrier()
         if not scores_file.is_file() and is_rank0():  # unique temporary: jobs may race here
             tmp = scores_file.with_name(f".scores.pt.{os.getpid()}")
             shutil.copy2(report_dir(pruned) / "scores.pt", tmp)
             tmp.replace(scores_file)
-        _barrier()
+        barrier()
         result = distill(kd_recipe, checkpoint, str(pruned), run)
         if result["interrupted"]:
             log.info("candidate %s: stopped at step %d; re-run the same command to resume",
@@ -242,7 +235,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         ran += 1
         log.info("candidate %s (%d params): one-shot loss %.4f, after %d steps %.4f",
                  c.name, c.params, rec["one_shot_loss"], s.retrain_steps, rec["retrained_loss"])
-    _barrier()
+    barrier()
     refresh()
     left = [r["name"] for r in records if r["status"] != "done"]
     if left or s.candidates:  # a job of some candidates leaves the ranking to one writer
@@ -266,7 +259,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         with atomic_dir(Path(out) / "winner", overwrite=True) as tmp:
             shutil.copytree(best["checkpoint"], tmp, dirs_exist_ok=True,
                             copy_function=_link_or_copy)
-    _barrier()
+    barrier()
     log.info("winner %s (%d params, loss %.4f); Spearman(one-shot, retrained) = %s",
              best["name"], best["params"], best["retrained_loss"],
              "n/a" if rho is None else f"{rho:.3f}")

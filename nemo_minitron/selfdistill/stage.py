@@ -102,11 +102,11 @@ def plan_batches(lengths: list[int], fits: list[int], batch_size: int) -> list[l
 
 def _check_student(teacher_tok: Any, student: str) -> None:
     from nemo_minitron.checkpoint.io import check_checkpoint, load_checkpoint_tokenizer
-    from nemo_minitron.data.tokenizer import tokenizer_fingerprint, tokenizer_label
+    from nemo_minitron.data.tokenizer import same_tokenizer, tokenizer_label
 
     check_checkpoint(student, "student")
     other = load_checkpoint_tokenizer(student)
-    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(other):
+    if not same_tokenizer(teacher_tok, other):
         raise ConfigError(f"the teacher's tokenizer differs from the student's ({student}): "
                           f"{tokenizer_label(teacher_tok)} vs {tokenizer_label(other)}; the "
                           "rewrites would be fine-tuned in other tokens")

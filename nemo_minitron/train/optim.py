@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from nemo_minitron.config import TrainConfig
+from nemo_minitron.model.build import params_dtype
 from nemo_minitron.utils.logging import get_logger, warn_once
 
 log = get_logger("train")
@@ -43,7 +44,7 @@ def build_optimizer(model_chunks: list[torch.nn.Module], cfg: TrainConfig, *, bf
         adam_beta2=cfg.adam_beta2,
         clip_grad=cfg.clip_grad,
         bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=params_dtype(bf16),
         use_distributed_optimizer=distributed_optimizer,
     )
     if cfg.lr_warmup_iters > cfg.train_iters:

@@ -118,7 +118,7 @@ def repair_jsonl(path: str | os.PathLike[str]) -> bool:
     return True
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def read_jsonl_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of a JSONL file written by us (e.g. ``metrics.jsonl``), repairing a torn
     last line first."""
     from nemo_minitron.config import ConfigError

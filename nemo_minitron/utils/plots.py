@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nemo_minitron.utils.fs import read_jsonl
+from nemo_minitron.utils.fs import read_jsonl_records
 
 
 def loss_figure(records: list[dict[str, Any]]) -> Any:
@@ -45,7 +45,7 @@ def plot_loss_curves(metrics_file: str | Path, out_png: str | Path) -> Path | No
     metrics_file, out_png = Path(metrics_file), Path(out_png)
     if not metrics_file.is_file():
         return None
-    fig = loss_figure(read_jsonl(metrics_file))
+    fig = loss_figure(read_jsonl_records(metrics_file))
     import matplotlib.pyplot as plt  # after loss_figure chose the headless backend
 
     tmp = out_png.with_name(f".{out_png.name}.tmp.png")

@@ -22,3 +22,11 @@ def global_rank() -> int:
 def is_rank0() -> bool:
     """Whether this process is global rank 0."""
     return global_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank of the started process group (nothing to wait for without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from nemo_minitron.config import ConfigError
+from nemo_minitron.distill.cache_kl import cached_forward_kl, vocab_parallel_topk
 from nemo_minitron.distill.losses import logit_divergence
 from nemo_minitron.distill.objective import KDConfig
-from nemo_minitron.distill.teacher_cache import cached_forward_kl, vocab_parallel_topk
 from tests.dist import spawn
 from tests.train.test_loop import state_dicts_job
 

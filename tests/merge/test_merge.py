@@ -145,14 +145,29 @@ def test_t0_t1_and_self_merge_reproduce_inputs(single):
 
 def test_colinear_fallback_interpolates_linearly(single):
     """B = 2 A: every tensor pair is colinear, slerp falls back to (1 - t) A + t B."""
+    from nemo_minitron.merge.run import merge_record
+
     a, ours = _hf(single / "hf_a"), _hf(single / "out_colinear")
-    record = json.loads((single / "ck_colinear" / "merge.json").read_text())
+    record = merge_record(single / "ck_colinear")
     assert record["merge"]["t"] == 0.25
     assert record["colinear_fallbacks"] == len(a)  # one per logical (HF) tensor
-    plain = json.loads((single / "ck_slerp_scalar" / "merge.json").read_text())
+    plain = merge_record(single / "ck_slerp_scalar")
     assert plain["colinear_fallbacks"] == 0
+    assert merge_record(single / "ck_a") is None  # an import, not a merge
     for k in a:
         torch.testing.assert_close(ours[k], 0.75 * a[k] + 0.25 * (2 * a[k]), rtol=0, atol=1e-6)
+
+
+def test_merge_record_of_an_older_merge_is_its_merge_json(single, tmp_path):
+    """Merges written before the checkpoint writer kept their record in ``merge.json``."""
+    from nemo_minitron.merge.run import merge_record
+
+    old = tmp_path / "ck_old"
+    shutil.copytree(single / "ck_colinear", old)
+    (old / "metadata.json").unlink()
+    written = {"merge": {"method": "slerp", "t": 0.25}, "colinear_fallbacks": 3}
+    (old / "merge.json").write_text(json.dumps(written))
+    assert merge_record(old) == written
 
 
 def test_task_slerp_equals_mergekit_slerp_of_task_vectors(single):
@@ -174,7 +189,7 @@ def parallel_job(root: str, single_root: str) -> None:
     from nemo_minitron.config import ParallelConfig
     from nemo_minitron.interop.hf_import import import_hf
     from nemo_minitron.merge.config import MergeConfig
-    from nemo_minitron.merge.run import merge
+    from nemo_minitron.merge.run import merge_checkpoints
     from nemo_minitron.model.build import build_model
     from nemo_minitron.model.full_state import gather_full_state_dict
     from nemo_minitron.parallel.runtime import init_distributed
@@ -183,9 +198,10 @@ def parallel_job(root: str, single_root: str) -> None:
     tp2 = ParallelConfig(tensor_model_parallel_size=2)
     for x in "ab":
         import_hf(s / f"hf_{x}", r / f"ck_{x}", tp2)
-    merge(r / "ck_a", [str(r / "ck_b")], r / "merged", MergeConfig(method="slerp", t=0.3))
+    slerp = MergeConfig(method="slerp", t=0.3)
+    merge_checkpoints(r / "ck_a", [str(r / "ck_b")], r / "merged", slerp)
     # Inputs saved under different layouts: TP=2 base, TP=1 other.
-    merge(r / "ck_a", [str(s / "ck_b")], r / "mixed", MergeConfig(method="slerp", t=0.3))
+    merge_checkpoints(r / "ck_a", [str(s / "ck_b")], r / "mixed", slerp)
     # The merged checkpoint loads under TP=2 too.
     init_distributed(tp2)
     model = build_model(load_model_config(r / "merged"))
@@ -243,8 +259,9 @@ def test_bad_inputs_are_one_line_errors(single, tmp_path, capsys):
     out = tmp_path / "out"
     other_tok = tmp_path / "ck_tok"
     shutil.copytree(b, other_tok)
-    tok_file = next(f for f in sorted((other_tok / "tokenizer").iterdir()) if f.is_file())
-    tok_file.write_bytes(tok_file.read_bytes() + b" ")
+    # One token renamed: same size, another vocabulary (a byte-only change is the same tokenizer).
+    tok_file = other_tok / "tokenizer" / "tokenizer.json"
+    tok_file.write_text(tok_file.read_text().replace('"w5"', '"v5"'))
     write_manifest(other_tok)  # a consistent checkpoint with another tokenizer, not a corrupt one
     cases = [
         (["--other", str(_corrupt(tmp_path, b))], "is corrupt"),

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nemo_minitron.utils.fs import read_jsonl, repair_jsonl
+from nemo_minitron.utils.fs import read_jsonl_records, repair_jsonl
 from tests.dist import spawn
 from tests.train.test_loop import pretrain_job
 
@@ -26,7 +26,7 @@ def _write(path, tail: bytes) -> None:
 def test_read_jsonl_repairs_a_torn_tail(tmp_path, tail, kept):
     f = tmp_path / "metrics.jsonl"
     _write(f, tail)
-    assert read_jsonl(f) == kept
+    assert read_jsonl_records(f) == kept
     assert f.read_bytes().endswith(b"\n")
     assert [json.loads(x) for x in f.read_text().splitlines()] == kept  # plain reader agrees
     assert repair_jsonl(f) is False

@@ -3,7 +3,7 @@ axis, each axis' y-range holding its own curves and not the other kinds' values.
 
 from __future__ import annotations
 
-from nemo_minitron.utils.fs import read_jsonl
+from nemo_minitron.utils.fs import read_jsonl_records
 from nemo_minitron.utils.plots import loss_figure
 from tests.dist import spawn
 from tests.distill.test_distill import _kd_overrides, distill_job
@@ -17,7 +17,7 @@ def test_distillation_losses_get_their_own_axes(tmp_path, teacher, tiny_override
                                              "kd.hidden_weight=0", "kd.embedding_weight=0"]
     spawn(distill_job, 1, str(run), teacher, teacher, kd)
     assert (run / "loss.png").stat().st_size > 0  # written by the loop
-    records = read_jsonl(run / "metrics.jsonl")
+    records = read_jsonl_records(run / "metrics.jsonl")
     fig = loss_figure(records)
     axes = {ax.get_title(): ax for ax in fig.axes}
     assert sorted(axes) == ["kd loss", "lm loss", "loss"]
