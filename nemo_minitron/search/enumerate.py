@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.config import ConfigError, ModelConfig, layout_divisor
 from nemo_minitron.model.params import count_params
 from nemo_minitron.prune.plan import Target, pruned_config
 
@@ -140,14 +140,20 @@ def grid(src: ModelConfig, s: SearchConfig, tp: int = 1, pp: int = 1) -> list[Ca
     """Every pruned shape of the grid (the source shape itself excluded), with its count."""
     a, g = src.num_attention_heads, src.query_groups
     per_group = a // g
-    layers = _values(src.num_layers, s.num_layers_step, s.max_layers_prune, pp)
-    hidden = _values(src.hidden_size, s.hidden_size_step, s.max_hidden_prune)
-    ffn = _values(src.ffn_hidden_size, s.ffn_hidden_size_step, s.max_ffn_prune, tp)
+    def divisor(name: str) -> int:
+        return layout_divisor(name, tp, pp)
+
+    layers = _values(src.num_layers, s.num_layers_step, s.max_layers_prune, divisor("num_layers"))
+    hidden = _values(src.hidden_size, s.hidden_size_step, s.max_hidden_prune,
+                     divisor("hidden_size"))
+    ffn = _values(src.ffn_hidden_size, s.ffn_hidden_size_step, s.max_ffn_prune,
+                  divisor("ffn_hidden_size"))
     heads = []
     for new_g in _values(g, s.num_query_groups_step, s.max_heads_prune):
         for hpg in ([per_group] if s.proportional_heads else range(per_group, 0, -1)):
             new_a = new_g * hpg
-            if new_a >= a * (1 - s.max_heads_prune) and new_a % tp == 0 and new_g % tp == 0:
+            if new_a >= a * (1 - s.max_heads_prune) and new_a % divisor("num_attention_heads") \
+                    == 0 and new_g % divisor("num_query_groups") == 0:
                 heads.append((new_a, new_g))
     out = []
     for n_l, h, f, (n_a, n_g) in itertools.product(layers, hidden, ffn, heads):

@@ -25,6 +25,7 @@ from nemo_minitron.distill.objective import KDConfig
 from nemo_minitron.prune.stage import CalibConfig
 from nemo_minitron.search.enumerate import Candidate, SearchConfig, enumerate_candidates
 from nemo_minitron.search.report import retraining_losses
+from nemo_minitron.search.result import winner_dir
 from nemo_minitron.utils.logging import get_logger
 from nemo_minitron.utils.rank import is_rank0
 
@@ -151,7 +152,8 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     from nemo_minitron.distill.stage import DistillRecipe, distill
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
-    from nemo_minitron.prune.stage import PruneRecipe, prune, prune_summary, report_dir
+    from nemo_minitron.prune import result as prune_result
+    from nemo_minitron.prune.stage import PruneRecipe, prune
     from nemo_minitron.search.report import plot_curves, rank_records, write_report
     from nemo_minitron.utils.fs import atomic_dir, atomic_write_json
 
@@ -214,7 +216,8 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         if (s.candidates is not None and c.name not in s.candidates) or \
                 (s.max_candidates_per_run is not None and ran >= s.max_candidates_per_run):
             continue
-        if prune_summary(pruned) is None:
+        pruned_by = prune_result.read(pruned)
+        if pruned_by is None:
             if pruned.exists() and is_rank0():  # cut between the weights and the report
                 shutil.rmtree(pruned)
             _barrier()
@@ -223,9 +226,10 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
                 parallel=p, scores=str(scores_file) if scores_file.is_file() else None,
                 rescale_norms=recipe.rescale_norms))
             _barrier()
+            pruned_by = prune_result.read(pruned)
         if not scores_file.is_file() and is_rank0():  # unique temporary: jobs may race here
-            tmp = scores_file.with_name(f".scores.pt.{os.getpid()}")
-            shutil.copy2(report_dir(pruned) / "scores.pt", tmp)
+            tmp = scores_file.with_name(f".{scores_file.name}.{os.getpid()}")
+            shutil.copy2(pruned_by.scores, tmp)
             tmp.replace(scores_file)
         _barrier()
         result = distill(kd_recipe, checkpoint, str(pruned), run)
@@ -263,7 +267,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     if is_rank0():
         write_report(root, records, rho, count_params(src), s.target_params, s.score_fn)
         plot_curves(records, root / "loss_curves.png")
-        with atomic_dir(Path(out) / "winner", overwrite=True) as tmp:
+        with atomic_dir(winner_dir(out), overwrite=True) as tmp:
             shutil.copytree(best["checkpoint"], tmp, dirs_exist_ok=True,
                             copy_function=_link_or_copy)
     _barrier()
@@ -271,5 +275,5 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
              best["name"], best["params"], best["retrained_loss"],
              "n/a" if rho is None else f"{rho:.3f}")
     return {"finished": True, "winner": best["name"], "winner_params": best["params"],
-            "winner_checkpoint": str(Path(out) / "winner"), "spearman": rho,
+            "winner_checkpoint": str(winner_dir(out)), "spearman": rho,
             "report": str(root / "report.md")}
