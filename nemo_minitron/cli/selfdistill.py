@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nemo_minitron.cli.common import sampling_config, show_defaults
+from nemo_minitron.cli.common import sampling_config
 from nemo_minitron.config import ConfigError
 
 
@@ -42,7 +42,8 @@ SAMPLING = ("batch_size", "max_new_tokens", "greedy", "temperature", "top_p", "t
 ``selfdistill.stage.rewrite_sampling`` own the defaults)."""
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_self_distill(sub: argparse._SubParsersAction) -> None:
+    """The ``self-distill`` verb's arguments."""
     p = sub.add_parser(
         "self-distill", help="the teacher rewrites every response of an instruction set",
         description="Self-data distillation (arXiv 2410.09982): the teacher answers each "
@@ -76,4 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=quiet, help="(0: all tokens)")
     p.add_argument("--seed", type=int, default=quiet, help="batch k samples with seed + k (0)")
     p.set_defaults(func=cmd_self_distill, decodes=True)
-    show_defaults(sub)
+
+
+VERBS = {"self-distill": add_self_distill}
+"""This module's verbs: name -> the function adding its arguments (``cli.build_parser``)."""

@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nemo_minitron.cli.common import sampling_config, show_defaults
+from nemo_minitron.cli.common import sampling_config
 from nemo_minitron.config import ConfigError
 
 
@@ -53,8 +53,8 @@ def cmd_specdec(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add this module's verbs."""
+def add_specdec(sub: argparse._SubParsersAction) -> None:
+    """The ``specdec`` verb's arguments."""
     p = sub.add_parser(
         "specdec", help="speculative decoding with a draft model: acceptance and speed-up",
         description="Decode the prompts with TARGET alone and with TARGET verifying K tokens "
@@ -85,4 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "table is only printed)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_specdec, decodes=True)
-    show_defaults(sub)
+
+
+VERBS = {"specdec": add_specdec}
+"""This module's verbs: name -> the function adding its arguments (``cli.build_parser``)."""
