@@ -4,13 +4,35 @@ of a checkout)."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
+from types import ModuleType
 
 from nemo_minitron.cli.common import recipe_args, split_overrides
+from nemo_minitron.config import ConfigError
+
+STUDY = "benchmarks.method"
+"""The study's package, at the top of a source checkout (it is not part of the library)."""
+
+
+def study() -> ModuleType:
+    """The study's package from the checkout this package runs from, or a one-line error for
+    an installed package without one."""
+    from nemo_minitron.utils.paths import checkout_dir
+
+    root = checkout_dir()
+    if root is None or not root.joinpath(*STUDY.split("."), "__init__.py").is_file():
+        raise ConfigError("bench-method runs the study in benchmarks/method/ of a source "
+                          "checkout, and this nemo_minitron is installed without one (clone "
+                          "the repository and run it there)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(STUDY)
 
 
 def cmd_bench_method(args: argparse.Namespace) -> int:
-    from nemo_minitron.method_bench import load_bench_recipe, run_method_bench
-
+    method = study()
+    load_bench_recipe, run_method_bench = method.load_bench_recipe, method.run_method_bench
     recipe, overrides = split_overrides(args)
     command = " ".join(["nemo-minitron", "bench-method", *([recipe] if recipe else []),
                         *overrides, "--out", args.out, "--report", args.report or

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.method import load_bench_recipe
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.launch.run import run_validate
 from nemo_minitron.launch.validate import memory_gib
-from nemo_minitron.method_bench import load_bench_recipe
 from nemo_minitron.model.params import count_params
 from tests.cli import cli
 

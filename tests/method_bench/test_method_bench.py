@@ -120,8 +120,8 @@ def test_bench_method_smoke(tmp_path, data_cache):
     ("merge.method=task", "merge.method='task' needs a common base model"),
 ])
 def test_instruct_recipe_checks(override, message):
+    from benchmarks.method.config import load_bench_recipe
     from nemo_minitron.config import ConfigError
-    from nemo_minitron.method_bench.config import load_bench_recipe
 
     assert load_bench_recipe(None, []).instruct.gen_prompts == 16  # the defaults load
     with pytest.raises(ConfigError, match=re.escape(message)):

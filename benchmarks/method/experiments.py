@@ -13,12 +13,12 @@ import dataclasses
 import statistics
 from typing import Any
 
+from benchmarks.method.instruct_sections import InstructSections
+from benchmarks.method.runner import Study
+from benchmarks.method.verdicts import Section, mean_spread, verdict
 from nemo_minitron.config import ModelConfig
 from nemo_minitron.eval.bench import BenchConfig
 from nemo_minitron.importance.aggregate import AGGREGATIONS
-from nemo_minitron.method_bench.instruct_sections import InstructSections
-from nemo_minitron.method_bench.runner import Study
-from nemo_minitron.method_bench.verdicts import Section, mean_spread, verdict
 from nemo_minitron.model.params import count_params
 from nemo_minitron.prune.plan import Target, pruned_config
 
