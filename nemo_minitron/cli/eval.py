@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nemo_minitron.cli.common import sampling_config
+from nemo_minitron.cli.common import sampling_args, sampling_config, sampling_values
 from nemo_minitron.config import ConfigError
 from nemo_minitron.utils.rank import is_rank0
 
@@ -30,9 +30,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from nemo_minitron.eval.generate import SamplingConfig, generate_text
 
-    s = sampling_config(SamplingConfig, max_new_tokens=args.max_new_tokens,
-                        greedy=not args.sample, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    s = sampling_config(SamplingConfig, **sampling_values(args))
     texts = generate_text(args.checkpoint, args.prompt, s, chat=args.chat)
     for prompt, text in zip(args.prompt, texts):
         print(json.dumps({"prompt": prompt, "completion": text}))
@@ -93,12 +91,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                                    "JSON line per prompt.")
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--prompt", action="append", required=True, help="repeatable")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest, 0: all")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    sampling_args(p)
     p.add_argument("--chat", action="store_true",
                    help="each prompt is a user turn, formatted with the tokenizer's chat template")
     p.set_defaults(func=cmd_generate, decodes=True)
