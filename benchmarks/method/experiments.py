@@ -29,7 +29,7 @@ def shapes(study: Study, src: ModelConfig) -> tuple[Target, Target]:
     layers = s.depth_num_layers or src.num_layers // 2
     want = count_params(pruned_config(src, Target(num_layers=layers)))
     hidden = s.width_hidden_size or 3 * src.hidden_size // 4
-    step = s.width_ffn_step
+    step = s.width_ffn_hidden_size_step
     ffn = min(range(step, src.ffn_hidden_size + 1, step), key=lambda f: abs(count_params(
         pruned_config(src, Target(hidden_size=hidden, ffn_hidden_size=f))) - want))
     return (Target(hidden_size=hidden, ffn_hidden_size=ffn),

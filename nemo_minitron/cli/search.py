@@ -30,8 +30,10 @@ def add_search(sub: argparse._SubParsersAction) -> None:
                                    "search.score_fn) and write OUT/search/{candidates.json,"
                                    "report.md,loss_curves.png} and OUT/winner. Re-running the "
                                    "same command skips finished candidates. Grid keys: "
-                                   "search.{layers,hidden,ffn,groups}_step, search.max_{layers,"
-                                   "hidden,ffn,heads}_prune, search.proportional_heads, "
+                                   "search.{num_layers,hidden_size,ffn_hidden_size,"
+                                   "num_query_groups}_step, search.max_{num_layers,hidden_size,"
+                                   "ffn_hidden_size,num_attention_heads}_prune, "
+                                   "search.proportional_heads, "
                                    "search.max_candidates; also calib.*, kd.*, train.*, data.*, "
                                    "parallel.*.")
     p.add_argument("checkpoint", help="source checkpoint (also the distillation teacher)")

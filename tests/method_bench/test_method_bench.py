@@ -39,7 +39,7 @@ def smoke_overrides(data_cache: str) -> list[str]:
                "teacher.train.tensorboard=false", "teacher.train.save_interval=0"]
     # One seed: the verdicts over several seeds are unit-tested in test_verdict.py.
     return data + model + teacher + [
-        "study.seeds=[0]", "study.width_hidden_size=48", "study.width_ffn_step=16",
+        "study.seeds=[0]", "study.width_hidden_size=48", "study.width_ffn_hidden_size_step=16",
         "study.eval_samples=16",
         "calib.num_samples=8", "calib.micro_batch_size=4", "calib.eval_samples=8",
         "retrain.train_iters=4", "retrain.eval_interval=2", "retrain.eval_iters=2",
