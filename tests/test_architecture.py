@@ -119,3 +119,19 @@ def test_the_stage_file_check_sees_a_foreign_name(tmp_path, code, hit):
     found = foreign_stage_files(pkg)
     assert [f.split(" ", 1)[1] for f in found] == hit
     assert all(f.startswith("nemo_minitron/demo.py:") for f in found)
+
+
+def test_no_test_module_imports_another():
+    # Shared helpers live in helper modules (tests/helpers/, tests/cli.py, tests/dist.py, ...):
+    # importing a test module runs its collection-time code and couples unrelated tests.
+    tests = Path(__file__).parent
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                last = name.split(".")[-1]
+                if name.startswith("tests.") and (last.startswith("test_") or last == "conftest"):
+                    found.append(f"{path.relative_to(tests.parent)}:{node.lineno} {name}")
+    assert found == []

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from tests.cli import Result, cli
-from tests.dist import _free_port
+from tests.cli import _one_line_error, cli, run_torchrun
 
 VERBS = ["demo", "data", "pretrain", "finetune", "prune", "distill", "search", "bench-method",
          "launch", "validate", "import-hf", "import-gguf", "import-nemo2", "export-hf", "eval",
@@ -21,13 +20,6 @@ VERBS = ["demo", "data", "pretrain", "finetune", "prune", "distill", "search", "
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
                           text=True, timeout=300, env=env)
-
-
-def run_torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-         "--master-port", str(_free_port()), "-m", "nemo_minitron", *args],
-        capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -77,15 +69,6 @@ def test_prune_help_lists_the_layer_metrics():
     assert "target.layer_metric" in text
     for choice in typing.get_args(typing.get_type_hints(Target)["layer_metric"]):
         assert choice in text, choice
-
-
-def _one_line_error(res: subprocess.CompletedProcess | Result, *needles: str) -> None:
-    assert res.returncode == 2, res.stderr
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.mark.parametrize("recipe_text, override, needles", [

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from tests.dist import spawn
-from tests.method_bench.test_method_bench import smoke_overrides
+from tests.helpers.method_bench import smoke_overrides
 
 
 def _teacher_twice(out: str, overrides: list[str], result: str) -> None:

@@ -247,7 +247,7 @@ def test_empty_responses_are_counted_in_one_warning(tmp_path, embedded_paths):
     from nemo_minitron.config import load_recipe
     from nemo_minitron.data.tokenizer import load_tokenizer
     from nemo_minitron.train.sft import SFTRecipe, sft_splits
-    from tests.data.test_resolve import kept_records
+    from tests.helpers.data import kept_records
 
     rows = [{"instruction": f"Add {i} and 1.", "output": "" if i % 3 == 0 else str(i + 1)}
             for i in range(6)]
