@@ -4,9 +4,10 @@ A stage is (verb, args, output dir): ``nemo-minitron <verb> <args...> [recipe] <
 key=value...> [--out <out>]``. Strings may reference ``{vars.NAME}``, ``{inputs.NAME}`` (an
 existing checkpoint), ``{stages.NAME.output}`` (an earlier stage's checkpoint) and ``{out}``
 (this stage's directory, ``<workdir>/<name>``); ``--out {out}`` is appended when ``{out}`` is
-not among the args. The launcher knows nothing else about verbs, so a new verb (``distill``)
-plugs in as it is. A stage's output checkpoint is ``<out>`` for the verbs that write one
-checkpoint directory (``prune``, ``merge``, the importers), ``<out>/winner`` for ``search`` and
+not among the args. What the launcher knows about a verb comes from the registry
+(``nemo_minitron.verbs``), so a new verb plugs in with its entry there. A stage's output
+checkpoint is the verb's ``Verb.output`` of ``<out>``: ``<out>`` itself for the verbs that write
+one checkpoint directory (``prune``, ``merge``, the importers), the winner for ``search``, and
 the final training checkpoint ``<out>/checkpoints/step_<train.train_iters>`` for every other
 verb; a stage whose output is a complete checkpoint is not run again.
 
