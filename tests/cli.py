@@ -109,6 +109,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
                                                f_out.read(), f_err.read())
 
 
+def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m nemo_minitron ARGS`` in a new interpreter (imports and all)."""
+    return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
 def run_torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),

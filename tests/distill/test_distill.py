@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from nemo_minitron.distill.stage import layer_pairs
-from tests.cli import _one_line_error, cli, run_cli
+from tests.cli import _one_line_error, cli, run_module
 from tests.dist import in_order, spawn
 from tests.helpers.distill import _kd_overrides, distill_job
 from tests.helpers.train import _copy_metrics
@@ -163,8 +163,8 @@ def test_untrained_teacher_refused(tmp_path, pair, tiny_overrides):
     # Found by the teacher's first validation loss, after the runtime started: a child process.
     teacher, student = pair
     out = tmp_path / "out"
-    res = run_cli("distill", "--teacher", teacher, "--student", student, "--out", str(out),
-                  *_kd_overrides(tiny_overrides, 2), "kd.teacher_max_loss_ratio=0.01")
+    res = run_module("distill", "--teacher", teacher, "--student", student, "--out", str(out),
+                     *_kd_overrides(tiny_overrides, 2), "kd.teacher_max_loss_ratio=0.01")
     _one_line_error(res, "the teacher looks untrained")
     assert not out.exists()
 
