@@ -51,6 +51,7 @@ STAGE_FILES = {
     "summary.json": {"nemo_minitron.prune"},
     "winner": {"nemo_minitron.search"},
     "candidates.json": {"nemo_minitron.search"},
+    "candidates": {"nemo_minitron.search"},
     "result.json": {"nemo_minitron.search"},
     "scores.pt": {"nemo_minitron.prune", "nemo_minitron.search"},
     "report.md": {"nemo_minitron.prune", "nemo_minitron.search"},

@@ -25,7 +25,7 @@ from nemo_minitron.distill.objective import KDConfig
 from nemo_minitron.prune.stage import CalibConfig
 from nemo_minitron.search.enumerate import Candidate, SearchConfig, enumerate_candidates
 from nemo_minitron.search.report import retraining_losses
-from nemo_minitron.search.result import winner_dir
+from nemo_minitron.search.result import candidate_dir, candidate_run, search_dir, winner_dir
 from nemo_minitron.utils.logging import get_logger
 from nemo_minitron.utils.rank import is_rank0
 
@@ -111,7 +111,7 @@ def stored_result(root: Path, name: str, retrain_steps: int) -> dict[str, Any] |
     distillation resuming from its last checkpoint."""
     from nemo_minitron.utils.fs import read_json
 
-    f = root / "candidates" / name / "result.json"
+    f = candidate_dir(root, name) / "result.json"
     r = read_json(f, "; remove it to redo the candidate") if f.is_file() else None
     if r is not None and not isinstance(r, dict):
         raise ConfigError(f"{f} is not a candidate's result (not a JSON object); remove it to "
@@ -124,7 +124,7 @@ def candidate_finished(root: Path, name: str, retrain_steps: int) -> bool:
     from nemo_minitron.checkpoint.io import is_checkpoint, step_dir
 
     r = stored_result(root, name, retrain_steps)
-    final = step_dir(root / "candidates" / name / "distill", retrain_steps)
+    final = step_dir(candidate_run(root, name), retrain_steps)
     return r is not None and r.get("status") == "done" and is_checkpoint(final)
 
 
@@ -169,7 +169,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         if unknown:
             raise ConfigError(f"search.candidates names {unknown[0]!r}, not a candidate of this "
                               f"search ({', '.join(c.name for c in candidates)})")
-    root = Path(out) / "search"
+    root = search_dir(out)
     state_file = root / "candidates.json"
     _load_state(state_file, [c.name for c in candidates])
     records = [_record(c) for c in candidates]
@@ -184,7 +184,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     def save_state(rec: dict[str, Any] | None = None) -> None:
         if is_rank0():
             if rec is not None:
-                atomic_write_json(root / "candidates" / rec["name"] / "result.json", rec)
+                atomic_write_json(candidate_dir(root, rec["name"]) / "result.json", rec)
             rows = [r if r["status"] == "done" else stored(r["name"]) or r for r in records]
             atomic_write_json(state_file, {"source": str(checkpoint),
                                            "target_params": s.target_params,
@@ -207,8 +207,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     scores_file = root / "scores.pt"
     ran, interrupted = 0, False
     for c, rec in zip(candidates, records):
-        cdir = root / "candidates" / c.name
-        pruned, run = cdir / "pruned", cdir / "distill"
+        pruned, run = candidate_dir(root, c.name) / "pruned", candidate_run(root, c.name)
         final = step_dir(run, s.retrain_steps)
         if candidate_finished(root, c.name, s.retrain_steps):
             log.info("candidate %s: finished earlier, skipped", c.name)
