@@ -35,7 +35,8 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     """Run the demo stages under ``out``; returns the summary it prints. ``data.*``
     overrides apply to every stage."""
     from nemo_minitron.distill.stage import DistillRecipe, distill
-    from nemo_minitron.prune.stage import PruneRecipe, prune, prune_summary, report_dir
+    from nemo_minitron.prune import result as prune_result
+    from nemo_minitron.prune.stage import PruneRecipe, prune
     from nemo_minitron.train.pretrain import completed, pretrain
 
     recipe = load_recipe(recipe_path, overrides)
@@ -46,9 +47,9 @@ def run_demo(recipe_path: str | None, overrides: list[str], out: str,
     p_recipe = load_recipe(prune_recipe or PRUNE_RECIPE,
                            data_overrides + list(prune_overrides or []), cls=PruneRecipe)
     pruned_dir = out_dir / "pruned"
-    pruned = prune_summary(pruned_dir) if (report_dir(pruned_dir) / "report.md").is_file() \
-        else None
-    if pruned is not None:
+    done = prune_result.read(pruned_dir)
+    if done is not None:
+        pruned = done.summary
         log.info("reusing %s (delete it to prune again)", pruned_dir)
     else:
         pruned = prune(teacher["final"], str(pruned_dir), p_recipe)

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tests.dist import adopt, context
+from tests.dist import _free_port, adopt, context
 
 
 @dataclass
@@ -107,3 +107,25 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
         with open(out) as f_out, open(err) as f_err:
             return subprocess.CompletedProcess(["nemo-minitron", *args], proc.exitcode,
                                                f_out.read(), f_err.read())
+
+
+def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m nemo_minitron ARGS`` in a new interpreter (imports and all)."""
+    return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def run_torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+         "--master-port", str(_free_port()), "-m", "nemo_minitron", *args],
+        capture_output=True, text=True, timeout=300)
+
+
+def _one_line_error(res: subprocess.CompletedProcess | Result, *needles: str) -> None:
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]

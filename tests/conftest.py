@@ -12,14 +12,8 @@ import torch
 from nemo_minitron.config import DataConfig
 from nemo_minitron.data.embedded import prepare_embedded
 from tests.dist import spawn
-from tests.train.test_loop import pretrain_job
-
-SMALL_DATA = {"tokenizer_vocab_size": 1000, "corpus_max_bytes": 1_500_000}
-
-TINY_MODEL = [
-    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
-    "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=64",
-]
+from tests.helpers.data import SMALL_DATA, TINY_MODEL
+from tests.helpers.train import pretrain_job
 
 
 def pytest_configure(config) -> None:

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from tests.dist import spawn
-from tests.train.test_loop import pretrain_job
+from tests.helpers.train import pretrain_job
 
 
 @dataclass

@@ -4,30 +4,14 @@ exit and no output directory left behind. Most run ``cli.main`` in this process
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.cli import Result, cli
-from tests.dist import _free_port
+from tests.cli import _one_line_error, cli, run_module, run_torchrun
 
 VERBS = ["demo", "data", "pretrain", "finetune", "prune", "distill", "search", "bench-method",
          "launch", "validate", "import-hf", "import-gguf", "import-nemo2", "export-hf", "eval",
          "generate", "lm-eval", "bench", "specdec", "merge", "sft", "instruct-data",
          "teacher-cache", "self-distill"]
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nemo_minitron", *args], capture_output=True,
-                          text=True, timeout=300, env=env)
-
-
-def run_torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-         "--master-port", str(_free_port()), "-m", "nemo_minitron", *args],
-        capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -79,15 +63,6 @@ def test_prune_help_lists_the_layer_metrics():
         assert choice in text, choice
 
 
-def _one_line_error(res: subprocess.CompletedProcess | Result, *needles: str) -> None:
-    assert res.returncode == 2, res.stderr
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-
-
 @pytest.mark.parametrize("recipe_text, override, needles", [
     (None, [], ["does not exist"]),
     ("model: [1, 2\n", [], ["is not valid YAML", "line"]),
@@ -114,8 +89,8 @@ def test_layout_error_exits_2_from_a_process(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  num_layers: 2\n")
     out = tmp_path / "out"
-    res = run_cli("pretrain", str(recipe), "parallel.pipeline_model_parallel_size=2", "--out",
-                  str(out))
+    res = run_module("pretrain", str(recipe), "parallel.pipeline_model_parallel_size=2", "--out",
+                     str(out))
     _one_line_error(res, "does not divide the world size 1")
     assert not out.exists()
 
@@ -134,15 +109,15 @@ def test_model_dims_must_divide_tp_under_torchrun(tmp_path, tiny_overrides):
 
 def test_missing_dataset_path(tmp_path, tiny_overrides, embedded_paths):
     out = tmp_path / "out"
-    res = run_cli("pretrain", *tiny_overrides, f"data.path={tmp_path}/nope",
-                  f"data.tokenizer={embedded_paths[1]}", "--out", str(out))
+    res = run_module("pretrain", *tiny_overrides, f"data.path={tmp_path}/nope",
+                     f"data.tokenizer={embedded_paths[1]}", "--out", str(out))
     _one_line_error(res, "data.path=", "nope.bin does not exist")
     assert not out.exists()
 
 
 def test_finetune_of_a_non_checkpoint(tmp_path, tiny_overrides):
     out = tmp_path / "out"
-    res = run_cli("finetune", str(tmp_path), *tiny_overrides, "--out", str(out))
+    res = run_module("finetune", str(tmp_path), *tiny_overrides, "--out", str(out))
     _one_line_error(res, "is not a nemo_minitron checkpoint")
     assert not out.exists()
 

@@ -166,8 +166,8 @@ def test_a_partial_section_keeps_its_fields_own_defaults():
     """A nested section given in part keeps the defaults of the field that holds it, not those
     of the section's class: the bench's retraining budget (200 steps, not TrainConfig's) and
     self-distill's sampling (temperature 0.7, top-p 0.95, not SamplingConfig's greedy)."""
+    from benchmarks.method.config import MethodBenchRecipe
     from nemo_minitron.config import TrainConfig
-    from nemo_minitron.method_bench.config import MethodBenchRecipe
     from nemo_minitron.selfdistill.stage import SelfDistillConfig
 
     bench = from_dict(MethodBenchRecipe, {"retrain": {"lr": 0.5}})

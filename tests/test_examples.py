@@ -18,7 +18,7 @@ import torch
 
 from tests.cli import run_cli
 from tests.dist import spawn
-from tests.train.test_loop import pretrain_job
+from tests.helpers.train import pretrain_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, VALID, CALIB, MBS = 64, 16, 16, 4  # the examples' defaults

@@ -1,6 +1,7 @@
-"""``nemo-minitron`` command line: one verb per stage, each registered by the module of its
-package (``demo``, ``train``, ``prune``, ``launch``, ``interop``, ``merge``, ``specdec``,
-``selfdistill``).
+"""``nemo-minitron`` command line: one module per verb or per subpackage (``demo``,
+``bench_method``, ``data``, ``train``, ``distill``, ``prune``, ``search``, ``launch``,
+``interop``, ``eval``, ``merge``, ``specdec``, ``selfdistill``), each defining its verbs'
+arguments; ``nemo_minitron.verbs`` lists the verbs, their order and their module.
 
 Every verb that trains takes a YAML recipe and ``section.key=value`` overrides. User errors
 print one line (``error: ...``) and exit with status 2.
@@ -14,7 +15,23 @@ import errno
 import signal
 import sys
 
-from nemo_minitron.cli import demo, interop, launch, merge, prune, selfdistill, specdec, train
+from nemo_minitron import verbs
+from nemo_minitron.cli import (
+    bench_method,
+    data,
+    demo,
+    distill,
+    eval,
+    interop,
+    launch,
+    merge,
+    prune,
+    search,
+    selfdistill,
+    specdec,
+    train,
+)
+from nemo_minitron.cli.common import show_defaults
 from nemo_minitron.config import ConfigError
 from nemo_minitron.utils.logging import get_logger, quiet_known_warnings, setup_logging
 from nemo_minitron.utils.rank import is_rank0
@@ -27,15 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "Multi-process runs: torchrun --nproc-per-node N -m nemo_minitron <verb> ...",
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="verb")
-    for module in (demo, train, prune, launch, interop, merge, specdec, selfdistill):
-        module.register(sub)
+    for verb in verbs.VERBS:  # the registry's order is --help's
+        MODULES[verb.cli].VERBS[verb.name](sub)
+    show_defaults(sub)
     return parser
 
 
-def verb_names() -> set[str]:
-    """Every verb of the command line."""
-    return {name for action in build_parser()._actions
-            if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+MODULES = {m.__name__.rpartition(".")[2]: m for m in (
+    bench_method, data, demo, distill, eval, interop, launch, merge, prune, search, selfdistill,
+    specdec, train)}
+"""The command-line modules by name (``verbs.Verb.cli``)."""
 
 
 def main(argv: list[str] | None = None) -> int:

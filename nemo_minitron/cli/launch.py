@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from nemo_minitron.cli.common import show_defaults
-
 
 def _cluster_flags(args: argparse.Namespace) -> dict:
     from nemo_minitron.launch.run import CLUSTER_FLAGS
@@ -43,8 +41,8 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-task", type=int)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add this module's verbs."""
+def add_launch(sub: argparse._SubParsersAction) -> None:
+    """The ``launch`` verb's arguments."""
     p = sub.add_parser("launch", help="run a recipe or pipeline as SLURM jobs (or here)",
                        description="Render one sbatch script per stage (srun, one task per "
                                    "GPU, USR1 -> checkpoint -> requeue) and submit the stages "
@@ -64,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
     p.set_defaults(func=cmd_launch)
 
+
+def add_validate(sub: argparse._SubParsersAction) -> None:
+    """The ``validate`` verb's arguments."""
     p = sub.add_parser("validate", help="check a recipe's layout and memory for a job size",
                        description="Divisibility (TP | heads, groups, ffn, vocab; PP | layers; "
                                    "TP*PP | world; micro batch * DP | global batch) and an "
@@ -73,4 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-gb", type=float, default=80.0,
                    help="memory per GPU (default: %(default)s)")
     p.set_defaults(func=cmd_validate)
-    show_defaults(sub)
+
+
+VERBS = {"launch": add_launch, "validate": add_validate}
+"""This module's verbs: name -> the function adding its arguments (``cli.build_parser``)."""

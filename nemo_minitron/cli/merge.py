@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from nemo_minitron.cli.common import recipe_args, show_defaults, split_overrides
+from nemo_minitron.cli.common import recipe_args, split_overrides
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -24,8 +24,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add this module's verbs."""
+def add_merge(sub: argparse._SubParsersAction) -> None:
+    """The ``merge`` verb's arguments."""
     p = sub.add_parser("merge", help="SLERP / linear / task-arithmetic merge of checkpoints",
                        description="Merge checkpoints of one architecture and tokenizer into "
                                    "OUT, streamed one tensor at a time (torchrun: the tensors "
@@ -43,4 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="overrides merge.method")
     p.add_argument("--out", required=True, help="merged checkpoint directory (must not exist)")
     p.set_defaults(func=cmd_merge)
-    show_defaults(sub)
+
+
+VERBS = {"merge": add_merge}
+"""This module's verbs: name -> the function adding its arguments (``cli.build_parser``)."""

@@ -6,7 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from nemo_minitron.cli.common import sampling_config, show_defaults
+from nemo_minitron.cli.common import (
+    sampling_args,
+    sampling_config,
+    sampling_values,
+    source_constant,
+    source_fields,
+)
 from nemo_minitron.config import ConfigError
 
 
@@ -27,8 +33,8 @@ def cmd_self_distill(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise ConfigError(f"--prompt-template {str(path)!r} does not exist")
         template = path.read_text()
-    given = {k: getattr(args, k) for k in SAMPLING if hasattr(args, k)}
-    batch = {"batch_size": given.pop("batch_size")} if "batch_size" in given else {}
+    given = sampling_values(args)
+    batch = {"batch_size": args.batch_size} if hasattr(args, "batch_size") else {}
     cfg = SelfDistillConfig(sampling=sampling_config(rewrite_sampling, **given), **batch,
                             prompt_template=template, verifier=args.verifier, stats=args.stats)
     stats = self_distill(args.teacher, args.data, args.out, cfg, parallel, student=args.student)
@@ -37,12 +43,12 @@ def cmd_self_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLING = ("batch_size", "max_new_tokens", "greedy", "temperature", "top_p", "top_k", "seed")
-"""Options passed on only when given (``SelfDistillConfig.batch_size`` and
-``selfdistill.stage.rewrite_sampling`` own the defaults)."""
+STAGE = "nemo_minitron.selfdistill.stage"
+"""The module owning self-distill's defaults."""
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_self_distill(sub: argparse._SubParsersAction) -> None:
+    """The ``self-distill`` verb's arguments."""
     p = sub.add_parser(
         "self-distill", help="the teacher rewrites every response of an instruction set",
         description="Self-data distillation (arXiv 2410.09982): the teacher answers each "
@@ -64,16 +70,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student", help="checkpoint to be fine-tuned on OUT: its tokenizer must "
                                      "be the teacher's")
     p.add_argument("--stats", help="stats JSON (default: OUT's stem + .stats.json)")
-    # Defaults in the help are selfdistill.stage.REWRITE_SAMPLING's, written out: importing
-    # it here would import torch for every verb's --help.
-    quiet = argparse.SUPPRESS
-    p.add_argument("--batch-size", type=int, default=quiet, help="prompts per batch (8)")
-    p.add_argument("--max-new-tokens", type=int, default=quiet, help="(512)")
-    p.add_argument("--greedy", action="store_true", default=quiet,
-                   help="argmax instead of sampling")
-    p.add_argument("--temperature", type=float, default=quiet, help="(0.7)")
-    p.add_argument("--top-p", type=float, default=quiet, help="(0.95)")
-    p.add_argument("--top-k", type=int, default=quiet, help="(0: all tokens)")
-    p.add_argument("--seed", type=int, default=quiet, help="batch k samples with seed + k (0)")
+    # Flags typed are passed on, the others left to SelfDistillConfig and rewrite_sampling
+    # (their defaults, read from the source: importing it would import torch for --help).
+    _, batch, doc = source_fields(STAGE, "SelfDistillConfig")["batch_size"]
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
+                   help=f"{doc[0].lower()}{doc[1:].rstrip('.')} (default: {batch})")
+    sampling_args(p, source_constant(STAGE, "REWRITE_SAMPLING"), only_given=True,
+                  notes={"seed": "batch k samples with seed + k"})
     p.set_defaults(func=cmd_self_distill, decodes=True)
-    show_defaults(sub)
+
+
+VERBS = {"self-distill": add_self_distill}
+"""This module's verbs: name -> the function adding its arguments (``cli.build_parser``)."""

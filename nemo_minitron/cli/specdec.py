@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nemo_minitron.cli.common import sampling_config, show_defaults
+from nemo_minitron.cli.common import sampling_args, sampling_config, sampling_values
 from nemo_minitron.config import ConfigError
 
 
@@ -32,9 +32,7 @@ def cmd_specdec(args: argparse.Namespace) -> int:
     parallel = from_dict(ParallelConfig, data.get("parallel"), "parallel.")
     cfg = SpecDecConfig(draft_tokens=_draft_tokens(args.draft_tokens),
                         batch_size=args.batch_size, repeats=args.repeats)
-    s = sampling_config(SamplingConfig, max_new_tokens=args.max_new_tokens,
-                        greedy=not args.sample, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    s = sampling_config(SamplingConfig, **sampling_values(args))
     if s.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens={s.max_new_tokens} must be at least 1")
     rows = specdec(args.target, args.draft, args.prompts, args.data, s, cfg,
@@ -53,8 +51,8 @@ def cmd_specdec(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add this module's verbs."""
+def add_specdec(sub: argparse._SubParsersAction) -> None:
+    """The ``specdec`` verb's arguments."""
     p = sub.add_parser(
         "specdec", help="speculative decoding with a draft model: acceptance and speed-up",
         description="Decode the prompts with TARGET alone and with TARGET verifying K tokens "
@@ -70,14 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-length", type=int, default=32, help="prompt tokens (--data)")
     p.add_argument("--draft-tokens", default="4", help="K, or a sweep such as 1,2,4,8")
-    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    sampling_args(p)
     p.add_argument("--chat", action="store_true",
                    help="each --prompts line is a user turn, formatted with the target "
                         "tokenizer's chat template (as generate --chat)")
@@ -85,4 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "table is only printed)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_specdec, decodes=True)
-    show_defaults(sub)
+
+
+VERBS = {"specdec": add_specdec}
+"""This module's verbs: name -> the function adding its arguments (``cli.build_parser``)."""

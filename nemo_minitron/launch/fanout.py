@@ -28,6 +28,7 @@ from pathlib import Path
 from nemo_minitron.config import ConfigError, ModelConfig, from_dict
 from nemo_minitron.launch.pipeline import Pipeline, Stage
 from nemo_minitron.launch.sbatch import ClusterConfig
+from nemo_minitron.search.result import candidate_run, search_dir
 
 
 @dataclass
@@ -66,7 +67,7 @@ def candidate_done(stage: Stage, name: str, retrain_steps: int) -> bool:
     """Whether a candidate of a search stage finished with these retrain_steps."""
     from nemo_minitron.search.stage import candidate_finished
 
-    return candidate_finished(stage.out / "search", name, retrain_steps)
+    return candidate_finished(search_dir(stage.out), name, retrain_steps)
 
 
 def expand_search(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,
@@ -87,7 +88,7 @@ def expand_search(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,
     for c in candidates:
         if candidate_done(stage, c.name, steps):
             continue
-        run = stage.out / "search" / "candidates" / c.name / "distill"
+        run = candidate_run(search_dir(stage.out), c.name)
         jobs.append(Job(name=f"{stage.name}-{c.name}", stage=stage,
                         argv=_with_override(stage.argv, f"search.candidates=[{c.name}]"),
                         cluster=dataclasses.replace(cluster, job_name=f"{cluster.job_name}-"

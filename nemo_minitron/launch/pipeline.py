@@ -4,9 +4,10 @@ A stage is (verb, args, output dir): ``nemo-minitron <verb> <args...> [recipe] <
 key=value...> [--out <out>]``. Strings may reference ``{vars.NAME}``, ``{inputs.NAME}`` (an
 existing checkpoint), ``{stages.NAME.output}`` (an earlier stage's checkpoint) and ``{out}``
 (this stage's directory, ``<workdir>/<name>``); ``--out {out}`` is appended when ``{out}`` is
-not among the args. The launcher knows nothing else about verbs, so a new verb (``distill``)
-plugs in as it is. A stage's output checkpoint is ``<out>`` for the verbs that write one
-checkpoint directory (``prune``, ``merge``, the importers), ``<out>/winner`` for ``search`` and
+not among the args. What the launcher knows about a verb comes from the registry
+(``nemo_minitron.verbs``), so a new verb plugs in with its entry there. A stage's output
+checkpoint is the verb's ``Verb.output`` of ``<out>``: ``<out>`` itself for the verbs that write
+one checkpoint directory (``prune``, ``merge``, the importers), the winner for ``search``, and
 the final training checkpoint ``<out>/checkpoints/step_<train.train_iters>`` for every other
 verb; a stage whose output is a complete checkpoint is not run again.
 
@@ -30,10 +31,9 @@ from typing import Any
 
 import yaml
 
+from nemo_minitron import verbs
 from nemo_minitron.config import ConfigError, TrainConfig, load_yaml, merge, parse_overrides
 
-DIR_OUTPUT_VERBS = {"prune", "merge", "import-hf", "import-gguf", "import-nemo2"}
-"""Verbs whose output directory is itself the checkpoint (the rest train under --out)."""
 LOGS = "logs"
 """The directory under a pipeline's workdir holding each stage's launcher files."""
 _REF = re.compile(r"\{(out|vars\.[\w-]+|inputs\.[\w-]+|stages\.[\w-]+\.output)\}")
@@ -98,11 +98,10 @@ def flatten(config: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def _output(verb: str, out: Path, config: dict[str, Any]) -> Path:
-    if verb in DIR_OUTPUT_VERBS:
-        return out
-    if verb == "search":  # the best candidate's retrained checkpoint
-        return out / "winner"
+def _output(name: str, out: Path, config: dict[str, Any]) -> Path:
+    output = verbs.BY_NAME[name].output
+    if output is not None:
+        return output(out)
     from nemo_minitron.checkpoint.io import step_dir
 
     iters = config.get("train", {}).get("train_iters", TrainConfig().train_iters)
@@ -116,15 +115,6 @@ def check_overrides(overrides: list[str]) -> None:
         if any(ch in o for ch in "\n\r\0"):
             raise ConfigError(f"override {o.split('=', 1)[0]!r} holds a newline or control "
                               "character, which a job script cannot carry")
-
-
-def _check_verb(verb: str, where: str) -> None:
-    from nemo_minitron.cli import verb_names
-
-    known = verb_names() - {"launch"}
-    if verb not in known:
-        raise ConfigError(f"{where}.verb={verb!r} is not a nemo-minitron verb (known: "
-                          f"{', '.join(sorted(known))})")
 
 
 def single_stage(recipe: str, verb: str, overrides: list[str], out: str) -> Pipeline:
@@ -195,8 +185,7 @@ def _stage(s: Any, i: int, base: Path, workdir: Path, refs: dict[str, str],
     if not isinstance(s, dict) or set(s) - _STAGE or not s.get("name") or not s.get("verb"):
         raise ConfigError(f"stages[{i}] must be a mapping with name and verb (keys: "
                           f"{', '.join(sorted(_STAGE))})")
-    name, verb = str(s["name"]), str(s["verb"])
-    _check_verb(verb, f"stages[{i}]")
+    name, verb = str(s["name"]), verbs.verb(str(s["verb"]), f"stages[{i}]").name
     if not _NAME.match(name) or any(d.name == name for d in done):
         raise ConfigError(f"stages[{i}].name={name!r} must be unique and use only "
                           "letters, digits, _ and -")

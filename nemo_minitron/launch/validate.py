@@ -1,24 +1,8 @@
 """Check that every stage of a pipeline fits its job before anything is submitted, without a
 GPU: the divisibility rules of the parallel layout and an estimate of GPU memory.
 
-Memory per GPU, for the pipeline stage holding the most parameters (bytes; s = seq_length,
-b = micro_batch_size, h = hidden, a/g/d = heads/query groups/head dim, f = ffn, k = 2 for
-SwiGLU else 1, V = padded vocab, L = layers, TP/PP/DP as usual):
-
-- trained parameters P_gpu = (L/PP * layer_params + V*h [embedding or output layer; both when
-  PP = 1]) / TP, at 2 (bf16 weights) + 4 (fp32 main grads) + 12/DP (fp32 master weights and the
-  two Adam moments, sharded by Megatron's distributed optimizer) bytes each;
-- frozen models the stage also reads (a distillation teacher): 2 bytes per parameter / (TP*PP);
-- forward-only stages (``prune``: fp32 model, importance hooks): 4 bytes per parameter;
-- activations of one micro-batch and layer, every bf16 tensor kept for backward:
-  2*s*b*(4h + ((a+2g)*d + a*d + k*f + f)/TP) (two norms' inputs and outputs, QKV, attention
-  output with flash attention, i.e. no s x s scores, fc1 and activation outputs; Korthikanti
-  et al. 2022 without sequence parallelism), times L (1F1B keeps PP micro-batches of L/PP
-  layers on the first stage); forward-only stages keep one layer's worth;
-- logits: 2 x 4*s*b*V/TP (fp32 logits and their gradient; one more for a teacher's logits);
-- a 5 GiB reserve for the CUDA context, NCCL buffers and fragmentation.
-
-The sum must stay under ``gpu_memory_gb`` (80 by default). CPU jobs (no GPUs) skip it.
+Memory per GPU: ``model.memory.memory_gib`` (the sum must stay under ``gpu_memory_gb``, 80
+by default; CPU jobs skip it).
 """
 
 from __future__ import annotations
@@ -30,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 from nemo_minitron.config import ConfigError, ModelConfig, Recipe, from_dict
 from nemo_minitron.launch.pipeline import Pipeline, Stage
 from nemo_minitron.launch.sbatch import ClusterConfig
-from nemo_minitron.model.params import count_params, layer_params
+from nemo_minitron.model.memory import memory_gib
+from nemo_minitron.model.params import count_params
+from nemo_minitron.verbs import BY_NAME
 
 if TYPE_CHECKING:
     from nemo_minitron.search.enumerate import Candidate
 
-GiB = 1024**3
-RESERVE_GIB = 5.0
 _TRAIN_SECTIONS = ("model", "parallel", "data", "train")
 
 
@@ -61,22 +45,11 @@ class StageReport:
 
 
 def _verb_recipe(stage: Stage) -> Any:
-    """The stage's recipe as its verb reads it; verbs unknown here are checked on the sections
-    they share with pretraining."""
-    if stage.verb == "prune":
-        from nemo_minitron.prune.stage import PruneRecipe
-
-        return from_dict(PruneRecipe, stage.config)
-    if stage.verb == "distill":
-        from nemo_minitron.distill.stage import DistillRecipe
-
-        return from_dict(DistillRecipe, stage.config)
-    if stage.verb == "search":
-        from nemo_minitron.search.stage import SearchRecipe
-
-        return from_dict(SearchRecipe, stage.config)
-    if stage.verb in ("pretrain", "finetune"):
-        return from_dict(Recipe, stage.config)
+    """The stage's recipe as its verb reads it (``verbs.Verb.recipe``); other verbs are
+    checked on the sections they share with pretraining."""
+    cls = BY_NAME[stage.verb].recipe_class()
+    if cls is not None:
+        return from_dict(cls, stage.config)
     return from_dict(Recipe, {k: v for k, v in stage.config.items() if k in _TRAIN_SECTIONS})
 
 
@@ -123,25 +96,6 @@ def search_candidates(stage: Stage, pipe: Pipeline, shapes: dict[str, ModelConfi
     model.check_layout(tp, pp)
     src = dataclasses.replace(model, vocab_size=_vocab(model, recipe))
     return src, enumerate_candidates(src, recipe.search, tp, pp)
-
-
-def memory_gib(m: ModelConfig, tp: int, pp: int, dp: int, micro_batch: int, *,
-               forward_only: bool = False, frozen: list[ModelConfig] = ()) -> float:  # type: ignore[assignment]
-    """The estimate documented above, in GiB."""
-    v, h, s, b = m.vocab_size or 0, m.hidden_size, m.seq_length, micro_batch
-    ends = v * h * (1 if m.share_embeddings_and_output_weights or pp > 1 else 2)
-    p_gpu = (m.num_layers / pp * layer_params(m) + ends) / tp
-    k = 2 if m.activation == "swiglu" else 1
-    a, g, d, f = m.num_attention_heads, m.query_groups, m.head_dim, m.ffn_hidden_size
-    act_layer = 2 * s * b * (4 * h + ((a + 2 * g) * d + a * d + k * f + f) / tp)
-    logits = 2 * 4 * s * b * v / tp
-    if forward_only:
-        total = 4 * p_gpu + act_layer + logits / 2
-    else:
-        total = (6 + 12 / dp) * p_gpu + act_layer * m.num_layers + logits
-    for t in frozen:
-        total += 2 * count_params(t) / (tp * pp) + 4 * s * b * (t.vocab_size or 0) / tp
-    return total / GiB + RESERVE_GIB
 
 
 def validate_pipeline(pipe: Pipeline, cluster_for: Any, gpu_memory_gb: float = 80.0,
@@ -204,7 +158,7 @@ def _check(stage: Stage, pipe: Pipeline, cluster: ClusterConfig,
         mem = memory_gib(sized, tp, pp, dp, mb, forward_only=forward_only, frozen=frozen)
         if mem > gpu_memory_gb:
             raise ConfigError(f"needs about {mem:.1f} GiB per GPU (estimate, see "
-                              f"nemo_minitron/launch/validate.py) > {gpu_memory_gb:g} GiB with "
+                              f"nemo_minitron/model/memory.py) > {gpu_memory_gb:g} GiB with "
                               f"TP={tp} PP={pp} DP={dp} micro batch {mb}: raise TP or PP")
     return StageReport(name=stage.name, world_size=world, tp=tp, pp=pp, dp=dp,
                        params=count_params(sized), memory_gib=mem)

@@ -16,14 +16,16 @@ The model is built for the calling rank's pipeline stage of the current parallel
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 
 from nemo_minitron.config import ConfigError, ModelConfig
+
+# The ModelConfig <-> TransformerConfig mapping is the config package's; also imported from here.
+from nemo_minitron.config.model import (  # noqa: F401  (re-exported: their old home)
+    model_config,
+    params_dtype,
+    transformer_config,
+)
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("model")
@@ -45,106 +47,6 @@ def te_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The MLP's activation function for ``ModelConfig.activation``."""
-    from megatron.core.activations import squared_relu
-
-    return {"swiglu": F.silu, "gelu": F.gelu, "squared_relu": squared_relu}[name]
-
-
-def params_dtype(bf16: bool) -> torch.dtype:
-    """The parameters' dtype (the model's and its optimizer's): bf16 or fp32."""
-    return torch.bfloat16 if bf16 else torch.float32
-
-
-def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None):
-    """Megatron ``TransformerConfig`` for ``cfg`` under the current parallel state."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer import TransformerConfig
-
-    dtype = params_dtype(bf16)
-    swiglu = cfg.activation == "swiglu"
-    return TransformerConfig(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.query_groups,
-        kv_channels=cfg.head_dim,
-        normalization=cfg.normalization,
-        layernorm_epsilon=cfg.layernorm_epsilon,
-        gated_linear_unit=swiglu,
-        activation_func=_activation(cfg.activation),
-        add_bias_linear=cfg.add_bias_linear,
-        add_qkv_bias=cfg.add_qkv_bias,
-        init_method_std=cfg.init_method_std,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        # CPU initialisation draws the full master weight then slices it: identical weights
-        # for every TP layout, which is what the layout-equivalence tests rely on.
-        use_cpu_initialization=not torch.cuda.is_available(),
-        bf16=bf16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        fp8=fp8,
-    )
-
-
-MODEL_FIELDS = ("vocab_size", "make_vocab_size_divisible_by", "seq_length",
-                "max_position_embeddings", "position_embedding_type", "rotary_base",
-                "rope_scaling_factor", "share_embeddings_and_output_weights")
-"""``ModelConfig`` fields that are ``GPTModel`` arguments, not ``TransformerConfig`` fields."""
-UNSUPPORTED = ("num_moe_experts", "multi_latent_attention", "qk_layernorm", "qk_l2_norm",
-               "attention_output_gate", "window_size", "rotary_interleaved",
-               "apply_residual_connection_post_layernorm", "layernorm_zero_centered_gamma",
-               "softmax_scale", "mtp_num_layers", "heterogeneous_block_specs",
-               "activation_func_clamp_value", "glu_linear_offset", "experimental_attention_variant",
-               "is_hybrid_model", "no_rope_freq")
-"""``TransformerConfig`` features a ``ModelConfig`` cannot describe (refused when set)."""
-
-
-def model_config(config: Any, **fields: Any) -> ModelConfig:
-    """The ``ModelConfig`` of a megatron-core ``TransformerConfig``, the inverse of
-    ``transformer_config``; ``fields``: the ``GPTModel`` arguments among ``MODEL_FIELDS``
-    (``vocab_size``, ``seq_length``, ...). One-line error for what it cannot describe."""
-    unknown = sorted(set(fields) - set(MODEL_FIELDS))
-    if unknown:
-        known = unknown[0] in {f.name for f in dataclasses.fields(ModelConfig)}
-        raise ConfigError(f"{unknown[0]}: {'taken from' if known else 'not a field of'} the "
-                          f"TransformerConfig; the keyword arguments are the GPTModel's: "
-                          f"{', '.join(MODEL_FIELDS)}")
-    for name in UNSUPPORTED:
-        if getattr(config, name, None):
-            raise ConfigError(f"TransformerConfig.{name}={getattr(config, name)!r} is not "
-                              "supported (Llama-style dense GPT models only)")
-    if config.normalization not in ("RMSNorm", "LayerNorm"):
-        raise ConfigError(f"TransformerConfig.normalization={config.normalization!r} must be "
-                          "RMSNorm or LayerNorm")
-    activation = next((name for name in ("swiglu", "gelu", "squared_relu")
-                       if _activation(name) is config.activation_func
-                       and config.gated_linear_unit == (name == "swiglu")), None)
-    if activation is None:
-        fn = getattr(config.activation_func, "__name__", config.activation_func)
-        raise ConfigError(f"TransformerConfig.activation_func={fn} with gated_linear_unit="
-                          f"{config.gated_linear_unit} is not one of: F.silu gated (SwiGLU), "
-                          "F.gelu, squared_relu (not gated)")
-    return ModelConfig(
-        num_layers=config.num_layers, hidden_size=config.hidden_size,
-        ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads,
-        num_query_groups=config.num_query_groups, kv_channels=config.kv_channels,
-        normalization=config.normalization, layernorm_epsilon=config.layernorm_epsilon,
-        activation=activation, add_bias_linear=config.add_bias_linear,
-        add_qkv_bias=config.add_qkv_bias, init_method_std=config.init_method_std, **fields)
 
 
 def check_attention(attention: str) -> None:

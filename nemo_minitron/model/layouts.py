@@ -227,12 +227,6 @@ def join_fused(name: str, parts: dict[str, torch.Tensor], cfg: ModelConfig) -> t
 
 # ---- vocabulary -------------------------------------------------------------------------------
 
-def padded_vocab_size(tokenizer_vocab_size: int, divisible_by: int) -> int:
-    """The embedding's vocabulary: the tokenizer's rounded up to a multiple of
-    ``divisible_by``."""
-    return -(-tokenizer_vocab_size // divisible_by) * divisible_by
-
-
 def vocab_range(per_rank: int, rank: int) -> tuple[int, int]:
     """``[start, end)`` of the vocabulary held by TP rank ``rank`` when each holds
     ``per_rank`` rows of the embedding / columns of the logits."""

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.config import ConfigError, ModelConfig, check_divisible, layout_divisor
 from nemo_minitron.importance.layers import block_angular_distance
 from nemo_minitron.importance.scores import Scores
 from nemo_minitron.model.layouts import group_heads, heads_by_group
@@ -138,11 +138,8 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1) -> No
     if new_a // new_g > a // g:
         raise ConfigError(f"target keeps {new_a // new_g} heads per query group; the source "
                           f"has only {a // g}")
-    for name, value in (("num_attention_heads", new_a), ("num_query_groups", new_g),
-                        ("ffn_hidden_size", t.ffn_hidden_size)):
-        if value is not None and value % tp:
-            raise ConfigError(f"target.{name}={value} is not divisible by "
-                              f"parallel.tensor_model_parallel_size={tp}")
+    check_divisible({"num_attention_heads": new_a, "num_query_groups": new_g,
+                     "ffn_hidden_size": t.ffn_hidden_size}, tp, pp, "target.")
     if t.drop_layers is not None:
         bad = [i for i in t.drop_layers if not 0 <= i < src.num_layers]
         if bad:
@@ -151,7 +148,7 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1) -> No
         if len(set(t.drop_layers)) >= src.num_layers:
             raise ConfigError("target.drop_layers removes every layer")
     kept = kept_layer_count(src, t)
-    if kept % pp:
+    if kept % layout_divisor("num_layers", tp, pp):
         raise ConfigError(f"the pruned model keeps {kept} layers, not divisible by "
                           f"parallel.pipeline_model_parallel_size={pp}")
     m = t.hardware_multiple

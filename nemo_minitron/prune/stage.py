@@ -4,7 +4,6 @@ with its scores and report."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -108,7 +107,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     from nemo_minitron.prune.apply import prune_model
     from nemo_minitron.prune.plan import angular_block, make_plan, validate_target
     from nemo_minitron.prune.report import write_report
-    from nemo_minitron.utils.fs import atomic_write_json
+    from nemo_minitron.prune.result import write as write_result
 
     check_checkpoint(checkpoint)
     if Path(out).exists():
@@ -187,11 +186,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
                     metadata=origin.to_metadata())
     if rt.rank == 0:
         try:
-            report = report_dir(staging)
-            report.mkdir()
-            scores.save(report / "scores.pt")
-            atomic_write_json(report / "summary.json", summary)
-            write_report(report, scores, plan, summary)
+            write_report(write_result(staging, scores, summary), scores, plan, summary)
             os.rename(staging, out)
         except BaseException as e:
             shutil.rmtree(staging, ignore_errors=True)
@@ -204,18 +199,6 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
              summary["source_params"], summary["pruned_params"], 100 * summary["param_ratio"],
              source_loss, pruned_loss)
     return summary
-
-
-def report_dir(out: str | Path) -> Path:
-    """Where ``prune`` writes its report next to the pruned checkpoint ``out``:
-    ``scores.pt``, ``summary.json`` (what ``prune`` returned), ``report.md`` and plots."""
-    return Path(out) / "pruning"
-
-
-def prune_summary(out: str | Path) -> dict[str, Any] | None:
-    """The summary of a finished ``prune`` into ``out`` (None when it did not finish)."""
-    f = report_dir(out) / "summary.json"
-    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def _layers_removed_by(target: Target, src: Any, kept: list[int]) -> str | None:

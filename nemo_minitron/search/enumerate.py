@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.config import ConfigError, ModelConfig, layout_divisor
 from nemo_minitron.model.params import count_params
 from nemo_minitron.prune.plan import Target, pruned_config
 
@@ -38,13 +38,13 @@ class SearchConfig:
     """Candidate ffn_hidden_size values are multiples of this."""
     num_query_groups_step: int = 1
     """Candidate num_query_groups values are multiples of this."""
-    max_layers_prune: float = 0.5
+    max_num_layers_prune: float = 0.5
     """Largest fraction of the layers a candidate removes."""
-    max_hidden_prune: float = 0.5
+    max_hidden_size_prune: float = 0.5
     """Largest fraction of hidden_size a candidate removes."""
-    max_ffn_prune: float = 0.5
+    max_ffn_hidden_size_prune: float = 0.5
     """Largest fraction of ffn_hidden_size a candidate removes."""
-    max_heads_prune: float = 0.5
+    max_num_attention_heads_prune: float = 0.5
     """Largest fraction of the attention heads (and of the query groups) a candidate removes."""
     proportional_heads: bool = True
     """Keep the source's heads per query group (prune whole groups); false also tries fewer
@@ -77,7 +77,10 @@ class SearchConfig:
 
     DEPRECATED_KEYS: ClassVar[dict[str, str]] = {
         "layers_step": "num_layers_step", "hidden_step": "hidden_size_step",
-        "ffn_step": "ffn_hidden_size_step", "groups_step": "num_query_groups_step"}
+        "ffn_step": "ffn_hidden_size_step", "groups_step": "num_query_groups_step",
+        "max_layers_prune": "max_num_layers_prune", "max_hidden_prune": "max_hidden_size_prune",
+        "max_ffn_prune": "max_ffn_hidden_size_prune",
+        "max_heads_prune": "max_num_attention_heads_prune"}
     """Old recipe keys still read (with a warning) under their Megatron names."""
 
     def __post_init__(self) -> None:
@@ -90,7 +93,8 @@ class SearchConfig:
                      "teacher_cache_top_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"search.{name}={getattr(self, name)} must be >= 1")
-        for name in ("max_layers_prune", "max_hidden_prune", "max_ffn_prune", "max_heads_prune"):
+        for name in ("max_num_layers_prune", "max_hidden_size_prune",
+                     "max_ffn_hidden_size_prune", "max_num_attention_heads_prune"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"search.{name}={getattr(self, name)} must be in [0, 1)")
         if self.max_candidates_per_run is not None and self.max_candidates_per_run < 1:
@@ -140,14 +144,22 @@ def grid(src: ModelConfig, s: SearchConfig, tp: int = 1, pp: int = 1) -> list[Ca
     """Every pruned shape of the grid (the source shape itself excluded), with its count."""
     a, g = src.num_attention_heads, src.query_groups
     per_group = a // g
-    layers = _values(src.num_layers, s.num_layers_step, s.max_layers_prune, pp)
-    hidden = _values(src.hidden_size, s.hidden_size_step, s.max_hidden_prune)
-    ffn = _values(src.ffn_hidden_size, s.ffn_hidden_size_step, s.max_ffn_prune, tp)
+    def divisor(name: str) -> int:
+        return layout_divisor(name, tp, pp)
+
+    layers = _values(src.num_layers, s.num_layers_step, s.max_num_layers_prune,
+                     divisor("num_layers"))
+    hidden = _values(src.hidden_size, s.hidden_size_step, s.max_hidden_size_prune,
+                     divisor("hidden_size"))
+    ffn = _values(src.ffn_hidden_size, s.ffn_hidden_size_step, s.max_ffn_hidden_size_prune,
+                  divisor("ffn_hidden_size"))
     heads = []
-    for new_g in _values(g, s.num_query_groups_step, s.max_heads_prune):
+    for new_g in _values(g, s.num_query_groups_step, s.max_num_attention_heads_prune):
         for hpg in ([per_group] if s.proportional_heads else range(per_group, 0, -1)):
             new_a = new_g * hpg
-            if new_a >= a * (1 - s.max_heads_prune) and new_a % tp == 0 and new_g % tp == 0:
+            divisible = new_a % divisor("num_attention_heads") == 0 \
+                and new_g % divisor("num_query_groups") == 0
+            if new_a >= a * (1 - s.max_num_attention_heads_prune) and divisible:
                 heads.append((new_a, new_g))
     out = []
     for n_l, h, f, (n_a, n_g) in itertools.product(layers, hidden, ffn, heads):

@@ -25,6 +25,7 @@ from nemo_minitron.distill.objective import KDConfig
 from nemo_minitron.prune.stage import CalibConfig
 from nemo_minitron.search.enumerate import Candidate, SearchConfig, enumerate_candidates
 from nemo_minitron.search.report import retraining_losses
+from nemo_minitron.search.result import candidate_dir, candidate_run, search_dir, winner_dir
 from nemo_minitron.utils.logging import get_logger
 from nemo_minitron.utils.rank import barrier, is_rank0
 
@@ -103,7 +104,7 @@ def stored_result(root: Path, name: str, retrain_steps: int) -> dict[str, Any] |
     distillation resuming from its last checkpoint."""
     from nemo_minitron.utils.fs import read_json
 
-    f = root / "candidates" / name / "result.json"
+    f = candidate_dir(root, name) / "result.json"
     r = read_json(f, "; remove it to redo the candidate") if f.is_file() else None
     if r is not None and not isinstance(r, dict):
         raise ConfigError(f"{f} is not a candidate's result (not a JSON object); remove it to "
@@ -116,7 +117,7 @@ def candidate_finished(root: Path, name: str, retrain_steps: int) -> bool:
     from nemo_minitron.checkpoint.io import is_checkpoint, step_dir
 
     r = stored_result(root, name, retrain_steps)
-    final = step_dir(root / "candidates" / name / "distill", retrain_steps)
+    final = step_dir(candidate_run(root, name), retrain_steps)
     return r is not None and r.get("status") == "done" and is_checkpoint(final)
 
 
@@ -144,7 +145,8 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     from nemo_minitron.distill.stage import DistillRecipe, distill
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
-    from nemo_minitron.prune.stage import PruneRecipe, prune, prune_summary, report_dir
+    from nemo_minitron.prune import result as prune_result
+    from nemo_minitron.prune.stage import PruneRecipe, prune
     from nemo_minitron.search.report import plot_curves, rank_records, write_report
     from nemo_minitron.utils.fs import atomic_dir, atomic_write_json
 
@@ -160,7 +162,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         if unknown:
             raise ConfigError(f"search.candidates names {unknown[0]!r}, not a candidate of this "
                               f"search ({', '.join(c.name for c in candidates)})")
-    root = Path(out) / "search"
+    root = search_dir(out)
     state_file = root / "candidates.json"
     _load_state(state_file, [c.name for c in candidates])
     records = [_record(c) for c in candidates]
@@ -175,7 +177,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     def save_state(rec: dict[str, Any] | None = None) -> None:
         if is_rank0():
             if rec is not None:
-                atomic_write_json(root / "candidates" / rec["name"] / "result.json", rec)
+                atomic_write_json(candidate_dir(root, rec["name"]) / "result.json", rec)
             rows = [r if r["status"] == "done" else stored(r["name"]) or r for r in records]
             atomic_write_json(state_file, {"source": str(checkpoint),
                                            "target_params": s.target_params,
@@ -198,8 +200,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     scores_file = root / "scores.pt"
     ran, interrupted = 0, False
     for c, rec in zip(candidates, records):
-        cdir = root / "candidates" / c.name
-        pruned, run = cdir / "pruned", cdir / "distill"
+        pruned, run = candidate_dir(root, c.name) / "pruned", candidate_run(root, c.name)
         final = step_dir(run, s.retrain_steps)
         if candidate_finished(root, c.name, s.retrain_steps):
             log.info("candidate %s: finished earlier, skipped", c.name)
@@ -207,7 +208,8 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
         if (s.candidates is not None and c.name not in s.candidates) or \
                 (s.max_candidates_per_run is not None and ran >= s.max_candidates_per_run):
             continue
-        if prune_summary(pruned) is None:
+        pruned_by = prune_result.read(pruned)
+        if pruned_by is None:
             if pruned.exists() and is_rank0():  # cut between the weights and the report
                 shutil.rmtree(pruned)
             barrier()
@@ -216,9 +218,10 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
                 parallel=p, scores=str(scores_file) if scores_file.is_file() else None,
                 rescale_norms=recipe.rescale_norms))
             barrier()
+            pruned_by = prune_result.read(pruned)
         if not scores_file.is_file() and is_rank0():  # unique temporary: jobs may race here
-            tmp = scores_file.with_name(f".scores.pt.{os.getpid()}")
-            shutil.copy2(report_dir(pruned) / "scores.pt", tmp)
+            tmp = scores_file.with_name(f".{scores_file.name}.{os.getpid()}")
+            shutil.copy2(pruned_by.scores, tmp)
             tmp.replace(scores_file)
         barrier()
         result = distill(kd_recipe, checkpoint, str(pruned), run)
@@ -256,7 +259,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     if is_rank0():
         write_report(root, records, rho, count_params(src), s.target_params, s.score_fn)
         plot_curves(records, root / "loss_curves.png")
-        with atomic_dir(Path(out) / "winner", overwrite=True) as tmp:
+        with atomic_dir(winner_dir(out), overwrite=True) as tmp:
             shutil.copytree(best["checkpoint"], tmp, dirs_exist_ok=True,
                             copy_function=_link_or_copy)
     barrier()
@@ -264,5 +267,5 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
              best["name"], best["params"], best["retrained_loss"],
              "n/a" if rho is None else f"{rho:.3f}")
     return {"finished": True, "winner": best["name"], "winner_params": best["params"],
-            "winner_checkpoint": str(Path(out) / "winner"), "spearman": rho,
+            "winner_checkpoint": str(winner_dir(out)), "spearman": rho,
             "report": str(root / "report.md")}

@@ -6,7 +6,7 @@ model are built.
 ``check_fits``: sizes that pass validation but cannot be allocated (``model.hidden_size=10**12``,
 ``train.train_iters=10**12``) are refused with how much they would need.
 
-- The model, per process: ``launch.validate.memory_gib`` (weights, gradients, Adam state, the
+- The model, per process: ``model.memory.memory_gib`` (weights, gradients, Adam state, the
   activations of a micro-batch, logits, frozen models such as a teacher; written for bf16 on
   GPU), against the GPU's memory. On CPU the weights are fp32, which costs about as many bytes
   per parameter as bf16 weights with fp32 gradients (16 vs 18 with Adam), so the same estimate
@@ -70,7 +70,7 @@ def check_fits(recipe: Recipe, model_cfg: ModelConfig,
                frozen: Sequence[ModelConfig] = ()) -> None:
     """One-line error unless training ``model_cfg`` under ``recipe`` (``frozen``: models it
     also runs, e.g. a teacher) fits this machine, as estimated above."""
-    from nemo_minitron.launch.validate import RESERVE_GIB, GiB, memory_gib
+    from nemo_minitron.model.memory import RESERVE_GIB, GiB, memory_gib
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import env_rank_world, use_gpu
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist import spawn
-from tests.train.test_loop import pretrain_job
+from tests.helpers.train import pretrain_job
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist import spawn
-from tests.train.test_loop import _train_losses, pretrain_job
+from tests.helpers.train import _train_losses, pretrain_job
 
 FILES = ["weights/__0_0.distcp", "weights/.metadata", "weights/common.pt",
          "weights/metadata.json", "optimizer/__0_1.distcp", "optimizer/.metadata",

@@ -24,12 +24,7 @@ from nemo_minitron.data.instruct import (
     write_jsonl,
 )
 from nemo_minitron.data.tokenizer import SentencePieceTokenizer, load_tokenizer
-from tests.data.test_tokenizers import _hf_tokenizer_dir
-
-CHATML = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
-          "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
-          "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+from tests.helpers.data import CHATML, _hf_tokenizer_dir
 
 ALPACA = {"instruction": "Add the numbers.", "input": "1 2", "output": "3"}
 CHAT = {"messages": [{"role": "system", "content": "Be brief."},

@@ -6,11 +6,8 @@ recomputed with torch from sentencepiece's own encoding. Plus the tokenizer reco
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,9 +16,9 @@ from nemo_minitron.config import ConfigError, DataConfig
 from nemo_minitron.data.corpus import read_documents, stdlib_files
 from nemo_minitron.data.tokenizer import load_tokenizer, train_sentencepiece
 from tests.cli import cli
-from tests.conftest import SMALL_DATA
 from tests.dist import in_order, spawn
-from tests.train.test_loop import pretrain_job
+from tests.helpers.data import SMALL_DATA, kept_records
+from tests.helpers.train import pretrain_job
 
 SMALL = SMALL_DATA["corpus_max_bytes"]
 
@@ -43,24 +40,6 @@ def own(tmp_path_factory, tiny_overrides) -> dict[str, str]:
         "train.eval_interval=0", "train.lr=3e-3", "model.vocab_size=1024"])
     return {"ckpt": str(root / "run" / "checkpoints" / "step_0000040"), "corpus": corpus,
             "model": str(root / "own.model")}
-
-
-@contextlib.contextmanager
-def kept_records(logger: str) -> Iterator[list[logging.LogRecord]]:
-    """The records ``logger`` emits inside the block (the package logger does not propagate
-    to pytest's capture)."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Keep(logging.WARNING)
-    logging.getLogger(logger).addHandler(handler)
-    try:
-        yield records
-    finally:
-        logging.getLogger(logger).removeHandler(handler)
 
 
 def _prune(ckpt: str, out: str, overrides: list[str]) -> None:

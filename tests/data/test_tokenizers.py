@@ -19,21 +19,7 @@ from nemo_minitron.data.tokenizer import (
     load_tokenizer,
     train_sentencepiece,
 )
-
-
-def _hf_tokenizer_dir(path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(read_documents(stdlib_files(200_000)), trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(
-        str(path))
-    return path
+from tests.helpers.data import MIXED, TEXTS, _hf_tokenizer_dir
 
 
 def test_hf_tokenizer_roundtrip_through_indexed_dataset(tmp_path):
@@ -52,12 +38,6 @@ def test_directory_without_tokenizer(tmp_path):
         load_tokenizer(tmp_path)
 
 
-# Code, a word at the very start, leading/trailing/repeated spaces, tabs, digits, unicode
-# (accents, CJK, emoji, Greek, Cyrillic), CRLF and blank lines.
-MIXED = ("def foo(x):\n    return x ** 2  # squares 12345 and 3.14159\n\n"
-         "  Leading spaces,\ttabs and trailing   \n"
-         "Ünïcödé façade, naïve café; 日本語のテキスト 🙂👍🏽 Ελληνικά русский\r\nend ")
-TEXTS = (MIXED, "word", "  two leading spaces 0123456789", " one")
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}"
                 r"\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 BYTES = [f"<0x{i:02X}>" for i in range(256)]

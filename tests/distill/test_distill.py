@@ -11,25 +11,10 @@ import pytest
 import yaml
 
 from nemo_minitron.distill.stage import layer_pairs
-from tests.cli import cli
+from tests.cli import _one_line_error, cli, run_module
 from tests.dist import in_order, spawn
-from tests.test_cli import _one_line_error, run_cli
-from tests.train.test_loop import _copy_metrics
-
-
-def distill_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
-    from nemo_minitron.config import load_recipe
-    from nemo_minitron.distill.stage import DistillRecipe, distill
-
-    distill(load_recipe(None, overrides, cls=DistillRecipe), teacher, student, out)
-
-
-def summary_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
-    from nemo_minitron.config import load_recipe
-    from nemo_minitron.distill.stage import DistillRecipe, distill
-
-    summary = distill(load_recipe(None, overrides, cls=DistillRecipe), teacher, student, out)
-    (Path(out) / "summary.json").write_text(json.dumps({"teacher": summary["teacher_valid_loss"]}))
+from tests.helpers.distill import _kd_overrides, _metrics, distill_job, summary_job
+from tests.helpers.train import _copy_metrics
 
 
 def api_job(out: str, teacher: str, student: str, overrides: list[str]) -> None:
@@ -61,20 +46,6 @@ def weight_shapes_job(ckpt: str, out: str) -> None:
     meta = dist_checkpointing.load_tensors_metadata(str(Path(ckpt) / "weights"))
     Path(out).write_text(json.dumps({k: list(v.local_shape) for k, v in meta.items()}))
 
-
-def _kd_overrides(tiny_overrides: list[str], iters: int) -> list[str]:
-    data = [o for o in tiny_overrides if o.startswith("data.")]
-    return data + [
-        f"train.train_iters={iters}", "train.micro_batch_size=2", "train.global_batch_size=4",
-        "train.eval_interval=0", "train.log_interval=1", "train.tensorboard=false",
-        "train.lr=1e-3", "train.lr_warmup_iters=0", "kd.hidden_weight=1.0",
-        "kd.embedding_weight=0.5", "kd.temperature=2.0", "kd.chunk_tokens=50",
-    ]
-
-
-def _metrics(run: Path, name: str = "metrics.jsonl") -> dict[int, dict[str, float]]:
-    rows = [json.loads(x) for x in (run / name).read_text().splitlines()]
-    return {r["step"]: r for r in rows if r["kind"] == "train"}
 
 
 NAMES = ["loss", "kd loss", "lm loss", "hidden loss", "embedding loss"]
@@ -180,8 +151,8 @@ def test_untrained_teacher_refused(tmp_path, pair, tiny_overrides):
     # Found by the teacher's first validation loss, after the runtime started: a child process.
     teacher, student = pair
     out = tmp_path / "out"
-    res = run_cli("distill", "--teacher", teacher, "--student", student, "--out", str(out),
-                  *_kd_overrides(tiny_overrides, 2), "kd.teacher_max_loss_ratio=0.01")
+    res = run_module("distill", "--teacher", teacher, "--student", student, "--out", str(out),
+                     *_kd_overrides(tiny_overrides, 2), "kd.teacher_max_loss_ratio=0.01")
     _one_line_error(res, "the teacher looks untrained")
     assert not out.exists()
 

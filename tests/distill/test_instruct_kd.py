@@ -17,9 +17,9 @@ import pytest
 
 from tests.cli import cli
 from tests.dist import in_order, spawn
-from tests.distill.test_distill import _metrics, summary_job
-from tests.train.test_loop import _copy_metrics
-from tests.train.test_sft import _examples
+from tests.helpers.data import _examples
+from tests.helpers.distill import _metrics, summary_job
+from tests.helpers.train import _copy_metrics
 
 KD = ["train.micro_batch_size=2", "train.global_batch_size=4", "train.train_iters=3",
       "train.lr=1e-3", "train.lr_warmup_iters=0", "train.eval_interval=2", "train.eval_iters=1",
@@ -226,7 +226,7 @@ def test_shipped_recipe_runs(tmp_path, tiny_overrides):
     """``recipes/tiny_cpu_distill_instruct.yaml`` as shipped (the embedded instruction set),
     shortened to one step on the session's small corpus; a one-step 256-token model (the demo's
     window; the embedded set's shortest examples are about 100 tokens) distilled into itself."""
-    from tests.train.test_loop import pretrain_job
+    from tests.helpers.train import pretrain_job
 
     spawn(pretrain_job, 1, str(tmp_path / "m"), tiny_overrides + [
         "model.seq_length=256", "train.train_iters=1", "train.eval_interval=0"])

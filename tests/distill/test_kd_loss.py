@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.dist import spawn
-from tests.distill.test_objective import (
+from tests.helpers.distill import (
     STUDENT,
     TEACHER,
     _batches,

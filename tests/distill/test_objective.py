@@ -10,46 +10,9 @@ import pytest
 import torch
 
 from tests.dist import spawn
+from tests.helpers.distill import STUDENT, TEACHER, _batches, _full, _stock_student
 
-TEACHER = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-               num_query_groups=2, seq_length=16, vocab_size=256)
-STUDENT = dict(TEACHER, hidden_size=48, ffn_hidden_size=96, kv_channels=16)
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def _batches(mbs: int, n_micro: int, s: int) -> list[dict[str, torch.Tensor]]:
-    """``n_micro`` micro-batches of ``mbs`` random sequences of ``s`` tokens, with a random
-    loss mask (fixed seed)."""
-    g = torch.Generator().manual_seed(0)
-    toks = torch.randint(0, TEACHER["vocab_size"], (mbs * n_micro, s + 1), generator=g)
-    masks = (torch.rand(mbs * n_micro, s, generator=g) > 0.3).float()
-    return [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": m,
-             "position_ids": torch.arange(s).expand(mbs, s)}
-            for t, m in zip(toks.split(mbs), masks.split(mbs))]
-
-
-def _stock_student(cfg) -> torch.nn.Module:
-    """``build_model(cfg)`` with Megatron's own ``GPTModel`` class."""
-    from megatron.core.models.gpt import GPTModel
-
-    from nemo_minitron.model import build, gpt
-
-    ours = gpt.MinitronGPTModel
-    gpt.MinitronGPTModel = GPTModel
-    try:
-        return build.build_model(cfg)
-    finally:
-        gpt.MinitronGPTModel = ours
-
-
-def _full(logits: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits from this rank's vocabulary slice."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    if ps.get_tensor_model_parallel_world_size() == 1:
-        return logits
-    return gather_from_tensor_model_parallel_region(logits)
 
 
 def objective_job(tp: int) -> None:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.dist import in_order, spawn
-from tests.distill.test_distill import _metrics
-from tests.train.test_loop import _copy_metrics
-from tests.train.test_sft import _examples
+from tests.helpers.data import _examples
+from tests.helpers.distill import _metrics
+from tests.helpers.train import _copy_metrics
 
 BETAS = [0.0, 0.3, 0.5, 1.0]
 

@@ -16,7 +16,7 @@ from nemo_minitron.distill.cache_kl import cached_forward_kl, vocab_parallel_top
 from nemo_minitron.distill.losses import logit_divergence
 from nemo_minitron.distill.objective import KDConfig
 from tests.dist import spawn
-from tests.train.test_loop import state_dicts_job
+from tests.helpers.train import state_dicts_job
 
 
 def _logits(n: int = 37, v: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

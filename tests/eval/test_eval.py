@@ -214,8 +214,7 @@ def test_chat_prompts_of_generate_and_specdec(tmp_path, embedded_paths, warnings
     from nemo_minitron.data.tokenizer import SentencePieceTokenizer, load_tokenizer
     from nemo_minitron.eval.generate import chat_prompts
     from nemo_minitron.eval.specdec_run import read_prompts
-    from tests.data.test_instruct import CHATML
-    from tests.data.test_tokenizers import _hf_tokenizer_dir
+    from tests.helpers.data import CHATML, _hf_tokenizer_dir
 
     hf = _hf_tokenizer_dir(tmp_path / "tok")
     cfg = json.loads((hf / "tokenizer_config.json").read_text())

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nemo_minitron.cli import main
-from tests.data.test_tokenizers import TEXTS
 from tests.dist import spawn
+from tests.helpers.data import TEXTS
 from tests.interop.ggufmodels import CHAT_TEMPLATE, llama_permute, smollm2_gguf, write_gguf
 from tests.interop.hfmodels import hf_logits, save_hf_model
 

@@ -20,8 +20,7 @@ from nemo_minitron.launch.run import cluster_resolver
 from nemo_minitron.launch.validate import validate_pipeline
 from nemo_minitron.search.stage import SearchRecipe, search
 from tests.cli import run_cli
-from tests.launch.test_launch import _cli, _dry, _fake_checkpoint, _words
-from tests.search.test_search import _args
+from tests.helpers.launch import _args, _cli, _dry, _fake_checkpoint, _words
 
 SRC = {"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
        "num_query_groups": 2, "seq_length": 64, "vocab_size": 1024}

@@ -9,37 +9,14 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.cli import Result, cli, run_cli
+from tests.helpers.launch import ROOT, _cli, _dry, _fake_checkpoint, _words
 
-ROOT = Path(__file__).resolve().parents[2]
 EVIL = "x; touch {}"
 TINY = str(ROOT / "recipes" / "tiny_cpu.yaml")
 CPU2 = ["--gpus-per-node", "0", "--tasks-per-node", "2"]
-
-
-def _cli(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
-    """The verb in a child process (the jobs it submits run the program again)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if path is not None:
-        env["PATH"] = path
-    return run_cli(*args, env=env, timeout=600)
-
-
-def _dry(*args: str, path: str | None = None) -> Result:
-    """The verb in this process: dry runs and refusals start nothing."""
-    return cli(*args, env=None if path is None else {"PATH": path})
-
-
-def _words(script: str, array: str = "cmd") -> list[str]:
-    """The words of the script's ``array=(...)`` as bash itself reads them."""
-    line = next(x for x in script.splitlines() if x.startswith(f"{array}=("))
-    done = subprocess.run(["bash", "-c", f'{line}\nprintf "%s\\0" "${{{array}[@]}}"'],
-                          capture_output=True, text=True, check=True)
-    return done.stdout.split("\0")[:-1]
 
 
 def test_dry_run_prints_an_inert_script_and_writes_nothing(tmp_path):
@@ -109,11 +86,6 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path, args, needle):
     r = _dry("launch", TINY, "--out", str(out), *args, path=os.path.dirname(sys.executable))
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and not out.exists()
-
-
-def _fake_checkpoint(path: Path) -> None:
-    (path / "weights").mkdir(parents=True)
-    (path / "model_config.yaml").write_text("num_layers: 4\n")
 
 
 def test_pipeline_dry_run_skips_complete_stages(tmp_path):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.method import load_bench_recipe
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.launch.run import run_validate
 from nemo_minitron.launch.validate import memory_gib
-from nemo_minitron.method_bench import load_bench_recipe
 from nemo_minitron.model.params import count_params
 from tests.cli import cli
 
@@ -35,13 +35,14 @@ def test_every_shipped_recipe_validates_as_written_or_names_its_verb(recipe):
         return
     assert r.returncode == 0, r.stderr
     reports = json.loads(r.stdout)
-    for rep in reports:
-        assert rep["memory_gib"] is None or rep["memory_gib"] < 80
-        assert rep["params"] > 0
+    assert reports and all(rep["params"] > 0 for rep in reports), reports
+    # CPU jobs (the tiny recipes) have no GPU memory estimate; every stage of a GPU job has
+    # one, and it fits an 80 GiB GPU: a run of estimates missing fails here.
+    cpu = recipe.name.startswith("tiny_cpu")
+    assert [rep["memory_gib"] is None for rep in reports] == [cpu] * len(reports), reports
+    assert cpu or all(0 < rep["memory_gib"] < 80 for rep in reports), reports
     if recipe.name == "tiny_cpu.yaml":  # the demo's teacher: one CPU process, as demo runs it
-        assert [(rep["world_size"], rep["memory_gib"]) for rep in reports] == [(1, None)]
-    elif not recipe.name.startswith("tiny_cpu"):  # GPU jobs: every stage has an estimate
-        assert all(rep["memory_gib"] is not None for rep in reports), reports
+        assert [rep["world_size"] for rep in reports] == [1]
 
 
 def test_the_benchmark_recipe_is_not_a_job():

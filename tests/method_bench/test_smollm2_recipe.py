@@ -4,7 +4,7 @@ comparisons at one seed, and its fixed evaluation set is the retraining loop's v
 
 from __future__ import annotations
 
-from nemo_minitron.method_bench.config import DEFAULT_RECIPE, load_bench_recipe
+from benchmarks.method.config import DEFAULT_RECIPE, load_bench_recipe
 
 
 def test_smollm2_recipe_is_a_valid_bench_method_recipe():

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 from tests.dist import spawn
-from tests.method_bench.test_method_bench import smoke_overrides
+from tests.helpers.method_bench import smoke_overrides
 
 
 def _teacher_twice(out: str, overrides: list[str], result: str) -> None:
-    from nemo_minitron.method_bench import load_bench_recipe
-    from nemo_minitron.method_bench.runner import Study
+    from benchmarks.method import load_bench_recipe
+    from benchmarks.method.runner import Study
     from nemo_minitron.train.pretrain import Stopped
 
     outcomes = []

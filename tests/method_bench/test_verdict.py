@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.method.experiments import tokens_to_reach
+from benchmarks.method.instruct_sections import sdd_num_layers
+from benchmarks.method.verdicts import mean_spread, retention, verdict, verdict_higher
 from nemo_minitron.config import ConfigError
-from nemo_minitron.method_bench.experiments import tokens_to_reach
-from nemo_minitron.method_bench.instruct_sections import sdd_num_layers
-from nemo_minitron.method_bench.verdicts import mean_spread, retention, verdict, verdict_higher
-from tests.method_bench.test_method_bench import VERDICT
+from tests.helpers.method_bench import VERDICT
 
 
 @pytest.mark.parametrize("better, worse, want", [

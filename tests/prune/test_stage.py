@@ -9,9 +9,8 @@ import pytest
 import torch
 import yaml
 
-from tests.cli import cli, run_cli
+from tests.cli import _one_line_error, cli, run_cli, run_torchrun
 from tests.dist import in_order, spawn
-from tests.test_cli import _one_line_error, run_torchrun
 
 
 def _data_overrides(tiny_overrides: list[str]) -> list[str]:

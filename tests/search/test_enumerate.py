@@ -58,13 +58,13 @@ def test_predicted_params_equal_built_params(tmp_path):
     heads = {(c.num_attention_heads, c.num_query_groups) for src, c in shapes if src is GQA}
     assert heads == {(8, 4), (4, 4), (6, 3), (4, 2)}
     cfgs = [shape_config(src, c) for src, c in shapes]
-    spawn(_built_counts, 1, cfgs, str(tmp_path / "counts.pt"))
+    # The prune plan of every 7th candidate: its model, built, has the candidate's count too.
+    planned = [(src, c) for src, c in shapes[::7]]
+    plans = [make_plan(src, _random_scores(src), c.target()).config for src, c in planned]
+    spawn(_built_counts, 1, cfgs + plans, str(tmp_path / "counts.pt"))
     built = torch.load(tmp_path / "counts.pt")
-    assert [c.params for _, c in shapes] == built
-    # The prune plan of each candidate builds the same shape.
-    for src, c in shapes[::7]:
-        plan = make_plan(src, _random_scores(src), c.target())
-        assert count_params(plan.config) == c.params
+    assert [c.params for _, c in shapes] == built[:len(cfgs)]
+    assert [c.params for _, c in planned] == built[len(cfgs):]
 
 
 def test_budget_keeps_the_closest_candidates_within_tolerance():
@@ -85,8 +85,9 @@ def test_budget_keeps_the_closest_candidates_within_tolerance():
 @pytest.mark.parametrize("change, needle", [
     ({"target_params": 10**9}, "is not below the source's"),
     ({"target_params": 1000}, "no candidate within search.tolerance=0.05"),
-    ({"target_params": 1000, "max_layers_prune": 0.0, "max_hidden_prune": 0.0,
-      "max_ffn_prune": 0.0, "max_heads_prune": 0.0}, "the grid produces no candidate"),
+    ({"target_params": 1000, "max_num_layers_prune": 0.0, "max_hidden_size_prune": 0.0,
+      "max_ffn_hidden_size_prune": 0.0, "max_num_attention_heads_prune": 0.0},
+     "the grid produces no candidate"),
     ({}, "search.target_params must be set"),
 ])
 def test_bad_budget(change, needle):
@@ -119,3 +120,11 @@ def test_deprecated_step_keys_read_with_a_warning():
     with pytest.raises(ConfigError, match="give only the new one"):
         load_recipe(None, ["search.ffn_step=32", "search.ffn_hidden_size_step=64"],
                     cls=SearchRecipe)
+    old = {"max_layers_prune": "max_num_layers_prune", "max_hidden_prune": "max_hidden_size_prune",
+           "max_ffn_prune": "max_ffn_hidden_size_prune",
+           "max_heads_prune": "max_num_attention_heads_prune"}
+    for i, (key, new) in enumerate(old.items()):
+        with pytest.warns(FutureWarning, match=f"'search.{key}' is deprecated; use "
+                                               f"'search.{new}'"):
+            r = load_recipe(None, [f"search.{key}=0.{i + 1}"], cls=SearchRecipe)
+        assert getattr(r.search, new) == pytest.approx(0.1 * (i + 1))

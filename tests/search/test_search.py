@@ -10,24 +10,14 @@ import math
 import pytest
 import yaml
 
-from tests.cli import cli, run_cli
+from tests.cli import _one_line_error, cli, run_cli
 from tests.dist import spawn
-from tests.test_cli import _one_line_error
+from tests.helpers.launch import _args
 
 # Source: 4 layers, hidden 64, ffn 128, 4 heads in 2 groups, vocab 1024 (279,104 parameters).
 # On hidden/ffn steps of 64 exactly three shapes lie within 1% of 205,200:
 # L2-H64-F128-A4-G2 (205,120), L3-H64-F64-A4-G2 (205,248), L4-H64-F64-A2-G1 (205,376).
 NAMES = {"L2-H64-F128-A4-G2": 205120, "L3-H64-F64-A4-G2": 205248, "L4-H64-F64-A2-G1": 205376}
-
-
-def _args(tiny_overrides: list[str]) -> list[str]:
-    data = [o for o in tiny_overrides if o.startswith("data.")]
-    return data + [
-        "search.target_params=205200", "search.tolerance=0.01", "search.retrain_steps=2",
-        "search.hidden_size_step=64", "search.ffn_hidden_size_step=64", "calib.num_samples=8",
-        "calib.eval_samples=8", "train.micro_batch_size=4", "train.global_batch_size=8",
-        "train.eval_interval=1", "train.eval_iters=2", "train.lr=1e-3", "train.lr_warmup_iters=0",
-        "train.tensorboard=false", "train.log_interval=1"]
 
 
 def params_score(checkpoint: str) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from nemo_minitron.config import load_recipe
 from nemo_minitron.train.preflight import INDEX_BYTES_PER_SAMPLE, check_fits
-from tests.conftest import TINY_MODEL
+from tests.helpers.data import TINY_MODEL
 
 
 def test_index_estimate_covers_megatrons_sample_and_shuffle_index(embedded_paths):

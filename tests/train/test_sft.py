@@ -16,27 +16,13 @@ import pytest
 
 from nemo_minitron.cli import main
 from tests.dist import spawn
+from tests.helpers.data import _examples
 
 SFT = ["train.micro_batch_size=4", "train.global_batch_size=8", "train.train_iters=3",
        "train.lr=1e-3", "train.min_lr=1e-4", "train.lr_warmup_iters=0", "train.eval_interval=2",
        "train.eval_iters=1", "train.log_interval=1", "train.tensorboard=false",
        "sft.pack=true", "sft.valid_fraction=0.25", "data.seed=7"]
 
-
-def _examples() -> list[dict]:
-    """Short Alpaca and chat examples of varied lengths (several fit one 64-token window)."""
-    out: list[dict] = []
-    for i in range(40):
-        a, b = 3 * i + 1, 7 * i % 13
-        if i % 5 == 4:
-            out.append({"messages": [{"role": "user", "content": f"What is {a} times {b}?"},
-                                     {"role": "assistant", "content": f"{a * b}"}]})
-        elif i % 3 == 0:
-            out.append({"instruction": "Add the numbers.", "input": f"{a} {b}",
-                        "output": f"{a} + {b} = {a + b}"})
-        else:
-            out.append({"instruction": f"Add {a} and {b}.", "output": str(a + b)})
-    return out
 
 
 def _metrics(run: Path, kind: str) -> dict[int, float] | list[float]:
@@ -247,7 +233,7 @@ def test_empty_responses_are_counted_in_one_warning(tmp_path, embedded_paths):
     from nemo_minitron.config import load_recipe
     from nemo_minitron.data.tokenizer import load_tokenizer
     from nemo_minitron.train.sft import SFTRecipe, sft_splits
-    from tests.data.test_resolve import kept_records
+    from tests.helpers.data import kept_records
 
     rows = [{"instruction": f"Add {i} and 1.", "output": "" if i % 3 == 0 else str(i + 1)}
             for i in range(6)]

@@ -9,7 +9,7 @@ import pytest
 
 from nemo_minitron.utils.fs import read_jsonl_records, repair_jsonl
 from tests.dist import spawn
-from tests.train.test_loop import pretrain_job
+from tests.helpers.train import pretrain_job
 
 WHOLE = [{"kind": "train", "step": 1, "lm loss": 7.0}, {"kind": "valid", "step": 1, "lm loss": 6.5}]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from nemo_minitron.utils.fs import read_jsonl_records
 from nemo_minitron.utils.plots import loss_figure
 from tests.dist import spawn
-from tests.distill.test_distill import _kd_overrides, distill_job
+from tests.helpers.distill import _kd_overrides, distill_job
 
 
 def test_distillation_losses_get_their_own_axes(tmp_path, teacher, tiny_overrides):

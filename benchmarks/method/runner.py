@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.method.config import MethodBenchRecipe
 from nemo_minitron.config import ModelConfig, ParallelConfig, Recipe, TrainConfig
 from nemo_minitron.distill.objective import KDConfig
-from nemo_minitron.method_bench.config import MethodBenchRecipe
 from nemo_minitron.prune.plan import Target
 from nemo_minitron.utils.logging import get_logger
 

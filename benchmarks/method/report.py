@@ -6,7 +6,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from nemo_minitron.method_bench.verdicts import Section
+from benchmarks.method.verdicts import Section
 
 
 def _plt():

@@ -12,8 +12,8 @@ import json
 import time
 from pathlib import Path
 
+from benchmarks.method.config import SECTIONS, MethodBenchRecipe, load_bench_recipe
 from nemo_minitron.config import ConfigError, to_dict
-from nemo_minitron.method_bench.config import SECTIONS, MethodBenchRecipe, load_bench_recipe
 
 __all__ = ["MethodBenchRecipe", "load_bench_recipe", "run_method_bench"]
 
@@ -40,10 +40,10 @@ def _check_same_recipe(recipe: MethodBenchRecipe, out: Path) -> None:
 def run_method_bench(recipe: MethodBenchRecipe, out: str | Path, report_dir: str | Path,
                      command: str) -> Path:
     """Run (or resume) every section of ``recipe.study.sections``; returns the report path."""
+    from benchmarks.method.experiments import Experiments
+    from benchmarks.method.report import write_report
+    from benchmarks.method.runner import Study
     from nemo_minitron.checkpoint.io import load_model_config
-    from nemo_minitron.method_bench.experiments import Experiments
-    from nemo_minitron.method_bench.report import write_report
-    from nemo_minitron.method_bench.runner import Study
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from nemo_minitron.config import ConfigError, ModelConfig
-from nemo_minitron.method_bench.runner import Study
-from nemo_minitron.method_bench.verdicts import (
+from benchmarks.method.runner import Study
+from benchmarks.method.verdicts import (
     Section,
     mean_spread,
     retention,
     verdict,
     verdict_higher,
 )
+from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.prune.plan import Target
 
 

@@ -13,12 +13,12 @@ import dataclasses
 import statistics
 from typing import Any
 
+from benchmarks.method.instruct_sections import InstructSections
+from benchmarks.method.runner import Study
+from benchmarks.method.verdicts import Section, mean_spread, verdict
 from nemo_minitron.config import ModelConfig
 from nemo_minitron.eval.bench import BenchConfig
 from nemo_minitron.importance.aggregate import AGGREGATIONS
-from nemo_minitron.method_bench.instruct_sections import InstructSections
-from nemo_minitron.method_bench.runner import Study
-from nemo_minitron.method_bench.verdicts import Section, mean_spread, verdict
 from nemo_minitron.model.params import count_params
 from nemo_minitron.prune.plan import Target, pruned_config
 
@@ -29,7 +29,7 @@ def shapes(study: Study, src: ModelConfig) -> tuple[Target, Target]:
     layers = s.depth_num_layers or src.num_layers // 2
     want = count_params(pruned_config(src, Target(num_layers=layers)))
     hidden = s.width_hidden_size or 3 * src.hidden_size // 4
-    step = s.width_ffn_step
+    step = s.width_ffn_hidden_size_step
     ffn = min(range(step, src.ffn_hidden_size + 1, step), key=lambda f: abs(count_params(
         pruned_config(src, Target(hidden_size=hidden, ffn_hidden_size=f))) - want))
     return (Target(hidden_size=hidden, ffn_hidden_size=ffn),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from nemo_minitron.config import (
     ConfigError,
@@ -109,7 +109,7 @@ class StudyConfig:
     width_hidden_size: int | None = None
     """hidden_size of the width-pruned student (its ffn_hidden_size is then chosen so that it has
     the depth student's parameter count); None: 3/4 of the teacher's."""
-    width_ffn_step: int = 64
+    width_ffn_hidden_size_step: int = 64
     """The width student's ffn_hidden_size is a multiple of this."""
     hidden_weight: float = 1.0
     """kd.hidden_weight of the logit+intermediate arm (cosine loss on every mapped layer)."""
@@ -123,6 +123,10 @@ class StudyConfig:
     so training curves at the first seed are on the same set)."""
     sections: list[str] = field(default_factory=lambda: list(SECTIONS))
     """Sections to run and report."""
+
+    DEPRECATED_KEYS: ClassVar[dict[str, str]] = {
+        "width_ffn_step": "width_ffn_hidden_size_step"}
+    """Old recipe keys still read (with a warning) under their Megatron names."""
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
