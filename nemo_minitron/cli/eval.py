@@ -53,7 +53,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from nemo_minitron.eval.bench import BenchConfig, bench, format_table
+    from nemo_minitron.eval.bench import BenchConfig, bench, bench_table
 
     rows = bench(args.checkpoints, BenchConfig(batch_size=args.batch_size,
                                                seq_length=args.seq_length,
@@ -62,7 +62,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                                attention=args.attention,
                                                interleave=not args.sequential),
                  profile=args.profile)
-    print(format_table(rows))
+    print(bench_table(rows))
     return 0
 
 

@@ -22,7 +22,7 @@ def _draft_tokens(text: str) -> list[int]:
 def cmd_specdec(args: argparse.Namespace) -> int:
     from nemo_minitron.config import ParallelConfig, from_dict, parse_overrides
     from nemo_minitron.eval.generate import SamplingConfig
-    from nemo_minitron.eval.specdec_run import SpecDecConfig, format_table, plot_sweep, specdec
+    from nemo_minitron.eval.specdec_run import SpecDecConfig, plot_sweep, specdec, specdec_table
     from nemo_minitron.utils.fs import atomic_write_json, atomic_write_text
 
     data = parse_overrides(args.overrides)
@@ -40,7 +40,7 @@ def cmd_specdec(args: argparse.Namespace) -> int:
                    parallel=parallel, chat=args.chat)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    table = format_table(rows)
+    table = specdec_table(rows)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

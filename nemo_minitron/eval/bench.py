@@ -229,7 +229,7 @@ def bench(checkpoints: list[str], b: BenchConfig, profile: bool = False
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def bench_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the rows (tokens/s: medians; ratio: median of the per-repeat ratios
     to the first checkpoint, with their range; share: ratio / FLOP ratio), then the decode
     profile of each row that has one."""

@@ -255,7 +255,7 @@ def specdec(target: str, draft: str, prompts_file: str | None, data: str | None,
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def specdec_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the sweep."""
     from nemo_minitron.eval.table import markdown_table
 
