@@ -69,6 +69,9 @@ class PrunePlan:
     head ids)."""
     rescale_norms: bool = True
     """Compensate RMSNorm for the removed channels (see ``prune.apply``)."""
+    fingerprint: list[float] | None = None
+    """``weights_fingerprint`` of the model the scores were computed on (``Scores.meta``); the
+    prune refuses another model's weights. None: not known (older or foreign scores)."""
 
 
 def _keep(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -185,7 +188,8 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
     new_per_group = new_a // new_g
     plan = PrunePlan(source=src, config=config, layers=layers,
                      hidden_size=_keep(scores.hidden_size, config.hidden_size),
-                     rescale_norms=rescales_norms(src, rescale_norms))
+                     rescale_norms=rescales_norms(src, rescale_norms),
+                     fingerprint=scores.meta.get("fingerprint"))
     for i in layers:
         plan.ffn_hidden_size[i] = _keep(scores.ffn_hidden_size[i], config.ffn_hidden_size)
         head_scores = heads_by_group(scores.num_attention_heads[i], G)
