@@ -82,7 +82,7 @@ def main() -> None:
         pruned = nm.prune(model, plan)
         after = lm_loss(pruned, valid, a.micro_batch_size)
         count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
-        print(f"kept layers: {plan.layers}")
+        print(f"kept layers: {plan.kept_layers}")
         print(f"parameters: {count(model)} -> {count(pruned)}")
         print(f"validation loss before pruning: {before:.6f}")
         print(f"validation loss after pruning: {after:.6f}")

@@ -48,12 +48,12 @@ OTHER_TENSORS = ("embedding.word_embeddings.weight", "embedding.position_embeddi
 
 def _qkv_rows(plan: PrunePlan, layer: int) -> torch.Tensor:
     """Row indices of the kept q/k/v blocks in the source ``linear_qkv``."""
-    return layouts.qkv_rows(plan.source, plan.num_query_groups[layer].tolist(),
-                            plan.num_attention_heads[layer].tolist())
+    return layouts.qkv_rows(plan.source, plan.kept_groups[layer].tolist(),
+                            plan.kept_heads[layer].tolist())
 
 
 def _proj_cols(plan: PrunePlan, layer: int) -> torch.Tensor:
-    return layouts.proj_head_cols(plan.source, plan.num_attention_heads[layer].flatten().tolist())
+    return layouts.proj_head_cols(plan.source, plan.kept_heads[layer].flatten().tolist())
 
 
 def _norm_scale(plan: PrunePlan) -> float:
@@ -64,7 +64,7 @@ def _norm_scale(plan: PrunePlan) -> float:
 def prune_other(key: str, w: torch.Tensor, plan: PrunePlan) -> torch.Tensor:
     """A tensor outside the layers (``OTHER_TENSORS``), full or one TP rank's shard (only the
     hidden dimension is sliced, which no vocab-parallel weight is split along)."""
-    hid = plan.hidden_size
+    hid = plan.kept_hidden
     if key in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
                "output_layer.weight"):
         return w[:, hid].contiguous()
@@ -79,8 +79,8 @@ def prune_layer(full: dict[str, torch.Tensor], plan: PrunePlan,
                 layer: int) -> dict[str, torch.Tensor]:
     """The full (TP=1) tensors of source layer ``layer`` by layer-local name -> the pruned
     layer's (the one owner of the per-weight slicing rules)."""
-    hid, scale = plan.hidden_size, _norm_scale(plan)
-    ffn = plan.ffn_hidden_size[layer]
+    hid, scale = plan.kept_hidden, _norm_scale(plan)
+    ffn = plan.kept_ffn[layer]
     out: dict[str, torch.Tensor] = {}
     for name, w in full.items():
         if name in _NORMS:
@@ -205,7 +205,7 @@ def prune_model(model: torch.nn.Module, plan: PrunePlan, *,
                             layernorm_epsilon=c.layernorm_epsilon)
     pruned = rebuild(src, config, build)
     fill_others(src, pruned, lambda key, w: prune_other(key, w, plan))
-    stream_layers(src, pruned, plan.layers, lambda full, s: prune_layer(full, plan, s),
+    stream_layers(src, pruned, plan.kept_layers, lambda full, s: prune_layer(full, plan, s),
                   plan.config)
     have, predicted = _count(pruned), count_params(plan.config)
     if have != predicted:
