@@ -64,10 +64,17 @@ def gather_tp(p: torch.Tensor, name: str, gated: bool) -> torch.Tensor:
     t = p.detach()
     if tp == 1 or not getattr(p, "tensor_model_parallel", False):
         return t
+    group = ps.get_tensor_model_parallel_group()
+    if p.partition_dim == 0:
+        # Gathered in place into the full tensor (no second full-size copy): its row blocks
+        # are contiguous; a SwiGLU fc1 is gathered half by half ([gate_r; up_r] per rank).
+        full = t.new_empty((t.shape[0] * tp, *t.shape[1:]))
+        halves = layouts.fc1_views(t) if _is_glu_fc1(name, gated) else (t,)
+        for half, block in zip(halves, full.chunk(len(halves))):
+            dist.all_gather(list(block.chunk(tp)), half.contiguous(), group=group)
+        return full
     parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-    if _is_glu_fc1(name, gated):
-        return layouts.fc1_from_tp_shards(parts)
+    dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=p.partition_dim)
 
 

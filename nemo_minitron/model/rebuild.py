@@ -50,21 +50,13 @@ def replace_config(config: Any, **sizes: Any) -> Any:
 
 def rebuild(model: torch.nn.Module, config: Any, build: Build | None = None) -> torch.nn.Module:
     """A new model of ``type(model)`` with ``model``'s layer spec and ``GPTModel`` arguments and
-    ``config``, on ``model``'s device and dtype (weights: whatever the constructor drew)."""
-    from nemo_minitron.model.mlp import quiet_unknown_mlp
-
+    ``config``, on ``model``'s device and dtype (weights: whatever the constructor drew; the
+caller fills them)."""
     cls = type(model)
-    with quiet_unknown_mlp():
-        if build is not None:
-            new = build(config)
-        else:
-            try:
-                new = cls(config=config, **gpt_arguments(model))
-            except (TypeError, AttributeError) as e:
-                raise ConfigError(f"cannot rebuild {cls.__name__} from GPTModel's constructor "
-                                  f"arguments ({str(e).splitlines()[0]}); pass build=, a "
-                                  f"function of the pruned TransformerConfig that returns your "
-                                  f"model") from None
+    # Built with the user's initialisation (the weights are overwritten): with
+    # perform_initialization=False megatron-core's CPU path would not mark the tensor-parallel
+    # weights (``tensor_model_parallel``, ``partition_dim``).
+    new = _construct(model, cls, config, build)
     if type(new) is not cls:
         raise ConfigError(f"build= returned a {type(new).__name__}, the model is a "
                           f"{cls.__name__}")
@@ -75,3 +67,18 @@ def rebuild(model: torch.nn.Module, config: Any, build: Build | None = None) -> 
     if old_rotary is not None and new_rotary is not None:
         new_rotary.inv_freq = old_rotary.inv_freq.clone()  # carries the rope scaling factor
     return new
+
+
+def _construct(model: torch.nn.Module, cls: type, config: Any,
+               build: Build | None) -> torch.nn.Module:
+    from nemo_minitron.model.mlp import quiet_unknown_mlp
+
+    with quiet_unknown_mlp():
+        if build is not None:
+            return build(config)
+        try:
+            return cls(config=config, **gpt_arguments(model))
+        except (TypeError, AttributeError) as e:
+            raise ConfigError(f"cannot rebuild {cls.__name__} from GPTModel's constructor "
+                              f"arguments ({str(e).splitlines()[0]}); pass build=, a function "
+                              f"of the pruned TransformerConfig that returns your model") from None

@@ -1,20 +1,20 @@
 """Fill one model from another under the same TP/PP layout, one layer at a time, without ever
-holding more than one full (TP=1) layer per rank.
+holding more than one full (TP=1) tensor of a layer per rank.
 
 For each layer of the new model (its global index ``j``, made from the old model's global layer
-``s``): the ranks of the pipeline stage that holds ``s`` gather its full tensors within their
-tensor-parallel group (``full_state.gather_tp``), transform them (pruning: slice), and take
-each new tensor's TP shard (``full_state.tp_slice``, the even re-split). If the new layer lives
-on another stage, each such rank sends its shards to the rank of the same TP (and DP) rank on
-that stage, point to point. Which stage holds which layer is exchanged first (a list of ints per
-stage), so any pipeline split megatron-core computes is followed.
+``s``): the ranks of the pipeline stage that holds ``s`` gather its full tensors, one at a
+time, within their tensor-parallel group (``full_state.gather_tp``), transform them (pruning:
+slice), and take each new tensor's TP shard (``full_state.tp_slice``, the even re-split). If
+the new layer lives on another stage, each such rank sends its shards to the rank of the same
+TP (and DP) rank on that stage, point to point. Which stage holds which layer is exchanged
+first (a list of ints per stage), so any pipeline split megatron-core computes is followed.
 
 Tensors outside the layers (embeddings, output layer, final norm) stay on their stage; their
 transform works on this rank's shard directly (pruning slices only the hidden dimension, which
 no vocab-parallel weight is split along).
 
-Peak memory per rank: the old and new shards, one full old layer, its transformed copy and its
-shards.
+Peak memory per rank: the old and new shards plus one full tensor of a layer and its transformed
+copy (and, while the new model is built, whatever its constructor allocates).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from nemo_minitron.model import layouts
 from nemo_minitron.model.full_state import gather_tp, tp_slice
 
 LayerFn = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
-"""(full tensors of an old layer by layer-local name, its global index) -> the new layer's."""
+"""(full tensors of an old layer by layer-local name, its global index) -> the new layer's
+(called with one tensor at a time)."""
 OtherFn = Callable[[str, torch.Tensor], torch.Tensor]
 """(state-dict key, this rank's shard of a tensor outside the layers) -> the new shard."""
 
@@ -89,21 +90,18 @@ def stream_layers(old: torch.nn.Module, new: torch.nn.Module, sources: list[int]
     for j, s in enumerate(sources):
         src, dst = _stage_of(old_stages, s), _stage_of(new_stages, j)
         if stage == src:
-            old_params = _params(old_layers[s])
-            full = {name: gather_tp(p, name, gated) for name, p in old_params.items()}
-            sliced = fn(full, s)
-            del full
-            # Same spec on both sides: the old layer's parameters carry the TP attributes.
-            shards = {name: tp_slice(t, old_params[name], name, new_cfg, tp_rank, tp)
-                      for name, t in sorted(sliced.items())}
-            del sliced
-            if dst == stage:
-                for name, param in _params(new_layers[j]).items():
-                    _copy(param, shards[name], layouts.layer_key(j, name))
-            else:
-                for t in shards.values():
-                    dist.send(t.to(wire).contiguous(), dst=pp_ranks[dst])
-            del shards
+            # One tensor at a time: the transform's rules are per weight, so at most one full
+            # tensor (and its slice) is held beside the shards.
+            for name, p in _params(old_layers[s]).items():
+                full = gather_tp(p, name, gated)
+                # Same spec on both sides: the old layer's parameter carries the TP attributes.
+                shard = tp_slice(fn({name: full}, s)[name], p, name, new_cfg, tp_rank, tp)
+                del full
+                if dst == stage:
+                    _copy(_params(new_layers[j])[name], shard, layouts.layer_key(j, name))
+                else:
+                    dist.send(shard.to(wire).contiguous(), dst=pp_ranks[dst])
+                del shard
         elif stage == dst:
             for param in _params(new_layers[j]).values():
                 buf = torch.empty(param.shape, dtype=wire, device=param.device)
