@@ -77,8 +77,9 @@ def prune_other(key: str, w: torch.Tensor, plan: PrunePlan) -> torch.Tensor:
 
 def prune_layer(full: dict[str, torch.Tensor], plan: PrunePlan,
                 layer: int) -> dict[str, torch.Tensor]:
-    """The full (TP=1) tensors of source layer ``layer`` by layer-local name -> the pruned
-    layer's (the one owner of the per-weight slicing rules)."""
+    """The full (TP=1) tensors of source layer ``layer`` by layer-local name (all of them or
+    any subset: each rule reads one weight) -> the pruned layer's. The one owner of the
+    per-weight slicing rules."""
     hid, scale = plan.kept_hidden, _norm_scale(plan)
     ffn = plan.kept_ffn[layer]
     out: dict[str, torch.Tensor] = {}

@@ -98,6 +98,10 @@ def user_job(out: str, teacher: str, scores: str, cli_pruned: str, tp: int, pp: 
     whole = nm.prune(model, nm.make_plan(cfg, nm.Scores.load(scores),
                                          nm.Target(hardware_multiple=16), tp, pp))
     r["whole"], r["source"] = (forward_logits(m, _tokens(), 2) for m in (whole, model))
+    # Layers 0 and 1 kept: under PP=2 the pruned layer 1 moves from stage 0 to stage 1.
+    moved = nm.prune(model, nm.make_plan(cfg, nm.Scores.load(scores), nm.Target(
+        drop_layers=[2, 3], hidden_size=48, hardware_multiple=16), tp, pp))
+    r["moved"] = forward_logits(moved, _tokens(), 2)
     if tp == pp == 1:  # a subclass whose constructor takes more than GPTModel's arguments
         class Tagged(GPTModel):
             def __init__(self, tag: str, **kw) -> None:
@@ -150,6 +154,9 @@ def test_library_prune_of_a_users_model_equals_the_cli(runs, tp, pp):
     torch.testing.assert_close(r["whole"], r["source"], atol=1e-6, rtol=0)
     assert (r["logits"] - r["source"]).abs().max() > 1e-2  # pruning did change the model
     assert r["local"] == r["ref_local"]
+    # The same plan under every layout (TP=1 is the reference; reduction order differs).
+    torch.testing.assert_close(r["moved"], torch.load(runs / "1x1.pt", weights_only=False)[
+        "moved"], atol=1e-5, rtol=0)
     if tp == pp == 1:
         assert "Tagged" in r["refused"] and "build=" in r["refused"], r["refused"]
         assert r["built"] == ("Tagged", "built")
