@@ -119,6 +119,18 @@ def user_job(out: str, teacher: str, scores: str, cli_pruned: str, tp: int, pp: 
             "built", config=c, transformer_layer_spec=tagged.transformer_layer_spec, **args))
         r["built"] = (type(built).__name__, built.tag)
         r["built_logits"] = forward_logits(built, _tokens(), 2)
+        # GPTModel arguments it does not keep as attributes (read from its modules, or the
+        # rotary frequencies copied): keeping every unit gives the same logits.
+        roped, _ = stock_model(teacher, rotary_percent=0.5, rope_scaling=True,
+                               rope_scaling_factor=4.0, seq_len_interpolation_factor=2.0)
+        whole = nm.prune(roped, nm.make_plan(cfg, nm.Scores.load(scores),
+                                             nm.Target(hardware_multiple=16)))
+        r["rope"] = [forward_logits(m, _tokens(), 2) for m in (whole, roped)]
+        names = ("rotary_percent", "rotary_scaling", "rotary_base", "vocab_size",
+                 "max_sequence_length", "position_embedding_type", "parallel_output",
+                 "share_embeddings_and_output_weights", "pre_process", "post_process")
+        r["attrs"] = [[getattr(m, k) for k in names]
+                      + [m.rotary_pos_emb.seq_len_interpolation_factor] for m in (whole, roped)]
     if got is not None and int(os.environ["RANK"]) == torch.distributed.get_world_size() - 1:
         torch.save({**r, "logits": got, "ref": want}, out)
 
@@ -161,3 +173,7 @@ def test_library_prune_of_a_users_model_equals_the_cli(runs, tp, pp):
         assert "Tagged" in r["refused"] and "build=" in r["refused"], r["refused"]
         assert r["built"] == ("Tagged", "built")
         torch.testing.assert_close(r["built_logits"], r["ref"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(r["rope"][0], r["rope"][1], atol=1e-6, rtol=0)
+        assert (r["rope"][1] - r["source"]).abs().max() > 1e-4  # the rope arguments matter
+        assert r["attrs"][0] == r["attrs"][1]
+        assert r["attrs"][1][:3] == [0.5, True, 10000]
