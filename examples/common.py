@@ -40,10 +40,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="training steps when a model is not loaded")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="TP size (run under torchrun --nproc-per-node N)")
 
 
 @contextlib.contextmanager
-def megatron(seed: int) -> Iterator[torch.device]:
+def megatron(seed: int, tensor_model_parallel_size: int = 1) -> Iterator[torch.device]:
     """torch.distributed (one process, or torchrun's) and megatron-core's parallel state for
     the block; on a machine without a GPU inside nemo_minitron's CPU backend (scoped: left,
     and torch.cuda restored, at the end of the block)."""
@@ -59,7 +61,7 @@ def megatron(seed: int) -> Iterator[torch.device]:
         if gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         try:
-            parallel_state.initialize_model_parallel()
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size)
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
             torch.manual_seed(seed)
             yield torch.device("cuda", torch.cuda.current_device()) if gpu \
@@ -78,7 +80,8 @@ def transformer_config(a: argparse.Namespace) -> TransformerConfig:
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=not torch.cuda.is_available(), bias_activation_fusion=False,
         masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False)
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=a.tensor_model_parallel_size)
 
 
 def gpt_model(config: TransformerConfig, a: argparse.Namespace,
@@ -109,6 +112,11 @@ def token_windows(a: argparse.Namespace, n: int) -> torch.Tensor:
     zipf = 1.0 / torch.arange(1, a.vocab_size + 1, dtype=torch.float64)
     g = torch.Generator().manual_seed(a.seed)
     return torch.multinomial(zipf, need, replacement=True, generator=g).view(n, -1)
+
+
+def rank0() -> bool:
+    """Whether this process prints (every rank computes the same values)."""
+    return dist.get_rank() == 0
 
 
 def positions(tokens: torch.Tensor) -> torch.Tensor:

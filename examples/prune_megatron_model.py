@@ -9,13 +9,14 @@ loaded from a nemo_minitron checkpoint of the same shape (``--load``); then::
     plan = nm.make_plan(cfg, scores, nm.Target(...))
     pruned = nm.prune(model, plan)
 
-and the validation loss is printed before and after pruning. ``nm.prune`` returns a newly
-built model of nemo_minitron's own class and layer spec (``MinitronGPTModel``), with the same
-forward signature and loss as ``GPTModel``; the scores (``--scores-out``) are what
-``nemo-minitron prune CKPT OUT scores=FILE`` takes.
+and the validation loss is printed before and after pruning. ``nm.prune`` returns a new model
+of your own class (here megatron-core's ``GPTModel``), built from your own layer spec and your
+``TransformerConfig`` with the pruned sizes, under the same TP/PP layout; the scores
+(``--scores-out``) are what ``nemo-minitron prune CKPT OUT scores=FILE`` takes.
 
     python examples/prune_megatron_model.py                    # synthetic tokens, 20 steps
     python examples/prune_megatron_model.py --data PREFIX --load CKPT --scores-out s.pt
+    torchrun --nproc-per-node 2 examples/prune_megatron_model.py --tensor-model-parallel-size 2
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from common import (
     lm_loss,
     megatron,
     positions,
+    rank0,
     token_windows,
     train,
     transformer_config,
@@ -48,7 +50,8 @@ def main() -> None:
     p.add_argument("--scores-out", help="save the importance scores here")
     a = p.parse_args()
 
-    with megatron(a.seed) as device:
+    tp = a.tensor_model_parallel_size
+    with megatron(a.seed, tp) as device:
         config = transformer_config(a)
         model = gpt_model(config, a, device)
         # Calibration windows first, validation next, training windows after them.
@@ -61,7 +64,8 @@ def main() -> None:
         else:
             first, last = train(model, windows[len(calib) + len(valid):], a.train_steps,
                                 a.micro_batch_size, a.lr)
-            print(f"training loss: {first:.6f} -> {last:.6f}")
+            if rank0():
+                print(f"training loss: {first:.6f} -> {last:.6f}")
         before = lm_loss(model, valid, a.micro_batch_size)
 
         def forward_loop(m: torch.nn.Module) -> None:  # the user's own forward passes
@@ -72,20 +76,26 @@ def main() -> None:
                     m(x, positions(x), None)
 
         scores = nm.estimate_importance(model, forward_loop)
-        if a.scores_out:
+        if a.scores_out and rank0():
             scores.save(a.scores_out)
         cfg = nm.ModelConfig.from_transformer_config(config, vocab_size=a.vocab_size,
                                                      seq_length=a.seq_length)
         target = nm.Target(num_layers=a.target_num_layers, hidden_size=a.target_hidden_size,
                            ffn_hidden_size=a.target_ffn_hidden_size, hardware_multiple=16)
-        plan = nm.make_plan(cfg, scores, target)
+        plan = nm.make_plan(cfg, scores, target, tp)
         pruned = nm.prune(model, plan)
+        # Your class, your layer spec, your config with the pruned sizes.
+        assert type(pruned) is type(model)
+        assert pruned.transformer_layer_spec is model.transformer_layer_spec
+        assert pruned.config.hidden_size == a.target_hidden_size
         after = lm_loss(pruned, valid, a.micro_batch_size)
         count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
-        print(f"kept layers: {plan.layers}")
-        print(f"parameters: {count(model)} -> {count(pruned)}")
-        print(f"validation loss before pruning: {before:.6f}")
-        print(f"validation loss after pruning: {after:.6f}")
+        if rank0():
+            print(f"pruned model: {type(pruned).__module__}.{type(pruned).__name__}")
+            print(f"kept layers: {plan.kept_layers}")
+            print(f"parameters on rank 0: {count(model)} -> {count(pruned)}")
+            print(f"validation loss before pruning: {before:.6f}")
+            print(f"validation loss after pruning: {after:.6f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Bad input to the library API (``import nemo_minitron as nm``), table-driven: each call
 raises one ``ConfigError`` of one line naming the argument and the rule, before anything is
-changed. (id, call, needles); the calls need no parallel state. The command line's table is
-``tests/test_bad_inputs.py``."""
+changed. ``API_CASES``: (id, call, needles), calls that need no parallel state;
+``PRUNE_CASES``: ``nm.prune`` of built models, run in child processes (``tests.dist``). The
+command line's table is ``tests/test_bad_inputs.py``."""
 
 from __future__ import annotations
 
@@ -90,6 +91,96 @@ def test_bad_api_input(call, needles):
     with pytest.raises(ConfigError) as e:
         call()
     message = str(e.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+# ---- nm.prune: refusals that need a built model (so parallel state), run in child processes.
+
+def _gpt(seed: int = 0, spec: dict | None = None, **tc):
+    """A tiny stock megatron-core GPTModel (in a child with parallel state)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    config = _tc(ffn_hidden_size=128, use_cpu_initialization=True,
+                 tensor_model_parallel_size=torch.distributed.get_world_size(), **tc)
+    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(
+        normalization="RMSNorm", **(spec or {})), vocab_size=256, max_sequence_length=32,
+        position_embedding_type="rope")
+
+
+def _prune(model, hidden_size: int = 64, scores=None, **target):
+    """``nm.prune`` of ``model`` with a plan for the dense model of ``_gpt``'s shape."""
+    from nemo_minitron.importance.baselines import random_scores
+
+    nm = _nm()
+    cfg = nm.ModelConfig.from_transformer_config(_tc(ffn_hidden_size=128, hidden_size=hidden_size),
+                                                 vocab_size=256, seq_length=32)
+    plan = nm.make_plan(cfg, scores or random_scores(cfg, 0),
+                        nm.Target(hardware_multiple=1, **target))
+    return nm.prune(model, plan)
+
+
+def _other_weights():
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    scores = _nm().estimate_importance(_gpt(seed=1), tokens)
+    return _prune(_gpt(seed=2), scores=scores, hidden_size=64, ffn_hidden_size=64)
+
+
+PRUNE_CASES: list[tuple[str, int, Callable[[], object], list[str]]] = [
+    ("api-prune-moe", 1, lambda: _prune(_gpt(spec=dict(num_experts=2), num_moe_experts=2,
+                                             moe_router_topk=1, moe_router_pre_softmax=True),
+                                        ffn_hidden_size=64),
+     ["decoder.layers.0.mlp", "MoELayer", "supported"]),
+    ("api-prune-qk-norm", 1, lambda: _prune(_gpt(spec=dict(qk_layernorm=True),
+                                                 qk_layernorm=True), ffn_hidden_size=64),
+     ["self_attention.q_layernorm", "supported"]),
+    ("api-prune-another-model", 1, lambda: _prune(_gpt(), hidden_size=128, ffn_hidden_size=64),
+     ["plan.source.hidden_size=128", "hidden_size=64"]),
+    ("api-prune-scores-of-other-weights", 1, _other_weights, ["different weights"]),
+    ("api-prune-not-divisible-by-tp", 2, lambda: _prune(_gpt(), ffn_hidden_size=63),
+     ["target.ffn_hidden_size=63", "tensor_model_parallel_size=2"]),
+]
+"""(id, processes (= TP size), call, needles)."""
+
+
+def prune_cases_job(out: str, world: int) -> None:
+    from nemo_minitron.config import ParallelConfig
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    init_distributed(ParallelConfig(tensor_model_parallel_size=world), seed=0)
+    got = {}
+    for name, n, call, _ in PRUNE_CASES:
+        if n == world:
+            try:
+                call()
+                got[name] = "no error"
+            except _nm().ConfigError as e:
+                got[name] = str(e)
+    if torch.distributed.get_rank() == 0:
+        torch.save(got, out)
+
+
+@pytest.fixture(scope="module")
+def prune_refusals(tmp_path_factory) -> dict[str, str]:
+    from tests.dist import spawn
+
+    d, got = tmp_path_factory.mktemp("prune-refusals"), {}
+    for world in sorted({c[1] for c in PRUNE_CASES}):
+        spawn(prune_cases_job, world, str(d / f"{world}.pt"), world)
+        got.update(torch.load(d / f"{world}.pt"))
+    return got
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name, needles", [(c[0], c[3]) for c in PRUNE_CASES],
+                         ids=[c[0] for c in PRUNE_CASES])
+def test_bad_prune_input(prune_refusals, name, needles):
+    message = prune_refusals[name]
     assert "\n" not in message, message
     for needle in needles:
         assert needle in message, message

@@ -24,9 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SEQ, VALID, CALIB, MBS = 64, 16, 16, 4  # the examples' defaults
 
 
-def _example(name: str, *args: str) -> dict[str, str]:
-    """Run ``examples/<name>`` and return its ``label: value`` lines."""
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args],
+def _example(name: str, *args: str, nproc: int = 1) -> dict[str, str]:
+    """Run ``examples/<name>`` (under ``torchrun --nproc-per-node nproc`` when ``nproc > 1``)
+    and return its ``label: value`` lines."""
+    launch = [sys.executable] if nproc == 1 else [
+        str(Path(sys.executable).with_name("torchrun")), "--standalone",
+        f"--nproc-per-node={nproc}"]
+    run = subprocess.run([*launch, str(ROOT / "examples" / name), *args],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return dict(line.split(": ", 1) for line in run.stdout.splitlines() if ": " in line)
@@ -63,12 +67,16 @@ def _data(tiny_overrides: list[str]) -> list[str]:
     return [o for o in tiny_overrides if o.startswith("data.")]
 
 
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.dist)],
+                         ids=["python", "torchrun-tp2"])
 def test_prune_example_equals_the_prune_verb(tmp_path, teacher, embedded_paths,
-                                             tiny_overrides):
+                                             tiny_overrides, tp):
     prefix = embedded_paths[0]
     scores = tmp_path / "scores.pt"
     got = _example("prune_megatron_model.py", "--load", teacher, "--data", prefix,
-                   "--target-num-layers", "3", "--scores-out", str(scores))
+                   "--target-num-layers", "3", "--scores-out", str(scores),
+                   "--tensor-model-parallel-size", str(tp), nproc=tp)
+    assert got["pruned model"] == "megatron.core.models.gpt.gpt_model.GPTModel"
     target = ["target.num_layers=3", "target.hidden_size=48", "target.ffn_hidden_size=64",
               "target.hardware_multiple=16"]
     res = run_cli("prune", teacher, str(tmp_path / "pruned"), f"scores={scores}", *target,
@@ -77,7 +85,12 @@ def test_prune_example_equals_the_prune_verb(tmp_path, teacher, embedded_paths,
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "pruned" / "pruning" / "summary.json").read_text())
     assert got["kept layers"] == str(summary["kept_layers"])
-    assert got["parameters"] == f"{summary['source_params']} -> {summary['pruned_params']}"
+    if tp == 1:
+        assert got["parameters on rank 0"] == (f"{summary['source_params']} -> "
+                                               f"{summary['pruned_params']}")
+    else:  # rank 0 holds its TP shard of each
+        before, after = (int(x) for x in got["parameters on rank 0"].split(" -> "))
+        assert before < summary["source_params"] and after < summary["pruned_params"]
     before, after = _losses(tmp_path, _windows(prefix, CALIB, VALID),
                             [teacher, str(tmp_path / "pruned")])
     assert float(got["validation loss before pruning"]) == pytest.approx(before, abs=2e-5)
@@ -90,7 +103,7 @@ def test_prune_example_trains_a_fresh_model():
     first, last = (float(x) for x in got["training loss"].split(" -> "))
     assert last < first
     assert math.isfinite(float(got["validation loss after pruning"]))
-    assert got["parameters"].startswith("279104 -> ")  # the teacher's shape, analytic count
+    assert got["parameters on rank 0"].startswith("279104 -> ")  # the teacher's shape
 
 
 def test_merge_example_equals_the_merge_verb(tmp_path, teacher, embedded_paths,

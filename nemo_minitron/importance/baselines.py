@@ -39,10 +39,10 @@ def magnitude_scores(full: dict[str, torch.Tensor], cfg: ModelConfig) -> Scores:
         if parsed is not None:
             layers[parsed[0]] += w.double().pow(2).sum().item()
     heads_t = torch.stack(heads).float()
-    return Scores(ffn_hidden_size=torch.stack(ffn).float(), num_attention_heads=heads_t,
-                  num_query_groups=layouts.heads_by_group(heads_t, groups).sum(-1),
-                  hidden_size=full["embedding.word_embeddings.weight"].double().norm(dim=0)
-                  .float(), num_layers=layers.sqrt(), meta={"importance": "magnitude"})
+    return Scores(ffn=torch.stack(ffn).float(), heads=heads_t,
+                  groups=layouts.heads_by_group(heads_t, groups).sum(-1),
+                  hidden=full["embedding.word_embeddings.weight"].double().norm(dim=0)
+                  .float(), layers=layers.sqrt(), meta={"importance": "magnitude"})
 
 
 def random_scores(cfg: ModelConfig, seed: int) -> Scores:
@@ -54,7 +54,7 @@ def random_scores(cfg: ModelConfig, seed: int) -> Scores:
         return torch.rand(shape, generator=g)
 
     heads = rand(n, a)
-    return Scores(ffn_hidden_size=rand(n, cfg.ffn_hidden_size), num_attention_heads=heads,
-                  num_query_groups=layouts.heads_by_group(heads, cfg.query_groups).sum(-1),
-                  hidden_size=rand(cfg.hidden_size), num_layers=rand(n),
+    return Scores(ffn=rand(n, cfg.ffn_hidden_size), heads=heads,
+                  groups=layouts.heads_by_group(heads, cfg.query_groups).sum(-1),
+                  hidden=rand(cfg.hidden_size), layers=rand(n),
                   meta={"importance": "random", "seed": seed})

@@ -209,9 +209,9 @@ class ImportanceEstimator:
         query_groups = heads_by_group(heads, groups).sum(-1)
         info = {"batch_agg": self.batch_agg, "seq_agg": self.seq_agg,
                 "num_sequences": self.num_sequences * dist.get_world_size(dp), **(meta or {})}
-        return Scores(ffn_hidden_size=ffn, num_attention_heads=heads,
-                      num_query_groups=query_groups, hidden_size=hidden.float(),
-                      num_layers=block, angular_distance=angular, meta=info)
+        return Scores(ffn=ffn, heads=heads,
+                      groups=query_groups, hidden=hidden.float(),
+                      layers=block, angular_distance=angular, meta=info)
 
 
 def _gather_cat(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:

@@ -18,15 +18,15 @@ from nemo_minitron.config import ConfigError
 class Scores:
     """Per-axis scores (higher = more important), for the whole (unsharded) model."""
 
-    ffn_hidden_size: torch.Tensor
+    ffn: torch.Tensor
     """``[num_layers, ffn_hidden_size]``: MLP neurons, per layer."""
-    num_attention_heads: torch.Tensor
+    heads: torch.Tensor
     """``[num_layers, num_attention_heads]``: attention heads, per layer."""
-    num_query_groups: torch.Tensor
+    groups: torch.Tensor
     """``[num_layers, num_query_groups]``: KV groups (sum of their heads), per layer."""
-    hidden_size: torch.Tensor
+    hidden: torch.Tensor
     """``[hidden_size]``: embedding channels, summed over every layer's norms."""
-    num_layers: torch.Tensor
+    layers: torch.Tensor
     """``[num_layers]``: Block Importance, 1 - cos(layer input, layer output), token mean."""
     angular_distance: torch.Tensor | None = None
     """``[num_layers + 1, num_layers + 1]``: token mean of arccos(cos)/pi between the hidden
@@ -35,8 +35,10 @@ class Scores:
     meta: dict[str, Any] = field(default_factory=dict)
     """How the scores were made: model config, aggregation, calibration size."""
 
-    AXES = ("ffn_hidden_size", "num_attention_heads", "num_query_groups", "hidden_size",
-            "num_layers")
+    AXES = ("ffn", "heads", "groups", "hidden", "layers")
+    SIZES = {"ffn": "ffn_hidden_size", "heads": "num_attention_heads",
+             "groups": "num_query_groups", "hidden": "hidden_size", "layers": "num_layers"}
+    """The config field that counts the units of each axis."""
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a ``.pt`` file of tensors and plain metadata (loadable with weights_only)."""
@@ -62,7 +64,11 @@ class Scores:
         if not isinstance(data, dict):
             raise ConfigError(f"scores={str(path)!r} is not a scores file (it holds a "
                               f"{type(data).__name__}, not a dict of tensors)")
-        missing = [a for a in cls.AXES if a not in data]
+        # Files written before the axes were renamed hold them under the config field names
+        # (``SIZES``); they stay readable.
+        data = {a: data[a] if a in data else data.get(cls.SIZES[a]) for a in cls.AXES} | {
+            k: data[k] for k in ("angular_distance", "meta") if k in data}
+        missing = [a for a in cls.AXES if data[a] is None]
         if missing:
             raise ConfigError(f"scores={str(path)!r} is not a scores file (no {missing[0]})")
         return cls(**{a: data[a] for a in cls.AXES}, angular_distance=data.get("angular_distance"),

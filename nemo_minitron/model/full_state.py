@@ -15,8 +15,9 @@ Megatron marks every tensor-parallel parameter with ``tensor_model_parallel`` an
 ``fill_model`` fills a stage from any source of full tensors, one at a time (checkpoint import
 streams them from safetensors); ``load_full_state_dict`` from a dict.
 
-Memory: every rank holds the full model on the CPU while gathering (fine up to a few billion
-parameters per node; the pruned checkpoint itself is written sharded).
+Memory: ``gather_full_state_dict`` puts the full model on every rank's CPU (importance baselines,
+merging in memory, tests); pruning streams one layer at a time instead (``model.stream``), with
+``gather_tp`` gathering one tensor.
 """
 
 from __future__ import annotations
@@ -52,25 +53,42 @@ def _tied(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "share_embeddings_and_output_weights", False))
 
 
+def gather_tp(p: torch.Tensor, name: str, gated: bool) -> torch.Tensor:
+    """The full (TP=1) tensor of this rank's parameter ``p`` (state-dict key or layer-local
+    ``name``): a collective over the tensor-parallel group for a tensor-parallel parameter, the
+    parameter itself (no copy) otherwise."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    t = p.detach()
+    if tp == 1 or not getattr(p, "tensor_model_parallel", False):
+        return t
+    group = ps.get_tensor_model_parallel_group()
+    if p.partition_dim == 0:
+        # Gathered in place into the full tensor (no second full-size copy): its row blocks
+        # are contiguous; a SwiGLU fc1 is gathered half by half ([gate_r; up_r] per rank).
+        full = t.new_empty((t.shape[0] * tp, *t.shape[1:]))
+        halves = layouts.fc1_views(t) if _is_glu_fc1(name, gated) else (t,)
+        for half, block in zip(halves, full.chunk(len(halves))):
+            dist.all_gather(list(block.chunk(tp)), half.contiguous(), group=group)
+        return full
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=p.partition_dim)
+
+
 def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every rank gets the full TP=1/PP=1 state dict of ``model`` (CPU tensors)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    tp = ps.get_tensor_model_parallel_world_size()
     offset = layouts.layer_offset(model)
     local: dict[str, torch.Tensor] = {}
     for key, p in _tensors(model).items():
         if key == "output_layer.weight" and _tied(model):
             continue  # the word embeddings, held by the first stage
-        t = p.detach()
-        if tp > 1 and getattr(p, "tensor_model_parallel", False):
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-            if _is_glu_fc1(key, model.config.gated_linear_unit):
-                t = layouts.fc1_from_tp_shards(parts)
-            else:
-                t = torch.cat(parts, dim=p.partition_dim)
+        t = gather_tp(p, key, model.config.gated_linear_unit)
         local[_global_key(key, offset)] = t.cpu().clone()
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp == 1:

@@ -1,5 +1,9 @@
-"""Slice every weight that touches a pruned unit, build the smaller ``GPTModel`` fresh and load
-the sliced weights into it.
+"""Slice every weight that touches a pruned unit into a smaller model of the user's own class and
+layer spec (``model.rebuild``), one layer at a time (``model.stream``).
+
+``prune_model`` works on any megatron-core ``GPTModel`` (or subclass) whose layers hold only
+the tensors below; everything else (MoE experts and routers, multi-latent attention, q/k norms,
+multi-token prediction) is refused before anything is built, naming the module.
 
 The full (TP=1) tensors are sliced with the layouts of ``model.layouts`` (fused QKV, SwiGLU
 ``[gate; up]``, per-head ``linear_proj`` columns). Norms are separate modules in the local spec
@@ -22,96 +26,190 @@ import torch
 
 from nemo_minitron.config import ConfigError
 from nemo_minitron.model import layouts
-from nemo_minitron.model.build import build_model, unwrap
-from nemo_minitron.model.full_state import gather_full_state_dict, load_full_state_dict
-from nemo_minitron.model.params import count_params
-from nemo_minitron.prune.plan import PrunePlan
+from nemo_minitron.model.build import unwrap
+from nemo_minitron.model.params import count_params, same_weights, weights_fingerprint
+from nemo_minitron.model.rebuild import Build, rebuild, replace_config
+from nemo_minitron.model.stream import fill_others, stream_layers
+from nemo_minitron.prune.plan import PrunePlan, Target, validate_target
 
 _NORMS = ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_layernorm.weight",
           "pre_mlp_layernorm.bias", "self_attention.linear_qkv.layer_norm_weight",
           "self_attention.linear_qkv.layer_norm_bias", "mlp.linear_fc1.layer_norm_weight",
           "mlp.linear_fc1.layer_norm_bias")
+LAYER_TENSORS = (*_NORMS, *layouts.QKV, "self_attention.linear_proj.weight",
+                 "self_attention.linear_proj.bias", *layouts.FC1, "mlp.linear_fc2.weight",
+                 "mlp.linear_fc2.bias")
+"""Layer-local tensors pruning knows how to slice."""
+OTHER_TENSORS = ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
+                 "output_layer.weight", "decoder.final_layernorm.weight",
+                 "decoder.final_layernorm.bias")
+"""Tensors outside the layers pruning knows how to slice."""
 
 
 def _qkv_rows(plan: PrunePlan, layer: int) -> torch.Tensor:
     """Row indices of the kept q/k/v blocks in the source ``linear_qkv``."""
-    return layouts.qkv_rows(plan.source, plan.num_query_groups[layer].tolist(),
-                            plan.num_attention_heads[layer].tolist())
+    return layouts.qkv_rows(plan.source, plan.kept_groups[layer].tolist(),
+                            plan.kept_heads[layer].tolist())
 
 
 def _proj_cols(plan: PrunePlan, layer: int) -> torch.Tensor:
-    return layouts.proj_head_cols(plan.source, plan.num_attention_heads[layer].flatten().tolist())
+    return layouts.proj_head_cols(plan.source, plan.kept_heads[layer].flatten().tolist())
 
 
-def prune_state_dict(sd: dict[str, torch.Tensor], plan: PrunePlan) -> dict[str, torch.Tensor]:
-    """Full (TP=1, PP=1; ``model.full_state``) state dict of the source -> that of the pruned
-    model."""
-    src, hid = plan.source, plan.hidden_size
-    scale = math.sqrt(src.hidden_size / plan.config.hidden_size) if plan.rescale_norms else 1.0
-    renumber = {old: new for new, old in enumerate(plan.layers)}
+def _norm_scale(plan: PrunePlan) -> float:
+    return (math.sqrt(plan.source.hidden_size / plan.config.hidden_size)
+            if plan.rescale_norms else 1.0)
+
+
+def prune_other(key: str, w: torch.Tensor, plan: PrunePlan) -> torch.Tensor:
+    """A tensor outside the layers (``OTHER_TENSORS``), full or one TP rank's shard (only the
+    hidden dimension is sliced, which no vocab-parallel weight is split along)."""
+    hid = plan.kept_hidden
+    if key in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
+               "output_layer.weight"):
+        return w[:, hid].contiguous()
+    if key == "decoder.final_layernorm.weight":
+        return w[hid] * _norm_scale(plan)
+    if key == "decoder.final_layernorm.bias":
+        return w[hid].contiguous()
+    raise ConfigError(f"pruning does not know the weight {key!r}")
+
+
+def prune_layer(full: dict[str, torch.Tensor], plan: PrunePlan,
+                layer: int) -> dict[str, torch.Tensor]:
+    """The full (TP=1) tensors of source layer ``layer`` by layer-local name (all of them or
+    any subset: each rule reads one weight) -> the pruned layer's. The one owner of the
+    per-weight slicing rules."""
+    hid, scale = plan.kept_hidden, _norm_scale(plan)
+    ffn = plan.kept_ffn[layer]
     out: dict[str, torch.Tensor] = {}
-    for key, w in sd.items():
-        if key.endswith("_extra_state"):
-            continue
-        parsed = layouts.split_layer_key(key)
-        if parsed is None:
-            if key in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
-                       "output_layer.weight"):
-                out[key] = w[:, hid]
-            elif key == "decoder.final_layernorm.weight":
-                out[key] = w[hid] * scale
-            elif key == "decoder.final_layernorm.bias":
-                out[key] = w[hid]
-            else:
-                raise ConfigError(f"pruning does not know the weight {key!r}")
-            continue
-        layer, name = parsed
-        if layer not in renumber:
-            continue
-        new_key = layouts.layer_key(renumber[layer], name)
+    for name, w in full.items():
         if name in _NORMS:
-            out[new_key] = w[hid] * (scale if name.endswith("weight") else 1.0)
+            out[name] = w[hid] * (scale if name.endswith("weight") else 1.0)
         elif name == "self_attention.linear_qkv.weight":
-            out[new_key] = w[_qkv_rows(plan, layer)][:, hid]
+            out[name] = w[_qkv_rows(plan, layer)][:, hid]
         elif name == "self_attention.linear_qkv.bias":
-            out[new_key] = w[_qkv_rows(plan, layer)]
+            out[name] = w[_qkv_rows(plan, layer)]
         elif name == "self_attention.linear_proj.weight":
-            out[new_key] = w[hid][:, _proj_cols(plan, layer)]
+            out[name] = w[hid][:, _proj_cols(plan, layer)]
         elif name in ("self_attention.linear_proj.bias", "mlp.linear_fc2.bias"):
-            out[new_key] = w[hid]
+            out[name] = w[hid]
         elif name in layouts.FC1:
-            rows = layouts.fc1_rows(src, plan.ffn_hidden_size[layer])
-            out[new_key] = w[rows][:, hid] if w.dim() == 2 else w[rows]
+            rows = layouts.fc1_rows(plan.source, ffn)
+            out[name] = w[rows][:, hid] if w.dim() == 2 else w[rows]
         elif name == "mlp.linear_fc2.weight":
-            out[new_key] = w[hid][:, plan.ffn_hidden_size[layer]]
+            out[name] = w[hid][:, ffn]
         else:
+            key = layouts.layer_key(layer, name)
             raise ConfigError(f"pruning does not know the weight {key!r}")
-    return {k: v.contiguous().clone() for k, v in out.items()}
+    return {k: v.contiguous() for k, v in out.items()}
 
 
-def prune_model(model: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:
-    """Build the pruned ``GPTModel`` under the current TP/PP layout and load the sliced weights;
-    check that its parameter count equals the count predicted from its config.
+def check_supported(model: torch.nn.Module) -> None:
+    """One-line error naming the first module of ``model`` that pruning cannot slice."""
+    supported = ("supported: dense GPTModel layers of SelfAttention (linear_qkv, linear_proj) "
+                 "and MLP (linear_fc1, linear_fc2) with their norms, the embedding, output "
+                 "layer and final norm, as in megatron-core's local or Transformer Engine spec")
+    if getattr(model, "mtp_process", False):
+        raise ConfigError(f"prune does not support the module mtp (multi-token prediction); "
+                          f"{supported}")
+    for key, _ in model.named_parameters():
+        parsed = layouts.split_layer_key(key)
+        if (parsed[1] in LAYER_TENSORS) if parsed else key in OTHER_TENSORS:
+            continue
+        path = key.rpartition(".")[0]
+        parts = path.split(".")
+        # The outermost module under the layer that is not one of the known ones.
+        for i in range(4 if parsed else 1, len(parts) + 1):
+            module = model.get_submodule(".".join(parts[:i]))
+            if type(module).__name__ not in ("SelfAttention", "MLP") or i == len(parts):
+                break
+        raise ConfigError(f"prune does not support the module {'.'.join(parts[:i])} "
+                          f"({type(module).__name__}, holding {key}); {supported}")
 
-    Under TP/PP the source is gathered to its full TP=1 state dict, sliced, and re-split evenly
-    (``model.full_state``): every rank holds a balanced shard of the kept units, and the kept
-    layers are spread evenly over the pipeline stages."""
-    src = unwrap(model)
-    full = gather_full_state_dict(src)
-    have, want = sum(v.numel() for v in full.values()), count_params(plan.source)
+
+def _check_plan(model: torch.nn.Module, plan: PrunePlan) -> None:
+    """One-line errors, before anything is built, for a plan that is not this model's."""
+    from megatron.core import parallel_state as ps
+
+    tc, src = model.config, plan.source
+    for name, want in (("num_layers", src.num_layers), ("hidden_size", src.hidden_size),
+                       ("ffn_hidden_size", src.ffn_hidden_size),
+                       ("num_attention_heads", src.num_attention_heads),
+                       ("num_query_groups", src.query_groups), ("kv_channels", src.head_dim)):
+        have = getattr(tc, name)
+        if name == "num_query_groups" and have is None:
+            have = tc.num_attention_heads
+        if have != want:
+            raise ConfigError(f"the plan was made for another model: plan.source.{name}={want}, "
+                              f"the model's TransformerConfig.{name}={have}")
+    c = plan.config
+    # The target's rules, against the layout the model actually has.
+    validate_target(src, Target(num_layers=c.num_layers, hidden_size=c.hidden_size,
+                                ffn_hidden_size=c.ffn_hidden_size,
+                                num_attention_heads=c.num_attention_heads,
+                                num_query_groups=c.query_groups, hardware_multiple=1),
+                    ps.get_tensor_model_parallel_world_size(),
+                    ps.get_pipeline_model_parallel_world_size())
+    have, want = _count(model), count_params(src)
     if have != want:  # e.g. a user's GPTModel with learned positions, described as RoPE
         raise ConfigError(f"the model holds {have} parameters, the plan's source config "
                           f"describes {want}: it is not this model's config (GPTModel's own "
                           f"arguments, e.g. position_embedding_type="
-                          f"{plan.source.position_embedding_type!r}, vocab_size, "
+                          f"{src.position_embedding_type!r}, vocab_size, "
                           f"share_embeddings_and_output_weights, go to "
                           f"ModelConfig.from_transformer_config)")
-    new_sd = prune_state_dict(full, plan)
-    predicted = count_params(plan.config)
-    sliced = sum(v.numel() for v in new_sd.values())
-    if sliced != predicted:
-        raise AssertionError(f"pruned weights hold {sliced} parameters, config predicts "
+    if plan.fingerprint is not None:
+        mine = weights_fingerprint(model)
+        if not same_weights(mine, plan.fingerprint):
+            raise ConfigError(f"the plan's scores were computed on different weights "
+                              f"(fingerprint {plan.fingerprint} != this model's {mine}); "
+                              f"estimate the importance on this model")
+
+
+def _count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model over every TP/PP rank (each tensor once)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
+    n = sum(p.numel() for k, p in model.named_parameters()
+            if (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
+            and not (tied and k == "output_layer.weight"))
+    if dist.is_initialized() and dist.get_world_size(ps.get_model_parallel_group()) > 1:
+        t = torch.tensor([n], dtype=torch.int64)
+        dist.all_reduce(t, group=ps.get_model_parallel_group())
+        n = int(t.item())
+    return n
+
+
+def prune_model(model: torch.nn.Module, plan: PrunePlan, *,
+                build: Build | None = None) -> torch.nn.Module:
+    """The pruned model under the current TP/PP layout: a new model of ``type(model)`` with
+    the user's own layer spec and ``model.config`` with the pruned sizes (every other field as
+    the user set it), ``GPTModel``'s own arguments read back from ``model`` (``build(config)``
+    for a subclass whose constructor needs more), weights sliced one layer at a time. Kept
+    layers are re-spread evenly over the pipeline stages and kept units re-split evenly over
+    the tensor-parallel ranks. ``model`` is not changed.
+
+    A collective: every rank of the model-parallel group calls it. Memory per rank: its old
+    and new shards plus one full layer (``model.stream``)."""
+    src = unwrap(model)
+    check_supported(src)
+    _check_plan(src, plan)
+    c = plan.config
+    config = replace_config(src.config, num_layers=c.num_layers, hidden_size=c.hidden_size,
+                            ffn_hidden_size=c.ffn_hidden_size,
+                            num_attention_heads=c.num_attention_heads,
+                            num_query_groups=c.query_groups, kv_channels=c.head_dim,
+                            layernorm_epsilon=c.layernorm_epsilon)
+    pruned = rebuild(src, config, build)
+    fill_others(src, pruned, lambda key, w: prune_other(key, w, plan))
+    stream_layers(src, pruned, plan.kept_layers, lambda full, s: prune_layer(full, plan, s),
+                  plan.config)
+    have, predicted = _count(pruned), count_params(plan.config)
+    if have != predicted:
+        raise AssertionError(f"the pruned model holds {have} parameters, its config predicts "
                              f"{predicted}")
-    pruned = build_model(plan.config, bf16=next(src.parameters()).dtype == torch.bfloat16)
-    load_full_state_dict(pruned, new_sd, plan.config)
     return pruned

@@ -56,19 +56,22 @@ class PrunePlan:
     """Config of the source model."""
     config: ModelConfig
     """Config of the pruned model (``kv_channels`` always explicit)."""
-    layers: list[int]
+    kept_layers: list[int]
     """Kept source layers, 0-based, in order."""
-    hidden_size: torch.Tensor
+    kept_hidden: torch.Tensor
     """Kept embedding channels ``[hidden_size']``."""
-    ffn_hidden_size: dict[int, torch.Tensor] = field(default_factory=dict)
+    kept_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
     """Per kept source layer: kept MLP neurons ``[ffn_hidden_size']``."""
-    num_query_groups: dict[int, torch.Tensor] = field(default_factory=dict)
+    kept_groups: dict[int, torch.Tensor] = field(default_factory=dict)
     """Per kept source layer: kept query groups ``[num_query_groups']``."""
-    num_attention_heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    kept_heads: dict[int, torch.Tensor] = field(default_factory=dict)
     """Per kept source layer: kept heads ``[num_query_groups', heads per group']`` (global
     head ids)."""
     rescale_norms: bool = True
     """Compensate RMSNorm for the removed channels (see ``prune.apply``)."""
+    fingerprint: list[float] | None = None
+    """``weights_fingerprint`` of the model the scores were computed on (``Scores.meta``); the
+    prune refuses another model's weights. None: not known (older or foreign scores)."""
 
 
 def _keep(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -174,21 +177,22 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
         start, block = angular_block(scores, L - t.num_layers)
         layers = [i for i in range(L) if not start <= i < start + block]
     elif t.num_layers is not None:
-        layers = _keep(scores.num_layers, t.num_layers).tolist()
+        layers = _keep(scores.layers, t.num_layers).tolist()
     else:
         layers = list(range(L))
     config = pruned_config(src, t, rescale_norms)
     new_a, new_g = config.num_attention_heads, config.query_groups
     new_per_group = new_a // new_g
-    plan = PrunePlan(source=src, config=config, layers=layers,
-                     hidden_size=_keep(scores.hidden_size, config.hidden_size),
-                     rescale_norms=rescales_norms(src, rescale_norms))
+    plan = PrunePlan(source=src, config=config, kept_layers=layers,
+                     kept_hidden=_keep(scores.hidden, config.hidden_size),
+                     rescale_norms=rescales_norms(src, rescale_norms),
+                     fingerprint=scores.meta.get("fingerprint"))
     for i in layers:
-        plan.ffn_hidden_size[i] = _keep(scores.ffn_hidden_size[i], config.ffn_hidden_size)
-        head_scores = heads_by_group(scores.num_attention_heads[i], G)
-        groups = _keep(scores.num_query_groups[i], new_g)
-        plan.num_query_groups[i] = groups
-        plan.num_attention_heads[i] = torch.stack([
+        plan.kept_ffn[i] = _keep(scores.ffn[i], config.ffn_hidden_size)
+        head_scores = heads_by_group(scores.heads[i], G)
+        groups = _keep(scores.groups[i], new_g)
+        plan.kept_groups[i] = groups
+        plan.kept_heads[i] = torch.stack([
             group_heads(src, g)[_keep(head_scores[g], new_per_group)] for g in groups.tolist()])
     return plan
 
@@ -205,10 +209,10 @@ def angular_block(scores: Scores, block: int) -> tuple[int, int]:
 
 
 def _check_scores(src: ModelConfig, s: Scores) -> None:
-    want = {"ffn_hidden_size": (src.num_layers, src.ffn_hidden_size),
-            "num_attention_heads": (src.num_layers, src.num_attention_heads),
-            "num_query_groups": (src.num_layers, src.query_groups),
-            "hidden_size": (src.hidden_size,), "num_layers": (src.num_layers,)}
+    want = {"ffn": (src.num_layers, src.ffn_hidden_size),
+            "heads": (src.num_layers, src.num_attention_heads),
+            "groups": (src.num_layers, src.query_groups),
+            "hidden": (src.hidden_size,), "layers": (src.num_layers,)}
     if s.angular_distance is not None:
         want["angular_distance"] = (src.num_layers + 1, src.num_layers + 1)
     for axis, shape in want.items():

@@ -16,14 +16,14 @@ from nemo_minitron.prune.plan import PrunePlan
 
 KEPT, REMOVED = "tab:blue", "tab:red"
 
-UNITS = {"ffn_hidden_size": "MLP neurons", "num_attention_heads": "attention heads",
-         "num_query_groups": "query groups", "hidden_size": "embedding channels"}
+UNITS = {"ffn": "MLP neurons", "heads": "attention heads", "groups": "query groups",
+         "hidden": "embedding channels"}
 """What one unit of each width axis is."""
 
-_ACTIVATION = {"ffn_hidden_size": "activation entering linear_fc2",
-               "num_attention_heads": "head output norm (linear_proj input)",
-               "num_query_groups": "sum of its heads' scores",
-               "hidden_size": "layernorm outputs, summed over layers"}
+_ACTIVATION = {"ffn": "activation entering linear_fc2",
+               "heads": "head output norm (linear_proj input)",
+               "groups": "sum of its heads' scores",
+               "hidden": "layernorm outputs, summed over layers"}
 
 _LAYER_METRICS = {  # short name (title), axis label
     "block_importance": ("Block Importance", "Block Importance, 1 - cos(layer input, output)"),
@@ -48,12 +48,12 @@ def kept_mask(scores: Scores, plan: PrunePlan, axis: str) -> torch.Tensor:
     """Booleans shaped like ``scores.<axis>``: True where ``plan`` keeps the unit (every unit of
     a removed layer is False)."""
     mask = torch.zeros(getattr(scores, axis).shape, dtype=torch.bool)
-    if axis == "hidden_size":
-        mask[plan.hidden_size] = True
-    elif axis == "num_layers":
-        mask[plan.layers] = True
+    if axis == "hidden":
+        mask[plan.kept_hidden] = True
+    elif axis == "layers":
+        mask[plan.kept_layers] = True
     else:
-        for i, kept in getattr(plan, axis).items():
+        for i, kept in getattr(plan, f"kept_{axis}").items():
             mask[i, kept.flatten()] = True
     return mask
 
@@ -70,13 +70,13 @@ def cuts(scores: Scores, plan: PrunePlan, axis: str) -> list[float]:
     ranked together: the whole model (hidden_size), each kept layer (ffn, query groups), each
     kept query group of a kept layer (heads are ranked inside their group)."""
     values, mask = getattr(scores, axis), kept_mask(scores, plan, axis)
-    if axis == "hidden_size":
+    if axis == "hidden":
         sets = [(values, mask)]
-    elif axis == "num_attention_heads":
-        sets = [(values[i, h], mask[i, h]) for i in plan.layers
-                for h in (group_heads(plan.source, g) for g in plan.num_query_groups[i].tolist())]
+    elif axis == "heads":
+        sets = [(values[i, h], mask[i, h]) for i in plan.kept_layers
+                for h in (group_heads(plan.source, g) for g in plan.kept_groups[i].tolist())]
     else:
-        sets = [(values[i], mask[i]) for i in plan.layers]
+        sets = [(values[i], mask[i]) for i in plan.kept_layers]
     return [c for c in (_cut(v, k) for v, k in sets) if c is not None]
 
 
@@ -98,8 +98,8 @@ def score_figure(scores: Scores, plan: PrunePlan) -> Any:
     fig, axs = plt.subplots(2, 2, figsize=(10, 7.5))
     for ax, axis in zip(axs.flat, UNITS):
         values, mask = getattr(scores, axis), kept_mask(scores, plan, axis)
-        if axis != "hidden_size":  # units of removed layers went with their layer
-            values, mask = values[plan.layers], mask[plan.layers]
+        if axis != "hidden":  # units of removed layers went with their layer
+            values, mask = values[plan.kept_layers], mask[plan.kept_layers]
         values, mask = values.flatten().double(), mask.flatten()
         ax.hist([values[mask].numpy(), values[~mask].numpy()], bins=40, stacked=True,
                 color=[KEPT, REMOVED], label=[f"kept ({int(mask.sum())})",
@@ -109,16 +109,16 @@ def score_figure(scores: Scores, plan: PrunePlan) -> Any:
             ax.axvline(c[0], color="k", ls="--", lw=1, gid="cut", label=f"cut {c[0]:.3g}")
         elif c:
             t = torch.tensor(c)
-            per = "query group" if axis == "num_attention_heads" else "layer"
+            per = "query group" if axis == "heads" else "layer"
             ax.axvspan(float(t.min()), float(t.max()), color="0.5", alpha=0.2, gid="cut-range",
                        label=f"{len(c)} cuts, one per {per}: {float(t.min()):.3g}-"
                        f"{float(t.max()):.3g}")
             med = float(t.median())
             ax.axvline(med, color="k", ls="--", lw=1, gid="cut-median",
                        label=f"median cut {med:.3g}")
-        removed = plan.source.num_layers - len(plan.layers)
-        ax.set_title(UNITS[axis] + (f" ({len(plan.layers)} kept layers)" if removed and
-                                    axis != "hidden_size" else ""), fontsize=10)
+        removed = plan.source.num_layers - len(plan.kept_layers)
+        ax.set_title(UNITS[axis] + (f" ({len(plan.kept_layers)} kept layers)" if removed and
+                                    axis != "hidden" else ""), fontsize=10)
         ax.set_xlabel(_score_label(scores, axis), fontsize=8)
         ax.set_ylabel(f"{UNITS[axis]} (count, log scale)", fontsize=8)
         ax.set_yscale("log")
@@ -134,7 +134,7 @@ def layer_figure(scores: Scores, plan: PrunePlan, summary: dict[str, Any]) -> An
     figure grows with the number of bars, so 80 layers keep readable labels."""
     plt = _plt()
     by = summary.get("layers_removed_by")
-    removed = sorted(set(range(plan.source.num_layers)) - set(plan.layers))
+    removed = sorted(set(range(plan.source.num_layers)) - set(plan.kept_layers))
     per_block = {"lm_loss": "block_loss_increase", "angular_distance": "block_angular_distance"}
     if by in per_block:
         values = list(summary[per_block[by]])
@@ -144,7 +144,7 @@ def layer_figure(scores: Scores, plan: PrunePlan, summary: dict[str, Any]) -> An
         (name, metric), ylabel = _LAYER_METRICS[by], ("layer" if block == 1 else
                                                       f"block of {block} layers")
     else:
-        values = scores.num_layers.tolist()
+        values = scores.layers.tolist()
         labels = [str(i) for i in range(len(values))]
         red = [i in removed for i in range(len(values))]
         how = scores.meta.get("importance", "activation")
@@ -184,11 +184,12 @@ def write_report(out_dir: Path, scores: Scores, plan: PrunePlan, summary: dict[s
              "| --- | --- | --- | --- | --- | --- |"]
     for axis in Scores.AXES:
         t: torch.Tensor = getattr(scores, axis)
-        before = src.query_groups if axis == "num_query_groups" else getattr(src, axis)
-        after = new.query_groups if axis == "num_query_groups" else getattr(new, axis)
-        lines.append(f"| {axis} | {before} | {after} | {t.min():.4g} | {t.mean():.4g} | "
+        size = Scores.SIZES[axis]
+        before = src.query_groups if axis == "groups" else getattr(src, size)
+        after = new.query_groups if axis == "groups" else getattr(new, size)
+        lines.append(f"| {size} | {before} | {after} | {t.min():.4g} | {t.mean():.4g} | "
                      f"{t.max():.4g} |")
-    lines += ["", f"Kept layers: {plan.layers}", ""]
+    lines += ["", f"Kept layers: {plan.kept_layers}", ""]
     for key, title in (("block_angular_distance", "angular distance arccos(cos)/pi between "
                         "the hidden states entering and leaving the block"),
                        ("block_loss_increase", "validation LM-loss increase without the block")):

@@ -170,13 +170,13 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     summary = {"source_params": count_params(src), "pruned_params": count_params(plan.config),
                "param_ratio": count_params(plan.config) / count_params(src),
                "source_valid_loss": source_loss, "pruned_valid_loss": pruned_loss,
-               "kept_layers": plan.layers, "calib_seq_length": c.seq_length or src.seq_length,
+               "kept_layers": plan.kept_layers, "calib_seq_length": c.seq_length or src.seq_length,
                "block_loss_increase": None if block_losses is None else block_losses.tolist(),
                "block_angular_distance": None if angular is None else angular.tolist(),
-               "layers_removed_by": _layers_removed_by(recipe.target, src, plan.layers)}
+               "layers_removed_by": _layers_removed_by(recipe.target, src, plan.kept_layers)}
     importance = scores.meta.get("importance", "activation") if recipe.scores \
         else recipe.importance
-    origin = PruneOrigin(kept_layers=plan.layers, source=src, importance=importance)
+    origin = PruneOrigin(kept_layers=plan.kept_layers, source=src, importance=importance)
     # The checkpoint and its pruning/ report appear together: both go into a staging
     # directory that is renamed to ``out`` last.
     staging = Path(out).with_name(f".{Path(out).name}.staging")

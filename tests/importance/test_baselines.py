@@ -56,21 +56,20 @@ def test_magnitude_scores_recomputed_and_the_same_under_tp2(tmp_path):
     spawn(magnitude_job, 2, str(tmp_path / "tp2.pt"), 2, str(tmp_path / "ck"))
     one, two = torch.load(tmp_path / "tp1.pt"), torch.load(tmp_path / "tp2.pt")
     s, ref = one["scores"], one["ref"]
-    torch.testing.assert_close(s["ffn_hidden_size"], ref["ffn"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s["num_attention_heads"], ref["heads"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s["hidden_size"], ref["hidden"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s["num_query_groups"],
+    torch.testing.assert_close(s["ffn"], ref["ffn"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s["heads"], ref["heads"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s["hidden"], ref["hidden"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s["groups"],
                                ref["heads"].view(2, 4, 2).sum(-1), rtol=1e-5, atol=1e-6)
-    for axis in ("ffn_hidden_size", "num_attention_heads", "num_query_groups", "hidden_size",
-                 "num_layers"):
+    for axis in ("ffn", "heads", "groups", "hidden", "layers"):
         torch.testing.assert_close(two["scores"][axis], s[axis], rtol=1e-6, atol=1e-7)
 
 
 def test_random_scores_follow_the_seed():
     cfg = ModelConfig(**CFG)
     a, b, c = random_scores(cfg, 0), random_scores(cfg, 0), random_scores(cfg, 1)
-    assert a.ffn_hidden_size.shape == (2, 128) and a.hidden_size.shape == (64,)
-    assert a.num_query_groups.shape == (2, 4) and a.num_layers.shape == (2,)
-    torch.testing.assert_close(a.num_query_groups, a.num_attention_heads.view(2, 4, 2).sum(-1))
-    assert torch.equal(a.ffn_hidden_size, b.ffn_hidden_size)
-    assert not torch.equal(a.ffn_hidden_size, c.ffn_hidden_size)
+    assert a.ffn.shape == (2, 128) and a.hidden.shape == (64,)
+    assert a.groups.shape == (2, 4) and a.layers.shape == (2,)
+    torch.testing.assert_close(a.groups, a.heads.view(2, 4, 2).sum(-1))
+    assert torch.equal(a.ffn, b.ffn)
+    assert not torch.equal(a.ffn, c.ffn)

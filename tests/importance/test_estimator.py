@@ -127,7 +127,7 @@ def test_scores_match_a_torch_recomputation(runs):
         w = ref["fc1"][i].double()  # [2F, h]: SwiGLU stores [gate; up]
         act = torch.nn.functional.silu(x @ w[:F].T) * (x @ w[F:].T)  # [s, b, F]
         expected = act.abs().mean(0).pow(2).sum(0).sqrt()  # mean over seq, L2 over batch
-        torch.testing.assert_close(scores.ffn_hidden_size[i].double(), expected,
+        torch.testing.assert_close(scores.ffn[i].double(), expected,
                                    rtol=1e-4, atol=1e-6)
         for name in ("input_layernorm", "pre_mlp_layernorm"):
             y = ref["captured"][f"{name}.{i}"].double().abs()
@@ -137,17 +137,17 @@ def test_scores_match_a_torch_recomputation(runs):
         b = ref["captured"][f"block_out.{i}"].double()
         cos = (a * b).sum(-1) / (a.pow(2).sum(-1).sqrt() * b.pow(2).sum(-1).sqrt())
         assert a.shape == b.shape == (32, 8, CFG["hidden_size"])
-        assert scores.num_layers[i].item() == pytest.approx((1 - cos).mean().item(), rel=1e-5)
+        assert scores.layers[i].item() == pytest.approx((1 - cos).mean().item(), rel=1e-5)
         # Cosines are float64 throughout: the one rounding is the float32 of the saved score.
-        assert scores.num_layers[i].item() == pytest.approx((1 - cos).mean().item(), rel=2e-7)
-    torch.testing.assert_close(scores.hidden_size.double(), hidden, rtol=1e-4, atol=1e-6)
+        assert scores.layers[i].item() == pytest.approx((1 - cos).mean().item(), rel=2e-7)
+    torch.testing.assert_close(scores.hidden.double(), hidden, rtol=1e-4, atol=1e-6)
     # The per-sequence reduction runs in float32 (no float64 copy of the activations): its
     # rounding stays at float32's resolution.
-    torch.testing.assert_close(scores.hidden_size.double(), hidden, rtol=1e-6, atol=0)
-    assert scores.num_layers.shape == (4,)
+    torch.testing.assert_close(scores.hidden.double(), hidden, rtol=1e-6, atol=0)
+    assert scores.layers.shape == (4,)
     # A query group scores the sum of its heads.
-    torch.testing.assert_close(scores.num_query_groups,
-                               scores.num_attention_heads.view(4, 4, 2).sum(-1))
+    torch.testing.assert_close(scores.groups,
+                               scores.heads.view(4, 4, 2).sum(-1))
     assert scores.meta["num_sequences"] == 8
     # Angular distance between the hidden states entering layers i and j (j = L: the final
     # hidden state before the final norm), averaged over every token.

@@ -78,11 +78,11 @@ def single_job(root: str) -> None:
     load_weights(r / "ck_deep", model)
     g = torch.Generator().manual_seed(3)
     L, A, G = cfg.num_layers, cfg.num_attention_heads, cfg.query_groups
-    scores = Scores(ffn_hidden_size=torch.rand(L, cfg.ffn_hidden_size, generator=g),
-                    num_attention_heads=torch.rand(L, A, generator=g),
-                    num_query_groups=torch.rand(L, G, generator=g),
-                    hidden_size=torch.rand(cfg.hidden_size, generator=g),
-                    num_layers=torch.rand(L, generator=g))
+    scores = Scores(ffn=torch.rand(L, cfg.ffn_hidden_size, generator=g),
+                    heads=torch.rand(L, A, generator=g),
+                    groups=torch.rand(L, G, generator=g),
+                    hidden=torch.rand(cfg.hidden_size, generator=g),
+                    layers=torch.rand(L, generator=g))
     for name, target in PRUNED.items():
         plan = make_plan(cfg, scores, Target(**target, hardware_multiple=1))
         ckpt = r / f"pruned_{name}"

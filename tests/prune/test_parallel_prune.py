@@ -51,7 +51,7 @@ def prune_job(out: str, tp: int, pp: int, tied: bool, ckpt_in: str | None,
     if pruned_out:
         save_checkpoint(pruned_out, pruned, model_cfg=plan.config, tokenizer=None)
     if logits is not None and int(os.environ["RANK"]) == torch.distributed.get_world_size() - 1:
-        torch.save({"logits": logits, "ffn": scores.ffn_hidden_size, "layers": plan.layers,
+        torch.save({"logits": logits, "ffn": scores.ffn, "layers": plan.kept_layers,
                     "fingerprint": scores.meta["fingerprint"],
                     "local_params": sum(p.numel() for p in pruned.parameters())}, out)
 

@@ -18,24 +18,24 @@ def _scores(cfg: ModelConfig = CFG) -> Scores:
     g = torch.Generator().manual_seed(0)
     L = cfg.num_layers
     heads = torch.rand(L, cfg.num_attention_heads, generator=g)
-    return Scores(ffn_hidden_size=torch.rand(L, cfg.ffn_hidden_size, generator=g),
-                  num_attention_heads=heads,
-                  num_query_groups=heads.view(L, cfg.query_groups, -1).sum(-1),
-                  hidden_size=torch.rand(cfg.hidden_size, generator=g),
-                  num_layers=torch.tensor([0.9, 0.1, 0.3, 0.8]))
+    return Scores(ffn=torch.rand(L, cfg.ffn_hidden_size, generator=g),
+                  heads=heads,
+                  groups=heads.view(L, cfg.query_groups, -1).sum(-1),
+                  hidden=torch.rand(cfg.hidden_size, generator=g),
+                  layers=torch.tensor([0.9, 0.1, 0.3, 0.8]))
 
 
 def test_keeps_the_best_units_in_order():
     s = _scores()
     plan = make_plan(CFG, s, Target(num_layers=2, ffn_hidden_size=64, hidden_size=32,
                                     num_query_groups=2))
-    assert plan.layers == [0, 3]  # highest Block Importance, original order
-    assert plan.hidden_size.tolist() == sorted(torch.topk(s.hidden_size, 32).indices.tolist())
-    for i in plan.layers:
-        assert plan.ffn_hidden_size[i].tolist() == sorted(
-            torch.topk(s.ffn_hidden_size[i], 64).indices.tolist())
-        assert plan.num_query_groups[i].tolist() == sorted(
-            torch.topk(s.num_query_groups[i], 2).indices.tolist())
+    assert plan.kept_layers == [0, 3]  # highest Block Importance, original order
+    assert plan.kept_hidden.tolist() == sorted(torch.topk(s.hidden, 32).indices.tolist())
+    for i in plan.kept_layers:
+        assert plan.kept_ffn[i].tolist() == sorted(
+            torch.topk(s.ffn[i], 64).indices.tolist())
+        assert plan.kept_groups[i].tolist() == sorted(
+            torch.topk(s.groups[i], 2).indices.tolist())
     c = plan.config
     assert (c.num_layers, c.hidden_size, c.ffn_hidden_size) == (2, 32, 64)
     assert (c.num_attention_heads, c.num_query_groups, c.kv_channels) == (4, 2, 8)
@@ -46,9 +46,9 @@ def test_heads_are_ranked_inside_their_group():
     s = _scores()
     plan = make_plan(CFG, s, Target(num_attention_heads=4))  # 4 groups x 1 head
     for i in range(4):
-        assert plan.num_query_groups[i].tolist() == [0, 1, 2, 3]
-        for g, (h,) in enumerate(plan.num_attention_heads[i].tolist()):
-            pair = s.num_attention_heads[i, 2 * g:2 * g + 2]
+        assert plan.kept_groups[i].tolist() == [0, 1, 2, 3]
+        for g, (h,) in enumerate(plan.kept_heads[i].tolist()):
+            pair = s.heads[i, 2 * g:2 * g + 2]
             assert h == 2 * g + int(pair.argmax())
 
 
@@ -64,7 +64,7 @@ def test_angular_distance_drops_the_closest_block(num_layers, dropped):
     s = _scores()
     s.angular_distance = d
     plan = make_plan(CFG, s, Target(num_layers=num_layers, layer_metric="angular_distance"))
-    assert plan.layers == [i for i in range(4) if i not in dropped]
+    assert plan.kept_layers == [i for i in range(4) if i not in dropped]
 
 
 def test_angular_distance_needs_the_matrix():
@@ -78,7 +78,7 @@ def test_angular_distance_needs_the_matrix():
 
 def test_explicit_drop_layers():
     plan = make_plan(CFG, _scores(), Target(drop_layers=[1, 2]))
-    assert plan.layers == [0, 3] and plan.config.num_layers == 2
+    assert plan.kept_layers == [0, 3] and plan.config.num_layers == 2
 
 
 @pytest.mark.parametrize("target, tp, message", [

@@ -71,17 +71,17 @@ def planted(tmp_path_factory) -> Path:
 def test_planted_units_rank_lowest_and_prune_exactly(planted, gqa):
     r = torch.load(planted / f"{gqa}.pt", weights_only=False)
     s, plan = r["scores"], r["plan"]
-    assert _lowest(s.hidden_size, 3) == set(HIDDEN_DEAD)
-    assert (s.hidden_size[HIDDEN_DEAD] == 0).all()
+    assert _lowest(s.hidden, 3) == set(HIDDEN_DEAD)
+    assert (s.hidden[HIDDEN_DEAD] == 0).all()
     for i in range(3):
-        assert _lowest(s.ffn_hidden_size[i], 4) == set(FFN_DEAD)
+        assert _lowest(s.ffn[i], 4) == set(FFN_DEAD)
         if gqa:
-            assert _lowest(s.num_query_groups[i], 1) == {2}
-            assert 2 not in plan.num_query_groups[i].tolist()
+            assert _lowest(s.groups[i], 1) == {2}
+            assert 2 not in plan.kept_groups[i].tolist()
         else:
-            assert _lowest(s.num_attention_heads[i], 2) == {1, 6}
-            assert not {1, 6} & set(plan.num_attention_heads[i].flatten().tolist())
-        assert not set(FFN_DEAD) & set(plan.ffn_hidden_size[i].tolist())
-    assert not set(HIDDEN_DEAD) & set(plan.hidden_size.tolist())
+            assert _lowest(s.heads[i], 2) == {1, 6}
+            assert not {1, 6} & set(plan.kept_heads[i].flatten().tolist())
+        assert not set(FFN_DEAD) & set(plan.kept_ffn[i].tolist())
+    assert not set(HIDDEN_DEAD) & set(plan.kept_hidden.tolist())
     assert r["count"] == r["predicted"]
     torch.testing.assert_close(r["after"], r["before"], atol=1e-5, rtol=0)

@@ -25,9 +25,9 @@ def _scores(cfg: ModelConfig) -> Scores:
     L = cfg.num_layers
     heads = torch.rand(L, 8, generator=g)
     d = torch.rand(L + 1, L + 1, generator=g)
-    return Scores(ffn_hidden_size=torch.rand(L, 128, generator=g), num_attention_heads=heads,
-                  num_query_groups=heads.view(L, 4, 2).sum(-1),
-                  hidden_size=torch.rand(64, generator=g), num_layers=torch.rand(L, generator=g),
+    return Scores(ffn=torch.rand(L, 128, generator=g), heads=heads,
+                  groups=heads.view(L, 4, 2).sum(-1),
+                  hidden=torch.rand(64, generator=g), layers=torch.rand(L, generator=g),
                   angular_distance=(d + d.T).fill_diagonal_(0),
                   meta={"batch_agg": "l2", "seq_agg": "mean"})
 
@@ -65,7 +65,7 @@ def test_score_distributions_are_labelled_and_mark_the_cut():
     # group's two (every group kept: no cut on that axis).
     plan = _plan(cfg, s, Target(num_layers=27, hidden_size=32, ffn_hidden_size=48,
                                 num_attention_heads=4, num_query_groups=4))
-    kept_layers = sorted(torch.topk(s.num_layers, 27).indices.tolist())
+    kept_layers = sorted(torch.topk(s.layers, 27).indices.tolist())
     fig = score_figure(s, plan)
     axes = {ax.get_title().split(" (")[0]: ax for ax in fig.axes}
     assert set(axes) == {"MLP neurons", "attention heads", "query groups", "embedding channels"}
@@ -82,11 +82,11 @@ def test_score_distributions_are_labelled_and_mark_the_cut():
     # One threshold over the whole model: the dashed line sits between the 32nd and 33rd score.
     ax = axes["embedding channels"]
     (line,) = gid(ax, "cut")
-    assert line.get_xdata()[0] == pytest.approx(_midway(s.hidden_size, 32))
+    assert line.get_xdata()[0] == pytest.approx(_midway(s.hidden, 32))
     assert kept_count(ax) == 32
     # One threshold per kept layer: their range shaded, their median dashed.
     ax = axes["MLP neurons"]
-    per_layer = torch.tensor([_midway(s.ffn_hidden_size[i], 48) for i in kept_layers])
+    per_layer = torch.tensor([_midway(s.ffn[i], 48) for i in kept_layers])
     (span,) = gid(ax, "cut-range")
     assert (span.get_x(), span.get_x() + span.get_width()) == pytest.approx(
         (float(per_layer.min()), float(per_layer.max())))
@@ -95,14 +95,14 @@ def test_score_distributions_are_labelled_and_mark_the_cut():
     # Heads are ranked inside their group: one threshold per (layer, group), the mean of a
     # group's two head scores when one of them is kept.
     ax = axes["attention heads"]
-    per_group = s.num_attention_heads[kept_layers].view(-1, 2).mean(-1)
+    per_group = s.heads[kept_layers].view(-1, 2).mean(-1)
     assert gid(ax, "cut-median")[0].get_xdata()[0] == pytest.approx(float(per_group.median()))
     assert kept_count(ax) == 27 * 4
     assert not gid(axes["query groups"], "cut") and not gid(axes["query groups"], "cut-range")
 
 
 def _dropped(cfg, plan) -> list[int]:
-    return sorted(set(range(cfg.num_layers)) - set(plan.layers))
+    return sorted(set(range(cfg.num_layers)) - set(plan.kept_layers))
 
 
 def _bars(fig):
@@ -142,10 +142,10 @@ def test_layer_plot_shows_the_metric_that_chose_the_removed_layers(layers, metri
         values = values.tolist()
         target = Target(drop_layers=list(range(start, start + block)))
     elif metric == "drop_layers":  # no metric chose them: Block Importance is shown
-        values, summary = s.num_layers.tolist(), {}
+        values, summary = s.layers.tolist(), {}
         target = Target(drop_layers=[0, 7, layers - 1])
     else:
-        values, summary = s.num_layers.tolist(), {}
+        values, summary = s.layers.tolist(), {}
         target = Target(num_layers=layers - block)
     plan = _plan(cfg, s, target)
     fig = layer_figure(s, plan, {**summary, "layers_removed_by": metric})

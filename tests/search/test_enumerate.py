@@ -44,11 +44,11 @@ def _random_scores(cfg: ModelConfig) -> Scores:
     g = torch.Generator().manual_seed(0)
     L = cfg.num_layers
     heads = torch.rand(L, cfg.num_attention_heads, generator=g)
-    return Scores(ffn_hidden_size=torch.rand(L, cfg.ffn_hidden_size, generator=g),
-                  num_attention_heads=heads,
-                  num_query_groups=heads.view(L, cfg.query_groups, -1).sum(-1),
-                  hidden_size=torch.rand(cfg.hidden_size, generator=g),
-                  num_layers=torch.rand(L, generator=g))
+    return Scores(ffn=torch.rand(L, cfg.ffn_hidden_size, generator=g),
+                  heads=heads,
+                  groups=heads.view(L, cfg.query_groups, -1).sum(-1),
+                  hidden=torch.rand(cfg.hidden_size, generator=g),
+                  layers=torch.rand(L, generator=g))
 
 
 def test_predicted_params_equal_built_params(tmp_path):
