@@ -152,3 +152,36 @@ def train(model: torch.nn.Module, windows: torch.Tensor, steps: int, micro_batch
         opt.step()
         losses.append(loss.item())
     return losses[0], losses[-1]
+
+
+def distill(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tensor,
+            steps: int, micro_batch_size: int, lr: float) -> tuple[float, float]:
+    """A few KD steps of ``student`` from ``teacher`` in a plain Megatron loop: your optimizer,
+    your batches, ``get_forward_backward_func()``; nemo_minitron's ``KDLoss`` (the ``distill``
+    verb's loss: forward KL on the logits) is called from the ``forward_step_func``. Returns
+    the first and last KD loss."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = next(student.parameters()).device
+    kd = nm.KDLoss(student, teacher, nm.KDConfig())    # before the optimizer (see docs)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr)
+    student.train()
+
+    def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):  # noqa: ANN202
+        return kd(next(data_iterator), model)
+
+    losses = []
+    batches = windows.split(micro_batch_size)
+    for step in range(steps):
+        w = batches[step % len(batches)].to(device)
+        x, y = w[:, :-1], w[:, 1:]
+        batch = {"tokens": x, "labels": y, "position_ids": positions(x),
+                 "loss_mask": torch.ones(y.shape, device=device)}
+        opt.zero_grad()
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([batch]), model=[student],
+            num_microbatches=1, seq_length=x.shape[1], micro_batch_size=x.shape[0],
+            forward_only=False)
+        opt.step()
+        losses.append(float(out[0]["kd loss"]))
+    return losses[0], losses[-1]

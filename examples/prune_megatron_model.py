@@ -9,7 +9,11 @@ loaded from a nemo_minitron checkpoint of the same shape (``--load``); then::
     plan = nm.make_plan(cfg, scores, nm.Target(...))
     pruned = nm.prune(model, plan)
 
-and the validation loss is printed before and after pruning. ``nm.prune`` returns a new model
+and the validation loss is printed before and after pruning. With ``--distill-steps N`` the
+pruned model is then distilled from the original in your own Megatron loop
+(``get_forward_backward_func()`` with ``nm.KDLoss`` in the ``forward_step_func``), and with
+``--save DIR`` saved with megatron-core's ``dist_checkpointing`` and read back into a fresh
+``GPTModel``. ``nm.prune`` returns a new model
 of your own class (here megatron-core's ``GPTModel``), built from your own layer spec and your
 ``TransformerConfig`` with the pruned sizes, under the same TP/PP layout; the scores
 (``--scores-out``) are what ``nemo-minitron prune CKPT OUT scores=FILE`` takes.
@@ -17,15 +21,18 @@ of your own class (here megatron-core's ``GPTModel``), built from your own layer
     python examples/prune_megatron_model.py                    # synthetic tokens, 20 steps
     python examples/prune_megatron_model.py --data PREFIX --load CKPT --scores-out s.pt
     torchrun --nproc-per-node 2 examples/prune_megatron_model.py --tensor-model-parallel-size 2
+    python examples/prune_megatron_model.py --distill-steps 10 --save /tmp/pruned_ckpt
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from common import (
     add_model_args,
+    distill,
     gpt_model,
     lm_loss,
     megatron,
@@ -48,6 +55,10 @@ def main() -> None:
     p.add_argument("--target-hidden-size", type=int, default=48)
     p.add_argument("--target-ffn-hidden-size", type=int, default=64)
     p.add_argument("--scores-out", help="save the importance scores here")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="KD steps of the pruned model from the original (nm.KDLoss)")
+    p.add_argument("--save", help="an empty or new directory: the pruned (distilled) model, "
+                                  "saved with megatron-core's dist_checkpointing")
     a = p.parse_args()
 
     tp = a.tensor_model_parallel_size
@@ -55,15 +66,16 @@ def main() -> None:
         config = transformer_config(a)
         model = gpt_model(config, a, device)
         # Calibration windows first, validation next, training windows after them.
-        windows = token_windows(a, a.calib_samples + a.valid_samples
+        kd_windows = a.distill_steps * a.micro_batch_size
+        windows = token_windows(a, a.calib_samples + a.valid_samples + kd_windows
                                 + (0 if a.load else a.train_steps * a.micro_batch_size))
         calib = windows[:a.calib_samples]
         valid = windows[a.calib_samples:a.calib_samples + a.valid_samples]
         if a.load:
             nm.load_weights(a.load, model)
         else:
-            first, last = train(model, windows[len(calib) + len(valid):], a.train_steps,
-                                a.micro_batch_size, a.lr)
+            first, last = train(model, windows[len(calib) + len(valid) + kd_windows:],
+                                a.train_steps, a.micro_batch_size, a.lr)
             if rank0():
                 print(f"training loss: {first:.6f} -> {last:.6f}")
         before = lm_loss(model, valid, a.micro_batch_size)
@@ -96,6 +108,24 @@ def main() -> None:
             print(f"parameters on rank 0: {count(model)} -> {count(pruned)}")
             print(f"validation loss before pruning: {before:.6f}")
             print(f"validation loss after pruning: {after:.6f}")
+        if a.distill_steps:
+            start = len(calib) + len(valid)
+            first, last = distill(pruned, model, windows[start:start + kd_windows],
+                                  a.distill_steps, a.micro_batch_size, a.lr)
+            distilled = lm_loss(pruned, valid, a.micro_batch_size)
+            if rank0():
+                print(f"kd loss: {first:.6f} -> {last:.6f}")
+                print(f"validation loss after distillation: {distilled:.6f}")
+        if a.save:
+            from megatron.core import dist_checkpointing
+
+            os.makedirs(a.save, exist_ok=True)
+            dist_checkpointing.save(pruned.sharded_state_dict(), a.save)
+            fresh = gpt_model(pruned.config, a, device)  # your class, built from the saved files
+            fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), a.save))
+            reloaded = lm_loss(fresh, valid, a.micro_batch_size)
+            if rank0():
+                print(f"validation loss reloaded from {a.save}: {reloaded:.6f}")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ def test_prune_example_equals_the_prune_verb(tmp_path, teacher, embedded_paths,
     scores = tmp_path / "scores.pt"
     got = _example("prune_megatron_model.py", "--load", teacher, "--data", prefix,
                    "--target-num-layers", "3", "--scores-out", str(scores),
+                   "--distill-steps", "8", "--save", str(tmp_path / "saved"),
                    "--tensor-model-parallel-size", str(tp), nproc=tp)
     assert got["pruned model"] == "megatron.core.models.gpt.gpt_model.GPTModel"
     target = ["target.num_layers=3", "target.hidden_size=48", "target.ffn_hidden_size=64",
@@ -96,6 +97,12 @@ def test_prune_example_equals_the_prune_verb(tmp_path, teacher, embedded_paths,
     assert float(got["validation loss before pruning"]) == pytest.approx(before, abs=2e-5)
     assert float(got["validation loss after pruning"]) == pytest.approx(after, abs=2e-5)
     assert after > before + 1e-3  # pruning did change the model
+    # KD with nm.KDLoss in the example's own Megatron loop recovers part of the loss, and the
+    # model saved with megatron-core's dist_checkpointing reads back to the same loss.
+    first, last = (float(x) for x in got["kd loss"].split(" -> "))
+    distilled = float(got["validation loss after distillation"])
+    assert last < first and before < distilled < after - 1e-3
+    assert float(got[f"validation loss reloaded from {tmp_path / 'saved'}"]) == distilled
 
 
 def test_prune_example_trains_a_fresh_model():
