@@ -6,9 +6,9 @@ The user's side: a stock megatron-core ``GPTModel`` student, a plain generator o
 builds it (``add_projections`` + ``layer_pairs``) around a ``MinitronGPTModel`` with the same
 weights, its ``forward_step`` handed to the schedule as ``train.loop.Trainer`` does. Every
 loss term (logit KL at T=2 in chunks, cross-entropy, hidden and embedding losses through
-learned projections) and every gradient must agree (1e-6), at TP=2 and at PP=2 (where the
-first stage's intermediate loss enters through the backward pass). At TP=2 the logit KL and
-cross-entropy also equal torch's on the gathered full-vocabulary logits (1e-5)."""
+learned projections) and every gradient must agree (1e-6), at TP=2, at PP=2 (where the first
+stage's intermediate loss enters through the backward pass) and at both together. At TP=2 the
+logit KL and cross-entropy also equal torch's on the gathered full-vocabulary logits (1e-5)."""
 
 from __future__ import annotations
 
@@ -118,3 +118,9 @@ def test_kd_loss_in_user_loop_equals_distill_path_tp2():
 @pytest.mark.dist
 def test_kd_loss_in_user_loop_equals_distill_path_pp2():
     spawn(kd_loss_job, 2, 1, 2)
+
+
+@pytest.mark.dist
+def test_kd_loss_in_user_loop_equals_distill_path_tp2_pp2():
+    """TP and PP together (4 gloo processes): tensor-parallel stages of a pipeline."""
+    spawn(kd_loss_job, 4, 2, 2)
