@@ -53,13 +53,20 @@ def moe_layer_job(pre_softmax: bool, shared: int | None) -> None:
 
     from nemo_minitron.config import ModelConfig, ParallelConfig
     from nemo_minitron.model.build import build_model, unwrap
+    from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
 
     init_distributed(ParallelConfig(), seed=3)
     cfg = ModelConfig(**MOE, moe_router_pre_softmax=pre_softmax, moe_aux_loss_coeff=0.1,
                       moe_shared_expert_intermediate_size=shared,
                       moe_shared_expert_gate=shared is not None)
-    mlp = unwrap(build_model(cfg)).decoder.layers[0].mlp
+    model = unwrap(build_model(cfg))
+    mlp = model.decoder.layers[0].mlp
+    # Parameter counts: the built model's, and one token's (all but E - k experts per layer).
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for p in mlp.experts.local_experts[0].parameters())
+    assert count_params(cfg) == total
+    assert count_params(cfg, active=True) == total - cfg.num_layers * (4 - 2) * expert
     with torch.no_grad():  # a router that does not favour one expert for every token
         mlp.router.weight.normal_(0, 1, generator=torch.Generator().manual_seed(1))
     x = torch.randn(8, 2, 32, generator=torch.Generator().manual_seed(0))
