@@ -7,45 +7,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.dist import spawn
+from tests.helpers.moe import moe_output, routing
 
 MOE = dict(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
            vocab_size=64, seq_length=16, num_moe_experts=4, moe_router_topk=2,
            moe_ffn_hidden_size=24)
 
 
-def reference_moe(mlp, x: torch.Tensor, pre_softmax: bool, aux_coeff: float = 0.0):
-    """``(output, aux loss)`` of ``mlp`` (megatron-core's ``MoELayer``) on ``x`` [s, b, h],
+def reference_moe(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output, switch loss)`` of ``mlp`` (megatron-core's ``MoELayer``) on ``x`` [s, b, h],
     recomputed from its weights with torch alone."""
     h = x.reshape(-1, x.shape[-1])
-    logits = h @ mlp.router.weight.T
-    k = mlp.config.moe_router_topk
-    if pre_softmax:  # Qwen2-MoE: softmax over all experts, then the top-k of it
-        weights, chosen = torch.softmax(logits, -1).topk(k, -1)
-    else:  # Mixtral: the top-k logits, softmax over them
-        top, chosen = logits.topk(k, -1)
-        weights = torch.softmax(top, -1)
-    out = torch.zeros_like(h)
-    for e, expert in enumerate(mlp.experts.local_experts):
-        gate, up = (h @ expert.linear_fc1.weight.T).chunk(2, -1)
-        y = (F.silu(gate) * up) @ expert.linear_fc2.weight.T
-        w = (weights * (chosen == e)).sum(-1, keepdim=True)
-        out = out + w * y
-    shared = getattr(mlp, "shared_experts", None)
-    if shared is not None:
-        gate, up = (h @ shared.linear_fc1.weight.T).chunk(2, -1)
-        y = (F.silu(gate) * up) @ shared.linear_fc2.weight.T
-        if mlp.config.moe_shared_expert_gate:
-            y = torch.sigmoid(h @ shared.gate_weight.T) * y
-        out = out + y
     # Switch loss: E * sum_i f_i P_i, f_i the share of the k * T assignments expert i got.
-    n, num_experts = h.shape[0], logits.shape[-1]
-    counts = torch.bincount(chosen.reshape(-1), minlength=num_experts).to(h.dtype)
-    probs = torch.softmax(logits, -1).mean(0)
-    aux = num_experts * (counts / (n * k) * probs).sum()
-    return out.reshape(x.shape), aux
+    routed = routing(mlp, h) > 0
+    n, num_experts = routed.shape
+    probs = torch.softmax(h @ mlp.router.weight.T, -1).mean(0)
+    f = routed.sum(0).to(h.dtype) / (n * mlp.config.moe_router_topk)
+    return moe_output(mlp, h).reshape(x.shape), num_experts * (f * probs).sum()
 
 
 def moe_layer_job(pre_softmax: bool, shared: int | None) -> None:
@@ -74,7 +54,7 @@ def moe_layer_job(pre_softmax: bool, shared: int | None) -> None:
     mlp.train()
     got, _ = mlp(x)
     (got * probe).sum().backward()
-    want, aux = reference_moe(mlp, x, pre_softmax)
+    want, aux = reference_moe(mlp, x)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     # The load-balancing loss is in the gradient: the router's is that of probe.out + c * aux.
     router = mlp.router.weight
