@@ -156,6 +156,12 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
                                    "OUT"], ["model.hidden_size"]),
     ("groups-not-dividing", lambda c: ["pretrain", *c.tiny, "model.num_query_groups=3",
                                        "--out", "OUT"], ["model.num_query_groups=3"]),
+    ("moe-topk-above-experts", lambda c: ["pretrain", *c.tiny, "model.num_moe_experts=2",
+                                          "model.moe_router_topk=3", "--out", "OUT"],
+     ["model.moe_router_topk=3", "model.num_moe_experts=2"]),
+    ("moe-ep-on-cpu", lambda c: ["pretrain", *c.tiny, "model.num_moe_experts=4",
+                                 "parallel.expert_model_parallel_size=2", "--out", "OUT"],
+     ["parallel.expert_model_parallel_size=2", "GPUs"]),
     ("batch-not-dividing", lambda c: ["pretrain", *c.tiny, "train.global_batch_size=6",
                                       "--out", "OUT"], ["train.global_batch_size=6"]),
     ("iters-zero", lambda c: ["pretrain", *c.tiny, "train.train_iters=0", "--out", "OUT"],
@@ -375,6 +381,9 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
         lambda d: (d / "config.json").write_bytes(b'{"a": "\xff"}')), "OUT"], ["config.json"]),
     ("hf-config-list", lambda c: ["import-hf", c.hf_dir(
         lambda d: (d / "config.json").write_text("[1, 2]")), "OUT"], ["config.json"]),
+    ("hf-moe-arch-unsupported", lambda c: ["import-hf", c.hf_dir(_cfg(
+        architectures=["Qwen3MoeForCausalLM"])), "OUT"],
+     ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"]),
     ("hf-hidden-string", lambda c: ["import-hf", c.hf_dir(_cfg(hidden_size="64")), "OUT"],
      ["hidden_size"]),
     ("hf-heads-zero", lambda c: ["import-hf", c.hf_dir(_cfg(num_attention_heads=0)), "OUT"],

@@ -162,6 +162,9 @@ class ModelConfig:
                          "ffn_hidden_size": self.ffn_hidden_size, **moe,
                          "vocab_size": self.vocab_size, "num_layers": self.num_layers},
                         tp, pp, "model.")
+        if ep > 1 and not self.is_moe:
+            raise ConfigError(f"parallel.expert_model_parallel_size={ep} needs an MoE model "
+                              "(model.num_moe_experts)")
         if self.is_moe and self.num_moe_experts % ep:
             raise ConfigError(f"model.num_moe_experts={self.num_moe_experts} is not divisible "
                               f"by parallel.expert_model_parallel_size={ep}")
@@ -215,10 +218,14 @@ class ParallelConfig:
     """Tensor-parallel size (TP)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size (PP)."""
+    expert_model_parallel_size: int = 1
+    """Expert-parallel size (EP): an MoE layer's experts split over this many ranks. GPU only:
+    on CPU megatron-core's dispatcher allocates on the CUDA device in its backward."""
 
     def __post_init__(self) -> None:
         positive("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size)
         positive("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size)
+        positive("parallel.expert_model_parallel_size", self.expert_model_parallel_size)
 
     @property
     def model_parallel_size(self) -> int:
