@@ -32,6 +32,7 @@ def moe_layer_job(pre_softmax: bool, shared: int | None) -> None:
     from megatron.core.transformer.moe import moe_utils
 
     from nemo_minitron.config import ModelConfig, ParallelConfig
+    from nemo_minitron.config.model import MOE_FIELDS
     from nemo_minitron.model.build import build_model, unwrap
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
@@ -41,6 +42,9 @@ def moe_layer_job(pre_softmax: bool, shared: int | None) -> None:
                       moe_shared_expert_intermediate_size=shared,
                       moe_shared_expert_gate=shared is not None)
     model = unwrap(build_model(cfg))
+    # The TransformerConfig we build from maps back to the same MoE fields.
+    back = ModelConfig.from_transformer_config(model.config, vocab_size=64, seq_length=16)
+    assert {f: getattr(back, f) for f in MOE_FIELDS} == {f: getattr(cfg, f) for f in MOE_FIELDS}
     mlp = model.decoder.layers[0].mlp
     # Parameter counts: the built model's, and one token's (all but E - k experts per layer).
     total = sum(p.numel() for p in model.parameters())
