@@ -49,8 +49,8 @@ API_CASES: list[tuple[str, Callable[[], object], list[str]]] = [
      ["model.num_moe_experts=4", "parallel.expert_model_parallel_size=3"]),
     ("api-ep-dense", lambda: _nm().ModelConfig().check_layout(1, 1, 2),
      ["parallel.expert_model_parallel_size=2", "needs an MoE model"]),
-    ("api-tc-qk-norm", lambda: _nm().ModelConfig.from_transformer_config(
-        _tc(qk_layernorm=True)), ["qk_layernorm"]),
+    ("api-tc-qk-l2-norm", lambda: _nm().ModelConfig.from_transformer_config(
+        _tc(qk_l2_norm=True)), ["qk_l2_norm"]),
     ("api-tc-relu", lambda: _nm().ModelConfig.from_transformer_config(
         _tc(activation_func=torch.relu, gated_linear_unit=False)), ["activation_func"]),
     ("api-tc-field-twice", lambda: _nm().ModelConfig.from_transformer_config(

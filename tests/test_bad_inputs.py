@@ -382,8 +382,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("hf-config-list", lambda c: ["import-hf", c.hf_dir(
         lambda d: (d / "config.json").write_text("[1, 2]")), "OUT"], ["config.json"]),
     ("hf-moe-arch-unsupported", lambda c: ["import-hf", c.hf_dir(_cfg(
-        architectures=["Qwen3MoeForCausalLM"])), "OUT"],
-     ["Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"]),
+        architectures=["DeepseekV3ForCausalLM"])), "OUT"],
+     ["DeepseekV3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM"]),
     ("hf-hidden-string", lambda c: ["import-hf", c.hf_dir(_cfg(hidden_size="64")), "OUT"],
      ["hidden_size"]),
     ("hf-heads-zero", lambda c: ["import-hf", c.hf_dir(_cfg(num_attention_heads=0)), "OUT"],

@@ -78,6 +78,9 @@ class ModelConfig:
     """Biases on every linear layer."""
     add_qkv_bias: bool = False
     """Bias on the QKV projection only (Qwen2 style)."""
+    qk_layernorm: bool = False
+    """Normalize each query and key head over ``kv_channels`` before RoPE (Qwen3 style; the
+    ``normalization`` type, ``layernorm_epsilon``)."""
     init_method_std: float = 0.02
     """Standard deviation of the weight initialisation."""
     num_moe_experts: int | None = None
@@ -273,6 +276,7 @@ def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None 
         activation_func=_activation(cfg.activation),
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
         init_method_std=cfg.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -322,7 +326,7 @@ MOE_DEFAULTS = {"moe_layer_freq": 1, "moe_router_score_function": "softmax",
                 "moe_router_enable_expert_bias": False, "moe_router_load_balancing_type":
                 "aux_loss", "moe_expert_capacity_factor": None}
 """MoE features a ``ModelConfig`` cannot describe: refused unless at these values."""
-UNSUPPORTED = ("multi_latent_attention", "qk_layernorm", "qk_l2_norm",
+UNSUPPORTED = ("multi_latent_attention", "qk_l2_norm",
                "attention_output_gate", "window_size", "rotary_interleaved",
                "apply_residual_connection_post_layernorm", "layernorm_zero_centered_gamma",
                "softmax_scale", "mtp_num_layers", "heterogeneous_block_specs",
@@ -369,5 +373,6 @@ def model_config(config: Any, **fields: Any) -> ModelConfig:
         num_query_groups=config.num_query_groups, kv_channels=config.kv_channels,
         normalization=config.normalization, layernorm_epsilon=config.layernorm_epsilon,
         activation=activation, add_bias_linear=config.add_bias_linear,
-        add_qkv_bias=config.add_qkv_bias, init_method_std=config.init_method_std, **moe,
+        add_qkv_bias=config.add_qkv_bias, qk_layernorm=bool(config.qk_layernorm),
+        init_method_std=config.init_method_std, **moe,
         **fields)

@@ -2,11 +2,13 @@
 
 Supported on import: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (all are
 pre-norm RMSNorm + RoPE + SwiGLU + GQA; Qwen2 adds a bias on q/k/v only), and the mixtures of
-experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM`` (``interop/hf_moe.py``). Export writes
+experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM``
+(``interop/hf_moe.py``). Export writes
 ``LlamaForCausalLM``; ``Qwen2ForCausalLM`` when the model has a QKV bias; and
 ``MistralForCausalLM`` (sliding window off, otherwise the same network) when pruning left
 ``hidden_size`` not divisible by the heads, which transformers' Llama config rejects; an MoE
-model as Mixtral, or Qwen2-MoE when it has a shared expert (``hf_moe.hf_moe_arch``).
+model as Mixtral, Qwen2-MoE (a shared expert) or Qwen3-MoE (query/key norms)
+(``hf_moe.hf_moe_arch``).
 """
 
 from __future__ import annotations
@@ -71,9 +73,9 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json hidden_act={hf['hidden_act']!r} is not supported "
                           f"(only silu)")
-    qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+    qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
     moe = moe_fields_from_hf(arch, hf) if arch in MOE_ARCHS else {}
-    if hf.get("mlp_bias") or (not qwen2 and hf.get("attention_bias")):
+    if hf.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and hf.get("attention_bias")):
         raise ConfigError("config.json mlp_bias/attention_bias (bias on every projection) is "
                           "not supported")
     if qwen2 and hf.get("use_sliding_window"):
@@ -107,7 +109,8 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
         rope_scaling_factor=rope_factor,
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         add_bias_linear=False,
-        add_qkv_bias=arch == "Qwen2ForCausalLM" or (qwen2 and hf.get("qkv_bias", True)),
+        add_qkv_bias=arch == "Qwen2ForCausalLM" or (arch == "Qwen2MoeForCausalLM"
+                                                    and hf.get("qkv_bias", True)),
         init_method_std=float(hf.get("initializer_range", 0.02)),
         **moe,
     )
@@ -124,6 +127,9 @@ def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
         if value != want:
             raise ConfigError(f"model.{name}={value!r} cannot be exported to Hugging Face "
                               f"Llama/Qwen2 (needs {want!r})")
+    if cfg.qk_layernorm and not cfg.is_moe:
+        raise ConfigError("model.qk_layernorm=true cannot be exported to Hugging Face "
+                          "Llama/Qwen2 (only Qwen3-MoE here)")
     if cfg.vocab_size is None:
         raise ConfigError("model.vocab_size is not set in the checkpoint")
     if cfg.is_moe:

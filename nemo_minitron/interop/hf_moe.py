@@ -5,7 +5,9 @@ router: top-k logits, softmax over them, the same weights); experts stored per e
 ``block_sparse_moe.experts.E.w1`` (gate), ``w3`` (up), ``w2`` (down). ``Qwen2MoeForCausalLM``:
 softmax then top-k, renormalised only with ``norm_topk_prob`` (else Megatron's
 ``moe_router_pre_softmax``), a shared expert scaled by a sigmoid gate, QKV bias; experts as
-``mlp.experts.E.gate_proj``/``up_proj``/``down_proj``. transformers 5 fuses the experts in memory
+``mlp.experts.E.gate_proj``/``up_proj``/``down_proj``. ``Qwen3MoeForCausalLM``: Qwen2-MoE's
+experts and router without the shared expert and the QKV bias, with a norm of each query and
+key head (``model.qk_layernorm``). transformers 5 fuses the experts in memory
 (``experts.gate_up_proj`` [E, 2F, H]) but writes and reads these per-expert names on disk.
 """
 
@@ -19,7 +21,7 @@ import torch
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.model.layouts import fc1_views, join_fc1
 
-MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
+MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 """The Hugging Face MoE architectures read and written."""
 
 _EXPERT = "mlp.experts.local_experts."
@@ -42,24 +44,35 @@ def moe_fields_from_hf(arch: str, hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
         raise ConfigError("config.json mlp_only_layers/decoder_sparse_step: dense layers among "
                           "the MoE layers are not supported (every layer an MoE layer)")
-    return dict(num_moe_experts=positive("num_experts"), moe_router_topk=topk,
-                moe_ffn_hidden_size=positive("moe_intermediate_size"),
-                moe_shared_expert_intermediate_size=positive("shared_expert_intermediate_size"),
-                moe_shared_expert_gate=True,
-                moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
+    # transformers 5.25 writes Qwen3-MoE's expert count as num_local_experts.
+    experts = "num_experts" if "num_experts" in hf else "num_local_experts"
+    fields = dict(num_moe_experts=positive(experts), moe_router_topk=topk,
+                  moe_ffn_hidden_size=positive("moe_intermediate_size"),
+                  moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
+    if arch == "Qwen3MoeForCausalLM":
+        return {**fields, "qk_layernorm": True}
+    return {**fields, "moe_shared_expert_gate": True,
+            "moe_shared_expert_intermediate_size": positive("shared_expert_intermediate_size")}
 
 
 def hf_moe_arch(cfg: ModelConfig) -> tuple[str, str]:
     """``(architecture, model_type)`` that holds the MoE model ``cfg``; one-line error when
     neither does."""
     if cfg.moe_shared_expert_intermediate_size:
-        if not cfg.moe_shared_expert_gate:
-            raise ConfigError("model.moe_shared_expert_gate=false cannot be exported to Hugging "
-                              "Face (Qwen2-MoE gates its shared expert)")
+        if not cfg.moe_shared_expert_gate or cfg.qk_layernorm:
+            raise ConfigError("an MoE model with a shared expert exports as Qwen2-MoE, which "
+                              "gates it (model.moe_shared_expert_gate) and has no "
+                              "model.qk_layernorm")
         return "Qwen2MoeForCausalLM", "qwen2_moe"
+    if cfg.qk_layernorm:
+        if cfg.add_qkv_bias:
+            raise ConfigError("model.add_qkv_bias with model.qk_layernorm cannot be exported "
+                              "(Qwen3-MoE has no QKV bias)")
+        return "Qwen3MoeForCausalLM", "qwen3_moe"
     if cfg.moe_router_pre_softmax or cfg.add_qkv_bias:
-        raise ConfigError("an MoE model without a shared expert exports as Mixtral, which has "
-                          "no model.moe_router_pre_softmax and no model.add_qkv_bias")
+        raise ConfigError("an MoE model without a shared expert and query/key norms exports "
+                          "as Mixtral, which has no model.moe_router_pre_softmax and no "
+                          "model.add_qkv_bias")
     return "MixtralForCausalLM", "mixtral"
 
 
@@ -71,11 +84,14 @@ def hf_moe_config(cfg: ModelConfig) -> dict[str, Any]:
     if arch == "MixtralForCausalLM":
         return {**common, "num_local_experts": cfg.num_moe_experts,
                 "intermediate_size": cfg.expert_ffn_hidden_size, "router_jitter_noise": 0.0}
-    return {**common, "num_experts": cfg.num_moe_experts,
+    qwen = {**common, "num_experts": cfg.num_moe_experts,
             "moe_intermediate_size": cfg.expert_ffn_hidden_size,
-            "shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size,
             "norm_topk_prob": not cfg.moe_router_pre_softmax, "decoder_sparse_step": 1,
-            "mlp_only_layers": [], "qkv_bias": cfg.add_qkv_bias, "use_sliding_window": False}
+            "mlp_only_layers": [], "use_sliding_window": False}
+    if arch == "Qwen3MoeForCausalLM":
+        return {**qwen, "attention_bias": False}
+    return {**qwen, "qkv_bias": cfg.add_qkv_bias,
+            "shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size}
 
 
 def _names(cfg: ModelConfig, p: str) -> tuple[str, Callable[[int], tuple[str, str, str]]]:

@@ -39,6 +39,8 @@ _LAYER_1TO1 = {
     "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
 _TOP_1TO1 = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -65,6 +67,8 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update(expected_moe_shapes(cfg, p) if cfg.is_moe else {
             p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
             p + "mlp.down_proj.weight": (h, f)})
+        if cfg.qk_layernorm:
+            shapes.update({p + f"self_attn.{x}_norm.weight": (d,) for x in "qk"})
         if cfg.add_qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (a * d,),
                            p + "self_attn.k_proj.bias": (g * d,),

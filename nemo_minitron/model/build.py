@@ -70,9 +70,10 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | No
         if use_te:
             return spec
     elif use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec()
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
     else:
-        spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+        spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization,
+                                              qk_layernorm=cfg.qk_layernorm)
     from megatron.core.transformer.identity_op import IdentityOp
 
     from nemo_minitron.model.attention import RopeCachedSelfAttention, SDPAttention

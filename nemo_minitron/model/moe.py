@@ -48,7 +48,8 @@ def moe_layer_spec(cfg: Any, use_te: bool) -> Any:
     ensure_router_gemm()
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=cfg.num_moe_experts, moe_grouped_gemm=False)
+            num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
+            qk_layernorm=cfg.qk_layernorm)
     return specs.get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts,
-                                          moe_grouped_gemm=False,
+                                          moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm,
                                           normalization=cfg.normalization)

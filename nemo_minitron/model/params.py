@@ -35,7 +35,8 @@ def layer_params(cfg: ModelConfig, active: bool = False) -> int:
     qkv = (a + 2 * g) * d * h + ((a + 2 * g) * d if (bias or cfg.add_qkv_bias) else 0)
     proj = h * a * d + (h if bias else 0)
     mlp = moe_params(cfg, active) if cfg.is_moe else mlp_params(cfg, cfg.ffn_hidden_size)
-    return 2 * norm + qkv + proj + mlp
+    qk_norms = 2 * norm // h * d if cfg.qk_layernorm else 0
+    return 2 * norm + qk_norms + qkv + proj + mlp
 
 
 def count_params(cfg: ModelConfig, active: bool = False) -> int:
@@ -64,7 +65,8 @@ def weight_shape(cfg: ModelConfig) -> dict[str, Any]:
             "add_qkv_bias": cfg.add_qkv_bias,
             "share_embeddings_and_output_weights": cfg.share_embeddings_and_output_weights,
             "position_embeddings": cfg.context_length if learned else None,
-            # Only for MoE models: a dense model's shape reads as before.
+            # Only when set: the shape of a model without them reads as before.
+            **({"qk_layernorm": True} if cfg.qk_layernorm else {}),
             **({"num_moe_experts": cfg.num_moe_experts,
                 "moe_ffn_hidden_size": cfg.expert_ffn_hidden_size,
                 "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size,

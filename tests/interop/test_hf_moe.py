@@ -1,6 +1,7 @@
-"""Hugging Face mixtures of experts against transformers itself: tiny random Mixtral and
-Qwen2-MoE models (4 experts, top-2; Qwen2-MoE with its gated shared expert and QKV bias, with
-and without ``norm_topk_prob``) give our model transformers' logits after import (fp32, 1e-5),
+"""Hugging Face mixtures of experts against transformers itself: tiny random Mixtral, Qwen2-MoE
+and Qwen3-MoE models (4 experts, top-2; Qwen2-MoE with its gated shared expert and QKV bias,
+with and without ``norm_topk_prob``; Qwen3-MoE with its query/key norms, head_dim 32 != hidden /
+heads) give our model transformers' logits after import (fp32, 1e-5),
 also under PP=2 and, loaded from the TP=1 import, under TP=2; the exported directory loads with
 ``from_pretrained`` and gives our logits back."""
 
@@ -19,9 +20,10 @@ from tests.interop.hfmodels import hf_logits, save_hf_model, tokens
 ATOL = 1e-5
 # The two Qwen2-MoE models share their weights (seed) and differ in the router's normalisation.
 MODELS = {"mixtral": ("mixtral", {"seed": 0}), "qwen2_moe": ("qwen2_moe", {"seed": 1}),
-          "qwen2_moe_norm": ("qwen2_moe", {"seed": 1, "norm_topk_prob": True})}
+          "qwen2_moe_norm": ("qwen2_moe", {"seed": 1, "norm_topk_prob": True}),
+          "qwen3_moe": ("qwen3_moe", {"seed": 2, "norm_topk_prob": True, "head_dim": 32})}
 ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-        "qwen2_moe_norm": "Qwen2MoeForCausalLM"}
+        "qwen2_moe_norm": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def _logits(ckpt: Path):

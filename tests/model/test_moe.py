@@ -40,7 +40,8 @@ def moe_layer_job(pre_softmax: bool, shared: int | None) -> None:
     init_distributed(ParallelConfig(), seed=3)
     cfg = ModelConfig(**MOE, moe_router_pre_softmax=pre_softmax, moe_aux_loss_coeff=0.1,
                       moe_shared_expert_intermediate_size=shared,
-                      moe_shared_expert_gate=shared is not None)
+                      moe_shared_expert_gate=shared is not None,
+                      qk_layernorm=shared is not None)  # counted by count_params below
     model = unwrap(build_model(cfg))
     # The TransformerConfig we build from maps back to the same MoE fields.
     back = ModelConfig.from_transformer_config(model.config, vocab_size=64, seq_length=16)
