@@ -2,7 +2,7 @@
 an expert whose output weights are zero scores 0 by output norm yet keeps its routing mass; an
 expert whose router row can never win top-2 (rows v, -v, 0, u, -u: two logits are always
 positive) has no mass and no load. Every score equals a torch recomputation from the weights,
-and TP=2 and PP=2 give the TP=1 scores, every axis included."""
+and TP=2, PP=2 and DP=2 give the TP=1 scores, every axis included."""
 
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ def _reference(mlp, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def scores_job(out: str, tp: int, pp: int, ckpt: str) -> None:
+    """Scores of the planted model under TP=tp, PP=pp (DP: the rest of the processes, each
+    with its share of the calibration sequences)."""
     from nemo_minitron.checkpoint.io import load_weights, save_checkpoint
     from nemo_minitron.config import ModelConfig, ParallelConfig
     from nemo_minitron.importance.estimator import estimate_importance
@@ -59,7 +61,7 @@ def scores_job(out: str, tp: int, pp: int, ckpt: str) -> None:
                                     pipeline_model_parallel_size=pp), seed=11)
     cfg = ModelConfig(**CFG)
     model = build_model(cfg)
-    first = tp * pp == 1
+    first = torch.distributed.get_world_size() == 1  # the one-process reference
     if first:
         _plant(unwrap(model))
         save_checkpoint(ckpt, model, model_cfg=cfg, tokenizer=None)
@@ -70,8 +72,12 @@ def scores_job(out: str, tp: int, pp: int, ckpt: str) -> None:
     handles = [layer.pre_mlp_layernorm.register_forward_hook(
         lambda _m, _a, y, i=i: inputs.setdefault(i, []).append(y.detach().clone()))
         for i, layer in enumerate(layers)]
+    from megatron.core import parallel_state as ps
+
     tokens = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
-    scores = estimate_importance(model, tokens, micro_batch_size=4)
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    tokens = tokens[rank * 8 // dp:(rank + 1) * 8 // dp]
+    scores = estimate_importance(model, tokens, micro_batch_size=4 // dp)
     for handle in handles:
         handle.remove()
     result = {f: getattr(scores, f) for f in FIELDS}
@@ -88,7 +94,8 @@ def runs(tmp_path_factory) -> Path:
     ckpt = str(d / "ck")
     spawn(scores_job, 1, str(d / "tp1.pt"), 1, 1, ckpt)
     spawn(in_order, 2, [(scores_job, (str(d / "tp2.pt"), 2, 1, ckpt)),
-                        (scores_job, (str(d / "pp2.pt"), 1, 2, ckpt))])
+                        (scores_job, (str(d / "pp2.pt"), 1, 2, ckpt)),
+                        (scores_job, (str(d / "dp2.pt"), 1, 1, ckpt))])
     return d
 
 
@@ -109,8 +116,8 @@ def test_planted_experts_and_scores_equal_a_torch_recomputation(runs):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_moe_scores_are_the_same_under_tp2_and_pp2(runs, layout):
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+def test_moe_scores_are_the_same_under_tp2_pp2_and_dp2(runs, layout):
     ref, got = torch.load(runs / "tp1.pt"), torch.load(runs / f"{layout}.pt")
     for name in FIELDS:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6,

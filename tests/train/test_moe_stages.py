@@ -1,7 +1,7 @@
 """A tiny mixture-of-experts model (4 experts, top-2, a shared expert) through every stage on
-CPU: pretraining logs the router's losses, under PP=2 too; under TP=2 it is refused in one line
-(megatron-core's MoE layer needs sequence parallelism there, which its local spec lacks); eval,
-generate, bench and distill run on its checkpoint."""
+CPU: pretraining logs the router's losses, under PP=2 too, and resumes bit for bit; under TP=2
+it is refused in one line (megatron-core's MoE layer needs sequence parallelism there, which its
+local spec lacks); eval, generate, bench and distill run on its checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import run_cli
-from tests.dist import spawn
+from tests.dist import in_order, spawn
 from tests.helpers.train import pretrain_job
 
 MOE = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
@@ -53,6 +53,22 @@ def test_moe_pretraining_logs_router_losses(runs, layout):
         # E * sum_i f_i P_i is 1 for a balanced router and at most E (= 4) for a collapsed one.
         assert 0.9 < r["load_balancing_loss"] < 4.0
         assert r["z_loss"] > 0
+
+
+def _train_rows(run: Path) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["kind"] == "train"}
+
+
+@pytest.mark.dist
+def test_moe_pretraining_resumes_step_for_step(runs, tiny_overrides, tmp_path):
+    cut = (pretrain_job, (str(tmp_path / "cut"), tiny_overrides + MOE + ["train.exit_interval=2"]))
+    spawn(in_order, 1, [cut, cut])
+    full, resumed = _train_rows(runs / "tp1"), _train_rows(tmp_path / "cut")
+    assert full.keys() == resumed.keys() == {1, 2, 3}
+    for step in full:  # bit-exact on CPU, the router's losses included
+        for name in ("lm loss", "load_balancing_loss", "z_loss"):
+            assert resumed[step][name] == full[step][name], (step, name)
 
 
 @pytest.mark.dist
