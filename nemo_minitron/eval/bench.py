@@ -241,7 +241,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
               "decode tok/s", "ratio (range)", "FLOP ratio", "share"]
     cells = []
     for r in rows:
-        row = [r["checkpoint"], f"{r['params'] / 1e6:.2f}M"]
+        active = r.get("active_params", r["params"])  # MoE: the experts one token runs
+        row = [r["checkpoint"], f"{r['params'] / 1e6:.2f}M" + (
+            f" ({active / 1e6:.2f}M active)" if active != r["params"] else "")]
         for phase in ("prefill", "decode"):
             row += [f"{r[phase + '_tok_s']:.0f}",
                     f"{r[phase + '_ratio']:.2f} ({r[phase + '_ratio_lo']:.2f}-"
