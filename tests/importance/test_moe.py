@@ -2,7 +2,8 @@
 an expert whose output weights are zero scores 0 by output norm yet keeps its routing mass; an
 expert whose router row can never win top-2 (rows v, -v, 0, u, -u: two logits are always
 positive) has no mass and no load. Every score equals a torch recomputation from the weights,
-and TP=2, PP=2 and DP=2 give the TP=1 scores, every axis included."""
+and TP=2, PP=2 and DP=2 give the TP=1 scores, every axis included. The weight-magnitude
+baseline scores experts and their channels as the modules' own weights give."""
 
 from __future__ import annotations
 
@@ -48,6 +49,32 @@ def _reference(mlp, x: torch.Tensor) -> dict[str, torch.Tensor]:
             "shared_expert_ffn": shared.mean(0).pow(2).sum(0).sqrt()}  # seq mean, batch l2
 
 
+def _check_baselines(model, cfg) -> None:
+    """Weight-magnitude scores of the MoE axes equal those of the modules' own weights; random
+    scores have every MoE axis's shape."""
+    from nemo_minitron.importance.baselines import magnitude_scores, random_scores
+    from nemo_minitron.model.full_state import gather_full_state_dict
+
+    got = magnitude_scores(gather_full_state_dict(model), cfg)
+
+    def neurons(m) -> torch.Tensor:
+        gate, up = m.linear_fc1.weight.double().chunk(2)
+        return gate.norm(dim=1) * up.norm(dim=1) * m.linear_fc2.weight.double().norm(dim=0)
+
+    for i, layer in enumerate(model.decoder.layers):
+        experts = layer.mlp.experts.local_experts
+        want = [torch.cat([e.linear_fc1.weight.flatten(), e.linear_fc2.weight.flatten()]).norm()
+                for e in experts]
+        torch.testing.assert_close(got.experts[i], torch.stack(want), rtol=1e-5, atol=0)
+        torch.testing.assert_close(got.expert_ffn[i], sum(neurons(e) for e in experts).float(),
+                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(got.shared_expert_ffn[i],
+                                   neurons(layer.mlp.shared_experts).float(), rtol=1e-5, atol=0)
+    rand = random_scores(cfg, seed=0)
+    assert (rand.experts.shape, rand.expert_ffn.shape, rand.shared_expert_ffn.shape) == (
+        (2, 5), (2, 24), (2, 40))
+
+
 def scores_job(out: str, tp: int, pp: int, ckpt: str) -> None:
     """Scores of the planted model under TP=tp, PP=pp (DP: the rest of the processes, each
     with its share of the calibration sequences)."""
@@ -82,6 +109,13 @@ def scores_job(out: str, tp: int, pp: int, ckpt: str) -> None:
         handle.remove()
     result = {f: getattr(scores, f) for f in FIELDS}
     if first:
+        _check_baselines(model, cfg)
+        from nemo_minitron.importance.scores import Scores
+
+        scores.save(out + ".scores")  # the MoE axes are saved and read back
+        back = Scores.load(out + ".scores")
+        for f in FIELDS:
+            assert torch.equal(getattr(back, f), getattr(scores, f)), f
         ref = [_reference(layer.mlp, torch.cat(inputs[i], 1)) for i, layer in enumerate(layers)]
         result["reference"] = {k: torch.stack([r[k] for r in ref]).float() for k in ref[0]}
     if int(os.environ["RANK"]) == 0:
