@@ -78,6 +78,7 @@ def test_moe_training_under_tp_is_refused_in_one_line(runs):
     assert not (runs / "tp2").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_moe_checkpoint_runs_eval_generate_bench_and_distill(runs, embedded_paths,
                                                              tiny_overrides, tmp_path):
