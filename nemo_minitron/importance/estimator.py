@@ -58,6 +58,9 @@ class ImportanceEstimator:
         self.head_dim = self.cfg.kv_channels
         agg = lambda units: Aggregator(units, batch_agg, seq_agg)  # noqa: E731
         moe = self.cfg.num_moe_experts is not None
+        if moe and ps.get_expert_model_parallel_world_size() > 1:
+            raise ConfigError("importance of an MoE model under parallel."
+                              "expert_model_parallel_size > 1 is not supported (EP=1 only)")
         self.moe = [ExpertStats(layer.mlp, agg) for layer in self.layers] if moe else []
         self.ffn = [] if moe else [agg(layer.mlp.linear_fc2.weight.shape[1])
                                    for layer in self.layers]
