@@ -140,3 +140,20 @@ def test_moe_tp2_pp2_equal_tp1_and_checkpoints_reshard(tmp_path):
                        ("pp2_from_tp1", ref), ("from_pp2", torch.load(p("pp2.pt")))):
         torch.testing.assert_close(torch.load(p(f"{name}.pt")), want, atol=1e-5, rtol=0,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_bench_flops_count_the_experts_a_token_runs():
+    # An MoE layer's matmuls per token: its router and top-k experts, i.e. a dense MLP of k
+    # times the expert width plus the router (E x h); the total parameters count all experts.
+    from nemo_minitron.config import ModelConfig
+    from nemo_minitron.eval.bench import flops_per_token
+    from nemo_minitron.model.params import count_params
+
+    moe = ModelConfig(**MOE)
+    dense = ModelConfig(**{k: v for k, v in MOE.items() if not k.startswith(("moe", "num_moe"))
+                           } | {"ffn_hidden_size": 2 * 24})
+    router = 2 * moe.num_layers * 4 * moe.hidden_size
+    assert flops_per_token(moe, 100.0) == flops_per_token(dense, 100.0) + router
+    assert count_params(moe, active=True) == count_params(dense) + router // 2
+    assert count_params(moe) == count_params(moe, active=True) + moe.num_layers * 2 * (
+        3 * 24 * moe.hidden_size)  # two more experts of SwiGLU width 24 per layer
