@@ -39,10 +39,19 @@ def _on_policy(**kw):
 
 
 API_CASES: list[tuple[str, Callable[[], object], list[str]]] = [
-    ("api-tc-moe", lambda: _nm().ModelConfig.from_transformer_config(
-        _tc(num_moe_experts=2, moe_router_topk=2)), ["num_moe_experts"]),
-    ("api-tc-qk-norm", lambda: _nm().ModelConfig.from_transformer_config(
-        _tc(qk_layernorm=True)), ["qk_layernorm"]),
+    ("api-tc-moe-layer-freq", lambda: _nm().ModelConfig.from_transformer_config(
+        _tc(num_moe_experts=2, moe_router_topk=2, moe_layer_freq=2)), ["moe_layer_freq=2"]),
+    ("api-moe-topk", lambda: _nm().ModelConfig(num_moe_experts=2, moe_router_topk=3),
+     ["model.moe_router_topk=3", "model.num_moe_experts=2"]),
+    ("api-moe-ffn-tp", lambda: _nm().ModelConfig(
+        num_moe_experts=4, ffn_hidden_size=64, moe_ffn_hidden_size=33).check_layout(2, 1),
+     ["model.moe_ffn_hidden_size=33", "parallel.tensor_model_parallel_size=2"]),
+    ("api-moe-experts-ep", lambda: _nm().ModelConfig(num_moe_experts=4).check_layout(1, 1, 3),
+     ["model.num_moe_experts=4", "parallel.expert_model_parallel_size=3"]),
+    ("api-ep-dense", lambda: _nm().ModelConfig().check_layout(1, 1, 2),
+     ["parallel.expert_model_parallel_size=2", "needs an MoE model"]),
+    ("api-tc-qk-l2-norm", lambda: _nm().ModelConfig.from_transformer_config(
+        _tc(qk_l2_norm=True)), ["qk_l2_norm"]),
     ("api-tc-relu", lambda: _nm().ModelConfig.from_transformer_config(
         _tc(activation_func=torch.relu, gated_linear_unit=False)), ["activation_func"]),
     ("api-tc-field-twice", lambda: _nm().ModelConfig.from_transformer_config(

@@ -82,6 +82,13 @@ def _tensor(name: str, fn: Callable[[torch.Tensor], torch.Tensor]):
     return edit
 
 
+def _qwen2_moe(c: Ctx, **overrides) -> str:
+    """A tiny Hugging Face Qwen2-MoE directory (``tests.interop.hfmodels``) in ``c.tmp``."""
+    from tests.interop.hfmodels import save_hf_model
+
+    return str(save_hf_model(c.tmp / "qwen2_moe", "qwen2_moe", tokenizer=False, **overrides))
+
+
 def _model_yaml(text: str | bytes):
     def edit(d: Path) -> None:
         (d / "model_config.yaml").write_bytes(text.encode() if isinstance(text, str) else text)
@@ -156,6 +163,12 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
                                    "OUT"], ["model.hidden_size"]),
     ("groups-not-dividing", lambda c: ["pretrain", *c.tiny, "model.num_query_groups=3",
                                        "--out", "OUT"], ["model.num_query_groups=3"]),
+    ("moe-topk-above-experts", lambda c: ["pretrain", *c.tiny, "model.num_moe_experts=2",
+                                          "model.moe_router_topk=3", "--out", "OUT"],
+     ["model.moe_router_topk=3", "model.num_moe_experts=2"]),
+    ("moe-ep-on-cpu", lambda c: ["pretrain", *c.tiny, "model.num_moe_experts=4",
+                                 "parallel.expert_model_parallel_size=2", "--out", "OUT"],
+     ["parallel.expert_model_parallel_size=2", "GPUs"]),
     ("batch-not-dividing", lambda c: ["pretrain", *c.tiny, "train.global_batch_size=6",
                                       "--out", "OUT"], ["train.global_batch_size=6"]),
     ("iters-zero", lambda c: ["pretrain", *c.tiny, "train.train_iters=0", "--out", "OUT"],
@@ -375,6 +388,13 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
         lambda d: (d / "config.json").write_bytes(b'{"a": "\xff"}')), "OUT"], ["config.json"]),
     ("hf-config-list", lambda c: ["import-hf", c.hf_dir(
         lambda d: (d / "config.json").write_text("[1, 2]")), "OUT"], ["config.json"]),
+    ("hf-moe-ffn-not-dividing-tp", lambda c: [
+        "import-hf", _qwen2_moe(c, moe_intermediate_size=33), "OUT",
+        "parallel.tensor_model_parallel_size=2"],
+     ["model.moe_ffn_hidden_size=33", "parallel.tensor_model_parallel_size=2"]),
+    ("hf-moe-arch-unsupported", lambda c: ["import-hf", c.hf_dir(_cfg(
+        architectures=["DeepseekV3ForCausalLM"])), "OUT"],
+     ["DeepseekV3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM"]),
     ("hf-hidden-string", lambda c: ["import-hf", c.hf_dir(_cfg(hidden_size="64")), "OUT"],
      ["hidden_size"]),
     ("hf-heads-zero", lambda c: ["import-hf", c.hf_dir(_cfg(num_attention_heads=0)), "OUT"],

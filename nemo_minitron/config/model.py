@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from nemo_minitron.config.errors import ConfigError, positive
 
-TP_SHARDED = ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size")
+TP_SHARDED = ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
+              "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
 """Dimensions split across tensor-parallel ranks (the layers are split across PP stages)."""
 
 
@@ -77,8 +78,30 @@ class ModelConfig:
     """Biases on every linear layer."""
     add_qkv_bias: bool = False
     """Bias on the QKV projection only (Qwen2 style)."""
+    qk_layernorm: bool = False
+    """Normalize each query and key head over ``kv_channels`` before RoPE (Qwen3 style; the
+    ``normalization`` type, ``layernorm_epsilon``)."""
     init_method_std: float = 0.02
     """Standard deviation of the weight initialisation."""
+    num_moe_experts: int | None = None
+    """Routed experts of every layer's mixture-of-experts MLP; None: a dense MLP."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (MoE only)."""
+    moe_ffn_hidden_size: int | None = None
+    """Intermediate size of each routed expert (per gate for SwiGLU); None: ffn_hidden_size."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Intermediate size of the shared expert every token passes through; None: none."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by a learned sigmoid gate (Qwen2-MoE)."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts before the top-k (weights do not sum to 1, Qwen2-MoE); False:
+    softmax over the top-k logits (Mixtral)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the router's load-balancing (switch) loss in the training loss."""
+    moe_z_loss_coeff: float | None = None
+    """Weight of the router's z-loss (mean squared logsumexp of its logits); None: off."""
+    moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
+    """How tokens reach their experts' ranks (Megatron's dispatchers; ``flex`` needs GPUs)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -98,6 +121,7 @@ class ModelConfig:
             )
         if self.vocab_size is not None:
             positive("model.vocab_size", self.vocab_size)
+        self._check_moe()
         if self.max_position_embeddings is not None:
             positive("model.max_position_embeddings", self.max_position_embeddings)
             if (self.position_embedding_type == "learned_absolute"
@@ -106,13 +130,47 @@ class ModelConfig:
                                   f"position table, model.max_position_embeddings="
                                   f"{self.max_position_embeddings}")
 
-    def check_layout(self, tp: int, pp: int) -> None:
-        """One-line error unless every sharded dim divides by TP and the layers by PP."""
+    def _check_moe(self) -> None:
+        if self.num_moe_experts is None:
+            return
+        positive("model.num_moe_experts", self.num_moe_experts)
+        positive("model.moe_router_topk", self.moe_router_topk)
+        if self.moe_router_topk > self.num_moe_experts:
+            raise ConfigError(f"model.moe_router_topk={self.moe_router_topk} exceeds "
+                              f"model.num_moe_experts={self.num_moe_experts}")
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            if getattr(self, name) is not None:
+                positive(f"model.{name}", getattr(self, name))
+        if self.moe_aux_loss_coeff < 0 or (self.moe_z_loss_coeff or 0) < 0:
+            raise ConfigError("model.moe_aux_loss_coeff and model.moe_z_loss_coeff must be >= 0")
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the MLPs are mixtures of experts."""
+        return self.num_moe_experts is not None
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """Effective intermediate size of a routed expert (``moe_ffn_hidden_size``)."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    def check_layout(self, tp: int, pp: int, ep: int = 1) -> None:
+        """One-line error unless every sharded dim divides by TP, the layers by PP and the
+        experts by EP (``ep``: expert-parallel size)."""
+        moe = {"moe_ffn_hidden_size": self.expert_ffn_hidden_size,
+               "moe_shared_expert_intermediate_size": self.moe_shared_expert_intermediate_size
+               } if self.is_moe else {}
         check_divisible({"num_attention_heads": self.num_attention_heads,
                          "num_query_groups": self.query_groups,
-                         "ffn_hidden_size": self.ffn_hidden_size,
+                         "ffn_hidden_size": self.ffn_hidden_size, **moe,
                          "vocab_size": self.vocab_size, "num_layers": self.num_layers},
                         tp, pp, "model.")
+        if ep > 1 and not self.is_moe:
+            raise ConfigError(f"parallel.expert_model_parallel_size={ep} needs an MoE model "
+                              "(model.num_moe_experts)")
+        if self.is_moe and self.num_moe_experts % ep:
+            raise ConfigError(f"model.num_moe_experts={self.num_moe_experts} is not divisible "
+                              f"by parallel.expert_model_parallel_size={ep}")
 
     @property
     def query_groups(self) -> int:
@@ -163,10 +221,14 @@ class ParallelConfig:
     """Tensor-parallel size (TP)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size (PP)."""
+    expert_model_parallel_size: int = 1
+    """Expert-parallel size (EP): an MoE layer's experts split over this many ranks. GPU only:
+    on CPU megatron-core's dispatcher allocates on the CUDA device in its backward."""
 
     def __post_init__(self) -> None:
         positive("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size)
         positive("parallel.pipeline_model_parallel_size", self.pipeline_model_parallel_size)
+        positive("parallel.expert_model_parallel_size", self.expert_model_parallel_size)
 
     @property
     def model_parallel_size(self) -> int:
@@ -214,6 +276,7 @@ def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None 
         activation_func=_activation(cfg.activation),
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
         init_method_std=cfg.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -232,14 +295,38 @@ def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None 
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         fp8=fp8,
+        **_moe_fields(cfg),
     )
+
+
+def _moe_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The MoE fields of ``TransformerConfig`` (none for a dense model): Megatron's per-expert
+    MLPs (no grouped GEMM: it needs Transformer Engine or a GPU kernel) and ``MOE_FIELDS``."""
+    if not cfg.is_moe:
+        return {}
+    from megatron.core import parallel_state as ps
+
+    return dict(moe_grouped_gemm=False, moe_ffn_hidden_size=cfg.expert_ffn_hidden_size,
+                expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+                **{name: getattr(cfg, name) for name in MOE_FIELDS
+                   if name != "moe_ffn_hidden_size"})
 
 
 MODEL_FIELDS = ("vocab_size", "make_vocab_size_divisible_by", "seq_length",
                 "max_position_embeddings", "position_embedding_type", "rotary_base",
                 "rope_scaling_factor", "share_embeddings_and_output_weights")
 """``ModelConfig`` fields that are ``GPTModel`` arguments, not ``TransformerConfig`` fields."""
-UNSUPPORTED = ("num_moe_experts", "multi_latent_attention", "qk_layernorm", "qk_l2_norm",
+MOE_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+              "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+              "moe_router_pre_softmax", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+              "moe_token_dispatcher_type")
+"""``ModelConfig`` fields that are ``TransformerConfig`` fields of the same name (MoE)."""
+MOE_DEFAULTS = {"moe_layer_freq": 1, "moe_router_score_function": "softmax",
+                "moe_router_topk_scaling_factor": None, "moe_router_num_groups": None,
+                "moe_router_enable_expert_bias": False, "moe_router_load_balancing_type":
+                "aux_loss", "moe_expert_capacity_factor": None}
+"""MoE features a ``ModelConfig`` cannot describe: refused unless at these values."""
+UNSUPPORTED = ("multi_latent_attention", "qk_l2_norm",
                "attention_output_gate", "window_size", "rotary_interleaved",
                "apply_residual_connection_post_layernorm", "layernorm_zero_centered_gamma",
                "softmax_scale", "mtp_num_layers", "heterogeneous_block_specs",
@@ -261,7 +348,14 @@ def model_config(config: Any, **fields: Any) -> ModelConfig:
     for name in UNSUPPORTED:
         if getattr(config, name, None):
             raise ConfigError(f"TransformerConfig.{name}={getattr(config, name)!r} is not "
-                              "supported (Llama-style dense GPT models only)")
+                              "supported (Llama-style GPT models only)")
+    moe: dict[str, Any] = {}
+    if config.num_moe_experts:
+        for name, default in MOE_DEFAULTS.items():
+            if getattr(config, name, default) != default:
+                raise ConfigError(f"TransformerConfig.{name}={getattr(config, name)!r} is not "
+                                  f"supported (MoE models with {name}={default!r} only)")
+        moe = {name: getattr(config, name) for name in MOE_FIELDS}
     if config.normalization not in ("RMSNorm", "LayerNorm"):
         raise ConfigError(f"TransformerConfig.normalization={config.normalization!r} must be "
                           "RMSNorm or LayerNorm")
@@ -279,4 +373,6 @@ def model_config(config: Any, **fields: Any) -> ModelConfig:
         num_query_groups=config.num_query_groups, kv_channels=config.kv_channels,
         normalization=config.normalization, layernorm_epsilon=config.layernorm_epsilon,
         activation=activation, add_bias_linear=config.add_bias_linear,
-        add_qkv_bias=config.add_qkv_bias, init_method_std=config.init_method_std, **fields)
+        add_qkv_bias=config.add_qkv_bias, qk_layernorm=bool(config.qk_layernorm),
+        init_method_std=config.init_method_std, **moe,
+        **fields)

@@ -147,7 +147,8 @@ class Recipe(StageRecipe):
                 f"parallel: tensor_model_parallel_size * pipeline_model_parallel_size = {mp} "
                 f"does not divide the world size {world_size}"
             )
-        m.check_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+        m.check_layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                       p.expert_model_parallel_size)
         dp = world_size // mp
         t = self.train
         if t.global_batch_size % (t.micro_batch_size * dp):

@@ -94,7 +94,8 @@ def flops_per_token(cfg: ModelConfig, context: float) -> float:
     from nemo_minitron.model.params import layer_params
 
     assert cfg.vocab_size is not None
-    matmul = cfg.num_layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden_size
+    # An MoE layer's matmuls are those of the experts a token is routed to (active parameters).
+    matmul = cfg.num_layers * layer_params(cfg, active=True) + cfg.vocab_size * cfg.hidden_size
     attn = 4 * cfg.num_layers * context * cfg.num_attention_heads * cfg.head_dim
     return 2 * matmul + attn
 
@@ -188,7 +189,8 @@ def _row(x: _Loaded, times: list[tuple[float, float]], b: BenchConfig,
 
     return {
         **(profile_decode(x.model, x.prompt, b.decode_tokens) if profile else {}),
-        "checkpoint": x.checkpoint, "params": count_params(x.cfg), "times": times,
+        "checkpoint": x.checkpoint, "params": count_params(x.cfg),
+        "active_params": count_params(x.cfg, active=True), "times": times,
         "prefill_tok_s": b.batch_size * b.seq_length / statistics.median(t for t, _ in times),
         "decode_tok_s": b.batch_size * b.decode_tokens / statistics.median(t for _, t in times),
         "prefill_flops_tok": flops_per_token(x.cfg, b.seq_length / 2),
@@ -239,7 +241,9 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
               "decode tok/s", "ratio (range)", "FLOP ratio", "share"]
     cells = []
     for r in rows:
-        row = [r["checkpoint"], f"{r['params'] / 1e6:.2f}M"]
+        active = r.get("active_params", r["params"])  # MoE: the experts one token runs
+        row = [r["checkpoint"], f"{r['params'] / 1e6:.2f}M" + (
+            f" ({active / 1e6:.2f}M active)" if active != r["params"] else "")]
         for phase in ("prefill", "decode"):
             row += [f"{r[phase + '_tok_s']:.0f}",
                     f"{r[phase + '_ratio']:.2f} ({r[phase + '_ratio_lo']:.2f}-"

@@ -7,6 +7,8 @@ Where each axis reads its activation (``docs/method.md``):
 - ``hidden_size``: outputs of ``input_layernorm`` and ``pre_mlp_layernorm`` of every layer,
   each aggregated on its own, then summed over layers;
 - ``num_layers``: Block Importance, 1 - cos(layer input, layer output) averaged over tokens;
+- MoE models: ``experts``, ``expert_mass``, ``expert_load``, ``expert_ffn``,
+  ``shared_expert_ffn`` from hooks on the experts (``importance/moe.py``), no ``ffn_hidden_size``;
 - ``angular_distance``: arccos(cos)/pi between the hidden states entering every pair of layers
   (the last boundary is the final hidden state before the final norm), averaged over tokens:
   the depth criterion of self-data distillation (arXiv 2410.09982) for any block size.
@@ -37,6 +39,7 @@ import torch.distributed as dist
 from nemo_minitron.config import ConfigError
 from nemo_minitron.importance.aggregate import Agg, Aggregator
 from nemo_minitron.importance.layers import boundary_distance_sums
+from nemo_minitron.importance.moe import ExpertStats
 from nemo_minitron.importance.scores import Scores
 from nemo_minitron.model.build import unwrap
 from nemo_minitron.model.layouts import heads_by_group, split_heads
@@ -54,7 +57,13 @@ class ImportanceEstimator:
         self.batch_agg, self.seq_agg = batch_agg, seq_agg
         self.head_dim = self.cfg.kv_channels
         agg = lambda units: Aggregator(units, batch_agg, seq_agg)  # noqa: E731
-        self.ffn = [agg(layer.mlp.linear_fc2.weight.shape[1]) for layer in self.layers]
+        moe = self.cfg.num_moe_experts is not None
+        if moe and ps.get_expert_model_parallel_world_size() > 1:
+            raise ConfigError("importance of an MoE model under parallel."
+                              "expert_model_parallel_size > 1 is not supported (EP=1 only)")
+        self.moe = [ExpertStats(layer.mlp, agg) for layer in self.layers] if moe else []
+        self.ffn = [] if moe else [agg(layer.mlp.linear_fc2.weight.shape[1])
+                                   for layer in self.layers]
         heads_local = [layer.self_attention.linear_proj.weight.shape[1] // self.head_dim
                        for layer in self.layers]
         self.heads = [agg(h) for h in heads_local]
@@ -78,9 +87,15 @@ class ImportanceEstimator:
 
     # -------------------------------------------------------------- hooks
     def __enter__(self) -> ImportanceEstimator:
+        from megatron.core import parallel_state as ps
+
+        for stats, layer in zip(self.moe, self.layers):
+            self._handles += stats.hooks(layer.mlp, ps.get_tensor_model_parallel_group())
         for i, layer in enumerate(self.layers):
+            if not self.moe:
+                self._handles.append(
+                    layer.mlp.linear_fc2.register_forward_pre_hook(self._ffn_hook(i)))
             self._handles += [
-                layer.mlp.linear_fc2.register_forward_pre_hook(self._ffn_hook(i)),
                 layer.self_attention.linear_proj.register_forward_pre_hook(self._head_hook(i)),
                 layer.input_layernorm.register_forward_hook(self._norm_hook(i, 0)),
                 layer.pre_mlp_layernorm.register_forward_hook(self._norm_hook(i, 1)),
@@ -180,7 +195,7 @@ class ImportanceEstimator:
         from megatron.core import parallel_state as ps
 
         dp = ps.get_data_parallel_group()
-        for a in [*self.ffn, *self.heads, *(x for pair in self.hidden for x in pair)]:
+        for a in [*self.ffn, *self.heads, *(x for pair in self.hidden for x in pair), *self.moe]:
             a.all_reduce(dp)
         self._spare = None
         if self._pending or self._bounds is not None:
@@ -199,9 +214,21 @@ class ImportanceEstimator:
             self.tokens = packed[-1:]
         tokens = self.tokens.clamp(min=1)
         angular, block = (self.angular / tokens).float(), (self.block / tokens).float()
-        ffn = _gather_cat(torch.stack([a.result() for a in self.ffn]), tp, dim=1)
         heads = _gather_cat(torch.stack([a.result() for a in self.heads]), tp, dim=1)
-        ffn, heads = _gather_cat(ffn, pp, dim=0), _gather_cat(heads, pp, dim=0)
+        heads = _gather_cat(heads, pp, dim=0)
+        moe: dict[str, torch.Tensor] = {}
+        if self.moe:
+            ffn = torch.zeros(self.cfg.num_layers, 0)  # an MoE layer has no dense MLP
+            per_layer = [a.result() for a in self.moe]
+            stats = _gather_cat(torch.stack([r[0] for r in per_layer]), pp, dim=0)
+            moe = dict(zip(("experts", "expert_mass", "expert_load"), stats.unbind(1)))
+            shared = self.moe[0].shared is not None
+            for i, name in ((1, "expert_ffn"), (2, "shared_expert_ffn"))[:1 + shared]:
+                moe[name] = _gather_cat(_gather_cat(torch.stack([r[i] for r in per_layer]),
+                                                    tp, dim=1), pp, dim=0)
+        else:
+            ffn = _gather_cat(torch.stack([a.result() for a in self.ffn]), tp, dim=1)
+            ffn = _gather_cat(ffn, pp, dim=0)
         hidden = torch.stack([a.result() + b.result() for a, b in self.hidden]).sum(0).double()
         if dist.get_world_size(pp) > 1:
             dist.all_reduce(hidden, group=pp)
@@ -211,7 +238,7 @@ class ImportanceEstimator:
                 "num_sequences": self.num_sequences * dist.get_world_size(dp), **(meta or {})}
         return Scores(ffn=ffn, heads=heads,
                       groups=query_groups, hidden=hidden.float(),
-                      layers=block, angular_distance=angular, meta=info)
+                      layers=block, angular_distance=angular, meta=info, **moe)
 
 
 def _gather_cat(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:

@@ -34,19 +34,33 @@ class Scores:
     before the final norm); None where no activations were seen (baselines, older files)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """How the scores were made: model config, aggregation, calibration size."""
+    experts: torch.Tensor | None = None
+    """MoE ``[num_layers, num_moe_experts]``: token mean L2 norm of each expert's router-weighted
+    output (0 for a token not routed to it); None for a dense model (``importance/moe.py``)."""
+    expert_mass: torch.Tensor | None = None
+    """MoE ``[num_layers, num_moe_experts]``: the router's probability mass, the token mean of
+    the expert's routing weight (0 when never routed to)."""
+    expert_load: torch.Tensor | None = None
+    """MoE ``[num_layers, num_moe_experts]``: share of tokens routed to each expert."""
+    expert_ffn: torch.Tensor | None = None
+    """MoE ``[num_layers, moe_ffn_hidden_size]``: expert channels, one score per channel for
+    all experts of a layer."""
+    shared_expert_ffn: torch.Tensor | None = None
+    """MoE ``[num_layers, moe_shared_expert_intermediate_size]``: shared-expert channels."""
 
     AXES = ("ffn", "heads", "groups", "hidden", "layers")
     SIZES = {"ffn": "ffn_hidden_size", "heads": "num_attention_heads",
              "groups": "num_query_groups", "hidden": "hidden_size", "layers": "num_layers"}
     """The config field that counts the units of each axis."""
+    MOE_AXES = ("experts", "expert_mass", "expert_load", "expert_ffn", "shared_expert_ffn")
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a ``.pt`` file of tensors and plain metadata (loadable with weights_only)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        extra = {} if self.angular_distance is None else {
-            "angular_distance": self.angular_distance}
+        extra = {a: getattr(self, a) for a in ("angular_distance", *self.MOE_AXES)
+                 if getattr(self, a) is not None}
         torch.save({**{a: getattr(self, a) for a in self.AXES}, **extra, "meta": self.meta},
                    tmp)
         os.replace(tmp, path)
@@ -67,9 +81,9 @@ class Scores:
         # Files written before the axes were renamed hold them under the config field names
         # (``SIZES``); they stay readable.
         data = {a: data[a] if a in data else data.get(cls.SIZES[a]) for a in cls.AXES} | {
-            k: data[k] for k in ("angular_distance", "meta") if k in data}
+            k: data[k] for k in ("angular_distance", "meta", *cls.MOE_AXES) if k in data}
         missing = [a for a in cls.AXES if data[a] is None]
         if missing:
             raise ConfigError(f"scores={str(path)!r} is not a scores file (no {missing[0]})")
         return cls(**{a: data[a] for a in cls.AXES}, angular_distance=data.get("angular_distance"),
-                   meta=data.get("meta", {}))
+                   meta=data.get("meta", {}), **{a: data.get(a) for a in cls.MOE_AXES})

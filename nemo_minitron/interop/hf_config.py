@@ -1,10 +1,14 @@
 """Hugging Face ``config.json`` of the Llama family <-> ``ModelConfig``.
 
 Supported on import: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (all are
-pre-norm RMSNorm + RoPE + SwiGLU + GQA; Qwen2 adds a bias on q/k/v only). Export writes
+pre-norm RMSNorm + RoPE + SwiGLU + GQA; Qwen2 adds a bias on q/k/v only), and the mixtures of
+experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM``
+(``interop/hf_moe.py``). Export writes
 ``LlamaForCausalLM``; ``Qwen2ForCausalLM`` when the model has a QKV bias; and
 ``MistralForCausalLM`` (sliding window off, otherwise the same network) when pruning left
-``hidden_size`` not divisible by the heads, which transformers' Llama config rejects.
+``hidden_size`` not divisible by the heads, which transformers' Llama config rejects; an MoE
+model as Mixtral, Qwen2-MoE (a shared expert) or Qwen3-MoE (query/key norms)
+(``hf_moe.hf_moe_arch``).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import math
 from typing import Any
 
 from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.interop.hf_moe import MOE_ARCHS, hf_moe_arch, hf_moe_config, moe_fields_from_hf
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("interop")
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", *MOE_ARCHS)
 # Default training/calibration window of an imported model (``model.seq_length``); the model's
 # own context (``max_position_embeddings``) is kept separately and exported unchanged.
 IMPORT_SEQ_LENGTH = 2048
@@ -68,12 +73,15 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json hidden_act={hf['hidden_act']!r} is not supported "
                           f"(only silu)")
+    qwen2 = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+    moe = moe_fields_from_hf(arch, hf) if arch in MOE_ARCHS else {}
     if hf.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and hf.get("attention_bias")):
         raise ConfigError("config.json mlp_bias/attention_bias (bias on every projection) is "
                           "not supported")
-    if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window"):
+    if qwen2 and hf.get("use_sliding_window"):
         raise ConfigError("config.json use_sliding_window=true is not supported")
-    if arch == "MistralForCausalLM" and hf.get("sliding_window") is not None:
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM") \
+            and hf.get("sliding_window") is not None:
         log.warning("sliding_window=%s is ignored: attention is full (exact for sequences up to "
                     "the window)", hf["sliding_window"])
     heads = hf["num_attention_heads"]
@@ -101,8 +109,10 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
         rope_scaling_factor=rope_factor,
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         add_bias_linear=False,
-        add_qkv_bias=arch == "Qwen2ForCausalLM",
+        add_qkv_bias=arch == "Qwen2ForCausalLM" or (arch == "Qwen2MoeForCausalLM"
+                                                    and hf.get("qkv_bias", True)),
         init_method_std=float(hf.get("initializer_range", 0.02)),
+        **moe,
     )
 
 
@@ -117,9 +127,14 @@ def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
         if value != want:
             raise ConfigError(f"model.{name}={value!r} cannot be exported to Hugging Face "
                               f"Llama/Qwen2 (needs {want!r})")
+    if cfg.qk_layernorm and not cfg.is_moe:
+        raise ConfigError("model.qk_layernorm=true cannot be exported to Hugging Face "
+                          "Llama/Qwen2 (only Qwen3-MoE here)")
     if cfg.vocab_size is None:
         raise ConfigError("model.vocab_size is not set in the checkpoint")
-    if cfg.add_qkv_bias:
+    if cfg.is_moe:
+        arch, model_type = hf_moe_arch(cfg)
+    elif cfg.add_qkv_bias:
         arch, model_type = "Qwen2ForCausalLM", "qwen2"
     elif cfg.hidden_size % cfg.num_attention_heads:
         arch, model_type = "MistralForCausalLM", "mistral"
@@ -159,6 +174,8 @@ def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
         out["rope_scaling"] = rope  # what transformers 4.x and vLLM read
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
+    elif cfg.is_moe:
+        out.update(hf_moe_config(cfg))
     else:
         out.update(sliding_window=None, use_sliding_window=False)
     return out

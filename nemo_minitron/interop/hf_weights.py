@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.interop.hf_moe import expected_moe_shapes, hf_moe_views, megatron_moe_tensor
 from nemo_minitron.model.layouts import (
     fc1_views,
     join_fc1,
@@ -38,6 +39,8 @@ _LAYER_1TO1 = {
     "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
 _TOP_1TO1 = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -60,9 +63,12 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
             p + "self_attn.q_proj.weight": (a * d, h), p + "self_attn.k_proj.weight": (g * d, h),
             p + "self_attn.v_proj.weight": (g * d, h), p + "self_attn.o_proj.weight": (h, a * d),
-            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
         })
+        shapes.update(expected_moe_shapes(cfg, p) if cfg.is_moe else {
+            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f)})
+        if cfg.qk_layernorm:
+            shapes.update({p + f"self_attn.{x}_norm.weight": (d,) for x in "qk"})
         if cfg.add_qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (a * d,),
                            p + "self_attn.k_proj.bias": (g * d,),
@@ -161,6 +167,9 @@ def megatron_tensor(name: str, layer: int | None, cfg: ModelConfig,
             return get("model.embed_tokens.weight" if tied else "lm_head.weight")
         raise ConfigError(f"no Hugging Face tensor maps to {name!r}")
     p = f"model.layers.{layer}."
+    moe = megatron_moe_tensor(name, p, cfg, get) if cfg.is_moe else None
+    if moe is not None:
+        return moe
     if name in _LAYER_1TO1:
         return get(p + _LAYER_1TO1[name])
     if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
@@ -186,6 +195,9 @@ def hf_views(key: str, w: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, tor
             return [] if cfg.share_embeddings_and_output_weights else [("lm_head.weight", w)]
         raise ConfigError(f"no Hugging Face tensor maps to {key!r}")
     p, name = f"model.layers.{parsed[0]}.", parsed[1]
+    moe = hf_moe_views(name, p, w, cfg) if cfg.is_moe else None
+    if moe is not None:
+        return moe
     if name in _LAYER_1TO1:
         return [(p + _LAYER_1TO1[name], w)]
     if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):

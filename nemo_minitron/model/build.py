@@ -63,8 +63,17 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | No
     attention = attention or DEFAULT_ATTENTION
     check_attention(attention)
     use_te = te_available() if use_te is None else use_te
-    if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec()
+    if cfg.is_moe:
+        from nemo_minitron.model.moe import moe_layer_spec
+
+        spec = moe_layer_spec(cfg, use_te)
+        if use_te:
+            return spec
+    elif use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    else:
+        spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization,
+                                              qk_layernorm=cfg.qk_layernorm)
     from megatron.core.transformer.identity_op import IdentityOp
 
     from nemo_minitron.model.attention import RopeCachedSelfAttention, SDPAttention
@@ -72,15 +81,16 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | No
     from nemo_minitron.model.linear import InferenceRowParallelLinear as Row
     from nemo_minitron.model.mlp import SwiGLUMLP
 
-    spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
     attn, mlp = spec.submodules.self_attention, spec.submodules.mlp
-    attn.module, mlp.module = RopeCachedSelfAttention, SwiGLUMLP
+    attn.module = RopeCachedSelfAttention
     attn.submodules.linear_qkv, attn.submodules.linear_proj = Column, Row
     for norm in ("q_layernorm", "k_layernorm"):
         if getattr(attn.submodules, norm) is IdentityOp:
             # Megatron's own spelling of "none": no module to call per layer and step.
             setattr(attn.submodules, norm, None)
-    mlp.submodules.linear_fc1, mlp.submodules.linear_fc2 = Column, Row
+    if not cfg.is_moe:  # an MoE layer keeps Megatron's experts as they are
+        mlp.module = SwiGLUMLP
+        mlp.submodules.linear_fc1, mlp.submodules.linear_fc2 = Column, Row
     if attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
@@ -101,7 +111,8 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
     if cfg.vocab_size is None:
         raise ConfigError("model.vocab_size is not set (it comes from the tokenizer)")
     cfg.check_layout(ps.get_tensor_model_parallel_world_size(),
-                     ps.get_pipeline_model_parallel_world_size())
+                     ps.get_pipeline_model_parallel_world_size(),
+                     ps.get_expert_model_parallel_world_size())
     if fp8 is not None and not te_available():
         raise ConfigError("train.fp8 needs Transformer Engine and a GPU")
     from nemo_minitron.model.mlp import quiet_unknown_mlp

@@ -24,6 +24,7 @@ demo-shape distillation step on CPU), and the numerics are Megatron's.
 A decode step against a filled static KV cache on one tensor-parallel rank names no CUDA device
 anywhere in Megatron's code, so on the CPU backend it runs with the device mode paused
 (``parallel.cpu.device_rewrites_paused``): measured about 10% of a SmolLM2-135M decode step.
+Not for an MoE model: megatron-core's MoE layer names a CUDA device in such a step.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class MinitronGPTModel(GPTModel):
         """A forward without autograd on one tensor-parallel rank against a static KV cache that
         every layer of this stage has already allocated (a decode or verification step)."""
         if ctx is None or torch.is_grad_enabled() or not ctx.is_static_batching():
+            return False
+        if self.config.num_moe_experts:  # megatron-core's MoE layer names a CUDA device
             return False
         from megatron.core import parallel_state as ps
 

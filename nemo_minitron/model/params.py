@@ -7,22 +7,41 @@ from typing import Any
 from nemo_minitron.config import ModelConfig
 
 
-def layer_params(cfg: ModelConfig) -> int:
-    """Parameters of one transformer layer."""
-    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
+def mlp_params(cfg: ModelConfig, f: int) -> int:
+    """Parameters of one MLP of intermediate size ``f`` (a dense MLP or one expert)."""
+    h, bias = cfg.hidden_size, cfg.add_bias_linear
+    fc1_out = f * (2 if cfg.activation == "swiglu" else 1)
+    return fc1_out * h + (fc1_out if bias else 0) + h * f + (h if bias else 0)
+
+
+def moe_params(cfg: ModelConfig, active: bool) -> int:
+    """Parameters of one MoE MLP: router, experts (only the ``moe_router_topk`` a token runs
+    when ``active``) and the shared expert with its gate."""
+    h, e = cfg.hidden_size, cfg.num_moe_experts or 0
+    experts = (cfg.moe_router_topk if active else e) * mlp_params(cfg, cfg.expert_ffn_hidden_size)
+    shared = cfg.moe_shared_expert_intermediate_size
+    shared_params = mlp_params(cfg, shared) + (h if cfg.moe_shared_expert_gate else 0) \
+        if shared else 0
+    return e * h + experts + shared_params
+
+
+def layer_params(cfg: ModelConfig, active: bool = False) -> int:
+    """Parameters of one transformer layer; ``active``: those one token runs (an MoE layer's
+    ``moe_router_topk`` experts, not all of them)."""
+    h, d = cfg.hidden_size, cfg.head_dim
     a, g = cfg.num_attention_heads, cfg.query_groups
     norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
     bias = cfg.add_bias_linear
     qkv = (a + 2 * g) * d * h + ((a + 2 * g) * d if (bias or cfg.add_qkv_bias) else 0)
     proj = h * a * d + (h if bias else 0)
-    fc1_out = f * (2 if cfg.activation == "swiglu" else 1)
-    fc1 = fc1_out * h + (fc1_out if bias else 0)
-    fc2 = h * f + (h if bias else 0)
-    return 2 * norm + qkv + proj + fc1 + fc2
+    mlp = moe_params(cfg, active) if cfg.is_moe else mlp_params(cfg, cfg.ffn_hidden_size)
+    qk_norms = 2 * norm // h * d if cfg.qk_layernorm else 0
+    return 2 * norm + qk_norms + qkv + proj + mlp
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """Parameters of the whole (unsharded) model; ``vocab_size`` must be set."""
+def count_params(cfg: ModelConfig, active: bool = False) -> int:
+    """Parameters of the whole (unsharded) model, or with ``active`` those one token runs
+    (``layer_params``); ``vocab_size`` must be set."""
     if cfg.vocab_size is None:
         raise ValueError("model.vocab_size must be set to count parameters")
     h = cfg.hidden_size
@@ -30,7 +49,7 @@ def count_params(cfg: ModelConfig) -> int:
     pos = cfg.context_length * h if cfg.position_embedding_type == "learned_absolute" else 0
     final_norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
     out = 0 if cfg.share_embeddings_and_output_weights else cfg.vocab_size * h
-    return emb + pos + cfg.num_layers * layer_params(cfg) + final_norm + out
+    return emb + pos + cfg.num_layers * layer_params(cfg, active) + final_norm + out
 
 
 def weight_shape(cfg: ModelConfig) -> dict[str, Any]:
@@ -45,7 +64,13 @@ def weight_shape(cfg: ModelConfig) -> dict[str, Any]:
             "normalization": cfg.normalization, "add_bias_linear": cfg.add_bias_linear,
             "add_qkv_bias": cfg.add_qkv_bias,
             "share_embeddings_and_output_weights": cfg.share_embeddings_and_output_weights,
-            "position_embeddings": cfg.context_length if learned else None}
+            "position_embeddings": cfg.context_length if learned else None,
+            # Only when set: the shape of a model without them reads as before.
+            **({"qk_layernorm": True} if cfg.qk_layernorm else {}),
+            **({"num_moe_experts": cfg.num_moe_experts,
+                "moe_ffn_hidden_size": cfg.expert_ffn_hidden_size,
+                "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size,
+                "moe_shared_expert_gate": cfg.moe_shared_expert_gate} if cfg.is_moe else {})}
 
 
 def weights_fingerprint(model) -> list[float]:

@@ -75,6 +75,14 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
         cpu.enter()
     rank, world, local = env_rank_world()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    ep = parallel.expert_model_parallel_size
+    if ep > 1 and not gpu:
+        from nemo_minitron.config import ConfigError
+
+        # megatron-core 0.16.1's MoE dispatcher allocates on torch.cuda.current_device() in its
+        # backward, where the CPU backend's device mode does not reach (autograd's thread).
+        raise ConfigError(f"parallel.expert_model_parallel_size={ep}: expert parallelism "
+                          "needs GPUs (megatron-core's MoE backward is CUDA-only here)")
     if world % (tp * pp):
         from nemo_minitron.config import ConfigError
 
@@ -103,12 +111,13 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     if ps.model_parallel_is_initialized() and (
         ps.get_tensor_model_parallel_world_size(),
         ps.get_pipeline_model_parallel_world_size(),
-    ) != (tp, pp):
+        ps.get_expert_model_parallel_world_size(),
+    ) != (tp, pp, ep):
         ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            create_gloo_process_groups=True,
+            expert_model_parallel_size=ep, create_gloo_process_groups=True,
         )
     set_seed(seed)
     dp = ps.get_data_parallel_world_size()

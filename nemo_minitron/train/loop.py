@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.checkpoint import io as ckpt
-from nemo_minitron.config import ModelConfig, Recipe, to_dict
+from nemo_minitron.config import ConfigError, ModelConfig, Recipe, to_dict
 from nemo_minitron.data.datasets import micro_batches
 from nemo_minitron.data.tokenizer import Tokenizer
 from nemo_minitron.parallel.runtime import Runtime
@@ -100,6 +100,13 @@ class Trainer:
         self.train_ds, self.valid_ds = train_ds, valid_ds
         self.out_dir = Path(out_dir)
         self.cfg = recipe.train
+        if model_cfg.is_moe and runtime.tp > 1 and not model.config.sequence_parallel:
+            # megatron-core 0.16.1's MoELayer refuses it, and its local spec's norms refuse
+            # sequence parallelism: no MoE training under TP without Transformer Engine.
+            raise ConfigError(f"parallel.tensor_model_parallel_size={runtime.tp}: training an "
+                              "MoE model (model.num_moe_experts) under tensor parallelism "
+                              "needs sequence parallelism, which Megatron's local spec (no "
+                              "Transformer Engine) does not support; use TP=1 (PP and DP run)")
         self.state = TrainState()
         self.fwd_bwd = get_forward_backward_func()
         self.dp_rank = ps.get_data_parallel_rank()
@@ -165,6 +172,10 @@ class Trainer:
         self.optimizer.zero_grad()
         results = self._run_batches(self.train_ds, self.state.consumed_samples, False)
         metrics = self._reduce_metrics(results)
+        if self.model_cfg.is_moe:  # already in the gradient; logged as Megatron-LM does
+            from nemo_minitron.model.moe import router_loss_metrics
+
+            metrics.update(router_loss_metrics(self.model_cfg.num_layers, self.num_microbatches))
         step = self.state.step + 1
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
@@ -256,7 +267,7 @@ class Trainer:
                     dt = (now - window_t) / window_steps
                     eta = (cfg.train_iters - step) * (now - t0) / (step - start_step)
                     loss_str = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                        if k in self.objective.metric_names)
+                                        if k not in ("lr", "grad_norm"))
                     log.info("step %d/%d %s lr=%.3g grad_norm=%.3f %.0f tokens/s eta %s", step,
                              cfg.train_iters, loss_str, metrics["lr"], metrics["grad_norm"],
                              tokens_per_step / dt, fmt_duration(eta))

@@ -37,17 +37,29 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 def save_hf_model(directory: str | Path, arch: str = "llama", seed: int = 0,
                   tokenizer: bool = True, max_shard_size: str = "50GB", **overrides) -> Path:
-    """Save a tiny ``arch`` (llama, mistral, qwen2) causal LM and return its directory."""
+    """Save a tiny ``arch`` (llama, mistral, qwen2; mixtral, qwen2_moe, qwen3_moe: 4 experts,
+    top-2)
+    causal LM and return its directory."""
     import transformers as tf
 
     kw = dict(SMALL, vocab_size=VOCAB, tie_word_embeddings=False,
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     kw.update(overrides)
-    if arch == "mistral":
+    if arch in ("mistral", "mixtral"):
         kw.setdefault("sliding_window", None)
+    if arch in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        kw.setdefault("num_experts_per_tok", 2)
+        kw.setdefault("num_local_experts" if arch == "mixtral" else "num_experts", 4)
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        kw.setdefault("moe_intermediate_size", 48)
+    if arch == "qwen2_moe":
+        kw.setdefault("shared_expert_intermediate_size", 80)
     cls_cfg, cls_model = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
                           "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-                          "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[arch]
+                          "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                          "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
+                          "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
+                          "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM)}[arch]
     model = cls_model(cls_cfg(**kw))
     randomize(model, seed)
     model.save_pretrained(str(directory), max_shard_size=max_shard_size)

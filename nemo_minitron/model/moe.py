@@ -1,0 +1,55 @@
+"""Mixture-of-experts models on megatron-core's MoE layer: its one compatibility shim, and the
+router losses its tracker recorded during a step.
+
+The shim: megatron-core 0.16.1 imports ``te_general_gemm`` in ``moe_utils`` only when
+Transformer Engine imports, yet ``RouterGatingLinearFunction`` reads the name unconditionally
+(``if te_general_gemm is not None``), so without TE every router raises ``NameError``.
+``ensure_router_gemm`` defines it as None, the value the module tests for, when an MoE model is
+built (never at import of this package). ``tests/model/test_moe.py`` fails once megatron-core
+defines the name itself: then this shim can go.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def ensure_router_gemm() -> None:
+    """Define ``moe_utils.te_general_gemm = None`` where megatron-core 0.16.1 left it undefined
+    (no Transformer Engine); see the module docstring."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def router_loss_metrics(num_layers: int, num_microbatches: int) -> dict[str, float]:
+    """The router losses megatron-core's tracker summed over this step's micro-batches
+    (``load_balancing_loss``, ``z_loss``; unweighted: their coefficients scale only what their
+    gradients add to the objective's), as Megatron-LM's training logs them: reduced across
+    PP/DP (every rank calls this), mean over MoE layers and micro-batches. Clears the tracker;
+    empty when no router loss ran."""
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    if not tracker:
+        return {}
+    moe_utils.reduce_aux_losses_tracker_across_ranks()
+    out = {name: float(v["values"].double().sum()) / (num_layers * num_microbatches)
+           for name, v in sorted(tracker.items())}
+    moe_utils.clear_aux_losses_tracker()
+    return out
+
+
+def moe_layer_spec(cfg: Any, use_te: bool) -> Any:
+    """Megatron's own layer spec with an MoE MLP (per-expert MLPs, no grouped GEMM)."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    ensure_router_gemm()
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
+            qk_layernorm=cfg.qk_layernorm)
+    return specs.get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts,
+                                          moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm,
+                                          normalization=cfg.normalization)
