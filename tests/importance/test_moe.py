@@ -22,7 +22,7 @@ CFG = dict(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads
            moe_shared_expert_gate=True)
 ZEROED, NEVER = 0, 2
 FIELDS = ("experts", "expert_mass", "expert_load", "expert_ffn", "shared_expert_ffn",
-          "num_attention_heads", "num_query_groups", "hidden_size", "num_layers")
+          "heads", "groups", "hidden", "layers")
 
 
 def _plant(model) -> None:

@@ -39,3 +39,18 @@ def test_a_file_with_the_old_key_names_loads(tmp_path):
     for axis in OLD_KEYS:
         assert torch.equal(getattr(got, axis), getattr(s, axis)), axis
     assert got.angular_distance is None and got.meta["seed"] == 5
+
+
+def test_moe_scores_round_trip(tmp_path):
+    from nemo_minitron.config import ModelConfig
+
+    s = random_scores(ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=48,
+                                  num_attention_heads=4, num_query_groups=2, num_moe_experts=4,
+                                  moe_router_topk=2, moe_ffn_hidden_size=24,
+                                  moe_shared_expert_intermediate_size=40), seed=1)
+    s.expert_mass, s.expert_load = torch.rand(2, 4), torch.rand(2, 4)
+    s.save(tmp_path / "moe.pt")
+    got = Scores.load(tmp_path / "moe.pt")
+    for axis in ("experts", "expert_mass", "expert_load", "expert_ffn", "shared_expert_ffn"):
+        assert getattr(s, axis) is not None and torch.equal(getattr(got, axis),
+                                                             getattr(s, axis)), axis
