@@ -17,8 +17,10 @@ from tests.method_bench.test_method_bench import run
 @pytest.mark.slow
 def test_recovery_section_tiny(tmp_path, data_cache):
     out, report = tmp_path / "work", tmp_path / "report"
-    res = run("bench-method", *smoke_overrides(data_cache), "study.sections=[recovery]",
-              "instruct.tune=false", "onpolicy.on_policy.sampling.max_new_tokens=8",
+    # Untuned, the teacher's own context must hold the prompts and answers (instruct.seq_length).
+    res = run("bench-method", *smoke_overrides(data_cache), "teacher.model.seq_length=384",
+              "study.sections=[recovery]", "instruct.tune=false",
+              "onpolicy.on_policy.sampling.max_new_tokens=8",
               "--out", str(out), "--report", str(report))
     assert res.returncode == 0, res.stderr[-3000:]
     units = {p.stem: json.loads(p.read_text()) for p in (out / "units").glob("*.json")}
