@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -30,8 +31,8 @@ def test_recovery_section_tiny(tmp_path, data_cache):
     assert units["scores-tuned-teacher"]["checkpoint"] == teacher
     # Every trained arm: equal steps and windows, and the loop's last validation (every
     # held-out instruction, one micro-batch) is the separately computed held-out task loss.
-    ends = set()
-    for name in ("sft-s0", "sdd-s0", "ikd-s0", "onpolicy-s0", "sdd-half-a-s0"):
+    ends = {units[f"sdd-half-{h}-s0"]["curve"][-1][0] for h in "ab"}
+    for name in ("sft-s0", "sdd-s0", "ikd-s0", "onpolicy-s0"):
         ends.add(units[name]["curve"][-1][0])
         assert units[name]["curve"][-1][1] == pytest.approx(
             units[f"scores-{name}"]["task_loss"], abs=1e-4), name
@@ -39,10 +40,15 @@ def test_recovery_section_tiny(tmp_path, data_cache):
     # On-policy samples changed the training: its student differs from instruction KD's.
     assert units["teacher-answer-loss-ikd-s0"]["loss"] != units[
         "teacher-answer-loss-onpolicy-s0"]["loss"]
-    # The teacher's greedy answers are its own mode: it fits them better than the originals.
+    # The teacher's answers: the held-out instructions, in order, with new responses.
     ta = units["teacher-answers"]
-    assert ta["answers"] == 4 and 0 <= ta["cut"] <= 4
-    assert units["teacher-answer-loss-tuned-teacher"]["loss"] < units[
+    mine = [json.loads(x) for x in Path(ta["data"]).read_text().splitlines()]
+    held = [json.loads(x) for x in
+            Path(units["instruct-data"]["valid"]).read_text().splitlines()]
+    assert ta["answers"] == len(mine) == len(held) == 4 and 0 <= ta["cut"] <= 4
+    assert [m["instruction"] for m in mine] == [h["instruction"] for h in held]
+    assert [m["output"] for m in mine] != [h["output"] for h in held]
+    assert units["teacher-answer-loss-tuned-teacher"]["loss"] != units[
         "scores-tuned-teacher"]["task_loss"]
     for key in ("pruned", "sft", "sdd", "ikd", "onpolicy", "merged"):
         (row,) = units[f"specdec-{key}-s0"]["rows"]
