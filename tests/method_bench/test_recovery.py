@@ -20,7 +20,7 @@ def test_recovery_section_tiny(tmp_path, data_cache):
     out, report = tmp_path / "work", tmp_path / "report"
     # Untuned, the teacher's own context must hold the prompts and answers (instruct.seq_length).
     res = run("bench-method", *smoke_overrides(data_cache), "teacher.model.seq_length=384",
-              "study.sections=[recovery]", "instruct.tune=false",
+              "study.sections=[specdec,recovery]", "instruct.tune=false",
               "onpolicy.on_policy.sampling.max_new_tokens=8",
               "--out", str(out), "--report", str(report))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_recovery_section_tiny(tmp_path, data_cache):
     rows = [line for line in section.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 7 and rows[0].split(" | ")[-1] == "— |", rows
     summary = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
-    (line,) = [x for x in summary.splitlines() if re.match(r"^\| 1 \|", x)]
+    (line,) = [x for x in summary.splitlines() if re.match(r"^\| 2 \|", x)]  # specdec: 1
     assert VERDICT.search(line) and "SDD over SFT: " in line and "on-policy over KD: " in line
 
 
