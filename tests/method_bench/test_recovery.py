@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks.method.config import DEFAULT_RECIPE, load_bench_recipe
-from tests.helpers.method_bench import VERDICT, smoke_overrides
-from tests.method_bench.test_method_bench import run
+from tests.helpers.method_bench import VERDICT, run_bench, smoke_overrides
 
 
 @pytest.mark.slow
 def test_recovery_section_tiny(tmp_path, data_cache):
     out, report = tmp_path / "work", tmp_path / "report"
     # Untuned, the teacher's own context must hold the prompts and answers (instruct.seq_length).
-    res = run("bench-method", *smoke_overrides(data_cache), "teacher.model.seq_length=384",
+    res = run_bench("bench-method", *smoke_overrides(data_cache), "teacher.model.seq_length=384",
               "study.sections=[specdec,recovery]", "instruct.tune=false",
               "onpolicy.on_policy.sampling.max_new_tokens=8",
               "--out", str(out), "--report", str(report))
