@@ -60,7 +60,8 @@ def run_method_bench(recipe: MethodBenchRecipe, out: str | Path, report_dir: str
     desc = (f"on one fixed set of {n} held-out sequences of {s} tokens (the validation split at "
             f"data.seed={recipe.teacher.data.seed})")
     path = write_report(sections, Path(report_dir), command=command, minutes=minutes,
-                        eval_desc=desc, seeds=recipe.study.seeds)
+                        eval_desc=desc, seeds=recipe.study.seeds,
+                        note=recipe.study.report_note)
     from nemo_minitron.utils.logging import get_logger
 
     get_logger("method_bench").info("report %s (%.0f s in this run)", path,

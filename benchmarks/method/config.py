@@ -17,7 +17,9 @@ from nemo_minitron.config import (
     parse_overrides,
 )
 from nemo_minitron.distill.objective import KDConfig
+from nemo_minitron.distill.on_policy import OnPolicyConfig
 from nemo_minitron.eval.bench import BenchConfig
+from nemo_minitron.eval.generate import SamplingConfig
 from nemo_minitron.eval.specdec_run import SpecDecConfig
 from nemo_minitron.merge.config import MergeConfig
 from nemo_minitron.prune.stage import CalibConfig
@@ -28,10 +30,13 @@ TEACHER_RECIPE = recipes_dir() / "tiny_cpu.yaml"
 DEFAULT_RECIPE = recipes_dir() / "method_bench.yaml"
 
 SECTIONS = ("teacher", "aggregation", "criteria", "width_depth", "kd_vs_ce", "intermediate",
-            "scratch", "iterative", "throughput", "sdd", "merge", "specdec")
-INSTRUCT_SECTIONS = ("sdd", "merge", "specdec")
+            "scratch", "iterative", "throughput", "sdd", "merge", "specdec", "recovery")
+INSTRUCT_SECTIONS = ("sdd", "merge", "specdec", "recovery")
 """Sections of the instruction-following chain (``instruct``, ``tune``, ``sft``, ``rewrite``,
-``specdec`` and ``merge`` of the recipe)."""
+``specdec``, ``merge``, ``ikd`` and ``onpolicy`` of the recipe)."""
+DEFAULT_SECTIONS = [s for s in SECTIONS if s != "recovery"]
+"""``recovery`` (five recovery methods of a pruned instruction model) is asked for by name:
+it is the real-teacher study's (``recipes/method_bench_smollm2_instruct.yaml``)."""
 
 
 def _retrain() -> TrainConfig:
@@ -44,6 +49,12 @@ def _sft(steps: int, every: int) -> TrainConfig:
     return TrainConfig(train_iters=steps, lr=1e-3, min_lr=1e-4, lr_warmup_iters=10,
                        weight_decay=0.0, eval_interval=every, eval_iters=4,
                        log_interval=25, save_interval=0)
+
+
+def _onpolicy() -> KDConfig:
+    # TRL's GKD defaults: lambda (the sampled share) 0.5, generalized JSD at beta 0.5.
+    return KDConfig(divergence="gjsd", beta=0.5, on_policy=OnPolicyConfig(
+        fraction=0.5, sampling=SamplingConfig(greedy=False, max_new_tokens=128)))
 
 
 def _rewrite() -> SelfDistillConfig:
@@ -77,6 +88,9 @@ class InstructConfig:
     num_layers: int | None = None
     """Layers of the depth-pruned student (angular distance, arXiv 2410.09982); None: 80% of
     the teacher's, rounded (32 -> 26 as published, 4 -> 3), at least one fewer."""
+    tune: bool = True
+    """Instruction-tune the teacher first (the ``tune`` loop); false: the teacher is already
+    instruction-tuned (e.g. SmolLM2-135M-Instruct) and is itself the tuned teacher."""
 
     def __post_init__(self) -> None:
         for name in ("max_chars", "seq_length", "eval_examples", "gen_prompts",
@@ -121,8 +135,11 @@ class StudyConfig:
     eval_samples: int = 64
     """Sequences of the fixed validation set (equal to retrain eval_iters x global_batch_size,
     so training curves at the first seed are on the same set)."""
-    sections: list[str] = field(default_factory=lambda: list(SECTIONS))
-    """Sections to run and report."""
+    sections: list[str] = field(default_factory=lambda: list(DEFAULT_SECTIONS))
+    """Sections to run and report (default: all but ``recovery``)."""
+    report_note: str = ""
+    """A sentence for the report's header: how the machine was (shared or quiet), and so
+    what the timings are worth."""
 
     DEPRECATED_KEYS: ClassVar[dict[str, str]] = {
         "width_ffn_step": "width_ffn_hidden_size_step"}
@@ -168,6 +185,14 @@ class MethodBenchRecipe:
     rewrite: SelfDistillConfig = field(default_factory=_rewrite)
     """Self-data distillation: how the instruction-tuned teacher rewrites the answers (its seed
     moves with the study's seed; verifier ``code``: the rewrite defines the function)."""
+    ikd: KDConfig = field(default_factory=KDConfig)
+    """KD on instruction data, the ``recovery`` section's arm: the tuned teacher's divergence
+    on the response tokens of the windows ``sft`` trains on (``distill instruct.data``), the
+    ``sft`` loop."""
+    onpolicy: KDConfig = field(default_factory=_onpolicy)
+    """On-policy distillation (GKD), the ``recovery`` section's arm: as ``ikd`` with a share
+    ``on_policy.fraction`` of the micro-batches answered by the student itself (default:
+    TRL's GKD defaults, 0.5 and generalized JSD at beta 0.5)."""
     merge: MergeConfig = field(default_factory=MergeConfig)
     """How the two merge parents are merged (default SLERP at t=0.5, as published)."""
     specdec: SpecDecConfig = field(default_factory=SpecDecConfig)
@@ -181,6 +206,12 @@ class MethodBenchRecipe:
                 raise ConfigError(f"{name}.eval_interval={t.eval_interval} must be > 0 and "
                                   f"divide {name}.train_iters={t.train_iters} (curves end at "
                                   "the last step)")
+        if self.ikd.on_policy.fraction > 0:
+            raise ConfigError("ikd.on_policy.fraction must be 0: the on-policy arm is "
+                              "onpolicy.on_policy")
+        if self.onpolicy.on_policy.fraction == 0:
+            raise ConfigError("onpolicy.on_policy.fraction=0 samples nothing: it must be in "
+                              "(0, 1]")
         if self.merge.method == "task":
             raise ConfigError("merge.method='task' needs a common base model; the merge "
                               "section merges its two parents by slerp (or linear)")

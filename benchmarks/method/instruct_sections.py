@@ -43,7 +43,10 @@ class InstructSections:
     seeds: list[int]
 
     def tuned(self) -> dict[str, Any]:
-        """The instruction-tuned teacher (one for every seed, as the teacher is)."""
+        """The instruction-tuned teacher (one for every seed, as the teacher is); with
+        ``instruct.tune`` false the teacher itself."""
+        if not self.st.recipe.instruct.tune:
+            return {"checkpoint": self.st.teacher()}
         return self.st.sft("tuned-teacher", self.st.teacher(),
                            self.st.instruct_data()["train"], 0, self.st.recipe.tune)
 
@@ -135,20 +138,23 @@ class InstructSections:
                 "curves": {"SFT (original answers)": self.sft_arm(s0)["curve"],
                            "SDD (self-distilled answers)": self.sdd_arm(s0)["curve"]}}
 
-    def merge(self) -> Section:
+    def parents(self, s: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The two SDD students merged: the pruned student fine-tuned on each half of its
+        self-distilled set."""
         st, r = self.st, self.st.recipe
+        a, b = self.rewritten(s)["halves"]
+        p = self.P(s)["checkpoint"]
+        return (st.sft(f"sdd-half-a-s{s}", p, a, s, r.sft),
+                st.sft(f"sdd-half-b-s{s}", p, b, s, r.sft))
+
+    def merged(self, s: int) -> dict[str, Any]:
+        a, b = self.parents(s)
+        return self.st.merge(f"merged-s{s}", a["checkpoint"], b["checkpoint"])
+
+    def merge(self) -> Section:
+        r = self.st.recipe
         u = self.scores("tuned-teacher", self.tuned())["loss"]
-
-        def parents(s: int) -> tuple[dict[str, Any], dict[str, Any]]:
-            a, b = self.rewritten(s)["halves"]
-            p = self.P(s)["checkpoint"]
-            return (st.sft(f"sdd-half-a-s{s}", p, a, s, r.sft),
-                    st.sft(f"sdd-half-b-s{s}", p, b, s, r.sft))
-
-        def merged(s: int) -> dict[str, Any]:
-            a, b = parents(s)
-            return st.merge(f"merged-s{s}", a["checkpoint"], b["checkpoint"])
-
+        parents, merged = self.parents, self.merged
         pa = [self.scores(f"sdd-half-a-s{s}", parents(s)[0]) for s in self.seeds]
         pb = [self.scores(f"sdd-half-b-s{s}", parents(s)[1]) for s in self.seeds]
         mg = [self.scores(f"merged-s{s}", merged(s)) for s in self.seeds]

@@ -63,7 +63,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_report(sections: list[Section], out_dir: Path, *, command: str, minutes: float,
-                 eval_desc: str, seeds: list[int]) -> Path:
+                 eval_desc: str, seeds: list[int], note: str = "") -> Path:
     """``out_dir/report.md`` plus one PNG per plotted section."""
     import megatron.core
     import torch
@@ -82,7 +82,9 @@ def write_report(sections: list[Section], out_dir: Path, *, command: str, minute
         "```",
         "",
         f"Ran in {minutes:.0f} minutes on {cores} CPU cores ({platform.machine()}), torch "
-        f"{torch.__version__}, megatron-core {megatron.core.__version__}. Every loss is the "
+        f"{torch.__version__}, megatron-core {megatron.core.__version__}. "
+        + (f"{note.strip()} " if note.strip() else "")
+        + f"Every loss is the "
         f"validation LM loss (nats per token) {eval_desc}, unless a section says otherwise. "
         f"Seeds {seeds}: each seed draws another calibration set and training order (and "
         "rewrite sampling); values are mean ± half the range over seeds. A claim \"A beats B\" "

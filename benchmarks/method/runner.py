@@ -276,28 +276,17 @@ class Study:
         (mean over every response token of the held-out instructions) and ``pass_rate`` (its
         greedy answers to the first ``gen_prompts`` of them that pass the code verifier)."""
         def run() -> dict[str, Any]:
-            import math
-
             from nemo_minitron.checkpoint.io import load_model
-            from nemo_minitron.data.instruct import build_sft_dataset, read_jsonl, render_prompt
+            from nemo_minitron.data.instruct import read_jsonl, render_prompt
             from nemo_minitron.eval.generate import SamplingConfig, generate
-            from nemo_minitron.model.forward import forward_pass
             from nemo_minitron.selfdistill.filters import load_verifier
             from nemo_minitron.selfdistill.prompt import instruction_of
-            from nemo_minitron.train.objectives import masked_mean
 
             d, ic = self.instruct_data(), self.recipe.instruct
             model, _, tok = load_model(checkpoint, ParallelConfig())
             loss = self.evaluate(checkpoint, model)
             examples = read_jsonl(d["valid"])
-            ds = build_sft_dataset(examples, tok, ic.seq_length, pack=False, name=d["valid"])
-            rows = [ds[i] for i in range(len(ds))]
-            tokens, labels, mask = (torch.stack([r[k] for r in rows])
-                                    for k in ("tokens", "labels", "loss_mask"))
-            mbs = math.gcd(len(rows), self.recipe.retrain.micro_batch_size)
-            per_token = torch.cat(forward_pass(model, tokens, labels=labels, micro_batch_size=mbs,
-                                               collect=lambda o: o.float().cpu()))
-            task = float(masked_mean(per_token, mask))
+            task = self.response_loss(model, tok, d["valid"])
             gen = examples[:d["gen_prompts"]]
             prompts = [tok.encode(render_prompt(tok, e.prompt_messages)) for e in gen]
             sampling = SamplingConfig(max_new_tokens=ic.max_new_tokens, greedy=True,
@@ -311,6 +300,25 @@ class Study:
             return {"checkpoint": checkpoint, "loss": loss, "task_loss": task,
                     "pass_rate": passed / len(gen), "passed": passed, "answered": len(gen)}
         return self.unit(f"scores-{name}", run)
+
+    def response_loss(self, model: torch.nn.Module, tok: Any, data: str) -> float:
+        """Mean loss of ``model`` over every response token of the instruction JSONL ``data``
+        (one padded ``instruct.seq_length`` window per example, as the SFT loop validates)."""
+        import math
+
+        from nemo_minitron.data.instruct import build_sft_dataset, read_jsonl
+        from nemo_minitron.model.forward import forward_pass
+        from nemo_minitron.train.objectives import masked_mean
+
+        ds = build_sft_dataset(read_jsonl(data), tok, self.recipe.instruct.seq_length,
+                               pack=False, name=data)
+        rows = [ds[i] for i in range(len(ds))]
+        tokens, labels, mask = (torch.stack([r[k] for r in rows])
+                                for k in ("tokens", "labels", "loss_mask"))
+        mbs = math.gcd(len(rows), self.recipe.retrain.micro_batch_size)
+        per_token = torch.cat(forward_pass(model, tokens, labels=labels, micro_batch_size=mbs,
+                                           collect=lambda o: o.float().cpu()))
+        return float(masked_mean(per_token, mask))
 
     def self_distill(self, name: str, teacher: str, student: str, seed: int) -> dict[str, Any]:
         """``teacher`` rewrites the answers of the instruction training set (``rewrite``, its

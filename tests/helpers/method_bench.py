@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 
+from tests.cli import run_cli
 from tests.helpers.data import SMALL_DATA
 
 _V = r"(?:agree|disagree|tie|inconclusive \(the seeds disagree\))"
@@ -11,6 +14,15 @@ _V = r"(?:agree|disagree|tie|inconclusive \(the seeds disagree\))"
 
 # "**agree**", or per part: "**one-shot: agree; after retraining: disagree**"
 VERDICT = re.compile(rf"\*\*(?:[\w -]+: )?{_V}(?:; [\w -]+: {_V})*\*\*")
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    """``nemo-minitron ARGS`` for a bench-method run: minutes of library stages, not the usual
+    CLI-test timeout. One thread unless OMP_NUM_THREADS is set (xdist sets each worker's
+    share): the models are tiny, and on a shared machine OpenMP's spinning threads made the run
+    several times slower."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return run_cli(*args, env=env, timeout=1800)
 
 
 def smoke_overrides(data_cache: str) -> list[str]:

@@ -5,22 +5,12 @@ validation set."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 
 import pytest
 
-from tests.cli import run_cli
 from tests.helpers.method_bench import VERDICT, smoke_overrides
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    # ~60 library stages in one command: minutes, not the usual CLI-test timeout. One thread
-    # unless OMP_NUM_THREADS is set (xdist sets each worker's share): the models are tiny, and
-    # on a shared machine OpenMP's spinning threads made the run several times slower.
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return run_cli(*args, env=env, timeout=1800)
+from tests.helpers.method_bench import run_bench as run
 
 
 @pytest.mark.slow
