@@ -70,23 +70,17 @@ def _checks(teacher_ckpt: str, student_ckpt: str, data: str, out: str) -> None:
 
     from nemo_minitron.checkpoint.io import (
         load_checkpoint_tokenizer,
+        load_model,
         load_model_config,
-        load_weights,
     )
     from nemo_minitron.config import ParallelConfig
     from nemo_minitron.data.instruct import build_sft_dataset, read_jsonl, render_example
     from nemo_minitron.distill.objective import KDConfig, KDObjective
-    from nemo_minitron.model.build import build_model
     from nemo_minitron.parallel.runtime import init_distributed
 
     init_distributed(ParallelConfig())
     tok = load_checkpoint_tokenizer(student_ckpt)
-    models = []
-    for ckpt in (teacher_ckpt, student_ckpt):
-        m = build_model(load_model_config(ckpt))
-        load_weights(ckpt, m)
-        models.append(m)
-    teacher, student = models
+    teacher, student = (load_model(c)[0] for c in (teacher_ckpt, student_ckpt))
     seq = load_model_config(student_ckpt).seq_length
     exs = read_jsonl(data)[:8]
     lens = [(len(tok.encode(p)), len(tok.encode(r)) + 1)

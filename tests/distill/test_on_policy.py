@@ -126,25 +126,19 @@ def _step_job(teacher_ckpt: str, student_ckpt: str, data: str, out: str, tp: int
 
     from nemo_minitron.checkpoint.io import (
         load_checkpoint_tokenizer,
+        load_model,
         load_model_config,
-        load_weights,
     )
     from nemo_minitron.config import ParallelConfig
     from nemo_minitron.data.instruct import build_sft_dataset, read_jsonl, render_example
     from nemo_minitron.distill.objective import KDConfig, KDObjective
     from nemo_minitron.distill.on_policy import OnPolicyConfig, OnPolicySampler
     from nemo_minitron.eval.generate import SamplingConfig, generate
-    from nemo_minitron.model.build import build_model
     from nemo_minitron.parallel.runtime import init_distributed
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=tp))
     tok = load_checkpoint_tokenizer(student_ckpt)
-    models = []
-    for ckpt in (teacher_ckpt, student_ckpt):
-        m = build_model(load_model_config(ckpt))
-        load_weights(ckpt, m)
-        models.append(m)
-    teacher, student = models
+    teacher, student = (load_model(c)[0] for c in (teacher_ckpt, student_ckpt))
     exs = read_jsonl(data)[:2]
     ds = build_sft_dataset(exs, tok, load_model_config(student_ckpt).seq_length, pack=False)
     batch = {k: torch.stack([ds[i][k] for i in range(2)]) for k in ds[0]}
