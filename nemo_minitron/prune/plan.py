@@ -38,6 +38,14 @@ class Target:
     """Query heads to keep per layer."""
     num_query_groups: int | None = None
     """KV groups to keep per layer."""
+    num_moe_experts: int | None = None
+    """Routed experts to keep per MoE layer (router rows and experts removed; must stay at least
+    ``model.moe_router_topk`` and divide by the expert-parallel size)."""
+    moe_ffn_hidden_size: int | None = None
+    """Channels to keep in every routed expert (one index set per layer, shared by its
+    experts, so grouped GEMM still works)."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Channels to keep in the shared expert of every MoE layer."""
     drop_layers: list[int] | None = None
     """Explicit 0-based layer indices to remove (overrides the score-based choice)."""
     layer_metric: Literal["block_importance", "lm_loss", "angular_distance"] = "block_importance"
@@ -117,20 +125,50 @@ def pruned_config(src: ModelConfig, t: Target, rescale_norms: bool = True) -> Mo
     return dataclasses.replace(
         src, num_layers=kept_layer_count(src, t), hidden_size=hidden,
         ffn_hidden_size=t.ffn_hidden_size or src.ffn_hidden_size, num_attention_heads=new_a,
-        num_query_groups=new_g, kv_channels=src.head_dim, layernorm_epsilon=eps)
+        num_query_groups=new_g, kv_channels=src.head_dim, layernorm_epsilon=eps,
+        **_moe_target(src, t))
 
 
-def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1) -> None:
-    """One-line errors for impossible targets (``tp``/``pp``: the layout the pruned model is
-    built under); warnings for unfriendly sizes."""
+MOE_AXES = ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+"""Target fields that only an MoE source has."""
+
+
+def _moe_target(src: ModelConfig, t: Target) -> dict[str, int | None]:
+    """The pruned MoE fields (``moe_ffn_hidden_size`` always explicit for an MoE source)."""
+    if not src.is_moe:
+        return {}
+    return {"num_moe_experts": t.num_moe_experts or src.num_moe_experts,
+            "moe_ffn_hidden_size": t.moe_ffn_hidden_size or src.expert_ffn_hidden_size,
+            "moe_shared_expert_intermediate_size": (t.moe_shared_expert_intermediate_size
+                                                    or src.moe_shared_expert_intermediate_size)}
+
+
+def _source_size(src: ModelConfig, name: str) -> int | None:
+    """The source's size of target axis ``name`` (None: the source has no such axis)."""
+    if name == "num_query_groups":
+        return src.query_groups
+    if name == "moe_ffn_hidden_size":
+        return src.expert_ffn_hidden_size if src.is_moe else None
+    return getattr(src, name)
+
+
+def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1,
+                    ep: int = 1) -> None:
+    """One-line errors for impossible targets (``tp``/``pp``/``ep``: the layout the pruned
+    model is built under); warnings for unfriendly sizes."""
     a, g = src.num_attention_heads, src.query_groups
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                 "num_query_groups"):
+                 "num_query_groups", *MOE_AXES):
         value = getattr(t, name)
         if value is None:
             continue
-        have = src.query_groups if name == "num_query_groups" else getattr(src, name)
-        if not isinstance(value, int) or value <= 0:
+        have = _source_size(src, name)
+        if have is None:
+            raise ConfigError(f"target.{name}={value}: the source model has no "
+                              f"{'routed experts' if not src.is_moe else 'shared expert'} "
+                              f"(model.{'num_moe_experts' if not src.is_moe else name} is "
+                              f"not set)")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"target.{name}={value!r} must be a positive integer")
         if value > have:
             raise ConfigError(f"target.{name}={value} is larger than the source's {have}")
@@ -142,7 +180,18 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1) -> No
         raise ConfigError(f"target keeps {new_a // new_g} heads per query group; the source "
                           f"has only {a // g}")
     check_divisible({"num_attention_heads": new_a, "num_query_groups": new_g,
-                     "ffn_hidden_size": t.ffn_hidden_size}, tp, pp, "target.")
+                     "ffn_hidden_size": t.ffn_hidden_size,
+                     "moe_ffn_hidden_size": t.moe_ffn_hidden_size,
+                     "moe_shared_expert_intermediate_size":
+                         t.moe_shared_expert_intermediate_size}, tp, pp, "target.")
+    if t.num_moe_experts is not None:
+        if t.num_moe_experts < src.moe_router_topk:
+            raise ConfigError(f"target.num_moe_experts={t.num_moe_experts} is below "
+                              f"model.moe_router_topk={src.moe_router_topk} (every token is "
+                              f"routed to that many experts)")
+        if t.num_moe_experts % ep:
+            raise ConfigError(f"target.num_moe_experts={t.num_moe_experts} is not divisible by "
+                              f"parallel.expert_model_parallel_size={ep}")
     if t.drop_layers is not None:
         bad = [i for i in t.drop_layers if not 0 <= i < src.num_layers]
         if bad:
