@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from nemo_minitron.config.errors import ConfigError, positive
+from nemo_minitron.config.hetero import LayerShape, check_layer_shapes, resolved
+from nemo_minitron.config.moe import moe_fields, moe_from_transformer_config
 
 TP_SHARDED = ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
               "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
@@ -102,6 +104,9 @@ class ModelConfig:
     """Weight of the router's z-loss (mean squared logsumexp of its logits); None: off."""
     moe_token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
     """How tokens reach their experts' ranks (Megatron's dispatchers; ``flex`` needs GPUs)."""
+    layer_shapes: list[LayerShape] | None = None
+    """Per-layer shapes of a heterogeneous model (one per layer; megatron-core's
+    ``HeterogeneousTransformerConfig``); None: every layer has the shape above."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -122,6 +127,11 @@ class ModelConfig:
         if self.vocab_size is not None:
             positive("model.vocab_size", self.vocab_size)
         self._check_moe()
+        if self.layer_shapes is not None:
+            check_layer_shapes(self.layer_shapes, self.num_layers, self.num_attention_heads)
+            if self.is_moe:
+                raise ConfigError("model.layer_shapes with model.num_moe_experts: heterogeneous "
+                                  "MoE models are not supported")
         if self.max_position_embeddings is not None:
             positive("model.max_position_embeddings", self.max_position_embeddings)
             if (self.position_embedding_type == "learned_absolute"
@@ -150,6 +160,25 @@ class ModelConfig:
         return self.num_moe_experts is not None
 
     @property
+    def is_heterogeneous(self) -> bool:
+        """Whether layers have their own shapes (``layer_shapes``)."""
+        return self.layer_shapes is not None
+
+    def layer_shape(self, layer: int) -> LayerShape:
+        """The shape of 0-based layer ``layer``, sizes resolved (``hetero.resolved``)."""
+        return resolved(self.layer_shapes[layer] if self.layer_shapes else LayerShape(),
+                        self.query_groups, self.ffn_hidden_size)
+
+    def layer_config(self, layer: int) -> ModelConfig:
+        """The uniform config of 0-based layer ``layer`` (its own ``num_query_groups`` and
+        ``ffn_hidden_size``, no ``layer_shapes``): what per-layer code (layouts, slicing,
+        counting) reads. Whether a block is full is ``layer_shape(layer)``'s."""
+        s = self.layer_shape(layer)
+        return dataclasses.replace(
+            self, layer_shapes=None, num_query_groups=s.num_query_groups or self.num_query_groups,
+            ffn_hidden_size=s.ffn_hidden_size or self.ffn_hidden_size)
+
+    @property
     def expert_ffn_hidden_size(self) -> int:
         """Effective intermediate size of a routed expert (``moe_ffn_hidden_size``)."""
         return self.moe_ffn_hidden_size or self.ffn_hidden_size
@@ -165,6 +194,11 @@ class ModelConfig:
                          "ffn_hidden_size": self.ffn_hidden_size, **moe,
                          "vocab_size": self.vocab_size, "num_layers": self.num_layers},
                         tp, pp, "model.")
+        for i in range(self.num_layers if self.is_heterogeneous else 0):
+            s = self.layer_shape(i)
+            check_divisible({"num_query_groups": s.num_query_groups,
+                             "ffn_hidden_size": s.ffn_hidden_size}, tp, 1,
+                            f"model.layer_shapes[{i}].")
         if ep > 1 and not self.is_moe:
             raise ConfigError(f"parallel.expert_model_parallel_size={ep} needs an MoE model "
                               "(model.num_moe_experts)")
@@ -295,37 +329,14 @@ def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None 
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         fp8=fp8,
-        **_moe_fields(cfg),
+        **moe_fields(cfg),
     )
-
-
-def _moe_fields(cfg: ModelConfig) -> dict[str, Any]:
-    """The MoE fields of ``TransformerConfig`` (none for a dense model): Megatron's per-expert
-    MLPs (no grouped GEMM: it needs Transformer Engine or a GPU kernel) and ``MOE_FIELDS``."""
-    if not cfg.is_moe:
-        return {}
-    from megatron.core import parallel_state as ps
-
-    return dict(moe_grouped_gemm=False, moe_ffn_hidden_size=cfg.expert_ffn_hidden_size,
-                expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-                **{name: getattr(cfg, name) for name in MOE_FIELDS
-                   if name != "moe_ffn_hidden_size"})
 
 
 MODEL_FIELDS = ("vocab_size", "make_vocab_size_divisible_by", "seq_length",
                 "max_position_embeddings", "position_embedding_type", "rotary_base",
                 "rope_scaling_factor", "share_embeddings_and_output_weights")
 """``ModelConfig`` fields that are ``GPTModel`` arguments, not ``TransformerConfig`` fields."""
-MOE_FIELDS = ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
-              "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
-              "moe_router_pre_softmax", "moe_aux_loss_coeff", "moe_z_loss_coeff",
-              "moe_token_dispatcher_type")
-"""``ModelConfig`` fields that are ``TransformerConfig`` fields of the same name (MoE)."""
-MOE_DEFAULTS = {"moe_layer_freq": 1, "moe_router_score_function": "softmax",
-                "moe_router_topk_scaling_factor": None, "moe_router_num_groups": None,
-                "moe_router_enable_expert_bias": False, "moe_router_load_balancing_type":
-                "aux_loss", "moe_expert_capacity_factor": None}
-"""MoE features a ``ModelConfig`` cannot describe: refused unless at these values."""
 UNSUPPORTED = ("multi_latent_attention", "qk_l2_norm",
                "attention_output_gate", "window_size", "rotary_interleaved",
                "apply_residual_connection_post_layernorm", "layernorm_zero_centered_gamma",
@@ -349,13 +360,7 @@ def model_config(config: Any, **fields: Any) -> ModelConfig:
         if getattr(config, name, None):
             raise ConfigError(f"TransformerConfig.{name}={getattr(config, name)!r} is not "
                               "supported (Llama-style GPT models only)")
-    moe: dict[str, Any] = {}
-    if config.num_moe_experts:
-        for name, default in MOE_DEFAULTS.items():
-            if getattr(config, name, default) != default:
-                raise ConfigError(f"TransformerConfig.{name}={getattr(config, name)!r} is not "
-                                  f"supported (MoE models with {name}={default!r} only)")
-        moe = {name: getattr(config, name) for name in MOE_FIELDS}
+    moe = moe_from_transformer_config(config)
     if config.normalization not in ("RMSNorm", "LayerNorm"):
         raise ConfigError(f"TransformerConfig.normalization={config.normalization!r} must be "
                           "RMSNorm or LayerNorm")

@@ -25,9 +25,14 @@ def moe_params(cfg: ModelConfig, active: bool) -> int:
     return e * h + experts + shared_params
 
 
-def layer_params(cfg: ModelConfig, active: bool = False) -> int:
-    """Parameters of one transformer layer; ``active``: those one token runs (an MoE layer's
+def layer_params(cfg: ModelConfig, active: bool = False, layer: int | None = None) -> int:
+    """Parameters of one transformer layer (``layer``: which one, for a heterogeneous model;
+    None: a uniform model's); ``active``: those one token runs (an MoE layer's
     ``moe_router_topk`` experts, not all of them)."""
+    if cfg.is_heterogeneous:
+        if layer is None:
+            raise ValueError("layer_params of a heterogeneous model needs the layer")
+        return _hetero_layer_params(cfg, layer)
     h, d = cfg.hidden_size, cfg.head_dim
     a, g = cfg.num_attention_heads, cfg.query_groups
     norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
@@ -49,7 +54,25 @@ def count_params(cfg: ModelConfig, active: bool = False) -> int:
     pos = cfg.context_length * h if cfg.position_embedding_type == "learned_absolute" else 0
     final_norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
     out = 0 if cfg.share_embeddings_and_output_weights else cfg.vocab_size * h
-    return emb + pos + cfg.num_layers * layer_params(cfg, active) + final_norm + out
+    layers = (sum(layer_params(cfg, active, i) for i in range(cfg.num_layers))
+              if cfg.is_heterogeneous else cfg.num_layers * layer_params(cfg, active))
+    return emb + pos + layers + final_norm + out
+
+
+def _hetero_layer_params(cfg: ModelConfig, layer: int) -> int:
+    """Parameters of layer ``layer`` of a heterogeneous model: per block, the full sublayer of
+    the layer's sizes with its norm, a linear replacement (norm + hidden x hidden linear) or
+    nothing (megatron-core's heterogeneous layer spec)."""
+    shape, one = cfg.layer_shape(layer), cfg.layer_config(layer)
+    h = cfg.hidden_size
+    norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
+    linear = norm + h * h + (h if cfg.add_bias_linear else 0)
+    full = layer_params(one)
+    mlp_full = norm + mlp_params(one, one.ffn_hidden_size)
+    attn_full = full - mlp_full
+    attn = {"full": attn_full, "linear": linear, "no_op": 0}[shape.attention]
+    mlp = {"full": mlp_full, "linear": linear, "no_op": 0}[shape.mlp]
+    return attn + mlp
 
 
 def weight_shape(cfg: ModelConfig) -> dict[str, Any]:
@@ -67,6 +90,8 @@ def weight_shape(cfg: ModelConfig) -> dict[str, Any]:
             "position_embeddings": cfg.context_length if learned else None,
             # Only when set: the shape of a model without them reads as before.
             **({"qk_layernorm": True} if cfg.qk_layernorm else {}),
+            **({"layer_shapes": [cfg.layer_shape(i) for i in range(cfg.num_layers)]}
+               if cfg.is_heterogeneous else {}),
             **({"num_moe_experts": cfg.num_moe_experts,
                 "moe_ffn_hidden_size": cfg.expert_ffn_hidden_size,
                 "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size,

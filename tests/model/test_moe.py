@@ -32,7 +32,7 @@ def moe_layer_job(pre_softmax: bool, shared: int | None) -> None:
     from megatron.core.transformer.moe import moe_utils
 
     from nemo_minitron.config import ModelConfig, ParallelConfig
-    from nemo_minitron.config.model import MOE_FIELDS
+    from nemo_minitron.config.moe import MOE_FIELDS
     from nemo_minitron.model.build import build_model, unwrap
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
