@@ -19,8 +19,9 @@ MOE_DEFAULTS = {"moe_layer_freq": 1, "moe_router_score_function": "softmax",
 
 
 def moe_fields(cfg: Any) -> dict[str, Any]:
-    """The MoE fields of ``TransformerConfig`` for ``ModelConfig`` ``cfg`` (none for a dense model): Megatron's per-expert
-    MLPs (no grouped GEMM: it needs Transformer Engine or a GPU kernel) and ``MOE_FIELDS``."""
+    """The MoE fields of ``TransformerConfig`` for ``ModelConfig`` ``cfg`` (none for a dense
+    model): Megatron's per-expert MLPs (no grouped GEMM: it needs Transformer Engine or a GPU
+    kernel) and ``MOE_FIELDS``."""
     if not cfg.is_moe:
         return {}
     from megatron.core import parallel_state as ps
