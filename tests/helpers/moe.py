@@ -13,16 +13,34 @@ def swiglu(x: torch.Tensor, fc1: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def routing(mlp, h: torch.Tensor) -> torch.Tensor:
-    """Routing weights ``[n, experts]`` of tokens ``h [n, hidden]`` (0 where not routed)."""
-    logits = h @ mlp.router.weight.T
-    k = mlp.config.moe_router_topk
-    if mlp.config.moe_router_pre_softmax:  # Qwen2-MoE: softmax over all, then the top-k
+def route(logits: torch.Tensor, k: int, pre_softmax: bool) -> torch.Tensor:
+    """Routing weights ``[n, experts]`` of router logits ``[n, experts]`` (0 where not
+    routed)."""
+    if pre_softmax:  # Qwen2-MoE: softmax over all, then the top-k
         weights, chosen = torch.softmax(logits, -1).topk(k, -1)
     else:  # Mixtral: the top-k logits, softmax over them
         top, chosen = logits.topk(k, -1)
         weights = torch.softmax(top, -1)
     return torch.zeros_like(logits).scatter(1, chosen, weights)
+
+
+def routing(mlp, h: torch.Tensor) -> torch.Tensor:
+    """Routing weights ``[n, experts]`` of tokens ``h [n, hidden]`` (0 where not routed)."""
+    return route(h @ mlp.router.weight.T, mlp.config.moe_router_topk,
+                 mlp.config.moe_router_pre_softmax)
+
+
+def router_losses(weight: torch.Tensor, h: torch.Tensor, k: int,
+                  pre_softmax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(switch loss, z-loss)`` of a router ``weight [experts, hidden]`` on tokens
+    ``h [n, hidden]``, unweighted: the switch loss ``E * sum_i f_i P_i`` (``f_i`` the share of
+    the ``k * n`` assignments expert i got, ``P_i`` its mean probability over all experts) and
+    the z-loss ``mean(logsumexp(logits)^2)``."""
+    logits = h @ weight.T
+    n, num_experts = logits.shape
+    f = (route(logits.detach(), k, pre_softmax) > 0).sum(0).to(h.dtype) / (n * k)
+    switch = num_experts * (f * torch.softmax(logits, -1).mean(0)).sum()
+    return switch, torch.logsumexp(logits, -1).square().mean()
 
 
 def expert_activations(mlp, h: torch.Tensor) -> list[torch.Tensor]:

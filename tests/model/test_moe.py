@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.dist import spawn
-from tests.helpers.moe import moe_output, routing
+from tests.helpers.moe import moe_output, router_losses
 
 MOE = dict(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
            vocab_size=64, seq_length=16, num_moe_experts=4, moe_router_topk=2,
@@ -20,12 +20,9 @@ def reference_moe(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(output, switch loss)`` of ``mlp`` (megatron-core's ``MoELayer``) on ``x`` [s, b, h],
     recomputed from its weights with torch alone."""
     h = x.reshape(-1, x.shape[-1])
-    # Switch loss: E * sum_i f_i P_i, f_i the share of the k * T assignments expert i got.
-    routed = routing(mlp, h) > 0
-    n, num_experts = routed.shape
-    probs = torch.softmax(h @ mlp.router.weight.T, -1).mean(0)
-    f = routed.sum(0).to(h.dtype) / (n * mlp.config.moe_router_topk)
-    return moe_output(mlp, h).reshape(x.shape), num_experts * (f * probs).sum()
+    switch, _ = router_losses(mlp.router.weight, h, mlp.config.moe_router_topk,
+                              mlp.config.moe_router_pre_softmax)
+    return moe_output(mlp, h).reshape(x.shape), switch
 
 
 def moe_layer_job(pre_softmax: bool, shared: int | None) -> None:
