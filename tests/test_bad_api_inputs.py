@@ -141,10 +141,10 @@ def _other_weights():
 
 
 PRUNE_CASES: list[tuple[str, int, Callable[[], object], list[str]]] = [
-    ("api-prune-moe", 1, lambda: _prune(_gpt(spec=dict(num_experts=2), num_moe_experts=2,
-                                             moe_router_topk=1, moe_router_pre_softmax=True),
-                                        ffn_hidden_size=64),
-     ["decoder.layers.0.mlp", "MoELayer", "supported"]),
+    ("api-prune-dense-plan-on-moe", 1, lambda: _prune(_gpt(
+        spec=dict(num_experts=2), num_moe_experts=2, moe_router_topk=1,
+        moe_router_pre_softmax=True), ffn_hidden_size=64),
+     ["plan.source.num_moe_experts=None", "TransformerConfig.num_moe_experts=2"]),
     ("api-prune-qk-norm", 1, lambda: _prune(_gpt(spec=dict(qk_layernorm=True),
                                                  qk_layernorm=True), ffn_hidden_size=64),
      ["self_attention.q_layernorm", "supported"]),
