@@ -240,6 +240,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("search-result-torn", lambda c: ["search", str(c.good), _search_out(
         c, "candidates/L1-H64-F64-A2-G1/result.json", '{"name": '), *c.data, *SEARCH],
      ["L1-H64-F64-A2-G1/result.json", "torn"]),
+    ("search-budget-unknown", lambda c: ["search", str(c.good), "OUT", *c.data, *SEARCH,
+                                         "search.budget=flops"], ["search.budget", "flops"]),
     ("lm-eval-missing-ckpt", lambda c: ["lm-eval", str(c.tmp / "none"), "--tasks", "x"],
      ["does not exist"]),
     ("ckpt-config-non-utf8", lambda c: ["eval", c.ckpt(_model_yaml(b"num_layers: \xff\n")),

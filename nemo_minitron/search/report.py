@@ -65,27 +65,35 @@ def _fmt_rank(x: float) -> str:
 
 
 def write_report(out: Path, records: list[dict[str, Any]], rho: float | None,
-                 source_params: int, target_params: int, score_fn: str | None) -> None:
+                 source_params: int, target_params: int, score_fn: str | None,
+                 budget: str = "total", source_active: int | None = None) -> None:
     """``out/report.md``: one row per candidate, best (retrained) first; a user score gets
-    its own column."""
+    its own column. An MoE search (``source_active`` set) shows experts, their width and the
+    active parameters; ``budget``: the count ``target_params`` bounds."""
     rows = sorted(records, key=lambda r: (r["rank_retrained"], r["name"]))
     by = f"score ({score_fn})" if score_fn else "validation LM loss"
+    moe = source_active is not None
+    mlp = "experts | expert ffn" if moe else "ffn"
+    source = f"{source_params:,} parameters" + (f" ({source_active:,} active)" if moe else "")
     lines = [
         "# Architecture search", "",
-        f"Source: {source_params:,} parameters; budget {target_params:,}. Ranked by {by} "
+        f"Source: {source}; budget {target_params:,} {budget} parameters. Ranked by {by} "
         f"after {rows[0]['retrain_steps']} retraining steps; winner **{rows[0]['name']}**.", "",
-        "| candidate | layers | hidden | ffn | heads | groups | params | one-shot loss | "
-        f"loss after retraining | {by + ' | ' if score_fn else ''}rank one-shot | "
-        "rank retrained |",
-        "| --- " * (12 if score_fn else 11) + "|",
+        f"| candidate | layers | hidden | {mlp} | heads | groups | params | "
+        f"{'active params | ' if moe else ''}one-shot loss | loss after retraining | "
+        f"{by + ' | ' if score_fn else ''}rank one-shot | rank retrained |",
+        "| --- " * (11 + bool(score_fn) + 2 * moe) + "|",
     ]
     for r in rows:
         s = r["shape"]
         score = f"| {r['score']:.6g} " if score_fn else ""
+        width = f"{s['num_moe_experts']} | {s['moe_ffn_hidden_size']}" if moe \
+            else str(s["ffn_hidden_size"])
+        active = f"| {r['active_params']:,} " if moe else ""
         lines.append(
-            f"| {r['name']} | {s['num_layers']} | {s['hidden_size']} | {s['ffn_hidden_size']} "
+            f"| {r['name']} | {s['num_layers']} | {s['hidden_size']} | {width} "
             f"| {s['num_attention_heads']} | {s['num_query_groups']} | {r['params']:,} "
-            f"| {r['one_shot_loss']:.4f} | {r['retrained_loss']:.4f} {score}"
+            f"{active}| {r['one_shot_loss']:.4f} | {r['retrained_loss']:.4f} {score}"
             f"| {_fmt_rank(r['rank_one_shot'])} | {_fmt_rank(r['rank_retrained'])} |")
     corr = "undefined (fewer than 2 candidates or a constant ranking)" if rho is None \
         else f"{rho:.3f}"

@@ -67,8 +67,10 @@ def load_score_fn(spec: str) -> Callable[[str], float]:
 
 
 def _record(c: Candidate) -> dict[str, Any]:
-    shape = {k: v for k, v in dataclasses.asdict(c).items() if k != "params"}
-    return {"name": c.name, "shape": shape, "params": c.params, "status": "pending"}
+    shape = {k: v for k, v in dataclasses.asdict(c).items()
+             if k not in ("params", "active_params") and v is not None}
+    active = {} if c.active_params is None else {"active_params": c.active_params}
+    return {"name": c.name, "shape": shape, "params": c.params, **active, "status": "pending"}
 
 
 def _load_state(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -155,7 +157,7 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     src = load_model_config(checkpoint)
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     src.check_layout(tp, pp)
-    candidates = enumerate_candidates(src, s, tp, pp)
+    candidates = enumerate_candidates(src, s, tp, pp, p.expert_model_parallel_size)
     score_fn = load_score_fn(s.score_fn) if s.score_fn else None
     if s.candidates is not None:
         unknown = sorted(set(s.candidates) - {c.name for c in candidates})
@@ -190,8 +192,9 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
                           f"not finished in {root}: {', '.join(left)}")
     check_data(recipe.data, load_checkpoint_tokenizer(checkpoint))  # before the runtime
     init_distributed(p, seed=recipe.train.seed)
-    log.info("%d candidates within %.0f%% of %d parameters: %s", len(candidates),
-             100 * s.tolerance, s.target_params, ", ".join(c.name for c in candidates))
+    log.info("%d candidates within %.0f%% of %d %s parameters: %s", len(candidates),
+             100 * s.tolerance, s.target_params, s.budget,
+             ", ".join(c.name for c in candidates))
     train = dataclasses.replace(recipe.train, train_iters=s.retrain_steps)
     kd_recipe = DistillRecipe(parallel=p, data=recipe.data, train=train, kd=recipe.kd)
     if s.teacher_cache and left and s.candidates != []:  # only when something is distilled
@@ -257,7 +260,8 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     save_state()
     best = min(records, key=lambda r: (r["rank_retrained"], r["name"]))
     if is_rank0():
-        write_report(root, records, rho, count_params(src), s.target_params, s.score_fn)
+        write_report(root, records, rho, count_params(src), s.target_params, s.score_fn,
+                     s.budget, count_params(src, active=True) if src.is_moe else None)
         plot_curves(records, root / "loss_curves.png")
         with atomic_dir(winner_dir(out), overwrite=True) as tmp:
             shutil.copytree(best["checkpoint"], tmp, dirs_exist_ok=True,

@@ -1,5 +1,6 @@
-"""Candidate enumeration: every grid shape's predicted count equals the built GPTModel's, the
-plan builds the same config, the budget filter, and the rank correlation."""
+"""Candidate enumeration: every grid shape's predicted count equals the built GPTModel's (an
+MoE source's total and active counts too), the plan builds the same config, the budget filter
+(on total or active parameters), and the rank correlation."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ BIASED = dataclasses.replace(GQA, num_query_groups=None, normalization="LayerNor
                              position_embedding_type="learned_absolute",
                              share_embeddings_and_output_weights=True)
 FINE = SearchConfig(hidden_size_step=16, ffn_hidden_size_step=32, proportional_heads=False)
+# 4 experts (top-2) of width 64 and a shared expert: experts 4..2, width 64 or 32.
+MOE = dataclasses.replace(GQA, num_layers=2, num_moe_experts=4, moe_router_topk=2,
+                          moe_ffn_hidden_size=64, moe_shared_expert_intermediate_size=32,
+                          moe_shared_expert_gate=True)
+MOE_FINE = SearchConfig(hidden_size_step=16, moe_ffn_hidden_size_step=32)
 
 
 def _built_counts(cfgs: list[ModelConfig], out: str) -> None:
@@ -65,6 +71,64 @@ def test_predicted_params_equal_built_params(tmp_path):
     built = torch.load(tmp_path / "counts.pt")
     assert [c.params for _, c in shapes] == built[:len(cfgs)]
     assert [c.params for _, c in planned] == built[len(cfgs):]
+
+
+def _built_moe_counts(cfgs: list[ModelConfig], out: str) -> None:
+    """``(total, active)`` per config, read off the built model: all its parameters, less
+    ``E - k`` of every layer's experts."""
+    from nemo_minitron.config import ParallelConfig
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    init_distributed(ParallelConfig())
+    counts = []
+    for c in cfgs:
+        model = build_model(c)
+        total = sum(p.numel() for p in model.parameters())
+        idle = 0
+        for layer in model.decoder.layers:
+            experts = layer.mlp.experts.local_experts
+            assert len(experts) == c.num_moe_experts
+            idle += sum(p.numel() for e in experts[c.moe_router_topk:] for p in e.parameters())
+        counts.append((total, total - idle))
+    torch.save(counts, out)
+
+
+def test_moe_candidates_vary_experts_and_their_width_with_built_counts(tmp_path):
+    shapes = grid(MOE, MOE_FINE)
+    # 2 layer counts x 3 widths x 3 expert counts x 2 expert widths x 3 group counts, less one.
+    assert len(shapes) == 2 * 3 * 3 * 2 * 3 - 1
+    assert {(c.num_moe_experts, c.moe_ffn_hidden_size) for c in shapes} == {
+        (e, f) for e in (4, 3, 2) for f in (64, 32)}
+    assert {c.ffn_hidden_size for c in shapes} == {MOE.ffn_hidden_size}  # unused by MoE layers
+    assert shapes[0].name == "L2-H64-E4-EF64-A6-G3"
+    # Experts never go below top-k, and divide by the expert-parallel size.
+    assert {c.num_moe_experts for c in grid(MOE, dataclasses.replace(
+        MOE_FINE, max_num_moe_experts_prune=0.75))} == {4, 3, 2}
+    assert {c.num_moe_experts for c in grid(MOE, MOE_FINE, ep=2)} == {4, 2}
+    cfgs = [shape_config(MOE, c) for c in shapes[::4]]
+    spawn(_built_moe_counts, 1, cfgs, str(tmp_path / "counts.pt"))
+    assert [(c.params, c.active_params) for c in shapes[::4]] == torch.load(tmp_path / "counts.pt")
+
+
+def test_moe_budget_bounds_total_or_active_parameters():
+    target = count_params(MOE, active=True) * 4 // 5
+    s = dataclasses.replace(MOE_FINE, target_params=target, tolerance=0.05, max_candidates=100)
+    got = {}
+    for budget in ("total", "active"):
+        b = dataclasses.replace(s, budget=budget)
+        got[budget] = enumerate_candidates(MOE, b)
+        counts = [c.active_params if budget == "active" else c.params for c in got[budget]]
+        assert counts and all(abs(n - target) <= 0.05 * target for n in counts), budget
+        assert {c.name for c in got[budget]} == {
+            c.name for c in grid(MOE, b)
+            if abs(c.budget_params[budget] - target) <= 0.05 * target}
+    # Expert removal lowers the total only: the active budget takes every expert count.
+    assert {c.num_moe_experts for c in got["active"]} == {4, 3, 2}
+    assert {c.name for c in got["total"]} != {c.name for c in got["active"]}
+    with pytest.raises(ConfigError, match="not below the source's .* active parameters"):
+        enumerate_candidates(MOE, dataclasses.replace(
+            s, budget="active", target_params=count_params(MOE, active=True)))
 
 
 def test_budget_keeps_the_closest_candidates_within_tolerance():
