@@ -29,7 +29,8 @@ MOE_ROWS = (("experts", "num_moe_experts"), ("expert_ffn", "moe_ffn_hidden_size"
 """MoE score axes and the config field that counts their units."""
 
 _ACTIVATION = {"ffn": "activation entering linear_fc2",
-               "expert_ffn": "router-weighted activation entering the experts' linear_fc2",
+               "expert_ffn": "root mean square over tokens of the router-weighted activation\n"
+                             "entering the experts' linear_fc2, all experts of the layer",
                "heads": "head output norm (linear_proj input)",
                "groups": "sum of its heads' scores",
                "hidden": "layernorm outputs, summed over layers"}
@@ -93,6 +94,8 @@ def cuts(scores: Scores, plan: PrunePlan, axis: str) -> list[float]:
 
 def _score_label(scores: Scores, axis: str) -> str:
     how = scores.meta.get("importance", "activation")
+    if how == "activation" and axis == "expert_ffn":  # its own aggregation (importance.moe)
+        return f"score: {_ACTIVATION[axis]}"
     if how == "activation":
         agg = (f"{scores.meta.get('seq_agg', 'mean')} over tokens, "
                f"{scores.meta.get('batch_agg', 'l2')} over sequences")
@@ -204,6 +207,8 @@ def expert_figure(scores: Scores, plan: PrunePlan) -> Any:
                        color=REMOVED, gid="removed", label=f"pruned ({len(gone)})")
             ax.legend(fontsize=7, loc="upper right")
         ax.set_title(title, fontsize=10)
+        ax.set_yticks(range(0, L, max(1, L // 24)))
+        ax.set_xticks(range(0, E, max(1, E // 32)))
         ax.set_xlabel("expert", fontsize=8)
         ax.set_ylabel("layer", fontsize=8)
     fig.tight_layout()
