@@ -90,6 +90,8 @@ class PrunePlan:
     kept_shared_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
     """MoE with a shared expert, per kept source layer: its kept channels
     ``[moe_shared_expert_intermediate_size']``."""
+    expert_metric: ExpertMetric = "output_norm"
+    """What ranked the kept experts (``Target.expert_metric``)."""
     rescale_norms: bool = True
     """Compensate RMSNorm for the removed channels (see ``prune.apply``)."""
     fingerprint: list[float] | None = None
@@ -248,6 +250,7 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
     plan = PrunePlan(source=src, config=config, kept_layers=layers,
                      kept_hidden=_keep(scores.hidden, config.hidden_size),
                      rescale_norms=rescales_norms(src, rescale_norms),
+                     expert_metric=t.expert_metric,
                      fingerprint=scores.meta.get("fingerprint"))
     if src.is_moe:
         plan.kept_experts, plan.kept_expert_ffn, plan.kept_shared_ffn = plan_moe(
