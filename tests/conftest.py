@@ -12,7 +12,7 @@ import torch
 from nemo_minitron.config import DataConfig
 from nemo_minitron.data.embedded import prepare_embedded
 from tests.dist import spawn
-from tests.helpers.data import SMALL_DATA, TINY_MODEL
+from tests.helpers.data import MOE_MODEL, SMALL_DATA, TINY_MODEL
 from tests.helpers.train import pretrain_job
 
 
@@ -103,6 +103,18 @@ def pair(tmp_path_factory, tiny_overrides, teacher) -> tuple[str, str]:
     spawn(pretrain_job, 1, str(root / "s"), tiny_overrides + [
         "model.hidden_size=32", "train.train_iters=1", "train.eval_interval=0"])
     return teacher, str(root / "s" / "checkpoints" / "step_0000001")
+
+
+@pytest.fixture(scope="session")
+def moe_teacher(tmp_path_factory, tiny_overrides) -> str:
+    """A 2-layer tiny mixture of experts (hidden 64, 4 experts of width 32, top-2, router
+    losses on; vocab 1024: 205,632 parameters, 181,056 active) after 3 steps at lr 3e-3 (no
+    warm-up): the source of the MoE distill and search tests. Read-only."""
+    out = tmp_path_factory.mktemp("moe_teacher") / "run"
+    spawn(pretrain_job, 1, str(out), tiny_overrides + MOE_MODEL + [
+        "train.train_iters=3", "train.eval_interval=0", "train.lr=3e-3",
+        "train.lr_warmup_iters=0"])
+    return str(out / "checkpoints" / "step_0000003")
 
 
 @pytest.fixture(autouse=True)

@@ -19,13 +19,11 @@ import torch
 from tests.dist import in_order, spawn
 from tests.helpers.distill import _batches, _kd_overrides, _metrics, distill_job
 from tests.helpers.moe import router_losses
-from tests.helpers.train import _copy_metrics, pretrain_job
+from tests.helpers.train import _copy_metrics
 
 TEACHER = dict(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
                vocab_size=256, seq_length=16, num_moe_experts=4, moe_router_topk=2,
                moe_ffn_hidden_size=24, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)
-MOE = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
-       "model.moe_aux_loss_coeff=0.01", "model.moe_z_loss_coeff=0.001"]
 NAMES = ["loss", "kd loss", "lm loss", "hidden loss", "load_balancing_loss", "z_loss"]
 
 
@@ -122,16 +120,12 @@ def prune_job(ckpt: str, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def moe_pair(tmp_path_factory, tiny_overrides) -> tuple[str, str]:
-    """``(teacher, student)``: a 4-expert MoE after 3 steps and its pruning to 2 experts of
-    half the width."""
-    root = tmp_path_factory.mktemp("moe_kd")
-    teacher = str(root / "t" / "checkpoints" / "step_0000003")
-    spawn(in_order, 1, [
-        (pretrain_job, (str(root / "t"), tiny_overrides + MOE + [
-            "train.train_iters=3", "train.eval_interval=0", "train.lr=3e-3"])),
-        (prune_job, (teacher, str(root / "s")))])
-    return teacher, str(root / "s")
+def moe_pair(tmp_path_factory, moe_teacher) -> tuple[str, str]:
+    """``(teacher, student)``: the session's MoE teacher and its pruning to 2 experts of half
+    the width."""
+    student = str(tmp_path_factory.mktemp("moe_kd") / "s")
+    spawn(prune_job, 1, moe_teacher, student)
+    return moe_teacher, student
 
 
 @pytest.mark.dist

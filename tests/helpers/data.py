@@ -16,6 +16,10 @@ TINY_MODEL = [
     "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=64",
 ]
 
+MOE_MODEL = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
+             "model.moe_aux_loss_coeff=0.01", "model.moe_z_loss_coeff=0.001"]
+"""``TINY_MODEL``'s MLPs as 4 routed experts (top-2) of width 32, with router losses."""
+
 
 def _hf_tokenizer_dir(path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
