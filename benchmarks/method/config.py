@@ -30,13 +30,14 @@ TEACHER_RECIPE = recipes_dir() / "tiny_cpu.yaml"
 DEFAULT_RECIPE = recipes_dir() / "method_bench.yaml"
 
 SECTIONS = ("teacher", "aggregation", "criteria", "width_depth", "kd_vs_ce", "intermediate",
-            "scratch", "iterative", "throughput", "sdd", "merge", "specdec", "recovery")
+            "scratch", "iterative", "throughput", "sdd", "merge", "specdec", "recovery", "moe")
 INSTRUCT_SECTIONS = ("sdd", "merge", "specdec", "recovery")
 """Sections of the instruction-following chain (``instruct``, ``tune``, ``sft``, ``rewrite``,
 ``specdec``, ``merge``, ``ikd`` and ``onpolicy`` of the recipe)."""
-DEFAULT_SECTIONS = [s for s in SECTIONS if s != "recovery"]
+DEFAULT_SECTIONS = [s for s in SECTIONS if s not in ("recovery", "moe")]
 """``recovery`` (five recovery methods of a pruned instruction model) is asked for by name:
-it is the real-teacher study's (``recipes/method_bench_smollm2_instruct.yaml``)."""
+it is the real-teacher study's (``recipes/method_bench_smollm2_instruct.yaml``); so is ``moe``,
+which needs a mixture-of-experts teacher (``recipes/method_bench_moe.yaml``)."""
 
 
 def _retrain() -> TrainConfig:
@@ -106,6 +107,27 @@ class InstructConfig:
                               f"instruct.eval_examples={self.eval_examples} (a subset of it)")
         if self.num_layers is not None and self.num_layers < 1:
             raise ConfigError(f"instruct.num_layers={self.num_layers} must be >= 1")
+
+
+@dataclass(kw_only=True)
+class MoEStudyConfig:
+    """The ``moe`` section: four ways to cut a mixture-of-experts teacher to one total
+    parameter count (``benchmarks/method/moe.py``)."""
+
+    num_moe_experts: int | None = None
+    """Experts per layer the experts arm keeps (it sets the parameter count of every arm);
+    None: 3/4 of the teacher's (128 -> 96 as published)."""
+    moe_ffn_hidden_size_step: int = 8
+    """The expert-width arm's moe_ffn_hidden_size is a multiple of this."""
+    hidden_size_step: int = 8
+    """The hidden-size arm's hidden_size is a multiple of this."""
+
+    def __post_init__(self) -> None:
+        if self.num_moe_experts is not None and self.num_moe_experts < 1:
+            raise ConfigError(f"moe.num_moe_experts={self.num_moe_experts} must be >= 1")
+        for name in ("moe_ffn_hidden_size_step", "hidden_size_step"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"moe.{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -198,6 +220,9 @@ class MethodBenchRecipe:
     specdec: SpecDecConfig = field(default_factory=SpecDecConfig)
     """Speculative decoding of the instruction-tuned teacher with each draft (greedy); the
     verdict reads the first K of draft_tokens."""
+    moe: MoEStudyConfig = field(default_factory=MoEStudyConfig)
+    """The ``moe`` section's arms (its teacher: ``teacher.model`` with ``num_moe_experts``, or
+    an MoE ``study.teacher``)."""
 
     def __post_init__(self) -> None:
         for name in ("retrain", "tune", "sft"):
@@ -212,6 +237,11 @@ class MethodBenchRecipe:
         if self.onpolicy.on_policy.fraction == 0:
             raise ConfigError("onpolicy.on_policy.fraction=0 samples nothing: it must be in "
                               "(0, 1]")
+        if "moe" in self.study.sections and self.study.teacher is None \
+                and self.teacher.model.num_moe_experts is None:
+            raise ConfigError("study.sections has moe, which needs a mixture-of-experts "
+                              "teacher: set teacher.model.num_moe_experts (or study.teacher "
+                              "to an MoE checkpoint)")
         if self.merge.method == "task":
             raise ConfigError("merge.method='task' needs a common base model; the merge "
                               "section merges its two parents by slerp (or linear)")
