@@ -19,7 +19,8 @@ ALL = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 # The recipes that are not jobs by themselves, and the verb the refusal must name: bench-method's
 # are benchmarks; the others' verbs take input paths (run them with the verb, or as stages).
 REFUSED = {"method_bench.yaml": "bench-method", "method_bench_smollm2.yaml": "bench-method",
-           "method_bench_smollm2_instruct.yaml": "bench-method", "sft.yaml": "sft",
+           "method_bench_smollm2_instruct.yaml": "bench-method",
+           "method_bench_moe.yaml": "bench-method", "sft.yaml": "sft",
            "merge.yaml": "merge", "tiny_cpu_prune.yaml": "prune",
            "tiny_cpu_distill.yaml": "distill", "tiny_cpu_distill_instruct.yaml": "distill"}
 RECIPES = [p for p in ALL if p.name not in REFUSED]
