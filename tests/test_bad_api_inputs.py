@@ -43,6 +43,12 @@ def _moe_plan(target: dict, scores_of: dict | None = None, **layout):
     return nm.make_plan(cfg, scores, nm.Target(hardware_multiple=1, **target), **layout)
 
 
+def _search(**kw):
+    from nemo_minitron.search.enumerate import SearchConfig
+
+    return SearchConfig(**kw)
+
+
 def _on_policy(**kw):
     from nemo_minitron.distill.on_policy import OnPolicyConfig
 
@@ -97,6 +103,12 @@ API_CASES: list[tuple[str, Callable[[], object], list[str]]] = [
     ("api-plan-moe-target-on-dense", lambda: _nm().make_plan(
         _nm().ModelConfig(num_layers=2, hidden_size=64), None,
         _nm().Target(num_moe_experts=2)), ["target.num_moe_experts=2", "no routed experts"]),
+    ("api-search-budget", lambda: _search(budget="flops"),
+     ["search.budget='flops'", "total or active"]),
+    ("api-search-moe-experts-step", lambda: _search(num_moe_experts_step=0),
+     ["search.num_moe_experts_step=0"]),
+    ("api-search-moe-ffn-prune", lambda: _search(max_moe_ffn_hidden_size_prune=1.0),
+     ["search.max_moe_ffn_hidden_size_prune=1.0", "[0, 1)"]),
     ("api-kd-temperature", lambda: _nm().KDConfig(temperature=0), ["kd.temperature=0"]),
     ("api-kd-loss-cache", lambda: _nm().KDLoss(None, None, _nm().KDConfig(
         teacher_cache="c")), ["kd.teacher_cache", "KDLoss"]),
