@@ -32,6 +32,17 @@ def _nm():
     return nemo_minitron
 
 
+def _moe_plan(target: dict, scores_of: dict | None = None, **layout):
+    """``nm.make_plan`` of a tiny MoE model (4 experts, top-2) to ``target``, with random scores
+    of ``scores_of`` (a dense model's config fields; None: the MoE model's own)."""
+    from nemo_minitron.importance.baselines import random_scores
+
+    nm = _nm()
+    cfg = nm.ModelConfig(num_layers=2, hidden_size=64, num_moe_experts=4, moe_ffn_hidden_size=64)
+    scores = random_scores(nm.ModelConfig(**scores_of) if scores_of else cfg, 0)
+    return nm.make_plan(cfg, scores, nm.Target(hardware_multiple=1, **target), **layout)
+
+
 def _on_policy(**kw):
     from nemo_minitron.distill.on_policy import OnPolicyConfig
 
@@ -74,6 +85,18 @@ API_CASES: list[tuple[str, Callable[[], object], list[str]]] = [
     ("api-plan-too-wide", lambda: _nm().make_plan(
         _nm().ModelConfig(num_layers=2, hidden_size=64), None,
         _nm().Target(hidden_size=128)), ["target.hidden_size=128"]),
+    ("api-plan-moe-experts-below-topk", lambda: _moe_plan(dict(num_moe_experts=1)),
+     ["target.num_moe_experts=1", "model.moe_router_topk=2"]),
+    ("api-plan-moe-experts-ep", lambda: _moe_plan(dict(num_moe_experts=3), ep=2),
+     ["target.num_moe_experts=3", "parallel.expert_model_parallel_size=2"]),
+    ("api-plan-moe-ffn-tp", lambda: _moe_plan(dict(moe_ffn_hidden_size=33), tp=2),
+     ["target.moe_ffn_hidden_size=33", "parallel.tensor_model_parallel_size=2"]),
+    ("api-plan-dense-scores-on-moe", lambda: _moe_plan(
+        dict(num_moe_experts=2), scores_of=dict(num_layers=2, hidden_size=64)),
+     ["no experts scores", "dense model"]),
+    ("api-plan-moe-target-on-dense", lambda: _nm().make_plan(
+        _nm().ModelConfig(num_layers=2, hidden_size=64), None,
+        _nm().Target(num_moe_experts=2)), ["target.num_moe_experts=2", "no routed experts"]),
     ("api-kd-temperature", lambda: _nm().KDConfig(temperature=0), ["kd.temperature=0"]),
     ("api-kd-loss-cache", lambda: _nm().KDLoss(None, None, _nm().KDConfig(
         teacher_cache="c")), ["kd.teacher_cache", "KDLoss"]),
@@ -141,10 +164,10 @@ def _other_weights():
 
 
 PRUNE_CASES: list[tuple[str, int, Callable[[], object], list[str]]] = [
-    ("api-prune-moe", 1, lambda: _prune(_gpt(spec=dict(num_experts=2), num_moe_experts=2,
-                                             moe_router_topk=1, moe_router_pre_softmax=True),
-                                        ffn_hidden_size=64),
-     ["decoder.layers.0.mlp", "MoELayer", "supported"]),
+    ("api-prune-dense-plan-on-moe", 1, lambda: _prune(_gpt(
+        spec=dict(num_experts=2), num_moe_experts=2, moe_router_topk=1,
+        moe_router_pre_softmax=True), ffn_hidden_size=64),
+     ["plan.source.num_moe_experts=None", "TransformerConfig.num_moe_experts=2"]),
     ("api-prune-qk-norm", 1, lambda: _prune(_gpt(spec=dict(qk_layernorm=True),
                                                  qk_layernorm=True), ffn_hidden_size=64),
      ["self_attention.q_layernorm", "supported"]),

@@ -14,6 +14,13 @@ from nemo_minitron.checkpoint.safety import load_weights_only
 from nemo_minitron.config import ConfigError
 
 
+def keep_best(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best scores, in ascending index order (ties: lower index wins):
+    the units a pruning keeps."""
+    order = torch.sort(-scores.double(), stable=True).indices[:k]
+    return order.sort().values
+
+
 @dataclass
 class Scores:
     """Per-axis scores (higher = more important), for the whole (unsharded) model."""

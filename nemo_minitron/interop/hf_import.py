@@ -96,11 +96,6 @@ def write_checkpoint(src: HFSource, out: str | os.PathLike[str],
     parallel = parallel or ParallelConfig()
     src.config.check_layout(parallel.tensor_model_parallel_size,
                             parallel.pipeline_model_parallel_size)
-    if src.config.is_moe and parallel.tensor_model_parallel_size > 1:
-        # model.full_state splits only the dense MLP's [gate; up] per TP rank, not an expert's.
-        raise ConfigError(f"parallel.tensor_model_parallel_size="
-                          f"{parallel.tensor_model_parallel_size}: an MoE model is imported at "
-                          "TP=1 for now (its checkpoint then loads under any TP)")
     init_distributed(parallel)
     model = build_model(src.config)
     fill_model(model, src.config, lambda name, layer: megatron_tensor(

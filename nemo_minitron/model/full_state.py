@@ -9,8 +9,8 @@ pruned tensor is simply re-split evenly.
 
 Megatron marks every tensor-parallel parameter with ``tensor_model_parallel`` and
 ``partition_dim``; everything else is replicated over TP. Concatenating TP shards along
-``partition_dim`` gives the TP=1 tensor for every weight but SwiGLU ``linear_fc1``
-(``model.layouts.fc1_tp_shard``).
+``partition_dim`` gives the TP=1 tensor for every weight but SwiGLU ``linear_fc1`` (the dense
+MLP's, every expert's and the shared expert's: ``model.layouts.fc1_tp_shard``).
 
 ``fill_model`` fills a stage from any source of full tensors, one at a time (checkpoint import
 streams them from safetensors); ``load_full_state_dict`` from a dict.
@@ -45,8 +45,8 @@ def _global_key(key: str, offset: int) -> str:
 
 
 def _is_glu_fc1(name: str, gated: bool) -> bool:
-    """SwiGLU ``linear_fc1`` weight/bias (not a norm fused into it)."""
-    return gated and name.endswith(layouts.FC1)
+    """SwiGLU ``linear_fc1`` weight/bias of any MLP, expert or shared expert."""
+    return gated and layouts.is_fc1(name)
 
 
 def _tied(model: torch.nn.Module) -> bool:

@@ -34,6 +34,7 @@ QKV = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
 """Layer-local names of the fused QKV tensors."""
 FC1 = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
 """Layer-local names of the MLP's first linear (fused ``[gate; up]`` under SwiGLU)."""
+_ANY_FC1 = ("linear_fc1.weight", "linear_fc1.bias")
 
 
 def global_layer(layer: torch.nn.Module) -> int:
@@ -166,9 +167,19 @@ def join_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.cat([gate, up], dim=0)
 
 
-def fc1_rows(cfg: ModelConfig, neurons: torch.Tensor) -> torch.Tensor:
-    """Rows of ``linear_fc1`` feeding the given MLP neurons (both halves under SwiGLU)."""
-    return torch.cat([neurons, neurons + cfg.ffn_hidden_size]) if gated(cfg) else neurons
+def is_fc1(name: str) -> bool:
+    """``name`` (a state-dict key or layer-local name) is the weight or bias of an MLP's
+    ``linear_fc1``: the dense MLP's, a routed expert's (``mlp.experts.local_experts.<e>.``) or
+    the shared expert's (``mlp.shared_experts.``); all three are ``[gate; up]`` under SwiGLU,
+    split per TP rank alike (not a norm fused into it: ``layer_norm_weight``)."""
+    return name.endswith(_ANY_FC1)
+
+
+def fc1_rows(cfg: ModelConfig, neurons: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Rows of ``linear_fc1`` feeding the given MLP neurons (both halves under SwiGLU) of an
+    MLP of ``size`` neurons (None: the dense ``ffn_hidden_size``; an expert's is another)."""
+    size = cfg.ffn_hidden_size if size is None else size
+    return torch.cat([neurons, neurons + size]) if gated(cfg) else neurons
 
 
 def fc1_tp_shard(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:

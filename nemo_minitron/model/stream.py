@@ -30,6 +30,9 @@ from nemo_minitron.model.full_state import gather_tp, tp_slice
 LayerFn = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
 """(full tensors of an old layer by layer-local name, its global index) -> the new layer's
 (called with one tensor at a time)."""
+Rename = Callable[[str, int], "str | None"]
+"""(layer-local name of an old layer's tensor, its global index) -> the new layer's name for it
+(None: it has no counterpart, e.g. a removed expert)."""
 OtherFn = Callable[[str, torch.Tensor], torch.Tensor]
 """(state-dict key, this rank's shard of a tensor outside the layers) -> the new shard."""
 
@@ -73,9 +76,10 @@ def fill_others(old: torch.nn.Module, new: torch.nn.Module, fn: OtherFn) -> None
 
 
 def stream_layers(old: torch.nn.Module, new: torch.nn.Module, sources: list[int], fn: LayerFn,
-                  new_cfg: ModelConfig) -> None:
+                  new_cfg: ModelConfig, rename: Rename | None = None) -> None:
     """Fill every layer ``j`` of ``new`` from ``fn`` of the full layer ``sources[j]`` of
-    ``old`` (module docstring). A collective: every rank of the model-parallel group calls it."""
+    ``old`` (module docstring); ``rename``: which new tensor each old one fills (default: the
+    one of the same name). A collective: every rank of the model-parallel group calls it."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -92,13 +96,19 @@ def stream_layers(old: torch.nn.Module, new: torch.nn.Module, sources: list[int]
         if stage == src:
             # One tensor at a time: the transform's rules are per weight, so at most one full
             # tensor (and its slice) is held beside the shards.
-            for name, p in _params(old_layers[s]).items():
+            params = _params(old_layers[s])
+            # In the new names' order: the order in which the receiving stage reads them.
+            names = sorted((n, o) for o in params
+                           if (n := o if rename is None else rename(o, s)) is not None)
+            for new_name, name in names:
+                p = params[name]
                 full = gather_tp(p, name, gated)
                 # Same spec on both sides: the old layer's parameter carries the TP attributes.
-                shard = tp_slice(fn({name: full}, s)[name], p, name, new_cfg, tp_rank, tp)
+                shard = tp_slice(fn({name: full}, s)[name], p, new_name, new_cfg, tp_rank, tp)
                 del full
                 if dst == stage:
-                    _copy(_params(new_layers[j])[name], shard, layouts.layer_key(j, name))
+                    _copy(_params(new_layers[j])[new_name], shard,
+                          layouts.layer_key(j, new_name))
                 else:
                     dist.send(shard.to(wire).contiguous(), dst=pp_ranks[dst])
                 del shard

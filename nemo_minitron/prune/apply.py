@@ -2,8 +2,9 @@
 layer spec (``model.rebuild``), one layer at a time (``model.stream``).
 
 ``prune_model`` works on any megatron-core ``GPTModel`` (or subclass) whose layers hold only
-the tensors below; everything else (MoE experts and routers, multi-latent attention, q/k norms,
-multi-token prediction) is refused before anything is built, naming the module.
+the tensors below and the MoE layer's (router, experts, shared expert: ``prune.moe``);
+everything else (grouped-GEMM experts, multi-latent attention, q/k norms, multi-token
+prediction) is refused before anything is built, naming the module.
 
 The full (TP=1) tensors are sliced with the layouts of ``model.layouts`` (fused QKV, SwiGLU
 ``[gate; up]``, per-head ``linear_proj`` columns). Norms are separate modules in the local spec
@@ -21,6 +22,7 @@ is scaled by ``H / H'`` in the pruned config (``prune.plan``), which makes the c
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -30,6 +32,7 @@ from nemo_minitron.model.build import unwrap
 from nemo_minitron.model.params import count_params, same_weights, weights_fingerprint
 from nemo_minitron.model.rebuild import Build, rebuild, replace_config
 from nemo_minitron.model.stream import fill_others, stream_layers
+from nemo_minitron.prune import moe
 from nemo_minitron.prune.plan import PrunePlan, Target, validate_target
 
 _NORMS = ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_layernorm.weight",
@@ -81,7 +84,7 @@ def prune_layer(full: dict[str, torch.Tensor], plan: PrunePlan,
     any subset: each rule reads one weight) -> the pruned layer's. The one owner of the
     per-weight slicing rules."""
     hid, scale = plan.kept_hidden, _norm_scale(plan)
-    ffn = plan.kept_ffn[layer]
+    ffn = plan.kept_ffn.get(layer)  # None in an MoE layer
     out: dict[str, torch.Tensor] = {}
     for name, w in full.items():
         if name in _NORMS:
@@ -99,30 +102,41 @@ def prune_layer(full: dict[str, torch.Tensor], plan: PrunePlan,
             out[name] = w[rows][:, hid] if w.dim() == 2 else w[rows]
         elif name == "mlp.linear_fc2.weight":
             out[name] = w[hid][:, ffn]
+        elif moe.is_moe_tensor(name):
+            out[name] = moe.slice_moe(name, w, plan.source, hid, plan.kept_experts[layer],
+                                      plan.kept_expert_ffn[layer],
+                                      plan.kept_shared_ffn.get(layer))
         else:
             key = layouts.layer_key(layer, name)
             raise ConfigError(f"pruning does not know the weight {key!r}")
     return {k: v.contiguous() for k, v in out.items()}
 
 
+_KNOWN_MODULES = ("SelfAttention", "MLP", "MoELayer", "SequentialMLP", "SharedExpertMLP",
+                  "TopKRouter")
+"""Modules whose tensors pruning slices (``check_supported`` names what is inside others)."""
+
+
 def check_supported(model: torch.nn.Module) -> None:
     """One-line error naming the first module of ``model`` that pruning cannot slice."""
-    supported = ("supported: dense GPTModel layers of SelfAttention (linear_qkv, linear_proj) "
-                 "and MLP (linear_fc1, linear_fc2) with their norms, the embedding, output "
-                 "layer and final norm, as in megatron-core's local or Transformer Engine spec")
+    supported = ("supported: GPTModel layers of SelfAttention (linear_qkv, linear_proj) and MLP "
+                 "(linear_fc1, linear_fc2) or MoELayer (router, SequentialMLP experts, shared "
+                 "expert) with their norms, the embedding, output layer and final norm, as in "
+                 "megatron-core's local or Transformer Engine spec")
     if getattr(model, "mtp_process", False):
         raise ConfigError(f"prune does not support the module mtp (multi-token prediction); "
                           f"{supported}")
     for key, _ in model.named_parameters():
         parsed = layouts.split_layer_key(key)
-        if (parsed[1] in LAYER_TENSORS) if parsed else key in OTHER_TENSORS:
+        if (parsed[1] in LAYER_TENSORS or moe.is_moe_tensor(parsed[1])) if parsed \
+                else key in OTHER_TENSORS:
             continue
         path = key.rpartition(".")[0]
         parts = path.split(".")
         # The outermost module under the layer that is not one of the known ones.
         for i in range(4 if parsed else 1, len(parts) + 1):
             module = model.get_submodule(".".join(parts[:i]))
-            if type(module).__name__ not in ("SelfAttention", "MLP") or i == len(parts):
+            if type(module).__name__ not in _KNOWN_MODULES or i == len(parts):
                 break
         raise ConfigError(f"prune does not support the module {'.'.join(parts[:i])} "
                           f"({type(module).__name__}, holding {key}); {supported}")
@@ -136,19 +150,25 @@ def _check_plan(model: torch.nn.Module, plan: PrunePlan) -> None:
     for name, want in (("num_layers", src.num_layers), ("hidden_size", src.hidden_size),
                        ("ffn_hidden_size", src.ffn_hidden_size),
                        ("num_attention_heads", src.num_attention_heads),
-                       ("num_query_groups", src.query_groups), ("kv_channels", src.head_dim)):
+                       ("num_query_groups", src.query_groups), ("kv_channels", src.head_dim),
+                       *_moe_sizes(src).items()):
         have = getattr(tc, name)
         if name == "num_query_groups" and have is None:
             have = tc.num_attention_heads
         if have != want:
             raise ConfigError(f"the plan was made for another model: plan.source.{name}={want}, "
                               f"the model's TransformerConfig.{name}={have}")
+    ep = ps.get_expert_model_parallel_world_size()
+    if ep > 1:  # kept experts would move between the EP ranks that hold them
+        raise ConfigError(f"pruning under expert parallelism (expert_model_parallel_size={ep}) "
+                          f"is not supported: prune at EP=1 (the checkpoint loads under any EP)")
     c = plan.config
     # The target's rules, against the layout the model actually has.
     validate_target(src, Target(num_layers=c.num_layers, hidden_size=c.hidden_size,
-                                ffn_hidden_size=c.ffn_hidden_size,
+                                ffn_hidden_size=None if src.is_moe else c.ffn_hidden_size,
                                 num_attention_heads=c.num_attention_heads,
-                                num_query_groups=c.query_groups, hardware_multiple=1),
+                                num_query_groups=c.query_groups, hardware_multiple=1,
+                                **_moe_sizes(c)),
                     ps.get_tensor_model_parallel_world_size(),
                     ps.get_pipeline_model_parallel_world_size())
     have, want = _count(model), count_params(src)
@@ -165,6 +185,13 @@ def _check_plan(model: torch.nn.Module, plan: PrunePlan) -> None:
             raise ConfigError(f"the plan's scores were computed on different weights "
                               f"(fingerprint {plan.fingerprint} != this model's {mine}); "
                               f"estimate the importance on this model")
+
+
+def _moe_sizes(cfg: Any) -> dict[str, int | None]:
+    """The MoE sizes of ``cfg`` by ``TransformerConfig`` name (all None for a dense model)."""
+    return {"num_moe_experts": cfg.num_moe_experts,
+            "moe_ffn_hidden_size": cfg.expert_ffn_hidden_size if cfg.is_moe else None,
+            "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size}
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -203,11 +230,17 @@ def prune_model(model: torch.nn.Module, plan: PrunePlan, *,
                             ffn_hidden_size=c.ffn_hidden_size,
                             num_attention_heads=c.num_attention_heads,
                             num_query_groups=c.query_groups, kv_channels=c.head_dim,
-                            layernorm_epsilon=c.layernorm_epsilon)
+                            layernorm_epsilon=c.layernorm_epsilon,
+                            **(_moe_sizes(c) if c.is_moe else {}))
     pruned = rebuild(src, config, build)
     fill_others(src, pruned, lambda key, w: prune_other(key, w, plan))
+
+    def rename(name: str, layer: int) -> str | None:  # kept experts renumbered
+        kept = plan.kept_experts.get(layer)
+        return name if kept is None else moe.expert_name(name, kept.tolist())
+
     stream_layers(src, pruned, plan.kept_layers, lambda full, s: prune_layer(full, plan, s),
-                  plan.config)
+                  plan.config, rename)
     have, predicted = _count(pruned), count_params(plan.config)
     if have != predicted:
         raise AssertionError(f"the pruned model holds {have} parameters, its config predicts "

@@ -18,7 +18,9 @@ import torch
 from nemo_minitron.config import ConfigError, ModelConfig, check_divisible, layout_divisor
 from nemo_minitron.importance.layers import block_angular_distance
 from nemo_minitron.importance.scores import Scores
+from nemo_minitron.importance.scores import keep_best as _keep
 from nemo_minitron.model.layouts import group_heads, heads_by_group
+from nemo_minitron.prune.moe import ExpertMetric, check_moe_scores, plan_moe
 from nemo_minitron.utils.logging import get_logger, warn_once
 
 log = get_logger("prune")
@@ -46,6 +48,10 @@ class Target:
     experts, so grouped GEMM still works)."""
     moe_shared_expert_intermediate_size: int | None = None
     """Channels to keep in the shared expert of every MoE layer."""
+    expert_metric: ExpertMetric = "output_norm"
+    """How num_moe_experts ranks experts: ``output_norm``, the token mean L2 norm of each
+    expert's router-weighted output (``Scores.experts``), or ``router_mass``, the router's
+    probability mass (``Scores.expert_mass``)."""
     drop_layers: list[int] | None = None
     """Explicit 0-based layer indices to remove (overrides the score-based choice)."""
     layer_metric: Literal["block_importance", "lm_loss", "angular_distance"] = "block_importance"
@@ -75,17 +81,22 @@ class PrunePlan:
     kept_heads: dict[int, torch.Tensor] = field(default_factory=dict)
     """Per kept source layer: kept heads ``[num_query_groups', heads per group']`` (global
     head ids)."""
+    kept_experts: dict[int, torch.Tensor] = field(default_factory=dict)
+    """MoE, per kept source layer: kept routed experts ``[num_moe_experts']`` (source
+    indices; the pruned layer's expert ``j`` is ``kept_experts[layer][j]``)."""
+    kept_expert_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
+    """MoE, per kept source layer: kept channels of every routed expert
+    ``[moe_ffn_hidden_size']`` (one index set for all experts of the layer)."""
+    kept_shared_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
+    """MoE with a shared expert, per kept source layer: its kept channels
+    ``[moe_shared_expert_intermediate_size']``."""
+    expert_metric: ExpertMetric = "output_norm"
+    """What ranked the kept experts (``Target.expert_metric``)."""
     rescale_norms: bool = True
     """Compensate RMSNorm for the removed channels (see ``prune.apply``)."""
     fingerprint: list[float] | None = None
     """``weights_fingerprint`` of the model the scores were computed on (``Scores.meta``); the
     prune refuses another model's weights. None: not known (older or foreign scores)."""
-
-
-def _keep(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` best scores, in ascending index order (ties: lower index wins)."""
-    order = torch.sort(-scores.double(), stable=True).indices[:k]
-    return order.sort().values
 
 
 def target_heads(src: ModelConfig, t: Target) -> tuple[int, int]:
@@ -172,6 +183,9 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1,
             raise ConfigError(f"target.{name}={value!r} must be a positive integer")
         if value > have:
             raise ConfigError(f"target.{name}={value} is larger than the source's {have}")
+    if src.is_moe and t.ffn_hidden_size is not None:
+        raise ConfigError(f"target.ffn_hidden_size={t.ffn_hidden_size}: an MoE model has no "
+                          f"dense MLP (target.moe_ffn_hidden_size prunes its experts' channels)")
     new_a, new_g = target_heads(src, t)
     if new_a % new_g:
         raise ConfigError(f"target.num_attention_heads={new_a} is not divisible by "
@@ -215,10 +229,11 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1,
 
 
 def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int = 1,
-              rescale_norms: bool = True) -> PrunePlan:
-    """Choose the kept units of every axis."""
-    validate_target(src, t, tp, pp)
-    _check_scores(src, scores)
+              rescale_norms: bool = True, ep: int = 1) -> PrunePlan:
+    """Choose the kept units of every axis (``tp``/``pp``/``ep``: the layout the pruned model
+    is built under)."""
+    validate_target(src, t, tp, pp, ep)
+    check_scores(src, scores, t)
     L, G = src.num_layers, src.query_groups
     if t.drop_layers is not None:
         layers = [i for i in range(L) if i not in set(t.drop_layers)]
@@ -235,9 +250,14 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
     plan = PrunePlan(source=src, config=config, kept_layers=layers,
                      kept_hidden=_keep(scores.hidden, config.hidden_size),
                      rescale_norms=rescales_norms(src, rescale_norms),
+                     expert_metric=t.expert_metric,
                      fingerprint=scores.meta.get("fingerprint"))
+    if src.is_moe:
+        plan.kept_experts, plan.kept_expert_ffn, plan.kept_shared_ffn = plan_moe(
+            src, config, scores, layers, t.expert_metric)
     for i in layers:
-        plan.kept_ffn[i] = _keep(scores.ffn[i], config.ffn_hidden_size)
+        if not src.is_moe:  # an MoE layer has no dense MLP
+            plan.kept_ffn[i] = _keep(scores.ffn[i], config.ffn_hidden_size)
         head_scores = heads_by_group(scores.heads[i], G)
         groups = _keep(scores.groups[i], new_g)
         plan.kept_groups[i] = groups
@@ -257,8 +277,12 @@ def angular_block(scores: Scores, block: int) -> tuple[int, int]:
     return int(torch.argmin(block_angular_distance(scores.angular_distance, block))), block
 
 
-def _check_scores(src: ModelConfig, s: Scores) -> None:
-    want = {"ffn": (src.num_layers, src.ffn_hidden_size),
+def check_scores(src: ModelConfig, s: Scores, t: Target) -> None:
+    """One-line error unless ``s`` has the shape of ``src``'s scores (every axis ``t`` needs:
+    an MoE source's expert scores by ``t.expert_metric``)."""
+    if src.is_moe:
+        check_moe_scores(src, s, t.expert_metric)
+    want = {"ffn": (src.num_layers, 0 if src.is_moe else src.ffn_hidden_size),
             "heads": (src.num_layers, src.num_attention_heads),
             "groups": (src.num_layers, src.query_groups),
             "hidden": (src.hidden_size,), "layers": (src.num_layers,)}

@@ -1,6 +1,7 @@
 """The pruning report: per-axis statistics, parameter counts, plots (PNG), Markdown.
 
-The figures are built by ``layer_figure`` and ``score_figure``, which return the matplotlib
+The figures are built by ``layer_figure``, ``score_figure`` and (MoE) ``expert_figure``, which
+return the matplotlib
 ``Figure`` (tests read what was drawn back from its Axes); ``write_report`` saves them."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from nemo_minitron.importance.scores import Scores
 from nemo_minitron.model.layouts import group_heads
+from nemo_minitron.prune.moe import EXPERT_SCORES
 from nemo_minitron.prune.plan import PrunePlan
 
 KEPT, REMOVED = "tab:blue", "tab:red"
@@ -19,8 +21,16 @@ KEPT, REMOVED = "tab:blue", "tab:red"
 UNITS = {"ffn": "MLP neurons", "heads": "attention heads", "groups": "query groups",
          "hidden": "embedding channels"}
 """What one unit of each width axis is."""
+MOE_UNITS = {"expert_ffn": "expert channels", "heads": "attention heads",
+             "groups": "query groups", "hidden": "embedding channels"}
+"""The width axes of an MoE model (its layers have experts, not an MLP)."""
+MOE_ROWS = (("experts", "num_moe_experts"), ("expert_ffn", "moe_ffn_hidden_size"),
+            ("shared_expert_ffn", "moe_shared_expert_intermediate_size"))
+"""MoE score axes and the config field that counts their units."""
 
 _ACTIVATION = {"ffn": "activation entering linear_fc2",
+               "expert_ffn": "root mean square over tokens of the router-weighted activation\n"
+                             "entering the experts' linear_fc2, all experts of the layer",
                "heads": "head output norm (linear_proj input)",
                "groups": "sum of its heads' scores",
                "hidden": "layernorm outputs, summed over layers"}
@@ -53,7 +63,9 @@ def kept_mask(scores: Scores, plan: PrunePlan, axis: str) -> torch.Tensor:
     elif axis == "layers":
         mask[plan.kept_layers] = True
     else:
-        for i, kept in getattr(plan, f"kept_{axis}").items():
+        kept_by_layer = plan.kept_shared_ffn if axis == "shared_expert_ffn" else getattr(
+            plan, f"kept_{axis}")
+        for i, kept in kept_by_layer.items():
             mask[i, kept.flatten()] = True
     return mask
 
@@ -82,6 +94,8 @@ def cuts(scores: Scores, plan: PrunePlan, axis: str) -> list[float]:
 
 def _score_label(scores: Scores, axis: str) -> str:
     how = scores.meta.get("importance", "activation")
+    if how == "activation" and axis == "expert_ffn":  # its own aggregation (importance.moe)
+        return f"score: {_ACTIVATION[axis]}"
     if how == "activation":
         agg = (f"{scores.meta.get('seq_agg', 'mean')} over tokens, "
                f"{scores.meta.get('batch_agg', 'l2')} over sequences")
@@ -96,7 +110,8 @@ def score_figure(scores: Scores, plan: PrunePlan) -> Any:
     and their median dashed (gid ``cut-median``)."""
     plt = _plt()
     fig, axs = plt.subplots(2, 2, figsize=(10, 7.5))
-    for ax, axis in zip(axs.flat, UNITS):
+    units = MOE_UNITS if plan.source.is_moe else UNITS
+    for ax, axis in zip(axs.flat, units):
         values, mask = getattr(scores, axis), kept_mask(scores, plan, axis)
         if axis != "hidden":  # units of removed layers went with their layer
             values, mask = values[plan.kept_layers], mask[plan.kept_layers]
@@ -117,10 +132,10 @@ def score_figure(scores: Scores, plan: PrunePlan) -> Any:
             ax.axvline(med, color="k", ls="--", lw=1, gid="cut-median",
                        label=f"median cut {med:.3g}")
         removed = plan.source.num_layers - len(plan.kept_layers)
-        ax.set_title(UNITS[axis] + (f" ({len(plan.kept_layers)} kept layers)" if removed and
+        ax.set_title(units[axis] + (f" ({len(plan.kept_layers)} kept layers)" if removed and
                                     axis != "hidden" else ""), fontsize=10)
         ax.set_xlabel(_score_label(scores, axis), fontsize=8)
-        ax.set_ylabel(f"{UNITS[axis]} (count, log scale)", fontsize=8)
+        ax.set_ylabel(f"{units[axis]} (count, log scale)", fontsize=8)
         ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -169,27 +184,83 @@ def layer_figure(scores: Scores, plan: PrunePlan, summary: dict[str, Any]) -> An
     return fig
 
 
+def expert_figure(scores: Scores, plan: PrunePlan) -> Any:
+    """MoE: per layer (rows) and expert (columns), the score that ranked the experts (left:
+    ``Scores.experts`` or ``expert_mass`` by ``target.expert_metric``) and the routing load
+    (right: ``Scores.expert_load``, the share of tokens routed to the expert) as heat maps;
+    the removed experts of kept layers crossed in red (gid ``removed``)."""
+    plt = _plt()
+    metric = EXPERT_SCORES[plan.expert_metric]
+    panels = [(getattr(scores, metric), f"expert score ({metric})")]
+    if scores.expert_load is not None:
+        panels.append((scores.expert_load, "routing load (share of tokens)"))
+    L, E = panels[0][0].shape
+    fig, axs = plt.subplots(1, len(panels), figsize=(4 + 3 * len(panels) + 0.08 * E,
+                                                      max(3.0, 1.5 + 0.25 * L)), squeeze=False)
+    mask = kept_mask(scores, plan, "experts")
+    gone = [(e, i) for i in plan.kept_layers for e in range(E) if not mask[i, e]]
+    for ax, (values, title) in zip(axs.flat, panels):
+        im = ax.imshow(values.double().numpy(), aspect="auto", cmap="viridis")
+        fig.colorbar(im, ax=ax, fraction=0.05)
+        if gone:
+            ax.scatter([e for e, _ in gone], [i for _, i in gone], marker="x", s=30,
+                       color=REMOVED, gid="removed", label=f"pruned ({len(gone)})")
+            ax.legend(fontsize=7, loc="upper right")
+        ax.set_title(title, fontsize=10)
+        ax.set_yticks(range(0, L, max(1, L // 24)))
+        ax.set_xticks(range(0, E, max(1, E // 32)))
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def expert_table(scores: Scores, plan: PrunePlan) -> list[str]:
+    """MoE: the Markdown table of every layer's expert scores and routing loads (``score /
+    load`` per expert; removed experts struck through, removed layers marked)."""
+    metric = EXPERT_SCORES[plan.expert_metric]
+    values, load = getattr(scores, metric), scores.expert_load
+    mask = kept_mask(scores, plan, "experts")
+    E = values.shape[1]
+    lines = [f"Experts per layer: score ({metric}) / routing load; removed ones struck "
+             "through:", "", "| layer | " + " | ".join(f"e{e}" for e in range(E)) + " |",
+             "| --- |" + " --- |" * E]
+    for i in range(values.shape[0]):
+        cells = [f"{values[i, e]:.3g}" + ("" if load is None else f" / {load[i, e]:.3g}")
+                 for e in range(E)]
+        cells = [c if mask[i, e] or i not in plan.kept_layers else f"~~{c}~~"
+                 for e, c in enumerate(cells)]
+        name = str(i) if i in plan.kept_layers else f"~~{i}~~ (removed)"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _save(fig: Any, path: Path) -> None:
     fig.savefig(path, dpi=110)
     _plt().close(fig)
 
 
 def write_report(out_dir: Path, scores: Scores, plan: PrunePlan, summary: dict[str, Any]) -> None:
-    """``report.md``, ``layer_importance.png`` and ``score_distributions.png`` in ``out_dir``."""
+    """``report.md``, ``layer_importance.png``, ``score_distributions.png`` and (MoE)
+    ``experts.png`` in ``out_dir``."""
     _save(layer_figure(scores, plan, summary), out_dir / "layer_importance.png")
     _save(score_figure(scores, plan), out_dir / "score_distributions.png")
 
     src, new = plan.source, plan.config
     lines = ["# Pruning report", "", "| axis | source | pruned | score min | mean | max |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for axis in Scores.AXES:
+    rows = [(a, Scores.SIZES[a]) for a in Scores.AXES if not (src.is_moe and a == "ffn")]
+    for axis, size in rows + ([r for r in MOE_ROWS if getattr(scores, r[0]) is not None]
+                              if src.is_moe else []):
         t: torch.Tensor = getattr(scores, axis)
-        size = Scores.SIZES[axis]
         before = src.query_groups if axis == "groups" else getattr(src, size)
         after = new.query_groups if axis == "groups" else getattr(new, size)
         lines.append(f"| {size} | {before} | {after} | {t.min():.4g} | {t.mean():.4g} | "
                      f"{t.max():.4g} |")
     lines += ["", f"Kept layers: {plan.kept_layers}", ""]
+    if src.is_moe:
+        _save(expert_figure(scores, plan), out_dir / "experts.png")
+        lines += [*expert_table(scores, plan), "![experts](experts.png)", ""]
     for key, title in (("block_angular_distance", "angular distance arccos(cos)/pi between "
                         "the hidden states entering and leaving the block"),
                        ("block_loss_increase", "validation LM-loss increase without the block")):

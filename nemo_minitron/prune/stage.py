@@ -105,7 +105,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.prune.apply import prune_model
-    from nemo_minitron.prune.plan import angular_block, make_plan, validate_target
+    from nemo_minitron.prune.plan import angular_block, check_scores, make_plan, validate_target
     from nemo_minitron.prune.report import write_report
     from nemo_minitron.prune.result import write as write_result
 
@@ -117,9 +117,12 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
         raise ConfigError(f"target.layer_metric=angular_distance needs importance=activation "
                           f"(hidden states), not importance={recipe.importance}")
     src = load_model_config(checkpoint)
-    validate_target(src, recipe.target, recipe.parallel.tensor_model_parallel_size,
-                    recipe.parallel.pipeline_model_parallel_size)
+    p = recipe.parallel
+    validate_target(src, recipe.target, p.tensor_model_parallel_size,
+                    p.pipeline_model_parallel_size, p.expert_model_parallel_size)
     given = Scores.load(recipe.scores) if recipe.scores else None  # refused before any work
+    if given is not None:
+        check_scores(src, given, recipe.target)
     # A checkpoint imported without a tokenizer calibrates on data.path read with
     # data.tokenizer and stays without one; otherwise its own tokenizer reads the data.
     own = has_tokenizer(checkpoint) or None in (recipe.data.path, recipe.data.tokenizer)
@@ -163,7 +166,8 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
         angular = block_angular_distance(scores.angular_distance, block)
         log.info("angular distance per removed block of %d layers: %s; dropping %s", block,
                  [round(x, 4) for x in angular.tolist()], list(range(start, start + block)))
-    plan = make_plan(src, scores, target, rt.tp, rt.pp, rescale_norms=recipe.rescale_norms)
+    plan = make_plan(src, scores, target, rt.tp, rt.pp, rescale_norms=recipe.rescale_norms,
+                     ep=p.expert_model_parallel_size)
     source_loss = lm_loss(model, eval_tokens, c.micro_batch_size)
     pruned = prune_model(model, plan)
     pruned_loss = lm_loss(pruned, eval_tokens, c.micro_batch_size)

@@ -112,6 +112,23 @@ def _model_vocab(vocab_size: int):
     return edit
 
 
+def _moe_model(d: Path) -> None:
+    """The checkpoint's model config made an MoE (4 experts, top-2; the weights stay dense:
+    the MoE prune cases are refused before any weight is read)."""
+    cfg = yaml.safe_load((d / "model_config.yaml").read_text())
+    cfg.update(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64)
+    (d / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def _dense_scores(c: Ctx) -> str:
+    """A scores file of the dense model ``good`` (no expert scores)."""
+    from nemo_minitron.checkpoint.io import load_model_config
+    from nemo_minitron.importance.baselines import random_scores
+
+    random_scores(load_model_config(c.good), 0).save(c.tmp / "dense.pt")
+    return str(c.tmp / "dense.pt")
+
+
 def _no_tokenizer(d: Path) -> None:
     shutil.rmtree(d / "tokenizer")
 

@@ -2,7 +2,7 @@
 and Qwen3-MoE models (4 experts, top-2; Qwen2-MoE with its gated shared expert and QKV bias,
 with and without ``norm_topk_prob``; Qwen3-MoE with its query/key norms, head_dim 32 != hidden /
 heads) give our model transformers' logits after import (fp32, 1e-5),
-also under PP=2 and, loaded from the TP=1 import, under TP=2; the exported directory loads with
+also imported under PP=2 and under TP=2; the exported directory loads with
 ``from_pretrained`` and gives our logits back."""
 
 from __future__ import annotations
@@ -50,13 +50,12 @@ def single_job(root: str) -> None:
 def parallel_job(root: str) -> None:
     from nemo_minitron.config import ParallelConfig
     from nemo_minitron.interop.hf_import import import_hf
-    from nemo_minitron.parallel.runtime import init_distributed
 
     r = Path(root)
     import_hf(r / "hf_qwen2_moe", r / "ck_pp2", ParallelConfig(pipeline_model_parallel_size=2))
     outs = {"pp2": _logits(r / "ck_pp2")}
-    init_distributed(ParallelConfig(tensor_model_parallel_size=2))
-    outs["tp2"] = _logits(r / "ck_qwen2_moe")  # imported at TP=1 by single_job
+    import_hf(r / "hf_qwen2_moe", r / "ck_tp2", ParallelConfig(tensor_model_parallel_size=2))
+    outs["tp2"] = _logits(r / "ck_tp2")  # every expert's [gate; up] split per TP rank
     if int(os.environ["RANK"]) == 1:
         for layout, logits in outs.items():
             torch.save(logits, r / f"ours_{layout}.pt")

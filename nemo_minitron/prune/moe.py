@@ -1,0 +1,121 @@
+"""Pruning mixture-of-experts layers (megatron-core's ``MoELayer`` with per-expert
+``SequentialMLP`` experts): the MoE part of the plan and the slicing rules of its weights.
+
+The plan, per kept layer: the kept routed experts (the best by ``target.expert_metric``:
+``Scores.experts``, the router-weighted output norm, or ``Scores.expert_mass``, the router's
+probability mass), the kept expert channels (``Scores.expert_ffn``: one index set for every
+expert of the layer, so grouped GEMM keeps one shape) and the kept shared-expert channels
+(``Scores.shared_expert_ffn``).
+
+The weights (layer-local names, full TP=1 tensors):
+
+- ``mlp.router.weight [experts, hidden]``: the kept experts' rows, the kept hidden columns;
+- ``mlp.experts.local_experts.<e>.linear_fc1.weight [2f, hidden]`` (SwiGLU ``[gate; up]``): the
+  kept channels' rows of both halves, the kept hidden columns; ``linear_fc2.weight [hidden,
+  f]``: the kept hidden rows, the kept channel columns. A kept expert is renumbered by its rank
+  among the kept ones (``expert_name``); a removed one has no counterpart;
+- ``mlp.shared_experts.linear_fc1/linear_fc2``: as an expert, with the shared channels;
+  ``mlp.shared_experts.gate_weight [1, hidden]`` (Qwen2-MoE's sigmoid gate): the hidden columns.
+
+Removing experts the router never picks leaves the outputs unchanged with a router that takes
+the top-k logits and a softmax over them (Mixtral, Qwen-MoE with ``norm_topk_prob``); with a
+pre-softmax router (``moe_router_pre_softmax``) the softmax runs over every expert, so the kept
+weights change unless the removed experts' probabilities were negligible.
+
+Expert parallelism (``local_experts.<e>`` is then the EP rank's local index) is refused by
+``prune.apply``: kept experts would move between EP ranks.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+
+from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.importance.scores import Scores, keep_best
+from nemo_minitron.model.layouts import fc1_rows
+
+ExpertMetric = Literal["output_norm", "router_mass"]
+EXPERT_SCORES = {"output_norm": "experts", "router_mass": "expert_mass"}
+"""``target.expert_metric`` -> the ``Scores`` field that ranks experts."""
+
+ROUTER = "mlp.router.weight"
+SHARED = "mlp.shared_experts."
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.(?:weight|bias))$")
+_MLP = ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")
+SHARED_TENSORS = (*(SHARED + n for n in _MLP), SHARED + "gate_weight")
+"""Layer-local names of the shared expert's tensors."""
+
+
+def is_moe_tensor(name: str) -> bool:
+    """``name`` (layer-local) is a tensor of an MoE layer that pruning knows how to slice."""
+    return name == ROUTER or name in SHARED_TENSORS or _EXPERT.match(name) is not None
+
+
+def expert_name(name: str, kept: list[int]) -> str | None:
+    """The pruned layer's name of the source layer's ``name``: a kept expert's tensor
+    renumbered by the expert's rank in ``kept``, None for a removed expert's, ``name`` else."""
+    m = _EXPERT.match(name)
+    if m is None:
+        return name
+    e = int(m.group(1))
+    return f"mlp.experts.local_experts.{kept.index(e)}.{m.group(2)}" if e in kept else None
+
+
+def check_moe_scores(src: ModelConfig, s: Scores, metric: ExpertMetric) -> None:
+    """One-line error unless ``s`` holds the MoE scores of ``src``'s shape (scores of a dense
+    model, or of another MoE, used on this one)."""
+    L = src.num_layers
+    want = {EXPERT_SCORES[metric]: (L, src.num_moe_experts),
+            "expert_ffn": (L, src.expert_ffn_hidden_size)}
+    if src.moe_shared_expert_intermediate_size:
+        want["shared_expert_ffn"] = (L, src.moe_shared_expert_intermediate_size)
+    for axis, shape in want.items():
+        have = getattr(s, axis)
+        if have is None:
+            raise ConfigError(f"the scores have no {axis} scores, which pruning this MoE model "
+                              f"needs (shape {shape}): they were computed on a dense model or "
+                              f"without them; estimate the importance on this model")
+        if tuple(have.shape) != shape:
+            raise ConfigError(f"scores were computed on a different model: {axis} scores have "
+                              f"shape {tuple(have.shape)}, the model needs {shape}")
+
+
+def plan_moe(src: ModelConfig, new: ModelConfig, s: Scores, layers: list[int],
+             metric: ExpertMetric) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor],
+                                            dict[int, torch.Tensor]]:
+    """Per kept layer: ``(kept experts, kept expert channels, kept shared-expert channels)``
+    of the MoE source ``src`` pruned to ``new`` (scores checked by ``check_moe_scores``)."""
+    ranking = getattr(s, EXPERT_SCORES[metric])
+    experts, ffn, shared = {}, {}, {}
+    for i in layers:
+        experts[i] = keep_best(ranking[i], new.num_moe_experts or 0)
+        ffn[i] = keep_best(s.expert_ffn[i], new.expert_ffn_hidden_size)
+        if src.moe_shared_expert_intermediate_size:
+            shared[i] = keep_best(s.shared_expert_ffn[i],
+                                  new.moe_shared_expert_intermediate_size or 0)
+    return experts, ffn, shared
+
+
+def slice_moe(name: str, w: torch.Tensor, src: ModelConfig, hid: torch.Tensor,
+              experts: torch.Tensor, ffn: torch.Tensor,
+              shared: torch.Tensor | None) -> torch.Tensor:
+    """The pruned full tensor of the MoE tensor ``name`` (``is_moe_tensor``) of one layer:
+    ``hid`` the kept hidden channels, ``experts`` the kept experts, ``ffn`` and ``shared`` the
+    kept channels of every expert and of the shared expert."""
+    if name == ROUTER:
+        return w[experts][:, hid]
+    if name == SHARED + "gate_weight":
+        return w[:, hid]
+    m = _EXPERT.match(name)
+    if m is not None:
+        part, keep, size = m.group(2), ffn, src.expert_ffn_hidden_size
+    else:
+        assert shared is not None and src.moe_shared_expert_intermediate_size
+        part, keep, size = name[len(SHARED):], shared, src.moe_shared_expert_intermediate_size
+    if part.startswith("linear_fc1"):
+        rows = fc1_rows(src, keep, size)
+        return w[rows][:, hid] if w.dim() == 2 else w[rows]
+    return w[hid][:, keep] if w.dim() == 2 else w[hid]
