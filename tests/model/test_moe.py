@@ -8,12 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist import spawn
+from tests.dist import in_order, spawn
+from tests.helpers.layouts import logits_job
 from tests.helpers.moe import moe_output, router_losses
 
 MOE = dict(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
            vocab_size=64, seq_length=16, num_moe_experts=4, moe_router_topk=2,
            moe_ffn_hidden_size=24)
+LAYOUT = {**MOE, "moe_shared_expert_intermediate_size": 32}
+"""The layout tests' model: a shared expert too."""
 
 
 def reference_moe(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,46 +92,18 @@ def test_router_gemm_shim_is_still_needed():
     spawn(unshimmed_job, 1)
 
 
-def _tokens() -> torch.Tensor:
-    return torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
-
-
-def layout_job(out: str, tp: int, pp: int, ckpt_in: str | None, ckpt_out: str | None) -> None:
-    import os
-
-    from nemo_minitron.checkpoint.io import load_weights, save_checkpoint
-    from nemo_minitron.config import ModelConfig, ParallelConfig
-    from nemo_minitron.model.build import build_model
-    from nemo_minitron.model.forward import forward_logits
-    from nemo_minitron.parallel.runtime import init_distributed
-
-    init_distributed(ParallelConfig(tensor_model_parallel_size=tp,
-                                    pipeline_model_parallel_size=pp), seed=7)
-    cfg = ModelConfig(**MOE, moe_shared_expert_intermediate_size=32)
-    model = build_model(cfg)
-    if ckpt_in:
-        load_weights(ckpt_in, model)
-    logits = forward_logits(model, _tokens(), micro_batch_size=2)
-    if ckpt_out:
-        save_checkpoint(ckpt_out, model, model_cfg=cfg, tokenizer=None)
-    if logits is not None and int(os.environ["RANK"]) == torch.distributed.get_world_size() - 1:
-        torch.save(logits, out)
-
-
 @pytest.mark.dist
 def test_moe_tp2_pp2_equal_tp1_and_checkpoints_reshard(tmp_path):
-    from tests.dist import in_order
-
     def p(name: str) -> str:
         return str(tmp_path / name)
 
-    spawn(in_order, 2, [(layout_job, (p("tp2.pt"), 2, 1, None, p("ck_tp2"))),
-                        (layout_job, (p("pp2.pt"), 1, 2, None, p("ck_pp2")))])
-    spawn(in_order, 1, [(layout_job, (p("tp1.pt"), 1, 1, None, p("ck_tp1"))),
-                        (layout_job, (p("from_tp2.pt"), 1, 1, p("ck_tp2"), None)),
-                        (layout_job, (p("from_pp2.pt"), 1, 1, p("ck_pp2"), None))])
-    spawn(in_order, 2, [(layout_job, (p("tp2_from_tp1.pt"), 2, 1, p("ck_tp1"), None)),
-                        (layout_job, (p("pp2_from_tp1.pt"), 1, 2, p("ck_tp1"), None))])
+    spawn(in_order, 2, [(logits_job, (p("tp2.pt"), LAYOUT, 2, 1, None, p("ck_tp2"))),
+                        (logits_job, (p("pp2.pt"), LAYOUT, 1, 2, None, p("ck_pp2")))])
+    spawn(in_order, 1, [(logits_job, (p("tp1.pt"), LAYOUT, 1, 1, None, p("ck_tp1"))),
+                        (logits_job, (p("from_tp2.pt"), LAYOUT, 1, 1, p("ck_tp2"), None)),
+                        (logits_job, (p("from_pp2.pt"), LAYOUT, 1, 1, p("ck_pp2"), None))])
+    spawn(in_order, 2, [(logits_job, (p("tp2_from_tp1.pt"), LAYOUT, 2, 1, p("ck_tp1"), None)),
+                        (logits_job, (p("pp2_from_tp1.pt"), LAYOUT, 1, 2, p("ck_tp1"), None))])
     ref = torch.load(p("tp1.pt"))
     assert ref.shape == (4, 16, 64)
     # TP=2 draws the same weights as TP=1 (CPU initialisation); PP=2 draws its own, so it

@@ -3,13 +3,13 @@ logits, and checkpoints saved under one layout load under another with identical
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.dist import in_order, spawn
+from tests.helpers.layouts import logits_job
 
 CFG = dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
            num_query_groups=2, seq_length=32, vocab_size=256)
@@ -18,29 +18,8 @@ CFG = dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_head
 TIED = [False, True]
 
 
-def _tokens() -> torch.Tensor:
-    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-
-
-def logits_job(out: str, tp: int, pp: int, ckpt_in: str | None, ckpt_out: str | None,
-               tied: bool) -> None:
-    from nemo_minitron.checkpoint.io import load_weights, save_checkpoint
-    from nemo_minitron.config import ModelConfig, ParallelConfig
-    from nemo_minitron.model.build import build_model
-    from nemo_minitron.model.forward import forward_logits
-    from nemo_minitron.parallel.runtime import init_distributed
-
-    init_distributed(ParallelConfig(tensor_model_parallel_size=tp,
-                                    pipeline_model_parallel_size=pp), seed=7)
-    cfg = ModelConfig(**CFG, share_embeddings_and_output_weights=tied)
-    model = build_model(cfg)
-    if ckpt_in:
-        load_weights(ckpt_in, model)
-    logits = forward_logits(model, _tokens(), micro_batch_size=2)
-    if ckpt_out:
-        save_checkpoint(ckpt_out, model, model_cfg=cfg, tokenizer=None)
-    if logits is not None and int(os.environ["RANK"]) == torch.distributed.get_world_size() - 1:
-        torch.save(logits, out)
+def cfg(tied: bool) -> dict:
+    return {**CFG, "share_embeddings_and_output_weights": tied}
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +32,14 @@ def runs(tmp_path_factory) -> Path:
         return str(d / name)
 
     spawn(in_order, 2, [
-        *((logits_job, (p(f"tp2-{t}.pt"), 2, 1, None, p(f"ck_tp2-{t}"), t)) for t in TIED),
-        (logits_job, (p("pp2.pt"), 1, 2, None, p("ck_pp2"), False))])
+        *((logits_job, (p(f"tp2-{t}.pt"), cfg(t), 2, 1, None, p(f"ck_tp2-{t}"))) for t in TIED),
+        (logits_job, (p("pp2.pt"), CFG, 1, 2, None, p("ck_pp2")))])
     spawn(in_order, 1, [
-        *((logits_job, (p(f"tp1-{t}.pt"), 1, 1, None, None, t)) for t in TIED),
-        *((logits_job, (p(f"tp1_from_tp2-{t}.pt"), 1, 1, p(f"ck_tp2-{t}"), None, t))
+        *((logits_job, (p(f"tp1-{t}.pt"), cfg(t), 1, 1, None, None)) for t in TIED),
+        *((logits_job, (p(f"tp1_from_tp2-{t}.pt"), cfg(t), 1, 1, p(f"ck_tp2-{t}"), None))
           for t in TIED),
-        (logits_job, (p("pp1.pt"), 1, 1, p("ck_pp2"), p("ck_pp1"), False))])
-    spawn(logits_job, 2, p("pp2_back.pt"), 1, 2, p("ck_pp1"), None, False)
+        (logits_job, (p("pp1.pt"), CFG, 1, 1, p("ck_pp2"), p("ck_pp1")))])
+    spawn(logits_job, 2, p("pp2_back.pt"), CFG, 1, 2, p("ck_pp1"), None)
     return d
 
 
