@@ -107,3 +107,21 @@ def test_hetero_logits_layouts_and_checkpoint_reshard(tmp_path):
                        ("from_pp2", torch.load(p("pp2.pt")))):
         torch.testing.assert_close(torch.load(p(f"{name}.pt")), want, atol=1e-5, rtol=0,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_memory_estimate_counts_each_layer_its_own_size():
+    # A heterogeneous model whose layers all have the model's shape is estimated as the uniform
+    # one; making a layer no-op drops its parameters (6 + 12/DP bytes each) and activations.
+    from nemo_minitron.config import ModelConfig
+    from nemo_minitron.config.hetero import LayerShape as S
+    from nemo_minitron.model.memory import GiB, memory_gib
+    from nemo_minitron.model.params import count_params
+
+    uniform = ModelConfig(**BASE)
+    same = ModelConfig(**BASE, layer_shapes=[S() for _ in range(4)])
+    assert memory_gib(same, 1, 1, 1, 2) == memory_gib(uniform, 1, 1, 1, 2)
+    gone = ModelConfig(**BASE, layer_shapes=[S(attention="no_op", mlp="no_op"), S(), S(), S()])
+    dropped = (6 + 12) * (count_params(uniform) - count_params(gone))
+    acts = 2 * 16 * 2 * (4 * 32 + (4 + 8) * 8 + 4 * 8 + 3 * 48)  # 2sb(4h + qkv, proj, fc)
+    assert (memory_gib(uniform, 1, 1, 1, 2) - memory_gib(gone, 1, 1, 1, 2)) * GiB == \
+        pytest.approx(dropped + acts)
