@@ -1,8 +1,8 @@
 """Heterogeneous models (a shape per layer) built by ``model.build`` on megatron-core's
 ``HeterogeneousTransformerConfig`` and heterogeneous layer spec: logits against a torch-only
 recomputation of the same weights (``tests/helpers/hetero.py``), TP=2 and PP=2 against TP=1,
-the full-state gather/fill, checkpoints resharded across TP 2<->1 and PP 2<->1, parameter
-counts against the built models."""
+KV-cache decoding against the full forward, the full-state gather/fill, checkpoints resharded
+across TP 2<->1 and PP 2<->1, parameter counts against the built models."""
 
 from __future__ import annotations
 
@@ -77,6 +77,14 @@ def layout_job(out: str, tp: int, pp: int, ckpt_in: str | None, ckpt_out: str | 
         assert back.layer_shapes == [cfg.layer_shape(i) for i in range(4)]
         torch.save(full, out + ".full")
         _counts_job()
+        # Decoding against the KV cache (no cache in the linear / no-op attention layers, the
+        # cached fast path) gives the full forward's logits at every position.
+        from nemo_minitron.eval.decode import KVCache, decode_steps
+
+        model.eval()
+        with torch.no_grad():
+            for pos, step in decode_steps(KVCache(model, 2, 16), _tokens(), 8, 16):
+                torch.testing.assert_close(step, logits[:, pos - 1], atol=1e-5, rtol=0)
     if ckpt_out:
         save_checkpoint(ckpt_out, model, model_cfg=cfg, tokenizer=None)
     if logits is not None and int(os.environ["RANK"]) == torch.distributed.get_world_size() - 1:
