@@ -96,9 +96,9 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("moe-topk-above-experts", lambda c: ["pretrain", *c.tiny, "model.num_moe_experts=2",
                                           "model.moe_router_topk=3", "--out", "OUT"],
      ["model.moe_router_topk=3", "model.num_moe_experts=2"]),
-    ("moe-ep-on-cpu", lambda c: ["pretrain", *c.tiny, "model.num_moe_experts=4",
-                                 "parallel.expert_model_parallel_size=2", "--out", "OUT"],
-     ["parallel.expert_model_parallel_size=2", "GPUs"]),
+    ("moe-ep-above-data-parallel", lambda c: [
+        "pretrain", *c.tiny, "model.num_moe_experts=4", "parallel.expert_model_parallel_size=2",
+        "--out", "OUT"], ["parallel.expert_model_parallel_size=2", "data-parallel size 1"]),
     ("batch-not-dividing", lambda c: ["pretrain", *c.tiny, "train.global_batch_size=6",
                                       "--out", "OUT"], ["train.global_batch_size=6"]),
     ("iters-zero", lambda c: ["pretrain", *c.tiny, "train.train_iters=0", "--out", "OUT"],

@@ -263,8 +263,8 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size (PP)."""
     expert_model_parallel_size: int = 1
-    """Expert-parallel size (EP): an MoE layer's experts split over this many ranks. GPU only:
-    on CPU megatron-core's dispatcher allocates on the CUDA device in its backward."""
+    """Expert-parallel size (EP): an MoE layer's experts split over this many data-parallel
+    ranks (it must divide the data-parallel size)."""
 
     def __post_init__(self) -> None:
         positive("parallel.tensor_model_parallel_size", self.tensor_model_parallel_size)

@@ -35,10 +35,26 @@ def router_loss_metrics(num_layers: int, num_microbatches: int) -> dict[str, flo
     if not tracker:
         return {}
     moe_utils.reduce_aux_losses_tracker_across_ranks()
+    _mean_over_data_parallel(tracker)
     out = {name: float(v["values"].double().sum()) / (num_layers * num_microbatches)
            for name, v in sorted(tracker.items())}
     moe_utils.clear_aux_losses_tracker()
     return out
+
+
+def _mean_over_data_parallel(tracker: dict[str, Any]) -> None:
+    """Megatron averages a tracked loss over data-parallel ranks only when it has a
+    ``reduce_group`` (the load-balancing loss); the others (the z-loss) stay each rank's own,
+    i.e. of its share of the batch: average those too (a sum and a division: gloo has no AVG)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_data_parallel_group(with_context_parallel=False, partial_data_parallel=False)
+    size = dist.get_world_size(group)
+    for entry in tracker.values():
+        if size > 1 and entry.get("reduce_group") is None:
+            dist.all_reduce(entry["values"], group=group)
+            entry["values"] /= size
 
 
 def moe_layer_spec(cfg: Any, use_te: bool) -> Any:

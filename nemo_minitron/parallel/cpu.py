@@ -11,7 +11,9 @@ on CPU lives here, so that CI exercises the same TP/PP code that runs on GPUs:
    to the CPU generator, which keeps the tracker's semantics (a separate model-parallel stream
    forked in and out).
 3. Pipeline schedules and communication create tensors with a literal ``device="cuda"`` or
-   call ``Tensor.cuda()``: a ``TorchFunctionMode`` rewrites any CUDA device to the CPU.
+   call ``Tensor.cuda()``: a ``TorchFunctionMode`` rewrites any CUDA device to the CPU, in
+   autograd's backward functions too (``_in_mode``: Megatron's sequence-parallel linears and
+   MoE dispatchers allocate on ``torch.cuda.current_device()`` there).
 4. The optimizer asserts ``param.type() == 'torch.cuda.FloatTensor'``: CPU float tensors are
    reported with their CUDA type name while the backend is on, so the same optimizer code runs.
 
@@ -79,6 +81,21 @@ def _cuda_type_name(orig: Any) -> Any:
     return tensor_type
 
 
+def _in_mode(run_backward: Any) -> Any:
+    """Autograd's engine entry run with the device mode on. ``backward()`` and
+    ``autograd.grad`` are torch functions, so they run inside the mode's handler, where a mode
+    is off; the engine would then run every backward function without it (Megatron's
+    tensor-parallel linears allocate on the CUDA device in their backward: sequence
+    parallelism, expert parallelism)."""
+    def engine(*args: Any, **kwargs: Any) -> Any:
+        mode = _mode
+        if mode is None or torch.overrides._get_current_function_mode() is mode:
+            return run_backward(*args, **kwargs)
+        with mode:
+            return run_backward(*args, **kwargs)
+    return engine
+
+
 def _patch(owner: Any, name: str, value: Any) -> None:
     _saved.append((owner, name, vars(owner).get(name, _INHERITED)))
     setattr(owner, name, value)
@@ -125,6 +142,8 @@ def enter(rewrite_devices: bool = True) -> None:
         if rewrite_devices:
             _mode = _CudaToCpuMode()
             _mode.__enter__()
+            _patch(torch.autograd, "_engine_run_backward",
+                   _in_mode(torch.autograd._engine_run_backward))
 
 
 def exit() -> None:  # noqa: A001 - the pair of enter()

@@ -76,13 +76,6 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
     rank, world, local = env_rank_world()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     ep = parallel.expert_model_parallel_size
-    if ep > 1 and not gpu:
-        from nemo_minitron.config import ConfigError
-
-        # megatron-core 0.16.1's MoE dispatcher allocates on torch.cuda.current_device() in its
-        # backward, where the CPU backend's device mode does not reach (autograd's thread).
-        raise ConfigError(f"parallel.expert_model_parallel_size={ep}: expert parallelism "
-                          "needs GPUs (megatron-core's MoE backward is CUDA-only here)")
     if world % (tp * pp):
         from nemo_minitron.config import ConfigError
 
@@ -90,6 +83,13 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> Runtime:
             f"parallel: tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp} "
             f"does not divide the world size {world}"
         )
+    if (world // (tp * pp)) % ep:
+        from nemo_minitron.config import ConfigError
+
+        # Experts are split over data-parallel ranks (Megatron's expert layout).
+        raise ConfigError(f"parallel.expert_model_parallel_size={ep} does not divide the "
+                          f"data-parallel size {world // (tp * pp)} (world size {world} / "
+                          f"(tensor * pipeline model-parallel size {tp * pp}))")
     if gpu:
         torch.cuda.set_device(local % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())

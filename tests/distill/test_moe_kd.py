@@ -6,7 +6,8 @@ of the student equals autograd's of the KD objective (the same student built wit
 losses) plus ``moe_aux_loss_coeff`` x the switch loss and ``moe_z_loss_coeff`` x the z-loss of
 every layer, both recomputed with torch alone from its routers' inputs and weights; the logged
 values equal the recomputed ones. A KD run logs them next to the KD terms, resumes bit for bit,
-and PP=2 gives PP=1's losses."""
+and PP=2 and EP=2 (one expert per rank; the router losses averaged over data-parallel ranks)
+give PP=1's losses."""
 
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def moe_pair(tmp_path_factory, moe_teacher) -> tuple[str, str]:
 
 
 @pytest.mark.dist
-def test_moe_kd_resumes_bit_exact_and_pp2_equals_pp1(moe_pair, tiny_overrides, tmp_path):
+def test_moe_kd_resumes_bit_exact_and_pp2_ep2_equal_pp1(moe_pair, tiny_overrides, tmp_path):
     teacher, student = moe_pair
     kd = [o for o in _kd_overrides(tiny_overrides, 2) if "embedding_weight" not in o] + [
         "kd.lm_loss_weight=0.5", "kd.teacher_max_loss_ratio=2"]
@@ -140,9 +141,9 @@ def test_moe_kd_resumes_bit_exact_and_pp2_equals_pp1(moe_pair, tiny_overrides, t
     spawn(in_order, 1, [run("ref"), run("cut", ["train.exit_interval=1"]),
                         (_copy_metrics, (str(tmp_path / "cut"), str(tmp_path / "first.jsonl"))),
                         run("cut")])
-    fn, args = run("pp2", ["parallel.pipeline_model_parallel_size=2"])
-    spawn(fn, 2, *args)
-    ref, cut, pp2 = (_metrics(tmp_path / n) for n in ("ref", "cut", "pp2"))
+    spawn(in_order, 2, [run("pp2", ["parallel.pipeline_model_parallel_size=2"]),
+                        run("ep2", ["parallel.expert_model_parallel_size=2"])])
+    ref, cut, pp2, ep2 = (_metrics(tmp_path / n) for n in ("ref", "cut", "pp2", "ep2"))
     assert sorted(ref) == [1, 2] and sorted(_metrics(tmp_path, "first.jsonl")) == [1]
     for step in ref:
         assert all(ref[step][n] > 0 for n in NAMES), ref[step]
@@ -151,4 +152,5 @@ def test_moe_kd_resumes_bit_exact_and_pp2_equals_pp1(moe_pair, tiny_overrides, t
         for n in NAMES:
             assert cut[step][n] == ref[step][n], (step, n)  # bit for bit
             assert pp2[step][n] == pytest.approx(ref[step][n], abs=1e-5), (step, n)
+            assert ep2[step][n] == pytest.approx(ref[step][n], abs=1e-5), (step, n)
     assert Path(tmp_path / "ref" / "checkpoints" / "step_0000002").is_dir()

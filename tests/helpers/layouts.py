@@ -16,17 +16,18 @@ def tokens(vocab: int, seq: int) -> torch.Tensor:
 
 
 def logits_job(out: str, cfg: dict[str, Any], tp: int, pp: int, ckpt_in: str | None,
-               ckpt_out: str | None) -> None:
-    """In a spawned process: the logits of ``ModelConfig(**cfg)`` under TP=``tp``, PP=``pp``
-    (seed 7; ``ckpt_in``'s weights when given) to ``out``; the model saved to ``ckpt_out``."""
+               ckpt_out: str | None, ep: int = 1) -> None:
+    """In a spawned process: the logits of ``ModelConfig(**cfg)`` under TP=``tp``, PP=``pp``,
+    EP=``ep`` (seed 7; ``ckpt_in``'s weights when given) to ``out``; the model saved to
+    ``ckpt_out``."""
     from nemo_minitron.checkpoint.io import load_weights, save_checkpoint
     from nemo_minitron.config import ModelConfig, ParallelConfig
     from nemo_minitron.model.build import build_model
     from nemo_minitron.model.forward import forward_logits
     from nemo_minitron.parallel.runtime import init_distributed
 
-    init_distributed(ParallelConfig(tensor_model_parallel_size=tp,
-                                    pipeline_model_parallel_size=pp), seed=7)
+    init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                    expert_model_parallel_size=ep), seed=7)
     model_cfg = ModelConfig(**cfg)
     model = build_model(model_cfg)
     if ckpt_in:

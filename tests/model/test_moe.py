@@ -93,23 +93,28 @@ def test_router_gemm_shim_is_still_needed():
 
 
 @pytest.mark.dist
-def test_moe_tp2_pp2_equal_tp1_and_checkpoints_reshard(tmp_path):
+def test_moe_tp2_pp2_ep2_equal_tp1_and_checkpoints_reshard(tmp_path):
     def p(name: str) -> str:
         return str(tmp_path / name)
 
     spawn(in_order, 2, [(logits_job, (p("tp2.pt"), LAYOUT, 2, 1, None, p("ck_tp2"))),
-                        (logits_job, (p("pp2.pt"), LAYOUT, 1, 2, None, p("ck_pp2")))])
+                        (logits_job, (p("pp2.pt"), LAYOUT, 1, 2, None, p("ck_pp2"))),
+                        (logits_job, (p("ep2.pt"), LAYOUT, 1, 1, None, p("ck_ep2"), 2))])
     spawn(in_order, 1, [(logits_job, (p("tp1.pt"), LAYOUT, 1, 1, None, p("ck_tp1"))),
                         (logits_job, (p("from_tp2.pt"), LAYOUT, 1, 1, p("ck_tp2"), None)),
-                        (logits_job, (p("from_pp2.pt"), LAYOUT, 1, 1, p("ck_pp2"), None))])
+                        (logits_job, (p("from_pp2.pt"), LAYOUT, 1, 1, p("ck_pp2"), None)),
+                        (logits_job, (p("from_ep2.pt"), LAYOUT, 1, 1, p("ck_ep2"), None))])
     spawn(in_order, 2, [(logits_job, (p("tp2_from_tp1.pt"), LAYOUT, 2, 1, p("ck_tp1"), None)),
-                        (logits_job, (p("pp2_from_tp1.pt"), LAYOUT, 1, 2, p("ck_tp1"), None))])
+                        (logits_job, (p("pp2_from_tp1.pt"), LAYOUT, 1, 2, p("ck_tp1"), None)),
+                        (logits_job, (p("ep2_from_tp1.pt"), LAYOUT, 1, 1, p("ck_tp1"), None, 2))])
     ref = torch.load(p("tp1.pt"))
     assert ref.shape == (4, 16, 64)
-    # TP=2 draws the same weights as TP=1 (CPU initialisation); PP=2 draws its own, so it
-    # runs TP=1's checkpoint, and its own checkpoint runs under TP=1.
+    # TP=2 draws the same weights as TP=1 (CPU initialisation); PP=2 and EP=2 (experts from
+    # the expert-parallel RNG) draw their own, so they run TP=1's checkpoint, and their own
+    # checkpoints run under TP=1.
     for name, want in (("tp2", ref), ("from_tp2", ref), ("tp2_from_tp1", ref),
-                       ("pp2_from_tp1", ref), ("from_pp2", torch.load(p("pp2.pt")))):
+                       ("pp2_from_tp1", ref), ("from_pp2", torch.load(p("pp2.pt"))),
+                       ("ep2_from_tp1", ref), ("from_ep2", torch.load(p("ep2.pt")))):
         torch.testing.assert_close(torch.load(p(f"{name}.pt")), want, atol=1e-5, rtol=0,
                                    msg=lambda m, n=name: f"{n}: {m}")
 

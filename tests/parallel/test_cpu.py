@@ -11,6 +11,7 @@ from nemo_minitron.parallel import cpu
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU backend: no GPU only")
 
 PATCHED = [(torch.cuda, "current_device"), (torch.cuda, "set_device"),
+           (torch.autograd, "_engine_run_backward"),
            (torch.cuda, "synchronize"), (torch.cuda, "device_count"),
            (torch.cuda, "get_rng_state"), (torch.cuda, "set_rng_state"),
            (torch.cuda, "manual_seed"), (torch.cuda, "manual_seed_all"),
@@ -61,6 +62,37 @@ def test_device_mode_rewrites_cuda_devices():
         assert x.to(device="cuda").device.type == "cpu"
     with pytest.raises((RuntimeError, AssertionError)):
         torch.zeros(2, device="cuda")
+
+
+class _AllocatesInBackward(torch.autograd.Function):
+    """Like Megatron's tensor-parallel linears under sequence parallelism: a backward that
+    allocates on ``torch.cuda.current_device()``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        buffer = torch.empty(grad.shape, device=torch.cuda.current_device())
+        return buffer.copy_(grad) * 2
+
+
+@pytest.mark.parametrize("how", ["Tensor.backward", "autograd.backward", "autograd.grad"])
+def test_backward_functions_run_with_the_device_mode(how):
+    x = torch.ones(3, requires_grad=True)
+    with cpu.backend():
+        y = _AllocatesInBackward.apply(x).sum()
+        if how == "Tensor.backward":
+            y.backward()
+        elif how == "autograd.backward":
+            torch.autograd.backward([y])
+        else:
+            x.grad = torch.autograd.grad(y, x)[0]
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+    y = _AllocatesInBackward.apply(x).sum()
+    with pytest.raises((RuntimeError, AssertionError)):
+        y.backward()  # the backend off: the CUDA device is refused again
 
 
 def test_tensor_type_reports_the_cuda_name():
