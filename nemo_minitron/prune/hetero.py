@@ -1,0 +1,149 @@
+"""Per-layer (heterogeneous) pruning: the rules a ``Target.layer_shapes`` adds to uniform
+pruning. Pure tensor logic plus one calibration pass (the linear replacements' fit).
+
+Query groups. megatron-core keeps ``num_attention_heads`` in every layer, so a layer cut from
+``g`` to ``g'`` query groups keeps all its heads and has ``a / g'`` heads per group. The kept
+groups (the best ``g'`` by ``Scores.groups``) keep their key and value and their own heads,
+in order; the heads of the removed groups (in head order) are re-attached to the kept groups,
+filling each kept group's free slots in group order (``regroup``). A head's q rows and its
+``linear_proj`` columns move together, so a removed group whose heads carry nothing (their
+``linear_proj`` columns zero) leaves the logits exactly unchanged. A re-attached head that does
+carry something now attends with its host group's key and value, not its own: its output
+changes by however far the host's keys and values are from its own (the block's score, and
+the short KD after the search, pay for it). Puzzle initialises such a block by mean-pooling
+the merged groups' K/V instead; that changes the kept heads too, so the inert case would no
+longer be exact and a kept group would lose the k/v its own heads were trained on.
+
+No-op and linear blocks. A no-op block drops the sublayer (and its norm): the residual stream
+passes through. A linear block is megatron-core's linear replacement, one ``hidden x hidden``
+linear (bias when ``add_bias_linear``) after the sublayer's norm, fitted by least squares on
+calibration activations of the source (input: the norm's output, target: the sublayer's output
+with its bias, ``fit_linear_blocks``); the plan carries the fitted weights
+(``PrunePlan.linear``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from nemo_minitron.config import ConfigError, ModelConfig, check_divisible
+from nemo_minitron.config.hetero import LayerShape
+from nemo_minitron.model.layouts import group_heads, heads_per_group
+
+SUBLAYERS = ("attention", "mlp")
+"""The two blocks of a layer, by ``LayerShape`` field."""
+
+
+def linear_key(layer: int, sublayer: str) -> str:
+    """The key of a linear replacement's fitted weights in ``PrunePlan.linear``."""
+    return f"{layer}.{sublayer}"
+
+
+def check_layer_target(src: ModelConfig, shapes: list[LayerShape], tp: int) -> None:
+    """One-line errors naming the layer for per-layer shapes the source cannot be pruned to
+    under tensor parallelism ``tp``."""
+    if src.is_heterogeneous:
+        raise ConfigError("target.layer_shapes: the source is already heterogeneous (prune a "
+                          "uniform model)")
+    if len(shapes) != src.num_layers:
+        raise ConfigError(f"target.layer_shapes has {len(shapes)} entries; the source has "
+                          f"{src.num_layers} layers")
+    a, g, f = src.num_attention_heads, src.query_groups, src.ffn_hidden_size
+    for i, s in enumerate(shapes):
+        name = f"target.layer_shapes[{i}]."
+        if s.num_query_groups is not None:
+            if s.num_query_groups > g:
+                raise ConfigError(f"{name}num_query_groups={s.num_query_groups} is larger than "
+                                  f"the source's {g}")
+            if a % s.num_query_groups:
+                raise ConfigError(f"{name}num_query_groups={s.num_query_groups} does not divide "
+                                  f"model.num_attention_heads={a}")
+        if s.ffn_hidden_size is not None and s.ffn_hidden_size > f:
+            raise ConfigError(f"{name}ffn_hidden_size={s.ffn_hidden_size} is larger than the "
+                              f"source's {f}")
+        check_divisible({"num_query_groups": s.num_query_groups,
+                         "ffn_hidden_size": s.ffn_hidden_size}, tp, 1, name)
+
+
+def regroup(src: ModelConfig, kept_groups: list[int]) -> torch.Tensor:
+    """``[g', a / g']`` global head ids of the pruned layer's groups: each kept group's own
+    heads, then the removed groups' heads filling the free slots in order (module docstring).
+    """
+    a, new_g = src.num_attention_heads, len(kept_groups)
+    per_new = a // new_g
+    kept = set(kept_groups)
+    spare = [h for grp in range(src.query_groups) if grp not in kept
+             for h in group_heads(src, grp).tolist()]
+    rows = []
+    for grp in kept_groups:
+        own = group_heads(src, grp).tolist()
+        take = per_new - len(own)
+        rows.append(own + spare[:take])
+        spare = spare[take:]
+    return torch.tensor(rows)
+
+
+def head_hosts(src: ModelConfig, kept_groups: torch.Tensor, kept_heads: torch.Tensor
+               ) -> torch.Tensor:
+    """``[a]``: the source query group whose key and value each head of the source attends
+    with in the pruned layer (``kept_heads [g', a / g']``: the plan's, row j in kept group j)."""
+    host = torch.arange(src.num_attention_heads) // heads_per_group(src)
+    for grp, heads in zip(kept_groups.tolist(), kept_heads.tolist()):
+        host[heads] = grp
+    return host
+
+
+def fit_linear_blocks(model: torch.nn.Module, tokens: torch.Tensor, micro_batch_size: int,
+                      blocks: Iterable[tuple[int, str]], bias: bool
+                      ) -> dict[str, dict[str, torch.Tensor]]:
+    """Least-squares linear replacements of the ``(layer, sublayer)`` blocks of ``model``
+    (one process: TP=1, PP=1), fitted on ``tokens [b, s]``: input the sublayer's input (its
+    norm's output), target its output plus bias. Returns ``linear_key -> {"weight" [h, h],
+    ("bias" [h])}`` (megatron's ``y = x W^T + b``). The normal equations are summed in
+    float64 and solved by ``torch.linalg.lstsq`` (gelsd: the least-norm solution when the
+    calibration tokens do not span the hidden space)."""
+    from nemo_minitron.model.build import unwrap
+    from nemo_minitron.model.forward import forward_pass
+    from nemo_minitron.model.layouts import global_layers
+
+    wanted = sorted(set(blocks))
+    if not wanted:
+        return {}
+    layers = global_layers(unwrap(model))
+    gram: dict[str, list[torch.Tensor]] = {}
+    handles = []
+
+    def hook(key: str):
+        def fn(_mod, args, kwargs, out):
+            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
+            y, b = out if isinstance(out, tuple) else (out, None)
+            y = y if b is None else y + b
+            x = x.reshape(-1, x.shape[-1]).double()
+            if bias:
+                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+            y = y.detach().reshape(-1, y.shape[-1]).double()
+            if key not in gram:
+                gram[key] = [x.new_zeros(x.shape[1], x.shape[1]), x.new_zeros(x.shape[1],
+                                                                              y.shape[1])]
+            gram[key][0] += x.T @ x
+            gram[key][1] += x.T @ y
+        return fn
+
+    for layer, sub in wanted:
+        module = layers[layer].self_attention if sub == "attention" else layers[layer].mlp
+        handles.append(module.register_forward_hook(hook(linear_key(layer, sub)),
+                                                    with_kwargs=True))
+    try:
+        forward_pass(model, tokens, micro_batch_size=micro_batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for key, (xtx, xty) in gram.items():
+        w = torch.linalg.lstsq(xtx, xty, driver="gelsd").solution  # [h (+1), h]
+        dtype = next(model.parameters()).dtype
+        out[key] = {"weight": w.T.contiguous().to(dtype)} if not bias else \
+            {"weight": w[:-1].T.contiguous().to(dtype), "bias": w[-1].contiguous().to(dtype)}
+    return out
