@@ -8,8 +8,9 @@ more query heads per group."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from nemo_minitron.config.errors import ConfigError, positive
 
@@ -39,9 +40,7 @@ class LayerShape:
                                   "full, linear, no_op")
             if size is not None:
                 positive(name, size)
-                if kind != "full":
-                    raise ConfigError(f"{name}={size} is set on a {kind} block (only a full "
-                                      f"block has a size)")
+        # A size on a linear or no-op block: check_layer_shapes (its error names the layer).
 
 
 def check_layer_shapes(shapes: list[LayerShape], num_layers: int, num_attention_heads: int
@@ -51,6 +50,10 @@ def check_layer_shapes(shapes: list[LayerShape], num_layers: int, num_attention_
         raise ConfigError(f"model.layer_shapes has {len(shapes)} entries; model.num_layers is "
                           f"{num_layers}")
     for i, s in enumerate(shapes):
+        for kind, name in ((s.attention, "num_query_groups"), (s.mlp, "ffn_hidden_size")):
+            if getattr(s, name) is not None and kind != "full":
+                raise ConfigError(f"model.layer_shapes[{i}].{name}={getattr(s, name)} is set on "
+                                  f"a {kind} block (only a full block has a size)")
         if s.num_query_groups is not None and num_attention_heads % s.num_query_groups:
             raise ConfigError(f"model.layer_shapes[{i}].num_query_groups={s.num_query_groups} "
                               f"does not divide model.num_attention_heads="
@@ -63,3 +66,43 @@ def resolved(s: LayerShape, num_query_groups: int, ffn_hidden_size: int) -> Laye
         attention=s.attention, mlp=s.mlp,
         num_query_groups=s.num_query_groups or num_query_groups if s.attention == "full" else None,
         ffn_hidden_size=s.ffn_hidden_size or ffn_hidden_size if s.mlp == "full" else None)
+
+
+def block_configs(shapes: list[LayerShape]) -> list[dict]:
+    """megatron-core's ``block_configs`` (``HeterogeneousTransformerConfig``) of resolved
+    ``shapes``, every full block with its explicit ``num_query_groups`` / ``ffn_hidden_size``
+    (so the heterogeneous spec maps its norms to the uniform model's checkpoint keys)."""
+    return [{"attention": {"no_op": s.attention == "no_op",
+                           "replace_with_linear": s.attention == "linear",
+                           "num_query_groups": s.num_query_groups},
+             "ffn": {"no_op": s.mlp == "no_op", "replace_with_linear": s.mlp == "linear",
+                     "ffn_hidden_size": s.ffn_hidden_size}} for s in shapes]
+
+
+def hetero_fields(cfg: Any) -> dict[str, Any]:
+    """The ``HeterogeneousTransformerConfig`` fields of ``ModelConfig`` ``cfg`` (none for a
+    uniform model)."""
+    if not cfg.is_heterogeneous:
+        return {}
+    shapes = [cfg.layer_shape(i) for i in range(cfg.num_layers)]
+    return {"heterogeneous_layers_config_encoded_json":
+            json.dumps({"block_configs": block_configs(shapes)})}
+
+
+def shapes_from_blocks(blocks: list[Any]) -> list[LayerShape]:
+    """The layer shapes of megatron-core's ``per_block_parameters``
+    (``TransformerBlockConfig``s); a one-line error for a block both no-op and linear."""
+    def kind(block: Any, where: str) -> Block:
+        if block.no_op and block.replace_with_linear:
+            raise ConfigError(f"{where}: no_op and replace_with_linear are both set")
+        return "no_op" if block.no_op else "linear" if block.replace_with_linear else "full"
+
+    shapes = []
+    for i, b in enumerate(blocks):
+        attention, mlp = kind(b.attention, f"block {i} attention"), kind(b.mlp, f"block {i} ffn")
+        ffn = b.mlp.ffn_hidden_size
+        shapes.append(LayerShape(
+            attention=attention, mlp=mlp,
+            num_query_groups=b.attention.num_query_groups if attention == "full" else None,
+            ffn_hidden_size=int(ffn) if ffn is not None and mlp == "full" else None))
+    return shapes

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from nemo_minitron.config.errors import ConfigError, positive
-from nemo_minitron.config.hetero import LayerShape, check_layer_shapes, resolved
+from nemo_minitron.config.hetero import (
+    LayerShape,
+    check_layer_shapes,
+    hetero_fields,
+    resolved,
+    shapes_from_blocks,
+)
 from nemo_minitron.config.moe import moe_fields, moe_from_transformer_config
 
 TP_SHARDED = ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size",
@@ -294,10 +300,14 @@ def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None 
     import torch
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.heterogeneous.heterogeneous_config import (
+        HeterogeneousTransformerConfig,
+    )
 
     dtype = params_dtype(bf16)
     swiglu = cfg.activation == "swiglu"
-    return TransformerConfig(
+    config_class = HeterogeneousTransformerConfig if cfg.is_heterogeneous else TransformerConfig
+    return config_class(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
@@ -329,7 +339,7 @@ def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None 
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         fp8=fp8,
-        **moe_fields(cfg),
+        **moe_fields(cfg), **hetero_fields(cfg),
     )
 
 
@@ -356,8 +366,9 @@ def model_config(config: Any, **fields: Any) -> ModelConfig:
         raise ConfigError(f"{unknown[0]}: {'taken from' if known else 'not a field of'} the "
                           f"TransformerConfig; the keyword arguments are the GPTModel's: "
                           f"{', '.join(MODEL_FIELDS)}")
+    hetero = bool(getattr(config, "heterogeneous_block_specs", False))
     for name in UNSUPPORTED:
-        if getattr(config, name, None):
+        if getattr(config, name, None) and not (hetero and name == "heterogeneous_block_specs"):
             raise ConfigError(f"TransformerConfig.{name}={getattr(config, name)!r} is not "
                               "supported (Llama-style GPT models only)")
     moe = moe_from_transformer_config(config)
@@ -380,4 +391,5 @@ def model_config(config: Any, **fields: Any) -> ModelConfig:
         activation=activation, add_bias_linear=config.add_bias_linear,
         add_qkv_bias=config.add_qkv_bias, qk_layernorm=bool(config.qk_layernorm),
         init_method_std=config.init_method_std, **moe,
+        layer_shapes=shapes_from_blocks(config.per_block_parameters) if hetero else None,
         **fields)

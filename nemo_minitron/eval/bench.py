@@ -91,13 +91,39 @@ class BenchConfig:
 
 def flops_per_token(cfg: ModelConfig, context: float) -> float:
     """Forward FLOPs of one token attending to ``context`` tokens (embedding lookup free)."""
-    from nemo_minitron.model.params import layer_params
-
     assert cfg.vocab_size is not None
-    # An MoE layer's matmuls are those of the experts a token is routed to (active parameters).
-    matmul = cfg.num_layers * layer_params(cfg, active=True) + cfg.vocab_size * cfg.hidden_size
-    attn = 4 * cfg.num_layers * context * cfg.num_attention_heads * cfg.head_dim
-    return 2 * matmul + attn
+    return (sum(layer_flops(cfg, i, context) for i in range(cfg.num_layers))
+            + 2 * cfg.vocab_size * cfg.hidden_size)
+
+
+def layer_flops(cfg: ModelConfig, layer: int, context: float) -> float:
+    """Forward FLOPs of one token in layer ``layer``: its matmuls (an MoE layer's are those of
+    the experts a token is routed to: active parameters; a heterogeneous layer's its own) and,
+    for a full attention block, the scores and weighted sum over ``context`` tokens."""
+    from nemo_minitron.model.params import per_layer_params
+
+    attends = cfg.layer_shape(layer).attention == "full"
+    return (2 * per_layer_params(cfg, active=True)[layer]
+            + (4 * context * cfg.num_attention_heads * cfg.head_dim if attends else 0))
+
+
+def layer_table(cfg: ModelConfig, context: float) -> str:
+    """A Markdown table of a model's layers: their shapes, parameters and forward FLOPs per
+    token at ``context`` (``layer_flops``)."""
+    from nemo_minitron.eval.table import markdown_table
+    from nemo_minitron.model.params import per_layer_params
+
+    def block(kind: str, size: int | None) -> str:
+        return f"full {size}" if kind == "full" else kind
+
+    cells = []
+    for i, params in enumerate(per_layer_params(cfg)):
+        s = cfg.layer_shape(i)
+        cells.append([str(i), block(s.attention, s.num_query_groups),
+                      block(s.mlp, s.ffn_hidden_size), f"{params / 1e6:.3f}M",
+                      f"{layer_flops(cfg, i, context) / 1e6:.3f}M"])
+    return markdown_table(["layer", "attention (query groups)", "MLP (ffn_hidden_size)",
+                           "params", "FLOPs/token"], cells)
 
 
 def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: int) -> float:
@@ -195,6 +221,9 @@ def _row(x: _Loaded, times: list[tuple[float, float]], b: BenchConfig,
         "decode_tok_s": b.batch_size * b.decode_tokens / statistics.median(t for _, t in times),
         "prefill_flops_tok": flops_per_token(x.cfg, b.seq_length / 2),
         "decode_flops_tok": flops_per_token(x.cfg, b.seq_length + b.decode_tokens / 2),
+        # A heterogeneous model's layers, FLOPs at the decode context.
+        **({"layers": layer_table(x.cfg, b.seq_length + b.decode_tokens / 2)}
+           if x.cfg.is_heterogeneous else {}),
     }
 
 
@@ -252,6 +281,9 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
         cells.append(row)
     lines = [markdown_table(header, cells, text_columns={0})]
     for r in rows:
+        if "layers" in r:
+            lines.append(f"\nlayers of {r['checkpoint']} (FLOPs at the decode context):\n"
+                         f"{r['layers']}")
         if "gemm_share" in r:
             top = ", ".join(f"{k} {v:.0%}" for k, v in r["top_ops"])
             lines.append(f"\ndecode profile of {r['checkpoint']}: matrix products "

@@ -55,14 +55,27 @@ def check_attention(attention: str) -> None:
         raise ConfigError(f"attention={attention!r}: must be one of {', '.join(ATTENTIONS)}")
 
 
-def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | None = None):
+def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | None = None,
+               config=None):
     """The TE spec when TE and a GPU are present, else the local spec with ``attention``
-    (default ``DEFAULT_ATTENTION``) as its core attention."""
+    (default ``DEFAULT_ATTENTION``) as its core attention. A heterogeneous model gets
+    megatron-core's heterogeneous spec (this pipeline stage's layers, one spec each) built
+    from ``config`` (its ``HeterogeneousTransformerConfig``; None: ``transformer_config``),
+    its full blocks with the same local modules as a uniform layer."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     attention = attention or DEFAULT_ATTENTION
     check_attention(attention)
     use_te = te_available() if use_te is None else use_te
+    if cfg.is_heterogeneous:
+        from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import (
+            get_gpt_heterogeneous_layer_spec,
+        )
+
+        block = get_gpt_heterogeneous_layer_spec(config or transformer_config(cfg), use_te)
+        for spec in block.layer_specs if not use_te else ():
+            _local_modules(spec, cfg, attention)
+        return block
     if cfg.is_moe:
         from nemo_minitron.model.moe import moe_layer_spec
 
@@ -74,7 +87,16 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | No
     else:
         spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization,
                                               qk_layernorm=cfg.qk_layernorm)
+    _local_modules(spec, cfg, attention)
+    return spec
+
+
+def _local_modules(spec, cfg: ModelConfig, attention: str) -> None:
+    """Put the project's modules into a local layer ``spec`` (module docstring): its full
+    attention and dense MLP blocks; a no-op or linear block of a heterogeneous layer stays."""
+    from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP
 
     from nemo_minitron.model.attention import RopeCachedSelfAttention, SDPAttention
     from nemo_minitron.model.linear import InferenceColumnParallelLinear as Column
@@ -82,18 +104,18 @@ def layer_spec(cfg: ModelConfig, use_te: bool | None = None, attention: str | No
     from nemo_minitron.model.mlp import SwiGLUMLP
 
     attn, mlp = spec.submodules.self_attention, spec.submodules.mlp
-    attn.module = RopeCachedSelfAttention
-    attn.submodules.linear_qkv, attn.submodules.linear_proj = Column, Row
-    for norm in ("q_layernorm", "k_layernorm"):
-        if getattr(attn.submodules, norm) is IdentityOp:
-            # Megatron's own spelling of "none": no module to call per layer and step.
-            setattr(attn.submodules, norm, None)
-    if not cfg.is_moe:  # an MoE layer keeps Megatron's experts as they are
+    if attn.module is SelfAttention:
+        attn.module = RopeCachedSelfAttention
+        attn.submodules.linear_qkv, attn.submodules.linear_proj = Column, Row
+        for norm in ("q_layernorm", "k_layernorm"):
+            if getattr(attn.submodules, norm) is IdentityOp:
+                # Megatron's own spelling of "none": no module to call per layer and step.
+                setattr(attn.submodules, norm, None)
+        if attention == "sdpa":
+            attn.submodules.core_attention = SDPAttention
+    if mlp.module is MLP and not cfg.is_moe:  # an MoE layer keeps Megatron's experts
         mlp.module = SwiGLUMLP
         mlp.submodules.linear_fc1, mlp.submodules.linear_fc2 = Column, Row
-    if attention == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
 
 
 def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
@@ -121,7 +143,7 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
     with quiet_unknown_mlp():
         model = MinitronGPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(cfg, use_te, attention=attention),
+            transformer_layer_spec=layer_spec(cfg, use_te, attention=attention, config=config),
             vocab_size=cfg.vocab_size,
             max_sequence_length=cfg.context_length,
             pre_process=ps.is_pipeline_first_stage(),

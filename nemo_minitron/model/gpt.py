@@ -104,10 +104,13 @@ class MinitronGPTModel(GPTModel):
         if self.config.num_moe_experts:  # megatron-core's MoE layer names a CUDA device
             return False
         from megatron.core import parallel_state as ps
+        from megatron.core.transformer.attention import Attention
 
         memory = ctx.key_value_memory_dict
+        # A heterogeneous layer whose attention is no-op or linear keeps no cache.
         return (ps.get_tensor_model_parallel_world_size() == 1
-                and all(layer.layer_number in memory for layer in self.decoder.layers))
+                and all(layer.layer_number in memory for layer in self.decoder.layers
+                        if isinstance(layer.self_attention, Attention)))
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> Any:
         """Megatron's cross-entropy, or the ``logits_loss`` of the current forward."""

@@ -54,9 +54,14 @@ def count_params(cfg: ModelConfig, active: bool = False) -> int:
     pos = cfg.context_length * h if cfg.position_embedding_type == "learned_absolute" else 0
     final_norm = h * (2 if cfg.normalization == "LayerNorm" else 1)
     out = 0 if cfg.share_embeddings_and_output_weights else cfg.vocab_size * h
-    layers = (sum(layer_params(cfg, active, i) for i in range(cfg.num_layers))
-              if cfg.is_heterogeneous else cfg.num_layers * layer_params(cfg, active))
-    return emb + pos + layers + final_norm + out
+    return emb + pos + sum(per_layer_params(cfg, active)) + final_norm + out
+
+
+def per_layer_params(cfg: ModelConfig, active: bool = False) -> list[int]:
+    """``layer_params`` of every layer, in order (the same number for a uniform model)."""
+    if not cfg.is_heterogeneous:
+        return [layer_params(cfg, active)] * cfg.num_layers
+    return [layer_params(cfg, active, i) for i in range(cfg.num_layers)]
 
 
 def _hetero_layer_params(cfg: ModelConfig, layer: int) -> int:
