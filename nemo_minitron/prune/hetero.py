@@ -25,6 +25,7 @@ with its bias, ``fit_linear_blocks``); the plan carries the fitted weights
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -39,6 +40,91 @@ SUBLAYERS = ("attention", "mlp")
 def linear_key(layer: int, sublayer: str) -> str:
     """The key of a linear replacement's fitted weights in ``PrunePlan.linear``."""
     return f"{layer}.{sublayer}"
+
+
+def block_of(name: str) -> str | None:
+    """The block (``SUBLAYERS``) a layer-local weight name belongs to, None for neither."""
+    if name.startswith(("input_layernorm.", "self_attention.")):
+        return "attention"
+    if name.startswith(("pre_mlp_layernorm.", "mlp.")):
+        return "mlp"
+    return None
+
+
+def linear_weights(fitted: dict[str, dict[str, torch.Tensor]], layer: int, sub: str
+                   ) -> dict[str, torch.Tensor]:
+    """The layer-local tensors of the linear replacement of block ``sub`` of source layer
+    ``layer`` (megatron-core's: the block module is the linear, ``self_attention.weight``)."""
+    fit = fitted.get(linear_key(layer, sub))
+    if fit is None:
+        raise ConfigError(f"the plan has no fitted weights for the linear {sub} block of layer "
+                          f"{layer} (prune.hetero.fit_linear_blocks)")
+    prefix = "self_attention." if sub == "attention" else "mlp."
+    return {prefix + k: v for k, v in fit.items()}
+
+
+def hetero_build(model: torch.nn.Module, cfg: ModelConfig, config: Any,
+                 build: Any) -> tuple[Any, Any]:
+    """``(HeterogeneousTransformerConfig, build)`` of the pruned model: the user's
+    ``config`` (``TransformerConfig``) with ``cfg``'s layer shapes, and unless the user
+    passes ``build``, ``type(model)`` built with megatron-core's heterogeneous layer spec
+    (``model.build.layer_spec``, the same core attention as ``model``'s)."""
+    import dataclasses as dc
+
+    from megatron.core.transformer.heterogeneous.heterogeneous_config import (
+        HeterogeneousTransformerConfig,
+    )
+
+    from nemo_minitron.config.hetero import hetero_fields
+    from nemo_minitron.model.attention import SDPAttention
+    from nemo_minitron.model.build import layer_spec
+    from nemo_minitron.model.rebuild import gpt_arguments
+
+    fields = {f.name: getattr(config, f.name) for f in dc.fields(config) if f.init}
+    hconfig = HeterogeneousTransformerConfig(**{**fields, **hetero_fields(cfg)})
+    if build is not None:
+        return hconfig, build
+    first = model.decoder.layers[0] if len(model.decoder.layers) else None
+    core = getattr(getattr(first, "self_attention", None), "core_attention", None)
+    if core is not None and "transformer_engine" in type(core).__module__:
+        raise ConfigError("a heterogeneous plan builds megatron-core's heterogeneous layer "
+                          "spec with local modules; this model uses Transformer Engine's "
+                          "(pass build=)")
+    spec = layer_spec(cfg, use_te=False, config=hconfig,
+                      attention="sdpa" if core is None or isinstance(core, SDPAttention)
+                      else "local")
+    args = {**gpt_arguments(model), "transformer_layer_spec": spec}
+    return hconfig, lambda c: type(model)(config=c, **args)
+
+
+def fill_layers(old: torch.nn.Module, new: torch.nn.Module, fn: Any, cfg: ModelConfig) -> None:
+    """Fill every layer of ``new`` from ``fn(full tensors of the same layer of old, layer)``
+    (``model.stream.LayerFn``): no layer changes stage, so each rank fills its own layers
+    from one full (TP-gathered) layer at a time, re-split evenly over TP (``full_state``)."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_minitron.model.full_state import gather_tp, tp_slice
+    from nemo_minitron.model.layouts import global_layers, layer_key
+
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    olds, news = global_layers(old), global_layers(new)
+    if sorted(olds) != sorted(news):
+        raise AssertionError(f"layers {sorted(news)} of the new stage, {sorted(olds)} of the old")
+    gated = old.config.gated_linear_unit
+    for j, layer in sorted(news.items()):
+        full = {n: gather_tp(p, n, gated) for n, p in sorted(olds[j].named_parameters())}
+        pruned = fn(full, j)
+        params = dict(layer.named_parameters())
+        if set(pruned) != set(params):
+            raise AssertionError(f"layer {j}: pruned tensors {sorted(pruned)}, the model has "
+                                 f"{sorted(params)}")
+        for name, param in params.items():
+            value = tp_slice(pruned[name], param, name, cfg, rank, size)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ConfigError(f"{layer_key(j, name)} has shape {list(value.shape)}, the "
+                                  f"new model needs {list(param.shape)}")
+            with torch.no_grad():
+                param.copy_(value)
 
 
 def check_layer_target(src: ModelConfig, shapes: list[LayerShape], tp: int) -> None:

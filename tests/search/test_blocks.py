@@ -11,25 +11,7 @@ import pytest
 import torch
 
 from tests.dist import spawn
-
-FFN_DEAD = {0: 16, 1: 32}  # layer -> inert MLP neurons (of 64)
-GROUPS_DEAD = {0: [1, 3], 1: []}  # layer -> inert query groups (of 4)
-
-
-def plant(model, cfg) -> None:
-    """Inert neurons (fc1 rows and fc2 columns zero) and inert groups (value rows and the
-    heads' linear_proj columns zero), in different numbers per layer."""
-    from nemo_minitron.model import layouts
-
-    with torch.no_grad():
-        for i, layer in enumerate(model.decoder.layers):
-            dead = torch.arange(FFN_DEAD[i]) * (64 // max(1, FFN_DEAD[i]))
-            layer.mlp.linear_fc1.weight[layouts.fc1_rows(cfg, dead)] = 0
-            layer.mlp.linear_fc2.weight[:, dead] = 0
-            for g in GROUPS_DEAD[i]:
-                layer.self_attention.linear_qkv.weight[layouts.qkv_kv_rows(cfg, g)[8:]] = 0
-                cols = layouts.proj_head_cols(cfg, layouts.group_heads(cfg, g).tolist())
-                layer.self_attention.linear_proj.weight[:, cols] = 0
+from tests.helpers.hetero_search import plant
 
 
 def _kl(parent: torch.Tensor, logits: torch.Tensor) -> float:
