@@ -181,15 +181,22 @@ def head_hosts(src: ModelConfig, kept_groups: torch.Tensor, kept_heads: torch.Te
     return host
 
 
+def linear_blocks(cfg: ModelConfig) -> list[tuple[int, str]]:
+    """``(layer, sublayer)`` of every linear block of ``cfg``."""
+    return [(i, sub) for i in range(cfg.num_layers if cfg.is_heterogeneous else 0)
+            for sub in SUBLAYERS if getattr(cfg.layer_shape(i), sub) == "linear"]
+
+
 def fit_linear_blocks(model: torch.nn.Module, tokens: torch.Tensor, micro_batch_size: int,
                       blocks: Iterable[tuple[int, str]], bias: bool
                       ) -> dict[str, dict[str, torch.Tensor]]:
-    """Least-squares linear replacements of the ``(layer, sublayer)`` blocks of ``model``
-    (one process: TP=1, PP=1), fitted on ``tokens [b, s]``: input the sublayer's input (its
-    norm's output), target its output plus bias. Returns ``linear_key -> {"weight" [h, h],
-    ("bias" [h])}`` (megatron's ``y = x W^T + b``). The normal equations are summed in
-    float64 and solved by ``torch.linalg.lstsq`` (gelsd: the least-norm solution when the
-    calibration tokens do not span the hidden space)."""
+    """Least-squares linear replacements of the ``(layer, sublayer)`` blocks of ``model``,
+    fitted on ``tokens [b, s]``: input the sublayer's input (its norm's output), target its
+    output plus bias. Under TP both are whole on every rank (no sequence parallelism), so every
+    rank fits the same weights; under PP each stage fits its own layers. Returns
+    ``linear_key -> {"weight" [h, h], ("bias" [h])}`` (megatron's ``y = x W^T + b``). The
+    normal equations are summed in float64 and solved by ``torch.linalg.lstsq`` (gelsd: the
+    least-norm solution when the calibration tokens do not span the hidden space)."""
     from nemo_minitron.model.build import unwrap
     from nemo_minitron.model.forward import forward_pass
     from nemo_minitron.model.layouts import global_layers
@@ -218,6 +225,8 @@ def fit_linear_blocks(model: torch.nn.Module, tokens: torch.Tensor, micro_batch_
         return fn
 
     for layer, sub in wanted:
+        if layer not in layers:  # another pipeline stage's: fitted there
+            continue
         module = layers[layer].self_attention if sub == "attention" else layers[layer].mlp
         handles.append(module.register_forward_hook(hook(linear_key(layer, sub)),
                                                     with_kwargs=True))

@@ -105,6 +105,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.prune.apply import prune_model
+    from nemo_minitron.prune.hetero import fit_linear_blocks, linear_blocks
     from nemo_minitron.prune.plan import angular_block, make_plan, validate_target
     from nemo_minitron.prune.report import write_report
     from nemo_minitron.prune.result import write as write_result
@@ -164,6 +165,9 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
         log.info("angular distance per removed block of %d layers: %s; dropping %s", block,
                  [round(x, 4) for x in angular.tolist()], list(range(start, start + block)))
     plan = make_plan(src, scores, target, rt.tp, rt.pp, rescale_norms=recipe.rescale_norms)
+    if plan.config.is_heterogeneous:  # every rank fits on all the tokens: the same weights
+        plan.linear = fit_linear_blocks(model, calib_tokens[:, :-1], c.micro_batch_size,
+                                        linear_blocks(plan.config), src.add_bias_linear)
     source_loss = lm_loss(model, eval_tokens, c.micro_batch_size)
     pruned = prune_model(model, plan)
     pruned_loss = lm_loss(pruned, eval_tokens, c.micro_batch_size)

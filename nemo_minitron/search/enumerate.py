@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from nemo_minitron.config import ConfigError, ModelConfig, layout_divisor
 from nemo_minitron.model.params import count_params
 from nemo_minitron.prune.plan import Target, pruned_config
+from nemo_minitron.search.blocks import BlockLibrary
 
 
 @dataclass(kw_only=True)
@@ -26,6 +27,12 @@ class SearchConfig:
 
     target_params: int | None = None
     """Parameter budget of the pruned model (required)."""
+    mode: Literal["uniform", "heterogeneous"] = "uniform"
+    """uniform: every layer the same shape, candidates from the grid below, each retrained;
+    heterogeneous: one block per layer from ``blocks``, chosen under target_params by an exact
+    solver from each block's score on the source (``search.hetero``), then retrained."""
+    blocks: BlockLibrary = field(default_factory=BlockLibrary)
+    """The block library of every layer (mode heterogeneous)."""
     tolerance: float = 0.05
     """Candidates lie within target_params * (1 +- tolerance)."""
     retrain_steps: int = 100

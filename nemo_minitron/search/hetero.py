@@ -4,6 +4,7 @@ parameter budget from block scores on the parent (``search.blocks``) by the exac
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from nemo_minitron.config import ConfigError, ModelConfig
@@ -11,6 +12,9 @@ from nemo_minitron.config.hetero import LayerShape
 from nemo_minitron.model.params import count_params, layer_params
 from nemo_minitron.search.blocks import LayerLibrary
 from nemo_minitron.search.solver import smallest_cost, solve
+from nemo_minitron.utils.logging import get_logger
+
+log = get_logger("search")
 
 
 def choose_shapes(src: ModelConfig, lib: LayerLibrary, target_params: int) -> list[LayerShape]:
@@ -29,7 +33,7 @@ def choose_shapes(src: ModelConfig, lib: LayerLibrary, target_params: int) -> li
 def shape_rows(src: ModelConfig, shapes: list[LayerShape]) -> list[dict[str, Any]]:
     """One row per layer for the report: attention (query groups or linear / no-op) and MLP
     (width or linear / no-op), and the layer's parameters."""
-    cfg = ModelConfig(**{**src.__dict__, "layer_shapes": shapes})
+    cfg = dataclasses.replace(src, layer_shapes=shapes)
     rows = []
     for i in range(src.num_layers):
         s = cfg.layer_shape(i)
@@ -37,3 +41,143 @@ def shape_rows(src: ModelConfig, shapes: list[LayerShape]) -> list[dict[str, Any
                      "mlp": s.mlp, "ffn_hidden_size": s.ffn_hidden_size,
                      "params": layer_params(cfg, layer=i)})
     return rows
+
+
+BLOCKS_FILE = "blocks.json"
+"""The block scores under ``OUT/search`` (reused by a re-run with the same library)."""
+NAME = "heterogeneous"
+"""The one candidate's directory name under ``OUT/search/candidates``."""
+
+
+def _block_scores(checkpoint: str, recipe: Any, src: ModelConfig, root: Any,
+                  options: dict[str, list[Any]]) -> tuple[dict[str, list[list[float]]], Any]:
+    """Importance (saved as ``root/scores.pt``) and every block's score on the source (saved
+    as ``root/blocks.json``; read back when its options are these)."""
+    from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model
+    from nemo_minitron.data.datasets import build_gpt_datasets
+    from nemo_minitron.data.resolve import resolve_data
+    from nemo_minitron.importance.estimator import estimate_importance
+    from nemo_minitron.importance.scores import Scores
+    from nemo_minitron.prune.hetero import fit_linear_blocks
+    from nemo_minitron.prune.stage import calib_sequences
+    from nemo_minitron.search.blocks import score_blocks
+    from nemo_minitron.utils.fs import atomic_write_json, read_json
+    from nemo_minitron.utils.rank import barrier, is_rank0
+
+    scores_file, blocks_file = root / "scores.pt", root / BLOCKS_FILE
+    want = [[list(o) for o in options[sub]] for sub in ("attention", "mlp")]
+    if scores_file.is_file() and blocks_file.is_file():
+        saved = read_json(blocks_file, "; remove it to score the blocks again")
+        if isinstance(saved, dict) and saved.get("options") == want:
+            return saved["scores"], Scores.load(str(scores_file))
+    c = recipe.calib
+    prefix, tok = resolve_data(recipe.data, load_checkpoint_tokenizer(checkpoint))
+    splits = build_gpt_datasets(prefix, tok, seq_length=c.seq_length or src.seq_length,
+                                split=recipe.data.split, seed=recipe.data.seed,
+                                num_samples=(c.num_samples, c.eval_samples, 0))
+    calib = calib_sequences(splits.train, c.num_samples, "num_samples")[:, :-1]
+    valid = calib_sequences(splits.valid, c.eval_samples, "eval_samples")[:, :-1]
+    model, _, _ = load_model(checkpoint)
+    importance = estimate_importance(model, calib, micro_batch_size=c.micro_batch_size,
+                                     batch_agg=c.batch_agg, seq_agg=c.seq_agg,
+                                     meta={"source": str(checkpoint)})
+    linear = fit_linear_blocks(model, calib, c.micro_batch_size,
+                               [(i, sub) for i in range(src.num_layers) for sub in options
+                                if ("linear", None) in options[sub]], src.add_bias_linear)
+    scores = score_blocks(model, src, importance, options, valid, c.micro_batch_size, linear)
+    del model
+    if is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = scores_file.with_name(f".{scores_file.name}.tmp")
+        importance.save(str(tmp))
+        tmp.replace(scores_file)
+        atomic_write_json(blocks_file, {"options": want, "scores": scores,
+                                        "library": dataclasses.asdict(recipe.search.blocks)})
+    barrier()
+    return scores, importance
+
+
+def _shapes(cfg: ModelConfig) -> list[LayerShape]:
+    return [cfg.layer_shape(i) for i in range(cfg.num_layers)]
+
+
+def hetero_search(checkpoint: str, out: str, recipe: Any) -> dict[str, Any]:
+    """``search.mode=heterogeneous`` (``recipe``: a ``SearchRecipe``): block scores on the
+    source, the exact choice under ``search.target_params``, prune, retrain, report, winner.
+    Re-running resumes (the block scores are reused, the retraining resumes)."""
+    import shutil
+
+    from nemo_minitron.checkpoint.io import (
+        check_checkpoint,
+        load_checkpoint_tokenizer,
+        load_model_config,
+        step_dir,
+    )
+    from nemo_minitron.data.resolve import check_data
+    from nemo_minitron.distill.stage import DistillRecipe, distill
+    from nemo_minitron.parallel.runtime import init_distributed
+    from nemo_minitron.prune import result as prune_result
+    from nemo_minitron.prune.plan import Target
+    from nemo_minitron.prune.stage import PruneRecipe, prune
+    from nemo_minitron.search.blocks import layer_library, sublayer_options
+    from nemo_minitron.search.hetero_report import write_hetero_report
+    from nemo_minitron.search.report import retraining_losses
+    from nemo_minitron.search.result import candidate_dir, candidate_run, search_dir, winner_dir
+    from nemo_minitron.utils.fs import atomic_dir
+    from nemo_minitron.utils.rank import barrier, is_rank0
+
+    s, p = recipe.search, recipe.parallel
+    check_checkpoint(checkpoint)
+    src = load_model_config(checkpoint)
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if tp != 1 or pp != 1:
+        raise ConfigError(f"search.mode=heterogeneous scores its blocks in one process per "
+                          f"model: parallel.tensor_model_parallel_size=1 and "
+                          f"pipeline_model_parallel_size=1 (got {tp} and {pp}); prune the "
+                          f"chosen shapes under TP/PP with prune target.layer_shapes=...")
+    if src.is_heterogeneous or src.is_moe:
+        raise ConfigError("search.mode=heterogeneous needs a uniform dense source model")
+    if s.target_params is None:
+        raise ConfigError("search.target_params must be set (the pruned model's parameters)")
+    options = sublayer_options(src, s.blocks, tp)
+    layer_library(src, options, {sub: [[0.0] * len(o) for _ in range(src.num_layers)]
+                                 for sub, o in options.items()})  # an empty library: refused
+    check_data(recipe.data, load_checkpoint_tokenizer(checkpoint))
+    init_distributed(p, seed=recipe.train.seed)
+    root = search_dir(out)
+    block_scores, _ = _block_scores(checkpoint, recipe, src, root, options)
+    lib = layer_library(src, options, block_scores)
+    shapes = choose_shapes(src, lib, s.target_params)
+    rows = shape_rows(src, shapes)
+    for r in rows:
+        log.info("layer %d: attention %s%s, mlp %s%s", r["layer"], r["attention"],
+                 f" ({r['num_query_groups']} groups)" if r["num_query_groups"] else "",
+                 r["mlp"], f" ({r['ffn_hidden_size']})" if r["ffn_hidden_size"] else "")
+    pruned, run = candidate_dir(root, NAME) / "pruned", candidate_run(root, NAME)
+    want = dataclasses.replace(src, layer_shapes=shapes)
+    if prune_result.read(pruned) is None or _shapes(load_model_config(pruned)) != _shapes(want):
+        if pruned.exists() and is_rank0():  # cut short, or other shapes: prune again
+            shutil.rmtree(pruned)
+        barrier()
+        prune(checkpoint, str(pruned), PruneRecipe(
+            target=Target(layer_shapes=shapes), calib=recipe.calib, data=recipe.data,
+            parallel=p, scores=str(root / "scores.pt"), rescale_norms=recipe.rescale_norms))
+        barrier()
+    train = dataclasses.replace(recipe.train, train_iters=s.retrain_steps)
+    kd = DistillRecipe(parallel=p, data=recipe.data, train=train, kd=recipe.kd)
+    result = distill(kd, checkpoint, str(pruned), run)
+    if result["interrupted"]:
+        log.info("stopped at step %d; re-run the same command to resume", result["step"])
+        return {"finished": False, "interrupted": True, "remaining": [NAME]}
+    params = count_params(want)
+    record = {"name": NAME, "params": params, "layers": rows,
+              **retraining_losses(result["history"]), "retrain_steps": s.retrain_steps}
+    if is_rank0():
+        write_hetero_report(root, record, lib, shapes, src, count_params(src), s.target_params)
+        with atomic_dir(winner_dir(out), overwrite=True) as tmp:
+            shutil.copytree(step_dir(run, s.retrain_steps), tmp, dirs_exist_ok=True)
+    barrier()
+    log.info("heterogeneous: %d params, one-shot loss %.4f, after %d steps %.4f", params,
+             record["one_shot_loss"], s.retrain_steps, record["retrained_loss"])
+    return {"finished": True, "winner": NAME, "winner_params": params,
+            "winner_checkpoint": str(winner_dir(out)), "report": str(root / "report.md")}
