@@ -32,6 +32,12 @@ def _nm():
     return nemo_minitron
 
 
+def _shapes(*layers: dict) -> list:
+    from nemo_minitron.config.hetero import LayerShape
+
+    return [LayerShape(**kw) for kw in layers]
+
+
 def _on_policy(**kw):
     from nemo_minitron.distill.on_policy import OnPolicyConfig
 
@@ -74,6 +80,10 @@ API_CASES: list[tuple[str, Callable[[], object], list[str]]] = [
     ("api-plan-too-wide", lambda: _nm().make_plan(
         _nm().ModelConfig(num_layers=2, hidden_size=64), None,
         _nm().Target(hidden_size=128)), ["target.hidden_size=128"]),
+    ("api-plan-layer-shape-tp", lambda: _nm().make_plan(
+        _nm().ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128), None,
+        _nm().Target(layer_shapes=_shapes({}, {"ffn_hidden_size": 33})), 2),
+     ["target.layer_shapes[1].ffn_hidden_size=33", "parallel.tensor_model_parallel_size=2"]),
     ("api-kd-temperature", lambda: _nm().KDConfig(temperature=0), ["kd.temperature=0"]),
     ("api-kd-loss-cache", lambda: _nm().KDLoss(None, None, _nm().KDConfig(
         teacher_cache="c")), ["kd.teacher_cache", "KDLoss"]),

@@ -17,15 +17,26 @@ from nemo_minitron.utils.logging import get_logger
 log = get_logger("search")
 
 
-def choose_shapes(src: ModelConfig, lib: LayerLibrary, target_params: int) -> list[LayerShape]:
-    """The per-layer shapes with the least summed score whose model has at most
-    ``target_params`` parameters (embedding, output layer and final norm included)."""
-    fixed = count_params(src) - src.num_layers * layer_params(src)
+def check_budget(src: ModelConfig, lib: LayerLibrary, target_params: int) -> int:
+    """One-line errors for a budget not below the source or below every combination of
+    blocks; returns the parameters outside the layers (embedding, output layer, final norm)."""
+    total = count_params(src)
+    if target_params >= total:
+        raise ConfigError(f"search.target_params={target_params} is not below the source's "
+                          f"{total} parameters")
+    fixed = total - src.num_layers * layer_params(src)
     low = fixed + smallest_cost(lib.costs)
     if target_params < low:
         raise ConfigError(f"search.target_params={target_params}: no combination of blocks "
                           f"meets it; the smallest reachable is {low} parameters (every "
                           f"layer's smallest block of search.blocks)")
+    return fixed
+
+
+def choose_shapes(src: ModelConfig, lib: LayerLibrary, target_params: int) -> list[LayerShape]:
+    """The per-layer shapes with the least summed score whose model has at most
+    ``target_params`` parameters (embedding, output layer and final norm included)."""
+    fixed = check_budget(src, lib, target_params)
     choice = solve(lib.costs, lib.scores, target_params - fixed)
     return [lib.shapes[i][c] for i, c in enumerate(choice)]
 
@@ -140,8 +151,10 @@ def hetero_search(checkpoint: str, out: str, recipe: Any) -> dict[str, Any]:
     if s.target_params is None:
         raise ConfigError("search.target_params must be set (the pruned model's parameters)")
     options = sublayer_options(src, s.blocks, tp)
-    layer_library(src, options, {sub: [[0.0] * len(o) for _ in range(src.num_layers)]
-                                 for sub, o in options.items()})  # an empty library: refused
+    # Refused before any work: an empty library, a budget no combination of blocks meets.
+    check_budget(src, layer_library(src, options, {
+        sub: [[0.0] * len(o) for _ in range(src.num_layers)] for sub, o in options.items()}),
+        s.target_params)
     check_data(recipe.data, load_checkpoint_tokenizer(checkpoint))
     init_distributed(p, seed=recipe.train.seed)
     root = search_dir(out)
