@@ -32,10 +32,10 @@ def _nm():
     return nemo_minitron
 
 
-def _shapes(*layers: dict) -> list:
+def _shapes(*shapes: dict) -> list:
     from nemo_minitron.config.hetero import LayerShape
 
-    return [LayerShape(**kw) for kw in layers]
+    return [LayerShape(**s) for s in shapes]
 
 
 def _on_policy(**kw):
@@ -52,6 +52,12 @@ API_CASES: list[tuple[str, Callable[[], object], list[str]]] = [
     ("api-moe-ffn-tp", lambda: _nm().ModelConfig(
         num_moe_experts=4, ffn_hidden_size=64, moe_ffn_hidden_size=33).check_layout(2, 1),
      ["model.moe_ffn_hidden_size=33", "parallel.tensor_model_parallel_size=2"]),
+    ("api-hetero-groups-tp", lambda: _nm().ModelConfig(
+        num_layers=2, layer_shapes=_shapes({}, {"num_query_groups": 1})).check_layout(2, 1),
+     ["model.layer_shapes[1].num_query_groups=1", "parallel.tensor_model_parallel_size=2"]),
+    ("api-hetero-moe", lambda: _nm().ModelConfig(
+        num_layers=1, num_moe_experts=2, layer_shapes=_shapes({})),
+     ["model.layer_shapes", "heterogeneous MoE"]),
     ("api-moe-experts-ep", lambda: _nm().ModelConfig(num_moe_experts=4).check_layout(1, 1, 3),
      ["model.num_moe_experts=4", "parallel.expert_model_parallel_size=3"]),
     ("api-ep-dense", lambda: _nm().ModelConfig().check_layout(1, 1, 2),

@@ -16,6 +16,7 @@ from tests.dist import spawn
 from tests.helpers.bad_inputs import (
     Ctx,
     _cfg,
+    _decilm,
     _hf_tok_dir,
     _hf_tokenizer,
     _model_vocab,
@@ -86,6 +87,11 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
                                    "OUT"], ["model.hidden_size"]),
     ("groups-not-dividing", lambda c: ["pretrain", *c.tiny, "model.num_query_groups=3",
                                        "--out", "OUT"], ["model.num_query_groups=3"]),
+    ("hetero-shapes-length", lambda c: ["pretrain", *c.tiny, "model.layer_shapes=[{}]",
+                                        "--out", "OUT"], ["model.layer_shapes", "1 entries"]),
+    ("hetero-size-on-no-op", lambda c: [
+        "pretrain", *c.tiny, "model.layer_shapes=[{}, {mlp: no_op, ffn_hidden_size: 64}]",
+        "--out", "OUT"], ["model.layer_shapes[1].ffn_hidden_size=64", "no_op"]),
     ("moe-topk-above-experts", lambda c: ["pretrain", *c.tiny, "model.num_moe_experts=2",
                                           "model.moe_router_topk=3", "--out", "OUT"],
      ["model.moe_router_topk=3", "model.num_moe_experts=2"]),
@@ -326,6 +332,12 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
         "import-hf", _qwen2_moe(c, moe_intermediate_size=33), "OUT",
         "parallel.tensor_model_parallel_size=2"],
      ["model.moe_ffn_hidden_size=33", "parallel.tensor_model_parallel_size=2"]),
+    ("hf-hetero-ffn-not-dividing-tp", lambda c: [
+        "import-hf", _decilm(c, ffn=33), "OUT", "parallel.tensor_model_parallel_size=2"],
+     ["model.layer_shapes[0].ffn_hidden_size=33", "parallel.tensor_model_parallel_size=2"]),
+    ("hf-hetero-block-feature", lambda c: ["import-hf", _decilm(c, ffn=32, sparsify=["x"]),
+                                           "OUT"],
+     ["block_configs[0].attention.sparsify"]),
     ("hf-moe-arch-unsupported", lambda c: ["import-hf", c.hf_dir(_cfg(
         architectures=["DeepseekV3ForCausalLM"])), "OUT"],
      ["DeepseekV3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM"]),

@@ -106,3 +106,15 @@ def shapes_from_blocks(blocks: list[Any]) -> list[LayerShape]:
             num_query_groups=b.attention.num_query_groups if attention == "full" else None,
             ffn_hidden_size=int(ffn) if ffn is not None and mlp == "full" else None))
     return shapes
+
+
+def as_uniform(cfg: Any) -> Any:
+    """The uniform ``ModelConfig`` of heterogeneous ``cfg`` when every layer has the same full
+    shape (what a plain Llama holds), else None; a uniform ``cfg`` itself."""
+    if not cfg.is_heterogeneous:
+        return cfg
+    first = cfg.layer_shape(0)
+    if first.attention != "full" or first.mlp != "full" or any(
+            cfg.layer_shape(i) != first for i in range(1, cfg.num_layers)):
+        return None
+    return cfg.layer_config(0)

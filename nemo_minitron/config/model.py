@@ -195,9 +195,10 @@ class ModelConfig:
         moe = {"moe_ffn_hidden_size": self.expert_ffn_hidden_size,
                "moe_shared_expert_intermediate_size": self.moe_shared_expert_intermediate_size
                } if self.is_moe else {}
+        hetero = self.is_heterogeneous  # its layers' own sizes are checked below, by layer
         check_divisible({"num_attention_heads": self.num_attention_heads,
-                         "num_query_groups": self.query_groups,
-                         "ffn_hidden_size": self.ffn_hidden_size, **moe,
+                         "num_query_groups": None if hetero else self.query_groups,
+                         "ffn_hidden_size": None if hetero else self.ffn_hidden_size, **moe,
                          "vocab_size": self.vocab_size, "num_layers": self.num_layers},
                         tp, pp, "model.")
         for i in range(self.num_layers if self.is_heterogeneous else 0):

@@ -17,12 +17,16 @@ import math
 from typing import Any
 
 from nemo_minitron.config import ConfigError, ModelConfig
+from nemo_minitron.config.hetero import as_uniform
+from nemo_minitron.interop.hf_hetero import DECILM_ARCH, DECILM_MODEL_TYPE, block_configs_hf
+from nemo_minitron.interop.hf_hetero import decilm_model_fields as _decilm_fields
 from nemo_minitron.interop.hf_moe import MOE_ARCHS, hf_moe_arch, hf_moe_config, moe_fields_from_hf
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("interop")
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", *MOE_ARCHS)
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", *MOE_ARCHS,
+             DECILM_ARCH)
 # Default training/calibration window of an imported model (``model.seq_length``); the model's
 # own context (``max_position_embeddings``) is kept separately and exported unchanged.
 IMPORT_SEQ_LENGTH = 2048
@@ -55,8 +59,14 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
     if len(archs) != 1 or arch not in SUPPORTED:
         raise ConfigError(f"config.json architecture {arch!r} is not supported; supported: "
                           f"{', '.join(SUPPORTED)}")
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "vocab_size"):
+    hetero: dict[str, Any] = {}
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "intermediate_size"):
+        if key == "intermediate_size" and arch == DECILM_ARCH:
+            # Per block in the block-config format (interop/hf_hetero.py).
+            hetero = _decilm_fields(hf)
+            hf = {**hf, "intermediate_size": hetero["intermediate_size"],
+                  "num_key_value_heads": hetero["num_key_value_heads"]}
         v = hf.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"config.json field {key!r} is missing or not a positive integer "
@@ -112,6 +122,7 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
         add_qkv_bias=arch == "Qwen2ForCausalLM" or (arch == "Qwen2MoeForCausalLM"
                                                     and hf.get("qkv_bias", True)),
         init_method_std=float(hf.get("initializer_range", 0.02)),
+        layer_shapes=hetero.get("layer_shapes"),
         **moe,
     )
 
@@ -119,7 +130,10 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
 def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
                          pad: int | None = None, unk: int | None = None,
                          dtype: str = "float32") -> dict[str, Any]:
-    """An HF ``config.json`` for ``cfg``; ConfigError for what HF Llama/Qwen2 cannot hold."""
+    """An HF ``config.json`` for ``cfg``; ConfigError for what HF Llama/Qwen2 cannot hold. A
+    heterogeneous model is written in the block-config format (``interop/hf_hetero.py``)
+    unless all its layers have the same full shape: then it is a plain Llama."""
+    cfg = as_uniform(cfg) or cfg
     for name, value, want in (("normalization", cfg.normalization, "RMSNorm"),
                               ("activation", cfg.activation, "swiglu"),
                               ("position_embedding_type", cfg.position_embedding_type, "rope"),
@@ -132,8 +146,13 @@ def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
                           "Llama/Qwen2 (only Qwen3-MoE here)")
     if cfg.vocab_size is None:
         raise ConfigError("model.vocab_size is not set in the checkpoint")
+    if cfg.is_heterogeneous and cfg.add_qkv_bias:
+        raise ConfigError("model.add_qkv_bias=true cannot be exported in the block-config "
+                          "format (DeciLM has no attention bias)")
     if cfg.is_moe:
         arch, model_type = hf_moe_arch(cfg)
+    elif cfg.is_heterogeneous:
+        arch, model_type = DECILM_ARCH, DECILM_MODEL_TYPE
     elif cfg.add_qkv_bias:
         arch, model_type = "Qwen2ForCausalLM", "qwen2"
     elif cfg.hidden_size % cfg.num_attention_heads:
@@ -172,7 +191,10 @@ def hf_config_from_model(cfg: ModelConfig, *, bos: int | None, eos: int | None,
     }
     if cfg.rope_scaling_factor is not None:
         out["rope_scaling"] = rope  # what transformers 4.x and vLLM read
-    if model_type == "llama":
+    if cfg.is_heterogeneous:  # sizes are per block
+        del out["intermediate_size"], out["num_key_value_heads"]
+        out.update(attention_bias=False, mlp_bias=False, block_configs=block_configs_hf(cfg))
+    elif model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     elif cfg.is_moe:
         out.update(hf_moe_config(cfg))

@@ -41,6 +41,11 @@ _LAYER_1TO1 = {
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    # Linear replacements of a heterogeneous layer (DeciLM names), their norms under TE.
+    "self_attention.weight": "self_attn.linear_attn.weight",
+    "mlp.weight": "mlp.linear_mlp.weight",
+    "self_attention.layer_norm_weight": "input_layernorm.weight",
+    "mlp.layer_norm_weight": "post_attention_layernorm.weight",
 }
 _TOP_1TO1 = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -50,26 +55,35 @@ _TOP_1TO1 = {
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an HF checkpoint of ``cfg`` holds, with its shape."""
-    h, f, d, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim, cfg.vocab_size
-    a, g = cfg.num_attention_heads, cfg.query_groups
+    h, d, v, a = cfg.hidden_size, cfg.head_dim, cfg.vocab_size, cfg.num_attention_heads
     assert v is not None
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h),
                                           "model.norm.weight": (h,)}
     if not cfg.share_embeddings_and_output_weights:
         shapes["lm_head.weight"] = (v, h)
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (a * d, h), p + "self_attn.k_proj.weight": (g * d, h),
-            p + "self_attn.v_proj.weight": (g * d, h), p + "self_attn.o_proj.weight": (h, a * d),
-        })
-        shapes.update(expected_moe_shapes(cfg, p) if cfg.is_moe else {
-            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f)})
-        if cfg.qk_layernorm:
+        p, one, kind = f"model.layers.{i}.", cfg.layer_config(i), cfg.layer_shape(i)
+        g, f = one.query_groups, one.ffn_hidden_size  # this layer's own sizes
+        if kind.attention != "no_op":
+            shapes[p + "input_layernorm.weight"] = (h,)
+        if kind.mlp != "no_op":
+            shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if kind.attention == "linear":
+            shapes[p + "self_attn.linear_attn.weight"] = (h, h)
+        if kind.mlp == "linear":
+            shapes[p + "mlp.linear_mlp.weight"] = (h, h)
+        if kind.attention == "full":
+            shapes.update({p + "self_attn.q_proj.weight": (a * d, h),
+                           p + "self_attn.k_proj.weight": (g * d, h),
+                           p + "self_attn.v_proj.weight": (g * d, h),
+                           p + "self_attn.o_proj.weight": (h, a * d)})
+        if kind.mlp == "full":
+            shapes.update(expected_moe_shapes(cfg, p) if cfg.is_moe else {
+                p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f)})
+        if cfg.qk_layernorm and kind.attention == "full":
             shapes.update({p + f"self_attn.{x}_norm.weight": (d,) for x in "qk"})
-        if cfg.add_qkv_bias:
+        if cfg.add_qkv_bias and kind.attention == "full":
             shapes.update({p + "self_attn.q_proj.bias": (a * d,),
                            p + "self_attn.k_proj.bias": (g * d,),
                            p + "self_attn.v_proj.bias": (g * d,)})
@@ -174,7 +188,8 @@ def megatron_tensor(name: str, layer: int | None, cfg: ModelConfig,
         return get(p + _LAYER_1TO1[name])
     if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = name.rsplit(".", 1)[1]
-        return join_qkv(*(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"), cfg)
+        return join_qkv(*(get(f"{p}self_attn.{x}_proj.{kind}") for x in "qkv"),
+                        cfg.layer_config(layer))
     if name == "mlp.linear_fc1.weight":
         return join_fc1(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
     raise ConfigError(f"no Hugging Face tensor maps to {name!r}")
@@ -202,7 +217,8 @@ def hf_views(key: str, w: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, tor
         return [(p + _LAYER_1TO1[name], w)]
     if name in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = name.rsplit(".", 1)[1]
-        return [(f"{p}self_attn.{x}_proj.{kind}", t) for x, t in zip("qkv", qkv_views(w, cfg))]
+        views = qkv_views(w, cfg.layer_config(parsed[0]))  # the layer's own query groups
+        return [(f"{p}self_attn.{x}_proj.{kind}", t) for x, t in zip("qkv", views)]
     if name == "mlp.linear_fc1.weight":
         gate, up = fc1_views(w)
         return [(p + "mlp.gate_proj.weight", gate), (p + "mlp.up_proj.weight", up)]

@@ -84,6 +84,38 @@ def _qwen2_moe(c: Ctx, **overrides) -> str:
     return str(save_hf_model(c.tmp / "qwen2_moe", "qwen2_moe", tokenizer=False, **overrides))
 
 
+def _decilm(c: Ctx, ffn: int = 33, **attention) -> str:
+    """A tiny Hugging Face DeciLM (block-config) directory in ``c.tmp``, written by hand: layer
+    0 full (2 query groups, FFN width ``ffn``, ``attention`` added to its attention block),
+    layer 1 a no-op attention and a linear MLP."""
+    from safetensors.torch import save_file
+
+    d = c.tmp / "decilm"
+    d.mkdir()
+    blocks = [{"attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": 2,
+                             **attention},
+               "ffn": {"no_op": False, "replace_with_linear": False, "ffn_mult": 1.0,
+                       "intermediate_size": ffn}},
+              {"attention": {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None},
+               "ffn": {"no_op": False, "replace_with_linear": True, "ffn_mult": None}}]
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas", "hidden_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 160,
+        "block_configs": blocks}))
+    p, shapes = "model.layers.", {"model.embed_tokens.weight": (160, 64), "lm_head.weight":
+                                  (160, 64), "model.norm.weight": (64,)}
+    shapes.update({p + "0.input_layernorm.weight": (64,), p + "0.self_attn.q_proj.weight":
+                   (64, 64), p + "0.self_attn.k_proj.weight": (32, 64),
+                   p + "0.self_attn.v_proj.weight": (32, 64), p + "0.self_attn.o_proj.weight":
+                   (64, 64), p + "0.post_attention_layernorm.weight": (64,),
+                   p + "0.mlp.gate_proj.weight": (ffn, 64), p + "0.mlp.up_proj.weight": (ffn, 64),
+                   p + "0.mlp.down_proj.weight": (64, ffn),
+                   p + "1.post_attention_layernorm.weight": (64,),
+                   p + "1.mlp.linear_mlp.weight": (64, 64)})
+    save_file({k: torch.zeros(v) for k, v in shapes.items()}, str(d / "model.safetensors"))
+    return str(d)
+
+
 def _model_yaml(text: str | bytes):
     def edit(d: Path) -> None:
         (d / "model_config.yaml").write_bytes(text.encode() if isinstance(text, str) else text)
