@@ -1,10 +1,10 @@
 """Planted heterogeneous search and per-layer pruning, in one spawned 2-process job: layers with
 different numbers of inert MLP neurons and query groups; block scores on the parent + the exact
 solver under the planted shape's parameter count find exactly that shape; pruning to it keeps
-the logits (1e-5) in a real heterogeneous GPTModel, at TP=1 and TP=2. Shapes with linear,
+the logits (1e-5) in a real heterogeneous GPTModel, at TP=1, TP=2 and PP=2. Shapes with linear,
 no-op and regrouped (not inert) blocks: the pruned model equals the parent with the same
 blocks replaced by hooks (``search.blocks.replaced``: another computation of the same
-blocks), and at TP=2 equals TP=1."""
+blocks), and at TP=2 and PP=2 equals TP=1."""
 
 from __future__ import annotations
 
@@ -111,18 +111,19 @@ def tp1_job(out: str) -> None:
     torch.save({**result, "tokens": tokens}, out)
 
 
-def tp2_job(tp1: str, out: str) -> None:
+def parallel_job(tp1: str, out: str, layout: dict[str, int]) -> None:
+    """The TP=1 plans applied under ``layout`` (2 processes); the last stage's rank 1 saves."""
     from nemo_minitron.config import ParallelConfig
     from nemo_minitron.model.forward import forward_logits
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.prune.apply import prune_model
 
     r = torch.load(tp1, weights_only=False)
-    init_distributed(ParallelConfig(tensor_model_parallel_size=2), seed=3)
+    init_distributed(ParallelConfig(**layout), seed=3)
     model, _ = _model(r["full"])
     logits = {name: forward_logits(prune_model(model, r["plans"][name]), r["tokens"])
               for name in ("planted", "linear")}
-    if torch.distributed.get_rank() == 0:
+    if torch.distributed.get_rank() == 1:
         torch.save(logits, out)
 
 
@@ -130,9 +131,13 @@ def tp2_job(tp1: str, out: str) -> None:
 def planted(tmp_path_factory) -> dict:
     d = Path(tmp_path_factory.mktemp("hetero"))
     tp1 = str(d / "tp1.pt")
-    spawn(in_order, 2, [(tp1_job, (tp1,)), (tp2_job, (tp1, str(d / "tp2.pt")))])
+    spawn(in_order, 2, [(tp1_job, (tp1,)),
+                        *((parallel_job, (tp1, str(d / f"{k}.pt"), {k: 2}))
+                          for k in ("tensor_model_parallel_size",
+                                    "pipeline_model_parallel_size"))])
     return {**torch.load(tp1, weights_only=False),
-            "tp2": torch.load(d / "tp2.pt", weights_only=False)}
+            "tp2": torch.load(d / "tensor_model_parallel_size.pt", weights_only=False),
+            "pp2": torch.load(d / "pipeline_model_parallel_size.pt", weights_only=False)}
 
 
 @pytest.mark.dist
@@ -152,6 +157,7 @@ def test_pruned_model_computes_the_blocks(planted, name) -> None:
         assert (planted["logits"][name] - planted["parent"]).abs().max() > 1e-3
     torch.testing.assert_close(planted["logits"][name], planted["simulated"][name], atol=1e-5,
                                rtol=0)
-    if name in planted["tp2"]:
-        torch.testing.assert_close(planted["tp2"][name], planted["logits"][name], atol=1e-5,
-                                   rtol=0)
+    for layout in ("tp2", "pp2"):
+        if name in planted[layout]:
+            torch.testing.assert_close(planted[layout][name], planted["logits"][name],
+                                       atol=1e-5, rtol=0)
