@@ -60,18 +60,41 @@ NAME = "heterogeneous"
 """The one candidate's directory name under ``OUT/search/candidates``."""
 
 
-def _block_scores(checkpoint: str, recipe: Any, src: ModelConfig, root: Any,
-                  options: dict[str, list[Any]]) -> tuple[dict[str, list[list[float]]], Any]:
-    """Importance (saved as ``root/scores.pt``) and every block's score on the source (saved
-    as ``root/blocks.json``; read back when its options are these)."""
+def block_scores(checkpoint: str, calib: Any, data: Any, src: ModelConfig,
+                 options: dict[str, list[Any]]) -> tuple[dict[str, list[list[float]]], Any]:
+    """``(block scores, importance Scores)`` of ``checkpoint`` (one process per model, the
+    runtime started): importance and the linear fits on ``calib.num_samples`` training
+    sequences of ``data``, each block's KL on ``calib.eval_samples`` validation sequences
+    (``search.blocks.score_blocks``)."""
     from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model
     from nemo_minitron.data.datasets import build_gpt_datasets
     from nemo_minitron.data.resolve import resolve_data
     from nemo_minitron.importance.estimator import estimate_importance
-    from nemo_minitron.importance.scores import Scores
     from nemo_minitron.prune.hetero import fit_linear_blocks
     from nemo_minitron.prune.stage import calib_sequences
     from nemo_minitron.search.blocks import score_blocks
+
+    prefix, tok = resolve_data(data, load_checkpoint_tokenizer(checkpoint))
+    splits = build_gpt_datasets(prefix, tok, seq_length=calib.seq_length or src.seq_length,
+                                split=data.split, seed=data.seed,
+                                num_samples=(calib.num_samples, calib.eval_samples, 0))
+    tokens = calib_sequences(splits.train, calib.num_samples, "num_samples")[:, :-1]
+    valid = calib_sequences(splits.valid, calib.eval_samples, "eval_samples")[:, :-1]
+    model, _, _ = load_model(checkpoint)
+    importance = estimate_importance(model, tokens, micro_batch_size=calib.micro_batch_size,
+                                     batch_agg=calib.batch_agg, seq_agg=calib.seq_agg,
+                                     meta={"source": str(checkpoint)})
+    linear = fit_linear_blocks(model, tokens, calib.micro_batch_size,
+                               [(i, sub) for i in range(src.num_layers) for sub in options
+                                if ("linear", None) in options[sub]], src.add_bias_linear)
+    return (score_blocks(model, src, importance, options, valid, calib.micro_batch_size,
+                         linear), importance)
+
+
+def _saved_block_scores(checkpoint: str, recipe: Any, src: ModelConfig, root: Any,
+                        options: dict[str, list[Any]]) -> dict[str, list[list[float]]]:
+    """``block_scores``, saved as ``root/{scores.pt,blocks.json}`` and read back when the
+    options are these."""
     from nemo_minitron.utils.fs import atomic_write_json, read_json
     from nemo_minitron.utils.rank import barrier, is_rank0
 
@@ -80,23 +103,8 @@ def _block_scores(checkpoint: str, recipe: Any, src: ModelConfig, root: Any,
     if scores_file.is_file() and blocks_file.is_file():
         saved = read_json(blocks_file, "; remove it to score the blocks again")
         if isinstance(saved, dict) and saved.get("options") == want:
-            return saved["scores"], Scores.load(str(scores_file))
-    c = recipe.calib
-    prefix, tok = resolve_data(recipe.data, load_checkpoint_tokenizer(checkpoint))
-    splits = build_gpt_datasets(prefix, tok, seq_length=c.seq_length or src.seq_length,
-                                split=recipe.data.split, seed=recipe.data.seed,
-                                num_samples=(c.num_samples, c.eval_samples, 0))
-    calib = calib_sequences(splits.train, c.num_samples, "num_samples")[:, :-1]
-    valid = calib_sequences(splits.valid, c.eval_samples, "eval_samples")[:, :-1]
-    model, _, _ = load_model(checkpoint)
-    importance = estimate_importance(model, calib, micro_batch_size=c.micro_batch_size,
-                                     batch_agg=c.batch_agg, seq_agg=c.seq_agg,
-                                     meta={"source": str(checkpoint)})
-    linear = fit_linear_blocks(model, calib, c.micro_batch_size,
-                               [(i, sub) for i in range(src.num_layers) for sub in options
-                                if ("linear", None) in options[sub]], src.add_bias_linear)
-    scores = score_blocks(model, src, importance, options, valid, c.micro_batch_size, linear)
-    del model
+            return saved["scores"]
+    scores, importance = block_scores(checkpoint, recipe.calib, recipe.data, src, options)
     if is_rank0():
         root.mkdir(parents=True, exist_ok=True)
         tmp = scores_file.with_name(f".{scores_file.name}.tmp")
@@ -105,7 +113,7 @@ def _block_scores(checkpoint: str, recipe: Any, src: ModelConfig, root: Any,
         atomic_write_json(blocks_file, {"options": want, "scores": scores,
                                         "library": dataclasses.asdict(recipe.search.blocks)})
     barrier()
-    return scores, importance
+    return scores
 
 
 def _shapes(cfg: ModelConfig) -> list[LayerShape]:
@@ -158,8 +166,7 @@ def hetero_search(checkpoint: str, out: str, recipe: Any) -> dict[str, Any]:
     check_data(recipe.data, load_checkpoint_tokenizer(checkpoint))
     init_distributed(p, seed=recipe.train.seed)
     root = search_dir(out)
-    block_scores, _ = _block_scores(checkpoint, recipe, src, root, options)
-    lib = layer_library(src, options, block_scores)
+    lib = layer_library(src, options, _saved_block_scores(checkpoint, recipe, src, root, options))
     shapes = choose_shapes(src, lib, s.target_params)
     rows = shape_rows(src, shapes)
     for r in rows:
