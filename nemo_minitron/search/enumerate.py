@@ -104,6 +104,9 @@ class SearchConfig:
                      "max_ffn_hidden_size_prune", "max_num_attention_heads_prune"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"search.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.mode == "heterogeneous" and (self.fan_out or self.candidates is not None):
+            raise ConfigError("search.fan_out and search.candidates select uniform candidates; "
+                              "search.mode=heterogeneous has one (the solver's choice)")
         if self.max_candidates_per_run is not None and self.max_candidates_per_run < 1:
             raise ConfigError(f"search.max_candidates_per_run={self.max_candidates_per_run} "
                               "must be >= 1")
