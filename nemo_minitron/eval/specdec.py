@@ -105,9 +105,12 @@ def check_local_attention(model: torch.nn.Module, what: str) -> None:
 
     from nemo_minitron.model.build import unwrap
 
-    inner = unwrap(model)
-    core = inner.decoder.layers[0].self_attention.core_attention
-    if not isinstance(core, DotProductAttention):
+    # A heterogeneous layer's no-op or linear attention has no core attention.
+    cores = [getattr(layer.self_attention, "core_attention", None)
+             for layer in unwrap(model).decoder.layers]
+    core = next((c for c in cores if c is not None and not isinstance(c, DotProductAttention)),
+                None)
+    if core is not None:
         raise ConfigError(f"{what}: speculative decoding needs Megatron's local attention "
                           f"(Transformer Engine's {type(core).__name__} ignores the "
                           "verification mask under a KV cache)")

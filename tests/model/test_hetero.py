@@ -1,8 +1,8 @@
 """Heterogeneous models (a shape per layer) built by ``model.build`` on megatron-core's
 ``HeterogeneousTransformerConfig`` and heterogeneous layer spec: logits against a torch-only
 recomputation of the same weights (``tests/helpers/hetero.py``), TP=2 and PP=2 against TP=1,
-the full-state gather/fill, checkpoints resharded across TP 2<->1 and PP 2<->1, parameter
-counts against the built models."""
+KV-cache decoding against the full forward, the full-state gather/fill, checkpoints resharded
+across TP 2<->1 and PP 2<->1, parameter counts against the built models."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def layout_job(out: str, tp: int, pp: int, ckpt_in: str | None, ckpt_out: str | 
     from tests.helpers.hetero import hetero_logits
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=tp,
-                                    pipeline_model_parallel_size=pp), seed=7)
+                                    pipeline_model_parallel_size=pp), seed=8 if full_in else 7)
     cfg = ModelConfig(**BASE, layer_shapes=shapes())
     model = build_model(cfg)
     if ckpt_in:
@@ -77,6 +77,14 @@ def layout_job(out: str, tp: int, pp: int, ckpt_in: str | None, ckpt_out: str | 
         assert back.layer_shapes == [cfg.layer_shape(i) for i in range(4)]
         torch.save(full, out + ".full")
         _counts_job()
+        # Decoding against the KV cache (no cache in the linear / no-op attention layers, the
+        # cached fast path) gives the full forward's logits at every position.
+        from nemo_minitron.eval.decode import KVCache, decode_steps
+
+        model.eval()
+        with torch.no_grad():
+            for pos, step in decode_steps(KVCache(model, 2, 16), _tokens(), 8, 16):
+                torch.testing.assert_close(step, logits[:, pos - 1], atol=1e-5, rtol=0)
     if ckpt_out:
         save_checkpoint(ckpt_out, model, model_cfg=cfg, tokenizer=None)
     if logits is not None and int(os.environ["RANK"]) == torch.distributed.get_world_size() - 1:
@@ -93,6 +101,7 @@ def test_hetero_logits_layouts_and_checkpoint_reshard(tmp_path):
         (layout_job, (p("tp2.pt"), 2, 1, None, p("ck_tp2"), None)),
         (layout_job, (p("pp2.pt"), 1, 2, None, p("ck_pp2"), None)),
         (layout_job, (p("pp2_full.pt"), 1, 2, None, None, p("tp1.pt.full"))),
+        (layout_job, (p("tp2_full.pt"), 2, 1, None, None, p("tp1.pt.full"))),
         (layout_job, (p("tp2_from_tp1.pt"), 2, 1, p("ck_tp1"), None, None)),
         (layout_job, (p("pp2_from_tp1.pt"), 1, 2, p("ck_tp1"), None, None)),
         # TP=1 x DP=2: checkpoints saved under TP=2 and PP=2 load under TP=1.
@@ -102,7 +111,7 @@ def test_hetero_logits_layouts_and_checkpoint_reshard(tmp_path):
     assert ref.shape == (2, 16, 64)
     # TP=2 draws the same weights as TP=1 (CPU initialisation); PP=2 draws its own, so it is
     # checked on TP=1's weights (full state dict, checkpoint) and its checkpoint under TP=1.
-    for name, want in (("tp2", ref), ("pp2_full", ref), ("tp2_from_tp1", ref),
+    for name, want in (("tp2", ref), ("pp2_full", ref), ("tp2_full", ref), ("tp2_from_tp1", ref),
                        ("pp2_from_tp1", ref), ("from_tp2", ref),
                        ("from_pp2", torch.load(p("pp2.pt")))):
         torch.testing.assert_close(torch.load(p(f"{name}.pt")), want, atol=1e-5, rtol=0,
@@ -125,3 +134,28 @@ def test_memory_estimate_counts_each_layer_its_own_size():
     acts = 2 * 16 * 2 * (4 * 32 + (4 + 8) * 8 + 4 * 8 + 3 * 48)  # 2sb(4h + qkv, proj, fc)
     assert (memory_gib(uniform, 1, 1, 1, 2) - memory_gib(gone, 1, 1, 1, 2)) * GiB == \
         pytest.approx(dropped + acts)
+
+
+def test_a_users_heterogeneous_transformer_config_gives_its_layer_shapes():
+    # The published block-config spelling (n_heads_in_group, ffn_mult), parsed by megatron-core.
+    import json
+
+    import torch.nn.functional as F
+    from megatron.core.transformer.heterogeneous.heterogeneous_config import (
+        HeterogeneousTransformerConfig,
+    )
+
+    from nemo_minitron.config import ModelConfig
+    from nemo_minitron.config.hetero import LayerShape as S
+
+    blocks = [{"attention": {"n_heads_in_group": 4, "no_op": False, "replace_with_linear": False},
+               "ffn": {"ffn_mult": 2.0, "no_op": False, "replace_with_linear": False}},
+              {"attention": {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False},
+               "ffn": {"ffn_mult": None, "no_op": False, "replace_with_linear": True}}]
+    tc = HeterogeneousTransformerConfig(
+        num_layers=2, hidden_size=384, num_attention_heads=8, gated_linear_unit=True,
+        activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
+        heterogeneous_layers_config_encoded_json=json.dumps({"block_configs": blocks}))
+    cfg = ModelConfig.from_transformer_config(tc, vocab_size=64, seq_length=16)
+    assert cfg.layer_shapes == [S(num_query_groups=2, ffn_hidden_size=512),
+                                S(attention="no_op", mlp="linear")]
