@@ -43,14 +43,16 @@ class HeteroSection:
             from nemo_minitron.config import ParallelConfig
             from nemo_minitron.parallel.runtime import init_distributed
             from nemo_minitron.search.blocks import BlockLibrary, layer_library, sublayer_options
-            from nemo_minitron.search.hetero import block_scores, choose_shapes
+            from nemo_minitron.search.enumerate import SearchConfig
+            from nemo_minitron.search.hetero import block_scores, choose_shapes, make_budget
 
             init_distributed(ParallelConfig())
             options = sublayer_options(self.src, BlockLibrary(), 1)
             scores, _ = block_scores(st.teacher(), st.recipe.calib, st.data(s), self.src,
                                      options)
             budget = self.uniform(s)["params"]
-            shapes = choose_shapes(self.src, layer_library(self.src, options, scores), budget)
+            shapes = choose_shapes(self.src, layer_library(self.src, options, scores),
+                                   make_budget(self.src, SearchConfig(target_params=budget)))
             return {"budget": budget, "shapes": [dataclasses.asdict(x) for x in shapes]}
         return st.unit(f"hetero-shapes-s{s}", run)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +93,43 @@ def layer_cost(src: ModelConfig, shape: LayerShape) -> int:
     return layer_params(one, layer=0)
 
 
+@dataclass(kw_only=True)
+class MemoryBudget:
+    """The inference memory a heterogeneous search may spend (``search.budget: memory``):
+    the weights plus the KV cache of ``batch_size`` sequences of ``context`` tokens (no
+    activations, no framework overhead)."""
+
+    target_gib: float | None = None
+    """The budget in GiB (required with search.budget=memory)."""
+    batch_size: int = 1
+    """Sequences decoded at once."""
+    context: int | None = None
+    """Tokens per sequence held in the KV cache; None: the source's seq_length."""
+    bytes_per_param: int = 2
+    """Bytes per weight (2: bf16)."""
+    kv_bytes: int = 2
+    """Bytes per cached key or value element (2: bf16)."""
+
+    def __post_init__(self) -> None:
+        if self.target_gib is not None and not self.target_gib > 0:
+            raise ConfigError(f"search.memory.target_gib={self.target_gib} must be > 0")
+        for name in ("batch_size", "bytes_per_param", "kv_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"search.memory.{name}={getattr(self, name)} must be >= 1")
+        if self.context is not None and self.context < 1:
+            raise ConfigError(f"search.memory.context={self.context} must be >= 1")
+
+
+def layer_memory(src: ModelConfig, shape: LayerShape, m: MemoryBudget) -> int:
+    """Bytes of one layer of ``src`` with ``shape`` at inference: its weights and, for a full
+    attention block, the keys and values of its query groups for every cached token."""
+    kv = 0
+    if shape.attention == "full":
+        groups = shape.num_query_groups or src.query_groups
+        kv = 2 * groups * src.head_dim * (m.context or src.seq_length) * m.batch_size
+    return layer_cost(src, shape) * m.bytes_per_param + kv * m.kv_bytes
+
+
 @dataclass
 class LayerLibrary:
     """Every layer's candidates with their costs and scores (the solver's input)."""
@@ -106,9 +143,10 @@ class LayerLibrary:
 
 
 def layer_library(src: ModelConfig, options: dict[str, list[Option]],
-                  block_scores: dict[str, list[list[float]]]) -> LayerLibrary:
-    """Per layer, every pair of an attention and an MLP block (one-line error naming the
-    first layer without one)."""
+                  block_scores: dict[str, list[list[float]]],
+                  cost: Callable[[ModelConfig, LayerShape], int] = layer_cost) -> LayerLibrary:
+    """Per layer, every pair of an attention and an MLP block, with its ``cost`` (default
+    parameters) and summed score (one-line error naming the first layer without one)."""
     lib = LayerLibrary([], [], [])
     for i in range(src.num_layers):
         for sub in ("attention", "mlp"):
@@ -120,7 +158,7 @@ def layer_library(src: ModelConfig, options: dict[str, list[Option]],
                                        range(len(options["mlp"]))))
         shapes = [layer_shape(options["attention"][x], options["mlp"][y]) for x, y in pairs]
         lib.shapes.append(shapes)
-        lib.costs.append([layer_cost(src, s) for s in shapes])
+        lib.costs.append([cost(src, s) for s in shapes])
         lib.scores.append([block_scores["attention"][i][x] + block_scores["mlp"][i][y]
                            for x, y in pairs])
     return lib

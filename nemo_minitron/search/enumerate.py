@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 from nemo_minitron.config import ConfigError, ModelConfig, layout_divisor
 from nemo_minitron.model.params import count_params
 from nemo_minitron.prune.plan import Target, pruned_config
-from nemo_minitron.search.blocks import BlockLibrary
+from nemo_minitron.search.blocks import BlockLibrary, MemoryBudget
 
 
 @dataclass(kw_only=True)
@@ -33,6 +33,11 @@ class SearchConfig:
     solver from each block's score on the source (``search.hetero``), then retrained."""
     blocks: BlockLibrary = field(default_factory=BlockLibrary)
     """The block library of every layer (mode heterogeneous)."""
+    budget: Literal["params", "memory"] = "params"
+    """What a heterogeneous search bounds: the parameters (target_params) or the inference
+    memory, weights plus KV cache (``memory``)."""
+    memory: MemoryBudget = field(default_factory=MemoryBudget)
+    """The memory budget and the batch and context it is measured at (budget memory)."""
     tolerance: float = 0.05
     """Candidates lie within target_params * (1 +- tolerance)."""
     retrain_steps: int = 100

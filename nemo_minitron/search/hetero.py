@@ -5,39 +5,72 @@ parameter budget from block scores on the parent (``search.blocks``) by the exac
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.config.hetero import LayerShape
 from nemo_minitron.model.params import count_params, layer_params
-from nemo_minitron.search.blocks import LayerLibrary
+from nemo_minitron.search.blocks import LayerLibrary, layer_cost, layer_memory
 from nemo_minitron.search.solver import smallest_cost, solve
 from nemo_minitron.utils.logging import get_logger
 
 log = get_logger("search")
+GIB = 1024**3
+"""Bytes per GiB."""
 
 
-def check_budget(src: ModelConfig, lib: LayerLibrary, target_params: int) -> int:
+@dataclass
+class Budget:
+    """What the heterogeneous search may spend: parameters or inference bytes."""
+
+    limit: int
+    """The whole model's budget."""
+    fixed: int
+    """What the parts outside the layers (embedding, output layer, final norm) spend."""
+    cost: Callable[[ModelConfig, LayerShape], int]
+    """One layer's cost (``search.blocks.layer_cost`` or ``layer_memory``)."""
+    name: str
+    """The recipe key and value, for messages (``search.target_params=N``)."""
+    unit: str
+    """``parameters`` or ``bytes``."""
+
+
+def make_budget(src: ModelConfig, s: Any) -> Budget:
+    """The budget of ``SearchConfig`` ``s`` (``search.budget``) for source ``src``."""
+    outside = count_params(src) - src.num_layers * layer_params(src)
+    if s.budget == "memory":
+        m = s.memory
+        if m.target_gib is None:
+            raise ConfigError("search.budget=memory needs search.memory.target_gib")
+        return Budget(int(m.target_gib * GIB), outside * m.bytes_per_param,
+                      lambda c, x: layer_memory(c, x, m),
+                      f"search.memory.target_gib={m.target_gib}", "bytes")
+    if s.target_params is None:
+        raise ConfigError("search.target_params must be set (the pruned model's parameters)")
+    return Budget(s.target_params, outside, layer_cost,
+                  f"search.target_params={s.target_params}", "parameters")
+
+
+def check_budget(src: ModelConfig, lib: LayerLibrary, b: Budget) -> None:
     """One-line errors for a budget not below the source or below every combination of
-    blocks; returns the parameters outside the layers (embedding, output layer, final norm)."""
-    total = count_params(src)
-    if target_params >= total:
-        raise ConfigError(f"search.target_params={target_params} is not below the source's "
-                          f"{total} parameters")
-    fixed = total - src.num_layers * layer_params(src)
-    low = fixed + smallest_cost(lib.costs)
-    if target_params < low:
-        raise ConfigError(f"search.target_params={target_params}: no combination of blocks "
-                          f"meets it; the smallest reachable is {low} parameters (every "
-                          f"layer's smallest block of search.blocks)")
-    return fixed
+    blocks (``lib``'s costs are ``b.cost``'s)."""
+    total = b.fixed + src.num_layers * b.cost(src, LayerShape())
+    if b.limit >= total:
+        raise ConfigError(f"{b.name} is not below the source's {total} {b.unit}")
+    low = b.fixed + smallest_cost(lib.costs)
+    if b.limit < low:
+        raise ConfigError(f"{b.name}: no combination of blocks meets it; the smallest "
+                          f"reachable is {low} {b.unit} (every layer's smallest block of "
+                          f"search.blocks)")
 
 
-def choose_shapes(src: ModelConfig, lib: LayerLibrary, target_params: int) -> list[LayerShape]:
-    """The per-layer shapes with the least summed score whose model has at most
-    ``target_params`` parameters (embedding, output layer and final norm included)."""
-    fixed = check_budget(src, lib, target_params)
-    choice = solve(lib.costs, lib.scores, target_params - fixed)
+def choose_shapes(src: ModelConfig, lib: LayerLibrary, b: Budget) -> list[LayerShape]:
+    """The per-layer shapes with the least summed score whose model costs at most
+    ``b.limit`` (the parts outside the layers included)."""
+    check_budget(src, lib, b)
+    choice = solve(lib.costs, lib.scores, b.limit - b.fixed, b.unit)
     return [lib.shapes[i][c] for i, c in enumerate(choice)]
 
 
@@ -122,7 +155,7 @@ def _shapes(cfg: ModelConfig) -> list[LayerShape]:
 
 def hetero_search(checkpoint: str, out: str, recipe: Any) -> dict[str, Any]:
     """``search.mode=heterogeneous`` (``recipe``: a ``SearchRecipe``): block scores on the
-    source, the exact choice under ``search.target_params``, prune, retrain, report, winner.
+    source, the exact choice under the budget (``make_budget``), prune, retrain, report, winner.
     Re-running resumes (the block scores are reused, the retraining resumes)."""
     import shutil
 
@@ -156,18 +189,18 @@ def hetero_search(checkpoint: str, out: str, recipe: Any) -> dict[str, Any]:
                           f"chosen shapes under TP/PP with prune target.layer_shapes=...")
     if src.is_heterogeneous or src.is_moe:
         raise ConfigError("search.mode=heterogeneous needs a uniform dense source model")
-    if s.target_params is None:
-        raise ConfigError("search.target_params must be set (the pruned model's parameters)")
+    budget = make_budget(src, s)
     options = sublayer_options(src, s.blocks, tp)
     # Refused before any work: an empty library, a budget no combination of blocks meets.
     check_budget(src, layer_library(src, options, {
-        sub: [[0.0] * len(o) for _ in range(src.num_layers)] for sub, o in options.items()}),
-        s.target_params)
+        sub: [[0.0] * len(o) for _ in range(src.num_layers)] for sub, o in options.items()},
+        budget.cost), budget)
     check_data(recipe.data, load_checkpoint_tokenizer(checkpoint))
     init_distributed(p, seed=recipe.train.seed)
     root = search_dir(out)
-    lib = layer_library(src, options, _saved_block_scores(checkpoint, recipe, src, root, options))
-    shapes = choose_shapes(src, lib, s.target_params)
+    lib = layer_library(src, options, _saved_block_scores(checkpoint, recipe, src, root, options),
+                        budget.cost)
+    shapes = choose_shapes(src, lib, budget)
     rows = shape_rows(src, shapes)
     for r in rows:
         log.info("layer %d: attention %s%s, mlp %s%s", r["layer"], r["attention"],
@@ -193,7 +226,8 @@ def hetero_search(checkpoint: str, out: str, recipe: Any) -> dict[str, Any]:
     record = {"name": NAME, "params": params, "layers": rows,
               **retraining_losses(result["history"]), "retrain_steps": s.retrain_steps}
     if is_rank0():
-        write_hetero_report(root, record, lib, shapes, src, count_params(src), s.target_params)
+        write_hetero_report(root, record, lib, shapes, src, count_params(src),
+                            f"{budget.name} ({budget.limit:,} {budget.unit})")
         with atomic_dir(winner_dir(out), overwrite=True) as tmp:
             shutil.copytree(step_dir(run, s.retrain_steps), tmp, dirs_exist_ok=True)
     barrier()

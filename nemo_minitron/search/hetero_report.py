@@ -18,13 +18,13 @@ def _block(kind: str, size: int | None, of: int) -> str:
 
 def write_hetero_report(root: Path, record: dict[str, Any], lib: LayerLibrary,
                         shapes: list[LayerShape], source: Any, source_params: int,
-                        target_params: int) -> None:
+                        budget: str) -> None:
     """``root/report.md``, ``root/shapes.png`` and ``root/loss_curves.png``."""
     from nemo_minitron.search.report import plot_curves
 
     g, f = source.query_groups, source.ffn_hidden_size
     lines = ["# Heterogeneous architecture search", "",
-             f"Source: {source_params:,} parameters; budget {target_params:,}; chosen model "
+             f"Source: {source_params:,} parameters; budget {budget}; chosen model "
              f"{record['params']:,} parameters. One block per layer chosen by the exact solver "
              f"(least summed block score, KL of the source with only that block replaced); "
              f"validation LM loss {record['one_shot_loss']:.4f} one-shot, "

@@ -76,11 +76,15 @@ def tp1_job(out: str) -> None:
     from nemo_minitron.prune.plan import Target, make_plan
     from nemo_minitron.search.blocks import (
         BlockLibrary,
+        MemoryBudget,
+        layer_cost,
         layer_library,
+        layer_memory,
         score_blocks,
         sublayer_options,
     )
-    from nemo_minitron.search.hetero import choose_shapes
+    from nemo_minitron.search.enumerate import SearchConfig
+    from nemo_minitron.search.hetero import choose_shapes, make_budget
 
     init_distributed(ParallelConfig(), seed=3)
     model, cfg = _model()
@@ -91,13 +95,20 @@ def tp1_job(out: str) -> None:
     linear = fit_linear_blocks(model, calib, 4, [(i, s) for i in range(2)
                                                  for s in ("attention", "mlp")], bias=False)
     options = sublayer_options(cfg, BlockLibrary(), tp=2)
-    lib = layer_library(cfg, options, score_blocks(model, cfg, importance, options, tokens, 4,
-                                                   linear))
+    scores = score_blocks(model, cfg, importance, options, tokens, 4, linear)
+    lib = layer_library(cfg, options, scores)
     budget = count_params(dataclasses.replace(cfg, layer_shapes=PLANTED))
-    found = choose_shapes(cfg, lib, budget)
+    found = choose_shapes(cfg, lib, make_budget(cfg, SearchConfig(target_params=budget)))
+    # The same under a memory budget (weights + KV cache): the planted shape's bytes.
+    m = MemoryBudget(batch_size=4, context=64)
+    planted_bytes = ((count_params(cfg) - 2 * layer_cost(cfg, LayerShape())) * 2
+                     + sum(layer_memory(cfg, x, m) for x in PLANTED))
+    mem = make_budget(cfg, SearchConfig(budget="memory", memory=dataclasses.replace(
+        m, target_gib=(planted_bytes + 0.5) / 1024**3)))
+    found_memory = choose_shapes(cfg, layer_library(cfg, options, scores, mem.cost), mem)
     parent = forward_logits(model, tokens)
-    result = {"found": found, "budget": budget, "parent": parent, "plans": {}, "logits": {},
-              "simulated": {}, "full": {k: v.detach().clone()
+    result = {"found": found, "found_memory": found_memory, "budget": budget, "parent": parent,
+              "plans": {}, "logits": {}, "simulated": {}, "full": {k: v.detach().clone()
                                         for k, v in model.named_parameters()}}
     for name, shapes in {"planted": found, **OTHERS}.items():
         plan = make_plan(cfg, importance, Target(layer_shapes=shapes))
@@ -143,6 +154,7 @@ def planted(tmp_path_factory) -> dict:
 @pytest.mark.dist
 def test_search_finds_the_planted_shape(planted) -> None:
     assert planted["found"] == PLANTED
+    assert planted["found_memory"] == PLANTED
     torch.testing.assert_close(planted["logits"]["planted"], planted["parent"], atol=1e-5,
                                rtol=0)
     torch.testing.assert_close(planted["tp2"]["planted"], planted["parent"], atol=1e-5, rtol=0)
