@@ -119,7 +119,7 @@ def tp1_job(out: str) -> None:
         result["simulated"][name] = _simulated(model, cfg, importance, shapes, linear, tokens)
         result.setdefault("counts", {})[name] = (
             sum(p.numel() for p in pruned.parameters()), count_params(plan.config))
-    torch.save({**result, "tokens": tokens}, out)
+    torch.save({**result, "tokens": tokens, "calib": calib, "linear": linear}, out)
 
 
 def parallel_job(tp1: str, out: str, layout: dict[str, int]) -> None:
@@ -128,12 +128,16 @@ def parallel_job(tp1: str, out: str, layout: dict[str, int]) -> None:
     from nemo_minitron.model.forward import forward_logits
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.prune.apply import prune_model
+    from nemo_minitron.prune.hetero import fit_linear_blocks
 
     r = torch.load(tp1, weights_only=False)
     init_distributed(ParallelConfig(**layout), seed=3)
     model, _ = _model(r["full"])
     logits = {name: forward_logits(prune_model(model, r["plans"][name]), r["tokens"])
               for name in ("planted", "linear")}
+    # The least-squares fits under this layout (each stage fits its own layers).
+    logits["fits"] = fit_linear_blocks(model, r["calib"], 4, [(i, s) for i in range(2) for s in
+                                                              ("attention", "mlp")], False)
     if torch.distributed.get_rank() == 1:
         torch.save(logits, out)
 
@@ -158,6 +162,16 @@ def test_search_finds_the_planted_shape(planted) -> None:
     torch.testing.assert_close(planted["logits"]["planted"], planted["parent"], atol=1e-5,
                                rtol=0)
     torch.testing.assert_close(planted["tp2"]["planted"], planted["parent"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.dist
+def test_linear_fits_under_tp_and_pp(planted) -> None:
+    for layout, layers in (("tp2", (0, 1)), ("pp2", (1,))):  # PP: the last stage's layer
+        fits = planted[layout]["fits"]
+        assert sorted(fits) == [f"{i}.{s}" for i in layers for s in ("attention", "mlp")]
+        for key, fit in fits.items():
+            torch.testing.assert_close(fit["weight"], planted["linear"][key]["weight"],
+                                       atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.dist
