@@ -92,6 +92,9 @@ def prune_layer(full: dict[str, torch.Tensor], plan: PrunePlan,
         kind = getattr(shape, sub) if sub else "full"
         if kind == "no_op":
             continue  # the block and its norm are gone
+        if sub == "mlp" and name.startswith("mlp.") and layer in plan.trained:
+            out[name] = plan.trained[layer][name]  # trained after the cut (local distillation)
+            continue
         if kind == "linear":  # its norm stays; the fitted linear comes with the norm's weight
             if name.startswith(("input_layernorm.", "pre_mlp_layernorm.")):
                 out[name] = w[hid] * (scale if name.endswith("weight") else 1.0)

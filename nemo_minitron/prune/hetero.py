@@ -242,3 +242,80 @@ def fit_linear_blocks(model: torch.nn.Module, tokens: torch.Tensor, micro_batch_
         out[key] = {"weight": w.T.contiguous().to(dtype)} if not bias else \
             {"weight": w[:-1].T.contiguous().to(dtype), "bias": w[-1].contiguous().to(dtype)}
     return out
+
+
+def mlp_forward(x: torch.Tensor, w: dict[str, torch.Tensor], act: Any, gated: bool
+                ) -> torch.Tensor:
+    """A dense MLP block's output (bias included) from its full layer-local tensors ``w``."""
+    import torch.nn.functional as F
+
+    h = F.linear(x, w["mlp.linear_fc1.weight"], w.get("mlp.linear_fc1.bias"))
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        h = act(gate) * up
+    else:
+        h = act(h)
+    return F.linear(h, w["mlp.linear_fc2.weight"], w.get("mlp.linear_fc2.bias"))
+
+
+def distill_mlp_blocks(model: torch.nn.Module, cfg: ModelConfig, tokens: torch.Tensor,
+                       micro_batch_size: int, kept: dict[Any, tuple[int, torch.Tensor]],
+                       steps: int, lr: float = 1e-2) -> dict[Any, dict[str, torch.Tensor]]:
+    """Blockwise local distillation (Puzzle): for each ``key -> (layer, kept neurons)``, the
+    MLP of that layer cut to those neurons, then trained for ``steps`` full-batch Adam steps
+    to reproduce the source MLP's output (bias included) from its input (the norm's output)
+    on ``tokens``; the step size is ``lr`` times the RMS of the block's weights (Adam moves
+    every weight by about its step size, whatever the scale of the model), and the weights of
+    the lowest loss seen are kept (the cut ones included: never worse on these tokens).
+    Returns ``key -> full layer-local MLP tensors`` (this stage's layers only; under TP every
+    rank trains on the same whole tensors, so every rank gets the same)."""
+    from nemo_minitron.model.build import unwrap
+    from nemo_minitron.model.forward import forward_pass
+    from nemo_minitron.model.full_state import gather_tp
+    from nemo_minitron.model.layouts import fc1_rows, gated, global_layers
+
+    layers = global_layers(unwrap(model))
+    wanted = sorted({layer for layer, _ in kept.values() if layer in layers})
+    io: dict[int, list[list[torch.Tensor]]] = {i: [[], []] for i in wanted}
+
+    def grab(i: int):
+        def fn(_mod, args, _kwargs, out):
+            y, b = out if isinstance(out, tuple) else (out, None)
+            # Copies: the layer adds the residual into the output in place afterwards.
+            io[i][0].append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+            io[i][1].append((y if b is None else y + b).detach().reshape(-1, y.shape[-1])
+                            .clone())
+        return fn
+    handles = [layers[i].mlp.register_forward_hook(grab(i), with_kwargs=True) for i in wanted]
+    try:
+        forward_pass(model, tokens, micro_batch_size=micro_batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    act, glu = model.config.activation_func, gated(cfg)
+    out = {}
+    for key, (i, neurons) in kept.items():
+        if i not in layers:
+            continue
+        full = {"mlp." + n: gather_tp(p, "mlp." + n, glu)
+                for n, p in layers[i].mlp.named_parameters()}
+        rows = fc1_rows(cfg, neurons)
+        w = {n: (t[rows] if "fc1" in n else t[:, neurons] if n.endswith("fc2.weight") else t)
+             .detach().clone().requires_grad_(True) for n, t in full.items()}
+        x, y = torch.cat(io[i][0]), torch.cat(io[i][1])
+        scale = float(torch.cat([t.detach().flatten() for n, t in w.items()
+                                 if n.endswith("weight")]).pow(2).mean().sqrt())
+        opt = torch.optim.Adam(list(w.values()), lr=lr * scale)
+        best, best_loss = {n: t.detach().clone() for n, t in w.items()}, float("inf")
+        with torch.enable_grad():
+            for step in range(steps + 1):
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(mlp_forward(x, w, act, glu), y)
+                if loss.item() < best_loss:
+                    best_loss, best = loss.item(), {n: t.detach().clone() for n, t in w.items()}
+                if step == steps:
+                    break
+                loss.backward()
+                opt.step()
+        out[key] = best
+    return out

@@ -89,6 +89,9 @@ class PrunePlan:
     linear: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     """Fitted weights of the linear blocks of a heterogeneous plan, by
     ``prune.hetero.linear_key`` (``prune.hetero.fit_linear_blocks``)."""
+    trained: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per source layer: its cut MLP's tensors after blockwise local distillation, used
+    instead of the sliced ones (``prune.hetero.distill_mlp_blocks``)."""
 
 
 def _keep(scores: torch.Tensor, k: int) -> torch.Tensor:

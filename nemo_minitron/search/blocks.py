@@ -26,7 +26,7 @@ import torch
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.config.hetero import LayerShape
 from nemo_minitron.model.params import layer_params
-from nemo_minitron.prune.hetero import head_hosts, linear_key
+from nemo_minitron.prune.hetero import head_hosts, linear_key, mlp_forward
 
 Option = tuple[str, int | None]
 """One block of a sublayer: ``("full", size)``, ``("linear", None)`` or ``("no_op", None)``."""
@@ -58,8 +58,15 @@ class BlockLibrary:
     """Try dropping the MLP block."""
     mlp_linear: bool = True
     """Try replacing the MLP block by a least-squares linear layer."""
+    local_distill_steps: int = 0
+    """Blockwise local distillation: train every narrower MLP block for this many full-batch
+    Adam steps to reproduce the source block's output on the calibration tokens before it is
+    scored (and the chosen ones again when pruned); 0: score the blocks as cut."""
 
     def __post_init__(self) -> None:
+        if self.local_distill_steps < 0:
+            raise ConfigError(f"search.blocks.local_distill_steps={self.local_distill_steps} "
+                              f"must be >= 0")
         for name in ("ffn_hidden_size_fractions", "num_query_groups_fractions"):
             for x in getattr(self, name):
                 if isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x <= 1:
@@ -171,9 +178,11 @@ def _is_parent(src: ModelConfig, sub: str, opt: Option) -> bool:
 
 @contextlib.contextmanager
 def replaced(model: torch.nn.Module, src: ModelConfig, importance: Any, layer: int, sub: str,
-             opt: Option, linear: dict[str, dict[str, torch.Tensor]]) -> Iterator[None]:
+             opt: Option, linear: dict[str, dict[str, torch.Tensor]],
+             trained: dict[Any, dict[str, torch.Tensor]] | None = None) -> Iterator[None]:
     """The parent ``model`` computing as if block ``(layer, sub)`` were ``opt`` while open.
-    ``importance``: the ``Scores`` (which units a smaller block keeps)."""
+    ``importance``: the ``Scores`` (which units a smaller block keeps); ``trained``: MLP
+    blocks after local distillation by ``(layer, ffn_hidden_size)``, computed instead."""
     from nemo_minitron.model.build import unwrap
     from nemo_minitron.model.layouts import global_layers
     from nemo_minitron.prune.plan import Target, make_plan
@@ -185,7 +194,14 @@ def replaced(model: torch.nn.Module, src: ModelConfig, importance: Any, layer: i
     shapes[layer] = layer_shape(opt, ("full", None)) if sub == "attention" \
         else layer_shape(("full", None), opt)
     plan = make_plan(src, importance, Target(layer_shapes=shapes))
-    if kind == "full" and sub == "mlp":
+    mine = (trained or {}).get((layer, opt[1])) if sub == "mlp" else None
+    if mine is not None:
+        act, glu = mod.mlp.config.activation_func, mod.mlp.config.gated_linear_unit
+
+        def distilled(_m, args, _out):
+            return mlp_forward(args[0], mine, act, glu), None
+        handle = mod.mlp.register_forward_hook(distilled)
+    elif kind == "full" and sub == "mlp":
         mask = torch.zeros(src.ffn_hidden_size)
         mask[plan.kept_ffn[layer]] = 1.0
 
@@ -225,12 +241,23 @@ def _kl(parent: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (p.exp() * (p - q)).sum()
 
 
+def kept_neurons(src: ModelConfig, importance: Any, layer: int, width: int) -> torch.Tensor:
+    """The neurons an MLP block of ``width`` keeps in ``layer`` (the pruning plan's choice)."""
+    from nemo_minitron.prune.plan import Target, make_plan
+
+    shapes = [LayerShape() for _ in range(src.num_layers)]
+    shapes[layer] = LayerShape(ffn_hidden_size=width)
+    return make_plan(src, importance, Target(layer_shapes=shapes)).kept_ffn[layer]
+
+
 def score_blocks(model: torch.nn.Module, src: ModelConfig, importance: Any,
                  options: dict[str, list[Option]], tokens: torch.Tensor, micro_batch_size: int,
-                 linear: dict[str, dict[str, torch.Tensor]]) -> dict[str, list[list[float]]]:
+                 linear: dict[str, dict[str, torch.Tensor]],
+                 trained: dict[Any, dict[str, torch.Tensor]] | None = None
+                 ) -> dict[str, list[list[float]]]:
     """``{sublayer: [layer][option] -> mean KL per token}`` of every block of ``options`` on
     the parent ``model`` (one process), over ``tokens [b, s]``; the parent's own block
-    scores 0 without a pass."""
+    scores 0 without a pass. ``trained``: see ``replaced``."""
     from nemo_minitron.model.forward import forward_logits
 
     out: dict[str, list[list[float]]] = {
@@ -242,7 +269,7 @@ def score_blocks(model: torch.nn.Module, src: ModelConfig, importance: Any,
             for layer, (j, opt) in itertools.product(range(src.num_layers), enumerate(opts)):
                 if _is_parent(src, sub, opt):
                     continue
-                with replaced(model, src, importance, layer, sub, opt, linear):
+                with replaced(model, src, importance, layer, sub, opt, linear, trained):
                     kl = _kl(parent, forward_logits(model, chunk))
                 out[sub][layer][j] += float(kl) / (n * len(tokens) / len(chunk))
     return out

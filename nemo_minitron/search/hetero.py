@@ -94,18 +94,20 @@ NAME = "heterogeneous"
 
 
 def block_scores(checkpoint: str, calib: Any, data: Any, src: ModelConfig,
-                 options: dict[str, list[Any]]) -> tuple[dict[str, list[list[float]]], Any]:
+                 options: dict[str, list[Any]], local_distill_steps: int = 0
+                 ) -> tuple[dict[str, list[list[float]]], Any]:
     """``(block scores, importance Scores)`` of ``checkpoint`` (one process per model, the
-    runtime started): importance and the linear fits on ``calib.num_samples`` training
-    sequences of ``data``, each block's KL on ``calib.eval_samples`` validation sequences
+    runtime started): importance, the linear fits and the narrower MLP blocks' local
+    distillation (``local_distill_steps``) on ``calib.num_samples`` training sequences of
+    ``data``, each block's KL on ``calib.eval_samples`` validation sequences
     (``search.blocks.score_blocks``)."""
     from nemo_minitron.checkpoint.io import load_checkpoint_tokenizer, load_model
     from nemo_minitron.data.datasets import build_gpt_datasets
     from nemo_minitron.data.resolve import resolve_data
     from nemo_minitron.importance.estimator import estimate_importance
-    from nemo_minitron.prune.hetero import fit_linear_blocks
+    from nemo_minitron.prune.hetero import distill_mlp_blocks, fit_linear_blocks
     from nemo_minitron.prune.stage import calib_sequences
-    from nemo_minitron.search.blocks import score_blocks
+    from nemo_minitron.search.blocks import kept_neurons, score_blocks
 
     prefix, tok = resolve_data(data, load_checkpoint_tokenizer(checkpoint))
     splits = build_gpt_datasets(prefix, tok, seq_length=calib.seq_length or src.seq_length,
@@ -120,8 +122,12 @@ def block_scores(checkpoint: str, calib: Any, data: Any, src: ModelConfig,
     linear = fit_linear_blocks(model, tokens, calib.micro_batch_size,
                                [(i, sub) for i in range(src.num_layers) for sub in options
                                 if ("linear", None) in options[sub]], src.add_bias_linear)
+    cut = {(i, w): (i, kept_neurons(src, importance, i, w)) for i in range(src.num_layers)
+           for kind, w in options["mlp"] if kind == "full" and w < src.ffn_hidden_size}
+    trained = distill_mlp_blocks(model, src, tokens, calib.micro_batch_size, cut,
+                                 local_distill_steps) if local_distill_steps and cut else {}
     return (score_blocks(model, src, importance, options, valid, calib.micro_batch_size,
-                         linear), importance)
+                         linear, trained), importance)
 
 
 def _saved_block_scores(checkpoint: str, recipe: Any, src: ModelConfig, root: Any,
@@ -132,12 +138,14 @@ def _saved_block_scores(checkpoint: str, recipe: Any, src: ModelConfig, root: An
     from nemo_minitron.utils.rank import barrier, is_rank0
 
     scores_file, blocks_file = root / "scores.pt", root / BLOCKS_FILE
-    want = [[list(o) for o in options[sub]] for sub in ("attention", "mlp")]
+    want = [[list(o) for o in options[sub]] for sub in ("attention", "mlp")] + [
+        recipe.search.blocks.local_distill_steps]
     if scores_file.is_file() and blocks_file.is_file():
         saved = read_json(blocks_file, "; remove it to score the blocks again")
         if isinstance(saved, dict) and saved.get("options") == want:
             return saved["scores"]
-    scores, importance = block_scores(checkpoint, recipe.calib, recipe.data, src, options)
+    scores, importance = block_scores(checkpoint, recipe.calib, recipe.data, src, options,
+                                      recipe.search.blocks.local_distill_steps)
     if is_rank0():
         root.mkdir(parents=True, exist_ok=True)
         tmp = scores_file.with_name(f".{scores_file.name}.tmp")
@@ -208,13 +216,16 @@ def hetero_search(checkpoint: str, out: str, recipe: Any) -> dict[str, Any]:
                  r["mlp"], f" ({r['ffn_hidden_size']})" if r["ffn_hidden_size"] else "")
     pruned, run = candidate_dir(root, NAME) / "pruned", candidate_run(root, NAME)
     want = dataclasses.replace(src, layer_shapes=shapes)
-    if prune_result.read(pruned) is None or _shapes(load_model_config(pruned)) != _shapes(want):
+    done = prune_result.read(pruned)
+    if done is None or _shapes(load_model_config(pruned)) != _shapes(want) or \
+            done.summary.get("local_distill_steps", 0) != s.blocks.local_distill_steps:
         if pruned.exists() and is_rank0():  # cut short, or other shapes: prune again
             shutil.rmtree(pruned)
         barrier()
         prune(checkpoint, str(pruned), PruneRecipe(
             target=Target(layer_shapes=shapes), calib=recipe.calib, data=recipe.data,
-            parallel=p, scores=str(root / "scores.pt"), rescale_norms=recipe.rescale_norms))
+            parallel=p, scores=str(root / "scores.pt"), rescale_norms=recipe.rescale_norms,
+            local_distill_steps=s.blocks.local_distill_steps))
         barrier()
     train = dataclasses.replace(recipe.train, train_iters=s.retrain_steps)
     kd = DistillRecipe(parallel=p, data=recipe.data, train=train, kd=recipe.kd)

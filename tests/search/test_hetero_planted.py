@@ -24,7 +24,8 @@ PLANTED = [LayerShape(num_query_groups=2, ffn_hidden_size=48),
 OTHERS = {"linear": [LayerShape(attention="linear", ffn_hidden_size=16),
                      LayerShape(num_query_groups=2, mlp="linear")],
           "no_op": [LayerShape(attention="no_op", mlp="no_op"),
-                    LayerShape(num_query_groups=1, ffn_hidden_size=48)]}
+                    LayerShape(num_query_groups=1, ffn_hidden_size=48)],
+          "distilled": [LayerShape(), LayerShape(ffn_hidden_size=16)]}
 
 
 CFG = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
@@ -48,7 +49,7 @@ def _model(full: dict[str, torch.Tensor] | None = None):
     return model, cfg
 
 
-def _simulated(model, cfg, importance, shapes, linear, tokens):
+def _simulated(model, cfg, importance, shapes, linear, tokens, trained=None):
     """The parent's logits with every non-parent block of ``shapes`` replaced by hooks."""
     from nemo_minitron.model.forward import forward_logits
     from nemo_minitron.search.blocks import replaced
@@ -61,7 +62,8 @@ def _simulated(model, cfg, importance, shapes, linear, tokens):
                              ("mlp", (s.mlp, s.ffn_hidden_size))):
                 if opt not in (("full", cfg.query_groups if sub == "attention"
                                 else cfg.ffn_hidden_size),):
-                    stack.enter_context(replaced(model, cfg, importance, i, sub, opt, linear))
+                    stack.enter_context(replaced(model, cfg, importance, i, sub, opt, linear,
+                                                 trained))
         return forward_logits(model, tokens)
 
 
@@ -72,11 +74,12 @@ def tp1_job(out: str) -> None:
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.prune.apply import prune_model
-    from nemo_minitron.prune.hetero import fit_linear_blocks
+    from nemo_minitron.prune.hetero import distill_mlp_blocks, fit_linear_blocks
     from nemo_minitron.prune.plan import Target, make_plan
     from nemo_minitron.search.blocks import (
         BlockLibrary,
         MemoryBudget,
+        kept_neurons,
         layer_cost,
         layer_library,
         layer_memory,
@@ -110,15 +113,28 @@ def tp1_job(out: str) -> None:
     result = {"found": found, "found_memory": found_memory, "budget": budget, "parent": parent,
               "plans": {}, "logits": {}, "simulated": {}, "full": {k: v.detach().clone()
                                         for k, v in model.named_parameters()}}
+    # Blockwise local distillation of layer 1's MLP cut to 16 neurons (16 of them live).
+    kept = kept_neurons(cfg, importance, 1, 16)
+    bld = distill_mlp_blocks(model, cfg, calib, 4, {"b": (1, kept)}, steps=100)["b"]
+    result["bld"] = {"kept": kept, "weights": bld}
     for name, shapes in {"planted": found, **OTHERS}.items():
         plan = make_plan(cfg, importance, Target(layer_shapes=shapes))
         plan.linear = linear
+        if name == "distilled":
+            plan.trained = {1: bld}
         pruned = prune_model(model, plan)
         result["plans"][name] = plan
         result["logits"][name] = forward_logits(pruned, tokens)
-        result["simulated"][name] = _simulated(model, cfg, importance, shapes, linear, tokens)
+        result["simulated"][name] = _simulated(model, cfg, importance, shapes, linear, tokens,
+                                               {(1, 16): bld})
         result.setdefault("counts", {})[name] = (
             sum(p.numel() for p in pruned.parameters()), count_params(plan.config))
+    captured = []
+    hook = model.decoder.layers[1].pre_mlp_layernorm.register_forward_hook(
+        lambda m, a, o: captured.append(o.detach().clone()))
+    forward_logits(model, calib, 4)
+    hook.remove()
+    result["mlp_in_1"] = torch.cat(captured, dim=0)
     torch.save({**result, "tokens": tokens, "calib": calib, "linear": linear}, out)
 
 
@@ -142,6 +158,12 @@ def parallel_job(tp1: str, out: str, layout: dict[str, int]) -> None:
         torch.save(logits, out)
 
 
+def _hidden_in(planted: dict, layer: int) -> torch.Tensor:
+    """The MLP input (pre-MLP norm output) of ``layer`` on the calibration tokens."""
+    assert layer == 1
+    return planted["mlp_in_1"].reshape(-1, 32)
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> dict:
     d = Path(tmp_path_factory.mktemp("hetero"))
@@ -162,6 +184,28 @@ def test_search_finds_the_planted_shape(planted) -> None:
     torch.testing.assert_close(planted["logits"]["planted"], planted["parent"], atol=1e-5,
                                rtol=0)
     torch.testing.assert_close(planted["tp2"]["planted"], planted["parent"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.dist
+def test_local_distillation_fits_the_block_better(planted) -> None:
+    """The distilled block reproduces the source MLP's output better than the cut one, on the
+    calibration activations recomputed here with torch from the saved weights."""
+    import torch.nn.functional as F
+
+    full, kept = planted["full"], planted["bld"]["kept"]
+    p = "decoder.layers.1."
+    h = _hidden_in(planted, 1)
+    fc1, fc2 = full[p + "mlp.linear_fc1.weight"], full[p + "mlp.linear_fc2.weight"]
+
+    def mlp(x, w1, w2):
+        gate, up = (x @ w1.T).chunk(2, -1)
+        return (F.silu(gate) * up) @ w2.T
+    want = mlp(h, fc1, fc2)
+    cut = mlp(h, torch.cat([fc1[kept], fc1[kept + 64]]), fc2[:, kept])
+    w = planted["bld"]["weights"]
+    trained = mlp(h, w["mlp.linear_fc1.weight"], w["mlp.linear_fc2.weight"])
+    after, before = F.mse_loss(trained, want), F.mse_loss(cut, want)
+    assert after < 0.75 * before, (after, before)
 
 
 @pytest.mark.dist

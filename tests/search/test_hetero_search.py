@@ -1,6 +1,7 @@
 """``search.mode=heterogeneous`` end to end on the tiny teacher: block scores, the exact
-choice under the budget, prune, retrain, report; the winner is a heterogeneous checkpoint
-within the budget whose layers are the report's; a re-run reuses the block scores."""
+choice under the budget, prune (with blockwise local distillation), retrain, report; the
+winner is a heterogeneous checkpoint within the budget whose layers are the report's; a re-run
+reuses the block scores."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ BUDGET = 205200
 def test_heterogeneous_search(teacher, tiny_overrides, tmp_path) -> None:
     out = tmp_path / "search"
     args = [a for a in _args(tiny_overrides) if not a.startswith("search.")] + [
-        "search.mode=heterogeneous", f"search.target_params={BUDGET}", "search.retrain_steps=2"]
+        "search.mode=heterogeneous", f"search.target_params={BUDGET}", "search.retrain_steps=2",
+        "search.blocks.local_distill_steps=5"]
     res = run_cli("search", teacher, str(out), *args)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
@@ -38,6 +40,9 @@ def test_heterogeneous_search(teacher, tiny_overrides, tmp_path) -> None:
         assert mlp.split()[0] == (str(shape.get("ffn_hidden_size")) if shape["mlp"] == "full"
                                   else shape["mlp"].replace("_", "-"))
     assert (root / "shapes.png").stat().st_size > 0
+    pruned = json.loads((root / "candidates" / "heterogeneous" / "pruned" / "pruning" /
+                         "summary.json").read_text())
+    assert pruned["local_distill_steps"] == 5 and pruned["pruned_params"] <= BUDGET
     stamp = (root / "blocks.json").stat().st_mtime_ns
     res = run_cli("search", teacher, str(out), *args)
     assert res.returncode == 0, res.stderr
