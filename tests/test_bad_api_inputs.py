@@ -116,11 +116,15 @@ API_CASES: list[tuple[str, Callable[[], object], list[str]]] = [
         _nm().ModelConfig(num_layers=2, hidden_size=64), None,
         _nm().Target(num_moe_experts=2)), ["target.num_moe_experts=2", "no routed experts"]),
     ("api-search-budget", lambda: _search(budget="flops"),
-     ["search.budget='flops'", "total or active"]),
+     ["search.budget='flops'", "total, active or memory"]),
     ("api-search-moe-experts-step", lambda: _search(num_moe_experts_step=0),
      ["search.num_moe_experts_step=0"]),
     ("api-search-moe-ffn-prune", lambda: _search(max_moe_ffn_hidden_size_prune=1.0),
      ["search.max_moe_ffn_hidden_size_prune=1.0", "[0, 1)"]),
+    ("api-plan-layer-shape-tp", lambda: _nm().make_plan(
+        _nm().ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128), None,
+        _nm().Target(layer_shapes=_shapes({}, {"ffn_hidden_size": 33})), 2),
+     ["target.layer_shapes[1].ffn_hidden_size=33", "parallel.tensor_model_parallel_size=2"]),
     ("api-kd-temperature", lambda: _nm().KDConfig(temperature=0), ["kd.temperature=0"]),
     ("api-kd-loss-cache", lambda: _nm().KDLoss(None, None, _nm().KDConfig(
         teacher_cache="c")), ["kd.teacher_cache", "KDLoss"]),

@@ -38,6 +38,7 @@ RECIPE_TRAIN = ["train.train_iters=1", "train.eval_interval=0"]
 CACHE_TRAIN = RECIPE_TRAIN + ["train.micro_batch_size=2", "train.global_batch_size=4"]
 # The tiny source (205,120 parameters): L1-H64-F64-A2-G1 is among its candidates.
 SEARCH = ["search.target_params=150000", "search.tolerance=0.3"]
+HETERO = ["search.mode=heterogeneous", "search.retrain_steps=1"]
 NORM = "model.layers.0.input_layernorm.weight"
 PROJ = "model.layers.0.mlp.down_proj.weight"
 
@@ -268,6 +269,17 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
      ["L1-H64-F64-A2-G1/result.json", "torn"]),
     ("search-budget-unknown", lambda c: ["search", str(c.good), "OUT", *c.data, *SEARCH,
                                          "search.budget=flops"], ["search.budget", "flops"]),
+    ("prune-layer-shape-tp", lambda c: [
+        "prune", str(c.good), "OUT", *c.data, "parallel.tensor_model_parallel_size=2",
+        "target.layer_shapes=[{ffn_hidden_size: 64}, {ffn_hidden_size: 33}]"],
+     ["target.layer_shapes[1].ffn_hidden_size=33", "parallel.tensor_model_parallel_size=2"]),
+    ("search-hetero-budget-unreachable", lambda c: [
+        "search", str(c.good), "OUT", *c.data, *HETERO, "search.target_params=1000"],
+     ["search.target_params=1000", "smallest reachable is"]),
+    ("search-hetero-library-empty", lambda c: [
+        "search", str(c.good), "OUT", *c.data, *HETERO, "search.target_params=150000",
+        "search.blocks.ffn_hidden_size_fractions=[]", "search.blocks.mlp_linear=false",
+        "search.blocks.mlp_no_op=false"], ["block library of layer 0 is empty", "mlp"]),
     ("lm-eval-missing-ckpt", lambda c: ["lm-eval", str(c.tmp / "none"), "--tasks", "x"],
      ["does not exist"]),
     ("ckpt-config-non-utf8", lambda c: ["eval", c.ckpt(_model_yaml(b"num_layers: \xff\n")),

@@ -30,14 +30,16 @@ TEACHER_RECIPE = recipes_dir() / "tiny_cpu.yaml"
 DEFAULT_RECIPE = recipes_dir() / "method_bench.yaml"
 
 SECTIONS = ("teacher", "aggregation", "criteria", "width_depth", "kd_vs_ce", "intermediate",
-            "scratch", "iterative", "throughput", "sdd", "merge", "specdec", "recovery", "moe")
+            "scratch", "iterative", "throughput", "sdd", "merge", "specdec", "recovery", "moe",
+            "hetero")
 INSTRUCT_SECTIONS = ("sdd", "merge", "specdec", "recovery")
 """Sections of the instruction-following chain (``instruct``, ``tune``, ``sft``, ``rewrite``,
 ``specdec``, ``merge``, ``ikd`` and ``onpolicy`` of the recipe)."""
-DEFAULT_SECTIONS = [s for s in SECTIONS if s not in ("recovery", "moe")]
+DEFAULT_SECTIONS = [s for s in SECTIONS if s not in ("recovery", "moe", "hetero")]
 """``recovery`` (five recovery methods of a pruned instruction model) is asked for by name:
 it is the real-teacher study's (``recipes/method_bench_smollm2_instruct.yaml``); so is ``moe``,
-which needs a mixture-of-experts teacher (``recipes/method_bench_moe.yaml``)."""
+which needs a mixture-of-experts teacher (``recipes/method_bench_moe.yaml``), and ``hetero``
+(heterogeneous vs uniform pruning, ``docs/results/hetero-miniature``)."""
 
 
 def _retrain() -> TrainConfig:
@@ -158,7 +160,7 @@ class StudyConfig:
     """Sequences of the fixed validation set (equal to retrain eval_iters x global_batch_size,
     so training curves at the first seed are on the same set)."""
     sections: list[str] = field(default_factory=lambda: list(DEFAULT_SECTIONS))
-    """Sections to run and report (default: all but ``recovery``)."""
+    """Sections to run and report (default: all but ``recovery`` and ``hetero``)."""
     report_note: str = ""
     """A sentence for the report's header: how the machine was (shared or quiet), and so
     what the timings are worth."""

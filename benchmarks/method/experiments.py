@@ -13,6 +13,7 @@ import dataclasses
 import statistics
 from typing import Any
 
+from benchmarks.method.hetero import HeteroSection
 from benchmarks.method.moe import MoESection
 from benchmarks.method.recovery import RecoverySection
 from benchmarks.method.runner import Study
@@ -42,7 +43,7 @@ def _shape(t: Target, src: ModelConfig) -> str:
             f"-F{t.ffn_hidden_size or src.ffn_hidden_size}")
 
 
-class Experiments(RecoverySection, MoESection):
+class Experiments(RecoverySection, MoESection, HeteroSection):
     """Builds the sections; units are shared between sections (and cached by name)."""
 
     def __init__(self, study: Study, src: ModelConfig):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 from types import ModuleType
 
@@ -34,7 +35,8 @@ def cmd_bench_method(args: argparse.Namespace) -> int:
     method = study()
     load_bench_recipe, run_method_bench = method.load_bench_recipe, method.run_method_bench
     recipe, overrides = split_overrides(args)
-    command = " ".join(["nemo-minitron", "bench-method", *([recipe] if recipe else []),
+    # Quoted as a shell would need it: an override may hold spaces (study.report_note).
+    command = shlex.join(["nemo-minitron", "bench-method", *([recipe] if recipe else []),
                         *overrides, "--out", args.out, "--report", args.report or
                         f"{args.out}/report"])
     print(run_method_bench(load_bench_recipe(recipe, overrides), args.out,

@@ -31,7 +31,11 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
                                    "lowest Block Importance), lm_loss (the contiguous block "
                                    "whose removal raises the validation LM loss least), "
                                    "angular_distance (the contiguous block whose input and "
-                                   "output hidden states are closest).")
+                                   "output hidden states are closest). Per layer: "
+                                   "target.layer_shapes=[{num_query_groups: G, "
+                                   "ffn_hidden_size: F} | {attention: linear|no_op} | "
+                                   "{mlp: linear|no_op}, ...], one per layer "
+                                   "(docs/puzzle.md).")
     p.add_argument("checkpoint", help="source checkpoint")
     p.add_argument("out", help="pruned checkpoint directory (must not exist)")
     recipe_args(p)

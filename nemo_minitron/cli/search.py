@@ -35,7 +35,9 @@ def add_search(sub: argparse._SubParsersAction) -> None:
                                    "ffn_hidden_size,num_attention_heads}_prune, "
                                    "search.proportional_heads, "
                                    "search.max_candidates; also calib.*, kd.*, train.*, data.*, "
-                                   "parallel.*.")
+                                   "parallel.*. search.mode=heterogeneous chooses one block per "
+                                   "layer from search.blocks.* under search.target_params by an "
+                                   "exact solver instead (docs/puzzle.md).")
     p.add_argument("checkpoint", help="source checkpoint (also the distillation teacher)")
     p.add_argument("out", help="output directory (re-use it to resume)")
     recipe_args(p)

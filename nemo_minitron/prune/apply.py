@@ -33,6 +33,7 @@ from nemo_minitron.model.params import count_params, same_weights, weights_finge
 from nemo_minitron.model.rebuild import Build, rebuild, replace_config
 from nemo_minitron.model.stream import fill_others, stream_layers
 from nemo_minitron.prune import moe
+from nemo_minitron.prune.hetero import block_of, fill_layers, hetero_build, linear_weights
 from nemo_minitron.prune.plan import PrunePlan, Target, validate_target
 
 _NORMS = ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_layernorm.weight",
@@ -82,11 +83,27 @@ def prune_layer(full: dict[str, torch.Tensor], plan: PrunePlan,
                 layer: int) -> dict[str, torch.Tensor]:
     """The full (TP=1) tensors of source layer ``layer`` by layer-local name (all of them or
     any subset: each rule reads one weight) -> the pruned layer's. The one owner of the
-    per-weight slicing rules."""
+    per-weight slicing rules. In a heterogeneous plan each layer has its own sizes (its kept
+    units) and a block that is not full loses its tensors; a linear block's fitted weights
+    come with its norm's weight (``prune.hetero``)."""
     hid, scale = plan.kept_hidden, _norm_scale(plan)
     ffn = plan.kept_ffn.get(layer)  # None in an MoE layer
+    shape = plan.config.layer_shape(plan.kept_layers.index(layer))
     out: dict[str, torch.Tensor] = {}
     for name, w in full.items():
+        sub = block_of(name)
+        kind = getattr(shape, sub) if sub else "full"
+        if kind == "no_op":
+            continue  # the block and its norm are gone
+        if sub == "mlp" and name.startswith("mlp.") and layer in plan.trained:
+            out[name] = plan.trained[layer][name]  # trained after the cut (local distillation)
+            continue
+        if kind == "linear":  # its norm stays; the fitted linear comes with the norm's weight
+            if name.startswith(("input_layernorm.", "pre_mlp_layernorm.")):
+                out[name] = w[hid] * (scale if name.endswith("weight") else 1.0)
+                if name.endswith("weight"):
+                    out.update(linear_weights(plan.linear, layer, sub))
+            continue
         if name in _NORMS:
             out[name] = w[hid] * (scale if name.endswith("weight") else 1.0)
         elif name == "self_attention.linear_qkv.weight":
@@ -164,11 +181,12 @@ def _check_plan(model: torch.nn.Module, plan: PrunePlan) -> None:
                           f"is not supported: prune at EP=1 (the checkpoint loads under any EP)")
     c = plan.config
     # The target's rules, against the layout the model actually has.
-    validate_target(src, Target(num_layers=c.num_layers, hidden_size=c.hidden_size,
-                                ffn_hidden_size=None if src.is_moe else c.ffn_hidden_size,
-                                num_attention_heads=c.num_attention_heads,
-                                num_query_groups=c.query_groups, hardware_multiple=1,
-                                **_moe_sizes(c)),
+    validate_target(src, Target(layer_shapes=c.layer_shapes) if c.is_heterogeneous else
+                    Target(num_layers=c.num_layers, hidden_size=c.hidden_size,
+                           ffn_hidden_size=None if src.is_moe else c.ffn_hidden_size,
+                           num_attention_heads=c.num_attention_heads,
+                           num_query_groups=c.query_groups, hardware_multiple=1,
+                           **_moe_sizes(c)),
                     ps.get_tensor_model_parallel_world_size(),
                     ps.get_pipeline_model_parallel_world_size())
     have, want = _count(model), count_params(src)
@@ -232,15 +250,19 @@ def prune_model(model: torch.nn.Module, plan: PrunePlan, *,
                             num_query_groups=c.query_groups, kv_channels=c.head_dim,
                             layernorm_epsilon=c.layernorm_epsilon,
                             **(_moe_sizes(c) if c.is_moe else {}))
+    if c.is_heterogeneous:  # megatron-core's heterogeneous config and layer spec
+        config, build = hetero_build(src, c, config, build)
     pruned = rebuild(src, config, build)
     fill_others(src, pruned, lambda key, w: prune_other(key, w, plan))
+    if c.is_heterogeneous:  # every layer kept in place: each stage fills its own
+        fill_layers(src, pruned, lambda full, s: prune_layer(full, plan, s), c)
+    else:
+        def rename(name: str, layer: int) -> str | None:  # kept experts renumbered
+            kept = plan.kept_experts.get(layer)
+            return name if kept is None else moe.expert_name(name, kept.tolist())
 
-    def rename(name: str, layer: int) -> str | None:  # kept experts renumbered
-        kept = plan.kept_experts.get(layer)
-        return name if kept is None else moe.expert_name(name, kept.tolist())
-
-    stream_layers(src, pruned, plan.kept_layers, lambda full, s: prune_layer(full, plan, s),
-                  plan.config, rename)
+        stream_layers(src, pruned, plan.kept_layers,
+                      lambda full, s: prune_layer(full, plan, s), plan.config, rename)
     have, predicted = _count(pruned), count_params(plan.config)
     if have != predicted:
         raise AssertionError(f"the pruned model holds {have} parameters, its config predicts "

@@ -16,10 +16,12 @@ from typing import Literal
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig, check_divisible, layout_divisor
+from nemo_minitron.config.hetero import LayerShape
 from nemo_minitron.importance.layers import block_angular_distance
 from nemo_minitron.importance.scores import Scores
 from nemo_minitron.importance.scores import keep_best as _keep
 from nemo_minitron.model.layouts import group_heads, heads_by_group
+from nemo_minitron.prune.hetero import check_layer_target, regroup
 from nemo_minitron.prune.moe import ExpertMetric, check_moe_scores, plan_moe
 from nemo_minitron.utils.logging import get_logger, warn_once
 
@@ -60,6 +62,10 @@ class Target:
     whose input and output hidden states are closest by angular distance (arXiv 2410.09982)."""
     hardware_multiple: int = 64
     """Width targets that are not multiples of this are accepted with a warning."""
+    layer_shapes: list[LayerShape] | None = None
+    """Per-layer shapes (a heterogeneous model, ``prune.hetero``): each layer's attention and
+    MLP full (with its own ``num_query_groups`` / ``ffn_hidden_size``), linear or no-op; the
+    other axes are then left as they are."""
 
 
 @dataclass
@@ -97,6 +103,12 @@ class PrunePlan:
     fingerprint: list[float] | None = None
     """``weights_fingerprint`` of the model the scores were computed on (``Scores.meta``); the
     prune refuses another model's weights. None: not known (older or foreign scores)."""
+    linear: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Fitted weights of the linear blocks of a heterogeneous plan, by
+    ``prune.hetero.linear_key`` (``prune.hetero.fit_linear_blocks``)."""
+    trained: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per source layer: its cut MLP's tensors after blockwise local distillation, used
+    instead of the sliced ones (``prune.hetero.distill_mlp_blocks``)."""
 
 
 def target_heads(src: ModelConfig, t: Target) -> tuple[int, int]:
@@ -137,6 +149,7 @@ def pruned_config(src: ModelConfig, t: Target, rescale_norms: bool = True) -> Mo
         src, num_layers=kept_layer_count(src, t), hidden_size=hidden,
         ffn_hidden_size=t.ffn_hidden_size or src.ffn_hidden_size, num_attention_heads=new_a,
         num_query_groups=new_g, kv_channels=src.head_dim, layernorm_epsilon=eps,
+        layer_shapes=[dataclasses.replace(x) for x in t.layer_shapes] if t.layer_shapes else None,
         **_moe_target(src, t))
 
 
@@ -167,6 +180,8 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1,
                     ep: int = 1) -> None:
     """One-line errors for impossible targets (``tp``/``pp``/``ep``: the layout the pruned
     model is built under); warnings for unfriendly sizes."""
+    if t.layer_shapes is not None:
+        _validate_layer_target(src, t, tp)
     a, g = src.num_attention_heads, src.query_groups
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                  "num_query_groups", *MOE_AXES):
@@ -228,6 +243,16 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1,
                       f"target.hardware_multiple sets the multiple")
 
 
+def _validate_layer_target(src: ModelConfig, t: Target, tp: int) -> None:
+    others = [name for name in ("num_layers", "hidden_size", "ffn_hidden_size",
+                                "num_attention_heads", "num_query_groups", "drop_layers",
+                                *MOE_AXES) if getattr(t, name) is not None]
+    if others:
+        raise ConfigError(f"target.layer_shapes with target.{others[0]}: a per-layer target "
+                          f"sets every layer's sizes itself (the other axes are not pruned)")
+    check_layer_target(src, t.layer_shapes, tp)
+
+
 def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int = 1,
               rescale_norms: bool = True, ep: int = 1) -> PrunePlan:
     """Choose the kept units of every axis (``tp``/``pp``/``ep``: the layout the pruned model
@@ -255,12 +280,19 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
     if src.is_moe:
         plan.kept_experts, plan.kept_expert_ffn, plan.kept_shared_ffn = plan_moe(
             src, config, scores, layers, t.expert_metric)
-    for i in layers:
-        if not src.is_moe:  # an MoE layer has no dense MLP
-            plan.kept_ffn[i] = _keep(scores.ffn[i], config.ffn_hidden_size)
-        head_scores = heads_by_group(scores.heads[i], G)
-        groups = _keep(scores.groups[i], new_g)
+    for new_i, i in enumerate(layers):
+        # A heterogeneous layer has its own sizes, and no units where a block is not full.
+        shape, one = config.layer_shape(new_i), config.layer_config(new_i)
+        if shape.mlp == "full" and not src.is_moe:  # an MoE layer has no dense MLP
+            plan.kept_ffn[i] = _keep(scores.ffn[i], one.ffn_hidden_size)
+        if shape.attention != "full":
+            continue
+        groups = _keep(scores.groups[i], one.query_groups)
         plan.kept_groups[i] = groups
+        if config.is_heterogeneous:  # every head kept, regrouped (prune.hetero)
+            plan.kept_heads[i] = regroup(src, groups.tolist())
+            continue
+        head_scores = heads_by_group(scores.heads[i], G)
         plan.kept_heads[i] = torch.stack([
             group_heads(src, g)[_keep(head_scores[g], new_per_group)] for g in groups.tolist()])
     return plan

@@ -85,7 +85,7 @@ def cuts(scores: Scores, plan: PrunePlan, axis: str) -> list[float]:
     if axis == "hidden":
         sets = [(values, mask)]
     elif axis == "heads":
-        sets = [(values[i, h], mask[i, h]) for i in plan.kept_layers
+        sets = [(values[i, h], mask[i, h]) for i in plan.kept_layers if i in plan.kept_groups
                 for h in (group_heads(plan.source, g) for g in plan.kept_groups[i].tolist())]
     else:
         sets = [(values[i], mask[i]) for i in plan.kept_layers]
@@ -261,6 +261,13 @@ def write_report(out_dir: Path, scores: Scores, plan: PrunePlan, summary: dict[s
     if src.is_moe:
         _save(expert_figure(scores, plan), out_dir / "experts.png")
         lines += [*expert_table(scores, plan), "![experts](experts.png)", ""]
+    if new.is_heterogeneous:  # the table above holds the defaults; each layer has its own
+        shapes = [new.layer_shape(i) for i in range(new.num_layers)]
+        lines += ["| layer | attention | query groups | MLP | ffn_hidden_size |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {i} | {x.attention} | {x.num_query_groups or '-'} | {x.mlp} | "
+                  f"{x.ffn_hidden_size or '-'} |" for i, x in enumerate(shapes)]
+        lines.append("")
     for key, title in (("block_angular_distance", "angular distance arccos(cos)/pi between "
                         "the hidden states entering and leaving the block"),
                        ("block_loss_increase", "validation LM-loss increase without the block")):

@@ -72,6 +72,14 @@ class PruneRecipe(StageRecipe):
     """Seed of importance=random."""
     rescale_norms: bool = True
     """Compensate RMSNorm weights (and epsilon) for removed channels."""
+    local_distill_steps: int = 0
+    """With target.layer_shapes: train every cut MLP block for this many full-batch Adam steps
+    to reproduce the source block's output on the calibration tokens (blockwise local
+    distillation, ``prune.hetero.distill_mlp_blocks``); 0: the sliced weights as they are."""
+
+    def __post_init__(self) -> None:
+        if self.local_distill_steps < 0:
+            raise ConfigError(f"local_distill_steps={self.local_distill_steps} must be >= 0")
 
 
 def calib_sequences(dataset: Any, n: int, what: str) -> torch.Tensor:
@@ -105,6 +113,7 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
     from nemo_minitron.model.params import count_params
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.prune.apply import prune_model
+    from nemo_minitron.prune.hetero import distill_mlp_blocks, fit_linear_blocks, linear_blocks
     from nemo_minitron.prune.plan import angular_block, check_scores, make_plan, validate_target
     from nemo_minitron.prune.report import write_report
     from nemo_minitron.prune.result import write as write_result
@@ -168,6 +177,15 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
                  [round(x, 4) for x in angular.tolist()], list(range(start, start + block)))
     plan = make_plan(src, scores, target, rt.tp, rt.pp, rescale_norms=recipe.rescale_norms,
                      ep=p.expert_model_parallel_size)
+    if plan.config.is_heterogeneous:  # every rank fits on all the tokens: the same weights
+        plan.linear = fit_linear_blocks(model, calib_tokens[:, :-1], c.micro_batch_size,
+                                        linear_blocks(plan.config), src.add_bias_linear)
+        cut = {i: (i, kept) for i, kept in plan.kept_ffn.items()
+               if len(kept) < src.ffn_hidden_size}
+        if recipe.local_distill_steps and cut:
+            plan.trained = distill_mlp_blocks(model, src, calib_tokens[:, :-1],
+                                              c.micro_batch_size, cut,
+                                              recipe.local_distill_steps)
     source_loss = lm_loss(model, eval_tokens, c.micro_batch_size)
     pruned = prune_model(model, plan)
     pruned_loss = lm_loss(pruned, eval_tokens, c.micro_batch_size)
@@ -177,7 +195,8 @@ def prune(checkpoint: str, out: str, recipe: PruneRecipe) -> dict[str, Any]:
                "kept_layers": plan.kept_layers, "calib_seq_length": c.seq_length or src.seq_length,
                "block_loss_increase": None if block_losses is None else block_losses.tolist(),
                "block_angular_distance": None if angular is None else angular.tolist(),
-               "layers_removed_by": _layers_removed_by(recipe.target, src, plan.kept_layers)}
+               "layers_removed_by": _layers_removed_by(recipe.target, src, plan.kept_layers),
+               "local_distill_steps": recipe.local_distill_steps}
     importance = scores.meta.get("importance", "activation") if recipe.scores \
         else recipe.importance
     origin = PruneOrigin(kept_layers=plan.kept_layers, source=src, importance=importance)

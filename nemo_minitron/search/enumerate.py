@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from nemo_minitron.config import ConfigError, ModelConfig, layout_divisor
 from nemo_minitron.model.params import count_params
 from nemo_minitron.prune.plan import Target, pruned_config
+from nemo_minitron.search.blocks import BlockLibrary, MemoryBudget
 
 
 @dataclass(kw_only=True)
@@ -29,10 +30,19 @@ class SearchConfig:
 
     target_params: int | None = None
     """Parameter budget of the pruned model (required)."""
-    budget: Literal["total", "active"] = "total"
-    """Which parameter count target_params bounds: total (every parameter), or active (those
-    one token runs: an MoE layer's moe_router_topk experts, not all; the same as total for a
-    dense model). Removing experts lowers the total count only."""
+    mode: Literal["uniform", "heterogeneous"] = "uniform"
+    """uniform: every layer the same shape, candidates from the grid below, each retrained;
+    heterogeneous: one block per layer from ``blocks``, chosen under the budget by an exact
+    solver from each block's score on the source (``search.hetero``), then retrained."""
+    blocks: BlockLibrary = field(default_factory=BlockLibrary)
+    """The block library of every layer (mode heterogeneous)."""
+    budget: Literal["total", "active", "memory"] = "total"
+    """What the search bounds: total parameters (target_params), active parameters
+    (target_params counts only what one token runs: an MoE layer's moe_router_topk experts, not
+    all; the same as total for a dense model; removing experts lowers the total count only), or
+    the inference memory, weights plus KV cache (``memory``; mode heterogeneous)."""
+    memory: MemoryBudget = field(default_factory=MemoryBudget)
+    """The memory budget and the batch and context it is measured at (budget memory)."""
     tolerance: float = 0.05
     """Candidates lie within target_params * (1 +- tolerance)."""
     retrain_steps: int = 100
@@ -115,11 +125,17 @@ class SearchConfig:
                      "max_num_moe_experts_prune", "max_moe_ffn_hidden_size_prune"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"search.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.mode == "heterogeneous" and (self.fan_out or self.candidates is not None):
+            raise ConfigError("search.fan_out and search.candidates select uniform candidates; "
+                              "search.mode=heterogeneous has one (the solver's choice)")
         if self.max_candidates_per_run is not None and self.max_candidates_per_run < 1:
             raise ConfigError(f"search.max_candidates_per_run={self.max_candidates_per_run} "
                               "must be >= 1")
-        if self.budget not in ("total", "active"):
-            raise ConfigError(f"search.budget={self.budget!r} must be total or active")
+        if self.budget not in ("total", "active", "memory"):
+            raise ConfigError(f"search.budget={self.budget!r} must be total, active or memory")
+        if self.budget == "memory" and self.mode != "heterogeneous":
+            raise ConfigError("search.budget=memory needs search.mode=heterogeneous (a uniform "
+                              "search bounds total or active parameters)")
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,10 @@ def search(checkpoint: str, out: str, recipe: SearchRecipe) -> dict[str, Any]:
     from nemo_minitron.utils.fs import atomic_dir, atomic_write_json
 
     s, p = recipe.search, recipe.parallel
+    if s.mode == "heterogeneous":
+        from nemo_minitron.search.hetero import hetero_search
+
+        return hetero_search(checkpoint, out, recipe)
     check_checkpoint(checkpoint)
     src = load_model_config(checkpoint)
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
