@@ -18,7 +18,7 @@ M = MemoryBudget(target_gib=1.0, batch_size=3, context=40, bytes_per_param=2, kv
 
 
 def test_memory_costs_weights_and_kv_cache() -> None:
-    b = make_budget(SRC, SearchConfig(budget="memory", memory=M))
+    b = make_budget(SRC, SearchConfig(mode="heterogeneous", budget="memory", memory=M))
     h, d = 32, 8
     attn = lambda g: h + (4 + 2 * g) * d * h + h * 4 * d  # noqa: E731 (norm, qkv, proj)
     mlp = lambda f: h + 3 * f * h  # noqa: E731 (norm, SwiGLU fc1, fc2)
@@ -42,7 +42,7 @@ def _lib(b):
                                       "parameters"]),
     (SearchConfig(target_params=10**6), ["search.target_params=1000000", "is not below the "
                                          "source's"]),
-    (SearchConfig(budget="memory", memory=MemoryBudget(target_gib=1e-6)),
+    (SearchConfig(mode="heterogeneous", budget="memory", memory=MemoryBudget(target_gib=1e-6)),
      ["search.memory.target_gib=1e-06", "smallest reachable is 12864 bytes"]),
 ])
 def test_unreachable_budgets(search, needles) -> None:
@@ -54,4 +54,4 @@ def test_unreachable_budgets(search, needles) -> None:
 
 def test_memory_budget_needs_its_target() -> None:
     with pytest.raises(ConfigError, match="search.memory.target_gib"):
-        make_budget(SRC, SearchConfig(budget="memory"))
+        make_budget(SRC, SearchConfig(mode="heterogeneous", budget="memory"))

@@ -106,8 +106,9 @@ def tp1_job(out: str) -> None:
     m = MemoryBudget(batch_size=4, context=64)
     planted_bytes = ((count_params(cfg) - 2 * layer_cost(cfg, LayerShape())) * 2
                      + sum(layer_memory(cfg, x, m) for x in PLANTED))
-    mem = make_budget(cfg, SearchConfig(budget="memory", memory=dataclasses.replace(
-        m, target_gib=(planted_bytes + 0.5) / 1024**3)))
+    mem = make_budget(cfg, SearchConfig(
+        mode="heterogeneous", budget="memory",
+        memory=dataclasses.replace(m, target_gib=(planted_bytes + 0.5) / 1024**3)))
     found_memory = choose_shapes(cfg, layer_library(cfg, options, scores, mem.cost), mem)
     parent = forward_logits(model, tokens)
     result = {"found": found, "found_memory": found_memory, "budget": budget, "parent": parent,
