@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,12 @@ def tp1_job(out: str) -> None:
     forward_logits(model, calib, 4)
     hook.remove()
     result["mlp_in_1"] = torch.cat(captured, dim=0)
-    torch.save({**result, "tokens": tokens, "calib": calib, "linear": linear}, out)
+    # Both ranks of the spawn compute this; one writes (whole, then renamed) and both wait for
+    # it, so the next job of the other rank never reads a file still being written.
+    if torch.distributed.get_rank() == 0:
+        torch.save({**result, "tokens": tokens, "calib": calib, "linear": linear}, out + ".tmp")
+        os.replace(out + ".tmp", out)
+    torch.distributed.barrier()
 
 
 def parallel_job(tp1: str, out: str, layout: dict[str, int]) -> None:
