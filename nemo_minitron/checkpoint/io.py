@@ -199,13 +199,38 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, *,
     with checkpoint_writer(path, model_cfg=model_cfg, tokenizer=tokenizer, metadata=metadata,
                            train_state=state, parts=parts, overwrite=overwrite) as tmp:
         model_sd = _model_sharded_state_dict(model)
-        with _stop_signals_blocked():
+        with _stop_signals_blocked(), _in_process_results():
             dist_checkpointing.save(model_sd, str(tmp / WEIGHTS))
             if optimizer is not None:
                 opt_sd = optimizer.sharded_state_dict(_model_sharded_state_dict(model))
                 dist_checkpointing.save(opt_sd, str(tmp / OPTIMIZER))
         torch.save(get_rng_state(), tmp / RNG / f"rank_{global_rank():05d}.pt")
     return Path(path)
+
+
+@contextlib.contextmanager
+def _in_process_results() -> Iterator[None]:
+    """megatron-core's torch_dist writer hands its write results through a queue made for
+    asynchronous saves (another process): a ``multiprocessing`` manager, started by ``spawn``
+    once per process, about 1.5 s of every CLI run that saves. These saves are synchronous
+    (results put and read in this process), so a plain queue serves, for their duration only
+    (a user's own asynchronous saves later get megatron-core's). Where megatron-core does not
+    have the module attribute (another version), nothing changes."""
+    import queue
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        yield
+        return
+    if getattr(fa, "_results_queue", False) is not None:  # absent, or already made
+        yield
+        return
+    fa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        fa._results_queue = None
 
 
 def _dist_load(sharded_state_dict: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:

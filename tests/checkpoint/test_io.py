@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from nemo_minitron.checkpoint.io import check_checkpoint, is_checkpoint, latest_checkpoint
@@ -134,3 +135,33 @@ def save_load_job(root: str) -> None:
 
 def test_save_load_and_atomic_replace(tmp_path):
     spawn(save_load_job, 1, str(tmp_path))
+
+
+def save_without_manager_job(out: str) -> None:
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from nemo_minitron.checkpoint.io import load_weights, save_checkpoint
+    from nemo_minitron.config import ModelConfig, ParallelConfig
+    from nemo_minitron.model.build import build_model
+    from nemo_minitron.parallel.runtime import init_distributed
+
+    init_distributed(ParallelConfig(), seed=1)
+    cfg = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                      vocab_size=64, seq_length=8)
+    model = build_model(cfg)
+    save_checkpoint(out, model, model_cfg=cfg, tokenizer=None)
+    # A synchronous save starts no multiprocessing manager (megatron-core's queue for
+    # asynchronous saves) and leaves megatron-core's module state as it found it.
+    assert multiprocessing.active_children() == []
+    assert filesystem_async._results_queue is None
+    other = build_model(cfg)
+    load_weights(out, other)
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        if not k.endswith("_extra_state"):
+            assert torch.equal(a, b), k
+
+
+def test_a_save_starts_no_manager_process_and_reads_back(tmp_path):
+    spawn(save_without_manager_job, 1, str(tmp_path / "ck"))

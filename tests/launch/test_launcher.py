@@ -48,7 +48,7 @@ def test_launch_inlines_the_same_job_body(tmp_path):
 def test_the_wheel_carries_recipes_launcher_and_every_subpackage(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", "build", "*.egg-info", "__pycache__", "runs", "docs", "tests"))
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "runs", "docs", "tests"))
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                           "--no-build-isolation", "-q", "-w", str(tmp_path / "whl"), str(src)],
                          capture_output=True, text=True)

@@ -2,8 +2,8 @@
 and a Qwen2-MoE built with transformers itself (6 experts, top-2), whose planted experts are
 inert and whose planted expert (and shared-expert) channels are zero, go through ``import-hf``
 -> ``prune`` (``target.num_moe_experts``, ``target.moe_ffn_hidden_size``, Qwen2-MoE also
-``target.moe_shared_expert_intermediate_size``; Qwen2-MoE also at TP=2) -> ``export-hf``, and
-transformers gives the pruned export the unpruned model's logits (1e-5).
+``target.moe_shared_expert_intermediate_size``; Mixtral at TP=1, Qwen2-MoE at TP=2) ->
+``export-hf``, and transformers gives the pruned export the unpruned model's logits (1e-5).
 
 Inert experts: every layer's router rows are ``v, 0, -v, u, 0, -u``. Of ``v.h`` and ``-v.h``
 one is positive on every token, as is one of ``u.h`` and ``-u.h``, so the two zero rows (experts
@@ -91,13 +91,14 @@ def runs(tmp_path_factory) -> Path:
             spawn(cli_job, 2, ["prune", str(r / f"ck_{name}"), str(r / f"pruned_{name}_tp2"),
                                *target, "parallel.tensor_model_parallel_size=2"])
             _ok("export-hf", str(r / f"pruned_{name}_tp2"), str(r / f"out_{name}_tp2"))
+            continue  # Qwen2-MoE at TP=2 only: TP=1 is Mixtral's (CI time)
         _ok("prune", str(r / f"ck_{name}"), str(r / f"pruned_{name}"), *target)
         _ok("export-hf", str(r / f"pruned_{name}"), str(r / f"out_{name}"))
     return r
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen2_moe_tp2"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe_tp2"])
 def test_planted_moe_units_are_found_and_removed_exactly(runs, name):
     from nemo_minitron.importance.scores import Scores
 
