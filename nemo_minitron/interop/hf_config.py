@@ -18,8 +18,12 @@ from typing import Any
 
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.config.hetero import as_uniform
-from nemo_minitron.interop.hf_hetero import DECILM_ARCH, DECILM_MODEL_TYPE, block_configs_hf
-from nemo_minitron.interop.hf_hetero import decilm_model_fields as _decilm_fields
+from nemo_minitron.interop.hf_hetero import (
+    DECILM_ARCH,
+    DECILM_MODEL_TYPE,
+    block_configs_hf,
+    decilm_model_fields,
+)
 from nemo_minitron.interop.hf_moe import MOE_ARCHS, hf_moe_arch, hf_moe_config, moe_fields_from_hf
 from nemo_minitron.utils.logging import get_logger
 
@@ -64,7 +68,7 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: int | None = None) -> M
                 "intermediate_size"):
         if key == "intermediate_size" and arch == DECILM_ARCH:
             # Per block in the block-config format (interop/hf_hetero.py).
-            hetero = _decilm_fields(hf)
+            hetero = decilm_model_fields(hf)
             hf = {**hf, "intermediate_size": hetero["intermediate_size"],
                   "num_key_value_heads": hetero["num_key_value_heads"]}
         v = hf.get(key)

@@ -18,8 +18,7 @@ import torch
 from nemo_minitron.config import ConfigError, ModelConfig, check_divisible, layout_divisor
 from nemo_minitron.config.hetero import LayerShape
 from nemo_minitron.importance.layers import block_angular_distance
-from nemo_minitron.importance.scores import Scores
-from nemo_minitron.importance.scores import keep_best as _keep
+from nemo_minitron.importance.scores import Scores, keep_best
 from nemo_minitron.model.layouts import group_heads, heads_by_group
 from nemo_minitron.prune.hetero import check_layer_target, regroup
 from nemo_minitron.prune.moe import ExpertMetric, check_moe_scores, plan_moe
@@ -266,14 +265,14 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
         start, block = angular_block(scores, L - t.num_layers)
         layers = [i for i in range(L) if not start <= i < start + block]
     elif t.num_layers is not None:
-        layers = _keep(scores.layers, t.num_layers).tolist()
+        layers = keep_best(scores.layers, t.num_layers).tolist()
     else:
         layers = list(range(L))
     config = pruned_config(src, t, rescale_norms)
     new_a, new_g = config.num_attention_heads, config.query_groups
     new_per_group = new_a // new_g
     plan = PrunePlan(source=src, config=config, kept_layers=layers,
-                     kept_hidden=_keep(scores.hidden, config.hidden_size),
+                     kept_hidden=keep_best(scores.hidden, config.hidden_size),
                      rescale_norms=rescales_norms(src, rescale_norms),
                      expert_metric=t.expert_metric,
                      fingerprint=scores.meta.get("fingerprint"))
@@ -284,17 +283,17 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
         # A heterogeneous layer has its own sizes, and no units where a block is not full.
         shape, one = config.layer_shape(new_i), config.layer_config(new_i)
         if shape.mlp == "full" and not src.is_moe:  # an MoE layer has no dense MLP
-            plan.kept_ffn[i] = _keep(scores.ffn[i], one.ffn_hidden_size)
+            plan.kept_ffn[i] = keep_best(scores.ffn[i], one.ffn_hidden_size)
         if shape.attention != "full":
             continue
-        groups = _keep(scores.groups[i], one.query_groups)
+        groups = keep_best(scores.groups[i], one.query_groups)
         plan.kept_groups[i] = groups
         if config.is_heterogeneous:  # every head kept, regrouped (prune.hetero)
             plan.kept_heads[i] = regroup(src, groups.tolist())
             continue
         head_scores = heads_by_group(scores.heads[i], G)
         plan.kept_heads[i] = torch.stack([
-            group_heads(src, g)[_keep(head_scores[g], new_per_group)] for g in groups.tolist()])
+            group_heads(src, g)[keep_best(head_scores[g], new_per_group)] for g in groups.tolist()])
     return plan
 
 
