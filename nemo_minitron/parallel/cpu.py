@@ -142,8 +142,9 @@ def enter(rewrite_devices: bool = True) -> None:
         if rewrite_devices:
             _mode = _CudaToCpuMode()
             _mode.__enter__()
-            _patch(torch.autograd, "_engine_run_backward",
-                   _in_mode(torch.autograd._engine_run_backward))
+            if hasattr(torch.autograd, "_engine_run_backward"):  # torch >= 2.4
+                _patch(torch.autograd, "_engine_run_backward",
+                       _in_mode(torch.autograd._engine_run_backward))
 
 
 def exit() -> None:  # noqa: A001 - the pair of enter()
