@@ -126,13 +126,12 @@ def expected_moe_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def megatron_moe_tensor(name: str, p: str, cfg: ModelConfig,
-                        get: Callable[[str], torch.Tensor]) -> torch.Tensor | None:
-    """The Megatron MoE tensor ``name`` (layer-local) of layer prefix ``p`` from HF tensors;
-    None when ``name`` is not an MoE tensor."""
+def _hf_parts(name: str, p: str, cfg: ModelConfig) -> list[str] | None:
+    """The HF tensor names the Megatron MoE tensor ``name`` (layer-local) of layer prefix ``p``
+    is made of, in order (a SwiGLU fc1: gate, up); None when ``name`` is not an MoE tensor."""
     router, expert = _names(cfg, p)
     if name == "mlp.router.weight":
-        return get(router)
+        return [router]
     if name.startswith(_EXPERT):
         e, rest = name[len(_EXPERT):].split(".", 1)
         gate, up, down = expert(int(e))
@@ -140,32 +139,29 @@ def megatron_moe_tensor(name: str, p: str, cfg: ModelConfig,
         rest = name[len(_SHARED):]
         gate, up, down, sgate = _shared(p)
         if rest == "gate_weight":
-            return get(sgate)
+            return [sgate]
     else:
         return None
     if rest == "linear_fc1.weight":
-        return join_fc1(get(gate), get(up))
-    return get(down) if rest == "linear_fc2.weight" else None
+        return [gate, up]
+    return [down] if rest == "linear_fc2.weight" else None
+
+
+def megatron_moe_tensor(name: str, p: str, cfg: ModelConfig,
+                        get: Callable[[str], torch.Tensor]) -> torch.Tensor | None:
+    """The Megatron MoE tensor ``name`` (layer-local) of layer prefix ``p`` from HF tensors;
+    None when ``name`` is not an MoE tensor."""
+    parts = _hf_parts(name, p, cfg)
+    if parts is None:
+        return None
+    return join_fc1(*map(get, parts)) if len(parts) == 2 else get(parts[0])
 
 
 def hf_moe_views(name: str, p: str, w: torch.Tensor, cfg: ModelConfig
                  ) -> list[tuple[str, torch.Tensor]] | None:
     """The HF tensors the full Megatron MoE tensor ``name`` of layer prefix ``p`` holds, as
     views of ``w``; None when ``name`` is not an MoE tensor."""
-    router, expert = _names(cfg, p)
-    if name == "mlp.router.weight":
-        return [(router, w)]
-    if name.startswith(_EXPERT):
-        e, rest = name[len(_EXPERT):].split(".", 1)
-        gate, up, down = expert(int(e))
-    elif name.startswith(_SHARED):
-        rest = name[len(_SHARED):]
-        gate, up, down, sgate = _shared(p)
-        if rest == "gate_weight":
-            return [(sgate, w)]
-    else:
+    parts = _hf_parts(name, p, cfg)
+    if parts is None:
         return None
-    if rest == "linear_fc1.weight":
-        g, u = fc1_views(w)
-        return [(gate, g), (up, u)]
-    return [(down, w)] if rest == "linear_fc2.weight" else None
+    return list(zip(parts, fc1_views(w))) if len(parts) == 2 else [(parts[0], w)]
