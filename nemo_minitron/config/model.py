@@ -296,8 +296,10 @@ def params_dtype(bf16: bool) -> Any:
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None) -> Any:
-    """Megatron ``TransformerConfig`` for ``cfg`` under the current parallel state."""
+def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
+                       sequence_parallel: bool = False) -> Any:
+    """Megatron ``TransformerConfig`` for ``cfg`` under the current parallel state
+    (``sequence_parallel`` needs TP > 1, as megatron-core checks)."""
     import torch
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
@@ -327,6 +329,7 @@ def transformer_config(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None 
         attention_dropout=0.0,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
         # CPU initialisation draws the full master weight then slices it: identical weights
         # for every TP layout, which is what the layout-equivalence tests rely on.
         use_cpu_initialization=not torch.cuda.is_available(),

@@ -134,9 +134,18 @@ class _AddLoss(torch.autograd.Function):
         return grad, torch.full((), ctx.scale, device=grad.device), None
 
 
-def _capture(module: torch.nn.Module, store: dict[str, torch.Tensor], key: str):
+def _capture(module: torch.nn.Module, store: dict[str, torch.Tensor], key: str,
+             sequence_parallel: bool):
+    """Keep ``module``'s output in ``store[key]``, all of the sequence: a model under sequence
+    parallelism holds its shard, gathered here. The loss on it is then the same on every
+    tensor-parallel rank, so the gather's backward takes this rank's slice of the gradient
+    (not a sum over the ranks)."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
     def hook(_m, _args, out):
-        store[key] = out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        store[key] = gather_from_sequence_parallel_region(
+            out, tensor_parallel_output_grad=False) if sequence_parallel else out
     return module.register_forward_hook(hook)
 
 
@@ -166,6 +175,11 @@ class KDObjective(Objective):
             self.metric_names = ["loss", "kd loss", "lm loss"]
             return
         assert teacher is not None
+        s_sp, t_sp = self.student.config.sequence_parallel, teacher.config.sequence_parallel
+        if s_sp != t_sp and ps.get_pipeline_model_parallel_world_size() > 1:
+            raise ConfigError("under pipeline parallelism teacher and student must both use "
+                              "sequence parallelism or neither (their hidden states travel "
+                              f"together); student {s_sp}, teacher {t_sp}")
         self.h_teacher = teacher.config.hidden_size
         teacher.eval()
         for p in teacher.parameters():
@@ -179,12 +193,12 @@ class KDObjective(Objective):
                               "pipeline stage; use kd.balance=static")
         self._hooks = []
         for s, t in self.pairs:
-            self._hooks += [_capture(s_layers[s], self._acts, f"s{s}"),
-                            _capture(t_layers[t], self._acts, f"t{t}")]
+            self._hooks += [_capture(s_layers[s], self._acts, f"s{s}", s_sp),
+                            _capture(t_layers[t], self._acts, f"t{t}", t_sp)]
         self.use_embedding = cfg.embedding_weight > 0 and hasattr(self.student, "embedding")
         if self.use_embedding:
-            self._hooks += [_capture(self.student.embedding, self._acts, "s_emb"),
-                            _capture(teacher.embedding, self._acts, "t_emb")]
+            self._hooks += [_capture(self.student.embedding, self._acts, "s_emb", s_sp),
+                            _capture(teacher.embedding, self._acts, "t_emb", t_sp)]
         self.metric_names = ["loss", "kd loss", "lm loss"]
         if cfg.hidden_weight:
             self.metric_names.append("hidden loss")

@@ -124,6 +124,7 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
         load_model_config,
     )
     from nemo_minitron.data.resolve import check_data
+    from nemo_minitron.model.build import training_sequence_parallel
     from nemo_minitron.parallel.runtime import init_distributed
     from nemo_minitron.train.pretrain import bf16_enabled
 
@@ -149,10 +150,15 @@ def distill(recipe: DistillRecipe, teacher_ckpt: str, student_ckpt: str,
         recipe.kd.on_policy.check_room(recipe.train.seq_length or s_cfg.seq_length)
     init_distributed(recipe.parallel, seed=recipe.train.seed)
     bf16 = bf16_enabled(recipe)
-    student, _, tokenizer = load_model(student_ckpt, bf16=bf16, field="--student")
+    # An MoE student under TP trains with sequence parallelism; its teacher is built the same
+    # way, so that both hidden states travel between pipeline stages as sequence shards.
+    sp = training_sequence_parallel(s_cfg)
+    student, _, tokenizer = load_model(student_ckpt, bf16=bf16, field="--student",
+                                       sequence_parallel=sp)
     teacher = None
     if cache is None:  # with a cache the teacher never runs
-        teacher, _, _ = load_model(teacher_ckpt, bf16=bf16, field="--teacher")
+        teacher, _, _ = load_model(teacher_ckpt, bf16=bf16, field="--teacher",
+                                   sequence_parallel=sp)
     elif (key := (cache.path.resolve(), Path(teacher_ckpt).resolve())) not in _cache_checked:
         # Loaded (once per process: a search's candidates share it) in the cache build's
         # precision, to compare weights fingerprints.
@@ -216,6 +222,10 @@ def distill_models(recipe: DistillRecipe, teacher: torch.nn.Module | None,
     else:
         prefix, tokenizer = resolve_data(recipe.data, tokenizer)
 
+    if recipe.kd.on_policy.fraction > 0 and student.config.sequence_parallel:
+        raise ConfigError("kd.on_policy.fraction: sampling from a student built with sequence "
+                          "parallelism (an MoE student under TP > 1) is not supported; "
+                          "use parallel.tensor_model_parallel_size=1")
     sampler = OnPolicySampler(recipe.kd.on_policy, eod=tokenizer.eod,
                               stop_tokens=tokenizer.eos_ids, vocab_limit=tokenizer.vocab_size) \
         if recipe.kd.on_policy.fraction > 0 else None

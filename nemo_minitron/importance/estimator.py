@@ -57,6 +57,10 @@ class ImportanceEstimator:
         self.batch_agg, self.seq_agg = batch_agg, seq_agg
         self.head_dim = self.cfg.kv_channels
         agg = lambda units: Aggregator(units, batch_agg, seq_agg)  # noqa: E731
+        if self.cfg.sequence_parallel:  # its hooks would see sequence shards
+            raise ConfigError("importance needs a model built without sequence parallelism "
+                              "(build_model's default): its statistics are over whole "
+                              "sequences")
         moe = self.cfg.num_moe_experts is not None
         if moe and ps.get_expert_model_parallel_world_size() > 1:
             raise ConfigError("importance of an MoE model under parallel."

@@ -102,8 +102,12 @@ def _local_modules(spec, cfg: ModelConfig, attention: str) -> None:
     from nemo_minitron.model.linear import InferenceColumnParallelLinear as Column
     from nemo_minitron.model.linear import InferenceRowParallelLinear as Row
     from nemo_minitron.model.mlp import SwiGLUMLP
+    from nemo_minitron.model.norm import swap_torch_norm
 
-    attn, mlp = spec.submodules.self_attention, spec.submodules.mlp
+    layer = spec.submodules
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        setattr(layer, name, swap_torch_norm(getattr(layer, name)))
+    attn, mlp = layer.self_attention, layer.mlp
     if attn.module is SelfAttention:
         attn.module = RopeCachedSelfAttention
         attn.submodules.linear_qkv, attn.submodules.linear_proj = Column, Row
@@ -111,6 +115,8 @@ def _local_modules(spec, cfg: ModelConfig, attention: str) -> None:
             if getattr(attn.submodules, norm) is IdentityOp:
                 # Megatron's own spelling of "none": no module to call per layer and step.
                 setattr(attn.submodules, norm, None)
+            else:
+                setattr(attn.submodules, norm, swap_torch_norm(getattr(attn.submodules, norm)))
         if attention == "sdpa":
             attn.submodules.core_attention = SDPAttention
     if mlp.module is MLP and not cfg.is_moe:  # an MoE layer keeps Megatron's experts
@@ -118,18 +124,32 @@ def _local_modules(spec, cfg: ModelConfig, attention: str) -> None:
         mlp.submodules.linear_fc1, mlp.submodules.linear_fc2 = Column, Row
 
 
+def training_sequence_parallel(cfg: ModelConfig) -> bool:
+    """Whether a model of ``cfg`` is built with sequence parallelism to be trained under the
+    current tensor-parallel size: an MoE model under TP > 1 (megatron-core's MoE layer refuses
+    to train under TP without it). Dense models train without it (the same numerics, and their
+    forward-only paths stay sequence-complete)."""
+    from megatron.core import parallel_state as ps
+
+    return cfg.is_moe and ps.get_tensor_model_parallel_world_size() > 1
+
+
 def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
-                use_te: bool | None = None, attention: str | None = None):
+                use_te: bool | None = None, attention: str | None = None,
+                sequence_parallel: bool = False):
     """Build this rank's ``GPTModel`` stage (on the rank's device, fp32 or bf16 params).
     ``use_te=False`` forces Megatron's local spec (its checkpoint keys map onto TE's).
     ``attention`` picks the local spec's core attention (``ATTENTIONS``, default
-    ``DEFAULT_ATTENTION``); the TE spec ignores it."""
+    ``DEFAULT_ATTENTION``); the TE spec ignores it. ``sequence_parallel``: Megatron's sequence
+    parallelism under TP > 1 (ignored at TP=1; ``training_sequence_parallel`` says when
+    training needs it); its hidden states between layers are this rank's sequence shard."""
     from megatron.core import parallel_state as ps
 
     from nemo_minitron.model.gpt import MinitronGPTModel
 
     attention = attention or DEFAULT_ATTENTION
     check_attention(attention)
+    use_te = te_available() if use_te is None else use_te
     if cfg.vocab_size is None:
         raise ConfigError("model.vocab_size is not set (it comes from the tokenizer)")
     cfg.check_layout(ps.get_tensor_model_parallel_world_size(),
@@ -139,7 +159,9 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
         raise ConfigError("train.fp8 needs Transformer Engine and a GPU")
     from nemo_minitron.model.mlp import quiet_unknown_mlp
 
-    config = transformer_config(cfg, bf16=bf16, fp8=fp8)
+    tp = ps.get_tensor_model_parallel_world_size()
+    config = transformer_config(cfg, bf16=bf16, fp8=fp8, sequence_parallel=sequence_parallel
+                                and tp > 1)
     with quiet_unknown_mlp():
         model = MinitronGPTModel(
             config=config,

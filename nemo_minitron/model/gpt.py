@@ -55,8 +55,20 @@ class MinitronGPTModel(GPTModel):
     """Megatron's ``GPTModel``; returned logits are computed batch-first, and a loss can be
     given the sequence-first logits (module docstring)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: Any, transformer_layer_spec: Any, *args: Any,
+                 **kwargs: Any) -> None:
+        from megatron.core.utils import get_pg_rank
+
+        from nemo_minitron.model.norm import block_spec
+
+        # The final norm of a torch-norm spec, also under sequence parallelism (model/norm.py);
+        # the layer spec itself is kept, so a rebuild with fewer layers builds fewer. The stage's
+        # layer count as megatron-core's TransformerBlock computes it (its pipeline group).
+        pg = kwargs.get("pg_collection")
+        pp_rank = get_pg_rank(pg.pp) if pg is not None and hasattr(pg, "pp") else None
+        super().__init__(config, block_spec(transformer_layer_spec, config,
+                                            kwargs.get("vp_stage"), pp_rank), *args, **kwargs)
+        self.transformer_layer_spec = transformer_layer_spec
         self._logits_loss: Callable[[torch.Tensor, torch.Tensor], Any] | None = None
         if self.post_process:
             self.output_layer.register_forward_pre_hook(_batch_first_input)

@@ -35,11 +35,27 @@ def router_loss_metrics(num_layers: int, num_microbatches: int) -> dict[str, flo
     if not tracker:
         return {}
     moe_utils.reduce_aux_losses_tracker_across_ranks()
+    _mean_over_tensor_parallel(tracker)
     _mean_over_data_parallel(tracker)
     out = {name: float(v["values"].double().sum()) / (num_layers * num_microbatches)
            for name, v in sorted(tracker.items())}
     moe_utils.clear_aux_losses_tracker()
     return out
+
+
+def _mean_over_tensor_parallel(tracker: dict[str, Any]) -> None:
+    """A loss without a ``reduce_group`` (the z-loss) is tracked per rank as the mean over its
+    own tokens; under sequence parallelism each tensor-(and context-)parallel rank holds other
+    tokens: the mean over that group is the mean over all of them (equal shards)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_and_context_parallel_group()
+    size = dist.get_world_size(group)
+    for entry in tracker.values():
+        if size > 1 and entry.get("reduce_group") is None:
+            dist.all_reduce(entry["values"], group=group)
+            entry["values"] /= size
 
 
 def _mean_over_data_parallel(tracker: dict[str, Any]) -> None:

@@ -83,6 +83,22 @@ class _Signals:
             signal.signal(sig, old)
 
 
+def _check_sequence_parallel(model_cfg: ModelConfig, tp: int, config: Any,
+                             seq_length: int | None) -> None:
+    """One-line errors for a model this loop cannot train under TP=``tp``: an MoE model built
+    without sequence parallelism (megatron-core's MoE layer refuses it), or a sequence length
+    its sequence parallelism cannot split evenly."""
+    if model_cfg.is_moe and tp > 1 and not config.sequence_parallel:
+        raise ConfigError(f"parallel.tensor_model_parallel_size={tp}: training an MoE model "
+                          "under tensor parallelism needs sequence parallelism; build it with "
+                          "build_model(..., sequence_parallel=True) (its norms support it)")
+    seq = seq_length or model_cfg.seq_length
+    if config.sequence_parallel and seq % tp:
+        raise ConfigError(f"train.seq_length={seq}: must be a multiple of "
+                          f"parallel.tensor_model_parallel_size={tp} (sequence parallelism "
+                          "splits each sequence across the tensor-parallel ranks)")
+
+
 class Trainer:
     """Runs ``recipe.train`` on an already built, DDP-wrapped model."""
 
@@ -100,13 +116,7 @@ class Trainer:
         self.train_ds, self.valid_ds = train_ds, valid_ds
         self.out_dir = Path(out_dir)
         self.cfg = recipe.train
-        if model_cfg.is_moe and runtime.tp > 1 and not model.config.sequence_parallel:
-            # megatron-core 0.16.1's MoELayer refuses it, and its local spec's norms refuse
-            # sequence parallelism: no MoE training under TP without Transformer Engine.
-            raise ConfigError(f"parallel.tensor_model_parallel_size={runtime.tp}: training an "
-                              "MoE model (model.num_moe_experts) under tensor parallelism "
-                              "needs sequence parallelism, which Megatron's local spec (no "
-                              "Transformer Engine) does not support; use TP=1 (PP and DP run)")
+        _check_sequence_parallel(model_cfg, runtime.tp, model.config, self.cfg.seq_length)
         self.state = TrainState()
         self.fwd_bwd = get_forward_backward_func()
         self.dp_rank = ps.get_data_parallel_rank()

@@ -15,7 +15,7 @@ from nemo_minitron.config import ConfigError, ModelConfig, Recipe
 from nemo_minitron.data.datasets import GPTSplits, build_gpt_datasets
 from nemo_minitron.data.resolve import check_data, resolve_data
 from nemo_minitron.data.tokenizer import Tokenizer
-from nemo_minitron.model.build import build_model
+from nemo_minitron.model.build import build_model, training_sequence_parallel
 from nemo_minitron.parallel.runtime import Runtime, init_distributed, use_gpu
 from nemo_minitron.train.loop import Trainer
 from nemo_minitron.train.objectives import LMObjective, Objective
@@ -74,7 +74,8 @@ def make_trainer(recipe: Recipe, rt: Runtime, model_cfg: ModelConfig, tokenizer:
     model_cfg = model_cfg.with_seq_length(recipe.train.seq_length)
     bf16 = bf16_enabled(recipe)
     if model is None:
-        model = build_model(model_cfg, bf16=bf16)
+        model = build_model(model_cfg, bf16=bf16,
+                            sequence_parallel=training_sequence_parallel(model_cfg))
     if init_checkpoint is not None:
         load_weights(init_checkpoint, model)
     obj = objective(model) if objective is not None else LMObjective(rt.device)

@@ -55,13 +55,21 @@ KNOWN_WARNINGS = (
     "Please use DTensor instead.*",
 )
 """Messages of warnings the command line hides (``quiet_known_warnings``)."""
+CPU_WARNINGS = (
+    # Each sequence-parallel linear layer advises a CUDA launch-queue setting: no CUDA here.
+    "When using sequence parallelism it is recommended to set the environment variable "
+    "CUDA_DEVICE_MAX_CONNECTIONS.*",
+)
+"""Messages the command line also hides when no GPU is present."""
 
 
 def quiet_known_warnings() -> None:
     """Hide ``KNOWN_WARNINGS`` for the rest of the process: the command line's console stays
     clean. Called where the command line starts (``cli.main``), never on import, so a library
     user's process keeps its own warning filters."""
-    for message in KNOWN_WARNINGS:
+    import torch
+
+    for message in KNOWN_WARNINGS + (() if torch.cuda.is_available() else CPU_WARNINGS):
         warnings.filterwarnings("ignore", message=message)
 
 

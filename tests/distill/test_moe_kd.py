@@ -130,7 +130,8 @@ def moe_pair(tmp_path_factory, moe_teacher) -> tuple[str, str]:
 
 
 @pytest.mark.dist
-def test_moe_kd_resumes_bit_exact_and_pp2_ep2_equal_pp1(moe_pair, tiny_overrides, tmp_path):
+def test_moe_kd_resumes_bit_exact_and_tp2_pp2_ep2_equal_one_rank(moe_pair, tiny_overrides,
+                                                                 tmp_path):
     teacher, student = moe_pair
     kd = [o for o in _kd_overrides(tiny_overrides, 2) if "embedding_weight" not in o] + [
         "kd.lm_loss_weight=0.5", "kd.teacher_max_loss_ratio=2"]
@@ -142,8 +143,10 @@ def test_moe_kd_resumes_bit_exact_and_pp2_ep2_equal_pp1(moe_pair, tiny_overrides
                         (_copy_metrics, (str(tmp_path / "cut"), str(tmp_path / "first.jsonl"))),
                         run("cut")])
     spawn(in_order, 2, [run("pp2", ["parallel.pipeline_model_parallel_size=2"]),
-                        run("ep2", ["parallel.expert_model_parallel_size=2"])])
-    ref, cut, pp2, ep2 = (_metrics(tmp_path / n) for n in ("ref", "cut", "pp2", "ep2"))
+                        run("ep2", ["parallel.expert_model_parallel_size=2"]),
+                        run("tp2", ["parallel.tensor_model_parallel_size=2"])])
+    ref, cut, pp2, ep2, tp2 = (_metrics(tmp_path / n) for n in ("ref", "cut", "pp2", "ep2",
+                                                                 "tp2"))
     assert sorted(ref) == [1, 2] and sorted(_metrics(tmp_path, "first.jsonl")) == [1]
     for step in ref:
         assert all(ref[step][n] > 0 for n in NAMES), ref[step]
@@ -153,4 +156,6 @@ def test_moe_kd_resumes_bit_exact_and_pp2_ep2_equal_pp1(moe_pair, tiny_overrides
             assert cut[step][n] == ref[step][n], (step, n)  # bit for bit
             assert pp2[step][n] == pytest.approx(ref[step][n], abs=1e-5), (step, n)
             assert ep2[step][n] == pytest.approx(ref[step][n], abs=1e-5), (step, n)
+            # TP=2: sequence parallelism (the intermediate losses see gathered sequences)
+            assert tp2[step][n] == pytest.approx(ref[step][n], abs=1e-5), (step, n)
     assert Path(tmp_path / "ref" / "checkpoints" / "step_0000002").is_dir()
