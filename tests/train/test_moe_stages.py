@@ -26,9 +26,24 @@ def runs(tmp_path_factory, tiny_overrides) -> Path:
     spawn(pretrain_job, 1, str(d / "tp1"), tiny_overrides + MOE)
     spawn(pretrain_job, 2, str(d / "pp2"),
           tiny_overrides + MOE + ["parallel.pipeline_model_parallel_size=2"])
-    spawn(pretrain_job, 2, str(d / "tp2"),
-          tiny_overrides + MOE + ["parallel.tensor_model_parallel_size=2"])
+    spawn(in_order, 2, [
+        (pretrain_job, (str(d / "tp2"), tiny_overrides + MOE + [
+            "parallel.tensor_model_parallel_size=2"])),
+        (refused_job, (str(d / "odd"), str(d / "odd.txt"), tiny_overrides + MOE + [
+            "parallel.tensor_model_parallel_size=2", "train.seq_length=31"]))])
     return d
+
+
+def refused_job(out: str, message: str, overrides: list[str]) -> None:
+    import os
+
+    from nemo_minitron.config import ConfigError
+
+    try:
+        pretrain_job(out, overrides)
+    except ConfigError as e:
+        if os.environ["RANK"] == "0":
+            Path(message).write_text(str(e))
 
 
 @pytest.mark.dist
@@ -70,6 +85,13 @@ def test_moe_training_under_tp_equals_tp1(runs):
         for name in ("lm loss", "load_balancing_loss", "z_loss", "grad_norm"):
             assert other[step][name] == pytest.approx(one[step][name], rel=1e-5, abs=1e-6), \
                 (step, name)
+
+
+@pytest.mark.dist
+def test_moe_sequence_length_tp_cannot_split_is_refused_in_one_line(runs):
+    message = (runs / "odd.txt").read_text()
+    assert "train.seq_length=31" in message and "\n" not in message
+    assert not (runs / "odd").exists()
 
 
 @pytest.mark.slow
