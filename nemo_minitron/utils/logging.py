@@ -53,23 +53,19 @@ KNOWN_WARNINGS = (
     # torch.distributed.checkpoint deprecations triggered inside megatron's dist_checkpointing.
     ".*`load_state_dict` is deprecated.*",
     "Please use DTensor instead.*",
-)
-"""Messages of warnings the command line hides (``quiet_known_warnings``)."""
-CPU_WARNINGS = (
-    # Each sequence-parallel linear layer advises a CUDA launch-queue setting: no CUDA here.
+    # Every sequence-parallel linear layer (MoE training under TP) advises a CUDA launch-queue
+    # setting: meaningless on CPU; on GPU docs/moe.md says to export it, as Megatron-LM does.
     "When using sequence parallelism it is recommended to set the environment variable "
     "CUDA_DEVICE_MAX_CONNECTIONS.*",
 )
-"""Messages the command line also hides when no GPU is present."""
+"""Messages of warnings the command line hides (``quiet_known_warnings``)."""
 
 
 def quiet_known_warnings() -> None:
     """Hide ``KNOWN_WARNINGS`` for the rest of the process: the command line's console stays
     clean. Called where the command line starts (``cli.main``), never on import, so a library
     user's process keeps its own warning filters."""
-    import torch
-
-    for message in KNOWN_WARNINGS + (() if torch.cuda.is_available() else CPU_WARNINGS):
+    for message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 
 from tests.dist import spawn
-from tests.model.test_moe import LAYOUT
+
+LAYOUT = dict(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+              vocab_size=64, seq_length=16, num_moe_experts=4, moe_router_topk=2,
+              moe_ffn_hidden_size=24, moe_shared_expert_intermediate_size=32)
 
 
 def sequence_parallel_job() -> None:
