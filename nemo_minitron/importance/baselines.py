@@ -41,10 +41,12 @@ def _moe_magnitudes(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
         experts.append(torch.stack([sum(
             full[layouts.layer_key(i, f"{n}.{w}.weight")].double().pow(2).sum()
             for w in ("linear_fc1", "linear_fc2")).sqrt() for n in names]))
-        channels.append(sum(_neurons(full, cfg, i, n) for n in names))
+        channels.append(torch.stack([_neurons(full, cfg, i, n) for n in names]))
         if cfg.moe_shared_expert_intermediate_size:
             shared.append(_neurons(full, cfg, i, "mlp.shared_experts"))
-    out = {"experts": torch.stack(experts).float(), "expert_ffn": torch.stack(channels).float()}
+    per_expert = torch.stack(channels)
+    out = {"experts": torch.stack(experts).float(), "expert_ffn": per_expert.sum(1).float(),
+           "expert_channels": per_expert.float()}
     if shared:
         out["shared_expert_ffn"] = torch.stack(shared).float()
     return out
@@ -85,6 +87,7 @@ def random_scores(cfg: ModelConfig, seed: int) -> Scores:
         moe = {"experts": rand(n, cfg.num_moe_experts or 0),
                "expert_ffn": rand(n, cfg.expert_ffn_hidden_size),
                **({"shared_expert_ffn": rand(n, shared)} if shared else {})}
+        moe["expert_channels"] = rand(n, cfg.num_moe_experts or 0, cfg.expert_ffn_hidden_size)
     return Scores(ffn=rand(n, 0 if cfg.is_moe else cfg.ffn_hidden_size),
                   heads=heads,
                   groups=layouts.heads_by_group(heads, cfg.query_groups).sum(-1),

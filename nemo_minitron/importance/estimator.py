@@ -8,7 +8,8 @@ Where each axis reads its activation (``docs/method.md``):
   each aggregated on its own, then summed over layers;
 - ``num_layers``: Block Importance, 1 - cos(layer input, layer output) averaged over tokens;
 - MoE models: ``experts``, ``expert_mass``, ``expert_load``, ``expert_ffn``,
-  ``shared_expert_ffn`` from hooks on the experts (``importance/moe.py``), no ``ffn_hidden_size``;
+  ``expert_channels``, ``shared_expert_ffn`` from hooks on the experts (``importance/moe.py``),
+  no ``ffn_hidden_size``;
 - ``angular_distance``: arccos(cos)/pi between the hidden states entering every pair of layers
   (the last boundary is the final hidden state before the final norm), averaged over tokens:
   the depth criterion of self-data distillation (arXiv 2410.09982) for any block size.
@@ -227,9 +228,11 @@ class ImportanceEstimator:
             stats = _gather_cat(torch.stack([r[0] for r in per_layer]), pp, dim=0)
             moe = dict(zip(("experts", "expert_mass", "expert_load"), stats.unbind(1)))
             shared = self.moe[0].shared is not None
-            for i, name in ((1, "expert_ffn"), (2, "shared_expert_ffn"))[:1 + shared]:
+            for i, name in ((1, "expert_ffn"), (3, "expert_channels"), (2, "shared_expert_ffn")
+                            )[:2 + shared]:
+                # channels last: concatenated over TP; layers first: over PP
                 moe[name] = _gather_cat(_gather_cat(torch.stack([r[i] for r in per_layer]),
-                                                    tp, dim=1), pp, dim=0)
+                                                    tp, dim=-1), pp, dim=0)
         else:
             ffn = _gather_cat(torch.stack([a.result() for a in self.ffn]), tp, dim=1)
             ffn = _gather_cat(ffn, pp, dim=0)

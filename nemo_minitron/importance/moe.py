@@ -9,9 +9,11 @@ router-weighted output ``w_te * E_e(x_t)``. Per layer and expert:
   (Model Optimizer's criterion: a token not routed to the expert counts 0);
 - ``expert_mass``: the router's probability mass, the mean routing weight ``w_te``;
 - ``expert_load``: the share of tokens routed to the expert (they sum to ``moe_router_topk``);
-- ``expert_ffn``: per channel of ``moe_ffn_hidden_size``, the root of the sum of squares of the
-  input of ``linear_fc2`` (router-weighted) over every token of every expert of the layer, per
-  token the router saw: one index set for all experts (grouped GEMM keeps one shape).
+- ``expert_channels``: per expert and channel of ``moe_ffn_hidden_size``, the root of the sum
+  of squares of the expert's ``linear_fc2`` input (router-weighted) over the tokens routed to
+  it, per token the router saw;
+- ``expert_ffn``: per channel, the same over every expert of the layer (the root of the sum of
+  the squared ``expert_channels``): one index set for all experts, Model Optimizer's rule.
 ``shared_expert_ffn`` scores the shared expert's channels as the dense ``ffn_hidden_size``.
 
 Under TP each rank's expert sees the same token stream (the allgather dispatcher gathers the
@@ -39,7 +41,8 @@ class ExpertStats:
         experts = list(mlp.experts.local_experts)
         e = len(experts)
         self.sums = torch.zeros(3, e, dtype=torch.float64)  # output norm, weight, tokens
-        self.ffn = torch.zeros(experts[0].linear_fc2.weight.shape[1], dtype=torch.float64)
+        # sums of squares per expert and channel (this TP rank's channels)
+        self.ffn = torch.zeros(e, experts[0].linear_fc2.weight.shape[1], dtype=torch.float64)
         shared = getattr(mlp, "shared_experts", None)
         self.shared: Aggregator | None = None if shared is None else agg(
             shared.linear_fc2.weight.shape[1])
@@ -50,7 +53,7 @@ class ExpertStats:
         handles = []
         for e, expert in enumerate(mlp.experts.local_experts):
             handles += [expert.register_forward_hook(self._expert_hook(e, tp_group)),
-                        expert.linear_fc2.register_forward_pre_hook(self._ffn_hook)]
+                        expert.linear_fc2.register_forward_pre_hook(self._ffn_hook(e))]
         if self.shared is not None:
             shared = self.shared
             handles.append(mlp.shared_experts.linear_fc2.register_forward_pre_hook(
@@ -70,8 +73,10 @@ class ExpertStats:
                 probs.double().sum().cpu(), torch.tensor(float(y.shape[0]))])
         return hook
 
-    def _ffn_hook(self, _mod, args):
-        self.ffn += args[0].detach().float().pow(2).sum(0).double().cpu()
+    def _ffn_hook(self, e: int):
+        def hook(_mod, args):
+            self.ffn[e] += args[0].detach().float().pow(2).sum(0).double().cpu()
+        return hook
 
     def all_reduce(self, group: Any) -> None:
         """Sum the running state over ``group`` (data-parallel ranks)."""
@@ -79,14 +84,16 @@ class ExpertStats:
             self.shared.all_reduce(group)
         if dist.get_world_size(group) == 1:
             return
-        packed = torch.cat([self.sums.flatten(), self.ffn])
+        packed = torch.cat([self.sums.flatten(), self.ffn.flatten()])
         dist.all_reduce(packed, group=group)
         self.sums = packed[:self.sums.numel()].view_as(self.sums)
-        self.ffn = packed[self.sums.numel():]
+        self.ffn = packed[self.sums.numel():].view_as(self.ffn)
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[3, experts]`` (output norm, mass, load: means over tokens) and ``[channels]``
-        (this TP rank's), ``[shared channels]`` (empty without a shared expert)."""
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[3, experts]`` (output norm, mass, load: means over tokens), ``[channels]`` (the
+        layer's, this TP rank's), ``[shared channels]`` (empty without a shared expert) and
+        ``[experts, channels]`` (each expert's)."""
         tokens = (self.sums[2].sum() / self.topk).clamp(min=1)
         shared = self.shared.result() if self.shared is not None else torch.zeros(0)
-        return (self.sums / tokens).float(), (self.ffn / tokens).sqrt().float(), shared
+        return ((self.sums / tokens).float(), (self.ffn.sum(0) / tokens).sqrt().float(), shared,
+                (self.ffn / tokens).sqrt().float())

@@ -52,6 +52,9 @@ class Scores:
     expert_ffn: torch.Tensor | None = None
     """MoE ``[num_layers, moe_ffn_hidden_size]``: expert channels, one score per channel for
     all experts of a layer."""
+    expert_channels: torch.Tensor | None = None
+    """MoE ``[num_layers, num_moe_experts, moe_ffn_hidden_size]``: each expert's own channel
+    scores (``target.moe_ffn_selection=per_expert``); None in files written before them."""
     shared_expert_ffn: torch.Tensor | None = None
     """MoE ``[num_layers, moe_shared_expert_intermediate_size]``: shared-expert channels."""
 
@@ -59,7 +62,8 @@ class Scores:
     SIZES = {"ffn": "ffn_hidden_size", "heads": "num_attention_heads",
              "groups": "num_query_groups", "hidden": "hidden_size", "layers": "num_layers"}
     """The config field that counts the units of each axis."""
-    MOE_AXES = ("experts", "expert_mass", "expert_load", "expert_ffn", "shared_expert_ffn")
+    MOE_AXES = ("experts", "expert_mass", "expert_load", "expert_ffn", "expert_channels",
+                "shared_expert_ffn")
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a ``.pt`` file of tensors and plain metadata (loadable with weights_only)."""

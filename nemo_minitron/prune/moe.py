@@ -3,17 +3,20 @@
 
 The plan, per kept layer: the kept routed experts (the best by ``target.expert_metric``:
 ``Scores.experts``, the router-weighted output norm, or ``Scores.expert_mass``, the router's
-probability mass), the kept expert channels (``Scores.expert_ffn``: one index set for every
-expert of the layer, so grouped GEMM keeps one shape) and the kept shared-expert channels
-(``Scores.shared_expert_ffn``).
+probability mass), the kept expert channels and the kept shared-expert channels
+(``Scores.shared_expert_ffn``). Expert channels by ``target.moe_ffn_selection``: ``shared``,
+one index set for every expert of the layer (``Scores.expert_ffn``; Model Optimizer's rule, one
+slice of a grouped-GEMM weight), or ``per_expert``, each expert its own best channels
+(``Scores.expert_channels``; the same count, so every expert keeps one shape).
 
 The weights (layer-local names, full TP=1 tensors):
 
 - ``mlp.router.weight [experts, hidden]``: the kept experts' rows, the kept hidden columns;
 - ``mlp.experts.local_experts.<e>.linear_fc1.weight [2f, hidden]`` (SwiGLU ``[gate; up]``): the
-  kept channels' rows of both halves, the kept hidden columns; ``linear_fc2.weight [hidden,
-  f]``: the kept hidden rows, the kept channel columns. A kept expert is renumbered by its rank
-  among the kept ones (``expert_name``); a removed one has no counterpart;
+  kept channels' rows of both halves (the layer's, or this expert's own), the kept hidden
+  columns; ``linear_fc2.weight [hidden, f]``: the kept hidden rows, the kept channel columns.
+  A kept expert is renumbered by its rank among the kept ones (``expert_name``); a removed one
+  has no counterpart;
 - ``mlp.shared_experts.linear_fc1/linear_fc2``: as an expert, with the shared channels;
   ``mlp.shared_experts.gate_weight [1, hidden]`` (Qwen2-MoE's sigmoid gate): the hidden columns.
 
@@ -38,6 +41,7 @@ from nemo_minitron.importance.scores import Scores, keep_best
 from nemo_minitron.model.layouts import fc1_rows
 
 ExpertMetric = Literal["output_norm", "router_mass"]
+ChannelSelection = Literal["shared", "per_expert"]
 EXPERT_SCORES = {"output_norm": "experts", "router_mass": "expert_mass"}
 """``target.expert_metric`` -> the ``Scores`` field that ranks experts."""
 
@@ -64,12 +68,14 @@ def expert_name(name: str, kept: list[int]) -> str | None:
     return f"mlp.experts.local_experts.{kept.index(e)}.{m.group(2)}" if e in kept else None
 
 
-def check_moe_scores(src: ModelConfig, s: Scores, metric: ExpertMetric) -> None:
+def check_moe_scores(src: ModelConfig, s: Scores, metric: ExpertMetric,
+                     selection: ChannelSelection = "shared") -> None:
     """One-line error unless ``s`` holds the MoE scores of ``src``'s shape (scores of a dense
-    model, or of another MoE, used on this one)."""
-    L = src.num_layers
-    want = {EXPERT_SCORES[metric]: (L, src.num_moe_experts),
-            "expert_ffn": (L, src.expert_ffn_hidden_size)}
+    model, or of another MoE, used on this one) that ``metric`` and ``selection`` need."""
+    L, E, F = src.num_layers, src.num_moe_experts, src.expert_ffn_hidden_size
+    want = {EXPERT_SCORES[metric]: (L, E), "expert_ffn": (L, F)}
+    if selection == "per_expert":
+        want["expert_channels"] = (L, E, F)
     if src.moe_shared_expert_intermediate_size:
         want["shared_expert_ffn"] = (L, src.moe_shared_expert_intermediate_size)
     for axis, shape in want.items():
@@ -84,15 +90,19 @@ def check_moe_scores(src: ModelConfig, s: Scores, metric: ExpertMetric) -> None:
 
 
 def plan_moe(src: ModelConfig, new: ModelConfig, s: Scores, layers: list[int],
-             metric: ExpertMetric) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor],
-                                            dict[int, torch.Tensor]]:
+             metric: ExpertMetric, selection: ChannelSelection = "shared"
+             ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Per kept layer: ``(kept experts, kept expert channels, kept shared-expert channels)``
-    of the MoE source ``src`` pruned to ``new`` (scores checked by ``check_moe_scores``)."""
+    of the MoE source ``src`` pruned to ``new`` (scores checked by ``check_moe_scores``). The
+    expert channels are ``[f']`` (``shared``) or ``[source experts, f']`` (``per_expert``: row
+    ``e`` is source expert ``e``'s)."""
     ranking = getattr(s, EXPERT_SCORES[metric])
     experts, ffn, shared = {}, {}, {}
+    f = new.expert_ffn_hidden_size
     for i in layers:
         experts[i] = keep_best(ranking[i], new.num_moe_experts or 0)
-        ffn[i] = keep_best(s.expert_ffn[i], new.expert_ffn_hidden_size)
+        ffn[i] = torch.stack([keep_best(c, f) for c in s.expert_channels[i]]) \
+            if selection == "per_expert" else keep_best(s.expert_ffn[i], f)
         if src.moe_shared_expert_intermediate_size:
             shared[i] = keep_best(s.shared_expert_ffn[i],
                                   new.moe_shared_expert_intermediate_size or 0)
@@ -104,14 +114,16 @@ def slice_moe(name: str, w: torch.Tensor, src: ModelConfig, hid: torch.Tensor,
               shared: torch.Tensor | None) -> torch.Tensor:
     """The pruned full tensor of the MoE tensor ``name`` (``is_moe_tensor``) of one layer:
     ``hid`` the kept hidden channels, ``experts`` the kept experts, ``ffn`` and ``shared`` the
-    kept channels of every expert and of the shared expert."""
+    kept channels of the experts (``plan_moe``'s: one set, or one row per source expert) and
+    of the shared expert."""
     if name == ROUTER:
         return w[experts][:, hid]
     if name == SHARED + "gate_weight":
         return w[:, hid]
     m = _EXPERT.match(name)
     if m is not None:
-        part, keep, size = m.group(2), ffn, src.expert_ffn_hidden_size
+        keep = ffn[int(m.group(1))] if ffn.dim() == 2 else ffn
+        part, size = m.group(2), src.expert_ffn_hidden_size
     else:
         assert shared is not None and src.moe_shared_expert_intermediate_size
         part, keep, size = name[len(SHARED):], shared, src.moe_shared_expert_intermediate_size

@@ -21,7 +21,7 @@ from nemo_minitron.importance.layers import block_angular_distance
 from nemo_minitron.importance.scores import Scores, keep_best
 from nemo_minitron.model.layouts import group_heads, heads_by_group
 from nemo_minitron.prune.hetero import check_layer_target, regroup
-from nemo_minitron.prune.moe import ExpertMetric, check_moe_scores, plan_moe
+from nemo_minitron.prune.moe import ChannelSelection, ExpertMetric, check_moe_scores, plan_moe
 from nemo_minitron.utils.logging import get_logger, warn_once
 
 log = get_logger("prune")
@@ -45,14 +45,18 @@ class Target:
     """Routed experts to keep per MoE layer (router rows and experts removed; must stay at least
     ``model.moe_router_topk`` and divide by the expert-parallel size)."""
     moe_ffn_hidden_size: int | None = None
-    """Channels to keep in every routed expert (one index set per layer, shared by its
-    experts, so grouped GEMM still works)."""
+    """Channels to keep in every routed expert (which ones: ``moe_ffn_selection``)."""
     moe_shared_expert_intermediate_size: int | None = None
     """Channels to keep in the shared expert of every MoE layer."""
     expert_metric: ExpertMetric = "output_norm"
     """How num_moe_experts ranks experts: ``output_norm``, the token mean L2 norm of each
     expert's router-weighted output (``Scores.experts``), or ``router_mass``, the router's
     probability mass (``Scores.expert_mass``)."""
+    moe_ffn_selection: ChannelSelection = "shared"
+    """Which channels moe_ffn_hidden_size keeps: ``shared``, one index set per layer for all
+    its experts (``Scores.expert_ffn``; Model Optimizer's rule), or ``per_expert``, each expert
+    its own best channels (``Scores.expert_channels``); either way every expert keeps one
+    shape."""
     drop_layers: list[int] | None = None
     """Explicit 0-based layer indices to remove (overrides the score-based choice)."""
     layer_metric: Literal["block_importance", "lm_loss", "angular_distance"] = "block_importance"
@@ -90,13 +94,16 @@ class PrunePlan:
     """MoE, per kept source layer: kept routed experts ``[num_moe_experts']`` (source
     indices; the pruned layer's expert ``j`` is ``kept_experts[layer][j]``)."""
     kept_expert_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
-    """MoE, per kept source layer: kept channels of every routed expert
-    ``[moe_ffn_hidden_size']`` (one index set for all experts of the layer)."""
+    """MoE, per kept source layer: kept channels of the routed experts, ``[moe_ffn_hidden_size']``
+    (one index set for all experts of the layer) or ``[num_moe_experts, moe_ffn_hidden_size']``
+    (``Target.moe_ffn_selection=per_expert``: row ``e`` for source expert ``e``)."""
     kept_shared_ffn: dict[int, torch.Tensor] = field(default_factory=dict)
     """MoE with a shared expert, per kept source layer: its kept channels
     ``[moe_shared_expert_intermediate_size']``."""
     expert_metric: ExpertMetric = "output_norm"
     """What ranked the kept experts (``Target.expert_metric``)."""
+    moe_ffn_selection: ChannelSelection = "shared"
+    """How the kept expert channels were chosen (``Target.moe_ffn_selection``)."""
     rescale_norms: bool = True
     """Compensate RMSNorm for the removed channels (see ``prune.apply``)."""
     fingerprint: list[float] | None = None
@@ -197,6 +204,12 @@ def validate_target(src: ModelConfig, t: Target, tp: int = 1, pp: int = 1,
             raise ConfigError(f"target.{name}={value!r} must be a positive integer")
         if value > have:
             raise ConfigError(f"target.{name}={value} is larger than the source's {have}")
+    if t.moe_ffn_selection not in ("shared", "per_expert"):
+        raise ConfigError(f"target.moe_ffn_selection={t.moe_ffn_selection!r} must be shared or "
+                          "per_expert")
+    if t.moe_ffn_selection != "shared" and not src.is_moe:
+        raise ConfigError(f"target.moe_ffn_selection={t.moe_ffn_selection}: the source model has "
+                          "no routed experts (model.num_moe_experts is not set)")
     if src.is_moe and t.ffn_hidden_size is not None:
         raise ConfigError(f"target.ffn_hidden_size={t.ffn_hidden_size}: an MoE model has no "
                           f"dense MLP (target.moe_ffn_hidden_size prunes its experts' channels)")
@@ -274,11 +287,11 @@ def make_plan(src: ModelConfig, scores: Scores, t: Target, tp: int = 1, pp: int 
     plan = PrunePlan(source=src, config=config, kept_layers=layers,
                      kept_hidden=keep_best(scores.hidden, config.hidden_size),
                      rescale_norms=rescales_norms(src, rescale_norms),
-                     expert_metric=t.expert_metric,
+                     expert_metric=t.expert_metric, moe_ffn_selection=t.moe_ffn_selection,
                      fingerprint=scores.meta.get("fingerprint"))
     if src.is_moe:
         plan.kept_experts, plan.kept_expert_ffn, plan.kept_shared_ffn = plan_moe(
-            src, config, scores, layers, t.expert_metric)
+            src, config, scores, layers, t.expert_metric, t.moe_ffn_selection)
     for new_i, i in enumerate(layers):
         # A heterogeneous layer has its own sizes, and no units where a block is not full.
         shape, one = config.layer_shape(new_i), config.layer_config(new_i)
@@ -312,7 +325,7 @@ def check_scores(src: ModelConfig, s: Scores, t: Target) -> None:
     """One-line error unless ``s`` has the shape of ``src``'s scores (every axis ``t`` needs:
     an MoE source's expert scores by ``t.expert_metric``)."""
     if src.is_moe:
-        check_moe_scores(src, s, t.expert_metric)
+        check_moe_scores(src, s, t.expert_metric, t.moe_ffn_selection)
     want = {"ffn": (src.num_layers, 0 if src.is_moe else src.ffn_hidden_size),
             "heads": (src.num_layers, src.num_attention_heads),
             "groups": (src.num_layers, src.query_groups),

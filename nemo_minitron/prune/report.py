@@ -23,7 +23,8 @@ UNITS = {"ffn": "MLP neurons", "heads": "attention heads", "groups": "query grou
 """What one unit of each width axis is."""
 MOE_UNITS = {"expert_ffn": "expert channels", "heads": "attention heads",
              "groups": "query groups", "hidden": "embedding channels"}
-"""The width axes of an MoE model (its layers have experts, not an MLP)."""
+"""The width axes of an MoE model (its layers have experts, not an MLP); with
+``target.moe_ffn_selection=per_expert`` ``expert_channels`` stands for ``expert_ffn``."""
 MOE_ROWS = (("experts", "num_moe_experts"), ("expert_ffn", "moe_ffn_hidden_size"),
             ("shared_expert_ffn", "moe_shared_expert_intermediate_size"))
 """MoE score axes and the config field that counts their units."""
@@ -31,6 +32,8 @@ MOE_ROWS = (("experts", "num_moe_experts"), ("expert_ffn", "moe_ffn_hidden_size"
 _ACTIVATION = {"ffn": "activation entering linear_fc2",
                "expert_ffn": "root mean square over tokens of the router-weighted activation\n"
                              "entering the experts' linear_fc2, all experts of the layer",
+               "expert_channels": "root mean square over tokens of the router-weighted "
+                                  "activation\nentering each expert's linear_fc2",
                "heads": "head output norm (linear_proj input)",
                "groups": "sum of its heads' scores",
                "hidden": "layernorm outputs, summed over layers"}
@@ -62,6 +65,10 @@ def kept_mask(scores: Scores, plan: PrunePlan, axis: str) -> torch.Tensor:
         mask[plan.kept_hidden] = True
     elif axis == "layers":
         mask[plan.kept_layers] = True
+    elif axis == "expert_channels":  # per expert; a removed expert's channels went with it
+        for i, kept in plan.kept_expert_ffn.items():
+            for e in plan.kept_experts[i].tolist():
+                mask[i, e, kept[e] if kept.dim() == 2 else kept] = True
     else:
         kept_by_layer = plan.kept_shared_ffn if axis == "shared_expert_ffn" else getattr(
             plan, f"kept_{axis}")
@@ -87,6 +94,9 @@ def cuts(scores: Scores, plan: PrunePlan, axis: str) -> list[float]:
     elif axis == "heads":
         sets = [(values[i, h], mask[i, h]) for i in plan.kept_layers if i in plan.kept_groups
                 for h in (group_heads(plan.source, g) for g in plan.kept_groups[i].tolist())]
+    elif axis == "expert_channels":
+        sets = [(values[i, e], mask[i, e]) for i in plan.kept_layers
+                for e in plan.kept_experts[i].tolist()]
     else:
         sets = [(values[i], mask[i]) for i in plan.kept_layers]
     return [c for c in (_cut(v, k) for v, k in sets) if c is not None]
@@ -94,7 +104,7 @@ def cuts(scores: Scores, plan: PrunePlan, axis: str) -> list[float]:
 
 def _score_label(scores: Scores, axis: str) -> str:
     how = scores.meta.get("importance", "activation")
-    if how == "activation" and axis == "expert_ffn":  # its own aggregation (importance.moe)
+    if how == "activation" and axis in ("expert_ffn", "expert_channels"):  # importance.moe's
         return f"score: {_ACTIVATION[axis]}"
     if how == "activation":
         agg = (f"{scores.meta.get('seq_agg', 'mean')} over tokens, "
@@ -111,9 +121,17 @@ def score_figure(scores: Scores, plan: PrunePlan) -> Any:
     plt = _plt()
     fig, axs = plt.subplots(2, 2, figsize=(10, 7.5))
     units = MOE_UNITS if plan.source.is_moe else UNITS
+    if plan.moe_ffn_selection == "per_expert":
+        units = {("expert_channels" if a == "expert_ffn" else a): (
+            "expert channels, per expert" if a == "expert_ffn" else u) for a, u in units.items()}
     for ax, axis in zip(axs.flat, units):
         values, mask = getattr(scores, axis), kept_mask(scores, plan, axis)
-        if axis != "hidden":  # units of removed layers went with their layer
+        if axis == "expert_channels":  # kept experts of kept layers
+            keep = torch.zeros(values.shape[:2], dtype=torch.bool)
+            for i in plan.kept_layers:
+                keep[i, plan.kept_experts[i]] = True
+            values, mask = values[keep], mask[keep]
+        elif axis != "hidden":  # units of removed layers went with their layer
             values, mask = values[plan.kept_layers], mask[plan.kept_layers]
         values, mask = values.flatten().double(), mask.flatten()
         ax.hist([values[mask].numpy(), values[~mask].numpy()], bins=40, stacked=True,
@@ -124,7 +142,7 @@ def score_figure(scores: Scores, plan: PrunePlan) -> Any:
             ax.axvline(c[0], color="k", ls="--", lw=1, gid="cut", label=f"cut {c[0]:.3g}")
         elif c:
             t = torch.tensor(c)
-            per = "query group" if axis == "heads" else "layer"
+            per = {"heads": "query group", "expert_channels": "expert"}.get(axis, "layer")
             ax.axvspan(float(t.min()), float(t.max()), color="0.5", alpha=0.2, gid="cut-range",
                        label=f"{len(c)} cuts, one per {per}: {float(t.min()):.3g}-"
                        f"{float(t.max()):.3g}")

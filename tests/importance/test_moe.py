@@ -21,8 +21,8 @@ CFG = dict(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads
            moe_router_topk=2, moe_ffn_hidden_size=24, moe_shared_expert_intermediate_size=40,
            moe_shared_expert_gate=True)
 ZEROED, NEVER = 0, 2
-FIELDS = ("experts", "expert_mass", "expert_load", "expert_ffn", "shared_expert_ffn",
-          "heads", "groups", "hidden", "layers")
+FIELDS = ("experts", "expert_mass", "expert_load", "expert_ffn", "expert_channels",
+          "shared_expert_ffn", "heads", "groups", "hidden", "layers")
 
 
 def _plant(model) -> None:
@@ -42,10 +42,13 @@ def _reference(mlp, x: torch.Tensor) -> dict[str, torch.Tensor]:
     experts = mlp.experts.local_experts
     out = torch.stack([(w[:, e:e + 1] * (a @ ex.linear_fc2.weight.T)).norm(dim=-1)
                        for e, (a, ex) in enumerate(zip(acts, experts))], 1)
-    ffn = (sum((w[:, e:e + 1] * a).pow(2).sum(0) for e, a in enumerate(acts)) / len(h)).sqrt()
+    per_expert = torch.stack([(w[:, e:e + 1] * a).pow(2).sum(0) / len(h)
+                              for e, a in enumerate(acts)])
+    ffn = sum((w[:, e:e + 1] * a).pow(2).sum(0) for e, a in enumerate(acts)) / len(h)
     shared = swiglu(x, mlp.shared_experts.linear_fc1.weight).abs()
     return {"experts": out.mean(0), "expert_mass": w.mean(0),
-            "expert_load": (w > 0).float().mean(0), "expert_ffn": ffn,
+            "expert_load": (w > 0).float().mean(0), "expert_ffn": ffn.sqrt(),
+            "expert_channels": per_expert.sqrt(),
             "shared_expert_ffn": shared.mean(0).pow(2).sum(0).sqrt()}  # seq mean, batch l2
 
 
@@ -68,11 +71,14 @@ def _check_baselines(model, cfg) -> None:
         torch.testing.assert_close(got.experts[i], torch.stack(want), rtol=1e-5, atol=0)
         torch.testing.assert_close(got.expert_ffn[i], sum(neurons(e) for e in experts).float(),
                                    rtol=1e-5, atol=0)
+        torch.testing.assert_close(got.expert_channels[i],
+                                   torch.stack([neurons(e) for e in experts]).float(),
+                                   rtol=1e-5, atol=0)
         torch.testing.assert_close(got.shared_expert_ffn[i],
                                    neurons(layer.mlp.shared_experts).float(), rtol=1e-5, atol=0)
     rand = random_scores(cfg, seed=0)
-    assert (rand.experts.shape, rand.expert_ffn.shape, rand.shared_expert_ffn.shape) == (
-        (2, 5), (2, 24), (2, 40))
+    assert (rand.experts.shape, rand.expert_ffn.shape, rand.shared_expert_ffn.shape,
+            rand.expert_channels.shape) == ((2, 5), (2, 24), (2, 40), (2, 5, 24))
 
 
 def scores_job(out: str, tp: int, pp: int, ckpt: str) -> None:
@@ -142,6 +148,10 @@ def test_planted_experts_and_scores_equal_a_torch_recomputation(runs):
     experts, mass, load = got["experts"], got["expert_mass"], got["expert_load"]
     assert experts.shape == mass.shape == (2, 5) and got["expert_ffn"].shape == (2, 24)
     assert got["shared_expert_ffn"].shape == (2, 40)
+    assert got["expert_channels"].shape == (2, 5, 24)
+    assert (got["expert_channels"][:, NEVER] == 0).all()  # never routed: no activation
+    # the layer's channel score is the root of the experts' summed squares
+    torch.testing.assert_close(got["expert_channels"].pow(2).sum(1).sqrt(), got["expert_ffn"])
     assert (experts[:, ZEROED] == 0).all() and (mass[:, ZEROED] > 0.05).all()
     assert (mass[:, NEVER] == 0).all() and (load[:, NEVER] == 0).all()
     others = [e for e in range(5) if e not in (ZEROED, NEVER)]

@@ -51,6 +51,7 @@ def test_moe_scores_round_trip(tmp_path):
     s.expert_mass, s.expert_load = torch.rand(2, 4), torch.rand(2, 4)
     s.save(tmp_path / "moe.pt")
     got = Scores.load(tmp_path / "moe.pt")
-    for axis in ("experts", "expert_mass", "expert_load", "expert_ffn", "shared_expert_ffn"):
+    for axis in ("experts", "expert_mass", "expert_load", "expert_ffn", "expert_channels",
+                 "shared_expert_ffn"):
         assert getattr(s, axis) is not None and torch.equal(getattr(got, axis),
                                                              getattr(s, axis)), axis

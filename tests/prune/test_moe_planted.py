@@ -4,6 +4,9 @@ inert and whose planted expert (and shared-expert) channels are zero, go through
 -> ``prune`` (``target.num_moe_experts``, ``target.moe_ffn_hidden_size``, Qwen2-MoE also
 ``target.moe_shared_expert_intermediate_size``; Mixtral at TP=1, Qwen2-MoE at TP=2) ->
 ``export-hf``, and transformers gives the pruned export the unpruned model's logits (1e-5).
+Mixtral's zero channels differ from expert to expert and are pruned with
+``target.moe_ffn_selection=per_expert`` (a shared index set cannot remove them all); Qwen2-MoE's
+are the same in every expert and pruned with the default, one index set per layer.
 
 Inert experts: every layer's router rows are ``v, 0, -v, u, 0, -u``. Of ``v.h`` and ``-v.h``
 one is positive on every token, as is one of ``u.h`` and ``-u.h``, so the two zero rows (experts
@@ -25,7 +28,14 @@ from tests.dist import spawn
 from tests.interop.hfmodels import WORDS, hf_logits, save_hf_model, save_tokenizer, tokens
 
 INERT = [1, 4]
-DEAD = [5, 17, 30, 41]  # expert channels, zero in every expert of every layer
+DEAD = [5, 17, 30, 41]  # expert channels, zero in every expert of every layer (Qwen2-MoE)
+
+
+def dead(model: str, e: int) -> list[int]:
+    """Expert ``e``'s zero channels: ``DEAD``, shifted by expert in Mixtral (per expert)."""
+    return [(c + 7 * e) % MODELS[model][4] for c in DEAD] if model == "mixtral" else DEAD
+
+
 SHARED_DEAD = [3, 20, 50, 77]  # shared-expert channels (Qwen2-MoE)
 MODELS = {"mixtral": ("mixtral", {"num_local_experts": 6}, "block_sparse_moe.",
                       ("w1", "w3", "w2"), 128),
@@ -35,11 +45,13 @@ CALIB = ["calib.seq_length=16", "calib.num_samples=8", "calib.eval_samples=8",
          "calib.micro_batch_size=4", "target.hardware_multiple=1", "target.num_moe_experts=4"]
 
 
-def _plant(directory: Path, moe: str, names: tuple[str, str, str], shared: bool) -> None:
-    """Zero router rows of ``INERT``, zero ``DEAD`` channels (fc1 rows and fc2 columns) of
+def _plant(directory: Path, model: str) -> None:
+    """Zero router rows of ``INERT``, zero ``dead`` channels (fc1 rows and fc2 columns) of
     every expert and ``SHARED_DEAD`` of the shared expert, in the saved safetensors."""
     from safetensors.torch import load_file, save_file
 
+    _, _, moe, names, _ = MODELS[model]
+    shared = model == "qwen2_moe"
     path = directory / "model.safetensors"
     sd = load_file(path)
     g = torch.Generator().manual_seed(7)
@@ -47,14 +59,14 @@ def _plant(directory: Path, moe: str, names: tuple[str, str, str], shared: bool)
         p = f"model.layers.{i}.{moe}"
         v, u = torch.randn(2, 64, generator=g)
         sd[p + "gate.weight"] = torch.stack([v, torch.zeros(64), -v, u, torch.zeros(64), -u])
-        units = [(f"{p}experts.{e}.", names, DEAD) for e in range(6)]
+        units = [(f"{p}experts.{e}.", names, dead(model, e)) for e in range(6)]
         if shared:
             units.append((f"{p}shared_expert.", ("gate_proj", "up_proj", "down_proj"),
                           SHARED_DEAD))
-        for q, (gate, up, down), dead in units:
-            sd[f"{q}{gate}.weight"][dead] = 0
-            sd[f"{q}{up}.weight"][dead] = 0
-            sd[f"{q}{down}.weight"][:, dead] = 0
+        for q, (gate, up, down), zero in units:
+            sd[f"{q}{gate}.weight"][zero] = 0
+            sd[f"{q}{up}.weight"][zero] = 0
+            sd[f"{q}{down}.weight"][:, zero] = 0
     save_file(sd, path, metadata={"format": "pt"})
 
 
@@ -83,9 +95,11 @@ def runs(tmp_path_factory) -> Path:
     data = [f"data.path={r / 'corpus'}", f"data.tokenizer={r / 'tok'}"]
     for name, (arch, kw, moe, names, f) in MODELS.items():
         save_hf_model(r / f"hf_{name}", arch, tokenizer=False, **kw)
-        _plant(r / f"hf_{name}", moe, names, shared=arch == "qwen2_moe")
+        _plant(r / f"hf_{name}", name)
         _ok("import-hf", str(r / f"hf_{name}"), str(r / f"ck_{name}"))
         target = [f"target.moe_ffn_hidden_size={f - len(DEAD)}", *CALIB, *data]
+        if name == "mixtral":
+            target.append("target.moe_ffn_selection=per_expert")
         if arch == "qwen2_moe":
             target.append("target.moe_shared_expert_intermediate_size=76")
             spawn(cli_job, 2, ["prune", str(r / f"ck_{name}"), str(r / f"pruned_{name}_tp2"),
@@ -113,8 +127,13 @@ def test_planted_moe_units_are_found_and_removed_exactly(runs, name):
     s = Scores.load(runs / f"pruned_{name}" / "pruning" / "scores.pt")
     assert (s.expert_load[:, INERT] == 0).all() and (s.expert_mass[:, INERT] == 0).all()
     assert (s.experts[:, INERT] == 0).all() and (s.expert_load.sum(1) == 2).all()
-    live = [c for c in range(f) if c not in DEAD]
-    assert (s.expert_ffn[:, DEAD] == 0).all() and (s.expert_ffn[:, live] > 0).all()
+    for e in set(range(6)) - set(INERT):  # an inert expert sees no token: all its scores 0
+        live = [c for c in range(f) if c not in dead(model, e)]
+        assert (s.expert_channels[:, e, dead(model, e)] == 0).all()
+        assert (s.expert_channels[:, e, live] > 0).all()
+    if model == "qwen2_moe":  # the layer's one index set
+        live = [c for c in range(f) if c not in DEAD]
+        assert (s.expert_ffn[:, DEAD] == 0).all() and (s.expert_ffn[:, live] > 0).all()
     if model == "qwen2_moe":
         live = [c for c in range(80) if c not in SHARED_DEAD]
         assert (s.shared_expert_ffn[:, SHARED_DEAD] == 0).all()
