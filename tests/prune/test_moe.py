@@ -3,7 +3,9 @@ shared-expert channels, hidden, heads, layers): the pruned model's logits equal 
 model built at the pruned config and filled by hand from the source's weights in torch, at
 TP=1, and TP=2 and PP=2 give the TP=1 logits. The plan keeps the experts the scores rank best:
 a planted expert with zero output is removed by output norm (it has routing mass), a planted
-never-routed expert by output norm and by routing mass."""
+never-routed expert by output norm and by routing mass. Each expert also has its own zero
+channels: ``target.moe_ffn_selection=per_expert`` removes exactly those (the source's logits,
+1e-5, also under TP=2 and PP=2), one index set per layer cannot."""
 
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ TARGET = dict(num_moe_experts=3, moe_ffn_hidden_size=16, moe_shared_expert_inter
 ZEROED, NEVER = 0, 2  # an expert with zero output, an expert the router never picks
 
 
+def dead(e: int) -> list[int]:
+    """Expert ``e``'s 8 zero channels (of 24): another set in every expert."""
+    return sorted((3 + 5 * e + 3 * k) % 24 for k in range(8))
+
+
+
 def _tokens() -> torch.Tensor:
     return torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
 
@@ -37,6 +45,9 @@ def _plant(model) -> None:
             v, u = torch.randn(2, 32, generator=g)
             layer.mlp.router.weight.copy_(torch.stack([v, -v, torch.zeros(32), u, -u]))
             layer.mlp.experts.local_experts[ZEROED].linear_fc2.weight.zero_()
+            for e, expert in enumerate(layer.mlp.experts.local_experts):
+                fc1 = expert.linear_fc1.weight.view(2, 24, 32)  # [gate; up] rows
+                fc1[:, dead(e)] = 0  # no activation, no output
 
 
 def _by_hand(full: dict[str, torch.Tensor], plan) -> dict[str, torch.Tensor]:
@@ -104,11 +115,18 @@ def prune_job(out: str, tp: int, pp: int, ckpt: str) -> None:
     plan = nm.make_plan(cfg, scores, nm.Target(**TARGET), tp, pp)
     pruned = nm.prune(model, plan)
     result = {"logits": forward_logits(pruned, _tokens())}
+    per_expert = nm.make_plan(cfg, scores, nm.Target(moe_ffn_hidden_size=16, hardware_multiple=1,
+                                                     moe_ffn_selection="per_expert"), tp, pp)
+    result["per_expert"] = forward_logits(nm.prune(model, per_expert), _tokens())
     if first:
         by_mass = nm.make_plan(cfg, scores, nm.Target(**TARGET, expert_metric="router_mass"))
         reference = build_model(plan.config)
         load_full_state_dict(reference, _by_hand(gather_full_state_dict(model), plan),
                              plan.config)
+        shared = nm.make_plan(cfg, scores, nm.Target(moe_ffn_hidden_size=16,
+                                                     hardware_multiple=1))
+        result |= {"shared": forward_logits(nm.prune(model, shared), _tokens()),
+                   "per_expert_plan": per_expert}
         result |= {"plan": plan, "by_mass": by_mass, "scores": scores,
                    "reference": forward_logits(reference, _tokens()),
                    "source": forward_logits(model, _tokens()),
@@ -151,3 +169,19 @@ def test_moe_prune_under_tp2_and_pp2_equals_tp1(runs, layout):
     ref = torch.load(runs / "tp1.pt", weights_only=False)["logits"]
     torch.testing.assert_close(torch.load(runs / f"{layout}.pt")["logits"], ref, atol=1e-5,
                                rtol=0)
+
+
+@pytest.mark.dist
+def test_per_expert_channels_remove_each_experts_own_zero_channels(runs):
+    r = torch.load(runs / "tp1.pt", weights_only=False)
+    plan = r["per_expert_plan"]
+    for i in range(4):
+        kept = plan.kept_expert_ffn[i]
+        assert kept.shape == (5, 16)
+        for e in set(range(5)) - {NEVER}:  # a never-routed expert's channels all score 0
+            assert not set(kept[e].tolist()) & set(dead(e)), (i, e)
+    torch.testing.assert_close(r["per_expert"], r["source"], atol=1e-5, rtol=0)
+    assert (r["shared"] - r["source"]).abs().max() > 1e-3  # one set per layer cannot
+    for layout in ("tp2", "pp2"):
+        torch.testing.assert_close(torch.load(runs / f"{layout}.pt")["per_expert"],
+                                   r["per_expert"], atol=1e-5, rtol=0)

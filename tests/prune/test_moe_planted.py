@@ -93,7 +93,7 @@ def runs(tmp_path_factory) -> Path:
             for _ in range(40)]
     write_indexed_dataset(docs, load_tokenizer(r / "tok"), r / "corpus", progress=False)
     data = [f"data.path={r / 'corpus'}", f"data.tokenizer={r / 'tok'}"]
-    for name, (arch, kw, moe, names, f) in MODELS.items():
+    for name, (arch, kw, _, _, f) in MODELS.items():
         save_hf_model(r / f"hf_{name}", arch, tokenizer=False, **kw)
         _plant(r / f"hf_{name}", name)
         _ok("import-hf", str(r / f"hf_{name}"), str(r / f"ck_{name}"))
