@@ -8,7 +8,10 @@ softmax then top-k, renormalised only with ``norm_topk_prob`` (else Megatron's
 ``mlp.experts.E.gate_proj``/``up_proj``/``down_proj``. ``Qwen3MoeForCausalLM``: Qwen2-MoE's
 experts and router without the shared expert and the QKV bias, with a norm of each query and
 key head (``model.qk_layernorm``). transformers 5 fuses the experts in memory
-(``experts.gate_up_proj`` [E, 2F, H]) but writes and reads these per-expert names on disk.
+(``experts.gate_up_proj`` [E, 2F, H]) and by default writes these per-expert names on disk,
+which export writes too. Import also reads the fused tensors transformers 5 writes with
+``save_pretrained(save_original_format=False)`` (``fused_expert_parts``): each per-expert name
+is then a slice of one stored tensor, read alone.
 """
 
 from __future__ import annotations
@@ -103,6 +106,41 @@ def _names(cfg: ModelConfig, p: str) -> tuple[str, Callable[[int], tuple[str, st
     q = p + "mlp."
     return q + "gate.weight", lambda e: tuple(  # type: ignore[return-value]
         f"{q}experts.{e}.{w}_proj.weight" for w in ("gate", "up", "down"))
+
+
+def fused_expert_parts(cfg: ModelConfig, stored: Any
+                       ) -> dict[str, tuple[str, tuple[int | slice, ...] | None]]:
+    """Per-expert HF name -> ``(stored name, index into it)`` for the layers whose experts
+    ``stored`` (names in the checkpoint) holds fused, as transformers 5 writes them with
+    ``save_original_format=False``: ``mlp.experts.gate_up_proj [E, 2F, H]`` (each expert's gate
+    rows, then its up rows) and ``mlp.experts.down_proj [E, H, F]``; Mixtral's router is then
+    ``mlp.gate`` (``block_sparse_moe.gate`` on the original names). Index None: all of it."""
+    f = cfg.expert_ffn_hidden_size
+    parts: dict[str, tuple[str, tuple[int | slice, ...] | None]] = {}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        gate_up, down = p + "mlp.experts.gate_up_proj", p + "mlp.experts.down_proj"
+        if gate_up not in stored and down not in stored:
+            continue
+        router, expert = _names(cfg, p)
+        for e in range(cfg.num_moe_experts or 0):
+            gate, up, out = expert(e)
+            parts |= {gate: (gate_up, (e, slice(0, f))), up: (gate_up, (e, slice(f, 2 * f))),
+                      out: (down, (e,))}
+        if router not in stored and p + "mlp.gate.weight" in stored:
+            parts[router] = (p + "mlp.gate.weight", None)
+    return parts
+
+
+def fused_expert_shapes(cfg: ModelConfig, parts: dict[str, tuple[str, Any]]
+                        ) -> dict[str, tuple[int, ...]]:
+    """The shapes the stored tensors of ``parts`` (``fused_expert_parts``) must have."""
+    h, f, e = cfg.hidden_size, cfg.expert_ffn_hidden_size, cfg.num_moe_experts or 0
+    want = {}
+    for stored, _ in parts.values():
+        want[stored] = (e, 2 * f, h) if stored.endswith("gate_up_proj") else \
+            (e, h, f) if stored.endswith("down_proj") else (e, h)
+    return want
 
 
 def _shared(p: str) -> tuple[str, str, str, str]:

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig
-from nemo_minitron.interop.hf_moe import expected_moe_shapes, hf_moe_views, megatron_moe_tensor
+from nemo_minitron.interop.hf_moe import (
+    expected_moe_shapes,
+    fused_expert_parts,
+    fused_expert_shapes,
+    hf_moe_views,
+    megatron_moe_tensor,
+)
 from nemo_minitron.model.layouts import (
     fc1_views,
     join_fc1,
@@ -113,39 +119,63 @@ class HFTensors:
         missing = sorted({str(f) for f in self.files.values() if not f.is_file()})
         if missing:
             raise ConfigError(f"shard {missing[0]} named in the index is missing")
+        self.parts: dict[str, tuple[str, tuple[int | slice, ...] | None]] = {}
+        """Names read as slices of a stored tensor (fused MoE experts, set by ``check``)."""
+
+    def _stored(self, name: str) -> tuple[str, Path, tuple[int | slice, ...] | None]:
+        real, index = self.parts.get(name, (name, None))
+        return real, self.files[real], index
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with _open(self.files[name]) as f:
-            return tuple(f.get_slice(name).get_shape())
+        real, path, index = self._stored(name)
+        with _open(path) as f:
+            shape = tuple(f.get_slice(real).get_shape())
+        # the shape of the slice, computed on a tensor without data
+        return shape if index is None else tuple(torch.empty(shape, device="meta")[index].shape)
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype tag (``F32``, ``BF16``, ``BOOL``, ``I32``, ...)."""
-        with _open(self.files[name]) as f:
-            return str(f.get_slice(name).get_dtype())
+        real, path, _ = self._stored(name)
+        with _open(path) as f:
+            return str(f.get_slice(real).get_dtype())
 
     def get(self, name: str) -> torch.Tensor:
-        with _open(self.files[name]) as f:
-            t = f.get_tensor(name)
+        real, path, index = self._stored(name)
+        with _open(path) as f:
+            t = f.get_tensor(real) if index is None else f.get_slice(real)[index]
         if not torch.isfinite(t).all():
             what = "NaN" if torch.isnan(t).any() else "Inf"
-            raise ConfigError(f"tensor {name!r} in {self.files[name]} holds {what} values")
+            raise ConfigError(f"tensor {name!r} in {path} holds {what} values")
         return t
 
     def check(self, cfg: ModelConfig) -> None:
-        """Every tensor ``cfg`` needs is there with its shape, and nothing else."""
+        """Every tensor ``cfg`` needs is there with its shape, and nothing else (experts stored
+        fused are read as their per-expert slices: ``hf_moe.fused_expert_parts``)."""
         want = expected_hf_shapes(cfg)
+        fused: dict[str, tuple[int, ...]] = {}
+        if cfg.is_moe:
+            self.parts = fused_expert_parts(cfg, self.files)
+            fused = fused_expert_shapes(cfg, self.parts)
+            for name, shape in fused.items():
+                if name not in self.files:
+                    raise ConfigError(f"checkpoint lacks tensor {name!r} (its experts are "
+                                      f"stored fused)")
+                if self.shape(name) != shape:
+                    raise ConfigError(f"tensor {name!r} has shape {list(self.shape(name))}, "
+                                      f"config.json implies {list(shape)}")
         for name, shape in want.items():
-            if name not in self.files:
+            if name not in self.files and name not in self.parts:
                 raise ConfigError(f"checkpoint lacks tensor {name!r}")
             have = self.shape(name)
             dtype = self.dtype(name)
             if dtype not in _FLOAT_DTYPES:
-                raise ConfigError(f"tensor {name!r} in {self.files[name]} has dtype {dtype}; "
+                raise ConfigError(f"tensor {name!r} in {self._stored(name)[1]} has dtype {dtype}; "
                                   f"weights must be floating point ({', '.join(_FLOAT_DTYPES)})")
             if have != shape:
                 raise ConfigError(f"tensor {name!r} has shape {list(have)}, config.json implies "
                                   f"{list(shape)}")
-        extra = [k for k in self.files if k not in want and not k.endswith("rotary_emb.inv_freq")
+        extra = [k for k in self.files if k not in want and k not in fused
+                 and not k.endswith("rotary_emb.inv_freq")
                  and not (k == "lm_head.weight" and cfg.share_embeddings_and_output_weights)]
         if extra:
             raise ConfigError(f"checkpoint holds tensor {extra[0]!r} that the config does not "

@@ -36,10 +36,11 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def save_hf_model(directory: str | Path, arch: str = "llama", seed: int = 0,
-                  tokenizer: bool = True, max_shard_size: str = "50GB", **overrides) -> Path:
+                  tokenizer: bool = True, max_shard_size: str = "50GB",
+                  original_format: bool = True, **overrides) -> Path:
     """Save a tiny ``arch`` (llama, mistral, qwen2; mixtral, qwen2_moe, qwen3_moe: 4 experts,
-    top-2)
-    causal LM and return its directory."""
+    top-2) causal LM and return its directory. ``original_format=False``: MoE experts stored
+    fused, as transformers 5 writes them with ``save_original_format=False``."""
     import transformers as tf
 
     kw = dict(SMALL, vocab_size=VOCAB, tie_word_embeddings=False,
@@ -62,7 +63,8 @@ def save_hf_model(directory: str | Path, arch: str = "llama", seed: int = 0,
                           "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM)}[arch]
     model = cls_model(cls_cfg(**kw))
     randomize(model, seed)
-    model.save_pretrained(str(directory), max_shard_size=max_shard_size)
+    model.save_pretrained(str(directory), max_shard_size=max_shard_size,
+                          save_original_format=original_format)
     if tokenizer:
         save_tokenizer(directory)
     return Path(directory)

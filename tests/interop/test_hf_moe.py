@@ -3,7 +3,9 @@ and Qwen3-MoE models (4 experts, top-2; Qwen2-MoE with its gated shared expert a
 with and without ``norm_topk_prob``; Qwen3-MoE with its query/key norms, head_dim 32 != hidden /
 heads) give our model transformers' logits after import (fp32, 1e-5),
 also imported under PP=2 and under TP=2; the exported directory loads with
-``from_pretrained`` and gives our logits back."""
+``from_pretrained`` and gives our logits back. A Mixtral and the Qwen3-MoE are saved with their
+experts fused (``save_original_format=False``: ``experts.gate_up_proj``, ``down_proj``, and
+Mixtral's router as ``mlp.gate``), which import reads as well."""
 
 from __future__ import annotations
 
@@ -21,9 +23,13 @@ ATOL = 1e-5
 # The two Qwen2-MoE models share their weights (seed) and differ in the router's normalisation.
 MODELS = {"mixtral": ("mixtral", {"seed": 0}), "qwen2_moe": ("qwen2_moe", {"seed": 1}),
           "qwen2_moe_norm": ("qwen2_moe", {"seed": 1, "norm_topk_prob": True}),
-          "qwen3_moe": ("qwen3_moe", {"seed": 2, "norm_topk_prob": True, "head_dim": 32})}
+          "qwen3_moe": ("qwen3_moe", {"seed": 2, "norm_topk_prob": True, "head_dim": 32,
+                                      "original_format": False}),
+          "mixtral_fused": ("mixtral", {"seed": 3, "original_format": False})}
 ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-        "qwen2_moe_norm": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+        "qwen2_moe_norm": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+        "mixtral_fused": "MixtralForCausalLM"}
+FUSED = ("qwen3_moe", "mixtral_fused")
 
 
 def _logits(ckpt: Path):
@@ -96,3 +102,33 @@ def test_norm_topk_prob_changes_the_model(runs):
     a = hf_logits(runs / "hf_qwen2_moe", tokens())
     b = hf_logits(runs / "hf_qwen2_moe_norm", tokens())
     assert (a - b).abs().max() > 1e-3
+
+
+def test_fused_experts_are_stored_fused_and_checked(runs, tmp_path):
+    """The fused directories really hold fused experts (the import test above reads them), and
+    a fused tensor missing or of the wrong shape is a one-line error naming it."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from nemo_minitron.config import ConfigError
+    from nemo_minitron.interop.hf_import import inspect_hf
+
+    for name in FUSED:
+        with safe_open(runs / f"hf_{name}" / "model.safetensors", "pt") as f:
+            keys = set(f.keys())
+        assert "model.layers.0.mlp.experts.gate_up_proj" in keys
+        assert not any(".experts.0." in k for k in keys)
+    bad = tmp_path / "bad"
+    shutil.copytree(runs / "hf_mixtral_fused", bad)
+    sd = load_file(bad / "model.safetensors")
+    key = "model.layers.1.mlp.experts.down_proj"
+    sd[key] = sd[key][:, :, :-1].contiguous()
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=f"tensor '{key}' has shape"):
+        inspect_hf(bad)
+    del sd[key]
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=f"lacks tensor '{key}'"):
+        inspect_hf(bad)
