@@ -63,9 +63,6 @@ class ImportanceEstimator:
                               "(build_model's default): its statistics are over whole "
                               "sequences")
         moe = self.cfg.num_moe_experts is not None
-        if moe and ps.get_expert_model_parallel_world_size() > 1:
-            raise ConfigError("importance of an MoE model under parallel."
-                              "expert_model_parallel_size > 1 is not supported (EP=1 only)")
         self.moe = [ExpertStats(layer.mlp, agg) for layer in self.layers] if moe else []
         self.ffn = [] if moe else [agg(layer.mlp.linear_fc2.weight.shape[1])
                                    for layer in self.layers]
@@ -95,7 +92,8 @@ class ImportanceEstimator:
         from megatron.core import parallel_state as ps
 
         for stats, layer in zip(self.moe, self.layers):
-            self._handles += stats.hooks(layer.mlp, ps.get_tensor_model_parallel_group())
+            # An expert's linears are split over the expert-tensor-parallel group.
+            self._handles += stats.hooks(layer.mlp, ps.get_expert_tensor_parallel_group())
         for i, layer in enumerate(self.layers):
             if not self.moe:
                 self._handles.append(
@@ -228,11 +226,12 @@ class ImportanceEstimator:
             stats = _gather_cat(torch.stack([r[0] for r in per_layer]), pp, dim=0)
             moe = dict(zip(("experts", "expert_mass", "expert_load"), stats.unbind(1)))
             shared = self.moe[0].shared is not None
-            for i, name in ((1, "expert_ffn"), (3, "expert_channels"), (2, "shared_expert_ffn")
-                            )[:2 + shared]:
-                # channels last: concatenated over TP; layers first: over PP
+            etp = ps.get_expert_tensor_parallel_group()  # the experts' (the shared one: TP)
+            for i, name, group in ((1, "expert_ffn", etp), (3, "expert_channels", etp),
+                                   (2, "shared_expert_ffn", tp))[:2 + shared]:
+                # channels last: concatenated over (expert) TP; layers first: over PP
                 moe[name] = _gather_cat(_gather_cat(torch.stack([r[i] for r in per_layer]),
-                                                    tp, dim=-1), pp, dim=0)
+                                                    group, dim=-1), pp, dim=0)
         else:
             ffn = _gather_cat(torch.stack([a.result() for a in self.ffn]), tp, dim=1)
             ffn = _gather_cat(ffn, pp, dim=0)

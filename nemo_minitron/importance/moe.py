@@ -21,7 +21,12 @@ TP ranks' tokens, copies of each other without sequence parallelism: hence means
 stream's tokens) with a shard of the channels; its output is a partial sum, so the norms are
 taken after an all-reduce over TP (in the hook: every TP rank runs every expert, also with no
 tokens). ``finalize`` then sums over DP, concatenates channels over TP and layers over PP.
-Expert parallelism is not supported (every expert is local).
+
+Under expert parallelism (EP) a rank holds ``num_moe_experts / EP`` experts, and the dispatcher
+brings them the tokens of every rank of its EP group routed to them. Their sums are therefore
+summed only over the ranks that hold the same experts (megatron-core's expert-data-parallel
+group) and concatenated over the EP group in its rank order (EP rank ``r`` holds experts
+``r * E / EP ...``); the shared expert runs on each rank's own tokens, summed over DP.
 """
 
 from __future__ import annotations
@@ -79,15 +84,24 @@ class ExpertStats:
         return hook
 
     def all_reduce(self, group: Any) -> None:
-        """Sum the running state over ``group`` (data-parallel ranks)."""
+        """Sum the running state over ``group`` (data-parallel ranks); under expert parallelism
+        the experts' over the ranks holding the same experts, then gathered over EP (module
+        docstring): every rank ends with every expert's."""
+        from megatron.core import parallel_state as ps
+
         if self.shared is not None:
             self.shared.all_reduce(group)
-        if dist.get_world_size(group) == 1:
-            return
-        packed = torch.cat([self.sums.flatten(), self.ffn.flatten()])
-        dist.all_reduce(packed, group=group)
-        self.sums = packed[:self.sums.numel()].view_as(self.sums)
-        self.ffn = packed[self.sums.numel():].view_as(self.ffn)
+        ep_group = ps.get_expert_model_parallel_group()
+        ep = dist.get_world_size(ep_group)
+        same_experts = ps.get_expert_data_parallel_group() if ep > 1 else group
+        if dist.get_world_size(same_experts) > 1:
+            packed = torch.cat([self.sums.flatten(), self.ffn.flatten()])
+            dist.all_reduce(packed, group=same_experts)
+            self.sums = packed[:self.sums.numel()].view_as(self.sums)
+            self.ffn = packed[self.sums.numel():].view_as(self.ffn)
+        if ep > 1:
+            self.sums = _gather_experts(self.sums, ep_group, dim=1)
+            self.ffn = _gather_experts(self.ffn, ep_group, dim=0)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[3, experts]`` (output norm, mass, load: means over tokens), ``[channels]`` (the
@@ -97,3 +111,10 @@ class ExpertStats:
         shared = self.shared.result() if self.shared is not None else torch.zeros(0)
         return ((self.sums / tokens).float(), (self.ffn.sum(0) / tokens).sqrt().float(), shared,
                 (self.ffn / tokens).sqrt().float())
+
+
+def _gather_experts(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
+    """``x`` of every rank of the EP ``group``, concatenated along the experts' ``dim``."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)

@@ -53,18 +53,21 @@ def _tied(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "share_embeddings_and_output_weights", False))
 
 
-def gather_tp(p: torch.Tensor, name: str, gated: bool) -> torch.Tensor:
+def gather_tp(p: torch.Tensor, name: str, gated: bool, expert: bool = False) -> torch.Tensor:
     """The full (TP=1) tensor of this rank's parameter ``p`` (state-dict key or layer-local
-    ``name``): a collective over the tensor-parallel group for a tensor-parallel parameter, the
-    parameter itself (no copy) otherwise."""
+    ``name``): a collective over the tensor-parallel group (``expert``: the
+    expert-tensor-parallel group of a routed expert's tensor) for a tensor-parallel parameter,
+    the parameter itself (no copy) otherwise."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    tp = ps.get_tensor_model_parallel_world_size()
+    tp = (ps.get_expert_tensor_parallel_world_size() if expert
+          else ps.get_tensor_model_parallel_world_size())
     t = p.detach()
     if tp == 1 or not getattr(p, "tensor_model_parallel", False):
         return t
-    group = ps.get_tensor_model_parallel_group()
+    group = (ps.get_expert_tensor_parallel_group() if expert
+             else ps.get_tensor_model_parallel_group())
     if p.partition_dim == 0:
         # Gathered in place into the full tensor (no second full-size copy): its row blocks
         # are contiguous; a SwiGLU fc1 is gathered half by half ([gate_r; up_r] per rank).

@@ -175,6 +175,20 @@ def is_fc1(name: str) -> bool:
     return name.endswith(_ANY_FC1)
 
 
+EXPERT_PREFIX = "mlp.experts.local_experts."
+"""Layer-local prefix of a routed expert's tensors (megatron-core's ``SequentialMLP``): the
+index after it is the expert's local index on its expert-parallel rank."""
+
+
+def split_expert(name: str) -> tuple[int, str] | None:
+    """``(expert index, name within the expert)`` of a routed expert's layer-local tensor
+    ``name``; None for any other tensor."""
+    if not name.startswith(EXPERT_PREFIX):
+        return None
+    e, _, rest = name[len(EXPERT_PREFIX):].partition(".")
+    return int(e), rest
+
+
 def fc1_rows(cfg: ModelConfig, neurons: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """Rows of ``linear_fc1`` feeding the given MLP neurons (both halves under SwiGLU) of an
     MLP of ``size`` neurons (None: the dense ``ffn_hidden_size``; an expert's is another)."""

@@ -103,30 +103,46 @@ def weight_shape(cfg: ModelConfig) -> dict[str, Any]:
                 "moe_shared_expert_gate": cfg.moe_shared_expert_gate} if cfg.is_moe else {})}
 
 
-def weights_fingerprint(model) -> list[float]:
-    """``[sum |w|, sum w^2]`` over the whole model, the same under every TP/PP/DP layout (a
-    TP-replicated tensor counts once; a tied output layer is the embedding). Tells whether saved
-    importance scores or a teacher cache were computed on these weights (``same_weights``)."""
+def model_sum(tensors: Any, value: Any, size: int, tied: bool = False) -> Any:
+    """``sum of value(tensor)`` (a float64 vector of ``size``) over ``tensors`` (``(key,
+    tensor)`` of this rank's stage) summed over the whole model: a TP-replicated tensor once, a
+    tied output layer not at all (it is the embedding), every pipeline stage, and an
+    expert-parallel tensor (megatron-core marks it ``allreduce=False``) of every EP rank.
+    Collective over the model-parallel and expert-parallel groups."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     tp_rank = ps.get_tensor_model_parallel_rank()
-    tied = getattr(model, "share_embeddings_and_output_weights", False)
-    acc = torch.zeros(2, dtype=torch.float64)
-    for key, p in model.state_dict(keep_vars=True).items():
+    acc = torch.zeros(2, size, dtype=torch.float64)  # [dense, expert-parallel]
+    for key, p in tensors:
         if key.endswith("_extra_state") or (tied and key == "output_layer.weight"):
             continue
         if tp_rank and not getattr(p, "tensor_model_parallel", False):
             continue
+        acc[0 if getattr(p, "allreduce", True) else 1] += value(p)
+    if dist.is_initialized() and dist.get_world_size(ps.get_model_parallel_group()) > 1:
+        dist.all_reduce(acc, group=ps.get_model_parallel_group())
+    if dist.is_initialized() and ps.get_expert_model_parallel_world_size() > 1:
+        dist.all_reduce(acc[1], group=ps.get_expert_model_parallel_group())
+    return acc.sum(0)
+
+
+def weights_fingerprint(model) -> list[float]:
+    """``[sum |w|, sum w^2]`` over the whole model, the same under every TP/PP/EP/DP layout
+    (``model_sum``). Tells whether saved importance scores or a teacher cache were computed on
+    these weights (``same_weights``)."""
+    import torch
+
+    def norms(p: Any) -> Any:
         # Reduced in float64 on the weights' device (no float64 copy sent to the host).
         w = p.detach().reshape(-1)
         w = w if w.is_floating_point() else w.double()  # vector_norm takes floats only
-        acc += torch.stack([torch.linalg.vector_norm(w, 1, dtype=torch.float64),
+        return torch.stack([torch.linalg.vector_norm(w, 1, dtype=torch.float64),
                             torch.linalg.vector_norm(w, 2, dtype=torch.float64).square()]).cpu()
-    if dist.is_initialized() and dist.get_world_size(ps.get_model_parallel_group()) > 1:
-        dist.all_reduce(acc, group=ps.get_model_parallel_group())
-    return acc.tolist()
+
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
+    return model_sum(model.state_dict(keep_vars=True).items(), norms, 2, tied).tolist()
 
 
 def same_weights(have: list[float], want: list[float]) -> bool:

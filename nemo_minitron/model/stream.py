@@ -9,6 +9,12 @@ the new layer lives on another stage, each such rank sends its shards to the ran
 TP (and DP) rank on that stage, point to point. Which stage holds which layer is exchanged
 first (a list of ints per stage), so any pipeline split megatron-core computes is followed.
 
+Under expert parallelism (EP; PP=1) a rank holds some of each MoE layer's experts (local index
+``l`` on EP rank ``r`` is global expert ``r * E_local + l``), and a kept expert may live on
+another EP rank in the new model. Each expert tensor is then gathered over the EP group, one
+local index and name at a time, so every rank sees that tensor of every expert once; ``fn`` and
+``rename`` see global expert names, and each rank keeps the new experts it holds.
+
 Tensors outside the layers (embeddings, output layer, final norm) stay on their stage; their
 transform works on this rank's shard directly (pruning slices only the hidden dimension, which
 no vocab-parallel weight is split along).
@@ -85,6 +91,10 @@ def stream_layers(old: torch.nn.Module, new: torch.nn.Module, sources: list[int]
 
     tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     stage = ps.get_pipeline_model_parallel_rank()
+    ep = ps.get_expert_model_parallel_world_size()
+    if ep > 1 and ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ConfigError("streaming layers under expert and pipeline parallelism together is "
+                          "not supported")
     pp_ranks = (dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
                 if ps.get_pipeline_model_parallel_world_size() > 1 else [dist.get_rank()])
     old_stages, new_stages = _stage_layers(old), _stage_layers(new)
@@ -97,9 +107,10 @@ def stream_layers(old: torch.nn.Module, new: torch.nn.Module, sources: list[int]
             # One tensor at a time: the transform's rules are per weight, so at most one full
             # tensor (and its slice) is held beside the shards.
             params = _params(old_layers[s])
+            experts = {o for o in params if layouts.split_expert(o)} if ep > 1 else set()
             # In the new names' order: the order in which the receiving stage reads them.
-            names = sorted((n, o) for o in params
-                           if (n := o if rename is None else rename(o, s)) is not None)
+            names = sorted((n, o) for o in params if o not in experts
+                           and (n := o if rename is None else rename(o, s)) is not None)
             for new_name, name in names:
                 p = params[name]
                 full = gather_tp(p, name, gated)
@@ -112,8 +123,46 @@ def stream_layers(old: torch.nn.Module, new: torch.nn.Module, sources: list[int]
                 else:
                     dist.send(shard.to(wire).contiguous(), dst=pp_ranks[dst])
                 del shard
+            if experts:  # PP=1 under EP (prune.apply): this stage is the new layer's
+                _stream_experts(params, sorted(experts), _params(new_layers[j]), s, fn, rename,
+                                new_cfg, gated, layouts.layer_key(j, ""))
         elif stage == dst:
             for param in _params(new_layers[j]).values():
                 buf = torch.empty(param.shape, dtype=wire, device=param.device)
                 dist.recv(buf, src=pp_ranks[src])
                 _copy(param, buf, "")
+
+
+def _stream_experts(params: dict[str, torch.nn.Parameter], names: list[str],
+                    new_params: dict[str, torch.nn.Parameter], layer: int, fn: LayerFn,
+                    rename: Rename | None, new_cfg: ModelConfig, gated: bool, where: str) -> None:
+    """Fill the new layer's experts on this EP rank from every EP rank's old ones (module
+    docstring): ``names`` are this rank's old expert tensors, the same local names on every EP
+    rank of the group."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_expert_model_parallel_group()
+    ep, ep_rank = dist.get_world_size(group), ps.get_expert_model_parallel_rank()
+    tp_rank = ps.get_expert_tensor_parallel_rank()
+    tp = ps.get_expert_tensor_parallel_world_size()
+    old_local = len({layouts.split_expert(n)[0] for n in names})  # type: ignore[index]
+    new_local = len({x[0] for n in new_params if (x := layouts.split_expert(n))})
+    for name in names:
+        local, rest = layouts.split_expert(name)  # type: ignore[misc]
+        p = params[name]
+        full = gather_tp(p, name, gated, expert=True)
+        every = [torch.empty_like(full) for _ in range(ep)]
+        dist.all_gather(every, full.contiguous(), group=group)
+        del full
+        for r, t in enumerate(every):
+            old = f"{layouts.EXPERT_PREFIX}{r * old_local + local}.{rest}"
+            new = old if rename is None else rename(old, layer)
+            if new is None:
+                continue
+            e, _ = layouts.split_expert(new)  # type: ignore[misc]
+            if e // new_local != ep_rank:
+                continue  # another EP rank holds it in the new model
+            mine = f"{layouts.EXPERT_PREFIX}{e % new_local}.{rest}"
+            shard = tp_slice(fn({old: t}, layer)[old], p, mine, new_cfg, tp_rank, tp)
+            _copy(new_params[mine], shard, where + mine)

@@ -29,7 +29,12 @@ import torch
 from nemo_minitron.config import ConfigError
 from nemo_minitron.model import layouts
 from nemo_minitron.model.build import unwrap
-from nemo_minitron.model.params import count_params, same_weights, weights_fingerprint
+from nemo_minitron.model.params import (
+    count_params,
+    model_sum,
+    same_weights,
+    weights_fingerprint,
+)
 from nemo_minitron.model.rebuild import Build, rebuild, replace_config
 from nemo_minitron.model.stream import fill_others, stream_layers
 from nemo_minitron.prune import moe
@@ -176,9 +181,10 @@ def _check_plan(model: torch.nn.Module, plan: PrunePlan) -> None:
             raise ConfigError(f"the plan was made for another model: plan.source.{name}={want}, "
                               f"the model's TransformerConfig.{name}={have}")
     ep = ps.get_expert_model_parallel_world_size()
-    if ep > 1:  # kept experts would move between the EP ranks that hold them
+    if ep > 1 and ps.get_pipeline_model_parallel_world_size() > 1:
         raise ConfigError(f"pruning under expert parallelism (expert_model_parallel_size={ep}) "
-                          f"is not supported: prune at EP=1 (the checkpoint loads under any EP)")
+                          f"together with pipeline parallelism is not supported: prune at PP=1 "
+                          f"or EP=1 (the checkpoint loads under any layout)")
     c = plan.config
     # The target's rules, against the layout the model actually has.
     validate_target(src, Target(layer_shapes=c.layer_shapes) if c.is_heterogeneous else
@@ -188,7 +194,7 @@ def _check_plan(model: torch.nn.Module, plan: PrunePlan) -> None:
                            num_query_groups=c.query_groups, hardware_multiple=1,
                            **_moe_sizes(c)),
                     ps.get_tensor_model_parallel_world_size(),
-                    ps.get_pipeline_model_parallel_world_size())
+                    ps.get_pipeline_model_parallel_world_size(), ep)
     have, want = _count(model), count_params(src)
     if have != want:  # e.g. a user's GPTModel with learned positions, described as RoPE
         raise ConfigError(f"the model holds {have} parameters, the plan's source config "
@@ -213,20 +219,11 @@ def _moe_sizes(cfg: Any) -> dict[str, int | None]:
 
 
 def _count(model: torch.nn.Module) -> int:
-    """Parameters of the whole model over every TP/PP rank (each tensor once)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    tp_rank = ps.get_tensor_model_parallel_rank()
+    """Parameters of the whole model over every TP/PP/EP rank (each tensor once)."""
     tied = getattr(model, "share_embeddings_and_output_weights", False)
-    n = sum(p.numel() for k, p in model.named_parameters()
-            if (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
-            and not (tied and k == "output_layer.weight"))
-    if dist.is_initialized() and dist.get_world_size(ps.get_model_parallel_group()) > 1:
-        t = torch.tensor([n], dtype=torch.int64)
-        dist.all_reduce(t, group=ps.get_model_parallel_group())
-        n = int(t.item())
-    return n
+    total = model_sum(model.named_parameters(),
+                      lambda p: torch.tensor([float(p.numel())], dtype=torch.float64), 1, tied)
+    return int(total.item())
 
 
 def prune_model(model: torch.nn.Module, plan: PrunePlan, *,

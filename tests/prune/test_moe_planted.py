@@ -2,7 +2,7 @@
 and a Qwen2-MoE built with transformers itself (6 experts, top-2), whose planted experts are
 inert and whose planted expert (and shared-expert) channels are zero, go through ``import-hf``
 -> ``prune`` (``target.num_moe_experts``, ``target.moe_ffn_hidden_size``, Qwen2-MoE also
-``target.moe_shared_expert_intermediate_size``; Mixtral at TP=1, Qwen2-MoE at TP=2) ->
+``target.moe_shared_expert_intermediate_size``; Mixtral at TP=1 and EP=2, Qwen2-MoE at TP=2) ->
 ``export-hf``, and transformers gives the pruned export the unpruned model's logits (1e-5).
 Mixtral's zero channels differ from expert to expert and are pruned with
 ``target.moe_ffn_selection=per_expert`` (a shared index set cannot remove them all); Qwen2-MoE's
@@ -108,15 +108,19 @@ def runs(tmp_path_factory) -> Path:
             continue  # Qwen2-MoE at TP=2 only: TP=1 is Mixtral's (CI time)
         _ok("prune", str(r / f"ck_{name}"), str(r / f"pruned_{name}"), *target)
         _ok("export-hf", str(r / f"pruned_{name}"), str(r / f"out_{name}"))
+        # Mixtral also at EP=2: each rank scores and prunes its three experts.
+        spawn(cli_job, 2, ["prune", str(r / f"ck_{name}"), str(r / f"pruned_{name}_ep2"),
+                           *target, "parallel.expert_model_parallel_size=2"])
+        _ok("export-hf", str(r / f"pruned_{name}_ep2"), str(r / f"out_{name}_ep2"))
     return r
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe_tp2"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe_tp2", "mixtral_ep2"])
 def test_planted_moe_units_are_found_and_removed_exactly(runs, name):
     from nemo_minitron.importance.scores import Scores
 
-    model = name.removesuffix("_tp2")
+    model = name.removesuffix("_tp2").removesuffix("_ep2")
     f = MODELS[model][4]
     cfg = json.loads((runs / f"out_{name}" / "config.json").read_text())
     experts = cfg.get("num_local_experts", cfg.get("num_experts"))
