@@ -73,3 +73,13 @@ class Aggregator:
             mean = self.state[0] / n
             out = (self.state[1] / n - mean.pow(2)).clamp(min=0.0)
         return out.float()
+
+
+def gather_cat(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    """All-gather ``x`` over ``group`` and concatenate in rank order along ``dim``."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)

@@ -37,7 +37,7 @@ def _neurons(full: dict[str, torch.Tensor], cfg: ModelConfig, layer: int,
 def _moe_magnitudes(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     experts, channels, shared = [], [], []
     for i in range(cfg.num_layers):
-        names = [f"mlp.experts.local_experts.{e}" for e in range(cfg.num_moe_experts or 0)]
+        names = [f"{layouts.EXPERT_PREFIX}{e}" for e in range(cfg.num_moe_experts or 0)]
         experts.append(torch.stack([sum(
             full[layouts.layer_key(i, f"{n}.{w}.weight")].double().pow(2).sum()
             for w in ("linear_fc1", "linear_fc2")).sqrt() for n in names]))

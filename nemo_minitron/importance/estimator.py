@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_minitron.config import ConfigError
-from nemo_minitron.importance.aggregate import Agg, Aggregator
+from nemo_minitron.importance.aggregate import Agg, Aggregator, gather_cat
 from nemo_minitron.importance.layers import boundary_distance_sums
 from nemo_minitron.importance.moe import ExpertStats
 from nemo_minitron.importance.scores import Scores
@@ -217,24 +217,24 @@ class ImportanceEstimator:
             self.tokens = packed[-1:]
         tokens = self.tokens.clamp(min=1)
         angular, block = (self.angular / tokens).float(), (self.block / tokens).float()
-        heads = _gather_cat(torch.stack([a.result() for a in self.heads]), tp, dim=1)
-        heads = _gather_cat(heads, pp, dim=0)
+        heads = gather_cat(torch.stack([a.result() for a in self.heads]), tp, dim=1)
+        heads = gather_cat(heads, pp, dim=0)
         moe: dict[str, torch.Tensor] = {}
         if self.moe:
             ffn = torch.zeros(self.cfg.num_layers, 0)  # an MoE layer has no dense MLP
             per_layer = [a.result() for a in self.moe]
-            stats = _gather_cat(torch.stack([r[0] for r in per_layer]), pp, dim=0)
+            stats = gather_cat(torch.stack([r[0] for r in per_layer]), pp, dim=0)
             moe = dict(zip(("experts", "expert_mass", "expert_load"), stats.unbind(1)))
             shared = self.moe[0].shared is not None
             etp = ps.get_expert_tensor_parallel_group()  # the experts' (the shared one: TP)
             for i, name, group in ((1, "expert_ffn", etp), (3, "expert_channels", etp),
                                    (2, "shared_expert_ffn", tp))[:2 + shared]:
                 # channels last: concatenated over (expert) TP; layers first: over PP
-                moe[name] = _gather_cat(_gather_cat(torch.stack([r[i] for r in per_layer]),
-                                                    group, dim=-1), pp, dim=0)
+                moe[name] = gather_cat(gather_cat(torch.stack([r[i] for r in per_layer]),
+                                                  group, dim=-1), pp, dim=0)
         else:
-            ffn = _gather_cat(torch.stack([a.result() for a in self.ffn]), tp, dim=1)
-            ffn = _gather_cat(ffn, pp, dim=0)
+            ffn = gather_cat(torch.stack([a.result() for a in self.ffn]), tp, dim=1)
+            ffn = gather_cat(ffn, pp, dim=0)
         hidden = torch.stack([a.result() + b.result() for a, b in self.hidden]).sum(0).double()
         if dist.get_world_size(pp) > 1:
             dist.all_reduce(hidden, group=pp)
@@ -245,16 +245,6 @@ class ImportanceEstimator:
         return Scores(ffn=ffn, heads=heads,
                       groups=query_groups, hidden=hidden.float(),
                       layers=block, angular_distance=angular, meta=info, **moe)
-
-
-def _gather_cat(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
-    """All-gather ``x`` over ``group`` and concatenate in rank order along ``dim``."""
-    n = dist.get_world_size(group)
-    if n == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
 
 
 def estimate_importance(model: torch.nn.Module,

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nemo_minitron.importance.aggregate import Aggregator
+from nemo_minitron.importance.aggregate import Aggregator, gather_cat
 
 
 class ExpertStats:
@@ -100,8 +100,8 @@ class ExpertStats:
             self.sums = packed[:self.sums.numel()].view_as(self.sums)
             self.ffn = packed[self.sums.numel():].view_as(self.ffn)
         if ep > 1:
-            self.sums = _gather_experts(self.sums, ep_group, dim=1)
-            self.ffn = _gather_experts(self.ffn, ep_group, dim=0)
+            self.sums = gather_cat(self.sums, ep_group, dim=1)
+            self.ffn = gather_cat(self.ffn, ep_group, dim=0)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[3, experts]`` (output norm, mass, load: means over tokens), ``[channels]`` (the
@@ -111,10 +111,3 @@ class ExpertStats:
         shared = self.shared.result() if self.shared is not None else torch.zeros(0)
         return ((self.sums / tokens).float(), (self.ffn.sum(0) / tokens).sqrt().float(), shared,
                 (self.ffn / tokens).sqrt().float())
-
-
-def _gather_experts(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
-    """``x`` of every rank of the EP ``group``, concatenated along the experts' ``dim``."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)

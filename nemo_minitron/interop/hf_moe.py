@@ -22,12 +22,11 @@ from typing import Any
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig
-from nemo_minitron.model.layouts import fc1_views, join_fc1
+from nemo_minitron.model.layouts import fc1_views, join_fc1, split_expert
 
 MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 """The Hugging Face MoE architectures read and written."""
 
-_EXPERT = "mlp.experts.local_experts."
 _SHARED = "mlp.shared_experts."
 
 
@@ -170,9 +169,10 @@ def _hf_parts(name: str, p: str, cfg: ModelConfig) -> list[str] | None:
     router, expert = _names(cfg, p)
     if name == "mlp.router.weight":
         return [router]
-    if name.startswith(_EXPERT):
-        e, rest = name[len(_EXPERT):].split(".", 1)
-        gate, up, down = expert(int(e))
+    routed = split_expert(name)
+    if routed is not None:
+        gate, up, down = expert(routed[0])
+        rest = routed[1]
     elif name.startswith(_SHARED):
         rest = name[len(_SHARED):]
         gate, up, down, sgate = _shared(p)

@@ -25,20 +25,19 @@ the top-k logits and a softmax over them (Mixtral, Qwen-MoE with ``norm_topk_pro
 pre-softmax router (``moe_router_pre_softmax``) the softmax runs over every expert, so the kept
 weights change unless the removed experts' probabilities were negligible.
 
-Expert parallelism (``local_experts.<e>`` is then the EP rank's local index) is refused by
-``prune.apply``: kept experts would move between EP ranks.
+Under expert parallelism ``local_experts.<e>`` is an EP rank's local index; ``model.stream``
+hands these rules global expert numbers and moves each kept expert to the EP rank that holds it.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 import torch
 
 from nemo_minitron.config import ConfigError, ModelConfig
 from nemo_minitron.importance.scores import Scores, keep_best
-from nemo_minitron.model.layouts import fc1_rows
+from nemo_minitron.model.layouts import EXPERT_PREFIX, fc1_rows, split_expert
 
 ExpertMetric = Literal["output_norm", "router_mass"]
 ChannelSelection = Literal["shared", "per_expert"]
@@ -47,25 +46,30 @@ EXPERT_SCORES = {"output_norm": "experts", "router_mass": "expert_mass"}
 
 ROUTER = "mlp.router.weight"
 SHARED = "mlp.shared_experts."
-_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.(?:weight|bias))$")
 _MLP = ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")
 SHARED_TENSORS = (*(SHARED + n for n in _MLP), SHARED + "gate_weight")
 """Layer-local names of the shared expert's tensors."""
 
 
+def _expert(name: str) -> tuple[int, str] | None:
+    """``(expert, tensor)`` of a routed expert's linear weight or bias (``layouts``' names)."""
+    parsed = split_expert(name)
+    return parsed if parsed is not None and parsed[1] in _MLP else None
+
+
 def is_moe_tensor(name: str) -> bool:
     """``name`` (layer-local) is a tensor of an MoE layer that pruning knows how to slice."""
-    return name == ROUTER or name in SHARED_TENSORS or _EXPERT.match(name) is not None
+    return name == ROUTER or name in SHARED_TENSORS or _expert(name) is not None
 
 
 def expert_name(name: str, kept: list[int]) -> str | None:
     """The pruned layer's name of the source layer's ``name``: a kept expert's tensor
     renumbered by the expert's rank in ``kept``, None for a removed expert's, ``name`` else."""
-    m = _EXPERT.match(name)
-    if m is None:
+    parsed = _expert(name)
+    if parsed is None:
         return name
-    e = int(m.group(1))
-    return f"mlp.experts.local_experts.{kept.index(e)}.{m.group(2)}" if e in kept else None
+    e, tensor = parsed
+    return f"{EXPERT_PREFIX}{kept.index(e)}.{tensor}" if e in kept else None
 
 
 def check_moe_scores(src: ModelConfig, s: Scores, metric: ExpertMetric,
@@ -120,10 +124,10 @@ def slice_moe(name: str, w: torch.Tensor, src: ModelConfig, hid: torch.Tensor,
         return w[experts][:, hid]
     if name == SHARED + "gate_weight":
         return w[:, hid]
-    m = _EXPERT.match(name)
-    if m is not None:
-        keep = ffn[int(m.group(1))] if ffn.dim() == 2 else ffn
-        part, size = m.group(2), src.expert_ffn_hidden_size
+    parsed = _expert(name)
+    if parsed is not None:
+        keep = ffn[parsed[0]] if ffn.dim() == 2 else ffn
+        part, size = parsed[1], src.expert_ffn_hidden_size
     else:
         assert shared is not None and src.moe_shared_expert_intermediate_size
         part, keep, size = name[len(SHARED):], shared, src.moe_shared_expert_intermediate_size
