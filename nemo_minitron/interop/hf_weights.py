@@ -156,21 +156,16 @@ class HFTensors:
         if cfg.is_moe:
             self.parts = fused_expert_parts(cfg, self.files)
             fused = fused_expert_shapes(cfg, self.parts)
-            for name, shape in fused.items():
-                if name not in self.files:
-                    raise ConfigError(f"checkpoint lacks tensor {name!r} (its experts are "
-                                      f"stored fused)")
-                if self.shape(name) != shape:
-                    raise ConfigError(f"tensor {name!r} has shape {list(self.shape(name))}, "
-                                      f"config.json implies {list(shape)}")
-        for name, shape in want.items():
+        # The stored fused tensors first: their slices' shapes follow from theirs.
+        for name, shape in {**fused, **want}.items():
             if name not in self.files and name not in self.parts:
                 raise ConfigError(f"checkpoint lacks tensor {name!r}")
             have = self.shape(name)
             dtype = self.dtype(name)
             if dtype not in _FLOAT_DTYPES:
-                raise ConfigError(f"tensor {name!r} in {self._stored(name)[1]} has dtype {dtype}; "
-                                  f"weights must be floating point ({', '.join(_FLOAT_DTYPES)})")
+                raise ConfigError(f"tensor {name!r} in {self._stored(name)[1]} has dtype "
+                                  f"{dtype}; weights must be floating point "
+                                  f"({', '.join(_FLOAT_DTYPES)})")
             if have != shape:
                 raise ConfigError(f"tensor {name!r} has shape {list(have)}, config.json implies "
                                   f"{list(shape)}")

@@ -149,7 +149,6 @@ def build_model(cfg: ModelConfig, *, bf16: bool = False, fp8: str | None = None,
 
     attention = attention or DEFAULT_ATTENTION
     check_attention(attention)
-    use_te = te_available() if use_te is None else use_te
     if cfg.vocab_size is None:
         raise ConfigError("model.vocab_size is not set (it comes from the tokenizer)")
     cfg.check_layout(ps.get_tensor_model_parallel_world_size(),
